@@ -1,0 +1,85 @@
+"""DMS training/prefill attention: FlexAttention on CUDA, dense masked SDPA elsewhere.
+
+Both compute softmax(q k^T * scale + bias) v where bias is -inf outside causal/document and
+log(1 - alpha_j) on far keys (i - j > window); see masks.py for the rule. The dense path is the
+reference the flex path is tested against, and the CPU path (flex has no CPU backward).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import masks
+
+
+def dms_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_keep: torch.Tensor,
+                  window: int, *, doc_ids: Optional[torch.Tensor] = None, block_mask=None,
+                  scale: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
+    """q: (B, Hq, T, D); k, v: (B, Hkv, T, D); log_keep: (B, Hkv, T) float (0 / -inf when hard).
+
+    backend: "auto" (flex on CUDA, dense otherwise), "flex" or "dense".
+    block_mask: optional precomputed `make_block_mask(...)` result, shared by all layers of a step.
+    """
+    _check_shapes(q, k, v, log_keep)
+    if backend == "auto":
+        backend = "flex" if q.is_cuda else "dense"
+    if backend == "dense":
+        return dense_dms_attention(q, k, v, log_keep, window, doc_ids=doc_ids, scale=scale)
+    if backend == "flex":
+        return flex_dms_attention(q, k, v, log_keep, window, doc_ids=doc_ids, block_mask=block_mask, scale=scale)
+    raise ValueError(f"backend={backend!r}: expected 'auto', 'flex' or 'dense'")
+
+
+def dense_dms_attention(q, k, v, log_keep, window, *, doc_ids=None, scale=None):
+    group = q.shape[1] // k.shape[1]
+    bias = masks.dense_bias(log_keep.float(), window, doc_ids).to(q.dtype)
+    bias = bias.repeat_interleave(group, dim=1)
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+def make_block_mask(doc_ids: Optional[torch.Tensor], batch: int, seq_len: int, device):
+    """Causal (+ document) block mask; build once per step and pass to every layer."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if doc_ids is None:
+        return create_block_mask(masks.causal_mask_mod, None, None, seq_len, seq_len, device=device)
+    return create_block_mask(masks.generate_document_causal_mask(doc_ids), batch, None, seq_len, seq_len,
+                             device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_dms_attention(q, k, v, log_keep, window, *, doc_ids=None, block_mask=None, scale=None,
+                       compiled: Optional[bool] = None):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    B, Hq, T, _ = q.shape
+    group = Hq // k.shape[1]
+    if block_mask is None:
+        block_mask = make_block_mask(doc_ids, B, T, q.device)
+    score_mod = masks.generate_dms_score_mod(log_keep.float(), window, group)
+    fn = _compiled_flex() if (q.is_cuda if compiled is None else compiled) else flex_attention
+    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=group > 1, scale=scale)
+
+
+def _check_shapes(q, k, v, log_keep):
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"expected q (B, Hq, T, D) and k, v (B, Hkv, T, D); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, Hq, T, D = q.shape
+    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D or Hq % k.shape[1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree (batch, length, head dim, "
+                         f"or query heads not a multiple of KV heads)")
+    if log_keep.shape != (B, k.shape[1], T):
+        raise ValueError(f"log_keep must be (B, Hkv, T) = {(B, k.shape[1], T)}, got {tuple(log_keep.shape)}")
