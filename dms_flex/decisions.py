@@ -85,11 +85,13 @@ def logistic_noise(shape, device, generator: Optional[torch.Generator] = None) -
 
 
 def relax(decided_logits: torch.Tensor, cfg: DMSConfig, *, training: bool,
-          generator: Optional[torch.Generator] = None):
+          generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None):
     """Returns (log_keep, alpha_st).
 
     log_keep = log(1 - alpha) = logsigmoid(-(l + n) / tau): the additive score bias for far keys.
     alpha_st: straight-through hard decision (forward: alpha > 0.5, backward: d alpha).
+    noise: a Logistic(0, 1) sample to use (activation checkpointing draws it once, outside the
+    recomputed region); default draws one from `generator`.
     Without training there is no noise and the hard rule `l > 0 evicts` holds exactly:
     log_keep is 0 or -inf.
     """
@@ -97,7 +99,9 @@ def relax(decided_logits: torch.Tensor, cfg: DMSConfig, *, training: bool,
         evict = hard_evict(decided_logits)
         log_keep = torch.zeros_like(decided_logits).masked_fill(evict, float("-inf"))
         return log_keep, evict.float()
-    z = decided_logits + logistic_noise(decided_logits.shape, decided_logits.device, generator)
+    if noise is None:
+        noise = logistic_noise(decided_logits.shape, decided_logits.device, generator)
+    z = decided_logits + noise
     log_keep = F.logsigmoid(-z / cfg.tau)
     alpha = torch.sigmoid(z / cfg.tau)
     alpha_st = (alpha > 0.5).float() - alpha.detach() + alpha

@@ -1,0 +1,198 @@
+"""The compacting static KV cache of DMS inference (one module per layer).
+
+Each (batch row, KV head) is its own variable-length sequence stored in fixed slots:
+- live slots are always [0, length): a slot is freed only when the token that takes it arrives,
+  so decode never compacts and never leaves holes;
+- the last window+1 tokens are remembered in a ring (`win_slot`, indexed by position % (w+1)),
+  with their eviction marks in `slot_marked`;
+- decode (one token): the new token's decision marks its predecessor; the token leaving the window
+  (position p-w-1) frees its slot if marked, and the new token's K/V goes there, else into slot
+  `length`. One K/V write per step, no host sync, static shapes: CUDA-graph capturable;
+- append (prefill, or a later user turn): exact DMS attention of the new tokens over the live
+  slots plus themselves, then survivors are packed (one gather; prefill may copy, decode never).
+
+Slot `capacity` is a scratch slot: a decode step that would overflow writes there and raises the
+sticky `overflow` flag instead of overwriting a live token; `check_overflow()` turns it into an
+error at the next host sync.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import masks
+
+
+class CacheOverflowError(RuntimeError):
+    pass
+
+
+class DMSKVCache(nn.Module):
+    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int, window: int,
+                 dtype=torch.bfloat16, device=None):
+        super().__init__()
+        if capacity < 1:
+            raise ValueError(f"cache capacity={capacity} must be >= 1 slot")
+        self.capacity, self.window = capacity, window
+        B, H, C, W = batch_size, num_kv_heads, capacity, window + 1
+        self.register_buffer("k", torch.zeros(B, H, C + 1, head_dim, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(B, H, C + 1, head_dim, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("length", torch.zeros(B, H, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("slot_pos", torch.full((B, H, C + 1), -1, dtype=torch.long, device=device),
+                             persistent=False)
+        self.register_buffer("slot_marked", torch.zeros(B, H, C + 1, dtype=torch.bool, device=device),
+                             persistent=False)
+        self.register_buffer("win_slot", torch.full((B, H, W), C, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("overflow", torch.zeros((), dtype=torch.bool, device=device), persistent=False)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.k[:, :, : self.capacity]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.v[:, :, : self.capacity]
+
+    def reset(self) -> None:
+        self.length.zero_()
+        self.slot_pos.fill_(-1)
+        self.slot_marked.zero_()
+        self.win_slot.fill_(self.capacity)
+        self.overflow.zero_()
+
+    def check_overflow(self) -> None:
+        if bool(self.overflow):
+            raise CacheOverflowError(
+                f"the DMS KV cache ran out of slots (capacity {self.capacity} per batch row and KV head); no "
+                f"live token was overwritten, but generation cannot continue. Ask for a larger capacity "
+                f"(e.g. cache_capacity=max_seq_len, the default that never overflows).")
+
+    # ------------------------------------------------------------------ decode
+    def decode_update(self, k_new: torch.Tensor, v_new: torch.Tensor, evict_prev: torch.Tensor,
+                      pos: torch.Tensor) -> None:
+        """k_new, v_new: (B, H, 1, D) for the token at position pos (B,); evict_prev (B, H) bool is
+        this token's decision about token pos-1."""
+        B, H = self.length.shape
+        W = self.window + 1
+        C = self.capacity
+        pos_bh = pos[:, None].expand(B, H)
+        # 1. the new token decides its predecessor
+        prev_slot = self.win_slot.gather(2, ((pos_bh - 1) % W)[..., None])
+        old_mark = self.slot_marked.gather(2, prev_slot)
+        mark = torch.where((pos_bh >= 1)[..., None], evict_prev[..., None], old_mark)
+        self.slot_marked.scatter_(2, prev_slot, mark)
+        # 2. the token leaving the window (pos - w - 1) frees its slot if marked
+        ring_idx = (pos_bh % W)[..., None]
+        old_slot = self.win_slot.gather(2, ring_idx)
+        freed = (pos_bh >= W)[..., None] & masks.is_far(pos_bh[..., None], self.slot_pos.gather(2, old_slot),
+                                                       self.window) & self.slot_marked.gather(2, old_slot)
+        new_slot = torch.where(freed, old_slot, self.length[..., None])
+        self.overflow |= (new_slot >= C).any()
+        new_slot = new_slot.clamp(max=C)
+        self.length.copy_(torch.minimum(self.length + (~freed[..., 0]).long(), torch.full_like(self.length, C)))
+        # 3. one write of K/V and bookkeeping
+        idx = new_slot[..., None].expand(B, H, 1, self.k.shape[-1])
+        self.k.scatter_(2, idx, k_new.to(self.k.dtype))
+        self.v.scatter_(2, idx, v_new.to(self.v.dtype))
+        self.slot_pos.scatter_(2, new_slot, pos_bh[..., None])
+        self.slot_marked.scatter_(2, new_slot, torch.zeros_like(new_slot, dtype=torch.bool))
+        self.win_slot.scatter_(2, ring_idx, new_slot)
+
+    # ------------------------------------------------------------------ append (prefill / new turn)
+    def append(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logits: torch.Tensor,
+               pos: torch.Tensor, n_valid: torch.Tensor, attend) -> torch.Tensor:
+        """Attend n new tokens over the live cache plus themselves, then pack survivors.
+
+        q: (B, Hq, n, D), k/v: (B, H, n, D) post-RoPE; logits: (B, H, n) raw decision logits of the
+        new tokens (logit i decides token pos+i-1, so the first one decides the cached newest token);
+        pos: (B,) position of the first new token; n_valid: (B,) real tokens per row (right padding).
+        attend(q, k_all, v_all, mask (B, H, n, S) bool) -> (B, Hq, n, D).
+        """
+        B, H, n, D = k.shape
+        C, w = self.capacity, self.window
+        dev = k.device
+        j = torch.arange(n, device=dev)
+        qpos = pos[:, None] + j[None]  # (B, n)
+        valid_new = (j[None] < n_valid[:, None])[:, None, :].expand(B, H, n)
+        # decisions: logit i (valid) decides token pos+i-1
+        dec = logits > 0
+        # chunk token t's mark comes from logit t+1 (if that token is real)
+        new_marked = torch.zeros(B, H, n, dtype=torch.bool, device=dev)
+        new_marked[..., :-1] = dec[..., 1:] & valid_new[..., 1:]
+        cache_marked = self.slot_marked[..., :C].clone()
+        has_prev = (pos >= 1)[:, None] & (n_valid >= 1)[:, None]
+        prev_slot = self.win_slot.gather(2, ((pos[:, None].expand(B, H) - 1) % (w + 1))[..., None])
+        prev_mark = torch.where(has_prev[..., None], dec[..., :1], cache_marked.gather(2, prev_slot.clamp(max=C - 1)))
+        cache_marked.scatter_(2, prev_slot.clamp(max=C - 1), prev_mark)
+
+        # only the used prefix of the slots takes part (one host sync: prefill is not graph-captured)
+        L = int(self.length.max())
+        live_cache = torch.arange(L, device=dev)[None, None] < self.length[..., None]  # (B, H, L)
+        kpos = torch.cat([self.slot_pos[..., :L], qpos[:, None].expand(B, H, n)], dim=-1)  # (B, H, L + n)
+        kmark = torch.cat([cache_marked[..., :L], new_marked], dim=-1)
+        klive = torch.cat([live_cache, valid_new], dim=-1)
+        vis = klive[:, :, None, :] & masks.visible(qpos[:, None, :, None], kpos[:, :, None, :],
+                                                   kmark[:, :, None, :], w)
+        # padded queries see themselves only, so no row is empty
+        pad_self = torch.eye(n, dtype=torch.bool, device=dev)[None, None] & ~valid_new[..., None]
+        vis[..., L:] |= pad_self
+        k_all = torch.cat([self.k[:, :, :L].to(k.dtype), k], dim=2)
+        v_all = torch.cat([self.v[:, :, :L].to(v.dtype), v], dim=2)
+        out = attend(q, k_all, v_all, vis)
+
+        # survivors after the last real token
+        last = (pos + n_valid - 1)[:, None, None]  # (B, 1, 1)
+        survive = klive & ~(kmark & masks.is_far(last, kpos, w))
+        count = survive.sum(-1)
+        if bool((count > C).any()):
+            raise CacheOverflowError(
+                f"this input needs {int(count.max())} KV slots but the DMS cache holds {C} per batch row and KV "
+                f"head; nothing was written. Create the cache with a larger capacity (the default, max_seq_len, "
+                f"never overflows).")
+        self._pack(survive, count, k_all.to(self.k.dtype), v_all.to(self.v.dtype), kpos, kmark, last)
+        return out
+
+    def _pack(self, survive, count, k_all, v_all, kpos, kmark, last):
+        B, H, S = survive.shape
+        C, W = self.capacity, self.window + 1
+        order = torch.sort((~survive).to(torch.int8), dim=-1, stable=True).indices[..., :C]
+        if order.shape[-1] < C:  # fewer tokens than slots: the tail is dead anyway
+            order = F.pad(order, (0, C - order.shape[-1]))
+        D = k_all.shape[-1]
+        idx = order[..., None].expand(B, H, C, D)
+        self.k[:, :, :C].copy_(k_all.gather(2, idx))
+        self.v[:, :, :C].copy_(v_all.gather(2, idx))
+        live = torch.arange(C, device=survive.device)[None, None] < count[..., None]
+        new_pos = torch.where(live, kpos.gather(2, order), torch.full_like(order, -1))
+        self.slot_pos[..., :C].copy_(new_pos)
+        self.slot_marked[..., :C].copy_(kmark.gather(2, order) & live)
+        self.length.copy_(count)
+        # the ring: slot of each token still inside the window of the last token
+        in_win = live & ~masks.is_far(last, new_pos, self.window)
+        ring = torch.where(in_win, new_pos % W, torch.full_like(new_pos, W))
+        slots = torch.arange(C, device=survive.device).expand(B, H, C)
+        win = torch.full((B, H, W + 1), C, dtype=torch.long, device=survive.device)
+        win.scatter_(2, ring, slots)
+        self.win_slot.copy_(win[..., :W])
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+                     scale: Optional[float] = None) -> torch.Tensor:
+    """Reference attention with a (B, Hkv, Tq, S) boolean visibility mask, GQA by expansion."""
+    group = q.shape[1] // k.shape[1]
+    mask = visible.repeat_interleave(group, dim=1)
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def decode_attention_dense(q: torch.Tensor, cache: DMSKVCache, scale: Optional[float] = None) -> torch.Tensor:
+    """q: (B, Hq, 1, D) over live slots [0, length): the portable reference for the decode kernel."""
+    slots = torch.arange(cache.capacity, device=q.device)
+    live = (slots[None, None] < cache.length[..., None])[:, :, None, :]
+    return masked_attention(q, cache.keys.to(q.dtype), cache.values.to(q.dtype), live, scale)

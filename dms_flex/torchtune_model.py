@@ -1,0 +1,291 @@
+"""DMS on torchtune decoders (llama3, llama3.1, llama3.2, qwen2, qwen2.5 builders).
+
+`add_dms(model, cfg)` validates the decoder and attaches the adapter modules (adapter variant);
+the model keeps its torchtune structure and state-dict names, DMS parameters sit at
+`layers.{i}.attn.dms_adapter.*`. The forward passes below reuse the decoder's own modules and call
+the DMS core (decisions, masks, attention, cache) for everything DMS.
+
+- `forward_train`: full sequences (training, teacher-forced eval), soft or hard decisions.
+- `prefill` / `decode_step`: inference on the compact cache held by `InferenceState`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import attention, decisions, stats
+from .cache import DMSKVCache, decode_attention_dense, masked_attention
+from .config import DMSConfig
+
+SUPPORTED_MODELS = ("torchtune TransformerDecoder built by the llama3, llama3_1, llama3_2, qwen2 or qwen2_5 "
+                    "builders (self-attention layers with MultiHeadAttention, RoPE, no q/k norm)")
+
+
+# ============================================================================ set-up
+def add_dms(model: nn.Module, cfg: DMSConfig) -> nn.Module:
+    """Make `model` a DMS model in place (and return it). Adds zero-initialised adapters for the
+    adapter variant; the borrowed-neuron variant adds no parameters."""
+    _validate(model)
+    for layer in model.layers:
+        attn = layer.attn
+        if cfg.decision == "adapter" and not hasattr(attn, "dms_adapter"):
+            w = attn.q_proj.weight
+            attn.dms_adapter = decisions.DMSAdapter(attn.embed_dim, attn.num_kv_heads).to(device=w.device)
+        if cfg.decision != "adapter" and hasattr(attn, "dms_adapter"):
+            del attn.dms_adapter
+    model.dms_config = cfg
+    return model
+
+
+def dms_config_of(model: nn.Module) -> DMSConfig:
+    cfg = getattr(model, "dms_config", None)
+    if cfg is None:
+        raise ValueError("this model has no DMS: call dms_flex.add_dms(model, DMSConfig(...)) first")
+    return cfg
+
+
+def _validate(model: nn.Module) -> None:
+    from torchtune.modules import MultiHeadAttention, TransformerDecoder, TransformerSelfAttentionLayer
+
+    if not isinstance(model, TransformerDecoder):
+        raise TypeError(f"add_dms got a {type(model).__name__}; supported: {SUPPORTED_MODELS}")
+    for i, layer in enumerate(model.layers):
+        if not isinstance(layer, TransformerSelfAttentionLayer) or not isinstance(layer.attn, MultiHeadAttention):
+            raise TypeError(f"layer {i} is a {type(layer).__name__}; supported: {SUPPORTED_MODELS}")
+        a = layer.attn
+        if a.q_norm is not None or a.k_norm is not None or a.pos_embeddings is None:
+            raise TypeError(f"layer {i} uses q/k norms or no RoPE; supported: {SUPPORTED_MODELS}")
+
+
+def output_weight(model: nn.Module) -> torch.Tensor:
+    """The (vocab, dim) output projection, tied or not."""
+    out = model.output
+    if hasattr(out, "tied_module"):
+        return out.tied_module.weight
+    return out.weight
+
+
+# ============================================================================ per-layer pieces
+def _project(attn, h: torch.Tensor):
+    B, T, _ = h.shape
+    q = attn.q_proj(h).view(B, T, attn.num_heads, attn.head_dim)
+    k = attn.k_proj(h).view(B, T, attn.num_kv_heads, attn.head_dim)
+    v = attn.v_proj(h).view(B, T, attn.num_kv_heads, attn.head_dim)
+    return q, k, v
+
+
+def _decisions_and_rope(attn, q, k, x, pos, cfg: Optional[DMSConfig]):
+    """Returns q, k in (B, H, T, D) after RoPE, and raw decision logits (B, Hkv, T) (None without DMS)."""
+    logits = None
+    if cfg is not None:
+        qh = q.transpose(1, 2)
+        if cfg.decision == "borrowed":
+            logits = decisions.borrowed_logits(qh, attn.num_kv_heads, cfg)
+            q = decisions.zero_borrowed_channel(qh, attn.num_kv_heads).transpose(1, 2)
+        else:
+            logits = attn.dms_adapter(x, cfg)
+        logits = decisions.apply_scope(logits, cfg)
+    q = attn.pos_embeddings(q, input_pos=pos).transpose(1, 2)
+    k = attn.pos_embeddings(k, input_pos=pos).transpose(1, 2)
+    if cfg is not None and cfg.decision == "borrowed":
+        q = decisions.zero_borrowed_channel(q, attn.num_kv_heads)
+    return q, k, logits
+
+
+def _finish_layer(layer, x, attn_out):
+    B, T = x.shape[:2]
+    h = layer.sa_scale(layer.attn.output_proj(attn_out.transpose(1, 2).reshape(B, T, -1))) + x
+    return h + layer.mlp_scale(layer.mlp(layer.mlp_norm(h)))
+
+
+# ============================================================================ full sequences
+@dataclass
+class TrainOutput:
+    hidden: torch.Tensor  # (B, T, dim) after the final norm
+    alpha_st: List[torch.Tensor] = field(default_factory=list)  # per layer (B, Hkv, T), straight-through
+    evicted: List[torch.Tensor] = field(default_factory=list)  # per layer (B, Hkv, T) hard decisions
+
+
+def forward_train(model: nn.Module, tokens: torch.Tensor, *, doc_ids: Optional[torch.Tensor] = None,
+                  input_pos: Optional[torch.Tensor] = None, eviction: bool = True,
+                  training: Optional[bool] = None, activation_checkpointing: bool = False,
+                  backend: str = "auto", generator: Optional[torch.Generator] = None) -> TrainOutput:
+    """Full-sequence DMS forward. eviction=False runs the unmodified model (the teacher).
+
+    doc_ids (B, T) for packed samples; input_pos (B, T) defaults to positions within each document.
+    training (default model.training): soft decisions with logistic noise; else the hard rule.
+    """
+    cfg = dms_config_of(model) if eviction else None
+    training = model.training if training is None else training
+    B, T = tokens.shape
+    if input_pos is None:
+        input_pos = _positions_within_documents(doc_ids, B, T, tokens.device)
+    block_mask = None
+    if tokens.is_cuda and backend in ("auto", "flex"):
+        block_mask = attention.make_block_mask(doc_ids, B, T, tokens.device)
+    window = cfg.effective_window if cfg is not None else T
+    out = TrainOutput(hidden=None)
+    x = model.tok_embeddings(tokens)
+    for layer in model.layers:
+        noise = None
+        if cfg is not None and training:
+            noise = decisions.logistic_noise((B, layer.attn.num_kv_heads, T), tokens.device, generator)
+
+        def run(x, noise=noise, layer=layer):
+            h = layer.sa_norm(x)
+            q, k, v = _project(layer.attn, h)
+            q, k, logits = _decisions_and_rope(layer.attn, q, k, x, input_pos, cfg)
+            v = v.transpose(1, 2)
+            if cfg is None:
+                log_keep = torch.zeros(B, k.shape[1], T, device=x.device)
+                a_st = log_keep
+            else:
+                decided = decisions.shift_to_decided_token(logits, doc_ids)
+                log_keep, a_st = decisions.relax(decided, cfg, training=training, noise=noise)
+            o = attention.dms_attention(q, k, v, log_keep, window, doc_ids=doc_ids, block_mask=block_mask,
+                                        backend=backend)
+            return _finish_layer(layer, x, o), a_st, log_keep
+
+        if activation_checkpointing and torch.is_grad_enabled():
+            x, a_st, log_keep = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+        else:
+            x, a_st, log_keep = run(x)
+        if cfg is not None:
+            out.alpha_st.append(a_st)
+            out.evicted.append(a_st.detach() > 0.5)
+    out.hidden = model.norm(x)
+    return out
+
+
+def logits_of(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return model.output(hidden)
+
+
+def _positions_within_documents(doc_ids, B, T, device):
+    pos = torch.arange(T, device=device)[None].expand(B, T)
+    if doc_ids is None:
+        return pos
+    start = torch.ones(B, T, dtype=torch.bool, device=device)
+    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.cummax(torch.where(start, pos, torch.zeros_like(pos)), dim=1).values
+    return pos - first
+
+
+# ============================================================================ inference
+class InferenceState(nn.Module):
+    """The compact caches of all layers plus each row's next position."""
+
+    def __init__(self, model: nn.Module, batch_size: int, capacity: Optional[int] = None,
+                 max_seq_len: Optional[int] = None, dtype=None, device=None, eviction: bool = True):
+        super().__init__()
+        cfg = dms_config_of(model)
+        p = next(model.parameters())
+        dtype = dtype or p.dtype
+        device = device or p.device
+        self.max_seq_len = max_seq_len or model.max_seq_len
+        capacity = capacity or self.max_seq_len
+        if capacity > self.max_seq_len:
+            raise ValueError(f"cache capacity={capacity} exceeds max_seq_len={self.max_seq_len}")
+        self.eviction = eviction
+        # without eviction the window covers everything: the cache is a plain dense cache
+        self.window = cfg.effective_window if eviction else self.max_seq_len
+        attn0 = model.layers[0].attn
+        self.caches = nn.ModuleList(
+            DMSKVCache(batch_size, attn0.num_kv_heads, attn0.head_dim, capacity, self.window, dtype, device)
+            for _ in model.layers)
+        self.register_buffer("next_pos", torch.zeros(batch_size, dtype=torch.long, device=device), persistent=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.next_pos.shape[0]
+
+    def reset(self) -> None:
+        for c in self.caches:
+            c.reset()
+        self.next_pos.zero_()
+
+    def check_overflow(self) -> None:
+        for c in self.caches:
+            c.check_overflow()
+
+    def kv_bytes(self) -> dict:
+        """Live KV bytes vs what a dense cache would hold for the same tokens."""
+        c0 = self.caches[0]
+        per_slot = 2 * c0.k.shape[-1] * c0.k.element_size()
+        live = sum(int(c.length.sum()) for c in self.caches) * per_slot
+        dense = int(self.next_pos.sum()) * c0.k.shape[1] * len(self.caches) * per_slot
+        allocated = sum(c.k.numel() * c.k.element_size() * 2 for c in self.caches)
+        return {"live": live, "dense": dense, "allocated": allocated}
+
+    def compression(self) -> stats.CompressionReport:
+        seen = self.next_pos.clamp_min(1)[:, None].float()
+        return stats.compression_report([c.length.float() / seen for c in self.caches])
+
+
+@torch.no_grad()
+def prefill(model: nn.Module, tokens: torch.Tensor, state: InferenceState,
+            lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Append tokens (B, n) (right-padded; `lengths` (B,) real tokens per row) to the cache.
+
+    Works on an empty cache (the prompt) and on a live one (a later turn). Returns the logits of
+    each row's last real token, (B, vocab).
+    """
+    cfg = dms_config_of(model)
+    B, n = tokens.shape
+    if B != state.batch_size:
+        raise ValueError(f"tokens have batch {B} but the cache was made for {state.batch_size}")
+    if lengths is None:
+        lengths = torch.full((B,), n, dtype=torch.long, device=tokens.device)
+    lengths = lengths.to(tokens.device)
+    if bool((lengths < 0).any()) or bool((lengths > n).any()):
+        raise ValueError(f"lengths must be in [0, {n}], got {lengths.tolist()}")
+    if int((state.next_pos + lengths).max()) > state.max_seq_len:
+        raise ValueError(f"the sequence would reach {int((state.next_pos + lengths).max())} tokens, beyond "
+                         f"max_seq_len={state.max_seq_len}; start a new cache or raise max_seq_len")
+    pos = state.next_pos.clone()
+    input_pos = pos[:, None] + torch.arange(n, device=tokens.device)[None]
+    input_pos = torch.minimum(input_pos, torch.full_like(input_pos, state.max_seq_len - 1))
+    x = model.tok_embeddings(tokens)
+    use_cfg = cfg if state.eviction else None
+    for layer, cache in zip(model.layers, state.caches):
+        h = layer.sa_norm(x)
+        q, k, v = _project(layer.attn, h)
+        q, k, logits = _decisions_and_rope(layer.attn, q, k, x, input_pos, use_cfg)
+        if logits is None:
+            logits = torch.full((B, k.shape[1], n), -1.0, device=x.device)
+        o = cache.append(q, k, v.transpose(1, 2), logits, pos, lengths, masked_attention)
+        x = _finish_layer(layer, x, o)
+    state.next_pos.add_(lengths)
+    h = model.norm(x)
+    last = (lengths - 1).clamp_min(0)
+    return model.output(h[torch.arange(B, device=h.device), last])
+
+
+def decode_step(model: nn.Module, token: torch.Tensor, state: InferenceState,
+                attend: Optional[Callable] = None) -> torch.Tensor:
+    """One token per row: token (B, 1) at position state.next_pos. Returns logits (B, vocab).
+
+    Static shapes and no host syncs: compile it with torch.compile(fullgraph=True,
+    mode="reduce-overhead") to run it as one CUDA graph.
+    """
+    cfg = dms_config_of(model)
+    attend = attend or decode_attention_dense
+    pos = state.next_pos
+    x = model.tok_embeddings(token)
+    use_cfg = cfg if state.eviction else None
+    for layer, cache in zip(model.layers, state.caches):
+        h = layer.sa_norm(x)
+        q, k, v = _project(layer.attn, h)
+        q, k, logits = _decisions_and_rope(layer.attn, q, k, x, pos[:, None], use_cfg)
+        evict_prev = (logits[..., 0] > 0) if logits is not None else torch.zeros(
+            k.shape[:2], dtype=torch.bool, device=k.device)
+        cache.decode_update(k, v.transpose(1, 2), evict_prev, pos)
+        o = attend(q, cache)
+        x = _finish_layer(layer, x, o)
+    state.next_pos.add_(1)
+    return model.output(model.norm(x))[:, -1]

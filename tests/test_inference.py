@@ -1,0 +1,189 @@
+"""Compact-cache inference against teacher-forced full-sequence forwards with the same hard mask."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dms_flex import stats
+from dms_flex import torchtune_model as tm
+from dms_flex.cache import CacheOverflowError
+from dms_flex.config import DMSConfig
+
+
+def tiny_model(family="llama", seed=0, decision="borrowed", window=3, scope="head", offset=0.0, heads=(4, 2),
+               max_seq_len=96):
+    from torchtune.models.llama3._component_builders import llama3
+    from torchtune.models.qwen2._component_builders import qwen2
+
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=64, num_layers=2, num_heads=heads[0], num_kv_heads=heads[1], embed_dim=32,
+              max_seq_len=max_seq_len, intermediate_dim=64)
+    m = (llama3(**kw) if family == "llama" else qwen2(**kw, rope_base=10000)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    tm.add_dms(m, DMSConfig(window=window, decision=decision, scope=scope, alpha_scale=5.0, alpha_offset=offset))
+    if decision == "adapter":
+        with torch.no_grad():
+            for layer in m.layers:
+                layer.attn.dms_adapter.linear.weight.normal_(0, 0.5)
+    return m
+
+
+def teacher_forced(m, tokens):
+    out = tm.forward_train(m, tokens, training=False)
+    return tm.logits_of(m, out.hidden), out.evicted
+
+
+def greedy_cached(m, prompt, steps, state=None):
+    state = state or tm.InferenceState(m, prompt.shape[0])
+    logits = [tm.prefill(m, prompt, state)]
+    toks = [prompt]
+    for _ in range(steps):
+        nxt = logits[-1].argmax(-1, keepdim=True)
+        toks.append(nxt)
+        logits.append(tm.decode_step(m, nxt, state))
+    return torch.cat(toks, 1), torch.stack(logits, 1), state
+
+
+def assert_matches_reference(m, full, cached_logits, n_prompt, state, rows=None):
+    window = m.dms_config.effective_window
+    ref_logits, evicted = teacher_forced(m, full)
+    # logits at prompt end and every decoded position equal the full-sequence DMS forward
+    ref = ref_logits[:, n_prompt - 1:]
+    assert torch.allclose(cached_logits, ref, atol=2e-4, rtol=1e-4), float((cached_logits - ref).abs().max())
+    assert torch.equal(cached_logits.argmax(-1)[:, :-1], full[:, n_prompt:])
+    # live slots equal the number of tokens the rule keeps, per row, layer and head
+    seen = full.shape[1]
+    for cache, ev in zip(state.caches, evicted):
+        kept = stats.kept_fraction(ev, window) * seen
+        assert torch.equal(cache.length, kept.round().long())
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), window=st.sampled_from([0, 1, 3, 6]), n_prompt=st.integers(1, 30),
+       steps=st.integers(1, 20), decision=st.sampled_from(["borrowed", "adapter"]),
+       scope=st.sampled_from(["head", "layer"]), offset=st.sampled_from([-1.0, 0.0, 2.0]),
+       heads=st.sampled_from([(4, 2), (8, 2), (2, 2), (4, 1)]))
+def test_cached_generation_equals_teacher_forced(seed, window, n_prompt, steps, decision, scope, offset, heads):
+    m = tiny_model(seed=seed % 7, decision=decision, window=window, scope=scope, offset=offset, heads=heads)
+    prompt = torch.randint(0, 64, (2, n_prompt), generator=torch.Generator().manual_seed(seed))
+    full, logits, state = greedy_cached(m, prompt, steps)
+    assert_matches_reference(m, full, logits, n_prompt, state)
+
+
+def test_qwen2_long_prompt_over_several_windows_evicts_for_real():
+    m = tiny_model("qwen2", window=4)
+    prompt = torch.randint(0, 64, (2, 40))
+    full, logits, state = greedy_cached(m, prompt, 12)
+    assert_matches_reference(m, full, logits, 40, state)
+    assert state.compression().ratio > 1.3  # really compressing, not a dense cache
+
+
+def test_ragged_batch_each_row_is_its_own_sequence():
+    m = tiny_model(window=2)
+    lens = [7, 15, 1]
+    rows = [torch.randint(0, 64, (1, n)) for n in lens]
+    padded = torch.zeros(3, max(lens), dtype=torch.long)
+    for i, r in enumerate(rows):
+        padded[i, : r.shape[1]] = r
+    state = tm.InferenceState(m, 3)
+    logits = [tm.prefill(m, padded, state, lengths=torch.tensor(lens))]
+    gen = []
+    for _ in range(9):
+        nxt = logits[-1].argmax(-1, keepdim=True)
+        gen.append(nxt)
+        logits.append(tm.decode_step(m, nxt, state))
+    gen = torch.cat(gen, 1)
+    logits = torch.stack(logits, 1)
+    for i, r in enumerate(rows):
+        full = torch.cat([r, gen[i: i + 1]], 1)
+        ref, evicted = teacher_forced(m, full)
+        assert torch.allclose(logits[i], ref[0, lens[i] - 1:], atol=2e-4)
+        for cache, ev in zip(state.caches, evicted):
+            kept = (stats.kept_fraction(ev, 2) * full.shape[1]).round().long()
+            assert torch.equal(cache.length[i], kept[0])
+
+
+def test_multi_turn_appends_without_reprefill():
+    m = tiny_model(window=3)
+    t1 = torch.randint(0, 64, (2, 12))
+    full1, logits1, state = greedy_cached(m, t1, 6)
+    t2 = torch.randint(0, 64, (2, 9))  # the next user turn, appended to the live cache
+    logits2 = [tm.prefill(m, t2, state)]
+    toks = [full1, t2]
+    for _ in range(5):
+        nxt = logits2[-1].argmax(-1, keepdim=True)
+        toks.append(nxt)
+        logits2.append(tm.decode_step(m, nxt, state))
+    full = torch.cat(toks, 1)
+    ref, evicted = teacher_forced(m, full)
+    start = full1.shape[1] + t2.shape[1] - 1
+    assert torch.allclose(torch.stack(logits2, 1), ref[:, start:], atol=2e-4)
+    for cache, ev in zip(state.caches, evicted):
+        assert torch.equal(cache.length, (stats.kept_fraction(ev, 3) * full.shape[1]).round().long())
+
+
+def test_eviction_disabled_is_the_unmodified_model():
+    m = tiny_model(window=2, offset=-3.0)
+    toks = torch.randint(0, 64, (2, 25))
+    with torch.no_grad():
+        vanilla = m(toks)
+        out = tm.forward_train(m, toks, eviction=False, training=False)
+    assert torch.equal(tm.logits_of(m, out.hidden), vanilla)
+    state = tm.InferenceState(m, 2, eviction=False)
+    with torch.no_grad():
+        lg = [tm.prefill(m, toks[:, :10], state)]
+        for i in range(10, 25):
+            lg.append(tm.decode_step(m, toks[:, i: i + 1], state))
+    assert torch.allclose(torch.stack(lg, 1), vanilla[:, 9:], atol=1e-4)
+
+
+def test_capacity_overflow_is_a_clear_error_and_overwrites_nothing():
+    m = tiny_model(window=2, offset=50.0)  # never evicts
+    state = tm.InferenceState(m, 1, capacity=8)
+    with pytest.raises(CacheOverflowError, match="needs 10 KV slots but the DMS cache holds 8"):
+        tm.prefill(m, torch.randint(0, 64, (1, 10)), state)
+    assert int(state.caches[0].length.max()) == 0  # nothing written
+    tm.prefill(m, torch.randint(0, 64, (1, 8)), state)
+    before = state.caches[0].keys.clone()
+    with torch.no_grad():
+        tm.decode_step(m, torch.tensor([[3]]), state)
+    with pytest.raises(CacheOverflowError, match="capacity 8"):
+        state.check_overflow()
+    assert torch.equal(state.caches[0].keys, before)
+
+
+def test_bad_arguments_get_clear_errors():
+    with pytest.raises(TypeError, match="supported: torchtune TransformerDecoder"):
+        tm.add_dms(torch.nn.Linear(2, 2), DMSConfig())
+    m = tiny_model()
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        tm.InferenceState(m, 1, capacity=1000)
+    state = tm.InferenceState(m, 2)
+    with pytest.raises(ValueError, match="batch 1 but the cache was made for 2"):
+        tm.prefill(m, torch.zeros(1, 4, dtype=torch.long), state)
+    with pytest.raises(ValueError, match="beyond max_seq_len=96"):
+        tm.prefill(m, torch.zeros(2, 97, dtype=torch.long), state)
+    with pytest.raises(ValueError, match="has no DMS"):
+        from torchtune.models.llama3._component_builders import llama3
+        tm.forward_train(llama3(vocab_size=8, num_layers=1, num_heads=2, num_kv_heads=1, embed_dim=8,
+                                max_seq_len=8), torch.zeros(1, 2, dtype=torch.long))
+
+
+def test_compiled_decode_has_no_recompiles():
+    m = tiny_model(window=3, max_seq_len=1100)
+    state = tm.InferenceState(m, 2, capacity=256)
+    step = torch.compile(tm.decode_step, fullgraph=True)
+    with torch.no_grad():
+        logits = tm.prefill(m, torch.randint(0, 64, (2, 5)), state)
+        tok = logits.argmax(-1, keepdim=True)
+        tok = step(m, tok, state).argmax(-1, keepdim=True)
+        eager_state = None
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for _ in range(1000 - 1):
+                tok = step(m, tok, state).argmax(-1, keepdim=True)
+    state.check_overflow()
+    assert int(state.next_pos[0]) == 1005
+    assert state.compression().ratio > 2  # the 256-slot cache really held 1005 tokens
