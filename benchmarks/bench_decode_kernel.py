@@ -1,0 +1,761 @@
+"""Benchmark of dms_flex's decode attention kernel on the compact KV cache.
+
+Modes
+-----
+(default, needs CUDA)  In one process: device-to-device copy bandwidth (bytes read + written /
+    time) as the ceiling; our Triton kernel at Llama-3-8B heads (32 q, 8 kv, D 128) and
+    Llama-3.2-1B heads (32 q, 8 kv, D 64) for B=8 ctx 32K, B=64 ctx 8K, B=1 ctx 128K at
+    compression ratio CR 1, 2, 4, 8 (live length ctx/CR, capacity ctx/CR; --ragged: lengths
+    drawn within +-10% of ctx/CR, capacity the maximum); against dense SDPA (enable_gqa, full ctx
+    cache), SDPA on the compact cache without a mask (meaningful for uniform lengths only),
+    compiled FlexAttention on the compact cache with a per-(b, h) length block mask, and flex with
+    the queries regrouped as (B*Hkv, 1, G, D). Every method is timed as a CUDA graph of calls over
+    several rotated input sets (so L2 holds none of them and launch gaps vanish), median of
+    replays. Before timing, each method's output is checked against the reference.
+    Prints a table; writes JSON to --out (default: stdout, after the table).
+--sweep (CUDA)  Block-size / warps / stages / split-size sweep at a few shapes, to tune defaults.
+--aot (no GPU needed)  Compiles the real kernels offline for sm_90 (Triton + ptxas, through a mock
+    driver) at representative configs and reports registers, spills, shared memory, tensor-core
+    and cp.async instruction counts; then traces the triton_op decomposition on fake CUDA tensors
+    (what torch.compile / inductor sees). Prints one JSON line prefixed @@AOT@@.
+--cpu-smoke  Runs the default pipeline on CPU at tiny shapes (reference instead of the kernel,
+    eager flex, host timers) to check the script's own logic; numbers mean nothing.
+
+Usage on the GPU machine (from the repository root):
+    python benchmarks/bench_decode_kernel.py --out bench_decode.json
+    python benchmarks/bench_decode_kernel.py --quick --out bench_decode_quick.json
+    python benchmarks/bench_decode_kernel.py --sweep --out bench_decode_sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+MODELS = {"llama3-8b": dict(Hq=32, Hkv=8, D=128), "llama3.2-1b": dict(Hq=32, Hkv=8, D=64)}
+SHAPES = [(8, 32768), (64, 8192), (1, 131072)]  # (B, ctx)
+CRS = [1, 2, 4, 8]
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# AOT mode: compile for sm_90 without a GPU
+# ----------------------------------------------------------------------------------------------
+def _install_mock_driver(device_type="cpu"):
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver as _drv
+
+    class MockDriver:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def is_active(self):
+            return True
+
+        def get_active_torch_device(self):
+            return torch.device(device_type)
+
+    _drv.set_active(MockDriver())
+
+
+def _kernel_report(ck):
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    ptx = ck.asm["ptx"]
+    row = dict(
+        shared=int(ck.metadata.shared),
+        num_warps=int(ck.metadata.num_warps),
+        num_stages=int(getattr(ck.metadata, "num_stages", -1)),
+        mma=len(re.findall(r"\bw?g?mma\.", ptx)),
+        cp_async=len(re.findall(r"cp\.async\.c[ag]\.shared\.global", ptx)),
+        vec_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.", ptx)),
+        scalar_b16_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.[bu]16\b", ptx)),
+    )
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
+    if m:
+        row.update(regs=int(m.group(1)), stack=int(m.group(2)), local_bytes=int(m.group(4)))
+    else:
+        row.update(regs=-1, stack=-1, local_bytes=-1, cuobjdump=res[-500:])
+    return row
+
+
+def aot_main(quick: bool):
+    report = {"kernels": [], "trace": {}}
+    try:
+        import triton  # noqa: F401
+
+        _install_mock_driver("cpu")
+    except Exception as e:  # pragma: no cover
+        report["skipped"] = f"triton mock driver unavailable: {e!r}"
+        print("@@AOT@@" + json.dumps(report))
+        return 0
+    from dms_flex.kernels import decode as dk
+
+    if dk._is_interpreted(dk._decode_split_kernel):
+        report["skipped"] = "TRITON_INTERPRET=1 is set"
+        print("@@AOT@@" + json.dumps(report))
+        return 0
+
+    compiled = []
+
+    class Recorder:
+        def __init__(self, k):
+            self.k = k
+
+        def __getitem__(self, grid):
+            def run(*a, **kw):
+                ck = self.k.warmup(*a, grid=grid, **kw)
+                compiled.append((self.k, grid, ck))
+
+            return run
+
+    # (dtype, D, G, B, C, quant, note); C chosen so the auto split gives the intended path
+    configs = [
+        ("bfloat16", 128, 4, 8, 4096, False, "8B heads, multi-split"),
+        ("bfloat16", 64, 4, 8, 4096, False, "1B heads, multi-split"),
+        ("bfloat16", 128, 4, 64, 256, False, "single split (no merge)"),
+        ("float32", 128, 4, 2, 2048, False, "fp32 (ieee dot)"),
+        ("bfloat16", 128, 4, 8, 4096, True, "int8 cache, bf16 q"),
+    ]
+    if not quick:
+        configs += [
+            ("float16", 128, 4, 8, 4096, False, "fp16"),
+            ("bfloat16", 128, 1, 8, 4096, False, "G=1"),
+            ("bfloat16", 128, 8, 8, 4096, False, "G=8"),
+            ("bfloat16", 96, 4, 8, 4096, False, "D=96"),
+            ("float16", 64, 4, 8, 4096, True, "int8 cache, fp16 q, D=64"),
+            ("float32", 128, 4, 8, 4096, True, "int8 cache, fp32 q"),
+        ]
+    for dtype_name, D, G, B, C, quant, note in configs:
+        dtype = getattr(torch, dtype_name)
+        Hkv = 8
+        q = torch.randn(B, Hkv * G, D).to(dtype)
+        if quant:
+            k = torch.zeros(B, Hkv, C, D, dtype=torch.int8)
+            v = torch.zeros(B, Hkv, C, D, dtype=torch.int8)
+            ks = torch.ones(B, Hkv, C)
+            vs = torch.ones(B, Hkv, C)
+        else:
+            k = torch.empty(B, Hkv, C, D, dtype=dtype)
+            v = torch.empty(B, Hkv, C, D, dtype=dtype)
+            ks = vs = None
+        L = torch.full((B, Hkv), C, dtype=torch.int32)
+        n0 = len(compiled)
+        t0 = time.perf_counter()
+        dk._launch(q, k, v, L, None, None, ks, vs, wrap=Recorder, sm_count=132, interpret=False)
+        dt = time.perf_counter() - t0
+        for kern, grid, ck in compiled[n0:]:
+            name = "split" if kern is dk._decode_split_kernel else "merge"
+            row = dict(kernel=name, config=note, dtype=dtype_name, D=D, G=G, B=B, C=C, quant=quant,
+                       grid=list(grid), compile_s=round(dt, 2))
+            row.update(_kernel_report(ck))
+            report["kernels"].append(row)
+
+    # fake-CUDA trace of the triton_op decomposition (what AOTAutograd hands to inductor)
+    try:
+        from torch._functorch.aot_autograd import aot_export_module
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        _install_mock_driver("cuda")
+        dk._sm_count = lambda i: 132  # no CUDA runtime here
+
+        class Step(torch.nn.Module):
+            def forward(self, q, k, v, L):
+                return (dk.decode_attention(q, k, v, L) * 2.0,)
+
+        with FakeTensorMode():
+            q = torch.empty(8, 32, 128, dtype=torch.bfloat16, device="cuda")
+            k = torch.empty(8, 8, 4096, 128, dtype=torch.bfloat16, device="cuda")
+            v = torch.empty(8, 8, 4096, 128, dtype=torch.bfloat16, device="cuda")
+            L = torch.empty(8, 8, dtype=torch.int32, device="cuda")
+            ep = torch.export.export(Step(), (q, k, v, L))  # dynamo, fullgraph
+            gm, _ = aot_export_module(Step(), (q, k, v, L), trace_joint=False)
+        code = gm.code
+        report["trace"] = dict(
+            ok="triton_kernel_wrapper_functional" in code,
+            export_has_op="dms_flex.decode_attention" in str(ep.graph),
+            triton_calls=code.count("triton_kernel_wrapper_functional("),
+        )
+    except Exception as e:
+        import traceback
+
+        report["trace"] = dict(ok=False, error=repr(e), tb=traceback.format_exc()[-3000:])
+
+    for row in report["kernels"]:
+        log(
+            f"{row['kernel']:5s} {row['config']:28s} grid={row['grid']} regs={row['regs']} local={row['local_bytes']} "
+            f"smem={row['shared']} mma={row['mma']} cp.async={row['cp_async']} v-loads={row['vec_loads']} "
+            f"b16-loads={row['scalar_b16_loads']}"
+        )
+    log("trace:", {k: v for k, v in report["trace"].items() if k != "tb"})
+    print("@@AOT@@" + json.dumps(report))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fns(fns, device, reps=25, min_span_ms=2.0):
+    """Median seconds per call of a list of zero-arg callables (one per rotated input set).
+
+    CUDA: capture all calls in one CUDA graph; replay it n times between two events (n chosen so
+    a span lasts >= min_span_ms); median over `reps` spans, divided by n * len(fns). Falls back to
+    events around eager calls if capture fails. CPU: host timer.
+    """
+    if device.type != "cuda":
+        for f in fns:
+            f()
+        ts = []
+        for _ in range(max(3, reps // 5)):
+            t0 = time.perf_counter()
+            for f in fns:
+                f()
+            ts.append((time.perf_counter() - t0) / len(fns))
+        return statistics.median(ts), "host"
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            for f in fns:
+                f()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    mode = "graph"
+    try:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for f in fns:
+                f()
+        run = g.replay
+    except Exception as e:  # pragma: no cover - depends on the method
+        log(f"  graph capture failed ({e!r}); timing eager calls")
+        torch.cuda.synchronize()
+        mode = "eager"
+
+        def run():
+            for f in fns:
+                f()
+
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    e0 = torch.cuda.Event(enable_timing=True)
+    e1 = torch.cuda.Event(enable_timing=True)
+    e0.record()
+    run()
+    e1.record()
+    e1.synchronize()
+    one = max(e0.elapsed_time(e1), 1e-3)
+    n = max(1, min(200, int(math.ceil(min_span_ms / one))))
+    ts = []
+    for _ in range(reps):
+        e0.record()
+        for _ in range(n):
+            run()
+        e1.record()
+        e1.synchronize()
+        ts.append(e0.elapsed_time(e1) / 1e3 / (n * len(fns)))
+    return statistics.median(ts), mode
+
+
+def copy_bandwidth(device, nbytes=2 << 30):
+    n = nbytes // 2
+    src = torch.randn(n, device=device, dtype=torch.float32).to(torch.bfloat16)
+    dst = torch.empty_like(src)
+    t, mode = time_fns([lambda: dst.copy_(src)], device, reps=25)
+    bw = 2 * src.numel() * src.element_size() / t
+    src = dst = None  # noqa: F841 (free before the cases allocate)
+    return bw, t, mode
+
+
+# ----------------------------------------------------------------------------------------------
+# methods
+# ----------------------------------------------------------------------------------------------
+_FLEX = {}
+
+
+def _raise_recompile_limits():
+    """Every (shape, mask) case recompiles flex_attention (dynamic=False, for a fair, fully
+    specialized baseline); dynamo's default limit of 8 recompiles per function would silently
+    fall back to eager flex."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for name, val in (("recompile_limit", 512), ("cache_size_limit", 512), ("accumulated_recompile_limit", 4096),
+                      ("accumulated_cache_size_limit", 4096)):
+        if hasattr(cfg, name):
+            try:
+                setattr(cfg, name, max(getattr(cfg, name), val))
+            except Exception:
+                pass
+
+
+def _flex_fns(device):
+    if "flex" not in _FLEX:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        if device.type == "cuda":
+            _raise_recompile_limits()
+            flex = torch.compile(flex_attention, dynamic=False)
+        else:
+            flex = flex_attention  # eager on CPU (smoke test only)
+        _FLEX["flex"] = flex
+        _FLEX["cbm"] = create_block_mask
+    return _FLEX["flex"], _FLEX["cbm"]
+
+
+def make_flex_standard(q, k, v, L, scale, device):
+    """flex on (B, Hq, 1, D) x (B, Hkv, C, D) with a per-(b, kv head) length block mask."""
+    flex, cbm = _flex_fns(device)
+    B, Hq, D = q.shape
+    Hkv, C = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_idx < L[b, h // G]
+
+    bm = cbm(mask_mod, B, Hq, 1, C, device=device)
+    q4 = q.unsqueeze(2)
+
+    def fn():
+        return flex(q4, k, v, block_mask=bm, scale=scale, enable_gqa=True)
+
+    return fn, lambda o: o.squeeze(2)
+
+
+def make_flex_grouped(q, k, v, L, scale, device):
+    """flex with the G query heads of a kv head as G query positions: (B*Hkv, 1, G, D)."""
+    flex, cbm = _flex_fns(device)
+    B, Hq, D = q.shape
+    Hkv, C = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    Lf = L.reshape(B * Hkv)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_idx < Lf[b]
+
+    bm = cbm(mask_mod, B * Hkv, 1, G, C, device=device)
+    qg = q.view(B * Hkv, 1, G, D)
+    kg = k.view(B * Hkv, 1, C, D)
+    vg = v.view(B * Hkv, 1, C, D)
+
+    def fn():
+        return flex(qg, kg, vg, block_mask=bm, scale=scale)
+
+    return fn, lambda o: o.reshape(B, Hq, D)
+
+
+def make_ours(q, k, v, L, scale, device):
+    from dms_flex.kernels import decode as dk
+
+    if device.type != "cuda":  # --cpu-smoke: the public API falls back to the reference
+        return (lambda: dk.decode_attention(q, k, v, L, scale)), (lambda o: o)
+    return (lambda: dk.decode_attention(q, k, v, L, scale)), (lambda o: o)
+
+
+def make_sdpa(q, k, v, scale):
+    q4 = q.unsqueeze(2)
+
+    def fn():
+        return F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True)
+
+    return fn, lambda o: o.squeeze(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# cases
+# ----------------------------------------------------------------------------------------------
+def _l2_bytes(device):
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return int(getattr(p, "L2_cache_size", 50 << 20) or (50 << 20))
+    return 1 << 20
+
+
+def _rotations(set_bytes, device, cap=8):
+    return int(max(1, min(cap, math.ceil(3 * _l2_bytes(device) / max(set_bytes, 1)))))
+
+
+def make_sets(B, Hkv, G, D, cap, live, dtype, device, ragged, n_sets, seed):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    sets = []
+    for _ in range(n_sets):
+        q = torch.randn(B, Hkv * G, D, device=device, generator=gen, dtype=torch.float32).to(dtype)
+        k = torch.randn(B, Hkv, cap, D, device=device, generator=gen, dtype=torch.float32).to(dtype)
+        v = torch.randn(B, Hkv, cap, D, device=device, generator=gen, dtype=torch.float32).to(dtype)
+        if ragged:
+            lo, hi = max(1, int(0.9 * live)), min(cap, int(math.ceil(1.1 * live)))
+            L = torch.randint(lo, hi + 1, (B, Hkv), device=device, generator=gen, dtype=torch.int64).to(torch.int32)
+        else:
+            L = torch.full((B, Hkv), live, device=device, dtype=torch.int32)
+        sets.append((q, k, v, L))
+    return sets
+
+
+def rel_err(a, b):
+    a = a.float()
+    b = b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def run_method(name, builder, sets, device, ref, reps, check=True):
+    """builder(q, k, v, L) -> (fn, post). Checks set 0 against ref, then times all sets."""
+    try:
+        fns, posts = [], []
+        for q, k, v, L in sets:
+            fn, post = builder(q, k, v, L)
+            fns.append(fn)
+            posts.append(post)
+        err = None
+        if check and ref is not None:
+            err = rel_err(posts[0](fns[0]()), ref)
+        t, mode = time_fns(fns, device, reps=reps)
+        return dict(time_us=t * 1e6, mode=mode, rel_err=err)
+    except Exception as e:
+        import traceback
+
+        log(f"  {name} failed: {e!r}")
+        return dict(error=repr(e), tb=traceback.format_exc()[-2000:])
+
+
+def bench_main(args):
+    device = torch.device("cuda" if (torch.cuda.is_available() and not args.cpu_smoke) else "cpu")
+    if device.type != "cuda" and not args.cpu_smoke:
+        log("no CUDA device: use --aot (offline compile report) or --cpu-smoke")
+        return 2
+    from dms_flex.kernels import decode as dk
+
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    info = dict(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        torch=torch.__version__,
+        dtype=args.dtype,
+        ragged=args.ragged,
+    )
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        pass
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info["sm_count"] = p.multi_processor_count
+        info["l2_bytes"] = _l2_bytes(device)
+
+    if args.cpu_smoke:
+        models = {"tiny-d64": dict(Hq=8, Hkv=2, D=64), "tiny-d32": dict(Hq=6, Hkv=2, D=32)}
+        shapes = [(2, 256), (1, 512)]
+        crs = [1, 4]
+        copy_bytes = 64 << 20
+    else:
+        models = MODELS if not args.models else {m: MODELS[m] for m in args.models.split(",")}
+        shapes = SHAPES
+        crs = [1, 8] if args.quick else CRS
+        copy_bytes = 2 << 30
+
+    if device.type == "cuda":
+        _raise_recompile_limits()
+    bw, t_copy, mode = copy_bandwidth(device, copy_bytes)
+    info["copy_bw_TBps"] = bw / 1e12
+    info["copy_time_us"] = t_copy * 1e6
+    log(f"copy bandwidth: {bw / 1e12:.3f} TB/s ({mode})")
+
+    flex_variants = [] if args.no_flex else args.flex.split(",")
+    rows = []
+    for mname, m in models.items():
+        Hq, Hkv, D = m["Hq"], m["Hkv"], m["D"]
+        G = Hq // Hkv
+        scale = D**-0.5
+        for B, ctx in shapes:
+            esz = torch.empty((), dtype=dtype).element_size()
+            dense_bytes = 2 * B * Hkv * ctx * D * esz
+            dense = None
+            if not args.no_dense:
+                n_sets = _rotations(dense_bytes, device)
+                dsets = make_sets(B, Hkv, G, D, ctx, ctx, dtype, device, False, n_sets, seed=1)
+                log(f"[{mname} B={B} ctx={ctx}] dense SDPA ({n_sets} sets)")
+                dense = run_method("sdpa_dense", lambda q, k, v, L: make_sdpa(q, k, v, scale), dsets, device,
+                                   None, args.reps, check=False)
+                dense["kv_bytes"] = dense_bytes
+                if "time_us" in dense:
+                    dense["TBps"] = dense_bytes / dense["time_us"] / 1e6
+                del dsets
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            for cr in crs:
+                live = ctx // cr
+                cap = int(math.ceil(1.1 * live)) if args.ragged else live
+                set_bytes = 2 * B * Hkv * cap * D * esz
+                n_sets = _rotations(set_bytes, device)
+                sets = make_sets(B, Hkv, G, D, cap, live, dtype, device, args.ragged, n_sets, seed=2 + cr)
+                live_tokens = int(sets[0][3].sum().item())
+                live_bytes = 2 * live_tokens * D * esz
+                q0, k0, v0, L0 = sets[0]
+                ref = dk.decode_attention_reference(q0, k0, v0, L0, scale)
+                row = dict(model=mname, Hq=Hq, Hkv=Hkv, D=D, B=B, ctx=ctx, CR=cr, capacity=cap,
+                           live_tokens_set0=live_tokens, live_kv_bytes=live_bytes, n_sets=n_sets)
+                log(f"[{mname} B={B} ctx={ctx} CR={cr}] cap={cap} live={live_bytes / 1e6:.1f} MB, {n_sets} sets")
+                res = {}
+                res["ours"] = run_method("ours", lambda q, k, v, L: make_ours(q, k, v, L, scale, device),
+                                         sets, device, ref, args.reps)
+                if device.type == "cuda" and "time_us" in res["ours"]:
+                    # eager launch path (no graph), to show the host overhead
+                    try:
+                        import triton.testing
+
+                        q, k, v, L = sets[0]
+                        t = triton.testing.do_bench(lambda: dk.decode_attention(q, k, v, L, scale),
+                                                    warmup=25, rep=100, return_mode="median")
+                        res["ours"]["eager_do_bench_us"] = t * 1e3
+                    except Exception as e:
+                        res["ours"]["eager_do_bench_error"] = repr(e)
+                if args.with_compiled and device.type == "cuda":
+                    # the kernel as inductor launches it inside torch.compile(fullgraph=True)
+                    cfn = torch.compile(lambda q, k, v, L: dk.decode_attention(q, k, v, L, scale), fullgraph=True)
+                    res["ours_compiled"] = run_method(
+                        "ours_compiled", lambda q, k, v, L: ((lambda: cfn(q, k, v, L)), (lambda o: o)),
+                        sets, device, ref, args.reps)
+                if "standard" in flex_variants:
+                    res["flex"] = run_method("flex", lambda q, k, v, L: make_flex_standard(q, k, v, L, scale, device),
+                                             sets, device, ref, args.reps)
+                if "grouped" in flex_variants:
+                    res["flex_grouped"] = run_method(
+                        "flex_grouped", lambda q, k, v, L: make_flex_grouped(q, k, v, L, scale, device),
+                        sets, device, ref, args.reps)
+                if not args.no_sdpa_compact:
+                    res["sdpa_compact_nomask"] = run_method(
+                        "sdpa_compact", lambda q, k, v, L: make_sdpa(q, k, v, scale), sets, device,
+                        ref if not args.ragged else None, args.reps, check=not args.ragged)
+                for key, r in res.items():
+                    if "time_us" in r:
+                        r["live_TBps"] = live_bytes / r["time_us"] / 1e6
+                        r["frac_copy_bw"] = r["live_TBps"] * 1e12 / bw
+                if dense is not None:
+                    res["sdpa_dense"] = dense
+                o = res["ours"].get("time_us")
+                if o:
+                    flex_ts = [res[k]["time_us"] for k in ("flex", "flex_grouped") if k in res and "time_us" in res[k]]
+                    if flex_ts:
+                        row["speedup_vs_best_flex"] = min(flex_ts) / o
+                    if "flex" in res and "time_us" in res["flex"]:
+                        row["speedup_vs_flex"] = res["flex"]["time_us"] / o
+                    if dense is not None and "time_us" in dense:
+                        row["speedup_vs_dense_sdpa"] = dense["time_us"] / o
+                    if "time_us" in res.get("sdpa_compact_nomask", {}):
+                        row["speedup_vs_sdpa_compact"] = res["sdpa_compact_nomask"]["time_us"] / o
+                row["large"] = live_bytes >= (128 << 20)
+                row["results"] = res
+                rows.append(row)
+                del sets, ref, q0, k0, v0, L0
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    summary = {}
+    large = [r for r in rows if r["large"] and "frac_copy_bw" in r["results"]["ours"]]
+    if large:
+        summary["min_frac_copy_bw_large"] = min(r["results"]["ours"]["frac_copy_bw"] for r in large)
+        summary["target_frac_copy_bw"] = 0.85
+    sp = [r["speedup_vs_best_flex"] for r in rows if "speedup_vs_best_flex" in r]
+    if sp:
+        summary["min_speedup_vs_best_flex"] = min(sp)
+        summary["target_speedup_vs_flex"] = 4.0
+    sp = [r["speedup_vs_flex"] for r in rows if "speedup_vs_flex" in r]
+    if sp:
+        summary["min_speedup_vs_flex_standard"] = min(sp)
+    errs = [r["results"]["ours"].get("rel_err") for r in rows if r["results"]["ours"].get("rel_err") is not None]
+    if errs:
+        summary["max_rel_err_ours"] = max(errs)
+    out = dict(info=info, rows=rows, summary=summary)
+    print_table(info, rows, summary)
+    emit_json(out, args.out)
+    return 0
+
+
+def _fmt(x, f="{:.1f}"):
+    return "-" if x is None else f.format(x)
+
+
+def print_table(info, rows, summary):
+    print(f"# {info['device']}  torch {info['torch']}  triton {info.get('triton', '?')}  dtype {info['dtype']}  "
+          f"ragged={info['ragged']}  copy {info['copy_bw_TBps']:.3f} TB/s")
+    hdr = (f"{'model':12s} {'B':>3s} {'ctx':>6s} {'CR':>2s} {'liveMB':>7s} | {'ours us':>8s} {'TB/s':>5s} {'xcopy':>5s} "
+           f"{'err':>7s} | {'flex us':>8s} {'flexG us':>8s} {'xflex':>5s} | {'sdpaC us':>8s} {'dense us':>8s} {'xdense':>6s}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        res = r["results"]
+        o = res["ours"]
+        print(
+            f"{r['model']:12s} {r['B']:3d} {r['ctx']:6d} {r['CR']:2d} {r['live_kv_bytes'] / 1e6:7.1f} | "
+            f"{_fmt(o.get('time_us')):>8s} {_fmt(o.get('live_TBps'), '{:.2f}'):>5s} {_fmt(o.get('frac_copy_bw'), '{:.2f}'):>5s} "
+            f"{_fmt(o.get('rel_err'), '{:.1e}'):>7s} | "
+            f"{_fmt(res.get('flex', {}).get('time_us')):>8s} {_fmt(res.get('flex_grouped', {}).get('time_us')):>8s} "
+            f"{_fmt(r.get('speedup_vs_best_flex'), '{:.2f}'):>5s} | "
+            f"{_fmt(res.get('sdpa_compact_nomask', {}).get('time_us')):>8s} {_fmt(res.get('sdpa_dense', {}).get('time_us')):>8s} "
+            f"{_fmt(r.get('speedup_vs_dense_sdpa'), '{:.2f}'):>6s}"
+        )
+    print("summary:", json.dumps(summary))
+
+
+def emit_json(obj, path):
+    s = json.dumps(obj, indent=1, default=str)
+    if path:
+        with open(path, "w") as f:
+            f.write(s)
+        print(f"wrote {path}")
+    else:
+        print(s)
+
+
+# ----------------------------------------------------------------------------------------------
+# sweep
+# ----------------------------------------------------------------------------------------------
+def sweep_main(args):
+    if not torch.cuda.is_available():
+        log("--sweep needs CUDA")
+        return 2
+    from dms_flex.kernels import decode as dk
+
+    device = torch.device("cuda")
+    dtype = getattr(torch, args.dtype)
+    sm = torch.cuda.get_device_properties(device).multi_processor_count
+    bw, _, _ = copy_bandwidth(device)
+    cases = [  # (model, B, ctx, CR)
+        ("llama3-8b", 8, 32768, 1),
+        ("llama3-8b", 8, 32768, 8),
+        ("llama3-8b", 64, 8192, 4),
+        ("llama3.2-1b", 1, 131072, 8),
+        ("llama3.2-1b", 8, 32768, 8),
+    ]
+    out = dict(copy_bw_TBps=bw / 1e12, sm_count=sm, cases=[])
+    for mname, B, ctx, cr in cases:
+        m = MODELS[mname]
+        Hkv, D, G = m["Hkv"], m["D"], m["Hq"] // m["Hkv"]
+        cap = ctx // cr
+        esz = torch.empty((), dtype=dtype).element_size()
+        live_bytes = 2 * B * Hkv * cap * D * esz
+        n_sets = _rotations(live_bytes, device)
+        sets = make_sets(B, Hkv, G, D, cap, cap, dtype, device, False, n_sets, seed=7)
+        q0, k0, v0, L0 = sets[0]
+        ref = dk.decode_attention_reference(q0, k0, v0, L0)
+        base_cfg = dk._config(D, G, esz)
+        results = []
+
+        def trial(**kw):
+            split = kw.get("split_size")
+            lk = {kk: vv for kk, vv in kw.items() if kk != "split_size"}
+
+            def builder(q, k, v, L):
+                return (lambda: dk._launch(q, k, v, L, None, split, sm_count=sm, **lk)), (lambda o: o)
+
+            r = run_method(str(kw), builder, sets, device, ref, max(10, args.reps // 2))
+            r.update(kw)
+            if "time_us" in r:
+                r["live_TBps"] = live_bytes / r["time_us"] / 1e6
+                r["frac_copy_bw"] = r["live_TBps"] * 1e12 / bw
+            results.append(r)
+            log(f"  {kw} -> {r.get('time_us', float('nan')):.1f} us {r.get('frac_copy_bw', float('nan')):.2f}x copy "
+                f"err={r.get('rel_err')}")
+
+        log(f"[{mname} B={B} ctx={ctx} CR={cr}] default cfg {base_cfg}")
+        for block_n in (32, 64, 128):
+            for nw in (4, 8):
+                for ns in (2, 3, 4):
+                    if block_n * D * esz * 2 * ns > 200_000:
+                        continue  # shared memory
+                    trial(block_n=block_n, num_warps=nw, num_stages=ns)
+        good = [r for r in results if "time_us" in r]
+        best = min(good, key=lambda r: r["time_us"]) if good else None
+        if best is not None:
+            bn = best["block_n"]
+            auto_split, _ = dk.choose_split(B, Hkv, cap, bn, sm)
+            for mult in (0.25, 0.5, 2.0, 4.0):
+                split = max(bn, int(round(auto_split * mult / bn)) * bn)
+                if split != auto_split:
+                    trial(block_n=bn, num_warps=best["num_warps"], num_stages=best["num_stages"], split_size=split)
+        good = [r for r in results if "time_us" in r]
+        best = min(good, key=lambda r: r["time_us"]) if good else None
+        out["cases"].append(dict(model=mname, B=B, ctx=ctx, CR=cr, live_kv_bytes=live_bytes, default_cfg=base_cfg,
+                                 default_split=dk.choose_split(B, Hkv, cap, base_cfg["BLOCK_N"], sm),
+                                 trials=results, best=best))
+        sets = ref = q0 = k0 = v0 = L0 = None
+        torch.cuda.empty_cache()
+    print(f"# sweep, copy {bw / 1e12:.3f} TB/s")
+    for c in out["cases"]:
+        b = c["best"] or {}
+        d = [r for r in c["trials"] if r.get("block_n") == c["default_cfg"]["BLOCK_N"]
+             and r.get("num_warps") == c["default_cfg"]["num_warps"]
+             and r.get("num_stages") == c["default_cfg"]["num_stages"] and "split_size" not in r]
+        dt = d[0].get("time_us") if d else None
+        print(f"{c['model']:12s} B={c['B']:3d} ctx={c['ctx']:6d} CR={c['CR']}: default {_fmt(dt)} us, best "
+              f"{_fmt(b.get('time_us'))} us ({_fmt(b.get('frac_copy_bw'), '{:.2f}')}x copy) with "
+              f"block_n={b.get('block_n')} warps={b.get('num_warps')} stages={b.get('num_stages')} split={b.get('split_size', 'auto')}")
+    emit_json(out, args.out)
+    return 0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None, help="JSON output path (default: stdout)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--quick", action="store_true", help="CR 1 and 8 only")
+    ap.add_argument("--models", default=None, help="comma list of " + ",".join(MODELS))
+    ap.add_argument("--ragged", action="store_true", help="lengths within +-10%% of ctx/CR")
+    ap.add_argument("--flex", default="standard,grouped", help="flex variants: standard,grouped")
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-dense", action="store_true")
+    ap.add_argument("--no-sdpa-compact", action="store_true")
+    ap.add_argument("--reps", type=int, default=25)
+    ap.add_argument("--with-compiled", action="store_true", help="also time torch.compile(decode_attention)")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--aot", action="store_true", help="offline sm_90 compile report (no GPU needed)")
+    ap.add_argument("--aot-quick", action="store_true")
+    ap.add_argument("--cpu-smoke", action="store_true")
+    args = ap.parse_args(argv)
+    if args.aot:
+        return aot_main(args.aot_quick)
+    if args.sweep:
+        return sweep_main(args)
+    return bench_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,558 @@
+"""Decode attention over DMS's compact KV cache (split-KV "flash-decoding" in Triton).
+
+Shapes
+------
+q:         (B, Hq, D)      one query token per batch row
+k_cache:   (B, Hkv, C, D)  C = slot capacity; last dim contiguous
+v_cache:   (B, Hkv, C, D)
+lengths:   (B, Hkv)        int32/int64, live slots per (row, kv head); slots [0, lengths[b, h])
+                           are live, slots past it are ignored (they may hold garbage, NaN/inf).
+                           Values are clamped to [0, C].
+Hq = Hkv * G (grouped-query attention: query heads h*G .. h*G+G-1 read kv head h).
+Output: (B, Hq, D) in q's dtype. A (row, kv head) with length 0 attends to nothing: its G query
+heads output zeros (defined so; a softmax over an empty set has no value).
+
+Optional int8 cache: k_cache/v_cache int8 with per-token float scales k_scale/v_scale of shape
+(B, Hkv, C): the dequantized cache is k_cache.float() * k_scale[..., None] (same for v).
+
+GPU design
+----------
+Stage 1 (``_decode_split_kernel``), grid (B*Hkv, num_splits): a program owns one kv head of one
+row and one contiguous split of ``split_size`` slots. It loads the G query heads of its group as
+the rows of a (BLOCK_G, BLOCK_D) tile (BLOCK_G = max(16, next_pow2(G)), rows >= G zero) so every K
+and V byte is read from memory once for the whole group and both products run on the tensor cores:
+S = Q K^T (BLOCK_G x BLOCK_N), online softmax in fp32 (exp2, running max/sum), acc += P V.
+It walks [split_start, min(split_end, length)) in BLOCK_N steps; a program whose split starts at
+or past the length runs zero iterations and stores nothing. It writes the normalized partial
+output (fp32) and its log-sum-exp (log2 units) to a workspace.
+Stage 2 (``_decode_merge_kernel``), grid (B*Hq,): merges the active splits of each query head
+(split index < cdiv(length, split_size)) with log-sum-exp weights; no active split -> zeros.
+When a shape needs one split only, stage 1 writes the final output directly (no stage 2).
+
+Why tl.dot with G padded to 16 rows rather than a broadcast multiply-reduce: decode is
+memory-bound, and the padded MMA costs 2*16 flops per K/V element, far under the tensor cores'
+rate; it keeps K/V tiles in shared memory (cp.async pipeline, num_stages deep) at 86-102
+registers per thread. A CUDA-core multiply-reduce needs the tiles in registers and 2*G FMAs per
+element plus cross-lane reductions, which at G=8 approaches the FMA rate needed to stream at
+~4.5 TB/s. (bench --aot prints registers / shared memory / instruction counts.)
+
+Block sizes (``_config``): BLOCK_N = 16 KB / (D * element size) capped to [16, 128] (bf16 D=128:
+64, D=64: 128), BLOCK_G = max(16, next_pow2(G)), BLOCK_D = next_pow2(D), 4 warps, 3 stages.
+Split heuristic (``choose_split``): at least 8 programs per SM (B*Hkv*num_splits >= 8*SMs),
+splits >= 256 slots and a whole number of BLOCK_N blocks; from Python ints only.
+
+num_splits is a function of shapes only (B, Hkv, C and the SM count): no host syncs, no
+data-dependent Python control flow, so the op can be captured in CUDA graphs and traced by
+torch.compile(fullgraph=True) (it is a ``torch.library.triton_op``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:  # triton is optional on CPU machines
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = [
+    "decode_attention",
+    "decode_attention_reference",
+    "choose_split",
+    "HAS_TRITON",
+]
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+# Target number of stage-1 programs per SM: many small programs keep the memory system busy and
+# shrink the tail of the last wave. Minimum slots per split keeps per-program overhead small.
+_PROGRAMS_PER_SM = 8
+_MIN_SPLIT = 256
+_DEFAULT_SM_COUNT = 132  # H100/H200 SXM
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------
+def _check_shapes(q, k_cache, v_cache, lengths, k_scale=None, v_scale=None):
+    if q.dim() != 3:
+        raise ValueError(f"q must be (B, Hq, D), got {tuple(q.shape)}")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"k_cache/v_cache must both be (B, Hkv, C, D), got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    B, Hq, D = q.shape
+    Bk, Hkv, C, Dk = k_cache.shape
+    if Bk != B or Dk != D:
+        raise ValueError(f"q {tuple(q.shape)} and cache {tuple(k_cache.shape)} disagree on B or D")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"Hq={Hq} must be a multiple of Hkv={Hkv}")
+    if tuple(lengths.shape) != (B, Hkv):
+        raise ValueError(f"lengths must be (B, Hkv)=({B}, {Hkv}), got {tuple(lengths.shape)}")
+    if lengths.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"lengths must be int32 or int64, got {lengths.dtype}")
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("k_scale and v_scale must be given together")
+    if k_scale is not None:
+        if k_cache.dtype != torch.int8 or v_cache.dtype != torch.int8:
+            raise ValueError("k_scale/v_scale need int8 k_cache/v_cache")
+        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if tuple(s.shape) != (B, Hkv, C):
+                raise ValueError(f"{name} must be (B, Hkv, C)=({B}, {Hkv}, {C}), got {tuple(s.shape)}")
+    elif k_cache.dtype == torch.int8 or v_cache.dtype == torch.int8:
+        raise ValueError("int8 k_cache/v_cache need k_scale and v_scale")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"q must be floating point, got {q.dtype}")
+    return B, Hq, D, Hkv, C
+
+
+def decode_attention_reference(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    lengths: Tensor,
+    scale: Optional[float] = None,
+    *,
+    k_scale: Optional[Tensor] = None,
+    v_scale: Optional[Tensor] = None,
+) -> Tensor:
+    """Plain-PyTorch decode attention (float32 math, masked softmax). See the module docstring."""
+    B, Hq, D, Hkv, C = _check_shapes(q, k_cache, v_cache, lengths, k_scale, v_scale)
+    G = Hq // Hkv
+    if scale is None:
+        scale = D**-0.5
+    k = k_cache.float()
+    v = v_cache.float()
+    if k_scale is not None:
+        k = k * k_scale.float()[..., None]
+        v = v * v_scale.float()[..., None]
+    lens = lengths.to(torch.int64).clamp(0, C)
+    live = torch.arange(C, device=k.device) < lens[..., None]  # (B, Hkv, C)
+    # dead slots may hold NaN/inf: zero them so that 0 * NaN never reaches the output
+    k = torch.where(live[..., None], k, 0.0)
+    v = torch.where(live[..., None], v, 0.0)
+    qf = q.float().reshape(B, Hkv, G, D)
+    s = torch.einsum("bhgd,bhcd->bhgc", qf, k) * scale
+    s = s.masked_fill(~live[:, :, None, :], float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # empty rows: no -inf - -inf
+    p = torch.exp(s - m)
+    denom = p.sum(dim=-1, keepdim=True)
+    o = torch.einsum("bhgc,bhcd->bhgd", p, v) / denom.clamp_min(1e-30)  # empty rows -> 0
+    return o.reshape(B, Hq, D).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Split heuristic (shapes only)
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    try:
+        return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
+    except Exception:  # pragma: no cover
+        return _DEFAULT_SM_COUNT
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def choose_split(B: int, Hkv: int, C: int, block_n: int, sm_count: int = _DEFAULT_SM_COUNT) -> tuple[int, int]:
+    """Return (split_size, num_splits) from shapes only.
+
+    Aim for at least ``_PROGRAMS_PER_SM * sm_count`` stage-1 programs (B*Hkv*num_splits), with
+    splits of at least ``_MIN_SPLIT`` slots and a whole number of BLOCK_N blocks.
+    """
+    C = max(int(C), 1)
+    bh = max(int(B) * int(Hkv), 1)
+    want = _cdiv(_PROGRAMS_PER_SM * sm_count, bh)
+    splits = max(1, min(want, _cdiv(C, _MIN_SPLIT)))
+    split_size = _cdiv(_cdiv(C, splits), block_n) * block_n
+    return split_size, _cdiv(C, split_size)
+
+
+def _config(D: int, G: int, elem_bytes: int):
+    """Block sizes: BLOCK_N such that a K (or V) tile is ~16 KB in the compute dtype
+    (bf16/fp16 D=128: 64, D=64: 128; fp32 D=128: 32). 4 warps, 3 stages: offline sm_90 compile
+    (bench --aot) gives 86-102 registers, no spills, ~70 KB shared memory (3 programs per SM)."""
+    block_d = triton.next_power_of_2(D)
+    block_g = max(16, triton.next_power_of_2(G))
+    tile_elems = 16384 // max(elem_bytes, 1)
+    block_n = max(16, min(128, tile_elems // block_d))
+    return dict(BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=block_n, num_warps=4, num_stages=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels (plain functions; decorated below, or run by the interpreter on request)
+# ----------------------------------------------------------------------------------------------
+def _decode_split_kernel_fn(
+    Q, K, V, KS, VS, LEN, O_PART, LSE_PART, OUT,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ksb, stride_ksh, stride_ksn,
+    stride_vsb, stride_vsh, stride_vsn,
+    stride_lb, stride_lh,
+    stride_ob, stride_oh,
+    Hkv, C, split_size, num_splits, qk_scale,
+    G: tl.constexpr, D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    SINGLE: tl.constexpr, QUANT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+
+    length = tl.load(LEN + b * stride_lb + h * stride_lh).to(tl.int32)
+    length = tl.minimum(tl.maximum(length, 0), C)
+    start = pid_s * split_size
+    end = tl.minimum(start + split_size, length)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_mask = offs_g < G
+    d_mask = offs_d < D
+
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    q_ptrs = Q + b64 * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    k_base = K + b64 * stride_kb + h64 * stride_kh
+    v_base = V + b64 * stride_vb + h64 * stride_vh
+    ks_base = KS + b64 * stride_ksb + h64 * stride_ksh
+    vs_base = VS + b64 * stride_vsb + h64 * stride_vsh
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+
+    for n0 in range(start, end, BLOCK_N):
+        offs = n0 + offs_n
+        n_mask = offs < end
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + offs[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        if QUANT:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
+        elif UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        if QUANT:
+            k_sc = tl.load(ks_base + offs * stride_ksn, mask=n_mask, other=0.0).to(tl.float32)
+            s = s * k_sc[None, :]
+        s = s * qk_scale
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if QUANT:
+            v_sc = tl.load(vs_base + offs * stride_vsn, mask=n_mask, other=0.0).to(tl.float32)
+            p = p * v_sc[None, :]
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    out = tl.where(has[:, None], out, 0.0)
+    gd_mask = g_mask[:, None] & d_mask[None, :]
+    if SINGLE:
+        o_ptrs = OUT + b64 * stride_ob + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=gd_mask)
+    else:
+        active = start < length
+        row = pid_bh.to(tl.int64) * num_splits + pid_s
+        lse = m_i + tl.log2(tl.where(has, l_i, 1.0))
+        p_ptrs = O_PART + (row * G + offs_g)[:, None] * D + offs_d[None, :]
+        tl.store(p_ptrs, out, mask=gd_mask & active)
+        tl.store(LSE_PART + row * G + offs_g, lse, mask=g_mask & active)
+
+
+def _decode_merge_kernel_fn(
+    O_PART, LSE_PART, LEN, OUT,
+    stride_lb, stride_lh,
+    stride_ob, stride_oh,
+    Hkv, C, split_size, num_splits,
+    G: tl.constexpr, D: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)  # over B * Hkv * G query heads
+    bh = pid // G
+    g = pid % G
+    b = bh // Hkv
+    h = bh % Hkv
+    length = tl.load(LEN + b * stride_lb + h * stride_lh).to(tl.int32)
+    length = tl.minimum(tl.maximum(length, 0), C)
+    n_active = tl.minimum((length + split_size - 1) // split_size, num_splits)
+
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    row0 = bh.to(tl.int64) * num_splits
+
+    # pass 1: max log-sum-exp over the active splits
+    m_vec = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, n_active, BLOCK_S):
+        s_idx = s0 + offs_s
+        s_mask = s_idx < n_active
+        lse = tl.load(LSE_PART + (row0 + s_idx) * G + g, mask=s_mask, other=float("-inf"))
+        m_vec = tl.maximum(m_vec, lse)
+    m = tl.max(m_vec, 0)
+    m = tl.where(n_active > 0, m, 0.0)
+
+    # pass 2: weighted sum of the partial outputs
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    w_vec = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for s0 in range(0, n_active, BLOCK_S):
+        s_idx = s0 + offs_s
+        s_mask = s_idx < n_active
+        lse = tl.load(LSE_PART + (row0 + s_idx) * G + g, mask=s_mask, other=float("-inf"))
+        w = tl.exp2(lse - m)
+        w = tl.where(s_mask, w, 0.0)
+        o = tl.load(
+            O_PART + ((row0 + s_idx) * G + g)[:, None] * D + offs_d[None, :],
+            mask=s_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        acc += tl.sum(o * w[:, None], 0)
+        w_vec += w
+    w_sum = tl.sum(w_vec, 0)
+    out = acc / tl.where(w_sum > 0.0, w_sum, 1.0)
+    out = tl.where(w_sum > 0.0, out, 0.0)
+    o_ptrs = OUT + b.to(tl.int64) * stride_ob + (h * G + g) * stride_oh + offs_d
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=d_mask)
+
+
+if HAS_TRITON:
+    _decode_split_kernel = triton.jit(_decode_split_kernel_fn)
+    _decode_merge_kernel = triton.jit(_decode_merge_kernel_fn)
+else:  # pragma: no cover
+    _decode_split_kernel = None
+    _decode_merge_kernel = None
+
+
+def _is_interpreted(kernel) -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except Exception:  # pragma: no cover
+        return False
+    return isinstance(kernel, InterpretedFunction)
+
+
+def _launch(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    lengths: Tensor,
+    scale: Optional[float] = None,
+    split_size: Optional[int] = None,
+    k_scale: Optional[Tensor] = None,
+    v_scale: Optional[Tensor] = None,
+    *,
+    interpret: Optional[bool] = None,
+    wrap=None,
+    block_n: Optional[int] = None,
+    num_warps: Optional[int] = None,
+    num_stages: Optional[int] = None,
+    sm_count: Optional[int] = None,
+    out: Optional[Tensor] = None,
+    poison: bool = False,
+) -> Tensor:
+    """Run the two Triton kernels. Under TRITON_INTERPRET=1 (set before triton is imported) they
+    run in Triton's CPU interpreter on CPU tensors (tests); ``wrap`` is ``torch.library.wrap_triton`` inside the triton_op.
+    block_n / num_warps / num_stages / sm_count override the defaults (benchmark sweeps).
+    Tests: ``out`` is a preallocated (B, Hq, D) output; ``poison`` fills output and workspace
+    with NaN first, so an element the kernels fail to write (or a stale partial the merge
+    wrongly reads) shows up as NaN."""
+    B, Hq, D, Hkv, C = _check_shapes(q, k_cache, v_cache, lengths, k_scale, v_scale)
+    G = Hq // Hkv
+    if scale is None:
+        scale = D**-0.5
+    if out is None:
+        out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
+    elif tuple(out.shape) != (B, Hq, D) or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError("out must be (B, Hq, D) in q's dtype with a contiguous last dim")
+    if poison:
+        out.fill_(float("nan"))
+    if B == 0 or Hq == 0 or D == 0:
+        return out
+    if C == 0:
+        return out.zero_()
+
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not available")
+    is_interp = _is_interpreted(_decode_split_kernel)
+    if interpret is None:
+        interpret = is_interp
+    if bool(interpret) != is_interp:
+        raise RuntimeError(
+            "Triton's CPU interpreter needs TRITON_INTERPRET=1 in the environment before triton is "
+            "first imported (its tl.* helpers are decorated at import); CUDA launches need it unset."
+        )
+    split_k, merge_k = _decode_split_kernel, _decode_merge_kernel
+    if wrap is not None and not interpret:
+        split_k, merge_k = wrap(split_k), wrap(merge_k)
+
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_cache.stride(-1) != 1:
+        k_cache = k_cache.contiguous()
+    if v_cache.stride(-1) != 1:
+        v_cache = v_cache.contiguous()
+    quant = k_scale is not None
+    if quant:
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"unsupported q dtype {q.dtype}")
+    else:
+        if not (q.dtype == k_cache.dtype == v_cache.dtype):
+            raise ValueError(f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"unsupported dtype {q.dtype}")
+
+    # bf16 arithmetic is wrong in the interpreter: compute in fp32 there.
+    upcast = bool(interpret and (q.dtype == torch.bfloat16 or (not quant and k_cache.dtype == torch.bfloat16)))
+    if quant and upcast:
+        q = q.float()  # the int8 path converts K/V to q's dtype
+    ieee = q.dtype == torch.float32 or upcast
+
+    # BLOCK_N from the dtype the tiles are computed in (an int8 tile is converted to q's dtype)
+    cfg = _config(D, G, q.element_size() if quant else k_cache.element_size())
+    if block_n is not None:
+        cfg["BLOCK_N"] = int(block_n)
+    if num_warps is not None:
+        cfg["num_warps"] = int(num_warps)
+    if num_stages is not None:
+        cfg["num_stages"] = int(num_stages)
+    BLOCK_N = cfg["BLOCK_N"]
+
+    if split_size is None or split_size <= 0:
+        if sm_count is None:
+            sm_count = _sm_count(q.device.index or 0) if q.device.type == "cuda" else _DEFAULT_SM_COUNT
+        split_size, num_splits = choose_split(B, Hkv, C, BLOCK_N, sm_count)
+    else:
+        split_size = int(split_size)
+        num_splits = _cdiv(C, split_size)
+    if num_splits > 65535:  # CUDA grid y limit
+        split_size = _cdiv(_cdiv(C, 65535), BLOCK_N) * BLOCK_N
+        num_splits = _cdiv(C, split_size)
+    single = num_splits == 1
+
+    dummy = torch.empty((1,), dtype=torch.float32, device=q.device)
+    if quant:
+        ks, vs = k_scale, v_scale
+        ks_strides = ks.stride()
+        vs_strides = vs.stride()
+    else:
+        ks = vs = dummy
+        ks_strides = vs_strides = (0, 0, 0)
+    if single:
+        o_part = lse_part = dummy
+    else:
+        o_part = torch.empty((B * Hkv * num_splits * G * D,), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((B * Hkv * num_splits * G,), dtype=torch.float32, device=q.device)
+        if poison:
+            o_part.fill_(float("nan"))
+            lse_part.fill_(float("nan"))
+
+    split_k[(B * Hkv, num_splits)](
+        q, k_cache, v_cache, ks, vs, lengths, o_part, lse_part, out,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        ks_strides[0], ks_strides[1], ks_strides[2],
+        vs_strides[0], vs_strides[1], vs_strides[2],
+        lengths.stride(0), lengths.stride(1),
+        out.stride(0), out.stride(1),
+        Hkv, C, split_size, num_splits, float(scale) * _LOG2E,
+        G=G, D=D,
+        BLOCK_G=cfg["BLOCK_G"], BLOCK_D=cfg["BLOCK_D"], BLOCK_N=BLOCK_N,
+        SINGLE=single, QUANT=quant, UPCAST=upcast, IEEE=ieee,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if not single:
+        merge_k[(B * Hkv * G,)](
+            o_part, lse_part, lengths, out,
+            lengths.stride(0), lengths.stride(1),
+            out.stride(0), out.stride(1),
+            Hkv, C, split_size, num_splits,
+            G=G, D=D, BLOCK_D=cfg["BLOCK_D"], BLOCK_S=min(64, triton.next_power_of_2(num_splits)),
+            num_warps=4, num_stages=1,
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom op + public API
+# ----------------------------------------------------------------------------------------------
+_OP = None
+if HAS_TRITON and hasattr(torch.library, "triton_op"):
+
+    @torch.library.triton_op("dms_flex::decode_attention", mutates_args=())
+    def _decode_attention_op(
+        q: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        lengths: Tensor,
+        scale: float,
+        split_size: int,
+        k_scale: Optional[Tensor] = None,
+        v_scale: Optional[Tensor] = None,
+    ) -> Tensor:
+        if q.device.type != "cuda":
+            return decode_attention_reference(q, k_cache, v_cache, lengths, scale, k_scale=k_scale, v_scale=v_scale)
+        return _launch(
+            q, k_cache, v_cache, lengths, scale, split_size if split_size > 0 else None,
+            k_scale, v_scale, interpret=False, wrap=torch.library.wrap_triton,
+        )
+
+    _OP = torch.ops.dms_flex.decode_attention
+
+
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    lengths: Tensor,
+    scale: Optional[float] = None,
+    *,
+    split_size: Optional[int] = None,
+    k_scale: Optional[Tensor] = None,
+    v_scale: Optional[Tensor] = None,
+) -> Tensor:
+    """Decode attention over a compact per-(row, kv head) cache. See the module docstring.
+
+    CUDA tensors run the Triton split-KV kernel (a ``torch.library.triton_op``: capturable in
+    CUDA graphs, traceable by torch.compile(fullgraph=True)); other devices use
+    :func:`decode_attention_reference`. ``split_size`` (slots per split, best a multiple of the
+    kernel's BLOCK_N) overrides the shape-based heuristic.
+    """
+    _check_shapes(q, k_cache, v_cache, lengths, k_scale, v_scale)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if q.device.type == "cuda" and _OP is not None:
+        return _OP(q, k_cache, v_cache, lengths, float(scale), int(split_size or 0), k_scale, v_scale)
+    return decode_attention_reference(q, k_cache, v_cache, lengths, scale, k_scale=k_scale, v_scale=v_scale)

@@ -1,0 +1,507 @@
+"""Tests for dms_flex.kernels.decode (decode attention over the compact KV cache).
+
+CPU machines:
+  * the reference against an independent float64 loop over (b, h, g);
+  * the Triton kernels through Triton's CPU interpreter. TRITON_INTERPRET=1 must be in the
+    environment before triton is first imported (it decorates tl.* helpers at import), and it
+    must never leak into the rest of the pytest process (inductor's own Triton kernels would be
+    interpreted too). So the interpreter cases run in ONE subprocess (this file executed as a
+    script with --interp-worker) and each pytest case checks its row of the JSON it prints;
+  * an offline sm_90 compile of the real (non-interpreted) kernels and a fake-CUDA trace of the
+    triton_op decomposition, through `benchmarks/bench_decode_kernel.py --aot` (subprocess).
+GPU machines (`-m gpu`): realistic shapes against the reference, torch.compile(fullgraph=True)
+and CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import traceback
+import zlib
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from dms_flex.kernels.decode import (  # noqa: E402
+    choose_split,
+    decode_attention,
+    decode_attention_reference,
+)
+
+HAS_TRITON_PKG = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON_PKG, reason="triton is not installed")
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def naive_f64(q, k_cache, v_cache, lengths, scale=None, k_scale=None, v_scale=None):
+    """Independent float64 loop over (b, h, g) on the live slice only."""
+    B, Hq, D = q.shape
+    Hkv, C = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hkv
+    scale = D**-0.5 if scale is None else scale
+    out = torch.zeros(B, Hq, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hkv):
+            n = int(min(max(int(lengths[b, h]), 0), C))
+            if n == 0:
+                continue
+            k = k_cache[b, h, :n].double()
+            v = v_cache[b, h, :n].double()
+            if k_scale is not None:
+                k = k * k_scale[b, h, :n].double()[:, None]
+                v = v * v_scale[b, h, :n].double()[:, None]
+            for g in range(G):
+                qv = q[b, h * G + g].double()
+                s = (k @ qv) * scale
+                p = torch.exp(s - s.max())
+                out[b, h * G + g] = (p[:, None] * v).sum(0) / p.sum()
+    return out
+
+
+def rel_err(a, b):
+    a = a.double().cpu()
+    b = b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_lengths(kind, B, Hkv, C, gen):
+    if kind == "zero":
+        L = torch.zeros(B, Hkv, dtype=torch.int64)
+    elif kind == "one":
+        L = torch.ones(B, Hkv, dtype=torch.int64)
+    elif kind == "full":
+        L = torch.full((B, Hkv), C, dtype=torch.int64)
+    elif kind == "ragged":
+        L = torch.randint(0, C + 1, (B, Hkv), generator=gen)
+        flat = L.view(-1)
+        # make sure the edge cases appear in every ragged draw
+        flat[0] = 0
+        if flat.numel() > 1:
+            flat[1] = C
+        if flat.numel() > 2:
+            flat[2] = 1
+    else:
+        raise ValueError(kind)
+    return L
+
+
+def make_inputs(B, Hkv, G, D, C, dtype, lengths_kind, seed, quant=False, poison=True, cap_extra=0):
+    """Random inputs; dead slots poisoned with NaN/inf. cap_extra > 0 makes the cache a slice of a
+    larger buffer (non-trivial strides)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hkv * G, D, generator=gen).to(dtype)
+    Ct = C + cap_extra
+    if quant:
+        k_full = torch.randint(-127, 128, (B, Hkv, Ct, D), generator=gen, dtype=torch.int8)
+        v_full = torch.randint(-127, 128, (B, Hkv, Ct, D), generator=gen, dtype=torch.int8)
+        ks_full = torch.rand(B, Hkv, Ct, generator=gen) * 0.05 + 0.005
+        vs_full = torch.rand(B, Hkv, Ct, generator=gen) * 0.05 + 0.005
+    else:
+        k_full = torch.randn(B, Hkv, Ct, D, generator=gen).to(dtype)
+        v_full = torch.randn(B, Hkv, Ct, D, generator=gen).to(dtype)
+        ks_full = vs_full = None
+    k, v = k_full[:, :, :C], v_full[:, :, :C]
+    ks = ks_full[:, :, :C] if quant else None
+    vs = vs_full[:, :, :C] if quant else None
+    L = make_lengths(lengths_kind, B, Hkv, C, gen)
+    if poison:
+        for b in range(B):
+            for h in range(Hkv):
+                n = int(L[b, h])
+                if quant:
+                    k[b, h, n:] = 127
+                    v[b, h, n:] = -128
+                    ks[b, h, n:] = float("nan")
+                    vs[b, h, n:] = float("inf")
+                else:
+                    k[b, h, n:] = float("nan")
+                    v[b, h, n:] = float("inf")
+    return q, k, v, L, ks, vs
+
+
+# ----------------------------------------------------------------------------------------------
+# reference vs float64 loop (CPU, fast)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("G", [1, 3, 4, 8])
+@pytest.mark.parametrize("lengths_kind", ["zero", "one", "full", "ragged"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_matches_float64_loop(G, lengths_kind, dtype):
+    q, k, v, L, _, _ = make_inputs(2, 3, G, 16, 13, dtype, lengths_kind, seed=G * 7 + len(lengths_kind))
+    ref = decode_attention_reference(q, k, v, L)
+    want = naive_f64(q, k, v, L)
+    assert ref.dtype == dtype and ref.shape == q.shape
+    assert torch.isfinite(ref).all()
+    if lengths_kind == "zero":
+        assert (ref == 0).all()
+    else:
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert rel_err(ref, want) < tol
+    # rows with length 0 are zeros in every case
+    G_ = q.shape[1] // L.shape[1]
+    for b in range(L.shape[0]):
+        for h in range(L.shape[1]):
+            if int(L[b, h]) == 0:
+                assert (ref[b, h * G_ : (h + 1) * G_] == 0).all()
+
+
+def test_reference_scale_int32_lengths_and_clamp():
+    q, k, v, L, _, _ = make_inputs(2, 2, 4, 32, 9, torch.float32, "ragged", seed=3)
+    ref = decode_attention_reference(q, k, v, L.to(torch.int32), scale=0.3)
+    assert rel_err(ref, naive_f64(q, k, v, L, scale=0.3)) < 1e-5
+    # lengths are clamped to [0, C]
+    L2 = L.clone()
+    L2[0, 0] = 1000
+    L2[1, 1] = -5
+    ref2 = decode_attention_reference(q, k.nan_to_num(0.0, 0.0, 0.0), v.nan_to_num(0.0, 0.0, 0.0), L2)
+    Lc = L2.clamp(0, 9)
+    assert rel_err(ref2, naive_f64(q, k.nan_to_num(0.0, 0.0, 0.0), v.nan_to_num(0.0, 0.0, 0.0), Lc)) < 1e-5
+
+
+@pytest.mark.parametrize("G", [1, 4])
+def test_reference_int8_matches_float64_loop(G):
+    q, k, v, L, ks, vs = make_inputs(2, 2, G, 16, 11, torch.float32, "ragged", seed=11, quant=True)
+    ref = decode_attention_reference(q, k, v, L, k_scale=ks, v_scale=vs)
+    assert torch.isfinite(ref).all()
+    assert rel_err(ref, naive_f64(q, k, v, L, k_scale=ks, v_scale=vs)) < 1e-5
+
+
+def test_cpu_tensors_fall_back_to_reference():
+    q, k, v, L, _, _ = make_inputs(2, 2, 4, 16, 20, torch.bfloat16, "ragged", seed=5)
+    out = decode_attention(q, k, v, L, split_size=8)
+    assert torch.equal(out, decode_attention_reference(q, k, v, L))
+
+
+def test_cpu_fullgraph_trace_has_no_graph_breaks():
+    q, k, v, L, _, _ = make_inputs(2, 2, 4, 16, 20, torch.float32, "ragged", seed=6)
+    f = torch.compile(lambda q, k, v, L: decode_attention(q, k, v, L, split_size=8), fullgraph=True, backend="eager")
+    assert torch.allclose(f(q, k, v, L), decode_attention_reference(q, k, v, L))
+
+
+def test_shape_errors():
+    q, k, v, L, _, _ = make_inputs(1, 2, 2, 16, 8, torch.float32, "full", seed=0)
+    with pytest.raises(ValueError):
+        decode_attention(q[:, :3], k, v, L)  # Hq not a multiple of Hkv
+    with pytest.raises(ValueError):
+        decode_attention(q, k, v, L[:, :1])
+    with pytest.raises(ValueError):
+        decode_attention(q, k, v, L.float())
+    with pytest.raises(ValueError):
+        decode_attention(q, k.to(torch.int8), v.to(torch.int8), L)  # int8 without scales
+
+
+def test_choose_split_shapes_only():
+    for B, Hkv, C in [(8, 8, 32768), (64, 8, 8192), (1, 8, 131072), (8, 8, 4096), (64, 8, 1024),
+                      (1, 1, 1), (3, 5, 1000), (1, 8, 16384)]:
+        for block_n in (32, 64, 128):
+            split, n = choose_split(B, Hkv, C, block_n, 132)
+            assert split % block_n == 0 and split >= block_n
+            assert n == -(-C // split)  # splits cover the capacity exactly
+            assert (n - 1) * split < C
+            if split >= 256 and n > 1:
+                # either the grid is ~filled (rounding splits up to whole blocks may lose a few
+                # programs) or splits hit the minimum size
+                assert B * Hkv * n >= 0.75 * 8 * 132 or split <= 256 + block_n
+    # the heuristic is a pure function of Python ints
+    assert choose_split(8, 8, 4096, 64, 132) == choose_split(8, 8, 4096, 64, 132)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels in the CPU interpreter (one subprocess for all cases)
+# ----------------------------------------------------------------------------------------------
+def _interp_cases():
+    """(id, params). Small shapes: the interpreter is slow."""
+    cases = []
+
+    def add(**p):
+        p.setdefault("B", 2)
+        p.setdefault("Hkv", 2)
+        p.setdefault("D", 32)
+        p.setdefault("C", 40)
+        p.setdefault("lengths", "ragged")
+        p.setdefault("split_size", None)
+        p.setdefault("quant", False)
+        p.setdefault("cap_extra", 0)
+        p.setdefault("scale", None)
+        p.setdefault("noncontig_q", False)
+        p.setdefault("len_dtype", "int64")
+        cid = "-".join(f"{k}={v}" for k, v in sorted(p.items()))
+        cases.append((cid, p))
+
+    # GQA group sizes x dtypes, single-split path (auto split on a small capacity) and multi-split
+    for G in (1, 3, 4, 8):
+        for dtype in ("float32", "float16", "bfloat16"):
+            add(G=G, dtype=dtype)
+            add(G=G, dtype=dtype, split_size=16, C=50)
+    # edge-case lengths in both paths
+    for lk in ("zero", "one", "full"):
+        for ss in (None, 16):
+            add(G=4, dtype="float16", lengths=lk, split_size=ss)
+    # head dims of the real models, and a non power of two
+    add(G=4, dtype="bfloat16", D=128, C=70, split_size=32, len_dtype="int32")
+    add(G=4, dtype="float16", D=64, C=70, split_size=64)
+    add(G=2, dtype="float32", D=96, C=33, split_size=16)
+    # many splits: the merge kernel loops over BLOCK_S=64 chunks
+    add(G=2, dtype="float32", B=1, Hkv=2, C=150, split_size=2, lengths="full")
+    add(G=2, dtype="float16", B=1, Hkv=2, C=150, split_size=2)
+    # split sizes that are not multiples of BLOCK_N, strided cache, strided q, custom scale
+    add(G=4, dtype="float16", C=61, split_size=24, cap_extra=9, noncontig_q=True, scale=0.2, len_dtype="int32")
+    add(G=3, dtype="bfloat16", C=45, split_size=None, cap_extra=5, noncontig_q=True)
+    # int8 cache with per-token scales (dequantized in the kernel)
+    for dtype in ("float32", "float16", "bfloat16"):
+        add(G=4, dtype=dtype, quant=True, C=50, split_size=16)
+    add(G=1, dtype="float16", quant=True, C=50, split_size=None)
+    return cases
+
+
+def _run_interp_case(p):
+    from dms_flex.kernels import decode as dk
+
+    dtype = getattr(torch, p["dtype"])
+    q, k, v, L, ks, vs = make_inputs(
+        p["B"], p["Hkv"], p["G"], p["D"], p["C"], dtype, p["lengths"],
+        seed=zlib.crc32(json.dumps(p, sort_keys=True).encode()), quant=p["quant"], cap_extra=p["cap_extra"],
+    )
+    if p["noncontig_q"]:
+        # same values, (B, Hq, D) view of a (Hq, B, D) buffer
+        q = q.transpose(0, 1).contiguous().transpose(0, 1)
+        assert not q.is_contiguous()
+    L = L.to(getattr(torch, p["len_dtype"]))
+    if p["len_dtype"] == "int32":
+        L = L.t().contiguous().t()  # non-contiguous lengths too
+    out = dk._launch(q, k, v, L, p["scale"], p["split_size"], ks, vs, poison=True)
+    ref = decode_attention_reference(q, k, v, L, p["scale"], k_scale=ks, v_scale=vs)
+    want = naive_f64(q, k, v, L, p["scale"], ks, vs)
+    zero_rows_ok = True
+    G = p["G"]
+    for b in range(L.shape[0]):
+        for h in range(L.shape[1]):
+            if int(L[b, h]) == 0:
+                zero_rows_ok &= bool((out[b, h * G : (h + 1) * G] == 0).all())
+    return dict(
+        err_ref=rel_err(out.float(), ref.float()) if ref.float().norm() > 0 else float(out.float().abs().max()),
+        err_f64=rel_err(out.float(), want) if want.norm() > 0 else float(out.float().abs().max()),
+        finite=bool(torch.isfinite(out).all()),
+        dtype_ok=out.dtype == q.dtype and tuple(out.shape) == tuple(q.shape),
+        zero_rows_ok=zero_rows_ok,
+    )
+
+
+def _interp_worker():
+    results = {}
+    for cid, p in _interp_cases():
+        try:
+            results[cid] = _run_interp_case(p)
+        except Exception:
+            results[cid] = {"error": traceback.format_exc()}
+    print("@@RESULTS@@" + json.dumps(results))
+
+
+@functools.lru_cache(maxsize=None)
+def _interp_results():
+    env = dict(os.environ)
+    env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "2")
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--interp-worker"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith("@@RESULTS@@"):
+            return json.loads(line[len("@@RESULTS@@"):])
+    raise RuntimeError(f"interpreter worker failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+
+
+@needs_triton
+@pytest.mark.parametrize("cid,params", _interp_cases(), ids=[c for c, _ in _interp_cases()])
+def test_triton_kernel_interpreter(cid, params):
+    r = _interp_results()[cid]
+    assert "error" not in r, r.get("error")
+    assert r["finite"], "NaN/inf in the output: unwritten element, stale partial or poisoned slot read"
+    assert r["dtype_ok"]
+    assert r["zero_rows_ok"]
+    if params["dtype"] == "float32":
+        tol = 1e-5 if not params["quant"] else 1e-4
+    elif params["dtype"] == "float16":
+        tol = 2e-3
+    else:
+        tol = 1e-2
+    assert r["err_ref"] < tol, r
+    assert r["err_f64"] < tol, r
+
+
+# ----------------------------------------------------------------------------------------------
+# offline sm_90 compile of the real kernels + fake-CUDA trace of the triton_op (subprocess)
+# ----------------------------------------------------------------------------------------------
+@needs_triton
+def test_aot_compile_sm90_and_triton_op_trace():
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "bench_decode_kernel.py"), "--aot", "--aot-quick"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rep = json.loads(proc.stdout.split("@@AOT@@", 1)[1])
+    if rep.get("skipped"):
+        pytest.skip(rep["skipped"])
+    for row in rep["kernels"]:
+        assert row["local_bytes"] == 0, row  # no register spills
+        if row["kernel"] == "split":
+            if row["dtype"] != "float32":  # fp32 runs an exact (ieee) FMA dot
+                assert row["mma"] > 0, row  # tensor-core dot
+            assert row["cp_async"] > 0 or row["vec_loads"] > 0, row  # pipelined / 16-byte loads
+            assert row["scalar_b16_loads"] == 0, row
+    assert rep["trace"]["ok"], rep["trace"]
+    assert rep["trace"]["triton_calls"] >= 1
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU tests
+# ----------------------------------------------------------------------------------------------
+def _cuda_inputs(B, Hkv, G, D, C, dtype, seed, quant=False):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    dev = "cuda"
+    q = torch.randn(B, Hkv * G, D, device=dev, generator=gen).to(dtype)
+    if quant:
+        k = torch.randint(-127, 128, (B, Hkv, C, D), device=dev, generator=gen, dtype=torch.int8)
+        v = torch.randint(-127, 128, (B, Hkv, C, D), device=dev, generator=gen, dtype=torch.int8)
+        ks = torch.rand(B, Hkv, C, device=dev, generator=gen) * 0.05 + 0.005
+        vs = torch.rand(B, Hkv, C, device=dev, generator=gen) * 0.05 + 0.005
+    else:
+        k = torch.randn(B, Hkv, C, D, device=dev, generator=gen).to(dtype)
+        v = torch.randn(B, Hkv, C, D, device=dev, generator=gen).to(dtype)
+        ks = vs = None
+    L = torch.randint(0, C + 1, (B, Hkv), device=dev, generator=gen)
+    L.view(-1)[0] = 0
+    L.view(-1)[1] = C
+    L.view(-1)[2] = 1
+    dead = torch.arange(C, device=dev)[None, None, :] >= L[..., None]
+    if quant:
+        ks.masked_fill_(dead, float("nan"))
+        vs.masked_fill_(dead, float("inf"))
+    else:
+        k.masked_fill_(dead[..., None], float("nan"))
+        v.masked_fill_(dead[..., None], float("inf"))
+    return q, k, v, L, ks, vs
+
+
+def _check_vs_reference(out, q, k, v, L, ks=None, vs=None, split_size=None, tol=1e-2):
+    ref = decode_attention_reference(q, k, v, L, k_scale=ks, v_scale=vs)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert torch.isfinite(out).all()
+    G = q.shape[1] // L.shape[1]
+    zero = (L == 0).repeat_interleave(G, dim=1)
+    assert (out[zero] == 0).all()
+    err = rel_err(out.float(), ref.float())
+    assert err < tol, (err, split_size)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split_size", [None, 64, 256, 1000])
+def test_gpu_bf16_realistic(split_size):
+    from dms_flex.kernels import decode as dk
+
+    q, k, v, L, _, _ = _cuda_inputs(8, 8, 4, 128, 4096, torch.bfloat16, seed=1)
+    out = decode_attention(q, k, v, L, split_size=split_size)
+    torch.cuda.synchronize()
+    _check_vs_reference(out, q, k, v, L, split_size=split_size)
+    # every output element written, stale partials never read
+    out2 = dk._launch(q, k, v, L, None, split_size, poison=True)
+    torch.cuda.synchronize()
+    _check_vs_reference(out2, q, k, v, L, split_size=split_size)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "dtype,D,G,B,C",
+    [
+        (torch.bfloat16, 64, 4, 8, 3000),
+        (torch.float16, 128, 4, 4, 2048),
+        (torch.float32, 128, 4, 2, 1024),
+        (torch.bfloat16, 128, 1, 4, 2048),
+        (torch.bfloat16, 128, 8, 4, 2048),
+        (torch.bfloat16, 64, 3, 2, 777),
+        (torch.bfloat16, 128, 4, 64, 512),  # single-split path
+        (torch.bfloat16, 128, 4, 1, 65536),  # many splits
+    ],
+)
+def test_gpu_dtypes_and_shapes(dtype, D, G, B, C):
+    from dms_flex.kernels import decode as dk
+
+    q, k, v, L, _, _ = _cuda_inputs(B, 8, G, D, C, dtype, seed=2)
+    out = dk._launch(q, k, v, L, None, None, poison=True)
+    torch.cuda.synchronize()
+    _check_vs_reference(out, q, k, v, L, tol=1e-2 if dtype == torch.bfloat16 else 3e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_int8_cache(dtype):
+    q, k, v, L, ks, vs = _cuda_inputs(4, 8, 4, 128, 2048, dtype, seed=3, quant=True)
+    out = decode_attention(q, k, v, L, k_scale=ks, v_scale=vs)
+    torch.cuda.synchronize()
+    _check_vs_reference(out, q, k, v, L, ks, vs)
+
+
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph_and_cuda_graph():
+    q, k, v, L, _, _ = _cuda_inputs(8, 8, 4, 128, 4096, torch.bfloat16, seed=4)
+
+    def step(q, k, v, L):
+        return decode_attention(q * 1.0, k, v, L) + 0.0
+
+    compiled = torch.compile(step, fullgraph=True)
+    out = compiled(q, k, v, L)
+    torch.cuda.synchronize()
+    _check_vs_reference(out, q, k, v, L)
+
+    # capture eager and compiled calls in CUDA graphs (warm up on a side stream first)
+    for i, fn in enumerate((lambda: decode_attention(q, k, v, L), lambda: compiled(q, k, v, L))):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = fn()
+        # new values in the same buffers, then replay: the graph must read them
+        q2, k2, v2, L2, _, _ = _cuda_inputs(8, 8, 4, 128, 4096, torch.bfloat16, seed=5 + i)
+        q.copy_(q2)
+        k.copy_(k2)
+        v.copy_(v2)
+        L.copy_(L2)
+        graph.replay()
+        torch.cuda.synchronize()
+        _check_vs_reference(static_out, q, k, v, L)
+
+
+@pytest.mark.gpu
+def test_gpu_reduce_overhead_compile():
+    q, k, v, L, _, _ = _cuda_inputs(4, 8, 4, 64, 2048, torch.bfloat16, seed=6)
+    f = torch.compile(lambda q, k, v, L: decode_attention(q, k, v, L), fullgraph=True, mode="reduce-overhead")
+    for _ in range(3):
+        out = f(q, k, v, L)
+    torch.cuda.synchronize()
+    _check_vs_reference(out.clone(), q, k, v, L)
+
+
+if __name__ == "__main__":
+    if "--interp-worker" in sys.argv:
+        _interp_worker()
+    else:
+        sys.exit(pytest.main([__file__, "-q"]))
