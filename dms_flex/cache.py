@@ -203,9 +203,26 @@ def decode_attention_dense(q: torch.Tensor, cache: DMSKVCache, scale: Optional[f
     if not torch.compiler.is_compiling() and q.device.type == "cpu":
         n = max(int(cache.length.max()), 1)
     live = (torch.arange(n, device=q.device)[None, None] < cache.length[..., None])[:, :, None, :]
+    qg = q.reshape(B, H, Hq // H, D)
+    k, v = cache.k[:, :, :n], cache.v[:, :, :n]
+    if q.is_cuda:
+        out = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype), attn_mask=live, scale=scale)
+        return out.reshape(B, Hq, 1, D)
+    # CPU: plain math (the CPU SDPA kernels are slow for one query row against a masked cache)
     scale = D ** -0.5 if scale is None else scale
-    qg = q.reshape(B, H, Hq // H, D).float()
-    scores = (qg @ cache.k[:, :, :n].float().transpose(-1, -2)) * scale
+    scores = (qg.float() @ k.float().transpose(-1, -2)) * scale
     probs = torch.softmax(scores.masked_fill(~live, float("-inf")), dim=-1).nan_to_num(0.0)
-    out = probs @ cache.v[:, :, :n].float()
-    return out.reshape(B, Hq, 1, D).to(q.dtype)
+    return (probs @ v.float()).reshape(B, Hq, 1, D).to(q.dtype)
+
+
+def decode_attention_kernel(q: torch.Tensor, cache: DMSKVCache, scale: Optional[float] = None) -> torch.Tensor:
+    """The Triton split-KV decode kernel over live slots (CUDA; other devices use its reference)."""
+    from .kernels.decode import decode_attention
+
+    out = decode_attention(q[:, :, 0], cache.keys, cache.values, cache.length, scale)
+    return out[:, :, None]
+
+
+def default_decode_attention(device: torch.device):
+    """The kernel on CUDA, the dense reference elsewhere."""
+    return decode_attention_kernel if torch.device(device).type == "cuda" else decode_attention_dense

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import attention, decisions, stats
-from .cache import DMSKVCache, decode_attention_dense, masked_attention
+from .cache import DMSKVCache, default_decode_attention, masked_attention
 from .config import DMSConfig
 
 SUPPORTED_MODELS = ("torchtune TransformerDecoder built by the llama3, llama3_1, llama3_2, qwen2 or qwen2_5 "
@@ -274,7 +274,7 @@ def decode_step(model: nn.Module, token: torch.Tensor, state: InferenceState,
     mode="reduce-overhead") to run it as one CUDA graph.
     """
     cfg = dms_config_of(model)
-    attend = attend or decode_attention_dense
+    attend = attend or default_decode_attention(token.device)
     pos = state.next_pos
     x = model.tok_embeddings(token)
     use_cfg = cfg if state.eviction else None
