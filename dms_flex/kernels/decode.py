@@ -260,7 +260,7 @@ def _decode_split_kernel_fn(
         if QUANT:
             k_sc = tl.load(ks_base + offs * stride_ksn, mask=n_mask, other=0.0).to(tl.float32)
             s = s * k_sc[None, :]
-        s = s * qk_scale
+        s = (s * qk_scale).to(tl.float32)  # inductor may pass the scale as fp64
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
