@@ -34,9 +34,10 @@ def build_model(preset: str, max_seq_len: int):
         for p in m.parameters():
             p.normal_(0, 0.02)
     # RoPE caches were on meta: rebuild them
-    for layer in m.layers:
-        layer.attn.pos_embeddings.max_seq_len = max_seq_len
-        layer.attn.pos_embeddings.rope_init()
+    with torch.device("cuda"):
+        for layer in m.layers:
+            layer.attn.pos_embeddings.max_seq_len = max_seq_len
+            layer.attn.pos_embeddings.rope_init()
     m.max_seq_len = max_seq_len
     return tm.add_dms(m.eval(), DMSConfig(window=512))
 

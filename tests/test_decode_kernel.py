@@ -251,6 +251,7 @@ def _interp_cases():
     add(G=4, dtype="bfloat16", D=128, C=70, split_size=32, len_dtype="int32")
     add(G=4, dtype="float16", D=64, C=70, split_size=64)
     add(G=2, dtype="float32", D=96, C=33, split_size=16)
+    add(G=2, dtype="float32", D=8, C=20, split_size=None)  # head dim below tl.dot's minimum K of 16
     # many splits: the merge kernel loops over BLOCK_S=64 chunks
     add(G=2, dtype="float32", B=1, Hkv=2, C=150, split_size=2, lengths="full")
     add(G=2, dtype="float16", B=1, Hkv=2, C=150, split_size=2)

@@ -185,7 +185,7 @@ def _config(D: int, G: int, elem_bytes: int):
     """Block sizes: BLOCK_N such that a K (or V) tile is ~16 KB in the compute dtype
     (bf16/fp16 D=128: 64, D=64: 128; fp32 D=128: 32). 4 warps, 3 stages: offline sm_90 compile
     (bench --aot) gives 86-102 registers, no spills, ~70 KB shared memory (3 programs per SM)."""
-    block_d = triton.next_power_of_2(D)
+    block_d = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16; extra channels are masked
     block_g = max(16, triton.next_power_of_2(G))
     tile_elems = 16384 // max(elem_bytes, 1)
     block_n = max(16, min(128, tile_elems // block_d))

@@ -1,0 +1,785 @@
+"""DMS training attention as a Triton FlashAttention-2-style kernel (forward and backward).
+
+The function (DMS_SPEC sections 3-4; the rule lives in masks.py, the reference is
+`dms_flex.attention.dense_dms_attention`): for query i and key j of the same packed document,
+j <= i,
+
+    score_ij = q_i . k_j * scale + (log_keep_j  if i - j > window else 0)
+
+softmax over j, times v. log_keep (B, Hkv, T) fp32 is log(1 - alpha) of the decided token and
+needs a gradient; GQA: query head h reads KV head h // G, and so does its bias.
+
+Shapes: q (B, Hq, T, D); k, v (B, Hkv, T, D); bf16/fp16 (fp32 for tests: exact "ieee" dots);
+D a power of two in [16, 256] (the models: 64, 128); any T. doc_ids (B, T): each document is one
+contiguous run of equal ids (packing); a key is visible to a query iff it lies in the query's run.
+
+Why a kernel: FlexAttention with a score_mod reading a grad-requiring per-key bias gathers the
+bias per element and accumulates its gradient with per-element atomics from every query block
+(2x flex causal at 8K, 16x SDPA at 32K, see ENVIRONMENT.md). Here the bias is a BLOCK_N vector
+per key block, and its gradient is a register reduction in the dK/dV program that owns the key
+block: stored once, no atomics anywhere, deterministic.
+
+Block classes
+-------------
+Relative to a (query block, key block) pair: i - j spans [m0 - (n0 + BN - 1), m0 + BM - 1 - n0].
+  FAR     every i - j > w, all causal and in-document: the bias vector is added to every row.
+  NEAR    every i - j <= w, all causal and in-document: plain attention, no bias.
+  MASKED  anything else (the diagonal band j > i possible, the band that contains i - j = w,
+          blocks that cross a document start, the tail past T): element-wise causal / document /
+          far masks, bias still a vector load broadcast over rows.
+Key blocks are aligned to BN (query blocks to BM), so for a query block the classes are contiguous
+ranges of n0 that are computed from integers at the start of the program (no per-block branches):
+    [lo, doc_full) MASKED | FAR | band MASKED | NEAR | [diag, hi) MASKED
+where lo = the block holding the first row's document start (whole blocks before it are skipped),
+doc_full = the first block every row's document covers, diag = the block holding m0. The dK/dV
+kernel walks query blocks for a fixed key block in the mirrored order (diagonal, NEAR, band, FAR,
+blocks past the first key's document end), up to the last key's document end.
+With w a multiple of the block sizes the band is one block per row of blocks; the masked work per
+query block is ~(BM/BN + 1 + BM/BN) blocks out of up to T/BN.
+
+Kernels
+-------
+forward   grid (B*Hq, cdiv(T, BM)), heaviest query blocks first: online softmax in fp32 with
+          exp2 (scores pre-multiplied by scale*log2(e), bias by log2(e)); stores out and the
+          row log-sum-exp (log2 units, fp32, B*Hq*T: the only saved extra).
+backward  (1) delta = rowsum(dO * O) (fp32), grid (B*Hq, cdiv(T, BM));
+          (2) dK/dV/dlog_keep, grid (B*Hkv, cdiv(T, BN1)), heaviest key blocks first: a program
+          holds one key block of one KV head and loops over the G query heads of its group and
+          every query block that can see it; dS = P*(dP - delta) is computed anyway, and
+          dlog_keep_j = sum over far (i, h) of dS_ij is a tl.sum over the query rows (masked to
+          the far region in band blocks), accumulated in registers across heads and query blocks
+          and stored once. G heads in the program: dK/dV need no atomics either.
+          (3) dQ, grid (B*Hq, cdiv(T, BM2)): recomputes P and dP per query block (7 matmuls per
+          block pair in the backward instead of 5 with an atomic dQ; chosen because it is
+          deterministic and is what FlashAttention-2's Triton tutorial and FlexAttention's
+          backward do; the benchmark shows the cost).
+No S x S memory: extra memory is lse + delta (2 * B*Hq*T fp32) and the gradients.
+
+Numerics: fp32 accumulation; P and dS are rounded to the input dtype for the P@V, dS@Q, dS@K
+products (as in FlashAttention); the bias gradient is reduced from the fp32 dS. Rows are never
+empty (the diagonal key is always visible). log_keep may hold -inf (hard decisions): fully
+masked blocks are guarded so no inf - inf appears.
+
+Triton's CPU interpreter (TRITON_INTERPRET=1 set before triton is imported) runs the same kernels
+on CPU tensors; bf16 arithmetic is wrong there, so tiles are converted to fp32 (UPCAST). Without
+CUDA and without the interpreter, `dms_train_attention` falls back to the dense reference.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:  # triton is optional on CPU machines
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = ["dms_train_attention", "doc_bounds", "default_config", "HAS_TRITON"]
+
+_LOG2E = 1.4426950408889634
+
+# Block sizes / warps / pipeline depth per head dim for 16-bit inputs on sm_90 (H100/H200).
+# Starting point: FlexAttention's H100 defaults (fwd bf16 D=64: 128x128, 4 warps; D=128: 128x64,
+# 8 warps; bwd 64/128 blocks, 8 warps, 3 stages), checked for spills with the offline sm_90
+# compile (benchmarks/bench_train_attention_kernel.py --aot); `--sweep` on the GPU refines them.
+#   fwd: BM x BN, the q block of one head against key blocks
+#   dkdv: BN1 key rows held, BM1 query rows per step
+#   dq: BM2 query rows held, BN2 key rows per step
+_CONFIGS = {
+    64: dict(fwd=(128, 64, 4, 3), dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 3)),
+    128: dict(fwd=(128, 64, 8, 3), dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 3)),
+}
+_FP32_CONFIG = dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2))
+
+
+def default_config(D: int, dtype: torch.dtype) -> dict:
+    """{'fwd': (BM, BN, warps, stages), 'dkdv': (BM1, BN1, ...), 'dq': (BM2, BN2, ...)}."""
+    if dtype == torch.float32:
+        return dict(_FP32_CONFIG)
+    return dict(_CONFIGS.get(D, _CONFIGS[128] if D > 64 else _CONFIGS[64]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Document bounds
+# ----------------------------------------------------------------------------------------------
+def doc_bounds(doc_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(doc_start, doc_end), each (B, T) int32: the first position of t's run of equal ids and
+    one past its last. Shapes-only tensor ops (no host sync)."""
+    B, T = doc_ids.shape
+    pos = torch.arange(T, device=doc_ids.device, dtype=torch.int32).expand(B, T)
+    new = torch.ones(B, T, dtype=torch.bool, device=doc_ids.device)
+    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start = torch.where(new, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    last = torch.ones(B, T, dtype=torch.bool, device=doc_ids.device)
+    last[:, :-1] = new[:, 1:]
+    end = torch.where(last, pos + 1, torch.full_like(pos, T))
+    end = end.flip(1).cummin(dim=1).values.flip(1)
+    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels (plain functions; decorated below)
+# ----------------------------------------------------------------------------------------------
+# Block modes (constexpr)
+_NEAR = 0
+_FAR = 1
+_MASKED = 2
+
+
+def _dot_fn(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+def _fwd_inner_fn(
+    acc, l_i, m_i, q, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
+    offs_m, offs_n, offs_d, ds_rows, lo, hi, T, window, qk_scale,
+    MODE: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MODE == 2:
+            cmask = cols < T
+            k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=cmask[:, None], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=cmask[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :])
+            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :])
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale
+        if MODE == 1:
+            bias = tl.load(lk_base + cols * stride_lt).to(tl.float32) * 1.4426950408889634
+            s = s + bias[None, :]
+        if MODE == 2:
+            bias = tl.load(lk_base + cols * stride_lt, mask=cmask, other=0.0).to(tl.float32) * 1.4426950408889634
+            far = (offs_m[:, None] - cols[None, :]) > window
+            s = s + tl.where(far, bias[None, :], 0.0)
+            valid = cols[None, :] <= offs_m[:, None]
+            if HAS_DOC:
+                valid = valid & (cols[None, :] >= ds_rows[:, None])
+            s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MODE == 0:
+            m_use = m_new
+        else:  # a row may have seen only -inf so far (masked keys, -inf bias)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+def _fwd_kernel_fn(
+    Q, K, V, LK, DS, O, LSE,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_lb, stride_lh, stride_lt,
+    stride_ob, stride_oh, stride_ot,
+    T, Hq, window, qk_scale,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # the longest rows start first
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // G
+    qk_scale = tl.cast(qk_scale, tl.float32)  # inductor may pass Python floats as fp64
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    rmask = offs_m < T
+    b64 = b.to(tl.int64)
+
+    q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=rmask[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+    lk_base = LK + b64 * stride_lb + hk.to(tl.int64) * stride_lh
+
+    hi = tl.minimum(m0 + BLOCK_M, T)
+    diag = (m0 // BLOCK_N) * BLOCK_N  # key blocks from here may hold j > i
+    if HAS_DOC:
+        ds_rows = tl.load(DS + b64 * T + offs_m, mask=rmask, other=0)
+        ds_first = tl.load(DS + b64 * T + m0)
+        ds_last = tl.load(DS + b64 * T + hi - 1)
+        lo = (ds_first // BLOCK_N) * BLOCK_N
+        doc_full = tl.minimum(((ds_last + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, diag)
+    else:
+        ds_rows = offs_m  # unused
+        lo = m0 * 0
+        doc_full = lo
+    # key blocks entirely far: n0 + BN - 1 < m0 - w; entirely near: n0 >= m0 + BM - w
+    far_end = (tl.maximum(m0 - window, 0) // BLOCK_N) * BLOCK_N
+    near_start = ((tl.maximum(m0 + BLOCK_M - window, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    s0 = tl.maximum(lo, doc_full)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    if HAS_DOC:  # blocks that start before some row's document
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
+                                   offs_m, offs_n, offs_d, ds_rows, lo, doc_full, T, window, qk_scale,
+                                   2, HAS_DOC, UPCAST, IEEE, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
+                               offs_m, offs_n, offs_d, ds_rows, s0, tl.minimum(far_end, diag), T, window, qk_scale,
+                               1, HAS_DOC, UPCAST, IEEE, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
+                               offs_m, offs_n, offs_d, ds_rows, tl.maximum(s0, far_end),
+                               tl.minimum(near_start, diag), T, window, qk_scale,
+                               2, HAS_DOC, UPCAST, IEEE, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
+                               offs_m, offs_n, offs_d, ds_rows, tl.maximum(s0, near_start), diag, T, window,
+                               qk_scale, 0, HAS_DOC, UPCAST, IEEE, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
+                               offs_m, offs_n, offs_d, ds_rows, diag, hi, T, window, qk_scale,
+                               2, HAS_DOC, UPCAST, IEEE, BLOCK_N)
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # only rows past T can be empty
+    out = acc / l_safe[:, None]
+    tl.store(O + b64 * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=rmask[:, None])
+    tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_safe), mask=rmask)
+
+
+def _bwd_preprocess_fn(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_ot,
+    stride_db, stride_dh, stride_dt,
+    T, Hq,
+    D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    rmask = offs_m < T
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=rmask[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :],
+                 mask=rmask[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=rmask)
+
+
+def _dkdv_inner_fn(
+    dk, dv, dlk, k, v, bias, q_base, do_base, lse_base, delta_base, DS_b, stride_qt, stride_dot,
+    offs_n, offs_m0, offs_d, lo, hi, T, window, qk_scale,
+    MODE: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    # transposed tiles: rows = the program's keys (BLOCK_N), columns = query rows (BLOCK_M).
+    # Query rows past T load as zeros (q, dO, delta, lse): every term they add is 0.
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m0
+        rmask = rows < T
+        qT = tl.load(q_base + rows[None, :] * stride_qt + offs_d[:, None], mask=rmask[None, :], other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        lse = tl.load(lse_base + rows, mask=rmask, other=0.0)
+        Di = tl.load(delta_base + rows, mask=rmask, other=0.0)
+        if UPCAST:
+            qT = qT.to(tl.float32)
+            do = do.to(tl.float32)
+        sT = _dot(k, qT, IEEE) * qk_scale
+        if MODE == 1:
+            sT = sT + bias[:, None]
+        if MODE == 2:
+            far = (rows[None, :] - offs_n[:, None]) > window
+            sT = sT + tl.where(far, bias[:, None], 0.0)
+        pT = tl.exp2(sT - lse[None, :])
+        if MODE == 2:
+            valid = (offs_n[:, None] <= rows[None, :]) & rmask[None, :]
+            if HAS_DOC:
+                ds_rows = tl.load(DS_b + rows, mask=rmask, other=0)
+                valid = valid & (offs_n[:, None] >= ds_rows[None, :])
+            pT = tl.where(valid, pT, 0.0)
+        dv += _dot(pT.to(do.dtype), do, IEEE)
+        dpT = _dot(v, tl.trans(do), IEEE)
+        dsT = pT * (dpT - Di[None, :])
+        dk += _dot(dsT.to(qT.dtype), tl.trans(qT), IEEE)
+        if MODE == 1:
+            dlk += tl.sum(dsT, 1)
+        if MODE == 2:
+            dlk += tl.sum(tl.where(far, dsT, 0.0), 1)
+    return dk, dv, dlk
+
+
+def _dkdv_kernel_fn(
+    Q, K, V, LK, DS, DE, DO, LSE, DELTA, DK, DV, DLK,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_lb, stride_lh, stride_lt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dkb, stride_dkh, stride_dkt,
+    stride_dvb, stride_dvh, stride_dvt,
+    T, Hkv, window, qk_scale, sm_scale,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    n0 = tl.program_id(1) * BLOCK_N  # the first key blocks see the most query blocks: launched first
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    sm_scale = tl.cast(sm_scale, tl.float32)
+    b64 = b.to(tl.int64)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    nmask = offs_n < T
+
+    k = tl.load(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=nmask[:, None], other=0.0)
+    v = tl.load(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=nmask[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    bias = tl.load(LK + b64 * stride_lb + hk.to(tl.int64) * stride_lh + offs_n * stride_lt,
+                   mask=nmask, other=0.0).to(tl.float32) * 1.4426950408889634
+
+    q_lo = (n0 // BLOCK_M) * BLOCK_M
+    diag_end = ((n0 + BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M  # query blocks before it may hold i < j
+    if HAS_DOC:
+        DS_b = DS + b64 * T
+        de_first = tl.load(DE + b64 * T + n0)
+        q_hi = tl.load(DE + b64 * T + tl.minimum(n0 + BLOCK_N, T) - 1)
+        top = tl.minimum((de_first // BLOCK_M) * BLOCK_M, q_hi)  # later query blocks cross a document end
+    else:
+        DS_b = DS
+        q_hi = T + n0 * 0
+        top = q_hi
+    # query blocks entirely near: m0 + BM - 1 - n0 <= w; entirely far: m0 - (n0 + BN - 1) > w
+    near_end = ((n0 + window + 1) // BLOCK_M) * BLOCK_M
+    far_start = ((n0 + BLOCK_N + window + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    s0 = diag_end
+
+    dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    dlk = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for g in range(0, G):
+        h = hk * G + g
+        q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh
+        lse_base = LSE + (b64 * Hkv * G + h) * T
+        delta_base = DELTA + (b64 * Hkv * G + h) * T
+        dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, q_base, do_base, lse_base, delta_base, DS_b,
+                                  stride_qt, stride_dot, offs_n, offs_m0, offs_d,
+                                  q_lo, tl.minimum(diag_end, q_hi), T, window, qk_scale,
+                                  2, HAS_DOC, UPCAST, IEEE, BLOCK_M)
+        dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, q_base, do_base, lse_base, delta_base, DS_b,
+                                  stride_qt, stride_dot, offs_n, offs_m0, offs_d,
+                                  s0, tl.minimum(near_end, top), T, window, qk_scale,
+                                  0, HAS_DOC, UPCAST, IEEE, BLOCK_M)
+        dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, q_base, do_base, lse_base, delta_base, DS_b,
+                                  stride_qt, stride_dot, offs_n, offs_m0, offs_d,
+                                  tl.maximum(s0, near_end), tl.minimum(far_start, top), T, window, qk_scale,
+                                  2, HAS_DOC, UPCAST, IEEE, BLOCK_M)
+        dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, q_base, do_base, lse_base, delta_base, DS_b,
+                                  stride_qt, stride_dot, offs_n, offs_m0, offs_d,
+                                  tl.maximum(s0, far_start), top, T, window, qk_scale,
+                                  1, HAS_DOC, UPCAST, IEEE, BLOCK_M)
+        if HAS_DOC:
+            dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, q_base, do_base, lse_base, delta_base, DS_b,
+                                      stride_qt, stride_dot, offs_n, offs_m0, offs_d,
+                                      tl.maximum(s0, top), q_hi, T, window, qk_scale,
+                                      2, HAS_DOC, UPCAST, IEEE, BLOCK_M)
+
+    dk = dk * sm_scale
+    tl.store(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=nmask[:, None])
+    tl.store(DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=nmask[:, None])
+    tl.store(DLK + pid_bh.to(tl.int64) * T + offs_n, dlk, mask=nmask)
+
+
+def _dq_inner_fn(
+    dq, q, do, lse, Di, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
+    offs_m, offs_n, offs_d, ds_rows, lo, hi, T, window, qk_scale,
+    MODE: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MODE == 2:
+            cmask = cols < T
+            kT = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None], mask=cmask[None, :], other=0.0)
+            vT = tl.load(v_base + cols[None, :] * stride_vt + offs_d[:, None], mask=cmask[None, :], other=0.0)
+        else:
+            kT = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None])
+            vT = tl.load(v_base + cols[None, :] * stride_vt + offs_d[:, None])
+        if UPCAST:
+            kT = kT.to(tl.float32)
+            vT = vT.to(tl.float32)
+        s = _dot(q, kT, IEEE) * qk_scale
+        if MODE == 1:
+            bias = tl.load(lk_base + cols * stride_lt).to(tl.float32) * 1.4426950408889634
+            s = s + bias[None, :]
+        if MODE == 2:
+            bias = tl.load(lk_base + cols * stride_lt, mask=cmask, other=0.0).to(tl.float32) * 1.4426950408889634
+            far = (offs_m[:, None] - cols[None, :]) > window
+            s = s + tl.where(far, bias[None, :], 0.0)
+        p = tl.exp2(s - lse[:, None])
+        if MODE == 2:
+            valid = cols[None, :] <= offs_m[:, None]
+            if HAS_DOC:
+                valid = valid & (cols[None, :] >= ds_rows[:, None])
+            p = tl.where(valid, p, 0.0)
+        dp = _dot(do, vT, IEEE)
+        ds = p * (dp - Di[:, None])
+        dq += _dot(ds.to(kT.dtype), tl.trans(kT), IEEE)
+    return dq
+
+
+def _dq_kernel_fn(
+    Q, K, V, LK, DS, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_lb, stride_lh, stride_lt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dqb, stride_dqh, stride_dqt,
+    T, Hq, window, qk_scale, sm_scale,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // G
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    sm_scale = tl.cast(sm_scale, tl.float32)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    rmask = offs_m < T
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=rmask[:, None], other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=rmask[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * T + offs_m, mask=rmask, other=0.0)
+    Di = tl.load(DELTA + pid_bh.to(tl.int64) * T + offs_m, mask=rmask, other=0.0)
+    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+    lk_base = LK + b64 * stride_lb + hk.to(tl.int64) * stride_lh
+
+    hi = tl.minimum(m0 + BLOCK_M, T)
+    diag = (m0 // BLOCK_N) * BLOCK_N
+    if HAS_DOC:
+        ds_rows = tl.load(DS + b64 * T + offs_m, mask=rmask, other=0)
+        ds_first = tl.load(DS + b64 * T + m0)
+        ds_last = tl.load(DS + b64 * T + hi - 1)
+        lo = (ds_first // BLOCK_N) * BLOCK_N
+        doc_full = tl.minimum(((ds_last + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, diag)
+    else:
+        ds_rows = offs_m
+        lo = m0 * 0
+        doc_full = lo
+    far_end = (tl.maximum(m0 - window, 0) // BLOCK_N) * BLOCK_N
+    near_start = ((tl.maximum(m0 + BLOCK_M - window, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    s0 = tl.maximum(lo, doc_full)
+
+    dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    if HAS_DOC:
+        dq = _dq_inner(dq, q, do, lse, Di, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
+                       offs_m, offs_n, offs_d, ds_rows, lo, doc_full, T, window, qk_scale,
+                       2, HAS_DOC, UPCAST, IEEE, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, Di, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
+                   offs_m, offs_n, offs_d, ds_rows, s0, tl.minimum(far_end, diag), T, window, qk_scale,
+                   1, HAS_DOC, UPCAST, IEEE, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, Di, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
+                   offs_m, offs_n, offs_d, ds_rows, tl.maximum(s0, far_end), tl.minimum(near_start, diag),
+                   T, window, qk_scale, 2, HAS_DOC, UPCAST, IEEE, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, Di, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
+                   offs_m, offs_n, offs_d, ds_rows, tl.maximum(s0, near_start), diag, T, window, qk_scale,
+                   0, HAS_DOC, UPCAST, IEEE, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, Di, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
+                   offs_m, offs_n, offs_d, ds_rows, diag, hi, T, window, qk_scale,
+                   2, HAS_DOC, UPCAST, IEEE, BLOCK_N)
+    dq = dq * sm_scale
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
+
+
+if HAS_TRITON:
+    _dot = triton.jit(_dot_fn)
+    _fwd_inner = triton.jit(_fwd_inner_fn)
+    _dkdv_inner = triton.jit(_dkdv_inner_fn)
+    _dq_inner = triton.jit(_dq_inner_fn)
+    _fwd_kernel = triton.jit(_fwd_kernel_fn)
+    _bwd_preprocess = triton.jit(_bwd_preprocess_fn)
+    _dkdv_kernel = triton.jit(_dkdv_kernel_fn)
+    _dq_kernel = triton.jit(_dq_kernel_fn)
+else:  # pragma: no cover
+    _fwd_kernel = _bwd_preprocess = _dkdv_kernel = _dq_kernel = None
+
+
+def _is_interpreted(kernel) -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except Exception:  # pragma: no cover
+        return False
+    return isinstance(kernel, InterpretedFunction)
+
+
+def interpreting() -> bool:
+    """True when the kernels were decorated under TRITON_INTERPRET=1 (they then take CPU tensors)."""
+    return HAS_TRITON and _is_interpreted(_fwd_kernel)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launches
+# ----------------------------------------------------------------------------------------------
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check(q, k, v, log_keep):
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"expected q (B, Hq, T, D) and k, v (B, Hkv, T, D); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D or Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree (batch, length, head dim, "
+                         f"or query heads not a multiple of KV heads)")
+    if tuple(log_keep.shape) != (B, Hkv, T):
+        raise ValueError(f"log_keep must be (B, Hkv, T) = {(B, Hkv, T)}, got {tuple(log_keep.shape)}")
+    return B, Hq, Hkv, T, D
+
+
+def _kernel_dtype_ok(q, k, v):
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"unsupported dtype {q.dtype}")
+    D = q.shape[-1]
+    if D < 16 or D > 256 or D & (D - 1):
+        raise ValueError(f"head dim {D}: the kernel needs a power of two in [16, 256]")
+
+
+def _last_contig(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _resolve(interpret, wrap, kernels):
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not available")
+    is_interp = interpreting()
+    if interpret is None:
+        interpret = is_interp
+    if bool(interpret) != is_interp:
+        raise RuntimeError(
+            "Triton's CPU interpreter needs TRITON_INTERPRET=1 in the environment before triton is "
+            "first imported; CUDA launches need it unset.")
+    if wrap is not None and not interpret:
+        return interpret, [wrap(kern) for kern in kernels]
+    return interpret, list(kernels)
+
+
+def _cfg(cfg, D, dtype):
+    base = default_config(D, dtype)
+    if cfg:
+        base.update(cfg)
+    return base
+
+
+def _launch_fwd(q, k, v, log_keep, doc_start, window: int, scale: float, *, cfg=None, wrap=None,
+                interpret=None, poison=False):
+    B, Hq, Hkv, T, D = _check(q, k, v, log_keep)
+    _kernel_dtype_ok(q, k, v)
+    interpret, (fwd,) = _resolve(interpret, wrap, (_fwd_kernel,))
+    q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
+    upcast = bool(interpret and q.dtype == torch.bfloat16)
+    ieee = q.dtype == torch.float32 or upcast
+    BM, BN, warps, stages = _cfg(cfg, D, q.dtype)["fwd"]
+    out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
+    if poison:
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+    has_doc = doc_start is not None
+    ds = doc_start if has_doc else lse  # unused placeholder
+    fwd[(B * Hq, _cdiv(T, BM))](
+        q, k, v, log_keep, ds, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        log_keep.stride(0), log_keep.stride(1), log_keep.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        T, Hq, int(window), float(scale) * _LOG2E,
+        G=Hq // Hkv, D=D, BLOCK_M=BM, BLOCK_N=BN, HAS_DOC=has_doc, UPCAST=upcast, IEEE=ieee,
+        num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def _launch_bwd(do, q, k, v, log_keep, doc_start, doc_end, out, lse, window: int, scale: float, *, cfg=None,
+                wrap=None, interpret=None, poison=False):
+    B, Hq, Hkv, T, D = _check(q, k, v, log_keep)
+    _kernel_dtype_ok(q, k, v)
+    interpret, (pre, dkdv, dqk) = _resolve(interpret, wrap, (_bwd_preprocess, _dkdv_kernel, _dq_kernel))
+    q, k, v, out, do = (_last_contig(x) for x in (q, k, v, out, do))
+    if do.dtype != q.dtype:
+        do = do.to(q.dtype)
+    upcast = bool(interpret and q.dtype == torch.bfloat16)
+    ieee = q.dtype == torch.float32 or upcast
+    c = _cfg(cfg, D, q.dtype)
+    G = Hq // Hkv
+    has_doc = doc_start is not None
+    dev = q.device
+
+    delta = torch.empty((B, Hq, T), dtype=torch.float32, device=dev)
+    dq = torch.empty((B, Hq, T, D), dtype=q.dtype, device=dev)
+    dk = torch.empty((B, Hkv, T, D), dtype=k.dtype, device=dev)
+    dv = torch.empty((B, Hkv, T, D), dtype=v.dtype, device=dev)
+    dlk = torch.empty((B, Hkv, T), dtype=torch.float32, device=dev)
+    if poison:
+        for t in (delta, dq, dk, dv, dlk):
+            t.fill_(float("nan"))
+    ds = doc_start if has_doc else delta
+    de = doc_end if has_doc else delta
+
+    BMp = 64
+    pre[(B * Hq, _cdiv(T, BMp))](
+        out, do, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        T, Hq, D=D, BLOCK_M=BMp, num_warps=4, num_stages=1,
+    )
+    BM1, BN1, w1, s1 = c["dkdv"]
+    dkdv[(B * Hkv, _cdiv(T, BN1))](
+        q, k, v, log_keep, ds, de, do, lse, delta, dk, dv, dlk,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        log_keep.stride(0), log_keep.stride(1), log_keep.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        T, Hkv, int(window), float(scale) * _LOG2E, float(scale),
+        G=G, D=D, BLOCK_M=BM1, BLOCK_N=BN1, HAS_DOC=has_doc, UPCAST=upcast, IEEE=ieee,
+        num_warps=w1, num_stages=s1,
+    )
+    BM2, BN2, w2, s2 = c["dq"]
+    dqk[(B * Hq, _cdiv(T, BM2))](
+        q, k, v, log_keep, ds, do, lse, delta, dq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        log_keep.stride(0), log_keep.stride(1), log_keep.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        T, Hq, int(window), float(scale) * _LOG2E, float(scale),
+        G=G, D=D, BLOCK_M=BM2, BLOCK_N=BN2, HAS_DOC=has_doc, UPCAST=upcast, IEEE=ieee,
+        num_warps=w2, num_stages=s2,
+    )
+    return dq, dk, dv, dlk
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops (CUDA; traceable by torch.compile) + autograd
+# ----------------------------------------------------------------------------------------------
+_FWD_OP = _BWD_OP = None
+if HAS_TRITON and hasattr(torch.library, "triton_op"):
+
+    @torch.library.triton_op("dms_flex::dms_train_attention_fwd", mutates_args=())
+    def _fwd_op(q: Tensor, k: Tensor, v: Tensor, log_keep: Tensor, doc_start: Optional[Tensor], window: int,
+                scale: float) -> tuple[Tensor, Tensor]:
+        return _launch_fwd(q, k, v, log_keep, doc_start, window, scale, wrap=torch.library.wrap_triton,
+                           interpret=False)
+
+    @torch.library.triton_op("dms_flex::dms_train_attention_bwd", mutates_args=())
+    def _bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, log_keep: Tensor, doc_start: Optional[Tensor],
+                doc_end: Optional[Tensor], out: Tensor, lse: Tensor, window: int,
+                scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return _launch_bwd(do, q, k, v, log_keep, doc_start, doc_end, out, lse, window, scale,
+                           wrap=torch.library.wrap_triton, interpret=False)
+
+    _FWD_OP = torch.ops.dms_flex.dms_train_attention_fwd
+    _BWD_OP = torch.ops.dms_flex.dms_train_attention_bwd
+
+
+def _use_ops(t: Tensor) -> bool:
+    return t.device.type == "cuda" and _FWD_OP is not None and not interpreting()
+
+
+class DMSTrainAttention(torch.autograd.Function):
+    """out = DMS attention(q, k, v, log_keep); gradients for q, k, v and log_keep."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_keep, doc_start, doc_end, window: int, scale: float):
+        if _use_ops(q):
+            out, lse = _FWD_OP(q, k, v, log_keep, doc_start, window, scale)
+        else:
+            out, lse = _launch_fwd(q, k, v, log_keep, doc_start, window, scale)
+        ctx.save_for_backward(q, k, v, log_keep, doc_start, doc_end, out, lse)
+        ctx.window = window
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, log_keep, doc_start, doc_end, out, lse = ctx.saved_tensors
+        if _use_ops(q):
+            dq, dk, dv, dlk = _BWD_OP(do, q, k, v, log_keep, doc_start, doc_end, out, lse, ctx.window, ctx.scale)
+        else:
+            dq, dk, dv, dlk = _launch_bwd(do, q, k, v, log_keep, doc_start, doc_end, out, lse, ctx.window, ctx.scale)
+        return dq, dk, dv, dlk, None, None, None, None
+
+
+def dms_train_attention(q: Tensor, k: Tensor, v: Tensor, log_keep: Tensor, window: int, *,
+                        doc_ids: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+    """DMS training attention (see the module docstring). q (B, Hq, T, D); k, v (B, Hkv, T, D);
+    log_keep (B, Hkv, T) float32 (log(1 - alpha) of the decided token, may require grad);
+    doc_ids (B, T) or None. Returns (B, Hq, T, D) in q's dtype.
+
+    CUDA tensors (or CPU tensors under TRITON_INTERPRET=1) run the Triton kernels; otherwise the
+    dense reference `dms_flex.attention.dense_dms_attention` computes the same function."""
+    _check(q, k, v, log_keep)
+    if window < 0:
+        raise ValueError(f"window must be >= 0, got {window}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if doc_ids is not None and tuple(doc_ids.shape) != (q.shape[0], q.shape[2]):
+        raise ValueError(f"doc_ids must be (B, T) = {(q.shape[0], q.shape[2])}, got {tuple(doc_ids.shape)}")
+    if not (q.device.type == "cuda" or interpreting()):
+        from ..attention import dense_dms_attention
+
+        return dense_dms_attention(q, k, v, log_keep, window, doc_ids=doc_ids, scale=scale)
+    _kernel_dtype_ok(q, k, v)
+    if log_keep.dtype != torch.float32:
+        log_keep = log_keep.float()
+    doc_start = doc_end = None
+    if doc_ids is not None:
+        doc_start, doc_end = doc_bounds(doc_ids)
+    return DMSTrainAttention.apply(q, k, v, log_keep, doc_start, doc_end, int(window), float(scale))
