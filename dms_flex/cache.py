@@ -81,27 +81,28 @@ class DMSKVCache(nn.Module):
         W = self.window + 1
         C = self.capacity
         pos_bh = pos[:, None].expand(B, H)
+        b = torch.arange(B, device=pos.device)[:, None].expand(B, H)
+        h = torch.arange(H, device=pos.device)[None, :].expand(B, H)
         # 1. the new token decides its predecessor
-        prev_slot = self.win_slot.gather(2, ((pos_bh - 1) % W)[..., None])
-        old_mark = self.slot_marked.gather(2, prev_slot)
-        mark = torch.where((pos_bh >= 1)[..., None], evict_prev[..., None], old_mark)
-        self.slot_marked.scatter_(2, prev_slot, mark)
+        prev_slot = self.win_slot[b, h, (pos_bh - 1) % W]
+        mark = torch.where(pos_bh >= 1, evict_prev, self.slot_marked[b, h, prev_slot])
+        self.slot_marked.index_put_((b, h, prev_slot), mark)
         # 2. the token leaving the window (pos - w - 1) frees its slot if marked
-        ring_idx = (pos_bh % W)[..., None]
-        old_slot = self.win_slot.gather(2, ring_idx)
-        freed = (pos_bh >= W)[..., None] & masks.is_far(pos_bh[..., None], self.slot_pos.gather(2, old_slot),
-                                                       self.window) & self.slot_marked.gather(2, old_slot)
-        new_slot = torch.where(freed, old_slot, self.length[..., None])
+        ring_idx = pos_bh % W
+        old_slot = self.win_slot[b, h, ring_idx]
+        freed = (pos_bh >= W) & masks.is_far(pos_bh, self.slot_pos[b, h, old_slot], self.window) \
+            & self.slot_marked[b, h, old_slot]
+        new_slot = torch.where(freed, old_slot, self.length)
         self.overflow |= (new_slot >= C).any()
-        new_slot = new_slot.clamp(max=C)
-        self.length.copy_(torch.minimum(self.length + (~freed[..., 0]).long(), torch.full_like(self.length, C)))
-        # 3. one write of K/V and bookkeeping
-        idx = new_slot[..., None].expand(B, H, 1, self.k.shape[-1])
-        self.k.scatter_(2, idx, k_new.to(self.k.dtype))
-        self.v.scatter_(2, idx, v_new.to(self.v.dtype))
-        self.slot_pos.scatter_(2, new_slot, pos_bh[..., None])
-        self.slot_marked.scatter_(2, new_slot, torch.zeros_like(new_slot, dtype=torch.bool))
-        self.win_slot.scatter_(2, ring_idx, new_slot)
+        slot = new_slot.clamp(max=C)
+        self.length.copy_(torch.minimum(self.length + (~freed).long(), torch.full_like(self.length, C)))
+        # 3. one write of K/V and bookkeeping. index_put_ (not scatter_): inductor updates the
+        # buffers in place instead of writing a full functional copy of the cache every step.
+        self.k.index_put_((b, h, slot), k_new[:, :, 0].to(self.k.dtype))
+        self.v.index_put_((b, h, slot), v_new[:, :, 0].to(self.v.dtype))
+        self.slot_pos.index_put_((b, h, slot), pos_bh)
+        self.slot_marked.index_put_((b, h, slot), torch.zeros_like(pos_bh, dtype=torch.bool))
+        self.win_slot.index_put_((b, h, ring_idx), slot)
 
     # ------------------------------------------------------------------ append (prefill / new turn)
     def append(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logits: torch.Tensor,
@@ -219,7 +220,9 @@ def decode_attention_kernel(q: torch.Tensor, cache: DMSKVCache, scale: Optional[
     """The Triton split-KV decode kernel over live slots (CUDA; other devices use its reference)."""
     from .kernels.decode import decode_attention
 
-    out = decode_attention(q[:, :, 0], cache.keys, cache.values, cache.length, scale)
+    # the whole buffers (scratch slot included), not a slice: lengths never exceed the capacity,
+    # and a contiguous argument spares the compiled graph any layout copy of the cache
+    out = decode_attention(q[:, :, 0], cache.k, cache.v, cache.length, scale)
     return out[:, :, None]
 
 
