@@ -33,7 +33,9 @@ def load_dms_model(folder, *, dms_overrides: Optional[Dict[str, Any]] = None, dt
     if dms_overrides:
         cfg = cfg.replace(**dms_overrides)
     model = add_dms(loaded.model, cfg)
-    load_dms_state(model, loaded.extra_state, source=str(folder))
+    if trained or loaded.extra_state:
+        load_dms_state(model, loaded.extra_state, source=str(folder))
+    # else: a base model starting a retrofit; adapters (if any) stay zero-initialised
     model.to(device=device)
     return DMSModel(model=model.eval(), tokenizer=loaded.tokenizer, dms=cfg, hf_config=loaded.hf_config,
                     family=loaded.family, dms_trained=trained)

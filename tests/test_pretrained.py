@@ -1,0 +1,50 @@
+"""DMS settings and parameters travel with the model through HF-format folders."""
+
+import pytest
+import torch
+
+from dms_flex import checkpoint, pretrained
+from dms_flex import torchtune_model as tm
+from dms_flex.config import DMSConfig
+
+
+@pytest.fixture()
+def hf_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    return tmp_path
+
+
+def test_adapter_parameters_and_settings_round_trip(hf_folder):
+    dm = pretrained.load_dms_model(hf_folder / "base", dms_overrides={"decision": "adapter", "window": 3})
+    assert not dm.dms_trained
+    with torch.no_grad():
+        for layer in dm.model.layers:
+            layer.attn.dms_adapter.linear.weight.normal_(0, 0.5)
+            layer.attn.dms_adapter.norm.weight.uniform_(0.5, 1.5)
+    cfg = dict(dm.hf_config, **dm.dms.to_hf())
+    extra = pretrained.dms_state_dict(dm.model)
+    assert set(extra) == {f"model.layers.{i}.self_attn.dms_adapter.{p}.weight" for i in range(2)
+                          for p in ("norm", "linear")}
+    checkpoint.save_hf_checkpoint(dm.model, cfg, hf_folder / "dms", dm.family, extra_state=extra)
+
+    back = pretrained.load_dms_model(hf_folder / "dms")
+    assert back.dms_trained and back.dms == dm.dms
+    for k, v in pretrained.dms_state_dict(back.model).items():
+        assert torch.equal(v, extra[k])
+    toks = torch.randint(0, 96, (1, 30))
+    a = tm.forward_train(dm.model, toks, training=False)
+    b = tm.forward_train(back.model, toks, training=False)
+    assert torch.equal(tm.logits_of(dm.model, a.hidden), tm.logits_of(back.model, b.hidden))
+    assert any(e.any() for e in b.evicted)  # the loaded adapter really decides evictions
+
+
+def test_adapter_settings_without_weights_is_a_clear_error(hf_folder):
+    dm = pretrained.load_dms_model(hf_folder / "base")
+    cfg = dict(dm.hf_config, **DMSConfig(decision="adapter").to_hf())
+    checkpoint.save_hf_checkpoint(dm.model, cfg, hf_folder / "bad", dm.family)
+    with pytest.raises(ValueError, match="no DMS adapter weights"):
+        pretrained.load_dms_model(hf_folder / "bad")
