@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import masks
+from .quant import dequantize_kv, quantize_kv
 
 
 class CacheOverflowError(RuntimeError):
@@ -33,14 +34,21 @@ class CacheOverflowError(RuntimeError):
 
 class DMSKVCache(nn.Module):
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int, window: int,
-                 dtype=torch.bfloat16, device=None):
+                 dtype=torch.bfloat16, device=None, kv_dtype=None):
+        """kv_dtype=torch.int8 stores K/V as int8 with one float32 scale per (row, KV head, token)."""
         super().__init__()
         if capacity < 1:
             raise ValueError(f"cache capacity={capacity} must be >= 1 slot")
+        if kv_dtype not in (None, torch.int8):
+            raise ValueError(f"kv_dtype={kv_dtype} is not supported: use None (the model dtype) or torch.int8")
         self.capacity, self.window = capacity, window
         B, H, C, W = batch_size, num_kv_heads, capacity, window + 1
-        self.register_buffer("k", torch.zeros(B, H, C + 1, head_dim, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(B, H, C + 1, head_dim, dtype=dtype, device=device), persistent=False)
+        store = kv_dtype or dtype
+        self.register_buffer("k", torch.zeros(B, H, C + 1, head_dim, dtype=store, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(B, H, C + 1, head_dim, dtype=store, device=device), persistent=False)
+        scales = kv_dtype is not None
+        for name in ("k_scale", "v_scale"):
+            self.register_buffer(name, torch.zeros(B, H, C + 1, device=device) if scales else None, persistent=False)
         self.register_buffer("length", torch.zeros(B, H, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("slot_pos", torch.full((B, H, C + 1), -1, dtype=torch.long, device=device),
                              persistent=False)
@@ -50,6 +58,22 @@ class DMSKVCache(nn.Module):
         self.register_buffer("overflow", torch.zeros((), dtype=torch.bool, device=device), persistent=False)
 
     # ------------------------------------------------------------------ views
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+    def bytes_per_slot(self) -> int:
+        """K and V bytes of one (row, KV head, token) slot, scales included."""
+        per = self.k.shape[-1] * self.k.element_size()
+        return 2 * (per + (4 if self.quantized else 0))
+
+    def _read(self, n: int, dtype):
+        """The first n slots as attention reads them (dequantized when int8): prefill/reference only."""
+        k, v = self.k[:, :, :n], self.v[:, :, :n]
+        if self.quantized:
+            return dequantize_kv(k, self.k_scale[:, :, :n], dtype), dequantize_kv(v, self.v_scale[:, :, :n], dtype)
+        return k.to(dtype), v.to(dtype)
+
     @property
     def keys(self) -> torch.Tensor:
         return self.k[:, :, : self.capacity]
@@ -98,8 +122,16 @@ class DMSKVCache(nn.Module):
         self.length.copy_(torch.minimum(self.length + (~freed).long(), torch.full_like(self.length, C)))
         # 3. one write of K/V and bookkeeping. index_put_ (not scatter_): inductor updates the
         # buffers in place instead of writing a full functional copy of the cache every step.
-        self.k.index_put_((b, h, slot), k_new[:, :, 0].to(self.k.dtype))
-        self.v.index_put_((b, h, slot), v_new[:, :, 0].to(self.v.dtype))
+        if self.quantized:
+            kq, ks = quantize_kv(k_new[:, :, 0])
+            vq, vs = quantize_kv(v_new[:, :, 0])
+            self.k.index_put_((b, h, slot), kq)
+            self.v.index_put_((b, h, slot), vq)
+            self.k_scale.index_put_((b, h, slot), ks)
+            self.v_scale.index_put_((b, h, slot), vs)
+        else:
+            self.k.index_put_((b, h, slot), k_new[:, :, 0].to(self.k.dtype))
+            self.v.index_put_((b, h, slot), v_new[:, :, 0].to(self.v.dtype))
         self.slot_pos.index_put_((b, h, slot), pos_bh)
         self.slot_marked.index_put_((b, h, slot), torch.zeros_like(pos_bh, dtype=torch.bool))
         self.win_slot.index_put_((b, h, ring_idx), slot)
@@ -142,8 +174,12 @@ class DMSKVCache(nn.Module):
         # padded queries see themselves only, so no row is empty
         pad_self = torch.eye(n, dtype=torch.bool, device=dev)[None, None] & ~valid_new[..., None]
         vis[..., L:] |= pad_self
-        k_all = torch.cat([self.k[:, :, :L].to(k.dtype), k], dim=2)
-        v_all = torch.cat([self.v[:, :, :L].to(v.dtype), v], dim=2)
+        if self.quantized:  # the new tokens are attended as the cache will hold them
+            (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+            k, v = dequantize_kv(kq, ks, k.dtype), dequantize_kv(vq, vs, v.dtype)
+        k_old, v_old = self._read(L, k.dtype)
+        k_all = torch.cat([k_old, k], dim=2)
+        v_all = torch.cat([v_old, v], dim=2)
         out = attend(q, k_all, v_all, vis)
 
         # survivors after the last real token
@@ -155,19 +191,27 @@ class DMSKVCache(nn.Module):
                 f"this input needs {int(count.max())} KV slots but the DMS cache holds {C} per batch row and KV "
                 f"head; nothing was written. Create the cache with a larger capacity (the default, max_seq_len, "
                 f"never overflows).")
-        self._pack(survive, count, k_all.to(self.k.dtype), v_all.to(self.v.dtype), kpos, kmark, last)
+        if self.quantized:
+            stored = [torch.cat([self.k[:, :, :L], kq], 2), torch.cat([self.v[:, :, :L], vq], 2),
+                      torch.cat([self.k_scale[:, :, :L], ks], 2), torch.cat([self.v_scale[:, :, :L], vs], 2)]
+        else:
+            stored = [k_all.to(self.k.dtype), v_all.to(self.v.dtype)]
+        self._pack(survive, count, stored, kpos, kmark, last)
         return out
 
-    def _pack(self, survive, count, k_all, v_all, kpos, kmark, last):
+    def _pack(self, survive, count, stored, kpos, kmark, last):
         B, H, S = survive.shape
         C, W = self.capacity, self.window + 1
         order = torch.sort((~survive).to(torch.int8), dim=-1, stable=True).indices[..., :C]
         if order.shape[-1] < C:  # fewer tokens than slots: the tail is dead anyway
             order = F.pad(order, (0, C - order.shape[-1]))
-        D = k_all.shape[-1]
+        D = self.k.shape[-1]
         idx = order[..., None].expand(B, H, C, D)
-        self.k[:, :, :C].copy_(k_all.gather(2, idx))
-        self.v[:, :, :C].copy_(v_all.gather(2, idx))
+        self.k[:, :, :C].copy_(stored[0].gather(2, idx))
+        self.v[:, :, :C].copy_(stored[1].gather(2, idx))
+        if self.quantized:
+            self.k_scale[:, :, :C].copy_(stored[2].gather(2, order))
+            self.v_scale[:, :, :C].copy_(stored[3].gather(2, order))
         live = torch.arange(C, device=survive.device)[None, None] < count[..., None]
         new_pos = torch.where(live, kpos.gather(2, order), torch.full_like(order, -1))
         self.slot_pos[..., :C].copy_(new_pos)
@@ -205,7 +249,7 @@ def decode_attention_dense(q: torch.Tensor, cache: DMSKVCache, scale: Optional[f
         n = max(int(cache.length.max()), 1)
     live = (torch.arange(n, device=q.device)[None, None] < cache.length[..., None])[:, :, None, :]
     qg = q.reshape(B, H, Hq // H, D)
-    k, v = cache.k[:, :, :n], cache.v[:, :, :n]
+    k, v = cache._read(n, q.dtype)
     if q.is_cuda:
         out = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype), attn_mask=live, scale=scale)
         return out.reshape(B, Hq, 1, D)
@@ -222,7 +266,8 @@ def decode_attention_kernel(q: torch.Tensor, cache: DMSKVCache, scale: Optional[
 
     # the whole buffers (scratch slot included), not a slice: lengths never exceed the capacity,
     # and a contiguous argument spares the compiled graph any layout copy of the cache
-    out = decode_attention(q[:, :, 0], cache.k, cache.v, cache.length, scale)
+    out = decode_attention(q[:, :, 0], cache.k, cache.v, cache.length, scale, k_scale=cache.k_scale,
+                           v_scale=cache.v_scale)
     return out[:, :, None]
 
 

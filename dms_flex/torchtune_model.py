@@ -21,6 +21,7 @@ from torch import nn
 from . import attention, decisions, stats
 from .cache import DMSKVCache, default_decode_attention, masked_attention
 from .config import DMSConfig
+from .quant import fake_quantize_kv
 
 SUPPORTED_MODELS = ("torchtune TransformerDecoder built by the llama3, llama3_1, llama3_2, qwen2 or qwen2_5 "
                     "builders (self-attention layers with MultiHeadAttention, RoPE, no q/k norm)")
@@ -114,8 +115,13 @@ class TrainOutput:
 def forward_train(model: nn.Module, tokens: torch.Tensor, *, doc_ids: Optional[torch.Tensor] = None,
                   input_pos: Optional[torch.Tensor] = None, eviction: bool = True,
                   training: Optional[bool] = None, activation_checkpointing: bool = False,
-                  backend: str = "auto", generator: Optional[torch.Generator] = None) -> TrainOutput:
+                  backend: str = "auto", generator: Optional[torch.Generator] = None,
+                  kv_int8: bool = False) -> TrainOutput:
     """Full-sequence DMS forward. eviction=False runs the unmodified model (the teacher).
+
+    kv_int8: K and V pass through the int8 cache's quantize-dequantize round trip (straight-through
+    gradient): the numerics of an int8 compact cache, for quantization-aware retrofits and as the
+    reference of int8 inference.
 
     doc_ids (B, T) for packed samples; input_pos (B, T) defaults to positions within each document.
     training (default model.training): soft decisions with logistic noise; else the hard rule.
@@ -141,6 +147,8 @@ def forward_train(model: nn.Module, tokens: torch.Tensor, *, doc_ids: Optional[t
             q, k, v = _project(layer.attn, h)
             q, k, logits = _decisions_and_rope(layer.attn, q, k, x, input_pos, cfg)
             v = v.transpose(1, 2)
+            if kv_int8:
+                k, v = fake_quantize_kv(k), fake_quantize_kv(v)
             if cfg is None:
                 log_keep = torch.zeros(B, k.shape[1], T, device=x.device)
                 a_st = log_keep
@@ -181,7 +189,8 @@ class InferenceState(nn.Module):
     """The compact caches of all layers plus each row's next position."""
 
     def __init__(self, model: nn.Module, batch_size: int, capacity: Optional[int] = None,
-                 max_seq_len: Optional[int] = None, dtype=None, device=None, eviction: bool = True):
+                 max_seq_len: Optional[int] = None, dtype=None, device=None, eviction: bool = True,
+                 kv_dtype=None):
         super().__init__()
         cfg = dms_config_of(model)
         p = next(model.parameters())
@@ -192,11 +201,12 @@ class InferenceState(nn.Module):
         if capacity > self.max_seq_len:
             raise ValueError(f"cache capacity={capacity} exceeds max_seq_len={self.max_seq_len}")
         self.eviction = eviction
+        self.model_itemsize = torch.empty((), dtype=dtype).element_size()
         # without eviction the window covers everything: the cache is a plain dense cache
         self.window = cfg.effective_window if eviction else self.max_seq_len
         attn0 = model.layers[0].attn
         self.caches = nn.ModuleList(
-            DMSKVCache(batch_size, attn0.num_kv_heads, attn0.head_dim, capacity, self.window, dtype, device)
+            DMSKVCache(batch_size, attn0.num_kv_heads, attn0.head_dim, capacity, self.window, dtype, device, kv_dtype)
             for _ in model.layers)
         self.register_buffer("next_pos", torch.zeros(batch_size, dtype=torch.long, device=device), persistent=False)
 
@@ -216,10 +226,11 @@ class InferenceState(nn.Module):
     def kv_bytes(self) -> dict:
         """Live KV bytes vs what a dense cache would hold for the same tokens."""
         c0 = self.caches[0]
-        per_slot = 2 * c0.k.shape[-1] * c0.k.element_size()
+        per_slot = c0.bytes_per_slot()
         live = sum(int(c.length.sum()) for c in self.caches) * per_slot
-        dense = int(self.next_pos.sum()) * c0.k.shape[1] * len(self.caches) * per_slot
-        allocated = sum(c.k.numel() * c.k.element_size() * 2 for c in self.caches)
+        # what a dense cache in the model's dtype would hold for the same tokens
+        dense = int(self.next_pos.sum()) * c0.k.shape[1] * len(self.caches) * 2 * c0.k.shape[-1] * self.model_itemsize
+        allocated = sum(c.k.shape[0] * c.k.shape[1] * c.k.shape[2] for c in self.caches) * per_slot
         return {"live": live, "dense": dense, "allocated": allocated}
 
     def compression(self) -> stats.CompressionReport:
