@@ -30,6 +30,10 @@ def parse_args(argv=None):
     p.add_argument("--no-dms", dest="dms", action="store_false", help="dense cache, no eviction")
     p.add_argument("--window", type=int, help="override the DMS window (tokens kept before eviction applies)")
     p.add_argument("--cache-capacity", type=int, help="KV slots per row and head (default: max sequence length)")
+    p.add_argument("--kv", choices=["bf16", "int8"], default="bf16",
+                   help="KV storage: the model dtype (default) or int8 with a scale per token and head")
+    p.add_argument("--weight-quant", choices=["none", "int8", "int4"], default="none",
+                   help="weight-only quantization of the linear layers through torchao")
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="torch.compile the decode step (default: on for CUDA)")
@@ -72,6 +76,14 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, TypeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.weight_quant != "none":
+        from .quant import quantize_weights
+
+        if args.weight_quant == "int4" and device.type == "cpu" and dtype != torch.bfloat16:
+            print("note: int4 on CPU needs bf16 weights: casting the model to bfloat16", file=sys.stderr)
+            dm.model.to(torch.bfloat16)
+            dtype = torch.bfloat16
+        quantize_weights(dm.model, args.weight_quant)
     tok = dm.tokenizer
     if tok is None:
         print(f"error: {folder} has no tokenizer files; the generate script needs one", file=sys.stderr)
@@ -97,7 +109,7 @@ def main(argv=None) -> int:
         return 2
     try:
         state = tm.InferenceState(dm.model, 1, capacity=args.cache_capacity, max_seq_len=args.max_seq_len,
-                                  eviction=args.dms)
+                                  eviction=args.dms, dtype=dtype, kv_dtype=torch.int8 if args.kv == "int8" else None)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -127,8 +139,10 @@ def main(argv=None) -> int:
     print(f"prompt {res.prompt_tokens} tokens: prefill {res.prefill_tokens_per_s:.1f} tok/s; "
           f"decode {len(res.tokens[0])} tokens at {res.decode_tokens_per_s:.1f} tok/s "
           f"({'compiled' if use_compile else 'eager'})")
-    print(f"KV cache: {kv['live'] / 2**20:.2f} MiB live vs {kv['dense'] / 2**20:.2f} MiB dense for the same tokens "
-          f"({kv['allocated'] / 2**20:.1f} MiB allocated)")
+    print(f"KV cache ({args.kv}): {kv['live'] / 2**20:.2f} MiB live vs {kv['dense'] / 2**20:.2f} MiB for a dense "
+          f"{str(dtype).replace('torch.', '')} cache of the same tokens ({kv['dense'] / max(kv['live'], 1):.2f}x less; "
+          f"{kv['allocated'] / 2**20:.1f} MiB allocated for capacity {state.caches[0].capacity}); "
+          f"weights {_weight_bytes(dm.model) / 2**20:.1f} MiB ({args.weight_quant} weight quantization)")
     mode = f"DMS window {state.window}" if args.dms else "DMS off (dense)"
     print(f"{mode}: {rep.format()}")
     if args.heatmap:
@@ -136,6 +150,18 @@ def main(argv=None) -> int:
 
         print(f"heat map: {plot_kept_heatmap(rep, args.heatmap)}")
     return 0
+
+
+def _weight_bytes(model) -> int:
+    """Bytes of the parameters as stored (quantized tensors count their packed data and scales)."""
+    return sum(_tensor_bytes(p) for p in model.parameters())
+
+
+def _tensor_bytes(t) -> int:
+    if hasattr(t, "__tensor_flatten__"):
+        names = t.__tensor_flatten__()[0]
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ WEIGHT_QUANT = ("none", "int8", "int4")
 def quantize_weights(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     """Weight-only quantization of every nn.Linear through torchao's quantize_ (in place).
 
-    int8: Int8WeightOnlyConfig; int4: Int4WeightOnlyConfig (group size 128; on CPU with
+    int8: Int8WeightOnlyConfig; int4: Int4WeightOnlyConfig (group size 128, else 64 or 32; on CPU with
     Int4CPULayout, which needs bf16 weights). DMS adapters stay in full precision: they are tiny
     and their output feeds a hard threshold.
     """
@@ -67,11 +67,14 @@ def quantize_weights(model: torch.nn.Module, mode: str) -> torch.nn.Module:
         quantize_(model, Int8WeightOnlyConfig(), filter_fn=want)
         return model
     device = next(model.parameters()).device
+    layout = {}
     if device.type == "cpu":
         from torchao.dtypes import Int4CPULayout
 
-        cfg = Int4WeightOnlyConfig(group_size=128, layout=Int4CPULayout())
-    else:
-        cfg = Int4WeightOnlyConfig(group_size=128)
-    quantize_(model, cfg, filter_fn=lambda m, fqn: want(m, fqn) and m.in_features % 128 == 0)
+        layout = {"layout": Int4CPULayout()}
+    # the largest group size that divides each layer's input width (SmolLM2's 576 takes 64)
+    for group in (128, 64, 32):
+        quantize_(model, Int4WeightOnlyConfig(group_size=group, **layout),
+                  filter_fn=lambda m, fqn: want(m, fqn) and m.in_features % group == 0
+                  and type(m.weight) is torch.nn.Parameter)
     return model

@@ -118,3 +118,18 @@ def test_generate_cli_bad_input_is_a_message_not_a_traceback(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     assert main(["--checkpoint", str(tmp_path), "--prompt", "x"]) == 2
     assert "unsupported architecture" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--kv", "int8"], ["--weight-quant", "int8", "--kv", "int8"],
+                                   ["--weight-quant", "int4"]])
+def test_generate_cli_quantized_kv_and_weights(tiny_hf_folder, capsys, extra):
+    from dms_flex.generate import main
+
+    rc = main(["--checkpoint", str(tiny_hf_folder), "--prompt", "Hello there", "--max-new-tokens", "8",
+               "--window", "2", "--max-seq-len", "64"] + extra)
+    out = capsys.readouterr().out
+    assert rc == 0
+    kv = extra[extra.index("--kv") + 1] if "--kv" in extra else "bf16"
+    assert f"KV cache ({kv})" in out
+    wq = extra[extra.index("--weight-quant") + 1] if "--weight-quant" in extra else "none"
+    assert f"({wq} weight quantization)" in out
