@@ -39,6 +39,7 @@ def build_model(preset: str, max_seq_len: int):
             layer.attn.pos_embeddings.max_seq_len = max_seq_len
             layer.attn.pos_embeddings.rope_init()
     m.max_seq_len = max_seq_len
+    m.requires_grad_(False)
     return tm.add_dms(m.eval(), DMSConfig(window=512))
 
 
@@ -71,6 +72,7 @@ def time_steps(step, model, state, tok, n=20):
     return s.elapsed_time(e) / n
 
 
+@torch.no_grad()
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="llama3_8b")
