@@ -1,13 +1,16 @@
 """Whole-model decode step on CUDA graphs: dense static cache vs the DMS compact cache.
 
-Llama-3-8B shapes (torchtune's llama3_8b), random bf16 weights. The caches are filled
-synthetically: dense holds `ctx` tokens; DMS at CR c holds ctx/c live slots per (row, KV head)
-with capacity for the steps to come; the decode step itself is the real one (decisions from the
-random borrowed neuron, slot bookkeeping, attention over live slots), compiled with
-torch.compile(fullgraph=True, mode="reduce-overhead").
+Llama-3-8B shapes (torchtune's llama3_8b), random bf16 weights. Caches are filled synthetically:
+"dense" is our InferenceState with eviction off holding `ctx` tokens; DMS at CR c holds ctx/c live
+slots per (row, KV head) with room for the steps to come; "gptfast" is a gpt-fast-style loop (static
+K/V buffers of max length, index_put at the position, SDPA over the whole buffer with a causal
+mask) on the same weights, the reference our dense path must be within 10% of. The decode step
+itself is the real one (decisions from the random borrowed neuron, slot bookkeeping, attention
+over live slots). Each step is captured once in a CUDA graph (eager ops; --mode compile uses
+torch.compile(fullgraph=True, mode="reduce-overhead") instead) and replayed.
 
-Usage: python benchmarks/bench_decode_step.py --batch 16 --ctx 8192 32768 --cr 1 8 --out step.json
-(CR 1 = the dense cache: eviction off, capacity = ctx + steps.)
+Usage: python benchmarks/bench_decode_step.py --batch 16 --ctx 32768 --cache gptfast 1 2 4 8 --out step.json
+(a number is a CR: 1 = our dense path, eviction off.)  --max-batch finds the largest batch that fits.
 """
 
 from __future__ import annotations
@@ -17,24 +20,31 @@ import json
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from dms_flex import torchtune_model as tm
 from dms_flex.config import DMSConfig
 
+DEVICE = "cuda"
+
 
 def build_model(preset: str, max_seq_len: int):
     from torchtune.models.llama3 import llama3_8b
+    from torchtune.models.llama3._component_builders import llama3
     from torchtune.models.llama3_2 import llama3_2_1b
 
-    builders = {"llama3_8b": llama3_8b, "llama3_2_1b": llama3_2_1b}
+    def tiny():  # CPU smoke test of this script
+        return llama3(vocab_size=256, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, max_seq_len=4096,
+                      intermediate_dim=128)
+
+    builders = {"llama3_8b": llama3_8b, "llama3_2_1b": llama3_2_1b, "tiny": tiny}
     with torch.device("meta"):
         m = builders[preset]()
-    m = m.to_empty(device="cuda").to(torch.bfloat16)
+    m = m.to_empty(device=DEVICE).to(torch.bfloat16)
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.02)
-    # RoPE caches were on meta: rebuild them
-    with torch.device("cuda"):
+    with torch.device(DEVICE):  # RoPE caches were on meta: rebuild them on the device
         for layer in m.layers:
             layer.attn.pos_embeddings.max_seq_len = max_seq_len
             layer.attn.pos_embeddings.rope_init()
@@ -54,22 +64,93 @@ def fill(state: tm.InferenceState, live: int, ctx: int) -> None:
         c.slot_pos[..., :live] = pos
         c.slot_marked.zero_()
         if W <= live:
-            tail = torch.arange(live - W, live, device=c.k.device)
-            c.win_slot[..., (pos[-W:] % W)] = tail
+            c.win_slot[..., (pos[-W:] % W)] = torch.arange(live - W, live, device=c.k.device)
     state.next_pos.fill_(ctx)
 
 
-def time_steps(step, model, state, tok, n=20):
+class GptFastCache:
+    """The gpt-fast pattern: K/V buffers (B, Hkv, S, D), write at input_pos, SDPA with a mask."""
+
+    def __init__(self, model, B, max_len, ctx):
+        a = model.layers[0].attn
+        self.k = [torch.randn(B, a.num_kv_heads, max_len, a.head_dim, device=DEVICE, dtype=torch.bfloat16)
+                  for _ in model.layers]
+        self.v = [torch.randn_like(k) for k in self.k]
+        self.pos = torch.full((B,), ctx, device=DEVICE, dtype=torch.long)
+        self.max_len = max_len
+
+    def bytes(self):
+        return sum(k.numel() * k.element_size() * 2 for k in self.k)
+
+
+def gptfast_step(model, token, cache: GptFastCache):
+    pos = cache.pos
+    x = model.tok_embeddings(token)
+    mask = (torch.arange(cache.max_len, device=token.device)[None, :] <= pos[:, None])[:, None, None, :]
+    for i, layer in enumerate(model.layers):
+        a = layer.attn
+        h = layer.sa_norm(x)
+        q, k, v = tm._project(a, h)
+        q = a.pos_embeddings(q, input_pos=pos[:, None]).transpose(1, 2)
+        k = a.pos_embeddings(k, input_pos=pos[:, None]).transpose(1, 2)
+        cache.k[i].index_copy_(2, pos[:1], k)  # one position shared by the batch, as in gpt-fast
+        cache.v[i].index_copy_(2, pos[:1], v.transpose(1, 2))
+        o = F.scaled_dot_product_attention(q, cache.k[i], cache.v[i], attn_mask=mask, enable_gqa=True)
+        x = tm._finish_layer(layer, x, o)
+    cache.pos.add_(1)
+    return model.output(model.norm(x))[:, -1]
+
+
+def graphed(fn, *args):
+    """Warm up, capture one call in a CUDA graph, return a replay function."""
+    if DEVICE == "cpu":
+        return lambda: fn(*args)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn(*args)
+    return g.replay
+
+
+def time_ms(run, n):
     for _ in range(3):
-        step(model, tok, state)
+        run()
+    if DEVICE == "cpu":
+        import time
+
+        t = time.perf_counter()
+        for _ in range(n):
+            run()
+        return (time.perf_counter() - t) / n * 1e3
     torch.cuda.synchronize()
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     s.record()
     for _ in range(n):
-        step(model, tok, state)
+        run()
     e.record()
     torch.cuda.synchronize()
     return s.elapsed_time(e) / n
+
+
+def make_case(model, kind, B, ctx, margin, mode):
+    """Returns (replay function, KV bytes allocated) or raises OutOfMemoryError."""
+    tok = torch.randint(0, 200, (B, 1), device=DEVICE)
+    if kind == "gptfast":
+        cache = GptFastCache(model, B, ctx + margin, ctx)
+        return graphed(gptfast_step, model, tok, cache), cache.bytes(), cache
+    cr = float(kind)
+    live = int(ctx / cr)
+    state = tm.InferenceState(model, B, capacity=live + margin, max_seq_len=ctx + margin, eviction=cr != 1)
+    fill(state, live, ctx)
+    if mode == "compile":
+        step = torch.compile(tm.decode_step, fullgraph=True, mode="reduce-overhead")
+        return (lambda: step(model, tok, state)), state.kv_bytes()["allocated"], state
+    return graphed(tm.decode_step, model, tok, state), state.kv_bytes()["allocated"], state
 
 
 @torch.no_grad()
@@ -78,44 +159,60 @@ def main():
     p.add_argument("--preset", default="llama3_8b")
     p.add_argument("--batch", type=int, nargs="+", default=[16])
     p.add_argument("--ctx", type=int, nargs="+", default=[32768])
-    p.add_argument("--cr", type=float, nargs="+", default=[1, 8])
-    p.add_argument("--attn", default="triton", help="triton (dms_flex.kernels, the CUDA default) or sdpa (masked SDPA)")
+    p.add_argument("--cache", nargs="+", default=["gptfast", "1", "8"], help="gptfast and/or CR values")
+    p.add_argument("--mode", choices=["graph", "compile"], default="graph")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--max-batch", action="store_true", help="also find the largest batch that fits (per cache)")
+    p.add_argument("--device", default="cuda", help="cuda; cpu only smoke-tests the script (--preset tiny)")
     p.add_argument("--out")
     a = p.parse_args()
+    global DEVICE
+    DEVICE = a.device
     margin = 3 * a.steps + 64
     model = build_model(a.preset, max(a.ctx) + margin)
-    from dms_flex.cache import decode_attention_dense, decode_attention_kernel
-
-    attend = {"triton": decode_attention_kernel, "sdpa": decode_attention_dense}[a.attn]
-    step = torch.compile(tm.decode_step, fullgraph=True, mode="reduce-overhead")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
+
+    def record(ctx, B, kind, ms, kv):
+        row = {"preset": a.preset, "ctx": ctx, "batch": B, "cache": kind, "mode": a.mode, "step_ms": ms,
+               "tokens_per_s": B * 1000 / ms, "kv_allocated_GiB": kv / 2**30,
+               "bytes_per_step_GB": (weights + kv) / 1e9, "TBps_weights_plus_kv": (weights + kv) / ms / 1e9}
+        rows.append(row)
+        print(f"ctx={ctx:6d} B={B:3d} {kind:>7s}: {ms:7.2f} ms/step {row['tokens_per_s']:8.0f} tok/s  KV {kv / 2**30:6.1f} GiB"
+              f"  (weights+KV)/time {row['TBps_weights_plus_kv']:.2f} TB/s", flush=True)
+
     for ctx in a.ctx:
         for B in a.batch:
-            for cr in a.cr:
-                live = int(ctx / cr)
-                dense = cr == 1
-                torch.compiler.reset()
+            for kind in a.cache:
                 torch.cuda.empty_cache()
                 try:
-                    state = tm.InferenceState(model, B, capacity=live + margin, max_seq_len=ctx + margin,
-                                              eviction=not dense)
+                    run, kv, keep = make_case(model, kind, B, ctx, margin, a.mode)
+                    record(ctx, B, kind, time_ms(run, a.steps), kv)
                 except torch.OutOfMemoryError:
-                    print(f"ctx={ctx} B={B} CR={cr}: out of memory", flush=True)
-                    continue
-                fill(state, live, ctx)
-                tok = torch.randint(0, 1000, (B, 1), device="cuda")
-                fn = lambda m, t, s: step(m, t, s, attend)
-                ms = time_steps(fn, model, state, tok, a.steps)
-                kv = state.kv_bytes()["allocated"]
-                row = {"preset": a.preset, "ctx": ctx, "batch": B, "cr": cr, "attn": a.attn, "step_ms": ms,
-                       "tokens_per_s": B * 1000 / ms, "kv_allocated_GiB": kv / 2**30,
-                       "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
-                rows.append(row)
-                print(f"ctx={ctx:6d} B={B:3d} CR={cr:<4g} {a.attn}: {ms:7.2f} ms/step  {row['tokens_per_s']:8.0f} tok/s  "
-                      f"KV {row['kv_allocated_GiB']:.1f} GiB", flush=True)
-                del state
-    out = {"meta": {"torch": torch.__version__, "device": torch.cuda.get_device_name()}, "rows": rows}
+                    print(f"ctx={ctx} B={B} {kind}: out of memory", flush=True)
+                    run = keep = None
+                keep = run = None  # noqa: F841
+        if a.max_batch:
+            for kind in a.cache:
+                lo, hi = 1, 4096
+                while lo < hi:  # largest batch whose cache allocates and runs one step
+                    mid = (lo + hi + 1) // 2
+                    torch.cuda.empty_cache()
+                    try:
+                        run, kv, keep = make_case(model, kind, mid, ctx, margin, "graph")
+                        run()
+                        lo = mid
+                    except torch.OutOfMemoryError:
+                        hi = mid - 1
+                    keep = run = None  # noqa: F841
+                torch.cuda.empty_cache()
+                run, kv, keep = make_case(model, kind, lo, ctx, margin, "graph")
+                ms = time_ms(run, a.steps)
+                record(ctx, lo, kind + "@max", ms, kv)
+                keep = run = None  # noqa: F841
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    out = {"meta": {"torch": torch.__version__, "device": name, "weights_GB": weights / 1e9},
+           "rows": rows}
     if a.out:
         json.dump(out, open(a.out, "w"), indent=1)
     else:
