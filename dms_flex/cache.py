@@ -107,10 +107,7 @@ class DMSKVCache(nn.Module):
         pos_bh = pos[:, None].expand(B, H)
         b = torch.arange(B, device=pos.device)[:, None].expand(B, H)
         h = torch.arange(H, device=pos.device)[None, :].expand(B, H)
-        # Writes go through index_copy_ on flattened views with linear indices: inductor updates the
-        # buffers in place (a scatter_ was functionalised into a copy of the whole cache per step),
-        # and eager CPU index_copy_ is ~400x faster than index_put_ with (b, h, slot) index tensors.
-        row = (b * H + h).reshape(-1)  # (B*H,) index of each (batch row, KV head)
+        row = (b, h)  # every write below touches one slot per (batch row, KV head): see _write
         # 1. the new token decides its predecessor
         prev_slot = self.win_slot[b, h, (pos_bh - 1) % W]
         mark = torch.where(pos_bh >= 1, evict_prev, self.slot_marked[b, h, prev_slot])
@@ -227,11 +224,21 @@ class DMSKVCache(nn.Module):
         self.win_slot.copy_(win[..., :W])
 
 
-def _write(buf: torch.Tensor, row: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> None:
-    """buf[b, h, idx[b, h], ...] = val[b, h, ...] for every (b, h), in place. buf: (B, H, N, ...)."""
-    n = buf.shape[2]
-    flat = buf.view(-1, *buf.shape[3:])
-    flat.index_copy_(0, row * n + idx.reshape(-1), val.reshape(row.shape[0], *buf.shape[3:]).to(buf.dtype))
+def _write(buf: torch.Tensor, bh: tuple, idx: torch.Tensor, val: torch.Tensor) -> None:
+    """buf[b, h, idx[b, h], ...] = val[b, h, ...] for every (b, h), in place. buf: (B, H, N, ...).
+
+    Compiled: index_put_ on the buffer itself, which inductor keeps in place (a scatter_, or an
+    index_copy_ through a flattened view, was functionalised into a copy of the whole buffer).
+    Eager: index_copy_ on a flattened view with linear indices (CPU index_put_ with (b, h, slot)
+    index tensors is ~400x slower).
+    """
+    b, h = bh
+    if torch.compiler.is_compiling():
+        buf.index_put_((b, h, idx), val.to(buf.dtype))
+        return
+    rows = b.numel()
+    lin = (b * buf.shape[1] + h).reshape(-1) * buf.shape[2] + idx.reshape(-1)
+    buf.view(-1, *buf.shape[3:]).index_copy_(0, lin, val.reshape(rows, *buf.shape[3:]).to(buf.dtype))
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
