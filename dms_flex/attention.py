@@ -16,22 +16,33 @@ import torch.nn.functional as F
 from . import masks
 
 
+# "auto" picks the Triton training kernel (kernels/train_attention.py) on CUDA only when this is
+# True; it stays False until the H200 measurements show the kernel ahead of flex.
+USE_TRITON_TRAIN_KERNEL = False
+
+
 def dms_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_keep: torch.Tensor,
                   window: int, *, doc_ids: Optional[torch.Tensor] = None, block_mask=None,
                   scale: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
     """q: (B, Hq, T, D); k, v: (B, Hkv, T, D); log_keep: (B, Hkv, T) float (0 / -inf when hard).
 
-    backend: "auto" (flex on CUDA, dense otherwise), "flex" or "dense".
-    block_mask: optional precomputed `make_block_mask(...)` result, shared by all layers of a step.
+    backend: "auto" (flex on CUDA, or the Triton kernel if USE_TRITON_TRAIN_KERNEL; dense
+    otherwise), "flex", "triton" (kernels.train_attention; dense fallback off CUDA) or "dense".
+    block_mask: optional precomputed `make_block_mask(...)` result, shared by all layers of a step
+    (flex only; the Triton kernel takes doc_ids).
     """
     _check_shapes(q, k, v, log_keep)
     if backend == "auto":
-        backend = "flex" if q.is_cuda else "dense"
+        backend = ("triton" if USE_TRITON_TRAIN_KERNEL else "flex") if q.is_cuda else "dense"
     if backend == "dense":
         return dense_dms_attention(q, k, v, log_keep, window, doc_ids=doc_ids, scale=scale)
     if backend == "flex":
         return flex_dms_attention(q, k, v, log_keep, window, doc_ids=doc_ids, block_mask=block_mask, scale=scale)
-    raise ValueError(f"backend={backend!r}: expected 'auto', 'flex' or 'dense'")
+    if backend == "triton":
+        from .kernels.train_attention import dms_train_attention
+
+        return dms_train_attention(q, k, v, log_keep, window, doc_ids=doc_ids, scale=scale)
+    raise ValueError(f"backend={backend!r}: expected 'auto', 'flex', 'triton' or 'dense'")
 
 
 def dense_dms_attention(q, k, v, log_keep, window, *, doc_ids=None, scale=None):

@@ -67,7 +67,8 @@ CUDA and without the interpreter, `dms_train_attention` falls back to the dense 
 
 from __future__ import annotations
 
-import math
+import json
+import os
 from typing import Optional
 
 import torch
@@ -87,25 +88,44 @@ __all__ = ["dms_train_attention", "doc_bounds", "default_config", "HAS_TRITON"]
 
 _LOG2E = 1.4426950408889634
 
-# Block sizes / warps / pipeline depth per head dim for 16-bit inputs on sm_90 (H100/H200).
-# Starting point: FlexAttention's H100 defaults (fwd bf16 D=64: 128x128, 4 warps; D=128: 128x64,
-# 8 warps; bwd 64/128 blocks, 8 warps, 3 stages), checked for spills with the offline sm_90
-# compile (benchmarks/bench_train_attention_kernel.py --aot); `--sweep` on the GPU refines them.
-#   fwd: BM x BN, the q block of one head against key blocks
-#   dkdv: BN1 key rows held, BM1 query rows per step
-#   dq: BM2 query rows held, BN2 key rows per step
+# Block sizes / warps / pipeline depth for 16-bit inputs on sm_90 (H100/H200), per head dim:
+#   fwd  (BM, BN, warps, stages): a query block of one head against key blocks of BN
+#   dkdv (BM1, BN1, ...): a program holds BN1 keys and walks query blocks of BM1
+#   dq   (BM2, BN2, ...): a program holds BM2 queries and walks key blocks of BN2
+#   masked_stages: pipeline depth of the MASKED loops (a few blocks per program; deeper
+#   pipelining there costs registers for little gain)
+# Chosen from the offline sm_90 compile (benchmarks/bench_train_attention_kernel.py --aot):
+# no spills, <= 255 registers; FlexAttention's H100 defaults (fwd 128x64 8 warps; bwd 64/128
+# blocks, 8 warps, 3 stages) as the starting point. Not yet timed: `--sweep` on the GPU decides.
+# Override with DMS_TRAIN_ATTN_CONFIG='{"64": {"fwd": [128, 64, 8, 3]}, ...}'.
 _CONFIGS = {
-    64: dict(fwd=(128, 64, 4, 3), dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 3)),
-    128: dict(fwd=(128, 64, 8, 3), dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 3)),
+    64: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 64, 8, 3), masked_stages=1),
+    128: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3), masked_stages=1),
 }
-_FP32_CONFIG = dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2))
+_SMALL_CONFIG = dict(fwd=(64, 32, 4, 2), dkdv=(16, 64, 4, 2), dq=(64, 16, 4, 2), masked_stages=1)
+_FP32_CONFIG = dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2), masked_stages=1)
+
+
+def _env_overrides():
+    raw = os.environ.get("DMS_TRAIN_ATTN_CONFIG")
+    if not raw:
+        return
+    for d, c in json.loads(raw).items():
+        entry = _CONFIGS.setdefault(int(d), dict(_CONFIGS[128]))
+        for key, val in c.items():
+            entry[key] = tuple(val) if isinstance(val, list) else val
+
+
+_env_overrides()
 
 
 def default_config(D: int, dtype: torch.dtype) -> dict:
-    """{'fwd': (BM, BN, warps, stages), 'dkdv': (BM1, BN1, ...), 'dq': (BM2, BN2, ...)}."""
+    """{'fwd': (BM, BN, warps, stages), 'dkdv': (BM1, BN1, ...), 'dq': (BM2, BN2, ...), 'masked_stages'}."""
     if dtype == torch.float32:
         return dict(_FP32_CONFIG)
-    return dict(_CONFIGS.get(D, _CONFIGS[128] if D > 64 else _CONFIGS[64]))
+    if D in _CONFIGS:
+        return dict(_CONFIGS[D])
+    return dict(_CONFIGS[64] if D < 64 else _SMALL_CONFIG)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,23 +136,22 @@ def doc_bounds(doc_ids: Tensor) -> tuple[Tensor, Tensor]:
     one past its last. Shapes-only tensor ops (no host sync)."""
     B, T = doc_ids.shape
     pos = torch.arange(T, device=doc_ids.device, dtype=torch.int32).expand(B, T)
-    new = torch.ones(B, T, dtype=torch.bool, device=doc_ids.device)
-    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    start = torch.where(new, pos, torch.zeros_like(pos)).cummax(dim=1).values
-    last = torch.ones(B, T, dtype=torch.bool, device=doc_ids.device)
-    last[:, :-1] = new[:, 1:]
-    end = torch.where(last, pos + 1, torch.full_like(pos, T))
-    end = end.flip(1).cummin(dim=1).values.flip(1)
+    edge = doc_ids[:, 1:] != doc_ids[:, :-1]  # a document ends at t, the next starts at t + 1
+    ones = torch.ones(B, 1, dtype=torch.bool, device=doc_ids.device)
+    first = torch.cat([ones, edge], dim=1)
+    last = torch.cat([edge, ones], dim=1)
+    start = torch.where(first, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    end = torch.where(last, pos + 1, torch.full_like(pos, T)).flip(1).cummin(dim=1).values.flip(1)
     return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton kernels (plain functions; decorated below)
+# Triton kernels (plain functions; decorated below, or run by the interpreter)
 # ----------------------------------------------------------------------------------------------
-# Block modes (constexpr)
-_NEAR = 0
-_FAR = 1
-_MASKED = 2
+# MODE (constexpr) of an inner loop: 0 NEAR, 1 FAR, 2 MASKED (see the module docstring).
+# COUNT (constexpr, tests only): each program adds the number of blocks it runs per class to
+# CNT[slot] (fwd 0..2, dK/dV 3..5, dQ 6..8; MASKED, FAR, NEAR), so tests check that the fast
+# classes take every block they can and that no block is visited twice or skipped.
 
 
 def _dot_fn(a, b, IEEE: tl.constexpr):
@@ -142,26 +161,81 @@ def _dot_fn(a, b, IEEE: tl.constexpr):
         return tl.dot(a, b)
 
 
+def _count_fn(CNT, slot, lo, hi, BLOCK: tl.constexpr, MULT: tl.constexpr):
+    tl.atomic_add(CNT + slot, (tl.maximum(hi - lo + BLOCK - 1, 0) // BLOCK) * MULT)
+
+
+def _key_ranges_fn(DS_b, m0, T, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOC: tl.constexpr):
+    """Key-block ranges of the query block [m0, m0 + BM), in order:
+    [lo, doc_end) MASKED (a row's document starts inside), [far0, far1) FAR, [band0, band1) MASKED
+    (holds i - j = w), [near0, diag) NEAR, [diag, hi) MASKED (diagonal, holds j > i)."""
+    hi = tl.minimum(m0 + BLOCK_M, T)
+    diag = (m0 // BLOCK_N) * BLOCK_N
+    if HAS_DOC:
+        # doc_start is nondecreasing in i: the first row's bounds the blocks to visit, the last
+        # row's bounds the blocks every row fully sees
+        lo = (tl.load(DS_b + m0) // BLOCK_N) * BLOCK_N
+        doc_end = tl.minimum(((tl.load(DS_b + hi - 1) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, diag)
+    else:
+        lo = m0 * 0
+        doc_end = lo
+    # entirely far: n0 + BN - 1 < m0 - w; entirely near: n0 >= m0 + BM - 1 - w
+    far_end = (tl.maximum(m0 - window, 0) // BLOCK_N) * BLOCK_N
+    near_start = ((tl.maximum(m0 + BLOCK_M - 1 - window, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    s0 = tl.maximum(lo, doc_end)
+    far1 = tl.minimum(far_end, diag)
+    band0 = tl.maximum(s0, far_end)
+    band1 = tl.minimum(near_start, diag)
+    near0 = tl.maximum(s0, near_start)
+    return lo, doc_end, s0, far1, band0, band1, near0, diag, hi
+
+
+def _query_ranges_fn(DE_b, n0, T, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOC: tl.constexpr):
+    """Query-block ranges that see the key block [n0, n0 + BN), in order:
+    [q_lo, diag_end) MASKED (diagonal), [diag_end, near1) NEAR, [band0, band1) MASKED (holds
+    i - j = w), [far0, top) FAR, [doc0, q_hi) MASKED (rows past the first key's document end)."""
+    q_lo = (n0 // BLOCK_M) * BLOCK_M
+    diag_end = ((n0 + BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    if HAS_DOC:
+        # rows past the last key's document end see nothing; rows past the first key's
+        # document end see part of the block
+        q_hi = tl.load(DE_b + tl.minimum(n0 + BLOCK_N, T) - 1)
+        top = tl.minimum((tl.load(DE_b + n0) // BLOCK_M) * BLOCK_M, q_hi)
+    else:
+        q_hi = T + n0 * 0
+        top = q_hi
+    # entirely near: m0 + BM - 1 - n0 <= w; entirely far: m0 - (n0 + BN - 1) > w
+    near_end = ((n0 + window + 1) // BLOCK_M) * BLOCK_M
+    far_start = ((n0 + BLOCK_N + window + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    diag1 = tl.minimum(diag_end, q_hi)
+    near1 = tl.minimum(near_end, top)
+    band0 = tl.maximum(diag_end, near_end)
+    band1 = tl.minimum(far_start, top)
+    far0 = tl.maximum(diag_end, far_start)
+    doc0 = tl.maximum(diag_end, top)
+    return q_lo, diag1, diag_end, near1, band0, band1, far0, top, doc0, q_hi
+
+
 def _fwd_inner_fn(
     acc, l_i, m_i, q, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
     offs_m, offs_n, offs_d, ds_rows, lo, hi, T, window, qk_scale,
     MODE: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
 ):
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         cols = start_n + offs_n
         if MODE == 2:
             cmask = cols < T
             k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=cmask[:, None], other=0.0)
             v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=cmask[:, None], other=0.0)
-        else:
+        else:  # fast blocks lie before the diagonal: all keys < T
             k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :])
             v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :])
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale
-        if MODE == 1:
+        if MODE == 1:  # one BLOCK_N vector, broadcast over the rows
             bias = tl.load(lk_base + cols * stride_lt).to(tl.float32) * 1.4426950408889634
             s = s + bias[None, :]
         if MODE == 2:
@@ -175,7 +249,7 @@ def _fwd_inner_fn(
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MODE == 0:
             m_use = m_new
-        else:  # a row may have seen only -inf so far (masked keys, -inf bias)
+        else:  # a row may have seen only -inf so far (masked keys, a -inf bias)
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
@@ -186,7 +260,7 @@ def _fwd_inner_fn(
 
 
 def _fwd_kernel_fn(
-    Q, K, V, LK, DS, O, LSE,
+    Q, K, V, LK, DS, O, LSE, CNT,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -195,6 +269,7 @@ def _fwd_kernel_fn(
     T, Hq, window, qk_scale,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    STAGES: tl.constexpr, MASKED_STAGES: tl.constexpr, COUNT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # the longest rows start first
@@ -216,44 +291,39 @@ def _fwd_kernel_fn(
     k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
     lk_base = LK + b64 * stride_lb + hk.to(tl.int64) * stride_lh
-
-    hi = tl.minimum(m0 + BLOCK_M, T)
-    diag = (m0 // BLOCK_N) * BLOCK_N  # key blocks from here may hold j > i
+    DS_b = DS + b64 * T
     if HAS_DOC:
-        ds_rows = tl.load(DS + b64 * T + offs_m, mask=rmask, other=0)
-        ds_first = tl.load(DS + b64 * T + m0)
-        ds_last = tl.load(DS + b64 * T + hi - 1)
-        lo = (ds_first // BLOCK_N) * BLOCK_N
-        doc_full = tl.minimum(((ds_last + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, diag)
+        ds_rows = tl.load(DS_b + offs_m, mask=rmask, other=0)
     else:
         ds_rows = offs_m  # unused
-        lo = m0 * 0
-        doc_full = lo
-    # key blocks entirely far: n0 + BN - 1 < m0 - w; entirely near: n0 >= m0 + BM - w
-    far_end = (tl.maximum(m0 - window, 0) // BLOCK_N) * BLOCK_N
-    near_start = ((tl.maximum(m0 + BLOCK_M - window, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
-    s0 = tl.maximum(lo, doc_full)
+    lo, doc_end, s0, far1, band0, band1, near0, diag, hi = _key_ranges(DS_b, m0, T, window, BLOCK_M, BLOCK_N,
+                                                                       HAS_DOC)
+    if COUNT:
+        _count(CNT, 0, lo, doc_end, BLOCK_N, 1)
+        _count(CNT, 1, s0, far1, BLOCK_N, 1)
+        _count(CNT, 0, band0, band1, BLOCK_N, 1)
+        _count(CNT, 2, near0, diag, BLOCK_N, 1)
+        _count(CNT, 0, diag, hi, BLOCK_N, 1)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    if HAS_DOC:  # blocks that start before some row's document
+    if HAS_DOC:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
-                                   offs_m, offs_n, offs_d, ds_rows, lo, doc_full, T, window, qk_scale,
-                                   2, HAS_DOC, UPCAST, IEEE, BLOCK_N)
+                                   offs_m, offs_n, offs_d, ds_rows, lo, doc_end, T, window, qk_scale,
+                                   2, HAS_DOC, UPCAST, IEEE, BLOCK_N, MASKED_STAGES)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
-                               offs_m, offs_n, offs_d, ds_rows, s0, tl.minimum(far_end, diag), T, window, qk_scale,
-                               1, HAS_DOC, UPCAST, IEEE, BLOCK_N)
+                               offs_m, offs_n, offs_d, ds_rows, s0, far1, T, window, qk_scale,
+                               1, HAS_DOC, UPCAST, IEEE, BLOCK_N, STAGES)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
-                               offs_m, offs_n, offs_d, ds_rows, tl.maximum(s0, far_end),
-                               tl.minimum(near_start, diag), T, window, qk_scale,
-                               2, HAS_DOC, UPCAST, IEEE, BLOCK_N)
+                               offs_m, offs_n, offs_d, ds_rows, band0, band1, T, window, qk_scale,
+                               2, HAS_DOC, UPCAST, IEEE, BLOCK_N, MASKED_STAGES)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
-                               offs_m, offs_n, offs_d, ds_rows, tl.maximum(s0, near_start), diag, T, window,
-                               qk_scale, 0, HAS_DOC, UPCAST, IEEE, BLOCK_N)
+                               offs_m, offs_n, offs_d, ds_rows, near0, diag, T, window, qk_scale,
+                               0, HAS_DOC, UPCAST, IEEE, BLOCK_N, STAGES)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
                                offs_m, offs_n, offs_d, ds_rows, diag, hi, T, window, qk_scale,
-                               2, HAS_DOC, UPCAST, IEEE, BLOCK_N)
+                               2, HAS_DOC, UPCAST, IEEE, BLOCK_N, MASKED_STAGES)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # only rows past T can be empty
     out = acc / l_safe[:, None]
@@ -283,20 +353,26 @@ def _bwd_preprocess_fn(
 
 
 def _dkdv_inner_fn(
-    dk, dv, dlk, k, v, bias, q_base, do_base, lse_base, delta_base, DS_b, stride_qt, stride_dot,
+    dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, stride_qh, stride_qt, stride_doh, stride_dot, h0,
     offs_n, offs_m0, offs_d, lo, hi, T, window, qk_scale,
-    MODE: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    MODE: tl.constexpr, G: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, STAGES: tl.constexpr,
 ):
-    # transposed tiles: rows = the program's keys (BLOCK_N), columns = query rows (BLOCK_M).
-    # Query rows past T load as zeros (q, dO, delta, lse): every term they add is 0.
-    for start_m in range(lo, hi, BLOCK_M):
-        rows = start_m + offs_m0
+    # Transposed tiles: rows = the program's keys (BLOCK_N), columns = query rows (BLOCK_M).
+    # Query rows past T load as zeros (q, dO, lse, delta): every term they add is 0.
+    # One flat loop over (query block, head of the group): a loop over heads around the block
+    # loops cost ~50 more registers per thread in the sm_90 compile, and spills.
+    n_it = (tl.maximum(hi - lo + BLOCK_M - 1, 0) // BLOCK_M) * G
+    for it in tl.range(0, n_it, num_stages=STAGES):
+        h = (h0 + it % G).to(tl.int64)
+        rows = lo + (it // G) * BLOCK_M + offs_m0
         rmask = rows < T
+        q_base = Q_b + h * stride_qh
+        do_base = DO_b + h * stride_doh
         qT = tl.load(q_base + rows[None, :] * stride_qt + offs_d[:, None], mask=rmask[None, :], other=0.0)
         do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :], mask=rmask[:, None], other=0.0)
-        lse = tl.load(lse_base + rows, mask=rmask, other=0.0)
-        Di = tl.load(delta_base + rows, mask=rmask, other=0.0)
+        lse = tl.load(LSE_b + h * T + rows, mask=rmask, other=0.0)
+        Di = tl.load(DELTA_b + h * T + rows, mask=rmask, other=0.0)
         if UPCAST:
             qT = qT.to(tl.float32)
             do = do.to(tl.float32)
@@ -317,6 +393,7 @@ def _dkdv_inner_fn(
         dpT = _dot(v, tl.trans(do), IEEE)
         dsT = pT * (dpT - Di[None, :])
         dk += _dot(dsT.to(qT.dtype), tl.trans(qT), IEEE)
+        # d log_keep_j = sum over far (i, h) of dS_ij: a register reduction, stored once per block
         if MODE == 1:
             dlk += tl.sum(dsT, 1)
         if MODE == 2:
@@ -325,7 +402,7 @@ def _dkdv_inner_fn(
 
 
 def _dkdv_kernel_fn(
-    Q, K, V, LK, DS, DE, DO, LSE, DELTA, DK, DV, DLK,
+    Q, K, V, LK, DS, DE, DO, LSE, DELTA, DK, DV, DLK, CNT,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -336,6 +413,7 @@ def _dkdv_kernel_fn(
     T, Hkv, window, qk_scale, sm_scale,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    STAGES: tl.constexpr, MASKED_STAGES: tl.constexpr, COUNT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N  # the first key blocks see the most query blocks: launched first
@@ -359,52 +437,41 @@ def _dkdv_kernel_fn(
     bias = tl.load(LK + b64 * stride_lb + hk.to(tl.int64) * stride_lh + offs_n * stride_lt,
                    mask=nmask, other=0.0).to(tl.float32) * 1.4426950408889634
 
-    q_lo = (n0 // BLOCK_M) * BLOCK_M
-    diag_end = ((n0 + BLOCK_N + BLOCK_M - 1) // BLOCK_M) * BLOCK_M  # query blocks before it may hold i < j
-    if HAS_DOC:
-        DS_b = DS + b64 * T
-        de_first = tl.load(DE + b64 * T + n0)
-        q_hi = tl.load(DE + b64 * T + tl.minimum(n0 + BLOCK_N, T) - 1)
-        top = tl.minimum((de_first // BLOCK_M) * BLOCK_M, q_hi)  # later query blocks cross a document end
-    else:
-        DS_b = DS
-        q_hi = T + n0 * 0
-        top = q_hi
-    # query blocks entirely near: m0 + BM - 1 - n0 <= w; entirely far: m0 - (n0 + BN - 1) > w
-    near_end = ((n0 + window + 1) // BLOCK_M) * BLOCK_M
-    far_start = ((n0 + BLOCK_N + window + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-    s0 = diag_end
+    DS_b = DS + b64 * T
+    q_lo, diag1, diag_end, near1, band0, band1, far0, top, doc0, q_hi = _query_ranges(
+        DE + b64 * T, n0, T, window, BLOCK_M, BLOCK_N, HAS_DOC)
+    if COUNT:
+        _count(CNT, 3, q_lo, diag1, BLOCK_M, G)
+        _count(CNT, 5, diag_end, near1, BLOCK_M, G)
+        _count(CNT, 3, band0, band1, BLOCK_M, G)
+        _count(CNT, 4, far0, top, BLOCK_M, G)
+        if HAS_DOC:
+            _count(CNT, 3, doc0, q_hi, BLOCK_M, G)
 
+    Q_b = Q + b64 * stride_qb
+    DO_b = DO + b64 * stride_dob
+    LSE_b = LSE + b64 * Hkv * G * T
+    DELTA_b = DELTA + b64 * Hkv * G * T
+    h0 = hk * G
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dlk = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for g in range(0, G):
-        h = hk * G + g
-        q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
-        do_base = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh
-        lse_base = LSE + (b64 * Hkv * G + h) * T
-        delta_base = DELTA + (b64 * Hkv * G + h) * T
-        dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, q_base, do_base, lse_base, delta_base, DS_b,
-                                  stride_qt, stride_dot, offs_n, offs_m0, offs_d,
-                                  q_lo, tl.minimum(diag_end, q_hi), T, window, qk_scale,
-                                  2, HAS_DOC, UPCAST, IEEE, BLOCK_M)
-        dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, q_base, do_base, lse_base, delta_base, DS_b,
-                                  stride_qt, stride_dot, offs_n, offs_m0, offs_d,
-                                  s0, tl.minimum(near_end, top), T, window, qk_scale,
-                                  0, HAS_DOC, UPCAST, IEEE, BLOCK_M)
-        dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, q_base, do_base, lse_base, delta_base, DS_b,
-                                  stride_qt, stride_dot, offs_n, offs_m0, offs_d,
-                                  tl.maximum(s0, near_end), tl.minimum(far_start, top), T, window, qk_scale,
-                                  2, HAS_DOC, UPCAST, IEEE, BLOCK_M)
-        dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, q_base, do_base, lse_base, delta_base, DS_b,
-                                  stride_qt, stride_dot, offs_n, offs_m0, offs_d,
-                                  tl.maximum(s0, far_start), top, T, window, qk_scale,
-                                  1, HAS_DOC, UPCAST, IEEE, BLOCK_M)
-        if HAS_DOC:
-            dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, q_base, do_base, lse_base, delta_base, DS_b,
-                                      stride_qt, stride_dot, offs_n, offs_m0, offs_d,
-                                      tl.maximum(s0, top), q_hi, T, window, qk_scale,
-                                      2, HAS_DOC, UPCAST, IEEE, BLOCK_M)
+    dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, stride_qh, stride_qt,
+                              stride_doh, stride_dot, h0, offs_n, offs_m0, offs_d, q_lo, diag1, T, window, qk_scale,
+                              2, G, HAS_DOC, UPCAST, IEEE, BLOCK_M, MASKED_STAGES)
+    dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, stride_qh, stride_qt,
+                              stride_doh, stride_dot, h0, offs_n, offs_m0, offs_d, diag_end, near1, T, window,
+                              qk_scale, 0, G, HAS_DOC, UPCAST, IEEE, BLOCK_M, STAGES)
+    dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, stride_qh, stride_qt,
+                              stride_doh, stride_dot, h0, offs_n, offs_m0, offs_d, band0, band1, T, window, qk_scale,
+                              2, G, HAS_DOC, UPCAST, IEEE, BLOCK_M, MASKED_STAGES)
+    dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, stride_qh, stride_qt,
+                              stride_doh, stride_dot, h0, offs_n, offs_m0, offs_d, far0, top, T, window, qk_scale,
+                              1, G, HAS_DOC, UPCAST, IEEE, BLOCK_M, STAGES)
+    if HAS_DOC:
+        dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, stride_qh, stride_qt,
+                                  stride_doh, stride_dot, h0, offs_n, offs_m0, offs_d, doc0, q_hi, T, window,
+                                  qk_scale, 2, G, HAS_DOC, UPCAST, IEEE, BLOCK_M, MASKED_STAGES)
 
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
@@ -418,9 +485,9 @@ def _dq_inner_fn(
     dq, q, do, lse, Di, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
     offs_m, offs_n, offs_d, ds_rows, lo, hi, T, window, qk_scale,
     MODE: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
 ):
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         cols = start_n + offs_n
         if MODE == 2:
             cmask = cols < T
@@ -453,7 +520,7 @@ def _dq_inner_fn(
 
 
 def _dq_kernel_fn(
-    Q, K, V, LK, DS, DO, LSE, DELTA, DQ,
+    Q, K, V, LK, DS, DO, LSE, DELTA, DQ, CNT,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -463,6 +530,7 @@ def _dq_kernel_fn(
     T, Hq, window, qk_scale, sm_scale,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    STAGES: tl.constexpr, MASKED_STAGES: tl.constexpr, COUNT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -491,40 +559,37 @@ def _dq_kernel_fn(
     k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
     lk_base = LK + b64 * stride_lb + hk.to(tl.int64) * stride_lh
-
-    hi = tl.minimum(m0 + BLOCK_M, T)
-    diag = (m0 // BLOCK_N) * BLOCK_N
+    DS_b = DS + b64 * T
     if HAS_DOC:
-        ds_rows = tl.load(DS + b64 * T + offs_m, mask=rmask, other=0)
-        ds_first = tl.load(DS + b64 * T + m0)
-        ds_last = tl.load(DS + b64 * T + hi - 1)
-        lo = (ds_first // BLOCK_N) * BLOCK_N
-        doc_full = tl.minimum(((ds_last + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, diag)
+        ds_rows = tl.load(DS_b + offs_m, mask=rmask, other=0)
     else:
-        ds_rows = offs_m
-        lo = m0 * 0
-        doc_full = lo
-    far_end = (tl.maximum(m0 - window, 0) // BLOCK_N) * BLOCK_N
-    near_start = ((tl.maximum(m0 + BLOCK_M - window, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
-    s0 = tl.maximum(lo, doc_full)
+        ds_rows = offs_m  # unused
+    lo, doc_end, s0, far1, band0, band1, near0, diag, hi = _key_ranges(DS_b, m0, T, window, BLOCK_M, BLOCK_N,
+                                                                       HAS_DOC)
+    if COUNT:
+        _count(CNT, 6, lo, doc_end, BLOCK_N, 1)
+        _count(CNT, 7, s0, far1, BLOCK_N, 1)
+        _count(CNT, 6, band0, band1, BLOCK_N, 1)
+        _count(CNT, 8, near0, diag, BLOCK_N, 1)
+        _count(CNT, 6, diag, hi, BLOCK_N, 1)
 
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     if HAS_DOC:
         dq = _dq_inner(dq, q, do, lse, Di, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
-                       offs_m, offs_n, offs_d, ds_rows, lo, doc_full, T, window, qk_scale,
-                       2, HAS_DOC, UPCAST, IEEE, BLOCK_N)
+                       offs_m, offs_n, offs_d, ds_rows, lo, doc_end, T, window, qk_scale,
+                       2, HAS_DOC, UPCAST, IEEE, BLOCK_N, MASKED_STAGES)
     dq = _dq_inner(dq, q, do, lse, Di, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
-                   offs_m, offs_n, offs_d, ds_rows, s0, tl.minimum(far_end, diag), T, window, qk_scale,
-                   1, HAS_DOC, UPCAST, IEEE, BLOCK_N)
+                   offs_m, offs_n, offs_d, ds_rows, s0, far1, T, window, qk_scale,
+                   1, HAS_DOC, UPCAST, IEEE, BLOCK_N, STAGES)
     dq = _dq_inner(dq, q, do, lse, Di, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
-                   offs_m, offs_n, offs_d, ds_rows, tl.maximum(s0, far_end), tl.minimum(near_start, diag),
-                   T, window, qk_scale, 2, HAS_DOC, UPCAST, IEEE, BLOCK_N)
+                   offs_m, offs_n, offs_d, ds_rows, band0, band1, T, window, qk_scale,
+                   2, HAS_DOC, UPCAST, IEEE, BLOCK_N, MASKED_STAGES)
     dq = _dq_inner(dq, q, do, lse, Di, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
-                   offs_m, offs_n, offs_d, ds_rows, tl.maximum(s0, near_start), diag, T, window, qk_scale,
-                   0, HAS_DOC, UPCAST, IEEE, BLOCK_N)
+                   offs_m, offs_n, offs_d, ds_rows, near0, diag, T, window, qk_scale,
+                   0, HAS_DOC, UPCAST, IEEE, BLOCK_N, STAGES)
     dq = _dq_inner(dq, q, do, lse, Di, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
                    offs_m, offs_n, offs_d, ds_rows, diag, hi, T, window, qk_scale,
-                   2, HAS_DOC, UPCAST, IEEE, BLOCK_N)
+                   2, HAS_DOC, UPCAST, IEEE, BLOCK_N, MASKED_STAGES)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
@@ -532,6 +597,9 @@ def _dq_kernel_fn(
 
 if HAS_TRITON:
     _dot = triton.jit(_dot_fn)
+    _count = triton.jit(_count_fn)
+    _key_ranges = triton.jit(_key_ranges_fn)
+    _query_ranges = triton.jit(_query_ranges_fn)
     _fwd_inner = triton.jit(_fwd_inner_fn)
     _dkdv_inner = triton.jit(_dkdv_inner_fn)
     _dq_inner = triton.jit(_dq_inner_fn)
@@ -614,14 +682,18 @@ def _cfg(cfg, D, dtype):
 
 
 def _launch_fwd(q, k, v, log_keep, doc_start, window: int, scale: float, *, cfg=None, wrap=None,
-                interpret=None, poison=False):
+                interpret=None, poison=False, counts=None):
+    """Forward kernel -> (out, lse). cfg overrides `default_config` entries; poison fills the
+    outputs with NaN first (tests: every element must be written); counts: an int32 (9,) tensor
+    receiving the per-class block counts (tests)."""
     B, Hq, Hkv, T, D = _check(q, k, v, log_keep)
     _kernel_dtype_ok(q, k, v)
     interpret, (fwd,) = _resolve(interpret, wrap, (_fwd_kernel,))
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     upcast = bool(interpret and q.dtype == torch.bfloat16)
     ieee = q.dtype == torch.float32 or upcast
-    BM, BN, warps, stages = _cfg(cfg, D, q.dtype)["fwd"]
+    c = _cfg(cfg, D, q.dtype)
+    BM, BN, warps, stages = c["fwd"]
     out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
     if poison:
@@ -629,8 +701,9 @@ def _launch_fwd(q, k, v, log_keep, doc_start, window: int, scale: float, *, cfg=
         lse.fill_(float("nan"))
     has_doc = doc_start is not None
     ds = doc_start if has_doc else lse  # unused placeholder
+    cnt = counts if counts is not None else lse
     fwd[(B * Hq, _cdiv(T, BM))](
-        q, k, v, log_keep, ds, out, lse,
+        q, k, v, log_keep, ds, out, lse, cnt,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -638,13 +711,15 @@ def _launch_fwd(q, k, v, log_keep, doc_start, window: int, scale: float, *, cfg=
         out.stride(0), out.stride(1), out.stride(2),
         T, Hq, int(window), float(scale) * _LOG2E,
         G=Hq // Hkv, D=D, BLOCK_M=BM, BLOCK_N=BN, HAS_DOC=has_doc, UPCAST=upcast, IEEE=ieee,
+        STAGES=stages, MASKED_STAGES=min(stages, c["masked_stages"]), COUNT=counts is not None,
         num_warps=warps, num_stages=stages,
     )
     return out, lse
 
 
 def _launch_bwd(do, q, k, v, log_keep, doc_start, doc_end, out, lse, window: int, scale: float, *, cfg=None,
-                wrap=None, interpret=None, poison=False):
+                wrap=None, interpret=None, poison=False, counts=None):
+    """Backward kernels -> (dq, dk, dv, dlog_keep fp32). Keywords as in `_launch_fwd`."""
     B, Hq, Hkv, T, D = _check(q, k, v, log_keep)
     _kernel_dtype_ok(q, k, v)
     interpret, (pre, dkdv, dqk) = _resolve(interpret, wrap, (_bwd_preprocess, _dkdv_kernel, _dq_kernel))
@@ -668,6 +743,7 @@ def _launch_bwd(do, q, k, v, log_keep, doc_start, doc_end, out, lse, window: int
             t.fill_(float("nan"))
     ds = doc_start if has_doc else delta
     de = doc_end if has_doc else delta
+    cnt = counts if counts is not None else delta
 
     BMp = 64
     pre[(B * Hq, _cdiv(T, BMp))](
@@ -678,7 +754,7 @@ def _launch_bwd(do, q, k, v, log_keep, doc_start, doc_end, out, lse, window: int
     )
     BM1, BN1, w1, s1 = c["dkdv"]
     dkdv[(B * Hkv, _cdiv(T, BN1))](
-        q, k, v, log_keep, ds, de, do, lse, delta, dk, dv, dlk,
+        q, k, v, log_keep, ds, de, do, lse, delta, dk, dv, dlk, cnt,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -688,11 +764,12 @@ def _launch_bwd(do, q, k, v, log_keep, doc_start, doc_end, out, lse, window: int
         dv.stride(0), dv.stride(1), dv.stride(2),
         T, Hkv, int(window), float(scale) * _LOG2E, float(scale),
         G=G, D=D, BLOCK_M=BM1, BLOCK_N=BN1, HAS_DOC=has_doc, UPCAST=upcast, IEEE=ieee,
+        STAGES=s1, MASKED_STAGES=min(s1, c["masked_stages"]), COUNT=counts is not None,
         num_warps=w1, num_stages=s1,
     )
     BM2, BN2, w2, s2 = c["dq"]
     dqk[(B * Hq, _cdiv(T, BM2))](
-        q, k, v, log_keep, ds, do, lse, delta, dq,
+        q, k, v, log_keep, ds, do, lse, delta, dq, cnt,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -701,6 +778,7 @@ def _launch_bwd(do, q, k, v, log_keep, doc_start, doc_end, out, lse, window: int
         dq.stride(0), dq.stride(1), dq.stride(2),
         T, Hq, int(window), float(scale) * _LOG2E, float(scale),
         G=G, D=D, BLOCK_M=BM2, BLOCK_N=BN2, HAS_DOC=has_doc, UPCAST=upcast, IEEE=ieee,
+        STAGES=s2, MASKED_STAGES=min(s2, c["masked_stages"]), COUNT=counts is not None,
         num_warps=w2, num_stages=s2,
     )
     return dq, dk, dv, dlk
