@@ -397,17 +397,43 @@ def _weight_files(folder: Path) -> list[Path]:
     )
 
 
-def _read_weights(folder: Path) -> Dict[str, torch.Tensor]:
+def _read_weights(folder: Path, cfg: Dict[str, Any], family: str) -> Dict[str, torch.Tensor]:
+    """HF-named tensors from safetensors files, or from one PyTorch state-dict file (`.pt`, `.pth`,
+    `.bin`) with HF names or torchtune names (a torchtune-format checkpoint: converted here)."""
     from safetensors.torch import load_file
 
+    try:
+        files = _weight_files(folder)
+    except FileNotFoundError:
+        torch_files = sorted(p for p in folder.iterdir() if p.suffix in (".pt", ".pth", ".bin"))
+        if len(torch_files) != 1:
+            raise
+        return _read_torch_state(torch_files[0], cfg, family)
     state: Dict[str, torch.Tensor] = {}
-    for f in _weight_files(folder):
+    for f in files:
         part = load_file(str(f))
         dup = state.keys() & part.keys()
         if dup:
             raise ValueError(f"tensor {sorted(dup)[0]!r} appears in more than one weights file of {folder}")
         state.update(part)
     return state
+
+
+def _read_torch_state(path: Path, cfg: Dict[str, Any], family: str) -> Dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is the user's file
+        raise ValueError(f"{path} is not a PyTorch state dict that can be loaded safely: {e}") from e
+    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):  # torchtune recipe checkpoints
+        sd = sd["model"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    sd = {_clean_tune_key(k): v for k, v in sd.items()}
+    if any(k.startswith(("layers.", "tok_embeddings.")) for k in sd):  # torchtune names
+        extra = {tune_extra_name_to_hf(k): v for k, v in sd.items() if is_extra_key(k)}
+        base = {k: v for k, v in sd.items() if not is_extra_key(k)}
+        return {**_tune_to_hf(base, cfg, family), **extra}
+    return sd
 
 
 def _fmt_names(names, limit: int = 6) -> str:
@@ -475,7 +501,7 @@ def load_hf_checkpoint(folder, dtype: torch.dtype = torch.float32,
         model = build_decoder(cfg, max_seq_len=max_seq_len, family=family)
     max_seq_len = int(model.max_seq_len)
 
-    state = _read_weights(folder)
+    state = _read_weights(folder, cfg, family)
     extra = {k: v for k, v in state.items() if is_extra_key(k)}
     base = {k: v for k, v in state.items() if not is_extra_key(k) and "rotary_emb.inv_freq" not in k}
     tied = bool(cfg.get("tie_word_embeddings", False))

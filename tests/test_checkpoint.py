@@ -371,8 +371,12 @@ def test_unsupported_settings(llama_dir):
 
 
 def test_missing_weights(llama_dir):
+    # a lone .bin is read as a PyTorch state dict; this one is not one (it is safetensors bytes)
     (llama_dir / "model.safetensors").rename(llama_dir / "pytorch_model.bin")
-    with pytest.raises(FileNotFoundError, match="no weights in .*expected model.safetensors.*pytorch_model.bin"):
+    with pytest.raises(ValueError, match="pytorch_model.bin is not a PyTorch state dict"):
+        load_hf_checkpoint(llama_dir)
+    (llama_dir / "pytorch_model.bin").rename(llama_dir / "notes.txt")
+    with pytest.raises(FileNotFoundError, match="no weights in .*expected model.safetensors"):
         load_hf_checkpoint(llama_dir)
 
 

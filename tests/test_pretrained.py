@@ -48,3 +48,28 @@ def test_adapter_settings_without_weights_is_a_clear_error(hf_folder):
     checkpoint.save_hf_checkpoint(dm.model, cfg, hf_folder / "bad", dm.family)
     with pytest.raises(ValueError, match="no DMS adapter weights"):
         pretrained.load_dms_model(hf_folder / "bad")
+
+
+def test_torchtune_format_folder_loads_like_the_hf_one(hf_folder):
+    """A folder with config.json and one torchtune-named state dict (.pt), DMS adapter included."""
+    import json
+    import shutil
+
+    dm = pretrained.load_dms_model(hf_folder / "base", dms_overrides={"decision": "adapter", "window": 2})
+    with torch.no_grad():
+        for layer in dm.model.layers:
+            layer.attn.dms_adapter.linear.weight.normal_(0, 0.5)
+    tt = hf_folder / "tune"
+    tt.mkdir()
+    cfg = dict(dm.hf_config, **dm.dms.to_hf())
+    (tt / "config.json").write_text(json.dumps(cfg))
+    torch.save({"model": dm.model.state_dict()}, tt / "model_0.pt")
+    back = pretrained.load_dms_model(tt)
+    toks = torch.randint(0, 96, (1, 20))
+    a = tm.logits_of(dm.model, tm.forward_train(dm.model, toks, training=False).hidden)
+    b = tm.logits_of(back.model, tm.forward_train(back.model, toks, training=False).hidden)
+    assert torch.equal(a, b)
+    (tt / "model_1.pt").write_bytes(b"junk")
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        pretrained.load_dms_model(tt)
+    shutil.rmtree(tt)
