@@ -20,8 +20,9 @@ DEFAULT_CHAT = "Write a short poem about memory."
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m dms_flex.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="Hugging Face-format folder (config.json + safetensors); default: the "
-                                        "embedded SmolLM2-135M-Instruct")
+    p.add_argument("--checkpoint", help="Hugging Face-format folder (config.json + safetensors) or torchtune-format "
+                                        "folder (config.json + one .pt state dict with torchtune names); default: "
+                                        "the embedded SmolLM2-135M-Instruct")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="raw text prompt (no chat template)")
     src.add_argument("--chat", help=f"a user message, wrapped in the model's chat template (default: {DEFAULT_CHAT!r})")
