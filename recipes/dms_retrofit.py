@@ -1,0 +1,789 @@
+"""DMS retrofit: teach an existing LLM which KV-cache entries it may drop (DMS_SPEC section 5).
+
+    tune run dms_retrofit --config llama3_8b                             # one device
+    tune run --nproc_per_node 8 dms_retrofit --config llama3_8b          # FSDP2 over 8 GPUs
+    tune run dms_retrofit --config smollm2_135m max_steps=50             # key=value overrides
+    tune run dms_retrofit --config ./my_retrofit.yaml                    # your own yaml
+
+Bare config names (llama3_8b, llama3_1_8b, llama3_2_1b, llama3_2_3b, qwen2_5_7b, smollm2_135m, tiny)
+are the yaml files shipped in dms_flex/configs/; anything else is a path.
+
+The student is the model with DMS (soft, noisy eviction decisions); the teacher is the same model
+with eviction off: the student itself when only the DMS adapter trains (the base is frozen, so the
+two coincide), otherwise a frozen copy of the original weights. Per step:
+
+    loss = KL(teacher || student) over next-token distributions   (chunked over the vocabulary)
+         + max(0, alpha_target(step) - fraction evicted)           (alpha_target = 1 - 1/CR(step))
+
+with CR(step) rising linearly from dms.initial_cr to dms.final_cr over dms.final_step steps. The
+plain LM loss is only logged. Master weights and optimizer state are fp32; with dtype=bf16 the
+forward runs under bf16 autocast and the frozen teacher copy is held in bf16.
+
+Outputs under output_dir: step_NNNNNN/ (resumable: fp32 Hugging Face folder + recipe_state.pt),
+final/ (Hugging Face folder in save_dtype with the DMS keys in config.json, loadable by
+`python -m dms_flex.generate --checkpoint`), kept_heatmap.png (kept fraction per layer and KV
+head, hard decisions), logs/.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+from torchtune import config
+
+from dms_flex import checkpoint as ckpt
+from dms_flex import data as dms_data
+from dms_flex import pretrained
+from dms_flex.config import DMSConfig, DMSConfigError
+from dms_flex.losses import chunked_kd_loss, compression_loss, distillation_mask
+from dms_flex.stats import CompressionReport, kept_fraction, plot_kept_heatmap
+from dms_flex.torchtune_model import add_dms, forward_train, output_weight
+
+CONFIG_DIR = Path(dms_data.__file__).resolve().parent / "configs"
+RECIPE_STATE = "recipe_state.pt"
+_CONFIG_NAME = None  # the bare name given to --config, for messages
+
+
+class RecipeError(Exception):
+    """A problem with the user's set-up or config; printed as one message, without a traceback."""
+
+
+# ============================================================================ the step as one module
+class RetrofitStep(nn.Module):
+    """Everything a micro-batch computes, inside one module call.
+
+    FSDP2 gathers a module's parameters in its forward; the KD loss reads the output projection
+    directly, so it must run inside the root module's forward. The teacher copy is deliberately
+    not a submodule: it is frozen and never sharded.
+    """
+
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], *, activation_checkpointing: bool,
+                 kd_chunk_size: int, kd_temperature: float, log_lm_loss: bool):
+        super().__init__()
+        self.student = student
+        self._teacher = [teacher]  # a list keeps it out of the module tree
+        self.activation_checkpointing = activation_checkpointing
+        self.kd_chunk_size = kd_chunk_size
+        self.kd_temperature = kd_temperature
+        self.log_lm_loss = log_lm_loss
+
+    def forward(self, tokens, targets, doc_ids, valid, alpha_target: torch.Tensor,
+                generator=None) -> Dict[str, Any]:
+        teacher = self._teacher[0] or self.student
+        with torch.no_grad():
+            t_hidden = forward_train(teacher, tokens, doc_ids=doc_ids, eviction=False, training=False).hidden
+        out = forward_train(self.student, tokens, doc_ids=doc_ids, training=True, generator=generator,
+                            activation_checkpointing=self.activation_checkpointing)
+        w = output_weight(self.student)
+        mask = distillation_mask(targets)
+        kd = chunked_kd_loss(out.hidden, t_hidden, w, mask, chunk_size=self.kd_chunk_size,
+                             temperature=self.kd_temperature)
+        comp = compression_loss(out.alpha_st, alpha_target, valid)
+        lm = _lm_loss(out.hidden, w, targets, self.kd_chunk_size) if self.log_lm_loss else kd.new_zeros(())
+        return {"kd": kd, "compression": comp, "lm": lm, "evicted": out.evicted}
+
+    @torch.no_grad()
+    def measure(self, tokens, doc_ids) -> List[torch.Tensor]:
+        """Hard decisions (no noise, `l > 0` evicts), as at inference: per layer (B, Hkv, T)."""
+        return forward_train(self.student, tokens, doc_ids=doc_ids, training=False).evicted
+
+
+@torch.no_grad()
+def _lm_loss(hidden, weight, targets, chunk: int) -> torch.Tensor:
+    """Next-token cross entropy (for the log only), a chunk of tokens at a time."""
+    h = hidden.detach().reshape(-1, hidden.shape[-1])
+    t = targets.reshape(-1)
+    total = h.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[0], chunk):
+        logits = (h[s:s + chunk] @ weight.detach().t()).float()
+        total = total + torch.nn.functional.cross_entropy(logits, t[s:s + chunk], ignore_index=dms_data.IGNORE_INDEX,
+                                                          reduction="sum")
+    return total / (t != dms_data.IGNORE_INDEX).sum().clamp_min(1)
+
+
+def kept_tokens(evicted: List[torch.Tensor], doc_ids: torch.Tensor, valid: torch.Tensor,
+                window: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(L, Hkv) tokens a cache would still hold at the end of each document, summed over the
+    documents of the batch, and the number of tokens seen. Each packed document is its own sequence
+    (stats.kept_fraction per document), so CR = total / kept."""
+    B, T = doc_ids.shape
+    spans = []  # (row, start, length) of every real document
+    ids, ok = doc_ids.cpu(), valid.cpu()
+    for b in range(B):
+        change = torch.nonzero(ids[b, 1:] != ids[b, :-1]).flatten().add(1).tolist()
+        for s, e in zip([0] + change, change + [T]):
+            if bool(ok[b, s]):
+                spans.append((b, s, e - s))
+    n = torch.tensor([L for _, _, L in spans], device=doc_ids.device)
+    width = int(n.max())
+    offs = torch.arange(width)
+    index = torch.stack([b * T + s + offs.clamp(max=L - 1) for b, s, L in spans]).to(doc_ids.device)
+    kept = []
+    for ev in evicted:  # (B, H, T) -> one row per document
+        H = ev.shape[1]
+        per_doc = ev.permute(1, 0, 2).reshape(H, B * T)[:, index].permute(1, 0, 2)
+        kept.append((kept_fraction(per_doc, window, n) * n[:, None]).sum(0))
+    return torch.stack(kept).float(), n.sum().float()
+
+
+# ============================================================================ the recipe
+class DMSRetrofitRecipe:
+    """Reads top to bottom: __init__ (devices, process group), setup (data, models, optimizer,
+    resume), train, save_checkpoint, cleanup."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        _validate(cfg)
+        self.dms = DMSConfig.from_dict(OmegaConf.to_container(cfg.dms, resolve=True))
+        self.adapter_only = bool(cfg.get("train_adapter_only", False))
+        if self.adapter_only and self.dms.decision != "adapter":
+            raise RecipeError("train_adapter_only=true needs dms.decision=adapter: the borrowed-neuron variant has "
+                              "no adapter, it always trains all weights")
+        if cfg.get("checkpoint_dir", None) is not None and not (Path(cfg.checkpoint_dir) / "config.json").is_file():
+            raise RecipeError(_missing_weights_message(cfg, Path(cfg.checkpoint_dir)))
+        from torchtune import training, utils
+
+        self.distributed = training.is_distributed()
+        self.device = _device(cfg.get("device", "auto"), self.distributed)
+        if self.distributed:
+            from torch.distributed import init_process_group
+
+            init_process_group(backend=training.get_distributed_backend(self.device.type))
+        self.world_size, self.rank = utils.get_world_size_and_rank()
+        self.is_rank_zero = self.rank == 0
+        self.compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]
+        self.save_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.get("save_dtype", "bf16")]
+        self.output_dir = Path(os.path.expanduser(str(cfg.output_dir))).absolute()
+        self.max_steps = int(cfg.max_steps)
+        self.grad_accum = int(cfg.gradient_accumulation_steps)
+        self.batch_size = int(cfg.batch_size)
+        self.clip = cfg.get("clip_grad_norm", None)
+        self.save_every = cfg.get("save_every_n_steps", None)
+        self.log_every = int(cfg.get("log_every_n_steps", 1))
+        self.seed = int(cfg.seed)
+        self.global_step = 0
+        self.epoch = 0
+
+    # ------------------------------------------------------------------------ setup
+    def setup(self, cfg: DictConfig) -> None:
+        torch.manual_seed(self.seed)
+        if self.is_rank_zero:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.metric_logger = config.instantiate(cfg.metric_logger)
+            self.metric_logger.log_config(cfg)
+        self.tokenizer = _instantiate(cfg.tokenizer, "tokenizer")
+        self._setup_models(cfg)
+        self._setup_data(cfg)
+        trainable = [p for p in self.step.parameters() if p.requires_grad]
+        self.optimizer = _instantiate(cfg.optimizer, "optimizer", trainable)
+        self.lr_scheduler = None
+        if cfg.get("lr_scheduler", None) is not None:
+            self.lr_scheduler = _instantiate(cfg.lr_scheduler, "lr_scheduler", self.optimizer,
+                                             num_training_steps=self.max_steps)
+        # the noise of the eviction relaxation has its own generator: its state is part of a checkpoint
+        self.noise = torch.Generator(device=self.device).manual_seed(self.seed * 1000 + self.rank)
+        if self._resume_folder is not None:
+            self._load_recipe_state(self._resume_folder)
+        self.train_step = torch.compile(self.step) if cfg.get("compile", False) else self.step
+        n_train = sum(p.numel() for p in trainable)
+        n_all = sum(p.numel() for p in self.step.parameters())
+        self._log(f"student: {n_all:,} parameters ({n_train:,} trained), DMS {self.dms.decision} "
+                  f"window {self.dms.window}, CR {self.dms.initial_cr:g} -> {self.dms.final_cr:g} over "
+                  f"{self.dms.final_step} steps; teacher: "
+                  f"{'the student with eviction off' if self.teacher is None else 'frozen copy of the original'}; "
+                  f"{self.world_size} rank(s) on {self.device.type}, {cfg.dtype}")
+
+    def _setup_models(self, cfg: DictConfig) -> None:
+        """Student (fp32 master weights, DMS attached), teacher, and the resume folder if any."""
+        self._resume_folder = _resume_folder(cfg.get("resume_from", None), self.output_dir)
+        source, self.hf_config, self.family = self._original_model(cfg)
+        needs_teacher = not self.adapter_only
+        if self.distributed:
+            student, teacher = self._sharded_student(cfg, source, needs_teacher)
+        else:
+            if self._resume_folder is not None:
+                student = self._model_from_folder(self._resume_folder, torch.float32, cfg)
+            else:
+                student = copy.deepcopy(source) if needs_teacher else source
+            teacher = source if needs_teacher else None
+            student = student.to(device=self.device, dtype=torch.float32)
+        if teacher is not None:
+            teacher.to(device=self.device, dtype=self.compute_dtype).eval().requires_grad_(False)
+        self._freeze_base(student)
+        self.teacher = teacher
+        self.step = RetrofitStep(student, teacher, activation_checkpointing=bool(cfg.get("enable_activation_checkpointing",
+                                                                                        False)),
+                                 kd_chunk_size=int(cfg.get("kd_chunk_size", 1024)),
+                                 kd_temperature=float(cfg.get("kd_temperature", 1.0)),
+                                 log_lm_loss=bool(cfg.get("log_lm_loss", True)))
+        if self.distributed:
+            self._shard(cfg)
+            self._load_full_state(cfg, student)
+        self.step.train()
+
+    def _original_model(self, cfg: DictConfig):
+        """The model before retrofit, on CPU, DMS attached: from checkpoint_dir, or random init from
+        the `model` component (checkpoint_dir: null)."""
+        if cfg.get("checkpoint_dir", None) is None:
+            if cfg.get("model", None) is None:
+                raise RecipeError("the config needs checkpoint_dir (a Hugging Face folder) or a `model` component "
+                                  "(random initialisation)")
+            model_cfg = cfg.model
+            if str(model_cfg.get("vocab_size", "auto")) == "auto":
+                model_cfg = OmegaConf.merge(model_cfg, {"vocab_size": self.tokenizer.vocab_size})
+            torch.manual_seed(self.seed)  # the same initial weights on every rank and every resume
+            model = config.instantiate(model_cfg)
+            hf_config = _hf_config_of(model, self.tokenizer)
+            return add_dms(model, self.dms), hf_config, "llama"
+        loaded = self._load_folder(Path(cfg.checkpoint_dir), self.compute_dtype if self.distributed else torch.float32,
+                                   cfg, original=True)
+        model = add_dms(loaded.model, self.dms)
+        if loaded.extra_state and self.dms.decision == "adapter":  # continuing from a DMS checkpoint
+            pretrained.load_dms_state(model, loaded.extra_state, source=str(cfg.checkpoint_dir))
+        hf_config = {k: v for k, v in loaded.hf_config.items() if not k.startswith("dms_")}
+        return model, hf_config, loaded.family
+
+    def _load_folder(self, folder: Path, dtype, cfg: DictConfig, original: bool):
+        if original and not (folder / "config.json").is_file():
+            raise RecipeError(_missing_weights_message(cfg, folder))
+        try:
+            return ckpt.load_hf_checkpoint(folder, dtype=dtype, max_seq_len=int(cfg.max_seq_len))
+        except FileNotFoundError as e:
+            raise RecipeError(_missing_weights_message(cfg, folder) if original else str(e)) from None
+        except ValueError as e:
+            raise RecipeError(f"cannot load {folder}: {e}") from None
+
+    def _model_from_folder(self, folder: Path, dtype, cfg: DictConfig) -> nn.Module:
+        """A retrofit checkpoint (ours): base weights plus DMS parameters."""
+        loaded = self._load_folder(folder, dtype, cfg, original=False)
+        model = add_dms(loaded.model, self.dms)
+        pretrained.load_dms_state(model, loaded.extra_state, source=str(folder))
+        return model
+
+    def _freeze_base(self, student: nn.Module) -> None:
+        if not self.adapter_only:
+            return
+        for name, p in student.named_parameters():
+            p.requires_grad_(ckpt.is_extra_key(name))
+        if not self.distributed:  # frozen weights need no fp32 master copy (FSDP wants one dtype per unit)
+            for name, p in student.named_parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(self.compute_dtype)
+
+    # ---- FSDP2 ---------------------------------------------------------------------------------
+    def _sharded_student(self, cfg: DictConfig, source: nn.Module, needs_teacher: bool):
+        """A meta-device student (fp32) to shard; its weights arrive in _load_full_state from rank 0's
+        copy of the source (which every rank also keeps as its teacher when it needs one)."""
+        self._source = source if self.is_rank_zero else None
+        with torch.device("meta"):
+            if cfg.get("checkpoint_dir", None) is None:
+                model_cfg = OmegaConf.merge(cfg.model, {"vocab_size": self.hf_config["vocab_size"]})
+                student = config.instantiate(model_cfg)
+            else:
+                student = ckpt.build_decoder(self.hf_config, max_seq_len=int(cfg.max_seq_len), family=self.family)
+            student = add_dms(student, self.dms)
+        return student, (source if needs_teacher else None)
+
+    def _shard(self, cfg: DictConfig) -> None:
+        """Attention projections and MLPs of every layer are FSDP units: forward_train calls them
+        as modules, so their hooks gather and free them. Embeddings, norms, the output projection and
+        the DMS adapters stay in the root unit (RetrofitStep), which is whole during its forward."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import register_fsdp_forward_method
+        from torchtune import training
+
+        unit = re.compile(r"^student\.layers\.\d+\.(attn\.(q_proj|k_proj|v_proj|output_proj)|mlp)$")
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        training.shard_model(self.step, [lambda name, module: bool(unit.match(name))], cpu_offload=False,
+                             reshard_after_forward=bool(cfg.get("fsdp_reshard_after_forward", True)), dp_mesh=mesh)
+        register_fsdp_forward_method(self.step, "measure")
+
+    def _load_full_state(self, cfg: DictConfig, student: nn.Module) -> None:
+        # torch's distributed state-dict API directly: torchtune 0.6.1's loader needs the full state
+        # dict on every rank, this one reads it on rank 0 and broadcasts the shards.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torchtune import training
+
+        with torch.device(self.device):
+            for m in student.modules():
+                if hasattr(m, "rope_init"):  # RoPE caches are not in the state dict
+                    m.rope_init()
+        full = {}
+        if self.is_rank_zero:
+            model = (self._model_from_folder(self._resume_folder, torch.float32, cfg)
+                     if self._resume_folder is not None else self._source)
+            full = {f"student.{k}": v.to(self.device, torch.float32) for k, v in model.state_dict().items()}
+        set_model_state_dict(self.step, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                        strict=True))
+        training.validate_no_params_on_meta_device(self.step)
+        self._source = None
+        torch.distributed.barrier()
+
+    # ---- data -----------------------------------------------------------------------------------
+    def _setup_data(self, cfg: DictConfig) -> None:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+        from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+        from torch.utils.data import ConcatDataset
+
+        parts = cfg.dataset if isinstance(cfg.dataset, ListConfig) else [cfg.dataset]
+        datasets = []
+        for part in parts:
+            if part.get("packed", False):
+                raise RecipeError("dataset.packed=true: leave packing to the recipe (it needs document ids); set "
+                                  "packed: false and choose max_seq_len / split_across_rows at the top level")
+            datasets.append(_instantiate(part, "dataset", self.tokenizer))
+        ds = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
+        rows_needed = self.max_steps * self.grad_accum * self.batch_size * self.world_size
+        self.packed = dms_data.PackedDocuments(ds, int(cfg.max_seq_len), pad_id=self.tokenizer.pad_id,
+                                               split_across_rows=bool(cfg.get("split_across_rows", True)),
+                                               max_rows=rows_needed, progress=self.is_rank_zero)
+        per_batch = self.batch_size * self.world_size
+        if len(self.packed) < per_batch:
+            raise RecipeError(f"the data packs into {len(self.packed)} row(s) of {cfg.max_seq_len} tokens, fewer than "
+                              f"one batch ({self.batch_size} x {self.world_size} rank(s)): add data or lower "
+                              f"max_seq_len / batch_size")
+        self.sampler = StatefulDistributedSampler(self.packed, num_replicas=self.world_size, rank=self.rank,
+                                                  shuffle=bool(cfg.get("shuffle", True)), seed=self.seed,
+                                                  drop_last=True)
+        self.dataloader = StatefulDataLoader(self.packed, batch_size=self.batch_size, sampler=self.sampler,
+                                             drop_last=True, num_workers=0)
+        # the same number of eval rows on every rank (FSDP runs every forward on all ranks together)
+        n_eval = min(int(cfg.get("eval_batches", 1)) * self.batch_size, len(self.packed) // self.world_size)
+        rows = [self.rank + self.world_size * k for k in range(n_eval)]
+        self.eval_batches = [torch.utils.data.default_collate([self.packed[i] for i in rows[s:s + self.batch_size]])
+                             for s in range(0, len(rows), self.batch_size)]
+        epochs = rows_needed / max(len(self.packed), 1)
+        self._log(f"data: {self.packed.documents} documents, {self.packed.real_tokens} tokens in {len(self.packed)} "
+                  f"rows of {cfg.max_seq_len}; {self.max_steps} steps x {self.grad_accum * self.batch_size} rows x "
+                  f"{self.world_size} rank(s) = {max(epochs, 1.0):.1f} epoch(s)")
+
+    def _batches(self):
+        """Batches forever, epoch after epoch; resumes where the data loader's state says."""
+        while True:
+            self.sampler.set_epoch(self.epoch)
+            for batch in self.dataloader:
+                yield batch
+            self.epoch += 1
+
+    # ------------------------------------------------------------------------ training
+    def train(self) -> None:
+        from torchtune import training
+        from tqdm import tqdm
+
+
+        if self.global_step == 0:
+            before = self.measure_compression()
+            self._log(f"before training (hard decisions): {before.format()}")
+            self._log_dict({"eval_cr": before.ratio}, step=0)
+        autocast = (torch.autocast(self.device.type, dtype=self.compute_dtype)
+                    if self.compute_dtype != torch.float32 else nullcontext())
+        batches = self._batches()
+        pbar = tqdm(total=self.max_steps, initial=self.global_step, disable=not self.is_rank_zero, dynamic_ncols=True)
+        if self.device.type == "cuda":
+            training.cleanup_before_training()
+        self.optimizer.zero_grad(set_to_none=True)
+        while self.global_step < self.max_steps:
+            t0 = time.perf_counter()
+            # a tensor, not a float: a compiled step would otherwise recompile for every new value
+            alpha_target = torch.tensor(self.dms.alpha_target(self.global_step), device=self.device)
+            sums = torch.zeros(3, device=self.device)  # kd, compression, lm
+            kept = seen = 0
+            tokens = 0
+            for _ in range(self.grad_accum):
+                batch = {k: v.to(self.device) for k, v in next(batches).items()}
+                with autocast:
+                    r = self.train_step(batch["tokens"], batch["targets"], batch["doc_ids"], batch["valid"],
+                                        alpha_target, self.noise)
+                ((r["kd"] + r["compression"]) / self.grad_accum).backward()
+                sums += torch.stack([r["kd"].detach(), r["compression"].detach(), r["lm"].detach()]).float()
+                k, n = kept_tokens(r["evicted"], batch["doc_ids"], batch["valid"], self.dms.effective_window)
+                kept, seen = kept + k, seen + n
+                tokens += int(batch["valid"].sum())
+            grad_norm = None
+            if self.clip is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.step.parameters() if p.requires_grad],
+                                                           max_norm=float(self.clip))
+                if hasattr(grad_norm, "full_tensor"):
+                    grad_norm = grad_norm.full_tensor()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+            self.global_step += 1
+
+            stats = torch.cat([sums / self.grad_accum, kept.flatten(), seen.view(1),
+                               torch.tensor([float(tokens)], device=self.device)])
+            if self.distributed:
+                torch.distributed.all_reduce(stats)
+                stats[:3] /= self.world_size
+            kd, comp, lm = stats[:3].tolist()
+            per_layer_head = (stats[3:-2].view_as(kept) / stats[-2]).cpu()
+            report = CompressionReport(per_layer_head=per_layer_head)
+            target_cr = self.dms.target_cr(self.global_step - 1)
+            pbar.update(1)
+            pbar.set_postfix_str(f"kd {kd:.4f} comp {comp:.4f} CR {report.ratio:.2f} (target {target_cr:.2f})")
+            if self.global_step % self.log_every == 0 or self.global_step == self.max_steps:
+                dt = time.perf_counter() - t0
+                log = {"loss": kd + comp, "kd_loss": kd, "compression_loss": comp, "lm_loss": lm,
+                       "target_cr": target_cr, "achieved_cr": report.ratio,
+                       "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_second": stats[-1].item() / dt}
+                if grad_norm is not None:
+                    log["grad_norm"] = float(grad_norm)
+                log.update({f"kept_layer_{i:02d}": float(v) for i, v in enumerate(per_layer_head.mean(dim=1))})
+                self._log_dict(log, step=self.global_step)
+            if self.save_every and self.global_step % int(self.save_every) == 0 and self.global_step < self.max_steps:
+                self.save_checkpoint(self.global_step, final=False)
+        pbar.close()
+        after = self.measure_compression()
+        self._log(f"after {self.global_step} steps (hard decisions): {after.format()}")
+        self._log_dict({"eval_cr": after.ratio}, step=self.global_step)
+        self.save_checkpoint(self.global_step, final=True)
+        if self.is_rank_zero:
+            try:
+                path = plot_kept_heatmap(after, str(self.output_dir / "kept_heatmap.png"),
+                                         title=f"kept, step {self.global_step}")
+                self._log(f"heat map of kept fraction per layer and KV head: {path}")
+            except ImportError:
+                self._log("no heat map: it needs matplotlib (pip install matplotlib)")
+
+    @torch.no_grad()
+    def measure_compression(self) -> CompressionReport:
+        """CR of the hard decisions (as at inference) on the fixed eval rows, all ranks together."""
+        was = self.step.training
+        self.step.eval()
+        autocast = (torch.autocast(self.device.type, dtype=self.compute_dtype)
+                    if self.compute_dtype != torch.float32 else nullcontext())
+        kept = seen = 0
+        for batch in self.eval_batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with autocast:
+                evicted = self.step.measure(batch["tokens"], batch["doc_ids"])
+            k, n = kept_tokens(evicted, batch["doc_ids"], batch["valid"], self.dms.effective_window)
+            kept, seen = kept + k, seen + n
+        stats = torch.cat([kept.flatten(), seen.view(1)])
+        if self.distributed:
+            torch.distributed.all_reduce(stats)
+        self.step.train(was)
+        return CompressionReport(per_layer_head=(stats[:-1].view_as(kept) / stats[-1]).cpu())
+
+    # ------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, step: int, final: bool) -> Optional[Path]:
+        """step_NNNNNN/: fp32 weights + recipe_state.pt (exact resume); final/: weights in save_dtype.
+        Both are Hugging Face folders with the DMS settings in config.json (written atomically)."""
+        from torchtune import training
+
+        if self.distributed:
+            sd = training.gather_cpu_state_dict(self.step, self.is_rank_zero, device=self.device)
+            opt = None if final else training.get_full_optimizer_state_dict(self.step, self.optimizer,
+                                                                            self.is_rank_zero, device=self.device)
+            rng = [None] * self.world_size
+            torch.distributed.all_gather_object(rng, self._rng_state())
+        else:
+            sd = self.step.state_dict()
+            opt = None if final else self.optimizer.state_dict()
+            rng = [self._rng_state()]
+        folder = None
+        if self.is_rank_zero:
+            folder = self.output_dir / ("final" if final else f"step_{step:06d}")
+            dtype = self.save_dtype if final else torch.float32
+            weights = {k.removeprefix("student."): (v.to(dtype) if v.is_floating_point() and not ckpt.is_extra_key(k)
+                                                    else v.float() if v.is_floating_point() else v)
+                       for k, v in sd.items()}
+            view = _StateDictView(weights)
+            hf_config = {**self.hf_config, **self.dms.to_hf()}
+            (folder / RECIPE_STATE).unlink(missing_ok=True)  # a stale state must not outlive its weights
+            ckpt.save_hf_checkpoint(view, hf_config, folder, self.family, extra_state=pretrained.dms_state_dict(view),
+                                    tokenizer=self.tokenizer.hf)
+            if not final:
+                state = {"step": step, "epoch": self.epoch, "dataloader": self.dataloader.state_dict(),
+                         "optimizer": opt, "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
+                         "rng": rng, "world_size": self.world_size, "seed": self.seed, "dms": self.dms.to_dict()}
+                _atomic_torch_save(state, folder / RECIPE_STATE)
+            self._log(f"saved {'final model' if final else 'checkpoint'} to {folder}")
+        if self.distributed:
+            torch.distributed.barrier()
+        return folder
+
+    def _rng_state(self) -> Dict[str, Any]:
+        import random
+
+        import numpy as np
+
+        return {"noise": self.noise.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+                "python": random.getstate(), "numpy": np.random.get_state()}
+
+    def _load_recipe_state(self, folder: Path) -> None:
+        import random
+
+        import numpy as np
+
+        # mmap: only rank 0 reads the optimizer tensors (the others receive their shards)
+        state = torch.load(folder / RECIPE_STATE, map_location="cpu", weights_only=False, mmap=True)
+        if state["dms"] != self.dms.to_dict():
+            diff = {k: (v, self.dms.to_dict()[k]) for k, v in state["dms"].items() if self.dms.to_dict()[k] != v}
+            raise RecipeError(f"cannot resume from {folder}: its DMS settings differ from the config's "
+                              f"(checkpoint, config): {diff}")
+        if state["world_size"] != self.world_size:
+            self._log(f"warning: {folder} was written by {state['world_size']} rank(s), this run has "
+                      f"{self.world_size}: the data order and noise will differ from an uninterrupted run")
+        self.global_step, self.epoch = int(state["step"]), int(state["epoch"])
+        if self.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.step, self.optimizer, state["optimizer"] if self.is_rank_zero else {},
+                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.sampler.set_epoch(self.epoch)
+        self.dataloader.load_state_dict(state["dataloader"])
+        rng = state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0]
+        self.noise.set_state(rng["noise"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        self._log(f"resumed from {folder} at step {self.global_step} (target CR {self.dms.target_cr(self.global_step):.2f})")
+
+    # ------------------------------------------------------------------------ logging, cleanup
+    def _log(self, msg: str) -> None:
+        if self.is_rank_zero:
+            from tqdm import tqdm
+
+            tqdm.write(f"dms_retrofit: {msg}", file=sys.stdout)  # not into the progress bar's line
+            sys.stdout.flush()
+
+    def _log_dict(self, payload: Dict[str, float], step: int) -> None:
+        if self.is_rank_zero:
+            self.metric_logger.log_dict(payload, step=step)
+
+    def cleanup(self) -> None:
+        if self.is_rank_zero and hasattr(self, "metric_logger"):
+            self.metric_logger.close()
+        if self.distributed:
+            torch.distributed.destroy_process_group()
+
+
+# ============================================================================ helpers
+class _StateDictView:
+    """What save_hf_checkpoint and dms_state_dict read from a model: its state dict. Lets a gathered
+    (FSDP) or re-typed state dict be saved without building a second model."""
+
+    def __init__(self, sd: Dict[str, torch.Tensor]):
+        self._sd = sd
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return self._sd
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _device(name: str, distributed: bool) -> torch.device:
+    name = str(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RecipeError("device=cuda but torch sees no CUDA device: use device=cpu (or auto)")
+        if distributed:
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local)
+            return torch.device("cuda", local)
+    return torch.device(name)
+
+
+def _hf_config_of(model: nn.Module, tokenizer) -> Dict[str, Any]:
+    """config.json for a decoder built from a Llama component builder (random init)."""
+    from torchtune.modules import RotaryPositionalEmbeddings
+
+    attn = model.layers[0].attn
+    if type(attn.pos_embeddings) is not RotaryPositionalEmbeddings:
+        raise RecipeError("random initialisation (checkpoint_dir: null) supports Llama builders with plain RoPE, "
+                          "e.g. torchtune.models.llama3._component_builders.llama3")
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+          "vocab_size": model.tok_embeddings.num_embeddings, "hidden_size": model.tok_embeddings.embedding_dim,
+          "num_hidden_layers": len(model.layers), "num_attention_heads": attn.num_heads,
+          "num_key_value_heads": attn.num_kv_heads, "intermediate_size": model.layers[0].mlp.w1.out_features,
+          "rms_norm_eps": float(model.norm.eps), "rope_theta": float(attn.pos_embeddings.base),
+          "max_position_embeddings": int(model.max_seq_len),
+          "tie_word_embeddings": hasattr(model.output, "tied_module"),
+          "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    expected = ckpt.build_expected_hf_shapes(hf)
+    if sum(math.prod(s) for s in expected.values()) != sum(p.numel() for p in model.parameters()):
+        raise RecipeError("the `model` component has parameters a Llama config.json cannot describe")
+    return hf
+
+
+def _instantiate(node, what: str, *args, **kwargs):
+    from torchtune.config._errors import InstantiationError
+
+    try:
+        return config.instantiate(node, *args, **kwargs)
+    except InstantiationError as e:
+        raise RecipeError(f"cannot build {what} ({node.get('_component_')}): {e}") from None
+    except ModuleNotFoundError as e:
+        raise RecipeError(f"cannot build {what}: {e}") from None
+    except (TypeError, ValueError, FileNotFoundError) as e:
+        raise RecipeError(f"cannot build {what} ({node.get('_component_')}): {e}") from None
+
+
+def _resume_folder(value, output_dir: Path) -> Optional[Path]:
+    if value in (None, "", False):
+        return None
+    if str(value) == "latest":
+        found = sorted(p for p in output_dir.glob("step_*") if (p / RECIPE_STATE).is_file())
+        if not found:
+            raise RecipeError(f"resume_from=latest: no checkpoint with {RECIPE_STATE} under {output_dir}")
+        return found[-1]
+    folder = Path(os.path.expanduser(str(value))).absolute()
+    if not (folder / RECIPE_STATE).is_file():
+        raise RecipeError(f"resume_from={value}: {folder} holds no {RECIPE_STATE}; resume from a step_NNNNNN folder "
+                          f"that a run wrote (final/ is not resumable)")
+    return folder
+
+
+def _missing_weights_message(cfg: DictConfig, folder: Path) -> str:
+    name = _CONFIG_NAME or "this config"
+    repo = cfg.get("hf_repo", None) or "<organisation>/<model>"
+    return (f"config '{name}' expects the Hugging Face-format weights of {repo} in\n"
+            f"    {folder}\n"
+            f"but {'that folder has no config.json or weights' if folder.is_dir() else 'that folder does not exist'}.\n"
+            f"Get them (gated models need a Hugging Face token with access) with:\n"
+            f"    tune download {repo} --output-dir {folder} --hf-token $HF_TOKEN\n"
+            f"The folder must hold config.json, model*.safetensors (with model.safetensors.index.json when sharded) "
+            f"and the tokenizer files; Meta's original/ files that `tune download` adds are not used.\n"
+            f"Weights elsewhere: add checkpoint_dir=/path/to/folder to the command.")
+
+
+_KNOWN_KEYS = {
+    "hf_repo", "checkpoint_dir", "model", "tokenizer", "dataset", "max_seq_len", "split_across_rows", "shuffle",
+    "seed", "dms", "train_adapter_only", "optimizer", "lr_scheduler", "clip_grad_norm", "batch_size",
+    "gradient_accumulation_steps", "max_steps", "dtype", "device", "enable_activation_checkpointing", "compile",
+    "kd_chunk_size", "kd_temperature", "log_lm_loss", "output_dir", "save_every_n_steps", "save_dtype",
+    "resume_from", "eval_batches", "metric_logger", "log_every_n_steps", "fsdp_reshard_after_forward",
+}
+
+
+def _validate(cfg: DictConfig) -> None:
+    """Clear errors for the recipe's own keys before anything is built."""
+    for key in cfg:
+        node = cfg.get(key)
+        if key not in _KNOWN_KEYS and not (isinstance(node, DictConfig) and "_component_" in node):
+            raise RecipeError(f"unknown config key {key!r}; the recipe reads {sorted(_KNOWN_KEYS)} (and building "
+                              f"blocks with a _component_)")
+    for key in ("tokenizer", "dataset", "optimizer", "metric_logger", "dms", "max_seq_len", "max_steps",
+                "batch_size", "gradient_accumulation_steps", "output_dir", "dtype"):
+        if cfg.get(key, None) is None:
+            raise RecipeError(f"the config lacks {key!r}")
+
+    def positive_int(key):
+        v = cfg.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise RecipeError(f"{key}={v!r} is invalid: it must be an integer >= 1")
+
+    for key in ("max_seq_len", "max_steps", "batch_size", "gradient_accumulation_steps"):
+        positive_int(key)
+    for key in ("save_every_n_steps",):
+        if cfg.get(key, None) is not None:
+            positive_int(key)
+    for key, allowed in (("dtype", ("bf16", "fp32")), ("save_dtype", ("bf16", "fp32"))):
+        if cfg.get(key, "bf16") not in allowed:
+            raise RecipeError(f"{key}={cfg.get(key)!r} is invalid: it must be one of {allowed}")
+    clip = cfg.get("clip_grad_norm", None)
+    if clip is not None and not (isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0):
+        raise RecipeError(f"clip_grad_norm={clip!r} is invalid: it must be a number > 0 or null")
+    if not isinstance(cfg.dms, DictConfig):
+        raise RecipeError("dms must be a mapping of DMSConfig fields (window, decision, final_cr, ...)")
+    DMSConfig.from_dict(OmegaConf.to_container(cfg.dms, resolve=True))  # raises DMSConfigError with the field
+
+
+def _resolve_paths(cfg: DictConfig) -> None:
+    """`checkpoint_dir: smollm2` is the embedded model; paths get `~` expanded (interpolations such as
+    ${checkpoint_dir} then see the resolved value)."""
+    cfg.output_dir = str(Path(os.path.expanduser(str(cfg.output_dir))).absolute())
+    value = cfg.get("checkpoint_dir", None)
+    if value is not None:
+        try:
+            cfg.checkpoint_dir = str(dms_data.resolve_model_dir(value))
+        except (ModuleNotFoundError, FileNotFoundError) as e:
+            raise RecipeError(str(e)) from None
+
+
+def packaged_configs() -> List[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _map_config_argument(argv: List[str]) -> List[str]:
+    """--config NAME -> the packaged yaml when NAME is not a file (torchtune passes it as a path)."""
+    global _CONFIG_NAME
+    argv = list(argv)
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            j, value = i + 1, argv[i + 1]
+        elif a.startswith("--config="):
+            j, value = i, a.split("=", 1)[1]
+        else:
+            continue
+        _CONFIG_NAME = Path(value).stem
+        if not os.path.isfile(value):
+            if value in packaged_configs():
+                path = str(CONFIG_DIR / f"{value}.yaml")
+            elif "/" in value or value.endswith((".yaml", ".yml")):
+                raise RecipeError(f"--config {value}: no such file")
+            else:
+                raise RecipeError(f"--config {value}: not a file and not a packaged config; packaged: "
+                                  f"{', '.join(packaged_configs())}")
+            argv[j] = path if a == "--config" else f"--config={path}"
+        break
+    return argv
+
+
+# ============================================================================ entry point
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """DMS retrofit (see the module docstring). Config keys: the yaml files in dms_flex/configs/."""
+    _resolve_paths(cfg)
+    recipe = DMSRetrofitRecipe(cfg)
+    try:
+        recipe.setup(cfg)
+        recipe.train()
+    finally:
+        recipe.cleanup()
+
+
+def main() -> None:
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        sys.argv = _map_config_argument(sys.argv)
+        recipe_main()
+    except (RecipeError, DMSConfigError, OmegaConfBaseException) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+"""`tune run dms_retrofit`: the recipe end to end on CPU (the `tiny` config), its checkpoints, resume,
+FSDP2 on two CPU ranks, errors; plus the data pieces it is built from (dms_flex.data).
+
+The runs are subprocesses started from a temporary folder, as a user runs them.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dms_flex import data as dms_data
+from dms_flex.stats import kept_fraction
+
+HAVE_REASONING_GYM = importlib.util.find_spec("reasoning_gym") is not None
+
+
+def tune_cmd():
+    exe = shutil.which("tune")
+    return [exe] if exe else [sys.executable, "-m", "torchtune._cli.tune"]
+
+
+def run_recipe(cwd, *args, nproc=None, timeout=300):
+    cmd = tune_cmd() + ["run"] + (["--nproc_per_node", str(nproc)] if nproc else []) + ["dms_retrofit", *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    p.seconds = time.perf_counter() - t0
+    return p
+
+
+def log_lines(run_dir):
+    (log,) = sorted((Path(run_dir) / "logs").glob("log_*.txt"))
+    rows = []
+    for line in log.read_text().splitlines():
+        m = re.match(r"Step (\d+) \| (.*)", line)
+        if m:
+            vals = dict(kv.split(":", 1) for kv in m.group(2).split())
+            rows.append((int(m.group(1)), {k: float(v) for k, v in vals.items()}))
+    return rows
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+# ============================================================================ the tiny run
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("user_folder")
+    p = run_recipe(cwd, "--config", "tiny")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return cwd / "dms_runs" / "tiny", p
+
+
+def test_tiny_config_runs_from_any_folder(tiny_run):
+    out, p = tiny_run
+    assert p.seconds < 120, f"tune run dms_retrofit --config tiny took {p.seconds:.0f}s"
+    assert (out / "final" / "config.json").is_file() and (out / "step_000004" / "recipe_state.pt").is_file()
+    assert (out / "kept_heatmap.png").stat().st_size > 1000
+    cfg = json.loads((out / "final" / "config.json").read_text())
+    assert (cfg["dms_window_size"], cfg["dms_decision"], cfg["dms_alpha_scale"], cfg["dms_initial_alpha_offset"],
+            cfg["dms_cr"]) == (16, "adapter", 100.0, 5.0, 4.0)
+    rows = [vals for step, vals in log_lines(out) if "kd_loss" in vals]
+    assert len(rows) == 8
+    for key in ("kd_loss", "compression_loss", "lm_loss", "target_cr", "achieved_cr", "kept_layer_00", "kept_layer_01",
+                "grad_norm", "lr"):
+        assert key in rows[-1], key
+    assert [r["target_cr"] for r in rows] == pytest.approx([1 + 3 * s / 8 for s in range(8)])  # CR 1 -> 4 linear
+    assert "before training (hard decisions): CR" in p.stdout and "saved final model" in p.stdout
+
+
+def test_compression_loss_raises_the_achieved_cr(tiny_run):
+    """tiny asks for CR 4 within 8 steps; the zero-initialised adapter starts at exactly CR 1."""
+    out, _ = tiny_run
+    evals = [vals["eval_cr"] for _, vals in log_lines(out) if "eval_cr" in vals]
+    assert evals[0] == 1.0
+    assert evals[-1] > 1.1, evals
+
+
+def test_checkpoint_loads_and_reproduces_the_measured_cr(tiny_run):
+    """load_dms_model gets the trained adapter; its hard decisions on the recipe's eval rows give the
+    CR the recipe logged (same weights, same rule)."""
+    import dms_retrofit
+    from dms_flex.pretrained import load_dms_model
+    from dms_flex.stats import CompressionReport
+    from dms_flex.torchtune_model import forward_train
+
+    out, _ = tiny_run
+    dm = load_dms_model(out / "final")
+    assert dm.dms_trained and dm.dms.decision == "adapter" and dm.dms.window == 16 and dm.tokenizer is not None
+    tok = dms_data.byte_tokenizer()
+    packed = dms_data.PackedDocuments(dms_data.python_sources_dataset(tok, ["json", "textwrap", "bisect", "heapq"]),
+                                      256, pad_id=tok.pad_id, max_rows=16)
+    batch = torch.utils.data.default_collate([packed[0], packed[1]])
+    with torch.no_grad():
+        evicted = forward_train(dm.model, batch["tokens"], doc_ids=batch["doc_ids"], training=False).evicted
+    kept, seen = dms_retrofit.kept_tokens(evicted, batch["doc_ids"], batch["valid"], 16)
+    logged = [vals["eval_cr"] for _, vals in log_lines(out) if "eval_cr" in vals][-1]
+    assert CompressionReport(per_layer_head=kept / seen).ratio == pytest.approx(logged, rel=1e-6)
+
+
+def test_checkpoint_runs_in_the_generate_cli(tiny_run):
+    out, _ = tiny_run
+    p = subprocess.run([sys.executable, "-m", "dms_flex.generate", "--checkpoint", str(out / "final"), "--prompt",
+                        "def load(", "--max-new-tokens", "8", "--max-seq-len", "256"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert re.search(r"CR \d+\.\d+x", p.stdout), p.stdout
+
+
+# ============================================================================ resume
+def test_resume_equals_uninterrupted_run(tmp_path):
+    """A user yaml (a path) plus key=value overrides. The data (bisect.py: 8 rows of 400 tokens, 4
+    batches) ends its first epoch exactly at the checkpoint; gradient accumulation and the borrowed
+    variant are on; the resumed half also recomputes activations (checkpointing)."""
+    import yaml
+
+    from dms_retrofit import CONFIG_DIR
+
+    cfg = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
+    cfg["dataset"]["modules"] = ["bisect"]
+    cfg["max_seq_len"] = cfg["model"]["max_seq_len"] = 400
+    cfg["dms"]["decision"] = "borrowed"
+    user_yaml = tmp_path / "my_retrofit.yaml"
+    user_yaml.write_text(yaml.safe_dump(cfg))
+    common = ["--config", str(user_yaml), "max_steps=4", "save_every_n_steps=2", "gradient_accumulation_steps=2"]
+
+    a = run_recipe(tmp_path, *common, "output_dir=straight")
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert "8 rows of 400" in a.stdout and "2.0 epoch(s)" in a.stdout
+    # "latest" finds the mid-run checkpoint in output_dir
+    shutil.copytree(tmp_path / "straight" / "step_000002", tmp_path / "resumed" / "step_000002")
+    # activation checkpointing recomputes the same numbers: the resumed half runs with it
+    b = run_recipe(tmp_path, *common, "output_dir=resumed", "resume_from=latest", "enable_activation_checkpointing=true")
+    assert b.returncode == 0, b.stderr[-3000:]
+    assert "resumed from" in b.stdout and "at step 2" in b.stdout
+
+    wa, wb = weights(tmp_path / "straight" / "final"), weights(tmp_path / "resumed" / "final")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    la = [v for s, v in log_lines(tmp_path / "straight") if s >= 3 and "kd_loss" in v]
+    lb = [v for s, v in log_lines(tmp_path / "resumed") if s >= 3 and "kd_loss" in v]
+    assert [(r["kd_loss"], r["compression_loss"], r["achieved_cr"]) for r in la] == \
+        [(r["kd_loss"], r["compression_loss"], r["achieved_cr"]) for r in lb]
+    assert not list((tmp_path / "straight" / "step_000002").glob(".*tmp*"))
+
+
+def test_fsdp2_on_two_cpu_ranks_and_its_resume(tmp_path):
+    """torchrun with 2 gloo ranks: the sharded path (FSDP2 units, rank-0 load and broadcast, gathered
+    checkpoints, sharded optimizer state) trains, saves, and resumes exactly."""
+    common = ["--config", "tiny", "max_steps=2", "save_every_n_steps=1", "dms.decision=borrowed"]
+    a = run_recipe(tmp_path, *common, "output_dir=fsdp", nproc=2)
+    assert a.returncode == 0, a.stdout[-2000:] + a.stderr[-4000:]
+    assert "2 rank(s)" in a.stdout
+    b = run_recipe(tmp_path, *common, "output_dir=fsdp_resumed", "resume_from=fsdp/step_000001", nproc=2)
+    assert b.returncode == 0, b.stdout[-2000:] + b.stderr[-4000:]
+    wa, wb = weights(tmp_path / "fsdp" / "final"), weights(tmp_path / "fsdp_resumed" / "final")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+# ============================================================================ errors
+def test_missing_weights_say_where_and_how(tmp_path):
+    if Path("/tmp/Meta-Llama-3-8B-Instruct/config.json").exists():
+        pytest.skip("the Llama-3-8B weights are here")
+    p = run_recipe(tmp_path, "--config", "llama3_8b")
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr
+    assert "/tmp/Meta-Llama-3-8B-Instruct" in p.stderr
+    assert "tune download meta-llama/Meta-Llama-3-8B-Instruct --output-dir /tmp/Meta-Llama-3-8B-Instruct" in p.stderr
+    assert "checkpoint_dir=" in p.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("args, message", [
+    (["dms.window=-1"], "DMSConfig.window=-1 is invalid"),
+    (["dms.decision=neuron"], "DMSConfig.decision='neuron' is invalid"),
+    (["dms.final_cr=0.5"], "DMSConfig.final_cr=0.5 is invalid"),
+    (["dms.windw=4"], "unknown DMSConfig field(s) ['windw']"),
+    (["max_steps=0"], "max_steps=0 is invalid"),
+    (["dtype=fp16"], "dtype='fp16' is invalid"),
+    (["max_step=3"], "unknown config key 'max_step'"),
+    (["train_adapter_only=true", "dms.decision=borrowed"], "train_adapter_only=true needs dms.decision=adapter"),
+    (["resume_from=nowhere"], "holds no recipe_state.pt"),
+    (["optimizer._component_=torch.optim.Adamm"], "cannot build optimizer"),
+])
+def test_bad_config_values_are_one_clear_message(args, message, tmp_path, monkeypatch, capsys):
+    import dms_retrofit
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["dms_retrofit", "--config", "tiny", "max_steps=1", *args])
+    with pytest.raises(SystemExit) as e:
+        dms_retrofit.main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_config_names_map_to_packaged_files(tmp_path):
+    import dms_retrofit
+
+    packaged = dms_retrofit.packaged_configs()
+    for name in ("llama3_8b", "llama3_1_8b", "llama3_2_1b", "llama3_2_3b", "qwen2_5_7b", "smollm2_135m", "tiny"):
+        assert name in packaged
+        argv = dms_retrofit._map_config_argument(["dms_retrofit", "--config", name, "a=1"])
+        assert argv[2] == str(dms_retrofit.CONFIG_DIR / f"{name}.yaml") and argv[3] == "a=1"
+    own = tmp_path / "tiny"  # an existing file wins over a packaged name
+    own.write_text("x: 1")
+    assert dms_retrofit._map_config_argument(["r", "--config", str(own)])[2] == str(own)
+    with pytest.raises(dms_retrofit.RecipeError, match="not a packaged config; packaged: llama3_1_8b"):
+        dms_retrofit._map_config_argument(["r", "--config", "llama9_70b"])
+    with pytest.raises(dms_retrofit.RecipeError, match="no such file"):
+        dms_retrofit._map_config_argument(["r", "--config", "missing/own.yaml"])
+
+
+def test_every_packaged_config_validates():
+    from omegaconf import OmegaConf
+
+    import dms_retrofit
+    from dms_flex.config import DMSConfig
+
+    for name in dms_retrofit.packaged_configs():
+        cfg = OmegaConf.load(dms_retrofit.CONFIG_DIR / f"{name}.yaml")
+        dms_retrofit._validate(cfg)
+        dms = DMSConfig.from_dict(OmegaConf.to_container(cfg.dms))
+        if name != "tiny":
+            o = cfg.optimizer
+            assert (tuple(o.betas), o.weight_decay, cfg.clip_grad_norm, cfg.dtype) == ((0.9, 0.95), 0.0, 1.0, "bf16")
+            assert cfg.lr_scheduler is None
+        if name in ("llama3_8b", "llama3_1_8b", "qwen2_5_7b"):  # NVIDIA's 8B recipe (DMS_SPEC section 5)
+            assert (dms.initial_cr, dms.final_cr, dms.final_step, dms.window, cfg.max_steps, cfg.optimizer.lr) == \
+                (1.0, 16.0, 510, 512, 544, 3e-5)
+
+
+# ============================================================================ data pieces
+def test_packed_rows_hold_documents_targets_and_padding():
+    docs = dms_data.DocumentList([
+        {"tokens": [1, 2, 3, 4, 5], "labels": [1, 2, 3, 4, 5]},
+        {"tokens": [6, 7, 8], "labels": [-100, 7, 8]},  # first token masked (a prompt)
+        {"tokens": [9, 10, 11, 12, 13, 14, 15], "labels": [9, 10, 11, 12, 13, 14, 15]},
+    ])
+    rows = dms_data.PackedDocuments(docs, 6, pad_id=0, split_across_rows=False)
+    assert [r for r in rows.rows] == [[(0, 5)], [(5, 8)], [(8, 14)], [(14, 15)]]
+    r = rows[1]
+    assert r["tokens"].tolist() == [6, 7, 8, 0, 0, 0]
+    assert r["targets"].tolist() == [7, 8, -100, -100, -100, -100]
+    assert r["doc_ids"].tolist() == [0, 0, 0, 1, 1, 1] and r["valid"].tolist() == [True] * 3 + [False] * 3
+
+    split = dms_data.PackedDocuments(docs, 6, pad_id=0, split_across_rows=True)
+    assert [len(split), split.real_tokens] == [3, 15]
+    r = split[0]
+    assert r["tokens"].tolist() == [1, 2, 3, 4, 5, 6] and r["doc_ids"].tolist() == [0] * 5 + [1]
+    # a document's last token predicts nothing; a masked label is no target
+    assert r["targets"].tolist() == [2, 3, 4, 5, -100, -100]
+    assert split[1]["targets"].tolist()[:2] == [8, -100]
+    assert len(dms_data.PackedDocuments(docs, 6, max_rows=2)) == 2
+
+
+def test_kept_tokens_counts_every_document_as_its_own_sequence():
+    import dms_retrofit
+
+    g = torch.Generator().manual_seed(0)
+    doc_ids = torch.tensor([[0] * 7 + [1] * 9 + [2] * 4, [0] * 12 + [1] * 8])
+    valid = torch.ones(2, 20, dtype=torch.bool)
+    valid[0, 16:] = False  # padding is the last "document"
+    evicted = [torch.rand(2, 3, 20, generator=g) > 0.4 for _ in range(2)]
+    kept, seen = dms_retrofit.kept_tokens(evicted, doc_ids, valid, window=2)
+    assert seen == 7 + 9 + 12 + 8
+    for layer, ev in enumerate(evicted):
+        want = torch.zeros(3)
+        for b, s, n in ((0, 0, 7), (0, 7, 9), (1, 0, 12), (1, 12, 8)):
+            want += kept_fraction(ev[b:b + 1, :, s:s + n], 2)[0] * n
+        assert torch.allclose(kept[layer], want)
+
+
+def test_tokenizers_speak_torchtune():
+    from torchtune.data import Message
+
+    tok = dms_data.byte_tokenizer()
+    ids = tok.encode("héllo", add_bos=True, add_eos=True)
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and tok.decode(ids) == "héllo"
+    msgs = [Message("user", "2+2?", masked=True), Message("assistant", "4")]
+    tokens, mask = tok.tokenize_messages(msgs)
+    text = tok.decode(tokens, skip_special_tokens=False)
+    assert text == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+    n_user = len(tok.hf("<|im_start|>user\n2+2?<|im_end|>\n", add_special_tokens=False)["input_ids"])
+    assert mask == [True] * n_user + [False] * (len(tokens) - n_user)
+    out = tok({"messages": msgs})
+    assert out["tokens"] == tokens and out["mask"] == mask
+    with pytest.raises(FileNotFoundError):
+        dms_data.hf_tokenizer("/nonexistent/folder")
+    assert dms_data.hf_tokenizer("/nonexistent/folder", fallback="bytes").vocab_size == 259
+
+
+@pytest.mark.skipif(not HAVE_REASONING_GYM, reason=f"reasoning-gym is not installed ({dms_data.REASONING_GYM_HINT})")
+def test_reasoning_set_is_built_by_the_teacher_once(tiny_run, tmp_path):
+    """Conversations of reasoning-gym problems answered by a model (here the tiny retrofit); cached."""
+    out, _ = tiny_run
+    kw = dict(path=tmp_path / "r.jsonl", num_problems=5, problems_per_conversation=2, max_new_tokens=4,
+              batch_size=2, tasks=["chain_sum", "basic_arithmetic"], instruction="A:")
+    path = dms_data.build_reasoning_set(out / "final", **kw)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 3  # 5 problems, 2 per conversation
+    for r in rows:  # the tiny model's 256-token context may end a conversation after its first turn
+        n = len(r["scores"])
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant"] * n and 1 <= n <= 2
+        assert len(r["tasks"]) == len(r["references"]) == n
+    assert rows[0]["tasks"][0] == "chain_sum" and "A:" in rows[0]["messages"][0]["content"]
+    stamp = path.stat().st_mtime_ns
+    assert dms_data.build_reasoning_set(out / "final", **kw) == path and path.stat().st_mtime_ns == stamp
+    ds = dms_data.reasoning_dataset(dms_data.byte_tokenizer(), out / "final", **kw)
+    assert len(ds) == 3 and all(t != -100 for t in ds[0]["labels"])  # train_on_input: every token distilled
+    with pytest.raises(ValueError, match="unknown reasoning-gym task"):
+        dms_data.build_reasoning_set(out / "final", **{**kw, "tasks": ["no_such_task"]})
