@@ -31,8 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--no-dms", dest="dms", action="store_false", help="dense cache, no eviction")
     p.add_argument("--window", type=int, help="override the DMS window (tokens kept before eviction applies)")
     p.add_argument("--cache-capacity", type=int, help="KV slots per row and head (default: max sequence length)")
-    p.add_argument("--kv", choices=["bf16", "int8"], default="bf16",
-                   help="KV storage: the model dtype (default) or int8 with a scale per token and head")
+    p.add_argument("--kv", choices=["model", "int8"], default="model",
+                   help="KV storage: the model dtype (default; bf16 on CUDA) or int8 with a scale per token and head")
     p.add_argument("--weight-quant", choices=["none", "int8", "int4"], default="none",
                    help="weight-only quantization of the linear layers through torchao")
     p.add_argument("--max-seq-len", type=int, default=4096)
@@ -140,7 +140,8 @@ def main(argv=None) -> int:
     print(f"prompt {res.prompt_tokens} tokens: prefill {res.prefill_tokens_per_s:.1f} tok/s; "
           f"decode {len(res.tokens[0])} tokens at {res.decode_tokens_per_s:.1f} tok/s "
           f"({'compiled' if use_compile else 'eager'})")
-    print(f"KV cache ({args.kv}): {kv['live'] / 2**20:.2f} MiB live vs {kv['dense'] / 2**20:.2f} MiB for a dense "
+    stored = str(state.caches[0].k.dtype).replace("torch.", "")
+    print(f"KV cache ({stored}): {kv['live'] / 2**20:.2f} MiB live vs {kv['dense'] / 2**20:.2f} MiB for a dense "
           f"{str(dtype).replace('torch.', '')} cache of the same tokens ({kv['dense'] / max(kv['live'], 1):.2f}x less; "
           f"{kv['allocated'] / 2**20:.1f} MiB allocated for capacity {state.caches[0].capacity}); "
           f"weights {_weight_bytes(dm.model) / 2**20:.1f} MiB ({args.weight_quant} weight quantization)")
