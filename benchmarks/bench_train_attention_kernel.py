@@ -21,9 +21,10 @@ Modes
     window 256. --all: T 4K/8K/16K/32K x B 1/4 x both shapes x windows 256/512 (long).
 --sweep (CUDA)  Block sizes / warps / stages of each kernel at one shape per head dim (T=8K,
     B=1, w=256 by default): times each candidate of one kernel with the others at their
-    defaults, prints the best per kernel and the combined best against the default, and writes
-    the suggested `_CONFIGS` entries to the JSON. --sweep-apply then runs the main table with the
-    best configs as an extra variant triton_dms_tuned.
+    defaults, then the atomic-dQ backward (dq_atomic) against the separate dQ kernel, then the
+    pipeline depth of the masked loops; prints the best per kernel and the combined best against
+    the default, and writes the suggested `_CONFIGS` entries to the JSON. --sweep-apply then
+    runs the main table with the best configs as an extra variant triton_dms_tuned.
 --aot (no GPU needed)  Compiles the real kernels offline for sm_90 (Triton + ptxas through a mock
     driver) and reports registers, spills, shared memory and wgmma counts; then traces the custom
     ops (forward and backward) on fake CUDA tensors through AOTAutograd, as torch.compile does.
@@ -44,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import statistics
@@ -70,11 +70,13 @@ SWEEP = {
         fwd=[(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3), (64, 128, 4, 2)],
         dkdv=[(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (16, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 2)],
         dq=[(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
+        dkdv_atomic=[(32, 128, 8, 3), (16, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)],  # with dq_atomic
     ),
     128: dict(
         fwd=[(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)],
         dkdv=[(32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3), (16, 64, 8, 3), (32, 64, 4, 3)],
         dq=[(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (128, 16, 8, 3), (64, 32, 8, 3)],
+        dkdv_atomic=[(16, 64, 8, 3), (16, 64, 8, 2)],
     ),
 }
 
@@ -199,7 +201,12 @@ def aot_main(quick: bool, candidates: bool):
         for D, c in SWEEP.items():
             for kernel, cands in c.items():
                 for cand in cands:
-                    compile_case(D, True, {kernel: cand}, "candidate", only=(kernel,))
+                    if kernel == "dkdv_atomic":
+                        compile_case(D, True, {"dkdv": cand, "dq_atomic": True}, "atomic dQ", only=("dkdv",))
+                    else:
+                        compile_case(D, True, {kernel: cand}, "candidate", only=(kernel,))
+    else:  # the atomic-dQ variant at the default blocks
+        compile_case(64, True, {"dq_atomic": True}, "atomic dQ", only=("dkdv",))
 
     # fake-CUDA trace of the two custom ops (what AOTAutograd hands to inductor). Without a CUDA
     # build, fake CUDA tensors cannot require grad or be viewed (both need the device guard), so
@@ -230,14 +237,22 @@ def aot_main(quick: bool, candidates: bool):
             args = (q, k, v, logits, ds, de, go)
             ep = torch.export.export(Step(), args)  # dynamo, fullgraph
             gm, _ = aot_export_module(Step(), args, trace_joint=False)
+            saved = dict(ta._CONFIGS[64])
+            ta._CONFIGS[64]["dq_atomic"] = True
+            try:
+                gm_atomic, _ = aot_export_module(Step(), args, trace_joint=False)
+            finally:
+                ta._CONFIGS[64] = saved
         code = gm.code
+        n_atomic = gm_atomic.code.count("triton_kernel_wrapper_functional(")
         report["trace"] = dict(
-            ok=code.count("triton_kernel_wrapper_functional(") == 4,  # fwd, preprocess, dkdv, dq
-            triton_calls=code.count("triton_kernel_wrapper_functional("),
+            triton_calls=code.count("triton_kernel_wrapper_functional("),  # fwd, preprocess, dkdv, dq
+            triton_calls_dq_atomic=n_atomic,  # fwd, preprocess, dkdv
             export_has_ops=("dms_flex.dms_train_attention_fwd" in str(ep.graph)
                             and "dms_flex.dms_train_attention_bwd" in str(ep.graph)),
         )
-        report["trace"]["ok"] = report["trace"]["ok"] and report["trace"]["export_has_ops"]
+        report["trace"]["ok"] = (report["trace"]["triton_calls"] == 4 and n_atomic == 3
+                                 and report["trace"]["export_has_ops"])
     except Exception as e:
         report["trace"] = dict(ok=False, error=repr(e), tb=traceback.format_exc()[-3000:])
 
@@ -468,7 +483,8 @@ def print_row(r):
         log(f"B={r['B']} T={r['T']} {r['heads']} w={r['window']} {name:16s} {x['ms']:9.2f} ms {s1:12s} {s2:18s} "
             f"peak +{x['peak_extra_MiB']:.0f} MiB")
     if "check_vs_flex_dms" in r:
-        log("  triton_dms vs flex_dms rel. err: " + ", ".join(f"{k} {v:.1e}" for k, v in r["check_vs_flex_dms"].items()))
+        errs = r["check_vs_flex_dms"]
+        log("  triton_dms vs flex_dms rel. err: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
     if "kernel_split" in r and "fwd_ms" in r["kernel_split"]:
         s = r["kernel_split"]
         log(f"  kernel alone: fwd {s['fwd_ms']:.2f} ms ({s['fwd_TFLOPs']:.0f} TFLOP/s causal), "
@@ -507,67 +523,90 @@ def summary_table(rows):
 # ----------------------------------------------------------------------------------------------
 # sweep
 # ----------------------------------------------------------------------------------------------
-def sweep(dev, dtype, args):
+def _sweep_one(heads, dev, dtype, args):
+    """Sweep of one head shape; returns the results dict (best config under 'best')."""
     from dms_flex.kernels import train_attention as ta
 
+    Hq, Hkv, D = HEADS[heads]
+    T, B, w = args.sweep_seq, 1, args.sweep_window
+    q, k, v, logits, noise, go = make_inputs(B, T, Hq, Hkv, D, dev, dtype, seed=1)
+    f_fl, b_fl = causal_flops(B, T, Hq, D)
+    default = ta.default_config(D, dtype)
+    res = dict(default={k_: list(v_) if isinstance(v_, tuple) else v_ for k_, v_ in default.items()}, fwd=[],
+               dkdv=[], dq=[], masked_stages=[])
+    lk = F.logsigmoid(-(logits.detach() + noise) / 0.1)
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    scale = D**-0.5
+    out_, lse = ta._launch_fwd(qd, kd, vd, lk, None, w, scale)
+
+    def t_fwd(cfg):
+        return time_step(lambda: ta._launch_fwd(qd, kd, vd, lk, None, w, scale, cfg=cfg), dev, 2, args.reps)[0]
+
+    def t_bwd(cfg):
+        return time_step(lambda: ta._launch_bwd(go, qd, kd, vd, lk, None, None, out_, lse, w, scale, cfg=cfg),
+                         dev, 2, args.reps)[0]
+
+    for kernel, timer in (("fwd", t_fwd), ("dkdv", t_bwd), ("dq", t_bwd)):
+        for cand in SWEEP[D][kernel]:
+            try:
+                ms = timer({kernel: cand})
+                res[kernel].append(dict(cfg=list(cand), ms=ms))
+                log(f"[sweep {heads} T={T}] {kernel:4s} {cand} {ms:.3f} ms")
+            except Exception as e:
+                res[kernel].append(dict(cfg=list(cand), error=repr(e)))
+                log(f"[sweep {heads} T={T}] {kernel:4s} {cand} failed: {e!r}")
+    res["dkdv_atomic"] = []
+    for cand in SWEEP[D]["dkdv_atomic"]:
+        try:
+            ms = t_bwd({"dkdv": cand, "dq_atomic": True})
+            res["dkdv_atomic"].append(dict(cfg=list(cand), ms=ms))
+            log(f"[sweep {heads} T={T}] dkdv+atomic dQ {cand} {ms:.3f} ms")
+        except Exception as e:
+            res["dkdv_atomic"].append(dict(cfg=list(cand), error=repr(e)))
+            log(f"[sweep {heads} T={T}] dkdv+atomic dQ {cand} failed: {e!r}")
+    best = {}
+    for kernel in ("fwd", "dkdv", "dq"):
+        ok = [r for r in res[kernel] if "ms" in r]
+        if ok:
+            best[kernel] = tuple(min(ok, key=lambda r: r["ms"])["cfg"])
+    ok = [r for r in res["dkdv_atomic"] if "ms" in r]
+    if ok and "dkdv" in best and "dq" in best:
+        atomic = min(ok, key=lambda r: r["ms"])
+        t_sep = t_bwd(dict(best))
+        res["bwd_separate_dq_ms"] = t_sep
+        res["bwd_atomic_dq_ms"] = atomic["ms"]
+        log(f"[sweep {heads} T={T}] backward: separate dQ kernel {t_sep:.3f} ms, atomic dQ {atomic['ms']:.3f} ms")
+        if atomic["ms"] < t_sep:
+            best["dkdv"] = tuple(atomic["cfg"])
+            best["dq_atomic"] = True
+    for ms_ in (1, 2, 3):
+        cfg = dict(best, masked_stages=ms_)
+        try:
+            t = t_fwd(cfg) + t_bwd(cfg)
+            res["masked_stages"].append(dict(masked_stages=ms_, ms=t))
+            log(f"[sweep {heads} T={T}] best blocks, masked_stages={ms_}: fwd+bwd {t:.3f} ms")
+        except Exception as e:
+            res["masked_stages"].append(dict(masked_stages=ms_, error=repr(e)))
+    ok = [r for r in res["masked_stages"] if "ms" in r]
+    if ok:
+        best["masked_stages"] = min(ok, key=lambda r: r["ms"])["masked_stages"]
+    t_def = t_fwd(None) + t_bwd(None)
+    t_best = t_fwd(best) + t_bwd(best)
+    res["best"] = {k_: list(v_) if isinstance(v_, tuple) else v_ for k_, v_ in best.items()}
+    res["default_ms"] = t_def
+    res["best_ms"] = t_best
+    res["best_TFLOPs"] = (f_fl + b_fl) / t_best / 1e9
+    log(f"[sweep {heads}] default fwd+bwd {t_def:.3f} ms, best {t_best:.3f} ms: {best}")
+    return res
+
+
+def sweep(dev, dtype, args):
     out = {}
     for heads in args.heads.split(","):
-        Hq, Hkv, D = HEADS[heads]
-        T, B, w = args.sweep_seq, 1, args.sweep_window
-        q, k, v, logits, noise, go = make_inputs(B, T, Hq, Hkv, D, dev, dtype, seed=1)
-        f_fl, b_fl = causal_flops(B, T, Hq, D)
-        default = ta.default_config(D, dtype)
-        res = dict(default={k_: list(v_) if isinstance(v_, tuple) else v_ for k_, v_ in default.items()}, fwd=[],
-                   dkdv=[], dq=[], masked_stages=[])
-        lk = F.logsigmoid(-(logits.detach() + noise) / 0.1)
-        qd, kd, vd = q.detach(), k.detach(), v.detach()
-        scale = D**-0.5
-        out_, lse = ta._launch_fwd(qd, kd, vd, lk, None, w, scale)
-
-        def t_fwd(cfg):
-            return time_step(lambda: ta._launch_fwd(qd, kd, vd, lk, None, w, scale, cfg=cfg), dev, 2, args.reps)[0]
-
-        def t_bwd(cfg):
-            return time_step(lambda: ta._launch_bwd(go, qd, kd, vd, lk, None, None, out_, lse, w, scale, cfg=cfg),
-                             dev, 2, args.reps)[0]
-
-        for kernel, timer in (("fwd", t_fwd), ("dkdv", t_bwd), ("dq", t_bwd)):
-            for cand in SWEEP[D][kernel]:
-                try:
-                    ms = timer({kernel: cand})
-                    res[kernel].append(dict(cfg=list(cand), ms=ms))
-                    log(f"[sweep {heads} T={T}] {kernel:4s} {cand} {ms:.3f} ms")
-                except Exception as e:
-                    res[kernel].append(dict(cfg=list(cand), error=repr(e)))
-                    log(f"[sweep {heads} T={T}] {kernel:4s} {cand} failed: {e!r}")
-        best = {}
-        for kernel in ("fwd", "dkdv", "dq"):
-            ok = [r for r in res[kernel] if "ms" in r]
-            if ok:
-                best[kernel] = tuple(min(ok, key=lambda r: r["ms"])["cfg"])
-        for ms_ in (1, 2, 3):
-            cfg = dict(best, masked_stages=ms_)
-            try:
-                t = t_fwd(cfg) + t_bwd(cfg)
-                res["masked_stages"].append(dict(masked_stages=ms_, ms=t))
-                log(f"[sweep {heads} T={T}] best blocks, masked_stages={ms_}: fwd+bwd {t:.3f} ms")
-            except Exception as e:
-                res["masked_stages"].append(dict(masked_stages=ms_, error=repr(e)))
-        ok = [r for r in res["masked_stages"] if "ms" in r]
-        if ok:
-            best["masked_stages"] = min(ok, key=lambda r: r["ms"])["masked_stages"]
-        t_def = t_fwd(None) + t_bwd(None)
-        t_best = t_fwd(best) + t_bwd(best)
-        res["best"] = {k_: list(v_) if isinstance(v_, tuple) else v_ for k_, v_ in best.items()}
-        res["default_ms"] = t_def
-        res["best_ms"] = t_best
-        res["best_TFLOPs"] = (f_fl + b_fl) / t_best / 1e9
-        log(f"[sweep {heads}] default fwd+bwd {t_def:.3f} ms, best {t_best:.3f} ms: {best}")
-        out[D] = res
-        del q, k, v, logits, noise, go, out_, lse
-        torch.cuda.empty_cache()
+        out[HEADS[heads][2]] = _sweep_one(heads, dev, dtype, args)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     return out
-
 
 # ----------------------------------------------------------------------------------------------
 # main
@@ -614,9 +653,9 @@ def bench_main(args):
     out = dict(meta=meta, rows=[])
     tuned = None
     if args.sweep:
-        if dev.type != "cuda":
-            log("--sweep needs CUDA")
-            return 2
+        if dev.type != "cuda":  # --cpu-smoke --sweep: the sweep's logic at tiny shapes (interpreter)
+            HEADS.update({"1b": (2, 1, 64), "8b": (2, 1, 128)})
+            args.sweep_seq, args.sweep_window = 80, 20
         out["sweep"] = sweep(dev, dtype, args)
         tuned = {D: r["best"] for D, r in out["sweep"].items() if r.get("best")}
         log("suggested _CONFIGS entries: " + json.dumps({str(d): c for d, c in tuned.items()}))

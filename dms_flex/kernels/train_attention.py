@@ -10,59 +10,76 @@ softmax over j, times v. log_keep (B, Hkv, T) fp32 is log(1 - alpha) of the deci
 needs a gradient; GQA: query head h reads KV head h // G, and so does its bias.
 
 Shapes: q (B, Hq, T, D); k, v (B, Hkv, T, D); bf16/fp16 (fp32 for tests: exact "ieee" dots);
-D a power of two in [16, 256] (the models: 64, 128); any T. doc_ids (B, T): each document is one
-contiguous run of equal ids (packing); a key is visible to a query iff it lies in the query's run.
+D a power of two in [16, 256] (the models: 64, 128); any T; any strides with a contiguous last
+dim. doc_ids (B, T): each document is one contiguous run of equal ids (packing); a key is visible
+to a query iff it lies in the query's run (the dense reference compares ids, which agrees when a
+document's id does not reappear later in the row).
 
 Why a kernel: FlexAttention with a score_mod reading a grad-requiring per-key bias gathers the
 bias per element and accumulates its gradient with per-element atomics from every query block
-(2x flex causal at 8K, 16x SDPA at 32K, see ENVIRONMENT.md). Here the bias is a BLOCK_N vector
-per key block, and its gradient is a register reduction in the dK/dV program that owns the key
-block: stored once, no atomics anywhere, deterministic.
+(2x flex causal at 8K, 16x SDPA at 32K, ENVIRONMENT.md). Here the bias is one BLOCK_N vector per
+key block, and its gradient is a register reduction in the dK/dV program that owns the key
+block, stored once: no atomics, deterministic.
 
 Block classes
 -------------
-Relative to a (query block, key block) pair: i - j spans [m0 - (n0 + BN - 1), m0 + BM - 1 - n0].
+For a (query block [m0, m0+BM), key block [n0, n0+BN)) pair, i - j spans
+[m0 - (n0 + BN - 1), m0 + BM - 1 - n0]:
   FAR     every i - j > w, all causal and in-document: the bias vector is added to every row.
   NEAR    every i - j <= w, all causal and in-document: plain attention, no bias.
-  MASKED  anything else (the diagonal band j > i possible, the band that contains i - j = w,
-          blocks that cross a document start, the tail past T): element-wise causal / document /
-          far masks, bias still a vector load broadcast over rows.
-Key blocks are aligned to BN (query blocks to BM), so for a query block the classes are contiguous
-ranges of n0 that are computed from integers at the start of the program (no per-block branches):
-    [lo, doc_full) MASKED | FAR | band MASKED | NEAR | [diag, hi) MASKED
-where lo = the block holding the first row's document start (whole blocks before it are skipped),
-doc_full = the first block every row's document covers, diag = the block holding m0. The dK/dV
-kernel walks query blocks for a fixed key block in the mirrored order (diagonal, NEAR, band, FAR,
-blocks past the first key's document end), up to the last key's document end.
-With w a multiple of the block sizes the band is one block per row of blocks; the masked work per
-query block is ~(BM/BN + 1 + BM/BN) blocks out of up to T/BN.
+  MASKED  anything else (the diagonal band where j > i is possible, the band that holds
+          i - j = w, blocks that cross a document start, the tail past T): element-wise causal,
+          document and far masks; the bias is still a vector load broadcast over the rows.
+Blocks are aligned (key blocks to BN, query blocks to BM), so for one query block the classes
+are contiguous ranges of n0, computed from integers at the start of the program (`_key_ranges`;
+no per-block branch, each range its own loop with its mode as a constexpr):
+    [lo, doc_end) MASKED | FAR | window band MASKED | NEAR | [diag, hi) MASKED
+lo = the block holding the first row's document start (whole blocks before it are never
+visited), doc_end = the first block that the last row's document covers, diag = the block
+holding m0. The dK/dV kernel walks the query blocks of a key block in the mirrored order
+(`_query_ranges`: diagonal, NEAR, window band, FAR, rows past the first key's document end) up
+to the last key's document end. Masked blocks per query block: BM/BN on the diagonal plus
+~BM/BN + 1 in the window band, out of up to T/BN. With nested block sizes and T a multiple of
+them the classification is exact (tests count every block per class against brute force).
 
 Kernels
 -------
-forward   grid (B*Hq, cdiv(T, BM)), heaviest query blocks first: online softmax in fp32 with
-          exp2 (scores pre-multiplied by scale*log2(e), bias by log2(e)); stores out and the
-          row log-sum-exp (log2 units, fp32, B*Hq*T: the only saved extra).
-backward  (1) delta = rowsum(dO * O) (fp32), grid (B*Hq, cdiv(T, BM));
-          (2) dK/dV/dlog_keep, grid (B*Hkv, cdiv(T, BN1)), heaviest key blocks first: a program
-          holds one key block of one KV head and loops over the G query heads of its group and
-          every query block that can see it; dS = P*(dP - delta) is computed anyway, and
-          dlog_keep_j = sum over far (i, h) of dS_ij is a tl.sum over the query rows (masked to
-          the far region in band blocks), accumulated in registers across heads and query blocks
-          and stored once. G heads in the program: dK/dV need no atomics either.
-          (3) dQ, grid (B*Hq, cdiv(T, BM2)): recomputes P and dP per query block (7 matmuls per
-          block pair in the backward instead of 5 with an atomic dQ; chosen because it is
-          deterministic and is what FlashAttention-2's Triton tutorial and FlexAttention's
-          backward do; the benchmark shows the cost).
-No S x S memory: extra memory is lse + delta (2 * B*Hq*T fp32) and the gradients.
+forward   grid (B*Hq, cdiv(T, BM)), longest rows first: online softmax in fp32 with exp2 (scores
+          times scale*log2(e), bias times log2(e)); stores out and the row log-sum-exp (log2
+          units, fp32 (B, Hq, T): the only extra saved for backward).
+backward  (1) delta = rowsum(dO * O), fp32, grid (B*Hq, cdiv(T, 64)).
+          (2) dK, dV, dlog_keep: grid (B*Hkv, cdiv(T, BN1)), the key blocks with the most work
+          first. A program holds one key block of one KV head (K, V in shared memory) and walks,
+          in one flat loop per class range, (query block, query head of the group) pairs, so the
+          G heads of a group meet in one program and dK/dV need no atomics. dS = P*(dP - delta)
+          is computed anyway; dlog_keep_j = sum over far (i, h) of dS_ij is a tl.sum over the
+          query rows of the fp32 dS (masked to far elements in band blocks), kept in registers
+          and stored once per key block.
+          (3) dQ: grid (B*Hq, cdiv(T, BM2)), recomputes S and dP per block pair (the same class
+          ranges as the forward). Deterministic; costs 2 extra matmul tiles per block pair
+          (fwd 2 + dK/dV 4 + dQ 3 = 9 against 7).
+          Option `dq_atomic` (config key): no dQ kernel; the dK/dV kernel adds dS @ K * scale
+          into an fp32 (B, Hq, T, D) buffer with relaxed vector atomics (7 matmul tiles, not
+          bitwise deterministic, +4 bytes per q element of memory). Off by default; the
+          benchmark's --sweep times both.
+No S x S memory anywhere.
+
+Configs (`_CONFIGS`, per head dim; override with DMS_TRAIN_ATTN_CONFIG or the launch `cfg`):
+block sizes, warps, pipeline stages per kernel; `masked_stages` (pipeline depth of the MASKED
+loops: they hold a few blocks per program, and pipelining them costs registers);
+`dq_atomic`. Inner loops use `tl.range(..., num_stages=...)` so fast and masked loops pipeline
+differently.
 
 Numerics: fp32 accumulation; P and dS are rounded to the input dtype for the P@V, dS@Q, dS@K
 products (as in FlashAttention); the bias gradient is reduced from the fp32 dS. Rows are never
-empty (the diagonal key is always visible). log_keep may hold -inf (hard decisions): fully
-masked blocks are guarded so no inf - inf appears.
+empty (the diagonal key is always visible). log_keep may hold -inf (hard decisions): rows that
+have seen only -inf so far are guarded, so no inf - inf appears.
 
 Triton's CPU interpreter (TRITON_INTERPRET=1 set before triton is imported) runs the same kernels
 on CPU tensors; bf16 arithmetic is wrong there, so tiles are converted to fp32 (UPCAST). Without
-CUDA and without the interpreter, `dms_train_attention` falls back to the dense reference.
+CUDA and without the interpreter, `dms_train_attention` falls back to the dense reference. On
+CUDA the launches are `torch.library.triton_op`s (dms_flex::dms_train_attention_fwd / _bwd)
+inside a `torch.autograd.Function`, so torch.compile traces them (fullgraph).
 """
 
 from __future__ import annotations
@@ -102,8 +119,12 @@ _CONFIGS = {
     64: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 64, 8, 3), masked_stages=1),
     128: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3), masked_stages=1),
 }
-_SMALL_CONFIG = dict(fwd=(64, 32, 4, 2), dkdv=(16, 64, 4, 2), dq=(64, 16, 4, 2), masked_stages=1)
-_FP32_CONFIG = dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2), masked_stages=1)
+_LARGE_D_CONFIG = dict(fwd=(64, 32, 8, 2), dkdv=(16, 32, 4, 2), dq=(32, 16, 8, 2), masked_stages=1)  # D > 128
+# fp32 inputs (tests) run exact "ieee" dots on the CUDA cores: small tiles keep them out of local memory
+_FP32_CONFIGS = {
+    64: dict(fwd=(32, 16, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 16, 4, 1), masked_stages=1),
+    128: dict(fwd=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), dq=(16, 16, 4, 1), masked_stages=1),
+}
 
 
 def _env_overrides():
@@ -122,10 +143,10 @@ _env_overrides()
 def default_config(D: int, dtype: torch.dtype) -> dict:
     """{'fwd': (BM, BN, warps, stages), 'dkdv': (BM1, BN1, ...), 'dq': (BM2, BN2, ...), 'masked_stages'}."""
     if dtype == torch.float32:
-        return dict(_FP32_CONFIG)
+        return dict(_FP32_CONFIGS[64 if D <= 64 else 128])
     if D in _CONFIGS:
         return dict(_CONFIGS[D])
-    return dict(_CONFIGS[64] if D < 64 else _SMALL_CONFIG)
+    return dict(_CONFIGS[64] if D < 64 else _LARGE_D_CONFIG)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,25 +255,29 @@ def _fwd_inner_fn(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale
-        if MODE == 1:  # one BLOCK_N vector, broadcast over the rows
-            bias = tl.load(lk_base + cols * stride_lt).to(tl.float32) * 1.4426950408889634
-            s = s + bias[None, :]
-        if MODE == 2:
-            bias = tl.load(lk_base + cols * stride_lt, mask=cmask, other=0.0).to(tl.float32) * 1.4426950408889634
-            far = (offs_m[:, None] - cols[None, :]) > window
-            s = s + tl.where(far, bias[None, :], 0.0)
-            valid = cols[None, :] <= offs_m[:, None]
-            if HAS_DOC:
-                valid = valid & (cols[None, :] >= ds_rows[:, None])
-            s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        qk = _dot(q, tl.trans(k), IEEE)
         if MODE == 0:
-            m_use = m_new
-        else:  # a row may have seen only -inf so far (masked keys, a -inf bias)
+            # max before scaling (scale > 0): the exponent is then one FMA per element
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
+        else:
+            if MODE == 1:  # one BLOCK_N vector, broadcast over the rows
+                bias = tl.load(lk_base + cols * stride_lt).to(tl.float32) * 1.4426950408889634
+                s = qk * qk_scale + bias[None, :]
+            else:
+                bias = tl.load(lk_base + cols * stride_lt, mask=cmask, other=0.0).to(tl.float32) * 1.4426950408889634
+                far = (offs_m[:, None] - cols[None, :]) > window
+                s = qk * qk_scale + tl.where(far, bias[None, :], 0.0)
+                valid = cols[None, :] <= offs_m[:, None]
+                if HAS_DOC:
+                    valid = valid & (cols[None, :] >= ds_rows[:, None])
+                s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row may have seen only -inf so far (masked keys, a -inf bias)
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
@@ -353,10 +378,10 @@ def _bwd_preprocess_fn(
 
 
 def _dkdv_inner_fn(
-    dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, stride_qh, stride_qt, stride_doh, stride_dot, h0,
-    offs_n, offs_m0, offs_d, lo, hi, T, window, qk_scale,
+    dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, DQA_b, stride_qh, stride_qt, stride_doh, stride_dot,
+    h0, offs_n, offs_m0, offs_d, lo, hi, T, window, qk_scale, sm_scale,
     MODE: tl.constexpr, G: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_M: tl.constexpr, STAGES: tl.constexpr, DQ_ATOMIC: tl.constexpr, D: tl.constexpr,
 ):
     # Transposed tiles: rows = the program's keys (BLOCK_N), columns = query rows (BLOCK_M).
     # Query rows past T load as zeros (q, dO, lse, delta): every term they add is 0.
@@ -392,7 +417,12 @@ def _dkdv_inner_fn(
         dv += _dot(pT.to(do.dtype), do, IEEE)
         dpT = _dot(v, tl.trans(do), IEEE)
         dsT = pT * (dpT - Di[None, :])
-        dk += _dot(dsT.to(qT.dtype), tl.trans(qT), IEEE)
+        ds_c = dsT.to(qT.dtype)
+        dk += _dot(ds_c, tl.trans(qT), IEEE)
+        if DQ_ATOMIC:  # dQ rows += dS @ K into an fp32 buffer (relaxed atomics: no fences)
+            dq_part = _dot(tl.trans(ds_c), k, IEEE) * sm_scale
+            tl.atomic_add(DQA_b + h * T * D + rows[:, None] * D + offs_d[None, :], dq_part,
+                          mask=rmask[:, None], sem="relaxed")
         # d log_keep_j = sum over far (i, h) of dS_ij: a register reduction, stored once per block
         if MODE == 1:
             dlk += tl.sum(dsT, 1)
@@ -402,7 +432,7 @@ def _dkdv_inner_fn(
 
 
 def _dkdv_kernel_fn(
-    Q, K, V, LK, DS, DE, DO, LSE, DELTA, DK, DV, DLK, CNT,
+    Q, K, V, LK, DS, DE, DO, LSE, DELTA, DK, DV, DLK, DQA, CNT,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -413,7 +443,7 @@ def _dkdv_kernel_fn(
     T, Hkv, window, qk_scale, sm_scale,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    STAGES: tl.constexpr, MASKED_STAGES: tl.constexpr, COUNT: tl.constexpr,
+    STAGES: tl.constexpr, MASKED_STAGES: tl.constexpr, COUNT: tl.constexpr, DQ_ATOMIC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N  # the first key blocks see the most query blocks: launched first
@@ -452,26 +482,33 @@ def _dkdv_kernel_fn(
     DO_b = DO + b64 * stride_dob
     LSE_b = LSE + b64 * Hkv * G * T
     DELTA_b = DELTA + b64 * Hkv * G * T
+    DQA_b = DQA + b64 * Hkv * G * T * D
     h0 = hk * G
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dlk = tl.zeros([BLOCK_N], dtype=tl.float32)
-    dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, stride_qh, stride_qt,
-                              stride_doh, stride_dot, h0, offs_n, offs_m0, offs_d, q_lo, diag1, T, window, qk_scale,
-                              2, G, HAS_DOC, UPCAST, IEEE, BLOCK_M, MASKED_STAGES)
-    dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, stride_qh, stride_qt,
-                              stride_doh, stride_dot, h0, offs_n, offs_m0, offs_d, diag_end, near1, T, window,
-                              qk_scale, 0, G, HAS_DOC, UPCAST, IEEE, BLOCK_M, STAGES)
-    dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, stride_qh, stride_qt,
-                              stride_doh, stride_dot, h0, offs_n, offs_m0, offs_d, band0, band1, T, window, qk_scale,
-                              2, G, HAS_DOC, UPCAST, IEEE, BLOCK_M, MASKED_STAGES)
-    dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, stride_qh, stride_qt,
-                              stride_doh, stride_dot, h0, offs_n, offs_m0, offs_d, far0, top, T, window, qk_scale,
-                              1, G, HAS_DOC, UPCAST, IEEE, BLOCK_M, STAGES)
+    # (the argument lists differ only in the range and the mode)
+    dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, DQA_b, stride_qh,
+                              stride_qt, stride_doh, stride_dot, h0, offs_n, offs_m0, offs_d, q_lo, diag1,
+                              T, window, qk_scale, sm_scale,
+                              2, G, HAS_DOC, UPCAST, IEEE, BLOCK_M, MASKED_STAGES, DQ_ATOMIC, D)
+    dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, DQA_b, stride_qh,
+                              stride_qt, stride_doh, stride_dot, h0, offs_n, offs_m0, offs_d, diag_end, near1,
+                              T, window, qk_scale, sm_scale,
+                              0, G, HAS_DOC, UPCAST, IEEE, BLOCK_M, STAGES, DQ_ATOMIC, D)
+    dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, DQA_b, stride_qh,
+                              stride_qt, stride_doh, stride_dot, h0, offs_n, offs_m0, offs_d, band0, band1,
+                              T, window, qk_scale, sm_scale,
+                              2, G, HAS_DOC, UPCAST, IEEE, BLOCK_M, MASKED_STAGES, DQ_ATOMIC, D)
+    dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, DQA_b, stride_qh,
+                              stride_qt, stride_doh, stride_dot, h0, offs_n, offs_m0, offs_d, far0, top,
+                              T, window, qk_scale, sm_scale,
+                              1, G, HAS_DOC, UPCAST, IEEE, BLOCK_M, STAGES, DQ_ATOMIC, D)
     if HAS_DOC:
-        dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, stride_qh, stride_qt,
-                                  stride_doh, stride_dot, h0, offs_n, offs_m0, offs_d, doc0, q_hi, T, window,
-                                  qk_scale, 2, G, HAS_DOC, UPCAST, IEEE, BLOCK_M, MASKED_STAGES)
+        dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, DQA_b, stride_qh,
+                                  stride_qt, stride_doh, stride_dot, h0, offs_n, offs_m0, offs_d, doc0, q_hi,
+                                  T, window, qk_scale, sm_scale,
+                                  2, G, HAS_DOC, UPCAST, IEEE, BLOCK_M, MASKED_STAGES, DQ_ATOMIC, D)
 
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
@@ -619,9 +656,12 @@ def _is_interpreted(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+_INTERPRETING = HAS_TRITON and _is_interpreted(_fwd_kernel)
+
+
 def interpreting() -> bool:
     """True when the kernels were decorated under TRITON_INTERPRET=1 (they then take CPU tensors)."""
-    return HAS_TRITON and _is_interpreted(_fwd_kernel)
+    return _INTERPRETING
 
 
 # ----------------------------------------------------------------------------------------------
@@ -733,13 +773,21 @@ def _launch_bwd(do, q, k, v, log_keep, doc_start, doc_end, out, lse, window: int
     has_doc = doc_start is not None
     dev = q.device
 
+    # dq_atomic: the dK/dV kernel adds dS @ K into an fp32 buffer with relaxed atomics instead of
+    # a separate dQ kernel (3 fewer matmul tiles per block pair out of 9, but (BM1 x D) fp32
+    # atomics per step and not bitwise deterministic). Off by default; --sweep measures both.
+    dq_atomic = bool(c.get("dq_atomic", False))
     delta = torch.empty((B, Hq, T), dtype=torch.float32, device=dev)
-    dq = torch.empty((B, Hq, T, D), dtype=q.dtype, device=dev)
     dk = torch.empty((B, Hkv, T, D), dtype=k.dtype, device=dev)
     dv = torch.empty((B, Hkv, T, D), dtype=v.dtype, device=dev)
     dlk = torch.empty((B, Hkv, T), dtype=torch.float32, device=dev)
+    if dq_atomic:
+        dq = dqa = torch.zeros((B, Hq, T, D), dtype=torch.float32, device=dev)
+    else:
+        dq = torch.empty((B, Hq, T, D), dtype=q.dtype, device=dev)
+        dqa = delta  # unused placeholder
     if poison:
-        for t in (delta, dq, dk, dv, dlk):
+        for t in (delta, dk, dv, dlk) + (() if dq_atomic else (dq,)):
             t.fill_(float("nan"))
     ds = doc_start if has_doc else delta
     de = doc_end if has_doc else delta
@@ -754,7 +802,7 @@ def _launch_bwd(do, q, k, v, log_keep, doc_start, doc_end, out, lse, window: int
     )
     BM1, BN1, w1, s1 = c["dkdv"]
     dkdv[(B * Hkv, _cdiv(T, BN1))](
-        q, k, v, log_keep, ds, de, do, lse, delta, dk, dv, dlk, cnt,
+        q, k, v, log_keep, ds, de, do, lse, delta, dk, dv, dlk, dqa, cnt,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -764,9 +812,11 @@ def _launch_bwd(do, q, k, v, log_keep, doc_start, doc_end, out, lse, window: int
         dv.stride(0), dv.stride(1), dv.stride(2),
         T, Hkv, int(window), float(scale) * _LOG2E, float(scale),
         G=G, D=D, BLOCK_M=BM1, BLOCK_N=BN1, HAS_DOC=has_doc, UPCAST=upcast, IEEE=ieee,
-        STAGES=s1, MASKED_STAGES=min(s1, c["masked_stages"]), COUNT=counts is not None,
+        STAGES=s1, MASKED_STAGES=min(s1, c["masked_stages"]), COUNT=counts is not None, DQ_ATOMIC=dq_atomic,
         num_warps=w1, num_stages=s1,
     )
+    if dq_atomic:
+        return dqa.to(q.dtype), dk, dv, dlk
     BM2, BN2, w2, s2 = c["dq"]
     dqk[(B * Hq, _cdiv(T, BM2))](
         q, k, v, log_keep, ds, do, lse, delta, dq, cnt,
