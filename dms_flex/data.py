@@ -359,6 +359,7 @@ DEFAULT_TASKS = ("basic_arithmetic", "chain_sum", "gsm_symbolic", "leg_counting"
                  "number_sorting")
 DEFAULT_INSTRUCTION = "Solve the problem step by step, then give the final answer on the last line."
 PREFILL_CHUNK = 512  # prompt tokens per prefill call while building the reasoning set
+COMPILE_ABOVE_DECODE_STEPS = 20_000
 
 
 def reasoning_dataset(tokenizer: HFTokenizer, checkpoint_dir, *, path: Optional[str] = None,
@@ -491,7 +492,10 @@ def _answer_conversations(settings: Dict[str, Any], batch_size: int, device, dty
     batch_size = min(batch_size, len(convs))
     state = tm.InferenceState(dm.model, batch_size, max_seq_len=budget, eviction=False)
     step = tm.decode_step
-    if device.type == "cuda":  # one CUDA graph: batch and cache capacity are fixed
+    # One CUDA graph per decode step (batch and cache capacity are fixed) halves a step's time but
+    # costs a minute of compilation: worth it for long builds only.
+    decode_steps = math.ceil(len(convs) / batch_size) * per * settings["max_new_tokens"]
+    if device.type == "cuda" and decode_steps > COMPILE_ABOVE_DECODE_STEPS:
         step = torch.compile(tm.decode_step, fullgraph=True, mode="reduce-overhead")
     stops = [tok.eos_token_id]
     max_new = settings["max_new_tokens"]

@@ -324,3 +324,26 @@ def test_reasoning_set_is_built_by_the_teacher_once(tiny_run, tmp_path):
     assert len(ds) == 3 and all(t != -100 for t in ds[0]["labels"])  # train_on_input: every token distilled
     with pytest.raises(ValueError, match="unknown reasoning-gym task"):
         dms_data.build_reasoning_set(out / "final", **{**kw, "tasks": ["no_such_task"]})
+
+
+def test_torchtune_datasets_over_local_files_pack(tmp_path):
+    """The dataset components a config names (torchtune's, over local files) feed the packer."""
+    from torchtune.datasets import instruct_dataset, text_completion_dataset
+
+    tok = dms_data.byte_tokenizer()
+    (tmp_path / "corpus.txt").write_text("first document\n\nstill the first\n")
+    text = text_completion_dataset(tok, source="text", data_files=str(tmp_path / "corpus.txt"), sample_by="document")
+    assert len(text) == 1 and tok.decode(text[0]["tokens"]) == "first document\n\nstill the first\n"
+    rows = [{"question": "2+2?", "answer": "4"}, {"question": "3+3?", "answer": "6"}]
+    (tmp_path / "qa.json").write_text("\n".join(json.dumps(r) for r in rows))
+    qa = instruct_dataset(tok, source="json", data_files=str(tmp_path / "qa.json"),
+                          column_map={"input": "question", "output": "answer"}, train_on_input=False)
+    packed = dms_data.PackedDocuments(torch.utils.data.ConcatDataset([text, qa]), 64, pad_id=tok.pad_id)
+    assert packed.documents == 3
+    row = packed[0]
+    targets = row["targets"][row["targets"] != -100].tolist()
+    # text: every next token; instruct: only the assistant turn (train_on_input=False); the second
+    # question starts at the end of this row and contributes no target here
+    assert tok.decode(targets, skip_special_tokens=False) == \
+        "first document\n\nstill the first\n<|im_end|>" + "<|im_start|>assistant\n4<|im_end|>\n"
+    assert row["doc_ids"][row["valid"]].unique().tolist() == [0, 1, 2] and bool(row["valid"].all())
