@@ -111,9 +111,10 @@ _LOG2E = 1.4426950408889634
 #   dq   (BM2, BN2, ...): a program holds BM2 queries and walks key blocks of BN2
 #   masked_stages: pipeline depth of the MASKED loops (a few blocks per program; deeper
 #   pipelining there costs registers for little gain)
-# Chosen from the offline sm_90 compile (benchmarks/bench_train_attention_kernel.py --aot):
-# no spills, <= 255 registers; FlexAttention's H100 defaults (fwd 128x64 8 warps; bwd 64/128
-# blocks, 8 warps, 3 stages) as the starting point. Not yet timed: `--sweep` on the GPU decides.
+# Starting point: FlexAttention's H100 defaults (fwd D=64 128x128 4 warps, D=128 128x64 8 warps;
+# bwd 64/128 blocks, 8 warps, 3 stages), moved to what compiles for sm_90 without spills in the
+# offline compile (benchmarks/bench_train_attention_kernel.py --aot: 128-row tiles with 4 warps
+# and 64x128 dK/dV tiles at D=128 spill). Not yet timed: `--sweep` on the GPU decides.
 # Override with DMS_TRAIN_ATTN_CONFIG='{"64": {"fwd": [128, 64, 8, 3]}, ...}'.
 _CONFIGS = {
     64: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 64, 8, 3), masked_stages=1),
