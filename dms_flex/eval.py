@@ -51,6 +51,9 @@ from .generation import SamplingConfig
 
 METHODS = ("vanilla", "dms") + bl.POLICIES
 METRICS = ("ppl", "reasoning", "needle", "vartrack")
+# full-sequence forwards (teacher-forced perplexity, DMS CR measurement) use the dense masked-SDPA
+# reference: exact, and no FlexAttention compile per new batch shape; --attention flex switches
+ATTENTION_BACKEND = {"name": "dense"}
 DEFAULT_REASONING_TASKS = ("basic_arithmetic",)
 # small integer sums: the 135M default model scores well above chance on them
 DEFAULT_TASK_KWARGS = {"basic_arithmetic": dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1,
@@ -110,7 +113,8 @@ class Method:
     def teacher_forced(self, tokens):
         """Full-sequence forward (vanilla, dms): (logits (B, T, V), evicted per layer or [])."""
         self._activate()
-        out = tm.forward_train(self.model, tokens, eviction=self.name == "dms", training=False)
+        out = tm.forward_train(self.model, tokens, eviction=self.name == "dms", training=False,
+                               backend=ATTENTION_BACKEND["name"])
         return tm.logits_of(self.model, out.hidden), out.evicted
 
 
@@ -137,7 +141,8 @@ def perplexity(method: Method, windows: torch.Tensor, vanilla: nn.Module, *, pre
         x = windows[i: i + batch_size].to(dev)
         B = x.shape[0]
         # the last token is only a target: the forwards read x[:, :-1], as the cached path does
-        ref = tm.logits_of(vanilla, tm.forward_train(vanilla, x[:, :-1], eviction=False, training=False).hidden)
+        ref = tm.logits_of(vanilla, tm.forward_train(vanilla, x[:, :-1], eviction=False, training=False,
+                                                     backend=ATTENTION_BACKEND["name"]).hidden)
         ref = F.log_softmax(ref[:, prefix - 1:].float(), dim=-1)
         if teacher:
             logits, evicted = method.teacher_forced(x[:, :-1])
@@ -175,7 +180,7 @@ def measure_dms_cr(method: Method, windows: torch.Tensor, batch_size: int = 4) -
     with torch.no_grad():
         for i in range(0, windows.shape[0], batch_size):
             x = windows[i: i + batch_size].to(_device_of(method.model))
-            out = tm.forward_train(method.model, x, eviction=True, training=False)
+            out = tm.forward_train(method.model, x, eviction=True, training=False, backend=ATTENTION_BACKEND["name"])
             kept.append(torch.stack([stats.kept_fraction(ev, window) for ev in out.evicted]).mean().item())
     return 1.0 / max(sum(kept) / len(kept), 1e-12)
 
@@ -429,7 +434,8 @@ def parse_args(argv=None):
     p.add_argument("--metrics", default=",".join(METRICS), help=f"comma list of {METRICS}")
     p.add_argument("--out", default="eval_out", help="folder for results.json and the plots")
     # DMS
-    p.add_argument("--dms-window", type=int, help="override the DMS window of every DMS run")
+    p.add_argument("--dms-window", action="append", default=[], metavar="[CR=]W",
+                   help="DMS window: W for every DMS run, CR=W for the run of one requested CR (repeatable)")
     p.add_argument("--dms-alpha-offset", action="append", default=[], metavar="CR=OFFSET",
                    help="DMS alpha_offset to use for a requested CR (repeatable)")
     p.add_argument("--dms-checkpoint", action="append", default=[], metavar="CR=DIR",
@@ -467,6 +473,8 @@ def parse_args(argv=None):
     p.add_argument("--hops", type=int, default=2, help="variable-tracking chain links")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"])
+    p.add_argument("--attention", choices=["dense", "flex", "auto"], default="dense",
+                   help="attention of the full-sequence forwards (default dense: exact, nothing to compile)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is often fastest on a busy machine)")
     p.add_argument("--replot", metavar="RESULTS_JSON", help="only redraw the table and plots of an earlier run")
@@ -504,6 +512,11 @@ def parse_args(argv=None):
                 args.cr.append(float(k))
         return out
 
+    whole = [w for w in args.dms_window if "=" not in w]
+    if len(whole) > 1 or any(not w.isdigit() for w in whole):
+        p.error(f"--dms-window takes one W >= 0 for all runs (and CR=W per run), got {whole}")
+    args.dms_window_at = per_cr([w for w in args.dms_window if "=" in w], int, "--dms-window")
+    args.dms_window = int(whole[0]) if whole else None
     args.dms_alpha_offset = per_cr(args.dms_alpha_offset, float, "--dms-alpha-offset")
     args.dms_checkpoint = per_cr(args.dms_checkpoint, str, "--dms-checkpoint")
     args.cr = sorted(set(args.cr))
@@ -517,6 +530,7 @@ def run(args, loaded=None, log: Callable[[str], None] = print) -> Dict[str, Any]
     from . import pretrained
 
     torch.manual_seed(args.seed)
+    ATTENTION_BACKEND["name"] = args.attention
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -586,7 +600,8 @@ def run(args, loaded=None, log: Callable[[str], None] = print) -> Dict[str, Any]
 
     # ---- methods
     vanilla = Method("vanilla", base.model)
-    methods = build_methods(args, base, windows, log)
+    methods = build_methods(args, base)
+    cal = windows[: min(4, windows.shape[0])]  # DMS CR measurement and calibration
 
     def evaluate(m: Method) -> Dict[str, Any]:
         rec: Dict[str, Any] = {"method": m.name, "requested_cr": m.requested_cr, "cr": m.cr, "setting": m.setting}
@@ -623,6 +638,7 @@ def run(args, loaded=None, log: Callable[[str], None] = print) -> Dict[str, Any]
     dms_cr: Dict[Optional[float], float] = {}
     for m in methods:
         if m.name == "dms":
+            prepare_dms(m, args, base, cal, log)
             runs.append(evaluate(m))
             dms_cr[m.requested_cr] = m.cr
             if m.release:
@@ -692,44 +708,59 @@ def replot(path: str) -> int:
     return 0
 
 
-def build_methods(args, base, windows: torch.Tensor, log) -> List[Method]:
+def build_methods(args, base) -> List[Method]:
     """DMS runs (one per requested CR that has a DMS setting, else one with the model's own) and the
-    baselines at each requested CR. DMS runs have their achieved CR measured here."""
-    from . import pretrained
-
+    baselines at each requested CR. A DMS run is made ready (loaded, calibrated, CR measured) by
+    `prepare_dms` just before it runs, so only one per-CR checkpoint is in memory at a time."""
     methods: List[Method] = []
-    cal = windows[: max(1, min(4, windows.shape[0]))]
     if "dms" in args.methods:
-        per_cr = sorted(set(args.dms_checkpoint) | set(args.dms_alpha_offset)
+        per_cr = sorted(set(args.dms_checkpoint) | set(args.dms_alpha_offset) | set(args.dms_window_at)
                         | (set(args.cr) if args.dms_calibrate else set()))
         for c in per_cr:
+            cfg = base.dms
+            if c in args.dms_window_at:
+                cfg = cfg.replace(window=args.dms_window_at[c])
+            m = Method("dms", base.model, requested_cr=c, dms_config=cfg)
             if c in args.dms_checkpoint:
-                overrides = {"window": args.dms_window} if args.dms_window is not None else None
-                dm = pretrained.load_dms_model(args.dms_checkpoint[c], dms_overrides=overrides,
-                                               dtype=next(base.model.parameters()).dtype,
-                                               device=next(base.model.parameters()).device)
-                m = Method("dms", dm.model, requested_cr=c, dms_config=dm.dms, setting=f"checkpoint {args.dms_checkpoint[c]}")
-                m.release = lambda m=m: setattr(m, "model", None)
+                m.model, m.setting = None, f"checkpoint {args.dms_checkpoint[c]}"
+            elif c in args.dms_alpha_offset:
+                m.dms_config = cfg.replace(alpha_offset=args.dms_alpha_offset[c])
+                m.setting = f"alpha_offset {args.dms_alpha_offset[c]:g}"
+            elif args.dms_calibrate:
+                m.setting = "calibrate"
             else:
-                m = Method("dms", base.model, requested_cr=c, dms_config=base.dms)
-                if c in args.dms_alpha_offset:
-                    m.dms_config = base.dms.replace(alpha_offset=args.dms_alpha_offset[c])
-                    m.setting = f"alpha_offset {args.dms_alpha_offset[c]:g}"
-                else:
-                    off = calibrate_alpha_offset(m, cal, c, log=log)
-                    m.setting = f"alpha_offset {off:.3f} (calibrated)"
+                m.setting = f"window {cfg.window}"
             methods.append(m)
         if not per_cr:
             methods.append(Method("dms", base.model, dms_config=base.dms, setting="the model's own DMS settings"))
-        for m in methods:
-            m.cr = measure_dms_cr(m, cal)
-            log(f"dms: {m.setting}: window {m.dms_config.effective_window}, achieved CR {m.cr:.2f}"
-                + (f" (requested {m.requested_cr:g})" if m.requested_cr else ""))
     kw = {"streaming": {"sinks": args.sinks}, "h2o": {"heavy_fraction": args.heavy_fraction}, "tova": {}}
     for name in bl.POLICIES:
         if name in args.methods:
             methods += [Method(name, base.model, cr=c, requested_cr=c, policy_kw=kw[name]) for c in args.cr]
     return methods
+
+
+def prepare_dms(m: Method, args, base, cal: torch.Tensor, log) -> None:
+    """Load a per-CR checkpoint, calibrate alpha_offset if asked, and measure the achieved CR."""
+    from . import pretrained
+
+    if m.model is None:
+        folder = args.dms_checkpoint[m.requested_cr]
+        window = args.dms_window_at.get(m.requested_cr, args.dms_window)
+        p = next(base.model.parameters())
+        dm = pretrained.load_dms_model(folder, dms_overrides={"window": window} if window is not None else None,
+                                       dtype=p.dtype, device=p.device)
+        m.model, m.dms_config = dm.model, dm.dms
+
+        def release(m=m):
+            m.model = None
+        m.release = release
+    if m.setting == "calibrate":
+        off = calibrate_alpha_offset(m, cal, m.requested_cr, log=log)
+        m.setting = f"alpha_offset {off:.3f} (calibrated)"
+    m.cr = measure_dms_cr(m, cal)
+    log(f"dms: {m.setting}: window {m.dms_config.effective_window}, achieved CR {m.cr:.2f}"
+        + (f" (requested {m.requested_cr:g})" if m.requested_cr else ""))
 
 
 def main(argv=None) -> int:

@@ -231,8 +231,26 @@ def test_cli_argument_errors():
         ev.parse_args(["--methods", "vanilla,lru"])
     with pytest.raises(SystemExit):
         ev.parse_args(["--dms-checkpoint", "dir-without-cr"])
-    args = ev.parse_args(["--cr", "2", "--dms-alpha-offset", "8=1.5", "--parallel-samples", "4"])
-    assert args.cr == [2.0, 4.0, 8.0] and args.dms_alpha_offset == {8.0: 1.5}
+    args = ev.parse_args(["--cr", "2", "--dms-alpha-offset", "8=1.5", "--parallel-samples", "4",
+                          "--dms-window", "64", "--dms-window", "16=8"])
+    assert args.cr == [2.0, 4.0, 8.0, 16.0] and args.dms_alpha_offset == {8.0: 1.5}
+    assert args.dms_window == 64 and args.dms_window_at == {16.0: 8}
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--dms-window", "64", "--dms-window", "32"])
+
+
+def test_dms_runs_per_requested_cr_and_baselines_follow_their_achieved_cr(tmp_path):
+    m = byte_model(window=2)
+    loaded = DMSModel(model=m, tokenizer=ENC, dms=m.dms_config, hf_config={}, family="tiny", dms_trained=True)
+    args = run_args(tmp_path, "--cr", "2,3", "--dms-calibrate", "--dms-window", "3=1", "--methods", "dms,h2o",
+                    "--metrics", "ppl")
+    runs = ev.run(args, loaded=loaded, log=lambda s: None)["runs"]
+    dms = {r["requested_cr"]: r for r in runs if r["method"] == "dms"}
+    assert set(dms) == {2.0, 3.0} and "calibrated" in dms[2.0]["setting"]
+    assert abs(dms[2.0]["cr"] - 2.0) < 0.3 and abs(dms[3.0]["cr"] - 3.0) < 0.45
+    for r in runs:
+        if r["method"] == "h2o":
+            assert r["cr"] == dms[r["requested_cr"]]["cr"]
 
 
 # ----------------------------------------------------------------------------- lm-eval adapter
@@ -325,3 +343,30 @@ def test_lm_eval_simple_evaluate_on_a_local_file_task(tmp_path):
     res = lm_eval.simple_evaluate(model=lm, tasks=["dms_flex_local_mc"],
                                   task_manager=TaskManager(include_path=str(tmp_path)))
     assert 0 <= res["results"]["dms_flex_local_mc"]["acc,none"] <= 1
+
+
+def test_dms_checkpoint_per_requested_cr_is_loaded_for_its_run(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dms_flex import pretrained
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    hf = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.3)
+    base_dir, ckpt = tmp_path / "base", tmp_path / "retrofit"
+    hf.save_pretrained(base_dir)
+    hf.save_pretrained(ckpt)
+    conf = json.loads((ckpt / "config.json").read_text())
+    conf.update(dms_alpha_scale=5.0, dms_initial_alpha_offset=0.0, dms_window_size=2, dms_cr=2.0)
+    (ckpt / "config.json").write_text(json.dumps(conf))
+    base = pretrained.load_dms_model(base_dir)
+    base.tokenizer = ENC
+    args = run_args(tmp_path / "out", "--cr", "2", "--dms-checkpoint", f"2={ckpt}", "--methods", "vanilla,dms,tova",
+                    "--metrics", "ppl")
+    runs = ev.run(args, loaded=base, log=lambda s: None)["runs"]
+    dms = next(r for r in runs if r["method"] == "dms")
+    assert dms["setting"] == f"checkpoint {ckpt}" and dms["cr"] > 1.2  # the retrofit's settings evict
+    assert next(r for r in runs if r["method"] == "tova")["cr"] == dms["cr"]
