@@ -40,27 +40,31 @@ def distillation_mask(labels: torch.Tensor, ignore_index: int = -100,
 
 
 def chunked_kd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, output_weight: torch.Tensor,
-                    mask: torch.Tensor, *, chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:
+                    mask: torch.Tensor, *, chunk_size: int = 1024, temperature: float = 1.0,
+                    teacher_output_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean per-token KL(teacher || student) over masked positions.
 
     Hidden states (B, T, d) go through the output projection `output_weight` (V, d) one chunk of
     tokens at a time under activation checkpointing, so neither the forward nor the backward holds
-    the full (tokens x vocab) fp32 logits.
+    the full (tokens x vocab) fp32 logits. `teacher_output_weight` is the teacher's own projection
+    when the teacher is a frozen copy (all weights train); default: the student's, which is right
+    when the base, output projection included, is frozen.
     """
     s = student_hidden.reshape(-1, student_hidden.shape[-1])
     t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    w_t = (output_weight if teacher_output_weight is None else teacher_output_weight).detach()
     m = mask.reshape(-1)
     total = s.new_zeros((), dtype=torch.promote_types(s.dtype, torch.float32))
     for start in range(0, s.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
-        total = total + checkpoint(_kd_chunk, s[sl], t[sl], output_weight, m[sl], temperature,
+        total = total + checkpoint(_kd_chunk, s[sl], t[sl], output_weight, w_t, m[sl], temperature,
                                    use_reentrant=False)
     return total / m.sum().clamp_min(1)
 
 
-def _kd_chunk(s, t, w, m, temperature):
+def _kd_chunk(s, t, w, w_t, m, temperature):
     log_p_s = F.log_softmax(_upcast(s @ w.t()) / temperature, dim=-1)
-    log_p_t = F.log_softmax(_upcast(t @ w.t().detach()) / temperature, dim=-1)
+    log_p_t = F.log_softmax(_upcast(t @ w_t.t()) / temperature, dim=-1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
     return (kl * m).sum()
 

@@ -88,7 +88,8 @@ class RetrofitStep(nn.Module):
         w = output_weight(self.student)
         mask = distillation_mask(targets)
         kd = chunked_kd_loss(out.hidden, t_hidden, w, mask, chunk_size=self.kd_chunk_size,
-                             temperature=self.kd_temperature)
+                             temperature=self.kd_temperature,
+                             teacher_output_weight=output_weight(teacher) if teacher is not self.student else None)
         comp = compression_loss(out.alpha_st, alpha_target, valid)
         lm = _lm_loss(out.hidden, w, targets, self.kd_chunk_size) if self.log_lm_loss else kd.new_zeros(())
         return {"kd": kd, "compression": comp, "lm": lm, "evicted": out.evicted}

@@ -280,3 +280,12 @@ def test_kept_fraction_counts_window_as_retained():
     rep = stats.compression_report([torch.tensor([[0.25, 0.5]]), torch.tensor([[0.25, 0.0 + 0.125]])])
     assert rep.ratio == pytest.approx(1 / ((0.25 + 0.5 + 0.25 + 0.125) / 4))
     assert len(rep.per_layer_ratio) == 2 and "CR" in rep.format()
+
+
+def test_chunked_kd_uses_the_teachers_own_output_projection():
+    s, t = torch.randn(1, 9, 8, dtype=torch.float64), torch.randn(1, 9, 8, dtype=torch.float64)
+    W_s, W_t = torch.randn(20, 8, dtype=torch.float64), torch.randn(20, 8, dtype=torch.float64)
+    mask = torch.ones(1, 9, dtype=torch.bool)
+    got = losses.chunked_kd_loss(s, t, W_s, mask, chunk_size=4, teacher_output_weight=W_t)
+    ref = losses.kd_loss_from_logits(s @ W_s.t(), t @ W_t.t(), mask)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-10)
