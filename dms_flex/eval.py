@@ -3,9 +3,10 @@
 Methods: ``vanilla`` (dense cache), ``dms`` (the model's learned evictions), and the training-free
 policies of `dms_flex.baselines` (``streaming``, ``h2o``, ``tova``) in the same compact cache. Each
 compressed method runs at a compression ratio (CR = tokens seen / KV slots kept, DMS_SPEC section 6):
-- DMS's CR is not set directly: it is measured. For a requested CR the user passes a retrofit
-  checkpoint (``--dms-checkpoint 8=DIR``) or an alpha_offset (``--dms-alpha-offset 8=-2``), or asks for
-  ``--dms-calibrate`` (bisection of alpha_offset on the perplexity windows until the achieved CR hits
+- DMS's CR is not set directly: it is measured (on the perplexity windows). For a requested CR the
+  user passes a retrofit checkpoint (``--dms-checkpoint 8=DIR``), an alpha_offset
+  (``--dms-alpha-offset 8=-2``) or a window (``--dms-window 8=64``; ``--dms-window 64`` sets every DMS
+  run's window), or asks for ``--dms-calibrate`` (bisection of alpha_offset until the achieved CR hits
   the request: a way to sweep an untrained model's CR). Without any, one DMS run reports whatever CR
   the model's own settings reach.
 - The baselines run at the CR that DMS achieved for the same request (``--no-match-dms-cr``: at the
@@ -24,7 +25,11 @@ Metrics (each can be switched off with --metrics):
   compressed method at CR N, majority vote, against 1 greedy vanilla answer (equal KV memory).
 
 Outputs under --out: results.json, a printed table, <metric>_vs_cr.png per metric, and a kept-fraction
-heat map per layer and KV head for each compressed run (kept_<method>_cr<CR>.png).
+heat map per layer and KV head for each compressed run (kept_<method>_cr<CR>.png); without matplotlib
+the plots are skipped and ``--replot results.json`` draws them later elsewhere.
+
+The defaults are sized for a CPU (SmolLM2-135M: three 512-token perplexity windows, 8 problems,
+needles at 256 and 512 tokens); the policies' token-by-token perplexity dominates the time.
 """
 
 from __future__ import annotations
@@ -173,16 +178,17 @@ def perplexity(method: Method, windows: torch.Tensor, vanilla: nn.Module, *, pre
 
 
 def measure_dms_cr(method: Method, windows: torch.Tensor, batch_size: int = 4) -> float:
-    """Achieved CR of a DMS method on windows (kept fraction after each window's last token)."""
+    """Achieved CR of a DMS method on the perplexity windows: kept fraction once each window's
+    second-to-last token is read (the last is only a target), as `perplexity` reports it."""
     method._activate()
     window = method.dms_config.effective_window
     kept = []
     with torch.no_grad():
         for i in range(0, windows.shape[0], batch_size):
-            x = windows[i: i + batch_size].to(_device_of(method.model))
+            x = windows[i: i + batch_size, :-1].to(_device_of(method.model))
             out = tm.forward_train(method.model, x, eviction=True, training=False, backend=ATTENTION_BACKEND["name"])
-            kept.append(torch.stack([stats.kept_fraction(ev, window) for ev in out.evicted]).mean().item())
-    return 1.0 / max(sum(kept) / len(kept), 1e-12)
+            kept.append(torch.stack([stats.kept_fraction(ev, window) for ev in out.evicted]).mean(dim=(0, 2)))
+    return 1.0 / max(float(torch.cat(kept).mean()), 1e-12)
 
 
 def calibrate_alpha_offset(method: Method, windows: torch.Tensor, target_cr: float, iters: int = 14,
@@ -601,7 +607,7 @@ def run(args, loaded=None, log: Callable[[str], None] = print) -> Dict[str, Any]
     # ---- methods
     vanilla = Method("vanilla", base.model)
     methods = build_methods(args, base)
-    cal = windows[: min(4, windows.shape[0])]  # DMS CR measurement and calibration
+    cal = windows  # DMS CR measurement and calibration: the perplexity windows
 
     def evaluate(m: Method) -> Dict[str, Any]:
         rec: Dict[str, Any] = {"method": m.name, "requested_cr": m.requested_cr, "cr": m.cr, "setting": m.setting}

@@ -205,6 +205,7 @@ def test_run_writes_json_table_and_plots_with_baselines_at_the_dms_cr(tmp_path, 
     assert methods == ["vanilla", "dms", "streaming", "h2o", "tova"]
     dms = data["runs"][1]
     assert dms["setting"] == "alpha_offset 0" and dms["requested_cr"] == 2.0
+    assert abs(dms["cr"] - dms["ppl"]["cr"]) < 1e-6  # measured on the perplexity windows
     for r in data["runs"][2:]:  # the baselines run at the CR DMS achieved for the request
         assert r["cr"] == dms["cr"] and abs(r["ppl"]["cr"] - dms["cr"]) < 0.2
     for r in data["runs"]:
