@@ -14,11 +14,13 @@ slot. Reserved parts live inside the budget b:
 - streaming: min(sinks, b-1) attention sinks (the first tokens) + the b - sinks most recent tokens;
 - h2o: the b - floor(b * heavy_fraction) most recent tokens, the rest heavy hitters by accumulated
   attention (summed over every query so far: prompt queries during prefill, then each decode step);
-- tova: only the newest token is reserved (TOVA's scores would almost always keep it anyway; keeping
-  it means a token is never dropped before anyone attended to it); all others compete on the
-  current query's attention weight.
+- tova: only the newest token is reserved (TOVA's own rule lets it compete too, but its weight is
+  almost always the highest; reserving it guarantees the next step sees it); all others compete on
+  the current query's attention weight.
 Scores are per KV head: the attention weights of the G query heads of a KV group, averaged.
-Ties evict the older token.
+Ties evict the older token. Keys keep the RoPE rotation of their original position, as in DMS's
+cache (StreamingLLM's re-indexing of positions inside the cache, which it needs to run past the
+model's context length, is not done: sequences here stay within the context).
 
 Order of a decode step: the new token's query attends over the live slots plus itself (exact
 attention over what is kept), the scores are updated from those weights, then one token is evicted
@@ -146,6 +148,12 @@ class PolicyKVCache(DMSKVCache):
     def reset(self) -> None:
         super().reset()
         self.score.zero_()
+
+    def decode_update(self, *args, **kwargs):
+        raise TypeError("a PolicyKVCache is driven by decode_step_with_policy / prefill_with_policy, not by the DMS "
+                        "decode_step / prefill")
+
+    append = decode_update
 
     def kept_positions(self, b: int, h: int) -> list:
         """Positions held by (row b, KV head h), sorted: for tests and inspection."""

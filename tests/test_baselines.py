@@ -242,3 +242,10 @@ def test_policy_argument_errors():
         bl.EvictionPolicy("h2o", 0.5)
     p = bl.EvictionPolicy("h2o", 2.2)
     assert int(p.budget(torch.tensor(11))) == 5 and int(p.budget(torch.tensor(12))) == 6
+
+
+def test_the_dms_passes_refuse_a_policy_cache():
+    m = tiny_model()
+    state = bl.PolicyState(m, 1, bl.EvictionPolicy("tova", 2.0), max_seq_len=32)
+    with pytest.raises(TypeError, match="decode_step_with_policy"):
+        tm.prefill(m, torch.tensor([[1, 2, 3]]), state)
