@@ -371,3 +371,18 @@ def test_dms_checkpoint_per_requested_cr_is_loaded_for_its_run(tmp_path):
     dms = next(r for r in runs if r["method"] == "dms")
     assert dms["setting"] == f"checkpoint {ckpt}" and dms["cr"] > 1.2  # the retrofit's settings evict
     assert next(r for r in runs if r["method"] == "tova")["cr"] == dms["cr"]
+
+
+def test_text_sources_fall_back_to_plain_copies_and_then_to_python_sources(tmp_path, monkeypatch):
+    monkeypatch.setattr(eval_data, "kjv_text", lambda: None)
+    monkeypatch.setattr(eval_data, "austen_text", lambda: None)
+    monkeypatch.setenv("DMS_FLEX_TEXT_DIR", str(tmp_path))
+    (tmp_path / "kjv.txt").write_text("In the beginning God created the heaven and the earth.\n" * 50)
+    logs = []
+    found = eval_data.load_texts(["kjv", "austen"], log=logs.append)
+    assert list(found) == ["kjv"] and "plain-text copy" in found["kjv"].origin
+    assert any("austen not found" in line for line in logs)
+    (tmp_path / "kjv.txt").unlink()
+    found = eval_data.load_texts(["kjv"], log=logs.append)
+    assert list(found) == ["code"] and "fallback" in found["code"].origin
+    assert len(eval_data.text_windows(encode, found["code"].text, 3, 100)) == 3
