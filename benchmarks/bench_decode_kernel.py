@@ -42,6 +42,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
+from _bench_common import install_mock_driver, log  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 MODELS = {"llama3-8b": dict(Hq=32, Hkv=8, D=128), "llama3.2-1b": dict(Hq=32, Hkv=8, D=64)}
@@ -49,34 +50,11 @@ SHAPES = [(8, 32768), (64, 8192), (1, 131072)]  # (B, ctx)
 CRS = [1, 2, 4, 8]
 
 
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # AOT mode: compile for sm_90 without a GPU
 # ----------------------------------------------------------------------------------------------
-def _install_mock_driver(device_type="cpu"):
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.driver import driver as _drv
-
-    class MockDriver:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def is_active(self):
-            return True
-
-        def get_active_torch_device(self):
-            return torch.device(device_type)
-
-    _drv.set_active(MockDriver())
 
 
 def _kernel_report(ck):
@@ -114,7 +92,7 @@ def aot_main(quick: bool):
     try:
         import triton  # noqa: F401
 
-        _install_mock_driver("cpu")
+        install_mock_driver("cpu")
     except Exception as e:  # pragma: no cover
         report["skipped"] = f"triton mock driver unavailable: {e!r}"
         print("@@AOT@@" + json.dumps(report))
@@ -186,7 +164,7 @@ def aot_main(quick: bool):
         from torch._functorch.aot_autograd import aot_export_module
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        _install_mock_driver("cuda")
+        install_mock_driver("cuda")
         dk._sm_count = lambda i: 132  # no CUDA runtime here
 
         class Step(torch.nn.Module):

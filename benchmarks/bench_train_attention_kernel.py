@@ -59,6 +59,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
+from _bench_common import install_mock_driver, log  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 HEADS = {"1b": (32, 8, 64), "8b": (32, 8, 128)}  # Llama-3.2-1B, Llama-3-8B: (Hq, Hkv, D)
@@ -81,34 +82,11 @@ SWEEP = {
 }
 
 
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # AOT mode
 # ----------------------------------------------------------------------------------------------
-def _install_mock_driver(device_type="cpu"):
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.driver import driver as _drv
-
-    class MockDriver:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def is_active(self):
-            return True
-
-        def get_active_torch_device(self):
-            return torch.device(device_type)
-
-    _drv.set_active(MockDriver())
 
 
 def _ptxas_report(ck):
@@ -140,7 +118,7 @@ def aot_main(quick: bool, candidates: bool):
     try:
         import triton  # noqa: F401
 
-        _install_mock_driver("cpu")
+        install_mock_driver("cpu")
     except Exception as e:  # pragma: no cover
         report["skipped"] = f"triton mock driver unavailable: {e!r}"
         print("@@AOT@@" + json.dumps(report))
@@ -217,7 +195,7 @@ def aot_main(quick: bool, candidates: bool):
         from torch._functorch.aot_autograd import aot_export_module
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        _install_mock_driver("cuda")
+        install_mock_driver("cuda")
 
         class Step(torch.nn.Module):
             def forward(self, q, k, v, logits, ds, de, go):

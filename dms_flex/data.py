@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -34,6 +33,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from .smollm2 import file_lock
 
 IGNORE_INDEX = -100  # torchtune's CROSS_ENTROPY_IGNORE_IDX
 SMOLLM2 = "smollm2"  # stands for the embedded SmolLM2-135M-Instruct folder wherever a model folder is asked for
@@ -433,7 +434,7 @@ def build_reasoning_set(checkpoint_dir, *, path: Optional[str] = None, tasks: Se
 
     if current():
         return path
-    with _file_lock(path.with_name(f".{path.name}.lock")):
+    with file_lock(path.with_name(f".{path.name}.lock")):
         if current():
             return path
         rows = _answer_conversations(settings, batch_size, device, dtype)
@@ -570,21 +571,6 @@ def _answer_conversations(settings: Dict[str, Any], batch_size: int, device, dty
           f"{time.perf_counter() - t0:.0f}s; teacher scores {100 * score_sum / max(answered, 1):.1f}% by last line",
           file=sys.stderr)
     return rows
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 # ============================================================================ CLI

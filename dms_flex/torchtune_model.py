@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import attention, decisions, stats
