@@ -45,6 +45,25 @@ def dms_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_keep: t
     raise ValueError(f"backend={backend!r}: expected 'auto', 'flex', 'triton' or 'dense'")
 
 
+def dms_hard_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, evicted: torch.Tensor, window: int, *,
+                       scale: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
+    """Inference prefill: exact attention under the hard rule. evicted (B, Hkv, T) bool marks the
+    tokens their successor evicts. On CUDA a flex block mask built from the rule skips every block
+    the rule empties, and nothing T x T is materialised; elsewhere the dense reference."""
+    if backend == "auto":
+        backend = "flex" if q.is_cuda else "dense"
+    if backend == "dense":
+        log_keep = torch.zeros(evicted.shape, device=q.device).masked_fill(evicted, float("-inf"))
+        return dense_dms_attention(q, k, v, log_keep, window, scale=scale)
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, Hq, T, _ = q.shape
+    group = Hq // k.shape[1]
+    bm = create_block_mask(masks.generate_dms_hard_mask(evicted, window, group), B, Hq, T, T, device=q.device)
+    fn = _compiled_flex() if q.is_cuda else flex_attention
+    return fn(q, k, v, block_mask=bm, enable_gqa=group > 1, scale=scale)
+
+
 def dense_dms_attention(q, k, v, log_keep, window, *, doc_ids=None, scale=None):
     group = q.shape[1] // k.shape[1]
     bias = masks.dense_bias(log_keep.float(), window, doc_ids).to(q.dtype)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import masks
+from . import attention, masks
 from .quant import dequantize_kv, quantize_kv
 
 
@@ -167,18 +167,21 @@ class DMSKVCache(nn.Module):
         kpos = torch.cat([self.slot_pos[..., :L], qpos[:, None].expand(B, H, n)], dim=-1)  # (B, H, L + n)
         kmark = torch.cat([cache_marked[..., :L], new_marked], dim=-1)
         klive = torch.cat([live_cache, valid_new], dim=-1)
-        vis = klive[:, :, None, :] & masks.visible(qpos[:, None, :, None], kpos[:, :, None, :],
-                                                   kmark[:, :, None, :], w)
-        # padded queries see themselves only, so no row is empty
-        pad_self = torch.eye(n, dtype=torch.bool, device=dev)[None, None] & ~valid_new[..., None]
-        vis[..., L:] |= pad_self
         if self.quantized:  # the new tokens are attended as the cache will hold them
             (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
             k, v = dequantize_kv(kq, ks, k.dtype), dequantize_kv(vq, vs, v.dtype)
         k_old, v_old = self._read(L, k.dtype)
         k_all = torch.cat([k_old, k], dim=2)
         v_all = torch.cat([v_old, v], dim=2)
-        out = attend(q, k_all, v_all, vis)
+        if L == 0:  # a first prefill: the same rule without an (n x n) mask (flex on CUDA)
+            out = attention.dms_hard_attention(q, k, v, new_marked, w)
+        else:
+            vis = klive[:, :, None, :] & masks.visible(qpos[:, None, :, None], kpos[:, :, None, :],
+                                                       kmark[:, :, None, :], w)
+            # padded queries see themselves only, so no row is empty
+            pad_self = torch.eye(n, dtype=torch.bool, device=dev)[None, None] & ~valid_new[..., None]
+            vis[..., L:] |= pad_self
+            out = attend(q, k_all, v_all, vis)
 
         # survivors after the last real token
         last = (pos + n_valid - 1)[:, None, None]  # (B, 1, 1)

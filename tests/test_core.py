@@ -289,3 +289,12 @@ def test_chunked_kd_uses_the_teachers_own_output_projection():
     got = losses.chunked_kd_loss(s, t, W_s, mask, chunk_size=4, teacher_output_weight=W_t)
     ref = losses.kd_loss_from_logits(s @ W_s.t(), t @ W_t.t(), mask)
     assert got.item() == pytest.approx(ref.item(), rel=1e-10)
+
+
+def test_hard_prefill_attention_flex_block_mask_matches_dense():
+    B, Hq, Hkv, T, D, w = 2, 4, 2, 150, 16, 5
+    q, k, v = rand_qkv(B, Hq, Hkv, T, D, dtype=torch.float32)
+    evicted = torch.rand(B, Hkv, T) > 0.4
+    dense = attention.dms_hard_attention(q, k, v, evicted, w, backend="dense")
+    flex = attention.dms_hard_attention(q, k, v, evicted, w, backend="flex")
+    assert rel_err(flex, dense) < 1e-5
