@@ -31,10 +31,12 @@ def parse_args(argv=None):
     p.add_argument("--no-dms", dest="dms", action="store_false", help="dense cache, no eviction")
     p.add_argument("--window", type=int, help="override the DMS window (tokens kept before eviction applies)")
     p.add_argument("--cache-capacity", type=int, help="KV slots per row and head (default: max sequence length)")
-    p.add_argument("--kv", choices=["model", "int8"], default="model",
-                   help="KV storage: the model dtype (default; bf16 on CUDA) or int8 with a scale per token and head")
-    p.add_argument("--weight-quant", choices=["none", "int8", "int4"], default="none",
-                   help="weight-only quantization of the linear layers through torchao")
+    p.add_argument("--kv", choices=["model", "int8"], default=None,
+                   help="KV storage: the model dtype (default; bf16 on CUDA) or int8 with a scale per token and head "
+                        "(default for a checkpoint whose config.json says dms_kv_dtype: int8)")
+    p.add_argument("--weight-quant", choices=["none", "int8", "int4"], default=None,
+                   help="weight-only quantization of the linear layers through torchao (default: none, or the "
+                        "checkpoint's dms_weight_quant when it is int8 or int4)")
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="torch.compile the decode step (default: on for CUDA)")
@@ -77,6 +79,13 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, TypeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # defaults from a quantization-aware retrofit's config.json; the command-line flags win
+    if args.kv is None:
+        args.kv = "int8" if dm.hf_config.get("dms_kv_dtype") == "int8" else "model"
+    if args.weight_quant is None:
+        args.weight_quant = dm.hf_config.get("dms_weight_quant", "none")
+        if args.weight_quant not in ("none", "int8", "int4"):  # nf4: the saved weights are the full-precision base
+            args.weight_quant = "none"
     if args.weight_quant != "none":
         from .quant import quantize_weights
 

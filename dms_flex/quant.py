@@ -78,3 +78,53 @@ def quantize_weights(model: torch.nn.Module, mode: str) -> torch.nn.Module:
                   filter_fn=lambda m, fqn: want(m, fqn) and m.in_features % group == 0
                   and type(m.weight) is torch.nn.Parameter)
     return model
+
+
+def quantize_weights_nf4(model: torch.nn.Module, block_size: int = 64) -> list:
+    """NF4 weight storage of every nn.Linear (DMS adapters excepted), as torchtune's QLoRA recipes hold
+    their frozen base: torchao's `to_nf4`, blocks of 64 values with double-quantized scales. The
+    weight becomes a frozen NF4Tensor parameter; F.linear dequantizes it on the fly.
+
+    The scale block is 256 where the layer allows it (real models), else the largest power of two
+    that divides its number of blocks (tiny test models); a layer whose size is not a multiple of
+    64 x 2 values stays in full precision. Returns the names of the layers left unquantized.
+    """
+    from torchao.dtypes.nf4tensor import to_nf4
+
+    skipped = []
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear) or "dms_adapter" in name or not _is_plain(m.weight):
+            continue
+        w = m.weight.detach()
+        blocks = w.numel() // block_size if w.numel() % block_size == 0 else 0
+        scaler = next((s for s in (256, 128, 64, 32, 16, 8, 4, 2) if blocks and blocks % s == 0), None)
+        if scaler is None:
+            skipped.append(name)
+            continue
+        m.weight = torch.nn.Parameter(to_nf4(w, block_size, scaler), requires_grad=False)
+    return skipped
+
+
+def _is_plain(t: torch.Tensor) -> bool:
+    return type(t) is torch.nn.Parameter or type(t) is torch.Tensor
+
+
+def is_quantized_tensor(t: torch.Tensor) -> bool:
+    """A torchao tensor subclass (AffineQuantizedTensor, NF4Tensor, ...), not a plain tensor."""
+    data = t.data if isinstance(t, torch.nn.Parameter) else t
+    return type(data) is not torch.Tensor
+
+
+def dequantized(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor a torchao-quantized weight stands for (the tensor itself when it is plain)."""
+    if not is_quantized_tensor(t):
+        return t
+    data = t.data if isinstance(t, torch.nn.Parameter) else t
+    if hasattr(data, "get_original_weight"):  # NF4Tensor
+        return data.get_original_weight()
+    return data.dequantize()
+
+
+def quantized_weight_names(model: torch.nn.Module) -> list:
+    """State-dict names of the parameters held as torchao tensor subclasses."""
+    return [n for n, p in model.named_parameters() if is_quantized_tensor(p)]

@@ -47,6 +47,7 @@ from dms_flex import data as dms_data
 from dms_flex import pretrained
 from dms_flex.config import DMSConfig, DMSConfigError
 from dms_flex.losses import chunked_kd_loss, compression_loss, distillation_mask
+from dms_flex.quant import dequantized, is_quantized_tensor
 from dms_flex.stats import CompressionReport, kept_fraction, plot_kept_heatmap
 from dms_flex.torchtune_model import add_dms, forward_train, output_weight
 
@@ -69,8 +70,9 @@ class RetrofitStep(nn.Module):
     """
 
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module], *, activation_checkpointing: bool,
-                 kd_chunk_size: int, kd_temperature: float, log_lm_loss: bool):
+                 kd_chunk_size: int, kd_temperature: float, log_lm_loss: bool, kv_int8: bool = False):
         super().__init__()
+        self.kv_int8 = kv_int8  # the student sees int8 K/V (straight-through); the teacher stays full precision
         self.student = student
         self._teacher = [teacher]  # a list keeps it out of the module tree
         self.activation_checkpointing = activation_checkpointing
@@ -84,12 +86,13 @@ class RetrofitStep(nn.Module):
         with torch.no_grad():
             t_hidden = forward_train(teacher, tokens, doc_ids=doc_ids, eviction=False, training=False).hidden
         out = forward_train(self.student, tokens, doc_ids=doc_ids, training=True, generator=generator,
-                            activation_checkpointing=self.activation_checkpointing)
-        w = output_weight(self.student)
+                            activation_checkpointing=self.activation_checkpointing, kv_int8=self.kv_int8)
+        w = dequantized(output_weight(self.student))  # a quantized frozen base: the values it stands for
         mask = distillation_mask(targets)
         kd = chunked_kd_loss(out.hidden, t_hidden, w, mask, chunk_size=self.kd_chunk_size,
                              temperature=self.kd_temperature,
-                             teacher_output_weight=output_weight(teacher) if teacher is not self.student else None)
+                             teacher_output_weight=dequantized(output_weight(teacher))
+                             if teacher is not self.student else None)
         comp = compression_loss(out.alpha_st, alpha_target, valid)
         lm = _lm_loss(out.hidden, w, targets, self.kd_chunk_size) if self.log_lm_loss else kd.new_zeros(())
         return {"kd": kd, "compression": comp, "lm": lm, "evicted": out.evicted}
@@ -97,7 +100,7 @@ class RetrofitStep(nn.Module):
     @torch.no_grad()
     def measure(self, tokens, doc_ids) -> List[torch.Tensor]:
         """Hard decisions (no noise, `l > 0` evicts), as at inference: per layer (B, Hkv, T)."""
-        return forward_train(self.student, tokens, doc_ids=doc_ids, training=False).evicted
+        return forward_train(self.student, tokens, doc_ids=doc_ids, training=False, kv_int8=self.kv_int8).evicted
 
 
 @torch.no_grad()
@@ -150,6 +153,12 @@ class DMSRetrofitRecipe:
         if self.adapter_only and self.dms.decision != "adapter":
             raise RecipeError("train_adapter_only=true needs dms.decision=adapter: the borrowed-neuron variant has "
                               "no adapter, it always trains all weights")
+        self.kv_int8, self.base_weights = _quant_settings(cfg)
+        cfg.quant = {"kv_int8": self.kv_int8, "base_weights": self.base_weights}  # logged in full with the config
+        if self.base_weights != "none" and not (self.adapter_only and self.dms.decision == "adapter"):
+            raise RecipeError(f"quant.base_weights={self.base_weights} quantizes a frozen base: it needs "
+                              f"train_adapter_only=true and dms.decision=adapter (got train_adapter_only="
+                              f"{str(self.adapter_only).lower()}, dms.decision={self.dms.decision})")
         if cfg.get("checkpoint_dir", None) is not None and not (Path(cfg.checkpoint_dir) / "config.json").is_file():
             raise RecipeError(_missing_weights_message(cfg, Path(cfg.checkpoint_dir)))
         from torchtune import training, utils
@@ -160,6 +169,10 @@ class DMSRetrofitRecipe:
             from torch.distributed import init_process_group
 
             init_process_group(backend=training.get_distributed_backend(self.device.type))
+        if self.distributed and self.base_weights != "none":
+            raise RecipeError(f"quant.base_weights={self.base_weights} runs on one device (the adapter-only "
+                              f"retrofit of a quantized base is sized for one GPU); FSDP over several ranks shards "
+                              f"plain weights only: drop --nproc_per_node or set quant.base_weights=none")
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self.is_rank_zero = self.rank == 0
         self.compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]
@@ -221,12 +234,13 @@ class DMSRetrofitRecipe:
         if teacher is not None:
             teacher.to(device=self.device, dtype=self.compute_dtype).eval().requires_grad_(False)
         self._freeze_base(student)
+        self._base_originals = self._quantize_base(student, cfg)
         self.teacher = teacher
         self.step = RetrofitStep(student, teacher, activation_checkpointing=bool(cfg.get("enable_activation_checkpointing",
                                                                                         False)),
                                  kd_chunk_size=int(cfg.get("kd_chunk_size", 1024)),
                                  kd_temperature=float(cfg.get("kd_temperature", 1.0)),
-                                 log_lm_loss=bool(cfg.get("log_lm_loss", True)))
+                                 log_lm_loss=bool(cfg.get("log_lm_loss", True)), kv_int8=self.kv_int8)
         if self.distributed:
             self._shard(cfg)
             self._load_full_state(cfg, student)
@@ -280,6 +294,30 @@ class DMSRetrofitRecipe:
             for name, p in student.named_parameters():
                 if not p.requires_grad:
                     p.data = p.data.to(self.compute_dtype)
+
+    def _quantize_base(self, student: nn.Module, cfg: DictConfig) -> Dict[str, torch.Tensor]:
+        """quant.base_weights: the frozen base's linear layers held quantized (torchao int8 weight-only,
+        or NF4 as torchtune's QLoRA recipes hold theirs); the DMS adapter stays full precision. The
+        student with eviction off is also the teacher, so both see the same quantized base.
+        Returns the full-precision weights that were quantized (on CPU): checkpoints save those, so
+        they stay plain Hugging Face folders and `generate --weight-quant` re-derives the same
+        quantized values."""
+        if self.base_weights == "none":
+            return {}
+        from dms_flex import quant
+
+        self._log(capacity_estimate(self.hf_config, self.base_weights, self.dms, cfg))
+        plain = {f"{n}.weight": m.weight.detach().to("cpu", copy=True) for n, m in student.named_modules()
+                 if isinstance(m, nn.Linear) and "dms_adapter" not in n}
+        if self.base_weights == "int8":
+            quant.quantize_weights(student, "int8")
+            skipped = []
+        else:
+            skipped = quant.quantize_weights_nf4(student)
+        names = quant.quantized_weight_names(student)
+        self._log(f"quant.base_weights={self.base_weights}: {len(names)} linear weights quantized"
+                  + (f"; left in {self.compute_dtype} (size not NF4-blockable): {', '.join(skipped)}" if skipped else ""))
+        return {f"student.{n}": plain[n] for n in names}
 
     # ---- FSDP2 ---------------------------------------------------------------------------------
     def _sharded_student(self, cfg: DictConfig, source: nn.Module, needs_teacher: bool):
@@ -491,6 +529,8 @@ class DMSRetrofitRecipe:
             torch.distributed.all_gather_object(rng, self._rng_state())
         else:
             sd = self.step.state_dict()
+            # a quantized base is saved as the full-precision weights it was quantized from
+            sd = {k: self._base_originals[k] if k in self._base_originals else v for k, v in sd.items()}
             opt = None if final else self.optimizer.state_dict()
             rng = [self._rng_state()]
         folder = None
@@ -502,6 +542,10 @@ class DMSRetrofitRecipe:
                        for k, v in sd.items()}
             view = _StateDictView(weights)
             hf_config = {**self.hf_config, **self.dms.to_hf()}
+            if self.kv_int8:  # informational: generate defaults --kv to int8
+                hf_config["dms_kv_dtype"] = "int8"
+            if self.base_weights != "none":  # informational: generate defaults --weight-quant to it
+                hf_config["dms_weight_quant"] = self.base_weights
             (folder / RECIPE_STATE).unlink(missing_ok=True)  # a stale state must not outlive its weights
             ckpt.save_hf_checkpoint(view, hf_config, folder, self.family, extra_state=pretrained.dms_state_dict(view),
                                     tokenizer=self.tokenizer.hf)
@@ -684,8 +728,64 @@ _KNOWN_KEYS = {
     "seed", "dms", "train_adapter_only", "optimizer", "lr_scheduler", "clip_grad_norm", "batch_size",
     "gradient_accumulation_steps", "max_steps", "dtype", "device", "enable_activation_checkpointing", "compile",
     "kd_chunk_size", "kd_temperature", "log_lm_loss", "output_dir", "save_every_n_steps", "save_dtype",
-    "resume_from", "eval_batches", "metric_logger", "log_every_n_steps", "fsdp_reshard_after_forward",
+    "resume_from", "eval_batches", "metric_logger", "log_every_n_steps", "fsdp_reshard_after_forward", "quant",
 }
+BASE_WEIGHT_QUANT = ("none", "int8", "nf4")
+
+
+def _quant_settings(cfg: DictConfig) -> Tuple[bool, str]:
+    """The `quant:` section: kv_int8 (bool, default false), base_weights (none|int8|nf4, default none)."""
+    q = cfg.get("quant", None)
+    if q is None:
+        return False, "none"
+    if not isinstance(q, DictConfig):
+        raise RecipeError("quant must be a mapping: {kv_int8: true|false, base_weights: none|int8|nf4}")
+    unknown = sorted(set(q.keys()) - {"kv_int8", "base_weights"})
+    if unknown:
+        raise RecipeError(f"unknown key(s) quant.{', quant.'.join(unknown)}; quant takes kv_int8 (true|false) and "
+                          f"base_weights ({'|'.join(BASE_WEIGHT_QUANT)})")
+    kv = q.get("kv_int8", False)
+    if not isinstance(kv, bool):
+        raise RecipeError(f"quant.kv_int8={kv!r} is invalid: it must be true or false")
+    base = q.get("base_weights", "none")
+    base = "none" if base is None else str(base)
+    if base not in BASE_WEIGHT_QUANT:
+        raise RecipeError(f"quant.base_weights={base!r} is invalid: it must be one of {'|'.join(BASE_WEIGHT_QUANT)}")
+    return kv, base
+
+
+def capacity_estimate(hf: Dict[str, Any], base_weights: str, dms: DMSConfig, cfg: DictConfig) -> str:
+    """A rough, clearly labelled ESTIMATE of one device's memory for an adapter-only retrofit on a
+    quantized frozen base (not measured): weights as stored, the adapter's fp32 master weights, grads
+    and Adam state, and activations of one micro-batch."""
+    L, d, V = int(hf["num_hidden_layers"]), int(hf["hidden_size"]), int(hf["vocab_size"])
+    ff, H, Hkv = int(hf["intermediate_size"]), int(hf["num_attention_heads"]), int(hf["num_key_value_heads"])
+    hd = int(hf.get("head_dim") or d // H)
+    linear = L * (d * H * hd + 2 * d * Hkv * hd + H * hd * d + 3 * d * ff)
+    out_proj = 0 if hf.get("tie_word_embeddings") else V * d
+    per_param = {"int8": 1.0 + 4 / d, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256)}[base_weights]  # values + scales
+    plain_bytes = 2 * (V * d + L * 2 * d + d)  # embeddings and norms stay in the compute dtype
+    weights = (linear + out_proj) * per_param + plain_bytes
+    adapter = L * (d * Hkv + d) if dms.decision == "adapter" else 0  # per layer: RMSNorm + Linear(d, Hkv)
+    optim = adapter * 4 * 4  # fp32 master weight, gradient, Adam exp_avg and exp_avg_sq
+    tokens = int(cfg.batch_size) * int(cfg.max_seq_len)
+    ckpt_on = bool(cfg.get("enable_activation_checkpointing", False))
+    # bf16 activations: with checkpointing one saved input per layer plus one layer's working set
+    # (q, k, v, attention output, MLP hidden x 3); without it every layer's working set is kept
+    layer_set = tokens * 2 * (d + H * hd + 2 * Hkv * hd + d + 3 * ff)
+    acts = tokens * 2 * d * L + layer_set if ckpt_on else layer_set * L
+    # dense masked attention scores (CPU path; the GPU flex path does not materialise them) are
+    # left out; the chunked distillation holds two fp32 logit chunks of kd_chunk_size x vocab
+    kd = 2 * 2 * int(cfg.get("kd_chunk_size", 1024)) * V * 4
+    total = weights + optim + acts + kd
+    gib = 2 ** 30
+    return (f"ESTIMATE (not a measurement) of one device's memory for this adapter-only retrofit on a "
+            f"{base_weights} base: weights {weights / gib:.2f} GiB ({(linear + out_proj) / 1e9:.2f}B quantized "
+            f"linear params at ~{per_param:.2f} B/param + embeddings/norms in bf16); adapter {adapter:,} params, "
+            f"fp32 weights+grads+Adam {optim / 2**20:.1f} MiB; activations ~{acts / gib:.2f} GiB "
+            f"({tokens} tokens/micro-batch, bf16, activation checkpointing {'on' if ckpt_on else 'off'}); "
+            f"distillation logit chunks ~{kd / gib:.2f} GiB; total ~{total / gib:.1f} GiB plus allocator and "
+            f"CUDA context overhead (budget 10-20% more)")
 
 
 def _validate(cfg: DictConfig) -> None:
