@@ -5,7 +5,8 @@
     tune run dms_retrofit --config smollm2_135m max_steps=50             # key=value overrides
     tune run dms_retrofit --config ./my_retrofit.yaml                    # your own yaml
 
-Bare config names (llama3_8b, llama3_1_8b, llama3_2_1b, llama3_2_3b, qwen2_5_7b, smollm2_135m, tiny)
+Bare config names (llama3_8b, llama3_1_8b, llama3_2_1b, llama3_2_3b, qwen2_5_7b, smollm2_135m, tiny,
+smollm2_135m_qat_kv, llama3_8b_qat_kv)
 are the yaml files shipped in dms_flex/configs/; anything else is a path.
 
 The student is the model with DMS (soft, noisy eviction decisions); the teacher is the same model
@@ -18,6 +19,11 @@ two coincide), otherwise a frozen copy of the original weights. Per step:
 with CR(step) rising linearly from dms.initial_cr to dms.final_cr over dms.final_step steps. The
 plain LM loss is only logged. Master weights and optimizer state are fp32; with dtype=bf16 the
 forward runs under bf16 autocast and the frozen teacher copy is held in bf16.
+
+quant: kv_int8 (true: the student's K and V go through the int8 cache's round trip, straight-through
+gradient; the teacher stays full precision) and base_weights (none|int8|nf4: the frozen base held
+quantized, adapter-only runs on one device; checkpoints keep the full-precision base). config.json
+records them as dms_kv_dtype / dms_weight_quant, the defaults of `python -m dms_flex.generate`.
 
 Outputs under output_dir: step_NNNNNN/ (resumable: fp32 Hugging Face folder + recipe_state.pt),
 final/ (Hugging Face folder in save_dtype with the DMS keys in config.json, loadable by

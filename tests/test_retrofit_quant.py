@@ -188,3 +188,24 @@ def test_capacity_estimate_for_an_8b_adapter_retrofit():
         gib = float(text.split("weights ")[1].split(" GiB")[0])
         assert lo < gib < hi, text
         assert "adapter 1,179,648 params" in text  # 32 x (4096 x 8 + 4096)
+
+
+def test_resume_on_a_quantized_base_equals_an_uninterrupted_run(tmp_path):
+    """step_NNNNNN/ of an int8-base run holds the full-precision base; resuming re-quantizes it and
+    continues exactly (same adapter weights at the end)."""
+    import shutil
+
+    args = ["--config", "tiny", "quant.kv_int8=true", "quant.base_weights=int8", "train_adapter_only=true",
+            "max_steps=3", "save_every_n_steps=2"]
+    p = run_recipe(tmp_path, *args, "output_dir=dms_runs/a")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    a = tmp_path / "dms_runs" / "a"
+    (tmp_path / "dms_runs" / "b").mkdir()
+    shutil.copytree(a / "step_000002", tmp_path / "dms_runs" / "b" / "step_000002")
+    p = run_recipe(tmp_path, *args, "output_dir=dms_runs/b", "resume_from=latest")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "resumed from" in p.stdout
+    wa, wb = weights(a / "final"), weights(tmp_path / "dms_runs" / "b" / "final")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
