@@ -170,15 +170,15 @@ class DMSRetrofitRecipe:
         from torchtune import training, utils
 
         self.distributed = training.is_distributed()
+        if self.distributed and self.base_weights != "none":
+            raise RecipeError(f"quant.base_weights={self.base_weights} runs on one device (the adapter-only "
+                              f"retrofit of a quantized base is sized for one GPU); FSDP over several ranks shards "
+                              f"plain weights only: drop --nproc_per_node or set quant.base_weights=none")
         self.device = _device(cfg.get("device", "auto"), self.distributed)
         if self.distributed:
             from torch.distributed import init_process_group
 
             init_process_group(backend=training.get_distributed_backend(self.device.type))
-        if self.distributed and self.base_weights != "none":
-            raise RecipeError(f"quant.base_weights={self.base_weights} runs on one device (the adapter-only "
-                              f"retrofit of a quantized base is sized for one GPU); FSDP over several ranks shards "
-                              f"plain weights only: drop --nproc_per_node or set quant.base_weights=none")
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self.is_rank_zero = self.rank == 0
         self.compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]

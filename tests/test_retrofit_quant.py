@@ -209,3 +209,11 @@ def test_resume_on_a_quantized_base_equals_an_uninterrupted_run(tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+def test_quantized_base_refuses_fsdp_before_starting(tmp_path):
+    p = run_recipe(tmp_path, "--config", "tiny", "quant.base_weights=int8", "train_adapter_only=true", "max_steps=1",
+                   nproc=2)
+    assert p.returncode != 0
+    assert "quant.base_weights=int8 runs on one device" in p.stderr + p.stdout
+    assert not (tmp_path / "dms_runs").exists()
