@@ -53,7 +53,7 @@ from dms_flex import data as dms_data
 from dms_flex import pretrained
 from dms_flex.config import DMSConfig, DMSConfigError
 from dms_flex.losses import chunked_kd_loss, compression_loss, distillation_mask
-from dms_flex.quant import dequantized, is_quantized_tensor
+from dms_flex.quant import dequantized
 from dms_flex.stats import CompressionReport, kept_fraction, plot_kept_heatmap
 from dms_flex.torchtune_model import add_dms, forward_train, output_weight
 
