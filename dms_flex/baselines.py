@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .cache import DMSKVCache
-from .torchtune_model import InferenceState, _decisions_and_rope, _finish_layer, _project
+from .torchtune_model import InferenceState, _decisions_and_rope, _finish_layer, _project, prefill_positions
 
 POLICIES = ("streaming", "h2o", "tova")
 
@@ -283,17 +283,7 @@ def prefill_with_policy(model: nn.Module, tokens: torch.Tensor, state: PolicySta
     """Append tokens (B, n) (right-padded; `lengths` real tokens per row) with exact attention, then
     apply the policy's budget. Returns each row's last real logits (B, vocab), or (B, n, vocab)."""
     B, n = tokens.shape
-    if B != state.batch_size:
-        raise ValueError(f"tokens have batch {B} but the state was made for {state.batch_size}")
-    if lengths is None:
-        lengths = torch.full((B,), n, dtype=torch.long, device=tokens.device)
-    lengths = lengths.to(tokens.device)
-    if int((state.next_pos + lengths).max()) > state.max_seq_len:
-        raise ValueError(f"the sequence would reach {int((state.next_pos + lengths).max())} tokens, beyond "
-                         f"max_seq_len={state.max_seq_len}")
-    pos = state.next_pos.clone()
-    input_pos = pos[:, None] + torch.arange(n, device=tokens.device)[None]
-    input_pos = torch.minimum(input_pos, torch.full_like(input_pos, state.max_seq_len - 1))
+    lengths, pos, input_pos = prefill_positions(tokens, state, lengths)
     x = model.tok_embeddings(tokens)
     for layer, cache in zip(model.layers, state.caches):
         h = layer.sa_norm(x)

@@ -237,15 +237,11 @@ class InferenceState(nn.Module):
         return stats.compression_report([c.length.float() / seen for c in self.caches])
 
 
-@torch.no_grad()
-def prefill(model: nn.Module, tokens: torch.Tensor, state: InferenceState,
-            lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Append tokens (B, n) (right-padded; `lengths` (B,) real tokens per row) to the cache.
+def prefill_positions(tokens: torch.Tensor, state: InferenceState, lengths: Optional[torch.Tensor] = None):
+    """Checks a prefill's arguments; returns (lengths (B,), first position (B,), positions (B, n)).
 
-    Works on an empty cache (the prompt) and on a live one (a later turn). Returns the logits of
-    each row's last real token, (B, vocab).
+    Positions of padding past a row's length are clamped into the RoPE table (their outputs are unused).
     """
-    cfg = dms_config_of(model)
     B, n = tokens.shape
     if B != state.batch_size:
         raise ValueError(f"tokens have batch {B} but the cache was made for {state.batch_size}")
@@ -260,6 +256,20 @@ def prefill(model: nn.Module, tokens: torch.Tensor, state: InferenceState,
     pos = state.next_pos.clone()
     input_pos = pos[:, None] + torch.arange(n, device=tokens.device)[None]
     input_pos = torch.minimum(input_pos, torch.full_like(input_pos, state.max_seq_len - 1))
+    return lengths, pos, input_pos
+
+
+@torch.no_grad()
+def prefill(model: nn.Module, tokens: torch.Tensor, state: InferenceState,
+            lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Append tokens (B, n) (right-padded; `lengths` (B,) real tokens per row) to the cache.
+
+    Works on an empty cache (the prompt) and on a live one (a later turn). Returns the logits of
+    each row's last real token, (B, vocab).
+    """
+    cfg = dms_config_of(model)
+    B, n = tokens.shape
+    lengths, pos, input_pos = prefill_positions(tokens, state, lengths)
     x = model.tok_embeddings(tokens)
     use_cfg = cfg if state.eviction else None
     for layer, cache in zip(model.layers, state.caches):
