@@ -482,8 +482,8 @@ def bench_main(args):
         copy_bytes = 64 << 20
     else:
         models = MODELS if not args.models else {m: MODELS[m] for m in args.models.split(",")}
-        shapes = SHAPES
-        crs = [1, 8] if args.quick else CRS
+        shapes = SHAPES if not args.shapes else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+        crs = [int(c) for c in args.crs.split(",")] if args.crs else ([1, 8] if args.quick else CRS)
         copy_bytes = 2 << 30
 
     if device.type == "cuda":
@@ -548,6 +548,24 @@ def bench_main(args):
                     res["ours_compiled"] = run_method(
                         "ours_compiled", lambda q, k, v, L: ((lambda: cfn(q, k, v, L)), (lambda o: o)),
                         sets, device, ref, args.reps)
+                if args.int8:
+                    # int8 K/V with a float32 scale per (row, KV head, token), quantized as the cache
+                    # does; the kernel dequantizes in registers. Its bytes: D + 4 per token and tensor.
+                    from dms_flex.quant import quantize_kv
+
+                    qsets = []
+                    for q_, k_, v_, L_ in sets:
+                        kq, ks = quantize_kv(k_)
+                        vq, vs = quantize_kv(v_)
+                        qsets.append((q_, (kq, ks), (vq, vs), L_))
+                    ref8 = dk.decode_attention_reference(q0, qsets[0][1][0], qsets[0][2][0], L0, scale,
+                                                         k_scale=qsets[0][1][1], v_scale=qsets[0][2][1])
+                    res["ours_int8"] = run_method(
+                        "ours_int8", lambda q, k, v, L: ((lambda: dk.decode_attention(
+                            q, k[0], v[0], L, scale, k_scale=k[1], v_scale=v[1])), (lambda o: o)),
+                        qsets, device, ref8, args.reps)
+                    res["ours_int8"]["live_kv_bytes"] = 2 * live_tokens * (D + 4)
+                    del qsets
                 if "standard" in flex_variants:
                     res["flex"] = run_method("flex", lambda q, k, v, L: make_flex_standard(q, k, v, L, scale, device),
                                              sets, device, ref, args.reps)
@@ -561,7 +579,7 @@ def bench_main(args):
                         ref if not args.ragged else None, args.reps, check=not args.ragged)
                 for key, r in res.items():
                     if "time_us" in r:
-                        r["live_TBps"] = live_bytes / r["time_us"] / 1e6
+                        r["live_TBps"] = r.get("live_kv_bytes", live_bytes) / r["time_us"] / 1e6
                         r["frac_copy_bw"] = r["live_TBps"] * 1e12 / bw
                 if dense is not None:
                     res["sdpa_dense"] = dense
@@ -574,6 +592,8 @@ def bench_main(args):
                         row["speedup_vs_flex"] = res["flex"]["time_us"] / o
                     if dense is not None and "time_us" in dense:
                         row["speedup_vs_dense_sdpa"] = dense["time_us"] / o
+                    if "time_us" in res.get("ours_int8", {}):
+                        row["int8_time_ratio"] = res["ours_int8"]["time_us"] / o
                     if "time_us" in res.get("sdpa_compact_nomask", {}):
                         row["speedup_vs_sdpa_compact"] = res["sdpa_compact_nomask"]["time_us"] / o
                 row["large"] = live_bytes >= (128 << 20)
@@ -625,7 +645,9 @@ def print_table(info, rows, summary):
             f"{_fmt(res.get('flex', {}).get('time_us')):>8s} {_fmt(res.get('flex_grouped', {}).get('time_us')):>8s} "
             f"{_fmt(r.get('speedup_vs_best_flex'), '{:.2f}'):>5s} | "
             f"{_fmt(res.get('sdpa_compact_nomask', {}).get('time_us')):>8s} {_fmt(res.get('sdpa_dense', {}).get('time_us')):>8s} "
-            f"{_fmt(r.get('speedup_vs_dense_sdpa'), '{:.2f}'):>6s}"
+            f"{_fmt(r.get('speedup_vs_dense_sdpa'), '{:.2f}'):>6s} | "
+            f"{_fmt(res.get('ours_int8', {}).get('time_us')):>8s} "
+            f"{_fmt(res.get('ours_int8', {}).get('frac_copy_bw'), '{:.2f}'):>5s}"
         )
     print("summary:", json.dumps(summary))
 
@@ -740,6 +762,9 @@ def main(argv=None):
     ap.add_argument("--no-sdpa-compact", action="store_true")
     ap.add_argument("--reps", type=int, default=25)
     ap.add_argument("--with-compiled", action="store_true", help="also time torch.compile(decode_attention)")
+    ap.add_argument("--int8", action="store_true", help="also time the kernel on an int8 cache (ours_int8)")
+    ap.add_argument("--shapes", default=None, help="comma list of BxCTX (default 8x32768,64x8192,1x131072)")
+    ap.add_argument("--crs", default=None, help="comma list of CRs (default 1,2,4,8; --quick 1,8)")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--aot", action="store_true", help="offline sm_90 compile report (no GPU needed)")
     ap.add_argument("--aot-quick", action="store_true")

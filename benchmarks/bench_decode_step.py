@@ -10,7 +10,7 @@ over live slots). Each step is captured once in a CUDA graph (eager ops; --mode 
 torch.compile(fullgraph=True, mode="reduce-overhead") instead) and replayed.
 
 Usage: python benchmarks/bench_decode_step.py --batch 16 --ctx 32768 --cache gptfast 1 2 4 8 --out step.json
-(a number is a CR: 1 = our dense path, eviction off.)  --max-batch finds the largest batch that fits.
+(a number is a CR: 1 = our dense path, eviction off; 8-int8 = CR 8 with int8 K/V.)  --max-batch finds the largest batch that fits.
 """
 
 from __future__ import annotations
@@ -57,8 +57,14 @@ def fill(state: tm.InferenceState, live: int, ctx: int) -> None:
     """Synthetic cache: `live` slots per row/head holding the last `live` of `ctx` positions."""
     W = state.window + 1
     for c in state.caches:
-        c.k[:, :, :live].normal_()
-        c.v[:, :, :live].normal_()
+        if c.quantized:  # int8 storage: random codes and a plausible per-token scale
+            c.k[:, :, :live].random_(-127, 128)
+            c.v[:, :, :live].random_(-127, 128)
+            c.k_scale[:, :, :live].fill_(0.01)
+            c.v_scale[:, :, :live].fill_(0.01)
+        else:
+            c.k[:, :, :live].normal_()
+            c.v[:, :, :live].normal_()
         c.length.fill_(live)
         pos = torch.arange(ctx - live, ctx, device=c.k.device)
         c.slot_pos[..., :live] = pos
@@ -143,14 +149,23 @@ def make_case(model, kind, B, ctx, margin, mode):
     if kind == "gptfast":
         cache = GptFastCache(model, B, ctx + margin, ctx)
         return graphed(gptfast_step, model, tok, cache), cache.bytes(), cache
-    cr = float(kind)
+    cr, kv_dtype = parse_kind(kind)
     live = int(ctx / cr)
-    state = tm.InferenceState(model, B, capacity=live + margin, max_seq_len=ctx + margin, eviction=cr != 1)
+    state = tm.InferenceState(model, B, capacity=live + margin, max_seq_len=ctx + margin, eviction=cr != 1,
+                              kv_dtype=kv_dtype)
     fill(state, live, ctx)
     if mode == "compile":
         step = torch.compile(tm.decode_step, fullgraph=True, mode="reduce-overhead")
         return (lambda: step(model, tok, state)), state.kv_bytes()["allocated"], state
     return graphed(tm.decode_step, model, tok, state), state.kv_bytes()["allocated"], state
+
+
+def parse_kind(kind: str):
+    """'8' -> (8.0, None); '8-int8' -> (8.0, torch.int8): a CR, optionally with int8 K/V storage."""
+    cr, _, store = kind.partition("-")
+    if store not in ("", "int8"):
+        raise SystemExit(f"--cache {kind!r}: expected gptfast, a CR (e.g. 8) or CR-int8 (e.g. 8-int8)")
+    return float(cr), (torch.int8 if store == "int8" else None)
 
 
 @torch.no_grad()
@@ -159,7 +174,7 @@ def main():
     p.add_argument("--preset", default="llama3_8b")
     p.add_argument("--batch", type=int, nargs="+", default=[16])
     p.add_argument("--ctx", type=int, nargs="+", default=[32768])
-    p.add_argument("--cache", nargs="+", default=["gptfast", "1", "8"], help="gptfast and/or CR values")
+    p.add_argument("--cache", nargs="+", default=["gptfast", "1", "8"], help="gptfast and/or CR values; CR-int8 (e.g. 8-int8) stores K/V as int8")
     p.add_argument("--mode", choices=["graph", "compile"], default="graph")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--max-batch", action="store_true", help="also find the largest batch that fits (per cache)")

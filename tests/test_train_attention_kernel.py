@@ -219,7 +219,26 @@ def test_attention_backend_triton_branch():
     q, k, v, lk = _small_inputs(seed=4)
     out = attention.dms_attention(q, k, v, lk, 3, backend="triton")
     assert torch.equal(out, dense_dms_attention(q, k, v, lk, 3))
-    assert attention.USE_TRITON_TRAIN_KERNEL is False  # "auto" keeps flex until the GPU numbers decide
+
+
+def test_auto_backend_rule(monkeypatch):
+    """"auto": dense off CUDA or for heads under 16; on CUDA the Triton kernel in eager mode and
+    flex inside torch.compile (the flag off: flex always)."""
+    from dms_flex import attention
+
+    x = torch.zeros(1, 2, 4, 16)
+    assert attention.resolve_backend(x) == "dense"  # CPU
+    monkeypatch.setattr(attention, "flex_supported", lambda q: q.shape[-1] >= 16)  # as if on CUDA
+    assert attention.resolve_backend(x) == "triton"
+    assert attention.resolve_backend(torch.zeros(1, 2, 4, 8)) == "dense"
+
+    def pick(t):
+        return t + (1.0 if attention.resolve_backend(t) == "triton" else 2.0)
+
+    torch._dynamo.reset()
+    assert float(torch.compile(pick, backend="eager")(x).flatten()[0]) == 2.0  # flex when compiling
+    monkeypatch.setattr(attention, "USE_TRITON_TRAIN_KERNEL", False)
+    assert attention.resolve_backend(x) == "flex"
 
 
 def test_shape_errors():
