@@ -9,8 +9,24 @@ compressed method runs at a compression ratio (CR = tokens seen / KV slots kept,
   run's window), or asks for ``--dms-calibrate`` (bisection of alpha_offset until the achieved CR hits
   the request: a way to sweep an untrained model's CR). Without any, one DMS run reports whatever CR
   the model's own settings reach.
+  ``--dms-checkpoint DIR`` (no CR) runs every DMS run with that one checkpoint (loaded once) instead of
+  --model's decisions: with --dms-calibrate its alpha_offset is calibrated per requested CR; with a
+  per-CR alpha_offset or window those apply to it; with neither, one run with its own settings.
+  ``CR=DIR`` entries take precedence for their CR (that checkpoint's own settings, not calibrated).
 - The baselines run at the CR that DMS achieved for the same request (``--no-match-dms-cr``: at the
   requested CR), so a comparison holds KV memory equal.
+
+Quantization ("retrofit under quantization"):
+- ``--kv int8``: vanilla and DMS store K/V as the served int8 cache does (one float32 scale per token and
+  KV head): the cached paths use ``InferenceState(kv_dtype=torch.int8)``, the teacher-forced perplexity
+  and the DMS CR measurement / calibration ``forward_train(kv_int8=True)``, the same round trip (tested
+  equal). The baselines' PolicyState has no int8 storage: they stay in the model dtype (recorded).
+- ``--weight-quant int8|int4``: torchao weight-only quantization of the evaluated model's linear layers
+  (and of every DMS checkpoint loaded); int4 casts the model to bfloat16 first.
+- The KL/PPL reference is always the unquantized vanilla model (``--reference DIR``, default --model) in
+  its dtype with a full-precision cache, so KL measures the whole error against it. With weight
+  quantization and no --reference it is a separate unquantized copy of --model (memory: one more copy).
+The setting is printed and stored in results.json ("quantization", and "kv" / "weights" per run).
 
 Metrics (each can be switched off with --metrics):
 - ``ppl``: perplexity and KL(vanilla || method) per token on held-out offline text (KJV, Austen,
@@ -49,7 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import baselines as bl
-from . import eval_data, generation, stats
+from . import eval_data, generation, quant, stats
 from . import torchtune_model as tm
 from .config import DMSConfig
 from .generation import SamplingConfig
@@ -76,7 +92,20 @@ class Method:
     dms_config: Optional[DMSConfig] = None  # dms: the settings to run with
     setting: str = ""  # dms: where the decisions come from (printed)
     policy_kw: Dict[str, Any] = field(default_factory=dict)
-    release: Optional[Callable[[], None]] = None  # frees a per-CR checkpoint after its runs
+    # KV storage of the cached paths and of the teacher-forced forward: int8 (one scale per token and KV
+    # head, as `InferenceState(kv_dtype=torch.int8)` stores it) for vanilla and dms; the policies'
+    # PolicyState has no int8 storage, so a policy ignores it (it keeps K/V in the model dtype)
+    kv_int8: bool = False
+    # dms from a checkpoint (--dms-checkpoint): its folder, and the DMSConfig fields replaced after it is
+    # loaded (per-CR window, alpha_offset); `prepare_dms` sets model and dms_config
+    checkpoint: Optional[str] = None
+    dms_overrides: Dict[str, Any] = field(default_factory=dict)
+    calibrate: bool = False  # dms: bisect alpha_offset until the measured CR meets requested_cr
+
+    @property
+    def int8_kv(self) -> bool:
+        """Whether this method's K/V really go through int8 (policies never do)."""
+        return self.kv_int8 and self.name in ("vanilla", "dms")
 
     @property
     def compressed(self) -> bool:
@@ -100,7 +129,8 @@ class Method:
         self._activate()
         if self.name in bl.POLICIES:
             return bl.PolicyState(self.model, batch_size, self.policy(), max_seq_len=max_seq_len)
-        return tm.InferenceState(self.model, batch_size, max_seq_len=max_seq_len, eviction=self.name == "dms")
+        return tm.InferenceState(self.model, batch_size, max_seq_len=max_seq_len, eviction=self.name == "dms",
+                                 kv_dtype=torch.int8 if self.int8_kv else None)
 
     def prefill(self, tokens, state, lengths=None) -> torch.Tensor:
         self._activate()
@@ -119,7 +149,7 @@ class Method:
         """Full-sequence forward (vanilla, dms): (logits (B, T, V), evicted per layer or [])."""
         self._activate()
         out = tm.forward_train(self.model, tokens, eviction=self.name == "dms", training=False,
-                               backend=ATTENTION_BACKEND["name"])
+                               backend=ATTENTION_BACKEND["name"], kv_int8=self.int8_kv)
         return tm.logits_of(self.model, out.hidden), out.evicted
 
 
@@ -132,7 +162,10 @@ def _device_of(model) -> torch.device:
 def perplexity(method: Method, windows: torch.Tensor, vanilla: nn.Module, *, prefix: int = 32,
                batch_size: int = 4, cached: bool = False) -> Dict[str, Any]:
     """NLL, perplexity and KL(vanilla || method) per token over windows (N, T), scoring the tokens
-    at positions prefix..T-1. Returns the numbers plus the kept-fraction report."""
+    at positions prefix..T-1. Returns the numbers plus the kept-fraction report.
+
+    `vanilla` is the KL reference: always run dense, in its own dtype and weights, with K/V in full
+    precision (never int8), so the KL is the method's whole error, quantization included."""
     N, T = windows.shape
     if not (1 <= prefix < T):
         raise ValueError(f"prefix={prefix} must be in [1, {T - 1}]")
@@ -186,7 +219,8 @@ def measure_dms_cr(method: Method, windows: torch.Tensor, batch_size: int = 4) -
     with torch.no_grad():
         for i in range(0, windows.shape[0], batch_size):
             x = windows[i: i + batch_size, :-1].to(_device_of(method.model))
-            out = tm.forward_train(method.model, x, eviction=True, training=False, backend=ATTENTION_BACKEND["name"])
+            out = tm.forward_train(method.model, x, eviction=True, training=False, backend=ATTENTION_BACKEND["name"],
+                                   kv_int8=method.int8_kv)
             kept.append(torch.stack([stats.kept_fraction(ev, window) for ev in out.evicted]).mean(dim=(0, 2)))
     return 1.0 / max(float(torch.cat(kept).mean()), 1e-12)
 
@@ -444,10 +478,13 @@ def parse_args(argv=None):
                    help="DMS window: W for every DMS run, CR=W for the run of one requested CR (repeatable)")
     p.add_argument("--dms-alpha-offset", action="append", default=[], metavar="CR=OFFSET",
                    help="DMS alpha_offset to use for a requested CR (repeatable)")
-    p.add_argument("--dms-checkpoint", action="append", default=[], metavar="CR=DIR",
-                   help="a retrofit checkpoint to use as DMS for a requested CR (repeatable)")
+    p.add_argument("--dms-checkpoint", action="append", default=[], metavar="[CR=]DIR",
+                   help="a retrofit checkpoint to run DMS with: DIR for every DMS run (loaded once; with "
+                        "--dms-calibrate its alpha_offset is calibrated per requested CR), CR=DIR for the run of one "
+                        "requested CR, with that checkpoint's own settings (repeatable)")
     p.add_argument("--dms-calibrate", action="store_true",
-                   help="find alpha_offset per requested CR by bisection on the perplexity windows")
+                   help="find alpha_offset per requested CR by bisection on the perplexity windows (of --model's "
+                        "DMS decisions, or of --dms-checkpoint DIR's)")
     p.add_argument("--no-match-dms-cr", dest="match_dms_cr", action="store_false",
                    help="run the baselines at the requested CR instead of DMS's achieved CR")
     p.add_argument("--dms-cached", action="store_true", help="perplexity of vanilla/DMS through the cache too")
@@ -479,6 +516,17 @@ def parse_args(argv=None):
     p.add_argument("--hops", type=int, default=2, help="variable-tracking chain links")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"])
+    # quantization and the reference
+    p.add_argument("--kv", choices=["model", "int8"], default="model",
+                   help="K/V storage of vanilla and DMS, as the served cache would hold it: the model dtype, or int8 "
+                        "with one float32 scale per token and KV head (teacher-forced perplexity through the same "
+                        "round trip; the baselines' PolicyState has no int8 storage: they stay in the model dtype)")
+    p.add_argument("--weight-quant", choices=list(quant.WEIGHT_QUANT), default="none",
+                   help="weight-only quantization (torchao) of the evaluated model's linear layers, DMS checkpoints "
+                        "included; int4 runs in bfloat16 (the model is cast). The KL/PPL reference stays unquantized")
+    p.add_argument("--reference", metavar="DIR",
+                   help="the KL reference (vanilla) model's folder when it is not --model (e.g. --model is an "
+                        "all-weights retrofit and DIR the original); default: --model, unquantized, full-precision KV")
     p.add_argument("--attention", choices=["dense", "flex", "auto"], default="dense",
                    help="attention of the full-sequence forwards (default dense: exact, nothing to compile)")
     p.add_argument("--seed", type=int, default=0)
@@ -507,15 +555,26 @@ def parse_args(argv=None):
     args.lengths = [int(x) for x in floats(args.lengths)]
     args.depths = floats(args.depths)
 
+    def cr_key(it):
+        """The CR of a CR=VALUE item, None when the text before '=' is not a number (or there is no '=')."""
+        k, sep, _ = it.partition("=")
+        try:
+            return float(k) if sep else None
+        except ValueError:
+            return None
+
     def per_cr(items, conv, flag):
         out = {}
         for it in items:
-            k, sep, v = it.partition("=")
-            if not sep:
+            k = cr_key(it)
+            if k is None:
                 p.error(f"{flag} wants CR=VALUE, got {it!r}")
-            out[float(k)] = conv(v)
-            if float(k) not in args.cr:
-                args.cr.append(float(k))
+            try:
+                out[k] = conv(it.partition("=")[2])
+            except ValueError:
+                p.error(f"{flag}: bad value in {it!r}")
+            if k not in args.cr:
+                args.cr.append(k)
         return out
 
     whole = [w for w in args.dms_window if "=" not in w]
@@ -524,7 +583,11 @@ def parse_args(argv=None):
     args.dms_window_at = per_cr([w for w in args.dms_window if "=" in w], int, "--dms-window")
     args.dms_window = int(whole[0]) if whole else None
     args.dms_alpha_offset = per_cr(args.dms_alpha_offset, float, "--dms-alpha-offset")
-    args.dms_checkpoint = per_cr(args.dms_checkpoint, str, "--dms-checkpoint")
+    whole_ckpt = [c for c in args.dms_checkpoint if cr_key(c) is None]  # a DIR may contain '=' (not after a number)
+    if len(whole_ckpt) > 1 or any(not c for c in whole_ckpt):
+        p.error(f"--dms-checkpoint takes one DIR for all DMS runs (and CR=DIR per run), got {whole_ckpt}")
+    args.dms_checkpoint_all = whole_ckpt[0] if whole_ckpt else None
+    args.dms_checkpoint = per_cr([c for c in args.dms_checkpoint if cr_key(c) is not None], str, "--dms-checkpoint")
     args.cr = sorted(set(args.cr))
     if not (1 <= args.ppl_prefix < args.ppl_len):
         p.error("--ppl-prefix must be in [1, --ppl-len)")
@@ -541,6 +604,7 @@ def run(args, loaded=None, log: Callable[[str], None] = print) -> Dict[str, Any]
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    check_quantization(args, device, dtype)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     folder = args.model
@@ -559,6 +623,12 @@ def run(args, loaded=None, log: Callable[[str], None] = print) -> Dict[str, Any]
         raise ValueError(f"{folder} has no tokenizer: the evaluation needs one")
     log(f"model: {folder or base.family} ({base.family}, {dtype}, {device}), loaded in {time.perf_counter() - t0:.1f}s; "
         f"DMS settings {base.dms}{'' if base.dms_trained else ' (not a DMS retrofit: untrained decisions)'}")
+    # the KL/PPL reference first (an unquantized copy must be taken before the weights are quantized)
+    reference, ref_name = load_reference(args, base, folder, log)
+    n_quantized = quantize_model(base.model, args.weight_quant, log, what="the model")
+    dtype = next(base.model.parameters()).dtype  # int4 casts to bfloat16
+    qinfo = quantization_info(args, dtype, reference, ref_name, n_quantized)
+    log(f"setting: {format_setting(qinfo)}")
 
     def encode(text):
         return list(tok(text, add_special_tokens=False)["input_ids"])
@@ -568,8 +638,8 @@ def run(args, loaded=None, log: Callable[[str], None] = print) -> Dict[str, Any]
 
     stops = [t for t in [tok.eos_token_id] if t is not None]
     results: Dict[str, Any] = {"model": str(folder or base.family), "device": str(device), "dtype": str(dtype),
-                               "settings": {k: v for k, v in vars(args).items()}, "data": {}, "runs": [],
-                               "skipped": {}}
+                               "settings": {k: v for k, v in vars(args).items()}, "quantization": qinfo,
+                               "data": {}, "runs": [], "skipped": {}}
 
     # ---- data
     texts = eval_data.load_texts(args.texts, log=log)
@@ -605,15 +675,16 @@ def run(args, loaded=None, log: Callable[[str], None] = print) -> Dict[str, Any]
         return render_reasoning(tok, item)
 
     # ---- methods
-    vanilla = Method("vanilla", base.model)
+    vanilla = Method("vanilla", base.model, kv_int8=args.kv == "int8")
     methods = build_methods(args, base)
     cal = windows  # DMS CR measurement and calibration: the perplexity windows
 
     def evaluate(m: Method) -> Dict[str, Any]:
-        rec: Dict[str, Any] = {"method": m.name, "requested_cr": m.requested_cr, "cr": m.cr, "setting": m.setting}
+        rec: Dict[str, Any] = {"method": m.name, "requested_cr": m.requested_cr, "cr": m.cr, "setting": m.setting,
+                               "kv": kv_label(m, dtype), "weights": args.weight_quant}
         t = time.perf_counter()
         if "ppl" in args.metrics:
-            rec["ppl"] = perplexity(m, windows, vanilla.model, prefix=args.ppl_prefix, batch_size=args.batch_size,
+            rec["ppl"] = perplexity(m, windows, reference, prefix=args.ppl_prefix, batch_size=args.batch_size,
                                     cached=args.dms_cached)
         if items and "reasoning" in args.metrics:
             rec["reasoning"] = reasoning_accuracy(m, items, render, decode, max_new_tokens=args.reasoning_max_new,
@@ -642,13 +713,16 @@ def run(args, loaded=None, log: Callable[[str], None] = print) -> Dict[str, Any]
     log("evaluating:")
     runs = [evaluate(vanilla)] if "vanilla" in args.methods else []
     dms_cr: Dict[Optional[float], float] = {}
-    for m in methods:
-        if m.name == "dms":
-            prepare_dms(m, args, base, cal, log)
-            runs.append(evaluate(m))
-            dms_cr[m.requested_cr] = m.cr
-            if m.release:
-                m.release()
+    checkpoints = CheckpointLoader(args, base.model, log)
+    dms_methods = [m for m in methods if m.name == "dms"]
+    for i, m in enumerate(dms_methods):
+        prepare_dms(m, args, base, cal, log, checkpoints)
+        runs.append(evaluate(m))
+        dms_cr[m.requested_cr] = m.cr
+        if m.checkpoint is not None:  # free a checkpoint once no later DMS run needs it
+            m.model = None
+            if all(o.checkpoint != m.checkpoint for o in dms_methods[i + 1:]):
+                checkpoints.release(m.checkpoint)
     for m in methods:
         if m.name in bl.POLICIES:
             if args.match_dms_cr and m.requested_cr in dms_cr:
@@ -661,6 +735,7 @@ def run(args, loaded=None, log: Callable[[str], None] = print) -> Dict[str, Any]
     results = _jsonable(results)
     path = out_dir / "results.json"
     path.write_text(json.dumps(results, indent=1, default=str))  # first without plots: they may fail
+    print(f"setting: {format_setting(results['quantization'])}")
     print_table(results["runs"])
     print_parallel(results.get("parallel"))
     results.update(draw(results, out_dir, log))
@@ -706,6 +781,8 @@ def replot(path: str) -> int:
     """Redraw the plots of a results.json next to it (e.g. on a machine with matplotlib)."""
     p = Path(path)
     results = json.loads(p.read_text())
+    if results.get("quantization"):
+        print(f"setting: {format_setting(results['quantization'])}")
     print_table(results["runs"])
     print_parallel(results.get("parallel"))
     results.update(draw(results, p.parent))
@@ -717,56 +794,192 @@ def replot(path: str) -> int:
 def build_methods(args, base) -> List[Method]:
     """DMS runs (one per requested CR that has a DMS setting, else one with the model's own) and the
     baselines at each requested CR. A DMS run is made ready (loaded, calibrated, CR measured) by
-    `prepare_dms` just before it runs, so only one per-CR checkpoint is in memory at a time."""
+    `prepare_dms` just before it runs: a per-CR checkpoint (CR=DIR) is in memory only for its run, the
+    shared one (--dms-checkpoint DIR) for all DMS runs."""
     methods: List[Method] = []
+    kv_int8 = args.kv == "int8"
+    whole = args.dms_checkpoint_all
     if "dms" in args.methods:
         per_cr = sorted(set(args.dms_checkpoint) | set(args.dms_alpha_offset) | set(args.dms_window_at)
                         | (set(args.cr) if args.dms_calibrate else set()))
         for c in per_cr:
-            cfg = base.dms
+            over: Dict[str, Any] = {}
             if c in args.dms_window_at:
-                cfg = cfg.replace(window=args.dms_window_at[c])
-            m = Method("dms", base.model, requested_cr=c, dms_config=cfg)
-            if c in args.dms_checkpoint:
-                m.model, m.setting = None, f"checkpoint {args.dms_checkpoint[c]}"
-            elif c in args.dms_alpha_offset:
-                m.dms_config = cfg.replace(alpha_offset=args.dms_alpha_offset[c])
-                m.setting = f"alpha_offset {args.dms_alpha_offset[c]:g}"
-            elif args.dms_calibrate:
-                m.setting = "calibrate"
+                over["window"] = args.dms_window_at[c]
+            m = Method("dms", base.model, requested_cr=c, kv_int8=kv_int8)
+            if c in args.dms_checkpoint:  # a retrofit for this CR: its own settings (a per-CR window aside)
+                m.checkpoint, m.setting = args.dms_checkpoint[c], f"checkpoint {args.dms_checkpoint[c]}"
             else:
-                m.setting = f"window {cfg.window}"
+                m.checkpoint = whole
+                prefix = f"checkpoint {whole}: " if whole else ""
+                if c in args.dms_alpha_offset:
+                    over["alpha_offset"] = args.dms_alpha_offset[c]
+                    m.setting = prefix + f"alpha_offset {args.dms_alpha_offset[c]:g}"
+                elif args.dms_calibrate:
+                    m.calibrate, m.setting = True, prefix + "calibrate"
+                else:  # only a per-CR window brought this CR here
+                    m.setting = prefix + f"window {args.dms_window_at[c]}"
+            if m.checkpoint is None:
+                m.dms_config = base.dms.replace(**over) if over else base.dms
+            else:  # prepare_dms loads it and applies the overrides to its own settings
+                m.model, m.dms_overrides = None, over
             methods.append(m)
         if not per_cr:
-            methods.append(Method("dms", base.model, dms_config=base.dms, setting="the model's own DMS settings"))
+            if whole:
+                methods.append(Method("dms", None, checkpoint=whole, setting=f"checkpoint {whole}: its own DMS settings",
+                                      kv_int8=kv_int8))
+            else:
+                methods.append(Method("dms", base.model, dms_config=base.dms, setting="the model's own DMS settings",
+                                      kv_int8=kv_int8))
     kw = {"streaming": {"sinks": args.sinks}, "h2o": {"heavy_fraction": args.heavy_fraction}, "tova": {}}
     for name in bl.POLICIES:
         if name in args.methods:
-            methods += [Method(name, base.model, cr=c, requested_cr=c, policy_kw=kw[name]) for c in args.cr]
+            # kv_int8 only labels them: PolicyState has no int8 storage (Method.int8_kv is False for a policy)
+            methods += [Method(name, base.model, cr=c, requested_cr=c, policy_kw=kw[name], kv_int8=kv_int8)
+                        for c in args.cr]
     return methods
 
 
-def prepare_dms(m: Method, args, base, cal: torch.Tensor, log) -> None:
-    """Load a per-CR checkpoint, calibrate alpha_offset if asked, and measure the achieved CR."""
-    from . import pretrained
+class CheckpointLoader:
+    """The DMS checkpoints of --dms-checkpoint, each loaded once (in the evaluated model's dtype and device,
+    weight-quantized like it, with --dms-window's override) and kept until `release`."""
 
-    if m.model is None:
-        folder = args.dms_checkpoint[m.requested_cr]
-        window = args.dms_window_at.get(m.requested_cr, args.dms_window)
-        p = next(base.model.parameters())
-        dm = pretrained.load_dms_model(folder, dms_overrides={"window": window} if window is not None else None,
-                                       dtype=p.dtype, device=p.device)
-        m.model, m.dms_config = dm.model, dm.dms
+    def __init__(self, args, like: nn.Module, log: Callable[[str], None] = print):
+        self.args, self.like, self.log = args, like, log
+        self.loaded: Dict[str, Any] = {}
 
-        def release(m=m):
-            m.model = None
-        m.release = release
-    if m.setting == "calibrate":
+    def get(self, folder: str):
+        if folder not in self.loaded:
+            from . import pretrained
+
+            p = next(self.like.parameters())
+            window = self.args.dms_window
+            t = time.perf_counter()
+            dm = pretrained.load_dms_model(folder, dms_overrides={"window": window} if window is not None else None,
+                                           dtype=p.dtype, device=p.device)
+            quantize_model(dm.model, self.args.weight_quant, self.log, what=f"checkpoint {folder}")
+            self.loaded[folder] = dm
+            self.log(f"dms: loaded checkpoint {folder} in {time.perf_counter() - t:.1f}s; DMS settings {dm.dms}")
+        return self.loaded[folder]
+
+    def release(self, folder: str) -> None:
+        self.loaded.pop(folder, None)
+
+
+def prepare_dms(m: Method, args, base, cal: torch.Tensor, log, checkpoints: Optional[CheckpointLoader] = None) -> None:
+    """Load the run's checkpoint (through `checkpoints`, which keeps a shared one), calibrate alpha_offset
+    if asked, and measure the achieved CR."""
+    if m.checkpoint is not None:
+        dm = (checkpoints or CheckpointLoader(args, base.model, log)).get(m.checkpoint)
+        m.model = dm.model
+        m.dms_config = dm.dms.replace(**m.dms_overrides) if m.dms_overrides else dm.dms
+    if m.calibrate:
         off = calibrate_alpha_offset(m, cal, m.requested_cr, log=log)
-        m.setting = f"alpha_offset {off:.3f} (calibrated)"
+        m.calibrate = False
+        m.setting = (f"checkpoint {m.checkpoint}: " if m.checkpoint else "") + f"alpha_offset {off:.3f} (calibrated)"
     m.cr = measure_dms_cr(m, cal)
     log(f"dms: {m.setting}: window {m.dms_config.effective_window}, achieved CR {m.cr:.2f}"
-        + (f" (requested {m.requested_cr:g})" if m.requested_cr else ""))
+        + (f" (requested {m.requested_cr:g})" if m.requested_cr else "") + (", int8 K/V" if m.int8_kv else ""))
+
+
+# ============================================================================ quantization and the reference
+def check_quantization(args, device: torch.device, dtype: torch.dtype) -> None:
+    """Fail early, with a ValueError (printed as `error: ...`), on a --kv / --weight-quant this setup cannot run."""
+    if args.kv == "model" and args.weight_quant == "none":
+        return
+    what = " and ".join(x for x in (f"--kv {args.kv}" if args.kv != "model" else "",
+                                    f"--weight-quant {args.weight_quant}" if args.weight_quant != "none" else "") if x)
+    try:
+        import torchao.quantization  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"{what} needs torchao (pip install torchao): {e}") from None
+    if args.kv == "int8":
+        try:  # the cache's own round trip, on this device and dtype
+            q, s = quant.quantize_kv(torch.randn(1, 1, 2, 8, device=device, dtype=dtype))
+            quant.dequantize_kv(q, s, dtype)
+        except (RuntimeError, NotImplementedError, TypeError) as e:
+            raise ValueError(f"--kv int8 cannot run on {device} with {dtype}: {e}") from None
+
+
+def quantize_model(model: nn.Module, mode: str, log: Callable[[str], None] = print, what: str = "the model") -> int:
+    """quant.quantize_weights in place; int4 first casts the model to bfloat16 (torchao's int4 layouts, CPU
+    and CUDA, take bf16 weights; dms_flex.generate does the same). Returns the number of quantized weights."""
+    if mode == "none":
+        return 0
+    p = next(model.parameters())
+    if mode == "int4" and p.dtype != torch.bfloat16:
+        log(f"note: int4 weights need bf16: casting {what} from {p.dtype} to torch.bfloat16")
+        model.to(torch.bfloat16)
+    try:
+        quant.quantize_weights(model, mode)
+    except (RuntimeError, NotImplementedError, AssertionError, TypeError) as e:
+        raise ValueError(f"--weight-quant {mode} failed for {what} on {p.device} ({p.dtype}): {e}") from None
+    n = len(quant.quantized_weight_names(model))
+    if n == 0:
+        raise ValueError(f"--weight-quant {mode}: no linear layer of {what} could be quantized (int4 needs input "
+                         f"widths that are multiples of 32)")
+    return n
+
+
+def load_reference(args, base, folder, log: Callable[[str], None] = print):
+    """The KL/PPL reference: --reference DIR, else --model itself (the same module when its weights stay
+    unquantized, else an unquantized copy). Returns (model, name)."""
+    from . import pretrained
+
+    p = next(base.model.parameters())
+    name = str(folder or base.family)
+    if args.reference and not (folder is not None and Path(args.reference).resolve() == Path(folder).resolve()
+                               and args.weight_quant == "none"):
+        t = time.perf_counter()
+        ref = pretrained.load_dms_model(args.reference, dtype=p.dtype, device=p.device).model
+        if ref.tok_embeddings.num_embeddings != base.model.tok_embeddings.num_embeddings:
+            raise ValueError(f"--reference {args.reference} has a vocabulary of {ref.tok_embeddings.num_embeddings} "
+                             f"tokens, --model {base.model.tok_embeddings.num_embeddings}: KL needs the same tokenizer")
+        log(f"reference: {args.reference} loaded in {time.perf_counter() - t:.1f}s")
+        return ref, str(args.reference)
+    if args.weight_quant != "none":
+        # memory: one more copy of the weights in the model dtype (e.g. 16 GB for an 8B model in bf16), held
+        # for the whole run; the quantized model is the smaller of the two
+        import copy
+
+        return copy.deepcopy(base.model), name + " (an unquantized copy)"
+    return base.model, name
+
+
+def kv_label(m: Method, dtype: torch.dtype) -> str:
+    model_dtype = str(dtype).replace("torch.", "")
+    if m.int8_kv:
+        return "int8"
+    if m.kv_int8:  # a policy under --kv int8
+        return f"{model_dtype} (PolicyState has no int8 KV storage)"
+    return model_dtype
+
+
+def quantization_info(args, dtype, reference: nn.Module, ref_name: str, n_quantized: int) -> Dict[str, Any]:
+    model_dtype = str(dtype).replace("torch.", "")
+    policies = [m for m in args.methods if m in bl.POLICIES]
+    kv_by = {m: ("int8" if args.kv == "int8" and m in ("vanilla", "dms") else model_dtype) for m in args.methods}
+    info = {"kv": args.kv, "kv_by_method": kv_by, "weights": args.weight_quant,
+            "quantized_weights": n_quantized, "model_dtype": model_dtype,
+            "reference": ref_name, "reference_dtype": str(next(reference.parameters()).dtype).replace("torch.", ""),
+            "reference_kv": "full precision (its dtype)", "reference_weights": "unquantized"}
+    if args.kv == "int8" and policies:
+        info["note"] = (f"the baselines ({', '.join(policies)}) keep K/V in {model_dtype}: PolicyState has no "
+                        f"int8 KV storage")
+    return info
+
+
+def format_setting(q: Dict[str, Any]) -> str:
+    kv = "K/V in the model dtype" if q["kv"] == "model" else "K/V int8 (one scale per token and KV head)"
+    if q["kv"] == "int8":
+        ints = [m for m, v in q["kv_by_method"].items() if v == "int8"]
+        kv += f" for {', '.join(ints) or 'no method'}"
+        if q.get("note"):
+            kv += f"; {q['note']}"
+    w = "unquantized weights" if q["weights"] == "none" else (
+        f"{q['weights']} weights ({q['quantized_weights']} linear layers of the model)")
+    return (f"{kv}; {w}, {q['model_dtype']}; KL/PPL reference {q['reference']} ({q['reference_dtype']}, "
+            f"unquantized weights, full-precision K/V)")
 
 
 def main(argv=None) -> int:
@@ -775,7 +988,7 @@ def main(argv=None) -> int:
         if args.replot:
             return replot(args.replot)
         run(args)
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (FileNotFoundError, ValueError, TypeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

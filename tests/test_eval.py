@@ -230,8 +230,15 @@ def test_run_writes_json_table_and_plots_with_baselines_at_the_dms_cr(tmp_path, 
 def test_cli_argument_errors():
     with pytest.raises(SystemExit):
         ev.parse_args(["--methods", "vanilla,lru"])
+    with pytest.raises(SystemExit):  # one DIR for all runs at most
+        ev.parse_args(["--dms-checkpoint", "dir-a", "--dms-checkpoint", "dir-b"])
     with pytest.raises(SystemExit):
-        ev.parse_args(["--dms-checkpoint", "dir-without-cr"])
+        ev.parse_args(["--dms-alpha-offset", "x=1"])
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--kv", "int4"])
+    args = ev.parse_args(["--cr", "2", "--dms-checkpoint", "runs/lr=1e-4", "--dms-checkpoint", "8=runs/cr8"])
+    assert args.dms_checkpoint_all == "runs/lr=1e-4" and args.dms_checkpoint == {8.0: "runs/cr8"}
+    assert args.cr == [2.0, 8.0] and args.kv == "model" and args.weight_quant == "none" and args.reference is None
     args = ev.parse_args(["--cr", "2", "--dms-alpha-offset", "8=1.5", "--parallel-samples", "4",
                           "--dms-window", "64", "--dms-window", "16=8"])
     assert args.cr == [2.0, 4.0, 8.0, 16.0] and args.dms_alpha_offset == {8.0: 1.5}
@@ -346,25 +353,41 @@ def test_lm_eval_simple_evaluate_on_a_local_file_task(tmp_path):
     assert 0 <= res["results"]["dms_flex_local_mc"]["acc,none"] <= 1
 
 
-def test_dms_checkpoint_per_requested_cr_is_loaded_for_its_run(tmp_path):
+RETROFIT_KEYS = dict(dms_alpha_scale=5.0, dms_initial_alpha_offset=0.0, dms_window_size=2, dms_cr=2.0)
+
+
+def hf_folder(path, seed=0, dms_keys=None, vocab=256):
+    """A tiny random Llama saved in Hugging Face format (no tokenizer: tests set ENC); with dms_keys, a
+    'retrofit' whose config.json carries DMS settings (borrowed decisions: no adapter weights)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dms_flex import pretrained
-
-    cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     hf = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0, 0.3)
-    base_dir, ckpt = tmp_path / "base", tmp_path / "retrofit"
-    hf.save_pretrained(base_dir)
-    hf.save_pretrained(ckpt)
-    conf = json.loads((ckpt / "config.json").read_text())
-    conf.update(dms_alpha_scale=5.0, dms_initial_alpha_offset=0.0, dms_window_size=2, dms_cr=2.0)
-    (ckpt / "config.json").write_text(json.dumps(conf))
-    base = pretrained.load_dms_model(base_dir)
+    hf.save_pretrained(path)
+    if dms_keys:
+        conf = json.loads((path / "config.json").read_text())
+        conf.update(dms_keys)
+        (path / "config.json").write_text(json.dumps(conf))
+    return path
+
+
+def load_base(folder):
+    from dms_flex import pretrained
+
+    base = pretrained.load_dms_model(folder)
     base.tokenizer = ENC
+    return base
+
+
+def test_dms_checkpoint_per_requested_cr_is_loaded_for_its_run(tmp_path):
+    base_dir = hf_folder(tmp_path / "base")
+    ckpt = hf_folder(tmp_path / "retrofit", dms_keys=RETROFIT_KEYS)
+    base = load_base(base_dir)
     args = run_args(tmp_path / "out", "--cr", "2", "--dms-checkpoint", f"2={ckpt}", "--methods", "vanilla,dms,tova",
                     "--metrics", "ppl")
     runs = ev.run(args, loaded=base, log=lambda s: None)["runs"]
@@ -386,3 +409,149 @@ def test_text_sources_fall_back_to_plain_copies_and_then_to_python_sources(tmp_p
     found = eval_data.load_texts(["kjv"], log=logs.append)
     assert list(found) == ["code"] and "fallback" in found["code"].origin
     assert len(eval_data.text_windows(encode, found["code"].text, 3, 100)) == 3
+
+
+# ----------------------------------------------------------------------------- quantization and the reference
+def quiet_run(tmp_path, loaded, *extra):
+    return ev.run(run_args(tmp_path, "--metrics", "ppl", *extra), loaded=loaded, log=lambda s: None)
+
+
+def tiny_loaded(**kw):
+    m = byte_model(**kw)
+    return DMSModel(model=m, tokenizer=ENC, dms=m.dms_config, hf_config={}, family="tiny", dms_trained=True)
+
+
+@pytest.mark.parametrize("name", ["vanilla", "dms"])
+def test_int8_teacher_forced_perplexity_equals_the_int8_cached_path(name):
+    m = byte_model(window=2)
+    windows = torch.randint(1, 256, (2, 40))
+    cfg = m.dms_config.replace(alpha_offset=0.0) if name == "dms" else None
+    int8 = ev.Method(name, m, dms_config=cfg, kv_int8=True)
+    assert int8.new_state(1, 8).caches[0].k.dtype == torch.int8  # the cached path really stores int8
+    teacher = ev.perplexity(int8, windows, m, prefix=6)
+    cached = ev.perplexity(int8, windows, m, prefix=6, cached=True)
+    assert teacher["path"] == "teacher-forced" and cached["path"].startswith("cached")
+    # K/V computed token by token vs over the whole window differ by float rounding, which can move one
+    # value across an int8 rounding step: equal up to that
+    assert abs(cached["nll"] - teacher["nll"]) < 2e-4 and abs(cached["kl"] - teacher["kl"]) < 2e-4
+    assert abs(cached["cr"] - teacher["cr"]) < 1e-6
+    # and int8 is not a no-op: the same method in the model dtype gives another KL
+    full = ev.perplexity(ev.Method(name, m, dms_config=cfg), windows, m, prefix=6)
+    assert teacher["kl"] - full["kl"] > 1e-6
+    if name == "dms":
+        assert teacher["cr"] > 1.2
+    # a policy has no int8 storage: the flag leaves it in the model dtype (no faked int8)
+    pol = ev.Method("h2o", m, cr=2.0, kv_int8=True)
+    assert not pol.int8_kv and pol.new_state(1, 8).caches[0].k.dtype == torch.float32
+
+
+def test_kv_int8_adds_a_small_kl_against_the_full_precision_vanilla_and_is_reported(tmp_path, capsys):
+    base = ["--methods", "vanilla,dms,h2o", "--cr", "2", "--dms-alpha-offset", "2=0"]
+    fp = {r["method"]: r for r in quiet_run(tmp_path / "fp", tiny_loaded(window=2), *base)["runs"]}
+    res = quiet_run(tmp_path / "q", tiny_loaded(window=2), *base, "--kv", "int8")
+    q = {r["method"]: r for r in res["runs"]}
+    assert abs(fp["vanilla"]["ppl"]["kl"]) < 1e-6
+    assert 1e-6 < q["vanilla"]["ppl"]["kl"] < 1e-2  # the reference is the full-precision cache
+    # DMS: its eviction error dominates; int8 moves its KL a little (either way: errors need not add up)
+    assert 1e-6 < abs(q["dms"]["ppl"]["kl"] - fp["dms"]["ppl"]["kl"]) < 1e-2
+    assert q["dms"]["cr"] > 1.5
+    assert abs(q["vanilla"]["ppl"]["ppl"] / fp["vanilla"]["ppl"]["ppl"] - 1) < 0.02
+    # the baseline is not quantized (PolicyState has no int8 KV): same numbers, and said so
+    assert q["h2o"]["ppl"]["kl"] == fp["h2o"]["ppl"]["kl"] and "PolicyState" in q["h2o"]["kv"]
+    assert (q["vanilla"]["kv"], q["dms"]["kv"], fp["dms"]["kv"]) == ("int8", "int8", "float32")
+    data = json.loads((tmp_path / "q" / "results.json").read_text())
+    qi = data["quantization"]
+    assert qi["kv"] == "int8" and qi["kv_by_method"] == {"vanilla": "int8", "dms": "int8", "h2o": "float32"}
+    assert "PolicyState has no int8" in qi["note"] and qi["weights"] == "none"
+    assert json.loads((tmp_path / "fp" / "results.json").read_text())["quantization"]["kv"] == "model"
+    out = capsys.readouterr().out
+    assert "setting: K/V int8 (one scale per token and KV head) for vanilla, dms" in out
+    assert "setting: K/V in the model dtype" in out
+
+
+def test_weight_quant_evaluates_a_quantized_model_against_the_unquantized_one(tmp_path):
+    from dms_flex import quant
+
+    res = quiet_run(tmp_path / "none", tiny_loaded(), "--methods", "vanilla")
+    assert abs(res["runs"][0]["ppl"]["kl"]) < 1e-6
+    loaded = tiny_loaded()
+    res = quiet_run(tmp_path / "w8", loaded, "--methods", "vanilla,dms", "--weight-quant", "int8", "--kv", "int8")
+    van = res["runs"][0]
+    assert van["weights"] == "int8" and van["ppl"]["kl"] > 1e-5
+    assert quant.quantized_weight_names(loaded.model)  # the evaluated model is quantized, the reference is not
+    qi = res["quantization"]
+    assert qi["weights"] == "int8" and qi["quantized_weights"] == 2 * 7 + 1 and qi["reference_dtype"] == "float32"
+    assert qi["reference"].endswith("(an unquantized copy)")
+    # int4 (CPU: bf16): cast with a note, larger error
+    loaded, logs = tiny_loaded(), []
+    res = ev.run(run_args(tmp_path / "w4", "--metrics", "ppl", "--methods", "vanilla", "--weight-quant", "int4"),
+                 loaded=loaded, log=logs.append)
+    assert any("casting the model" in line and "bfloat16" in line for line in logs)
+    assert res["quantization"]["model_dtype"] == "bfloat16" and res["quantization"]["reference_dtype"] == "float32"
+    assert res["runs"][0]["ppl"]["kl"] > van["ppl"]["kl"]
+
+
+def test_one_dms_checkpoint_calibrated_at_two_crs_is_loaded_once(tmp_path, monkeypatch):
+    from dms_flex import pretrained, quant
+
+    base_dir = hf_folder(tmp_path / "base")
+    ckpt = hf_folder(tmp_path / "retrofit", seed=1, dms_keys=RETROFIT_KEYS)
+    base = load_base(base_dir)
+    loads, real = [], pretrained.load_dms_model
+
+    def spy(folder, **kw):
+        loads.append(str(folder))
+        dm = real(folder, **kw)
+        loads.append(dm)
+        return dm
+
+    monkeypatch.setattr(pretrained, "load_dms_model", spy)
+    args = run_args(tmp_path / "out", "--cr", "2,3", "--dms-checkpoint", str(ckpt), "--dms-calibrate",
+                    "--methods", "dms,tova", "--metrics", "ppl", "--weight-quant", "int8")
+    runs = ev.run(args, loaded=base, log=lambda s: None)["runs"]
+    assert loads[0::2] == [str(ckpt)]  # once for both CRs (the unquantized reference is a copy of --model)
+    assert quant.quantized_weight_names(loads[1].model)  # the checkpoint is quantized like the model
+    dms = {r["requested_cr"]: r for r in runs if r["method"] == "dms"}
+    assert set(dms) == {2.0, 3.0}
+    for cr, r in dms.items():
+        # the base model's window (512) could never reach these CRs on 48-token windows: the checkpoint's (2) did
+        assert r["setting"].startswith(f"checkpoint {ckpt}: alpha_offset") and "calibrated" in r["setting"]
+        assert abs(r["cr"] - cr) < 0.15 * cr and abs(r["ppl"]["cr"] - r["cr"]) < 1e-6
+    assert dms[2.0]["setting"] != dms[3.0]["setting"]
+    assert [r["cr"] for r in runs if r["method"] == "tova"] == [dms[2.0]["cr"], dms[3.0]["cr"]]
+    # without calibration: one run with the checkpoint's own settings; CR=DIR still wins for its CR
+    loads.clear()
+    args = run_args(tmp_path / "out2", "--cr", "2", "--dms-checkpoint", str(ckpt), "--dms-checkpoint",
+                    f"3={ckpt}", "--dms-alpha-offset", "2=1e6", "--methods", "dms", "--metrics", "ppl")
+    runs = ev.run(args, loaded=load_base(base_dir), log=lambda s: None)["runs"]
+    assert [(r["requested_cr"], r["setting"]) for r in runs] == [
+        (2.0, f"checkpoint {ckpt}: alpha_offset 1e+06"), (3.0, f"checkpoint {ckpt}")]
+    assert abs(runs[0]["cr"] - 1.0) < 1e-6 and runs[1]["cr"] > 1.2  # the offset applies to the checkpoint
+    assert loads[0::2] == [str(base_dir), str(ckpt)]  # base reloaded by load_base; the checkpoint once
+
+
+def test_reference_folder_is_the_kl_reference(tmp_path):
+    model_dir = hf_folder(tmp_path / "model")
+    ref_dir = hf_folder(tmp_path / "ref", seed=1)
+    res = quiet_run(tmp_path / "a", load_base(model_dir), "--methods", "vanilla", "--reference", str(ref_dir))
+    kl = res["runs"][0]["ppl"]["kl"]
+    assert res["quantization"]["reference"] == str(ref_dir) and kl > 0.05
+    # the same number by hand: the model's perplexity against the other model's distribution
+    windows = torch.tensor(eval_data.text_windows(encode, eval_data.load_texts(["code"])["code"].text, 1, 48))
+    want = ev.perplexity(ev.Method("vanilla", load_base(model_dir).model), windows, load_base(ref_dir).model, prefix=8)
+    assert abs(kl - want["kl"]) < 1e-5
+    # --reference equal to --model: KL 0
+    res = ev.run(run_args(tmp_path / "b", "--metrics", "ppl", "--methods", "vanilla", "--reference", str(model_dir),
+                          "--model", str(model_dir)), loaded=load_base(model_dir), log=lambda s: None)
+    assert abs(res["runs"][0]["ppl"]["kl"]) < 1e-6
+    with pytest.raises(ValueError, match="vocabulary"):
+        quiet_run(tmp_path / "c", load_base(model_dir), "--reference", str(hf_folder(tmp_path / "v", vocab=300)))
+
+
+def test_quantization_errors_are_messages(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "torchao.quantization", None)  # as if torchao were missing
+    assert ev.main(["--kv", "int8", "--device", "cpu", "--model", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --kv int8 needs torchao") and "Traceback" not in err
+    assert ev.main(["--weight-quant", "int4", "--device", "cpu", "--model", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: --weight-quant int4 needs torchao")
