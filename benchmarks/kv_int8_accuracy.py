@@ -58,7 +58,8 @@ def main():
     p.add_argument("--checkpoint")
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--cr", type=float, default=8.0)
-    p.add_argument("--window", type=int, default=16)
+    p.add_argument("--window", type=int, default=None,
+                   help="DMS window (default: a retrofit's own; 16 for an untrained model)")
     p.add_argument("--out")
     a = p.parse_args()
     folder = a.checkpoint
@@ -66,10 +67,15 @@ def main():
         from dms_flex.smollm2 import default_model_dir
 
         folder = default_model_dir()
-    dm = pretrained.load_dms_model(folder, dms_overrides={"window": a.window})
+    dm = pretrained.load_dms_model(folder, dms_overrides={"window": a.window} if a.window is not None else None)
+    if not dm.dms_trained and a.window is None:
+        dm = pretrained.load_dms_model(folder, dms_overrides={"window": 16})
     m = dm.model
-    toks = text_tokens(dm.tokenizer, a.tokens)
-    results = {"checkpoint": str(folder), "tokens": toks.shape[1], "window": a.window}
+    if torch.cuda.is_available():
+        m.cuda()
+    window = dm.dms.effective_window
+    toks = text_tokens(dm.tokenizer, a.tokens).to(next(m.parameters()).device)
+    results = {"checkpoint": str(folder), "tokens": toks.shape[1], "window": window, "trained": dm.dms_trained}
 
     def logits(**kw):
         out = tm.forward_train(m, toks, training=False, **kw)
@@ -78,16 +84,19 @@ def main():
     ref_dense, _ = logits(eviction=False)
     int8_dense, _ = logits(eviction=False, kv_int8=True)
     results["dense"] = {"kl_int8_vs_full": kl(ref_dense, int8_dense)}
-    offset = calibrate_offset(m, toks, a.cr, a.window)
-    m.dms_config = m.dms_config.replace(alpha_offset=offset)
+    if dm.dms_trained:  # a retrofit: its own decisions (no calibration)
+        offset = m.dms_config.alpha_offset
+    else:  # untrained: calibrate the borrowed neuron's offset to the requested CR
+        offset = calibrate_offset(m, toks, a.cr, window)
+        m.dms_config = m.dms_config.replace(alpha_offset=offset)
     ref_dms, out = logits()
     int8_dms, _ = logits(kv_int8=True)
-    achieved = stats.compression_report([stats.kept_fraction(e, a.window) for e in out.evicted]).ratio
+    achieved = stats.compression_report([stats.kept_fraction(e.cpu(), window) for e in out.evicted]).ratio
     results["dms"] = {"alpha_offset": offset, "achieved_cr": achieved, "kl_int8_vs_full": kl(ref_dms, int8_dms),
                       "kl_dms_vs_dense": kl(ref_dense, ref_dms), "kl_dms_int8_vs_dense": kl(ref_dense, int8_dms)}
     print(f"{folder}: {toks.shape[1]} tokens of Python stdlib source")
     print(f"  dense cache:  KL(full || int8 KV) = {results['dense']['kl_int8_vs_full']:.2e} nats/token")
-    print(f"  DMS CR {achieved:.2f} (window {a.window}): KL(full || int8 KV) = {results['dms']['kl_int8_vs_full']:.2e}; "
+    print(f"  DMS CR {achieved:.2f} (window {window}): KL(full || int8 KV) = {results['dms']['kl_int8_vs_full']:.2e}; "
           f"KL(dense || DMS) = {results['dms']['kl_dms_vs_dense']:.3f}; KL(dense || DMS+int8) = "
           f"{results['dms']['kl_dms_int8_vs_dense']:.3f}")
     if a.out:
