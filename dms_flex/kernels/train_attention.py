@@ -103,6 +103,11 @@ except Exception:  # pragma: no cover - depends on the environment
 
 __all__ = ["dms_train_attention", "doc_bounds", "default_config", "HAS_TRITON"]
 
+# Plain @triton.jit definitions (not `name = triton.jit(name_fn)`): inductor re-emits a user kernel's
+# source with the jit helpers it calls under their function names, so the two must agree
+# (otherwise torch.compile fails with NameError: '_key_ranges' is not defined).
+_jit = triton.jit if HAS_TRITON else (lambda fn: fn)
+
 _LOG2E = 1.4426950408889634
 
 # Block sizes / warps / pipeline depth for 16-bit inputs on sm_90 (H100/H200), per head dim:
@@ -176,18 +181,21 @@ def doc_bounds(doc_ids: Tensor) -> tuple[Tensor, Tensor]:
 # classes take every block they can and that no block is visited twice or skipped.
 
 
-def _dot_fn(a, b, IEEE: tl.constexpr):
+@_jit
+def _dot(a, b, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
 
 
-def _count_fn(CNT, slot, lo, hi, BLOCK: tl.constexpr, MULT: tl.constexpr):
+@_jit
+def _count(CNT, slot, lo, hi, BLOCK: tl.constexpr, MULT: tl.constexpr):
     tl.atomic_add(CNT + slot, (tl.maximum(hi - lo + BLOCK - 1, 0) // BLOCK) * MULT)
 
 
-def _key_ranges_fn(DS_b, m0, T, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOC: tl.constexpr):
+@_jit
+def _key_ranges(DS_b, m0, T, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOC: tl.constexpr):
     """Key-block ranges of the query block [m0, m0 + BM), in order:
     [lo, doc_end) MASKED (a row's document starts inside), [far0, far1) FAR, [band0, band1) MASKED
     (holds i - j = w), [near0, diag) NEAR, [diag, hi) MASKED (diagonal, holds j > i)."""
@@ -212,7 +220,8 @@ def _key_ranges_fn(DS_b, m0, T, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
     return lo, doc_end, s0, far1, band0, band1, near0, diag, hi
 
 
-def _query_ranges_fn(DE_b, n0, T, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOC: tl.constexpr):
+@_jit
+def _query_ranges(DE_b, n0, T, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOC: tl.constexpr):
     """Query-block ranges that see the key block [n0, n0 + BN), in order:
     [q_lo, diag_end) MASKED (diagonal), [diag_end, near1) NEAR, [band0, band1) MASKED (holds
     i - j = w), [far0, top) FAR, [doc0, q_hi) MASKED (rows past the first key's document end)."""
@@ -238,7 +247,8 @@ def _query_ranges_fn(DE_b, n0, T, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
     return q_lo, diag1, diag_end, near1, band0, band1, far0, top, doc0, q_hi
 
 
-def _fwd_inner_fn(
+@_jit
+def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
     offs_m, offs_n, offs_d, ds_rows, lo, hi, T, window, qk_scale,
     MODE: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -285,7 +295,8 @@ def _fwd_inner_fn(
     return acc, l_i, m_i
 
 
-def _fwd_kernel_fn(
+@_jit
+def _fwd_kernel(
     Q, K, V, LK, DS, O, LSE, CNT,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
@@ -358,7 +369,8 @@ def _fwd_kernel_fn(
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_safe), mask=rmask)
 
 
-def _bwd_preprocess_fn(
+@_jit
+def _bwd_preprocess(
     O, DO, DELTA,
     stride_ob, stride_oh, stride_ot,
     stride_db, stride_dh, stride_dt,
@@ -378,7 +390,8 @@ def _bwd_preprocess_fn(
     tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=rmask)
 
 
-def _dkdv_inner_fn(
+@_jit
+def _dkdv_inner(
     dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, DQA_b, stride_qh, stride_qt, stride_doh, stride_dot,
     h0, offs_n, offs_m0, offs_d, lo, hi, T, window, qk_scale, sm_scale,
     MODE: tl.constexpr, G: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -432,7 +445,8 @@ def _dkdv_inner_fn(
     return dk, dv, dlk
 
 
-def _dkdv_kernel_fn(
+@_jit
+def _dkdv_kernel(
     Q, K, V, LK, DS, DE, DO, LSE, DELTA, DK, DV, DLK, DQA, CNT,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
@@ -519,7 +533,8 @@ def _dkdv_kernel_fn(
     tl.store(DLK + pid_bh.to(tl.int64) * T + offs_n, dlk, mask=nmask)
 
 
-def _dq_inner_fn(
+@_jit
+def _dq_inner(
     dq, q, do, lse, Di, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
     offs_m, offs_n, offs_d, ds_rows, lo, hi, T, window, qk_scale,
     MODE: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -557,7 +572,8 @@ def _dq_inner_fn(
     return dq
 
 
-def _dq_kernel_fn(
+@_jit
+def _dq_kernel(
     Q, K, V, LK, DS, DO, LSE, DELTA, DQ, CNT,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
@@ -631,22 +647,6 @@ def _dq_kernel_fn(
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
-
-
-if HAS_TRITON:
-    _dot = triton.jit(_dot_fn)
-    _count = triton.jit(_count_fn)
-    _key_ranges = triton.jit(_key_ranges_fn)
-    _query_ranges = triton.jit(_query_ranges_fn)
-    _fwd_inner = triton.jit(_fwd_inner_fn)
-    _dkdv_inner = triton.jit(_dkdv_inner_fn)
-    _dq_inner = triton.jit(_dq_inner_fn)
-    _fwd_kernel = triton.jit(_fwd_kernel_fn)
-    _bwd_preprocess = triton.jit(_bwd_preprocess_fn)
-    _dkdv_kernel = triton.jit(_dkdv_kernel_fn)
-    _dq_kernel = triton.jit(_dq_kernel_fn)
-else:  # pragma: no cover
-    _fwd_kernel = _bwd_preprocess = _dkdv_kernel = _dq_kernel = None
 
 
 def _is_interpreted(kernel) -> bool:
