@@ -468,7 +468,12 @@ def _jsonable(x):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m dms_flex.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="Hugging Face-format folder; default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--model", help="Hugging Face-format folder; default: the embedded SmolLM2-135M-Instruct "
+                                   "with its packaged DMS adapter")
+    p.add_argument("--adapter", help="a DMS adapter folder (python -m dms_flex.pretrained export-adapter) applied "
+                                     "to --model")
+    p.add_argument("--no-adapter", action="store_true",
+                   help="the embedded model without its packaged adapter (untrained decisions)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
     p.add_argument("--cr", default="2,4", help="requested compression ratios (comma list)")
     p.add_argument("--metrics", default=",".join(METRICS), help=f"comma list of {METRICS}")
@@ -610,12 +615,18 @@ def run(args, loaded=None, log: Callable[[str], None] = print) -> Dict[str, Any]
     folder = args.model
     t0 = time.perf_counter()
     if loaded is None:
+        adapter = getattr(args, "adapter", None)
         if folder is None:
-            from .smollm2 import default_model_dir
+            from .smollm2 import default_model_dir, packaged_adapter
 
             folder = default_model_dir()
+            if adapter is None and not getattr(args, "no_adapter", False):
+                adapter = packaged_adapter()  # the embedded model's trained DMS adapter, when shipped
         overrides = {"window": args.dms_window} if args.dms_window is not None else None
-        loaded = pretrained.load_dms_model(folder, dms_overrides=overrides, dtype=dtype, device=device)
+        loaded = pretrained.load_dms_model(folder, dms_overrides=overrides, dtype=dtype, device=device,
+                                           adapter=adapter)
+        if adapter is not None:
+            log(f"DMS adapter: {adapter}")
     base = loaded
     dtype = next(base.model.parameters()).dtype
     tok = base.tokenizer

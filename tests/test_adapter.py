@@ -254,3 +254,28 @@ def test_package_data_includes_adapters():
     rel = smollm2.ADAPTER_DIR.relative_to(root / "dms_flex")
     for name in ("dms_adapter.safetensors", "dms_config.json"):
         assert any(fnmatch.fnmatch(str(rel / name), g) for g in globs), globs
+
+
+def test_eval_default_model_applies_the_packaged_adapter(run, tmp_path, monkeypatch):
+    """python -m dms_flex.eval without --model evaluates the embedded base with its packaged adapter:
+    the same perplexity and CR as evaluating the full retrofit checkpoint; --no-adapter differs."""
+    from dms_flex import eval as ev
+
+    if run["family"] != "llama":
+        pytest.skip("one family is enough for the wiring")
+    adapter = pretrained.export_adapter(run["full"], tmp_path / "adapter", base_folder=run["base"])
+    monkeypatch.setattr(smollm2, "default_model_dir", lambda: run["base"])
+    monkeypatch.setattr(smollm2, "packaged_adapter", lambda: adapter)
+    common = ["--device", "cpu", "--methods", "dms", "--metrics", "ppl", "--ppl-len", "24", "--ppl-prefix", "4",
+              "--texts", "code"]
+
+    def ppl(extra, out):
+        res = ev.run(ev.parse_args(common + extra + ["--out", str(tmp_path / out)]), log=lambda s: None)
+        (r,) = res["runs"]
+        return r["ppl"]["ppl"], r["cr"]
+
+    packaged = ppl([], "a")
+    full = ppl(["--model", str(run["full"])], "b")
+    untrained = ppl(["--no-adapter"], "c")
+    assert packaged == pytest.approx(full, rel=1e-6)
+    assert packaged != pytest.approx(untrained, rel=1e-6)
