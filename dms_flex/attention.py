@@ -17,8 +17,8 @@ from . import masks
 
 
 # "auto" picks the Triton training kernel (kernels/train_attention.py) on CUDA when this is True:
-# on the H200 it is exact to the reference and 0.70-0.91x the time of the flex path (RESULTS.md
-# section 7). Under torch.compile "auto" keeps the flex path (see resolve_backend).
+# on the H200 it is exact to the reference, 0.70-0.91x the time of the flex path and works under
+# torch.compile(fullgraph=True) (RESULTS.md sections 7-8); False: compiled flex.
 USE_TRITON_TRAIN_KERNEL = True
 
 
@@ -73,13 +73,11 @@ def flex_supported(q: torch.Tensor) -> bool:
 
 def resolve_backend(q: torch.Tensor) -> str:
     """What "auto" means for training attention on q's device and head size: the Triton kernel on
-    CUDA in eager mode (USE_TRITON_TRAIN_KERNEL), compiled flex on CUDA inside torch.compile (the
-    kernel's compiled path is not yet verified on the GPU), the dense reference elsewhere."""
+    CUDA (USE_TRITON_TRAIN_KERNEL; eager or inside torch.compile), else compiled flex; the dense
+    reference off CUDA and for heads under 16."""
     if not flex_supported(q):
         return "dense"
-    if USE_TRITON_TRAIN_KERNEL and not torch.compiler.is_compiling():
-        return "triton"
-    return "flex"
+    return "triton" if USE_TRITON_TRAIN_KERNEL else "flex"
 
 
 def dense_dms_attention(q, k, v, log_keep, window, *, doc_ids=None, scale=None):
