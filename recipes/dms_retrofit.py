@@ -484,11 +484,15 @@ class DMSRetrofitRecipe:
                        "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_second": stats[-1].item() / dt}
                 if grad_norm is not None:
                     log["grad_norm"] = float(grad_norm)
+                log.update(peak_memory(self.device))
                 log.update({f"kept_layer_{i:02d}": float(v) for i, v in enumerate(per_layer_head.mean(dim=1))})
                 self._log_dict(log, step=self.global_step)
             if self.save_every and self.global_step % int(self.save_every) == 0 and self.global_step < self.max_steps:
                 self.save_checkpoint(self.global_step, final=False)
         pbar.close()
+        mem = peak_memory(self.device)
+        self._log("MEASURED peak memory of training on this rank: " + ", ".join(
+            f"{k.replace('peak_', '').replace('_GiB', '')} {v:.2f} GiB" for k, v in mem.items()))
         after = self.measure_compression()
         self._log(f"after {self.global_step} steps (hard decisions): {after.format()}")
         self._log_dict({"eval_cr": after.ratio}, step=self.global_step)
@@ -638,6 +642,17 @@ class _StateDictView:
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return self._sd
+
+
+def peak_memory(device: torch.device) -> Dict[str, float]:
+    """Measured peak memory so far, in GiB: on CUDA the caching allocator's peak allocated and
+    reserved bytes of this device; elsewhere the process's peak resident set size."""
+    if device.type == "cuda":
+        return {"peak_cuda_allocated_GiB": torch.cuda.max_memory_allocated(device) / 2**30,
+                "peak_cuda_reserved_GiB": torch.cuda.max_memory_reserved(device) / 2**30}
+    import resource
+
+    return {"peak_process_rss_GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:

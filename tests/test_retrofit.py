@@ -78,6 +78,9 @@ def test_tiny_config_runs_from_any_folder(tiny_run):
         assert key in rows[-1], key
     assert [r["target_cr"] for r in rows] == pytest.approx([1 + 3 * s / 8 for s in range(8)])  # CR 1 -> 4 linear
     assert "before training (hard decisions): CR" in p.stdout and "saved final model" in p.stdout
+    # measured peak memory (CPU: the process's peak RSS; a python process with torch holds well over 50 MiB)
+    rss = [r["peak_process_rss_GiB"] for r in rows]
+    assert 0.05 < rss[0] <= rss[-1] < 64 and "MEASURED peak memory of training on this rank: process_rss" in p.stdout
 
 
 def test_compression_loss_raises_the_achieved_cr(tiny_run):
