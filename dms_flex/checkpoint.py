@@ -546,24 +546,29 @@ def _fsync_tree(root: Path) -> None:
                 os.close(fd)
 
 
-def _write_folder_atomically(folder, fill: Callable[[Path], None], *, carry_over: bool = True) -> Path:
+def _write_folder_atomically(folder, fill: Callable[[Path], None], *, carry_over: bool = True,
+                             marker: str = CONFIG_NAME, kind: str = "a checkpoint") -> Path:
     """Create ``folder`` by running ``fill(tmp)`` on a temporary folder in the same parent, then
     renaming it into place. An existing ``folder`` stays untouched until the new one is complete;
     it is then swapped out by two renames (its files other than weights and the ones just written,
-    e.g. tokenizer or generation config, are carried over when ``carry_over``)."""
+    e.g. tokenizer or generation config, are carried over when ``carry_over``). A non-empty
+    existing folder is only replaced when it holds ``marker`` (it is ``kind``)."""
     folder = Path(folder).expanduser().absolute()
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} exists and is a file: pass a folder path")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / CONFIG_NAME).exists():
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).exists():
         raise ValueError(
-            f"{folder} exists, is not empty and holds no config.json: refusing to replace a folder "
-            f"that is not a checkpoint; pass a new or empty folder"
+            f"{folder} exists, is not empty and holds no {marker}: refusing to replace a folder "
+            f"that is not {kind}; pass a new or empty folder"
         )
     parent = folder.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=parent))
     try:
         fill(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide a shared or packaged folder from others
         if carry_over and folder.is_dir():
             written = {p.name for p in tmp.iterdir()}
             for entry in folder.iterdir():

@@ -21,11 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import shutil
 import sys
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
@@ -264,40 +260,10 @@ def _check_same_base(ckpt_folder: Path, ckpt_cfg: Dict[str, Any], base_folder: P
 
 
 def _write_adapter_folder(folder: Path, fill: Callable[[Path], None]) -> Path:
-    """Create `folder` by filling a temporary sibling and renaming it into place; an existing adapter
-    folder (one holding dms_config.json) is replaced whole, only once the new one is complete."""
-    folder = Path(folder).expanduser().absolute()
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder} exists and is a file: pass a folder path")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / ADAPTER_CONFIG_NAME).is_file():
-        raise ValueError(f"{folder} exists, is not empty and is not an adapter folder (no {ADAPTER_CONFIG_NAME}): "
-                         f"refusing to replace it; pass a new or empty folder")
-    parent = folder.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=parent))
-    try:
-        fill(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide a shared or packaged adapter from others
-        for f in tmp.iterdir():
-            f.chmod(0o666 & ~umask)
-        checkpoint._fsync_tree(tmp)
-        if folder.exists():
-            old = parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(folder, old)
-            try:
-                os.rename(tmp, folder)
-            except BaseException:
-                os.rename(old, folder)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    """Create `folder` atomically (checkpoint._write_folder_atomically); an existing adapter folder
+    (one holding dms_config.json) is replaced whole, only once the new one is complete."""
+    return checkpoint._write_folder_atomically(folder, fill, carry_over=False, marker=ADAPTER_CONFIG_NAME,
+                                               kind="an adapter folder")
 
 
 def export_adapter(checkpoint_folder, out_folder, *, base_folder=None) -> Path:
