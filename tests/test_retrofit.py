@@ -200,6 +200,11 @@ def test_missing_weights_say_where_and_how(tmp_path):
     (["optimizer._component_=torch.optim.Adamm"], "cannot build optimizer"),
 ])
 def test_bad_config_values_are_one_clear_message(args, message, tmp_path, monkeypatch, capsys):
+    assert_one_clear_message(args, message, tmp_path, monkeypatch, capsys)
+
+
+def assert_one_clear_message(args, message, tmp_path, monkeypatch, capsys):
+    """`tune run dms_retrofit --config tiny max_steps=1 ARGS` exits 2 with `message` and no traceback."""
     import dms_retrofit
 
     monkeypatch.chdir(tmp_path)

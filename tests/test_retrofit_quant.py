@@ -158,15 +158,9 @@ def test_generate_defaults_come_from_config_and_flags_win(runs):
     (["quant=int8"], "quant must be a mapping"),
 ])
 def test_bad_quant_settings_are_one_clear_message(args, message, tmp_path, monkeypatch, capsys):
-    import dms_retrofit
+    from .test_retrofit import assert_one_clear_message
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["dms_retrofit", "--config", "tiny", "max_steps=1", *args])
-    with pytest.raises(SystemExit) as e:
-        dms_retrofit.main()
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert_one_clear_message(args, message, tmp_path, monkeypatch, capsys)
 
 
 def test_capacity_estimate_for_an_8b_adapter_retrofit():
