@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import traceback
 import zlib
 
 import pytest
@@ -31,6 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from tests import _interp  # noqa: E402
 from dms_flex.kernels.decode import (  # noqa: E402
     choose_split,
     decode_attention,
@@ -299,29 +299,14 @@ def _run_interp_case(p):
 
 
 def _interp_worker():
-    results = {}
-    for cid, p in _interp_cases():
-        try:
-            results[cid] = _run_interp_case(p)
-        except Exception:
-            results[cid] = {"error": traceback.format_exc()}
-    print("@@RESULTS@@" + json.dumps(results))
+    _interp.run_worker(_interp_cases(), _run_interp_case)
 
 
 @functools.lru_cache(maxsize=None)
 def _interp_results():
-    env = dict(os.environ)
-    env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "2")
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--interp-worker"],
-        env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
-    )
-    for line in proc.stdout.splitlines():
-        if line.startswith("@@RESULTS@@"):
-            return json.loads(line[len("@@RESULTS@@"):])
-    raise RuntimeError(f"interpreter worker failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    proc = _interp.start_worker(__file__, threads="2")
+    out, err = proc.communicate(timeout=600)
+    return _interp.results_of(proc.returncode, out, err)
 
 
 @needs_triton

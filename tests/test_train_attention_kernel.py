@@ -25,7 +25,6 @@ import math
 import os
 import subprocess
 import sys
-import traceback
 import zlib
 from typing import Optional
 
@@ -37,6 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from tests import _interp  # noqa: E402
 from dms_flex.attention import dense_dms_attention  # noqa: E402
 from dms_flex.kernels import train_attention as ta  # noqa: E402
 
@@ -526,13 +526,7 @@ def _window_only_reference(q, k, v, window, ids, scale):
 
 
 def _interp_worker():
-    results = {}
-    for cid, p in _interp_cases():
-        try:
-            results[cid] = _run_interp_case(p)
-        except Exception:
-            results[cid] = {"error": traceback.format_exc()}
-    print("@@RESULTS@@" + json.dumps(results))
+    _interp.run_worker(_interp_cases(), _run_interp_case)
 
 
 @functools.lru_cache(maxsize=None)
@@ -542,11 +536,9 @@ def _subprocesses():
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
-    env_interp = dict(env, TRITON_INTERPRET="1")
     env_aot = dict(env)
     env_aot.pop("TRITON_INTERPRET", None)
-    interp = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--interp-worker"], env=env_interp,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    interp = _interp.start_worker(__file__, threads="1")
     aot = subprocess.Popen([sys.executable, os.path.join(REPO, "benchmarks", "bench_train_attention_kernel.py"),
                             "--aot", "--aot-quick"], env=env_aot,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
@@ -562,11 +554,7 @@ def _finished(name):
 
 @functools.lru_cache(maxsize=None)
 def _interp_results():
-    rc, out, err = _finished("interp")
-    for line in out.splitlines():
-        if line.startswith("@@RESULTS@@"):
-            return json.loads(line[len("@@RESULTS@@"):])
-    raise RuntimeError(f"interpreter worker failed (rc={rc}):\n{out[-4000:]}\n{err[-4000:]}")
+    return _interp.results_of(*_finished("interp"))
 
 
 @needs_triton
