@@ -112,10 +112,15 @@ def read_hf_config(folder) -> Dict[str, Any]:
             f"no {CONFIG_NAME} in {folder}: a Hugging Face checkpoint folder needs config.json next to "
             f"its weights (write one with transformers' save_pretrained)"
         )
+    return read_json_object(path, "repair or re-create it")
+
+
+def read_json_object(path: Path, fix: str) -> Dict[str, Any]:
+    """A JSON file that must hold an object; errors name the file and say how to `fix` it."""
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): repair or re-create it") from e
+        raise ValueError(f"{path} is not valid JSON ({e}): {fix}") from e
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} must hold a JSON object, found {type(cfg).__name__}")
     return cfg

@@ -134,12 +134,7 @@ def read_adapter(folder) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
                 f"`python -m dms_flex.pretrained export-adapter {folder} OUT`" if (folder / "config.json").is_file()
                 else " Write one with `python -m dms_flex.pretrained export-adapter CHECKPOINT OUT`")
         raise FileNotFoundError(f"{folder} is not a DMS adapter folder: it lacks {' and '.join(missing)}.{hint}")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path} is not valid JSON ({e}): export the adapter again") from e
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{cfg_path} must hold a JSON object, found {type(cfg).__name__}")
+    cfg = checkpoint.read_json_object(cfg_path, "export the adapter again")
     try:
         dms = DMSConfig.from_hf(cfg)
     except DMSConfigError as e:
