@@ -537,6 +537,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is often fastest on a busy machine)")
     p.add_argument("--replot", metavar="RESULTS_JSON", help="only redraw the table and plots of an earlier run")
+    p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                   help="combine several runs' results.json into --out (one table and one set of plots)")
     args = p.parse_args(argv)
 
     def floats(s):
@@ -788,6 +790,32 @@ def draw(results: Dict[str, Any], out_dir: Path, log: Callable[[str], None] = pr
     return {"plots": plot_metrics(runs, out_dir), "heatmaps": heatmaps}
 
 
+def merge(paths: Sequence[str], out_dir: str) -> int:
+    """One table and one set of plots from several results.json files (e.g. one process per baseline
+    run side by side): runs are concatenated in file order, a (method, requested CR) pair seen twice
+    keeps its first run (the vanilla and DMS runs every file repeats)."""
+    merged: Dict[str, Any] = {"merged_from": list(paths), "runs": [], "parallel": []}
+    seen = set()
+    for path in paths:
+        res = json.loads(Path(path).read_text())
+        for k, v in res.items():
+            if k not in ("runs", "parallel", "plots", "heatmaps"):
+                merged.setdefault(k, v)
+        for r in res.get("runs", []):
+            key = (r["method"], r.get("requested_cr"))
+            if key not in seen:
+                seen.add(key)
+                merged["runs"].append(r)
+        merged["parallel"] += [p for p in res.get("parallel") or []
+                               if (p["method"], p.get("cr")) not in {(q["method"], q.get("cr")) for q in merged["parallel"]}]
+    if not merged["runs"]:
+        raise ValueError(f"no runs in {list(paths)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(merged, indent=1, default=str))
+    return replot(str(out / "results.json"))
+
+
 def replot(path: str) -> int:
     """Redraw the plots of a results.json next to it (e.g. on a machine with matplotlib)."""
     p = Path(path)
@@ -998,6 +1026,8 @@ def main(argv=None) -> int:
     try:
         if args.replot:
             return replot(args.replot)
+        if args.merge:
+            return merge(args.merge, args.out)
         run(args)
     except (FileNotFoundError, ValueError, TypeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -555,3 +555,23 @@ def test_quantization_errors_are_messages(tmp_path, monkeypatch, capsys):
     assert err.startswith("error: --kv int8 needs torchao") and "Traceback" not in err
     assert ev.main(["--weight-quant", "int4", "--device", "cpu", "--model", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("error: --weight-quant int4 needs torchao")
+
+
+def test_merge_of_runs_made_side_by_side_equals_one_run(tmp_path, capsys):
+    """--merge: one process per baseline (each repeating vanilla and DMS) gives the same table as one
+    process running everything; duplicates are dropped, plots are drawn."""
+    m = byte_model(window=2)
+    loaded = DMSModel(model=m, tokenizer=ENC, dms=m.dms_config, hf_config={}, family="tiny", dms_trained=True)
+    common = ("--cr", "2", "--dms-alpha-offset", "2=0", "--metrics", "ppl")
+    whole = ev.run(run_args(tmp_path / "all", *common), loaded=loaded, log=lambda s: None)
+    for name in ("streaming", "h2o"):
+        ev.run(run_args(tmp_path / name, *common, "--methods", f"vanilla,dms,{name}"), loaded=loaded, log=lambda s: None)
+    assert ev.main(["--merge", str(tmp_path / "streaming" / "results.json"), str(tmp_path / "h2o" / "results.json"),
+                    "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert [r["method"] for r in merged["runs"]] == ["vanilla", "dms", "streaming", "h2o"]
+    want = {r["method"]: r["ppl"]["ppl"] for r in whole["runs"]}
+    for r in merged["runs"]:
+        assert r["ppl"]["ppl"] == pytest.approx(want[r["method"]], rel=1e-6), r["method"]
+    assert (tmp_path / "merged" / "ppl_vs_cr.png").is_file()
+    assert ev.main(["--merge", str(tmp_path / "nothing.json"), "--out", str(tmp_path / "m2")]) == 2
