@@ -1,8 +1,10 @@
-"""DMS training/prefill attention: FlexAttention on CUDA, dense masked SDPA elsewhere.
+"""DMS training/prefill attention: on CUDA the Triton training kernel (kernels/train_attention.py)
+or FlexAttention, dense masked SDPA elsewhere.
 
-Both compute softmax(q k^T * scale + bias) v where bias is -inf outside causal/document and
+All compute softmax(q k^T * scale + bias) v where bias is -inf outside causal/document and
 log(1 - alpha_j) on far keys (i - j > window); see masks.py for the rule. The dense path is the
-reference the flex path is tested against, and the CPU path (flex has no CPU backward).
+reference the fast paths are tested against, and the CPU path (flex has no CPU backward). The
+first inference prefill (hard decisions) uses a flex block mask built from the same rule.
 """
 
 from __future__ import annotations
