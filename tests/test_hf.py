@@ -5,7 +5,6 @@ import copy
 import inspect
 import json
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
