@@ -203,11 +203,6 @@ def aot_main(quick: bool):
 # ----------------------------------------------------------------------------------------------
 # timing
 # ----------------------------------------------------------------------------------------------
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_fns(fns, device, reps=25, min_span_ms=2.0):
     """Median seconds per call of a list of zero-arg callables (one per rotated input set).
 
