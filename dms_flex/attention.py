@@ -36,7 +36,7 @@ def dms_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_keep: t
     """
     _check_shapes(q, k, v, log_keep)
     if backend == "auto":
-        backend = resolve_backend(q)
+        backend = resolve_backend(q.device, q.shape[-1])
     if backend == "dense":
         return dense_dms_attention(q, k, v, log_keep, window, doc_ids=doc_ids, scale=scale)
     if backend == "flex":
@@ -54,7 +54,7 @@ def dms_hard_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, evicte
     tokens their successor evicts. On CUDA a flex block mask built from the rule skips every block
     the rule empties, and nothing T x T is materialised; elsewhere the dense reference."""
     if backend == "auto":
-        backend = "flex" if flex_supported(q) else "dense"
+        backend = "flex" if flex_supported(q.device, q.shape[-1]) else "dense"
     if backend == "dense":
         log_keep = torch.zeros(evicted.shape, device=q.device).masked_fill(evicted, float("-inf"))
         return dense_dms_attention(q, k, v, log_keep, window, scale=scale)
@@ -67,17 +67,17 @@ def dms_hard_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, evicte
     return fn(q, k, v, block_mask=bm, enable_gqa=group > 1, scale=scale)
 
 
-def flex_supported(q: torch.Tensor) -> bool:
+def flex_supported(device, head_dim: int) -> bool:
     """The compiled flex / Triton kernels need CUDA and a head dim of at least 16 (tl.dot's minimum);
     smaller heads (tiny test models) take the dense reference."""
-    return q.is_cuda and q.shape[-1] >= 16
+    return torch.device(device).type == "cuda" and head_dim >= 16
 
 
-def resolve_backend(q: torch.Tensor) -> str:
-    """What "auto" means for training attention on q's device and head size: the Triton kernel on
+def resolve_backend(device, head_dim: int) -> str:
+    """What "auto" means for training attention on a device and head size: the Triton kernel on
     CUDA (USE_TRITON_TRAIN_KERNEL; eager or inside torch.compile), else compiled flex; the dense
     reference off CUDA and for heads under 16."""
-    if not flex_supported(q):
+    if not flex_supported(device, head_dim):
         return "dense"
     return "triton" if USE_TRITON_TRAIN_KERNEL else "flex"
 

@@ -618,12 +618,10 @@ def run(args, loaded=None, log: Callable[[str], None] = print) -> Dict[str, Any]
     t0 = time.perf_counter()
     if loaded is None:
         adapter = getattr(args, "adapter", None)
-        if folder is None:
-            from .smollm2 import default_model_dir, packaged_adapter
+        if folder is None:  # the embedded model, with its trained DMS adapter when one ships
+            from .smollm2 import default_model
 
-            folder = default_model_dir()
-            if adapter is None and not getattr(args, "no_adapter", False):
-                adapter = packaged_adapter()  # the embedded model's trained DMS adapter, when shipped
+            folder, adapter, _ = default_model(adapter, getattr(args, "no_adapter", False))
         overrides = {"window": args.dms_window} if args.dms_window is not None else None
         loaded = pretrained.load_dms_model(folder, dms_overrides=overrides, dtype=dtype, device=device,
                                            adapter=adapter)

@@ -77,16 +77,12 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     t0 = time.perf_counter()
     overrides = {"window": args.window} if args.window is not None else None
-    adapter, packaged = args.adapter, False
+    folder, adapter, packaged = args.checkpoint, args.adapter, False
     try:
-        folder = args.checkpoint
         if folder is None:
-            from .smollm2 import default_model_dir, packaged_adapter
+            from .smollm2 import default_model
 
-            folder = default_model_dir()
-            if adapter is None and not args.no_adapter:
-                adapter = packaged_adapter()
-                packaged = adapter is not None
+            folder, adapter, packaged = default_model(adapter, args.no_adapter)
         dm = pretrained.load_dms_model(folder, dms_overrides=overrides, dtype=dtype, device=device,
                                        max_seq_len=args.max_seq_len, adapter=adapter)
     except (FileNotFoundError, ValueError, TypeError, ImportError) as e:

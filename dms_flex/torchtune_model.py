@@ -131,10 +131,8 @@ def forward_train(model: nn.Module, tokens: torch.Tensor, *, doc_ids: Optional[t
     if input_pos is None:
         input_pos = _positions_within_documents(doc_ids, B, T, tokens.device)
     block_mask = None
-    if backend == "auto" and tokens.is_cuda:
-        # one decision for all layers (same device, head size and compile state)
-        a0 = model.layers[0].attn
-        backend = attention.resolve_backend(torch.empty(0, a0.num_heads, 0, a0.head_dim, device=tokens.device))
+    if backend == "auto":  # one decision for all layers (same device and head size)
+        backend = attention.resolve_backend(tokens.device, model.layers[0].attn.head_dim)
     if tokens.is_cuda and backend == "flex":
         block_mask = attention.make_block_mask(doc_ids, B, T, tokens.device)
     window = cfg.effective_window if cfg is not None else T

@@ -227,18 +227,18 @@ def test_auto_backend_rule(monkeypatch):
     from dms_flex import attention
 
     x = torch.zeros(1, 2, 4, 16)
-    assert attention.resolve_backend(x) == "dense"  # CPU
-    monkeypatch.setattr(attention, "flex_supported", lambda q: q.shape[-1] >= 16)  # as if on CUDA
-    assert attention.resolve_backend(x) == "triton"
-    assert attention.resolve_backend(torch.zeros(1, 2, 4, 8)) == "dense"
+    assert attention.resolve_backend("cpu", 16) == "dense"
+    assert not attention.flex_supported("cuda", 8) and attention.flex_supported("cuda", 16)
+    assert attention.resolve_backend("cuda", 16) == "triton"
+    assert attention.resolve_backend("cuda", 8) == "dense"
 
     def pick(t):
-        return t + (1.0 if attention.resolve_backend(t) == "triton" else 2.0)
+        return t + (1.0 if attention.resolve_backend("cuda", t.shape[-1]) == "triton" else 2.0)
 
     torch._dynamo.reset()
     assert float(torch.compile(pick, backend="eager")(x).flatten()[0]) == 1.0  # the kernel when compiling too
     monkeypatch.setattr(attention, "USE_TRITON_TRAIN_KERNEL", False)
-    assert attention.resolve_backend(x) == "flex"
+    assert attention.resolve_backend("cuda", 16) == "flex"
 
 
 def test_shape_errors():
