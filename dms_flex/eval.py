@@ -799,13 +799,11 @@ def merge(paths: Sequence[str], out_dir: str) -> int:
         for k, v in res.items():
             if k not in ("runs", "parallel", "plots", "heatmaps"):
                 merged.setdefault(k, v)
-        for r in res.get("runs", []):
-            key = (r["method"], r.get("requested_cr"))
-            if key not in seen:
-                seen.add(key)
-                merged["runs"].append(r)
-        merged["parallel"] += [p for p in res.get("parallel") or []
-                               if (p["method"], p.get("cr")) not in {(q["method"], q.get("cr")) for q in merged["parallel"]}]
+        for part, key in (("runs", "requested_cr"), ("parallel", "cr")):
+            for r in res.get(part) or []:
+                if (part, r["method"], r.get(key)) not in seen:
+                    seen.add((part, r["method"], r.get(key)))
+                    merged[part].append(r)
     if not merged["runs"]:
         raise ValueError(f"no runs in {list(paths)}")
     out = Path(out_dir)
