@@ -68,12 +68,12 @@ def main():
 
         folder = default_model_dir()
     dm = pretrained.load_dms_model(folder, dms_overrides={"window": a.window} if a.window is not None else None)
-    if not dm.dms_trained and a.window is None:
-        dm = pretrained.load_dms_model(folder, dms_overrides={"window": 16})
     m = dm.model
+    if not dm.dms_trained and a.window is None:
+        m.dms_config = m.dms_config.replace(window=16)
     if torch.cuda.is_available():
         m.cuda()
-    window = dm.dms.effective_window
+    window = m.dms_config.effective_window
     toks = text_tokens(dm.tokenizer, a.tokens).to(next(m.parameters()).device)
     results = {"checkpoint": str(folder), "tokens": toks.shape[1], "window": window, "trained": dm.dms_trained}
 
