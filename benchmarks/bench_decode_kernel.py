@@ -477,8 +477,8 @@ def bench_main(args):
         copy_bytes = 64 << 20
     else:
         models = MODELS if not args.models else {m: MODELS[m] for m in args.models.split(",")}
-        shapes = SHAPES if not args.shapes else [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
-        crs = [int(c) for c in args.crs.split(",")] if args.crs else ([1, 8] if args.quick else CRS)
+        shapes = args.shapes or SHAPES
+        crs = args.crs or ([1, 8] if args.quick else CRS)
         copy_bytes = 2 << 30
 
     if device.type == "cuda":
@@ -744,6 +744,28 @@ def sweep_main(args):
     return 0
 
 
+def parse_shapes(text: str):
+    """'8x32768,64x8192' -> [(8, 32768), (64, 8192)] (argparse type: a bad value is a usage error)."""
+    try:
+        shapes = [tuple(int(x) for x in item.split("x")) for item in text.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(sh) != 2 or min(sh) < 1 for sh in shapes):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected BxCTX items such as 8x32768,64x8192")
+    return shapes
+
+
+def parse_crs(text: str):
+    """'2,4' -> [2, 4]: integer compression ratios >= 1."""
+    try:
+        crs = [int(c) for c in text.split(",")]
+    except ValueError:
+        crs = []
+    if not crs or min(crs) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integer CRs >= 1 such as 1,2,4,8")
+    return crs
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="JSON output path (default: stdout)")
@@ -758,8 +780,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=25)
     ap.add_argument("--with-compiled", action="store_true", help="also time torch.compile(decode_attention)")
     ap.add_argument("--int8", action="store_true", help="also time the kernel on an int8 cache (ours_int8)")
-    ap.add_argument("--shapes", default=None, help="comma list of BxCTX (default 8x32768,64x8192,1x131072)")
-    ap.add_argument("--crs", default=None, help="comma list of CRs (default 1,2,4,8; --quick 1,8)")
+    ap.add_argument("--shapes", type=parse_shapes, default=None,
+                    help="comma list of BxCTX (default 8x32768,64x8192,1x131072)")
+    ap.add_argument("--crs", type=parse_crs, default=None, help="comma list of CRs (default 1,2,4,8; --quick 1,8)")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--aot", action="store_true", help="offline sm_90 compile report (no GPU needed)")
     ap.add_argument("--aot-quick", action="store_true")

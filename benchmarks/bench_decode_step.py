@@ -163,9 +163,13 @@ def make_case(model, kind, B, ctx, margin, mode):
 def parse_kind(kind: str):
     """'8' -> (8.0, None); '8-int8' -> (8.0, torch.int8): a CR, optionally with int8 K/V storage."""
     cr, _, store = kind.partition("-")
-    if store not in ("", "int8"):
-        raise SystemExit(f"--cache {kind!r}: expected gptfast, a CR (e.g. 8) or CR-int8 (e.g. 8-int8)")
-    return float(cr), (torch.int8 if store == "int8" else None)
+    try:
+        value = float(cr)
+    except ValueError:
+        value = 0.0
+    if store not in ("", "int8") or value < 1:
+        raise ValueError(f"--cache {kind!r}: expected gptfast, a CR >= 1 (e.g. 8) or CR-int8 (e.g. 8-int8)")
+    return value, (torch.int8 if store == "int8" else None)
 
 
 @torch.no_grad()
@@ -181,6 +185,12 @@ def main():
     p.add_argument("--device", default="cuda", help="cuda; cpu only smoke-tests the script (--preset tiny)")
     p.add_argument("--out")
     a = p.parse_args()
+    for kind in a.cache:
+        if kind != "gptfast":
+            try:
+                parse_kind(kind)
+            except ValueError as e:
+                p.error(str(e))
     global DEVICE
     DEVICE = a.device
     margin = 3 * a.steps + 64

@@ -1,0 +1,44 @@
+"""The benchmark scripts' own argument parsing: bad values are one clear usage error."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import bench_decode_kernel as bk  # noqa: E402
+import bench_decode_step as bs  # noqa: E402
+
+
+def test_decode_step_cache_kinds():
+    assert bs.parse_kind("8") == (8.0, None)
+    assert bs.parse_kind("1-int8") == (1.0, torch.int8)
+    for bad in ("8-fp8", "eight", "0.5"):
+        with pytest.raises(ValueError, match="expected gptfast, a CR >= 1"):
+            bs.parse_kind(bad)
+
+
+def test_decode_kernel_shapes_and_crs():
+    assert bk.parse_shapes("8x32768,1x131072") == [(8, 32768), (1, 131072)]
+    assert bk.parse_crs("2,4") == [2, 4]
+    for bad in ("8x", "8-32768", "0x10", ""):
+        with pytest.raises(Exception, match="BxCTX"):
+            bk.parse_shapes(bad)
+    for bad in ("two", "0,2", ""):
+        with pytest.raises(Exception, match="integer CRs"):
+            bk.parse_crs(bad)
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("bench_decode_step.py", ["--device", "cpu", "--cache", "8-fp8"], "expected gptfast"),
+    ("bench_decode_kernel.py", ["--cpu-smoke", "--shapes", "8by4"], "expected BxCTX"),
+])
+def test_bad_values_are_usage_errors(script, args, message):
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True,
+                       cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
