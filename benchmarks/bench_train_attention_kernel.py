@@ -8,6 +8,9 @@ Modes
       sdpa_causal   F.scaled_dot_product_attention(is_causal=True) with K/V expanded to the query
                     heads (as in bench_train_attention.py: the 2026-11-28 baseline numbers)
       sdpa_gqa      the same with enable_gqa=True (not in the default list)
+      sdpa_flash    sdpa_causal restricted to SDPA's FlashAttention-2 backend (SDPBackend.FLASH_ATTENTION)
+      sdpa_cudnn    sdpa_causal restricted to the cuDNN backend: with sdpa_flash, tells which
+                    backend plain SDPA picked and how fast each is (FlashAttention-2 vs cuDNN)
       flex_causal   compiled flex_attention, causal block mask, enable_gqa
       flex_dms      dms_flex.attention.flex_dms_attention (naive: per-element bias gather, bias
                     gradient through per-element atomics)
@@ -64,6 +67,17 @@ import torch.nn.functional as F  # noqa: E402
 
 HEADS = {"1b": (32, 8, 64), "8b": (32, 8, 128)}  # Llama-3.2-1B, Llama-3-8B: (Hq, Hkv, D)
 DEFAULT_VARIANTS = "sdpa_causal,flex_causal,flex_dms,triton_dms"
+VARIANTS = ("sdpa_causal", "sdpa_gqa", "sdpa_flash", "sdpa_cudnn", "flex_causal", "flex_dms", "triton_dms",
+            "triton_dms_tuned")
+
+
+def parse_variants(text: str):
+    names = [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in VARIANTS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {unknown or [text]}: expected a comma list of "
+                                         f"{', '.join(VARIANTS)}")
+    return names
 
 # --sweep candidates (BM, BN, warps, stages); all compile for sm_90 without spills (--aot-candidates)
 SWEEP = {
@@ -346,6 +360,15 @@ def build_variants(names, q, k, v, logits, noise, go, window, dev, flex_fn):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return out, torch.autograd.grad(out, (q, k, v), go)
 
+    def sdpa_backend(backend):
+        def fn():
+            from torch.nn.attention import sdpa_kernel
+
+            with sdpa_kernel(backend):
+                return sdpa()
+
+        return fn
+
     def flex_causal():
         if dev.type != "cuda":  # --cpu-smoke: CPU flex has no backward; stand-in
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -364,8 +387,12 @@ def build_variants(names, q, k, v, logits, noise, go, window, dev, flex_fn):
         out = ta.dms_train_attention(q, k, v, log_keep(), window)
         return out, torch.autograd.grad(out, (q, k, v, logits), go)
 
-    table = dict(sdpa_causal=sdpa, sdpa_gqa=sdpa_gqa, flex_causal=flex_causal, flex_dms=flex_dms,
+    from torch.nn.attention import SDPBackend
+
+    table = dict(sdpa_causal=sdpa, sdpa_gqa=sdpa_gqa, sdpa_flash=sdpa_backend(SDPBackend.FLASH_ATTENTION),
+                 sdpa_cudnn=sdpa_backend(SDPBackend.CUDNN_ATTENTION), flex_causal=flex_causal, flex_dms=flex_dms,
                  triton_dms=triton_dms, triton_dms_tuned=triton_dms)
+
     return {n: table[n] for n in names}
 
 
@@ -472,8 +499,8 @@ def print_row(r):
 def summary_table(rows):
     """Short table: one line per case."""
     lines = ["| B | T | heads | w | sdpa ms | flex causal ms | flex DMS ms | triton DMS ms | x sdpa | x flex causal | "
-             "x flex DMS | peak MiB (triton) | max rel err vs flex DMS |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "x flex DMS | x sdpa flash-2 | x sdpa cudnn | peak MiB (triton) | max rel err vs flex DMS |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ms(r, n):
         return r["results"].get(n, {}).get("ms")
@@ -493,7 +520,8 @@ def summary_table(rows):
         peak = r["results"].get("triton_dms", {}).get("peak_extra_MiB")
         err = max(r["check_vs_flex_dms"].values()) if "check_vs_flex_dms" in r else None
         lines.append(f"| {r['B']} | {r['T']} | {r['heads']} | {r['window']} | {f(s)} | {f(fc)} | {f(fd)} | {f(t)} | "
-                     f"{ratio(t, s)} | {ratio(t, fc)} | {ratio(t, fd)} | {f(peak)} | "
+                     f"{ratio(t, s)} | {ratio(t, fc)} | {ratio(t, fd)} | {ratio(t, ms(r, 'sdpa_flash'))} | "
+                     f"{ratio(t, ms(r, 'sdpa_cudnn'))} | {f(peak)} | "
                      f"{'-' if err is None else f'{err:.1e}'} |")
     return "\n".join(lines)
 
@@ -640,7 +668,7 @@ def bench_main(args):
         if not args.sweep_apply:
             _write(out, args)
             return 0
-    variants = args.variants.split(",")
+    variants = list(args.variants)
     if tuned is not None and "triton_dms_tuned" not in variants:
         variants.append("triton_dms_tuned")
 
@@ -673,8 +701,8 @@ def main(argv=None):
     ap.add_argument("--heads", default="1b,8b", help="comma list of 1b (32,8,64) and 8b (32,8,128)")
     ap.add_argument("--window", type=int, nargs="+", default=[256])
     ap.add_argument("--all", action="store_true", help="T 4K-32K x B 1,4 x both heads x w 256,512")
-    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
-                    help="comma list of sdpa_causal, sdpa_gqa, flex_causal, flex_dms, triton_dms")
+    ap.add_argument("--variants", default=parse_variants(DEFAULT_VARIANTS), type=parse_variants,
+                    help="comma list of " + ", ".join(VARIANTS))
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)

@@ -10,6 +10,7 @@ first inference prefill (hard decisions) uses a flex block mask built from the s
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Optional
 
 import torch
@@ -63,8 +64,22 @@ def dms_hard_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, evicte
     B, Hq, T, _ = q.shape
     group = Hq // k.shape[1]
     bm = create_block_mask(masks.generate_dms_hard_mask(evicted, window, group), B, Hq, T, T, device=q.device)
-    fn = _compiled_flex() if q.is_cuda else flex_attention
-    return fn(q, k, v, block_mask=bm, enable_gqa=group > 1, scale=scale)
+    if not q.is_cuda:
+        return flex_attention(q, k, v, block_mask=bm, enable_gqa=group > 1, scale=scale)
+    # prompts come in every length and batch size: one graph with symbolic (B, T) instead of one per
+    # shape (dynamic=False hit dynamo's recompile limit after 8 shapes and fell back to unfused flex)
+    if _PREFILL_FLEX["dynamic"]:
+        try:
+            return _compiled_flex(dynamic=True)(q, k, v, block_mask=bm, enable_gqa=group > 1, scale=scale)
+        except Exception as e:  # noqa: BLE001 - a compiler limitation must not stop inference: warn, go static
+            _PREFILL_FLEX["dynamic"] = False
+            warnings.warn(f"dynamic-shape flex attention failed ({type(e).__name__}: {e}); prefill attention uses "
+                          f"static-shape compiles from now on (one per prompt shape)")
+    return _compiled_flex()(q, k, v, block_mask=bm, enable_gqa=group > 1, scale=scale)
+
+
+# the first prefill's flex attention: compiled with dynamic shapes unless that failed once on this torch
+_PREFILL_FLEX = {"dynamic": True}
 
 
 def flex_supported(device, head_dim: int) -> bool:
@@ -102,10 +117,10 @@ def make_block_mask(doc_ids: Optional[torch.Tensor], batch: int, seq_len: int, d
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_flex():
+def _compiled_flex(dynamic: bool = False):
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=dynamic)
 
 
 def flex_dms_attention(q, k, v, log_keep, window, *, doc_ids=None, block_mask=None, scale=None,

@@ -721,14 +721,25 @@ def run(args, loaded=None, log: Callable[[str], None] = print) -> Dict[str, Any]
             else ""))
         return rec
 
+    path = out_dir / "results.json"
+    runs: List[Dict[str, Any]] = []
+
+    def record(rec: Dict[str, Any]) -> None:
+        """Keep a finished run and rewrite results.json with every run so far (marked partial), so a
+        run stopped by a time limit still leaves the methods it finished."""
+        runs.append(rec)
+        partial = _jsonable({**results, "runs": runs, "partial": True})
+        path.write_text(json.dumps(partial, indent=1, default=str))
+
     log("evaluating:")
-    runs = [evaluate(vanilla)] if "vanilla" in args.methods else []
+    if "vanilla" in args.methods:
+        record(evaluate(vanilla))
     dms_cr: Dict[Optional[float], float] = {}
     checkpoints = CheckpointLoader(args, base.model, log)
     dms_methods = [m for m in methods if m.name == "dms"]
     for i, m in enumerate(dms_methods):
         prepare_dms(m, args, base, cal, log, checkpoints)
-        runs.append(evaluate(m))
+        record(evaluate(m))
         dms_cr[m.requested_cr] = m.cr
         if m.checkpoint is not None:  # free a checkpoint once no later DMS run needs it
             m.model = None
@@ -739,12 +750,11 @@ def run(args, loaded=None, log: Callable[[str], None] = print) -> Dict[str, Any]
             if args.match_dms_cr and m.requested_cr in dms_cr:
                 m.cr = dms_cr[m.requested_cr]
                 m.setting = f"at DMS's achieved CR for the request {m.requested_cr:g}"
-            runs.append(evaluate(m))
+            record(evaluate(m))
     results["runs"] = runs
     if args.parallel_samples:
-        results["parallel"] = [{"method": r["method"], "cr": r["cr"], **r["parallel"]} for r in runs if "parallel" in r]
+        results["parallel"] = parallel_rows(runs)
     results = _jsonable(results)
-    path = out_dir / "results.json"
     path.write_text(json.dumps(results, indent=1, default=str))  # first without plots: they may fail
     print(f"setting: {format_setting(results['quantization'])}")
     print_table(results["runs"])
@@ -788,6 +798,11 @@ def draw(results: Dict[str, Any], out_dir: Path, log: Callable[[str], None] = pr
     return {"plots": plot_metrics(runs, out_dir), "heatmaps": heatmaps}
 
 
+def parallel_rows(runs: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The parallel-sampling table's rows: one per run that has a parallel-sampling result."""
+    return [{"method": r["method"], "cr": r["cr"], **r["parallel"]} for r in runs if "parallel" in r]
+
+
 def merge(paths: Sequence[str], out_dir: str) -> int:
     """One table and one set of plots from several results.json files (e.g. one process per baseline
     run side by side): runs are concatenated in file order, a (method, requested CR) pair seen twice
@@ -796,8 +811,12 @@ def merge(paths: Sequence[str], out_dir: str) -> int:
     seen = set()
     for path in paths:
         res = json.loads(Path(path).read_text())
+        if res.get("partial"):  # written after each run: the process stopped before its last method
+            print(f"{path}: partial (the run stopped early): {len(res.get('runs') or [])} finished run(s) kept")
+            merged.setdefault("partial_inputs", []).append(str(path))
+            res.setdefault("parallel", parallel_rows(res.get("runs") or []))
         for k, v in res.items():
-            if k not in ("runs", "parallel", "plots", "heatmaps"):
+            if k not in ("runs", "parallel", "plots", "heatmaps", "partial"):
                 merged.setdefault(k, v)
         for part, key in (("runs", "requested_cr"), ("parallel", "cr")):
             for r in res.get(part) or []:

@@ -37,6 +37,8 @@ def test_decode_kernel_shapes_and_crs():
 @pytest.mark.parametrize("script, args, message", [
     ("bench_decode_step.py", ["--device", "cpu", "--cache", "8-fp8"], "expected gptfast"),
     ("bench_decode_kernel.py", ["--cpu-smoke", "--shapes", "8by4"], "expected BxCTX"),
+    ("bench_train_attention_kernel.py", ["--cpu-smoke", "--variants", "sdpa_causal,sdpa_bogus"],
+     "unknown variant(s) ['sdpa_bogus']"),
 ])
 def test_bad_values_are_usage_errors(script, args, message):
     p = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True,

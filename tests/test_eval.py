@@ -575,3 +575,36 @@ def test_merge_of_runs_made_side_by_side_equals_one_run(tmp_path, capsys):
         assert r["ppl"]["ppl"] == pytest.approx(want[r["method"]], rel=1e-6), r["method"]
     assert (tmp_path / "merged" / "ppl_vs_cr.png").is_file()
     assert ev.main(["--merge", str(tmp_path / "nothing.json"), "--out", str(tmp_path / "m2")]) == 2
+
+
+def test_a_run_stopped_early_leaves_its_finished_methods_and_merge_uses_them(tmp_path, monkeypatch, capsys):
+    """results.json is rewritten after every method: a process killed by its time limit (here: the third
+    method raises) still leaves the first two runs, marked partial, and --merge keeps them."""
+    m = byte_model(window=2)
+    loaded = DMSModel(model=m, tokenizer=ENC, dms=m.dms_config, hf_config={}, family="tiny", dms_trained=True)
+    common = ("--cr", "2", "--dms-alpha-offset", "2=0", "--metrics", "ppl")
+    # the baseline at the requested CR (a process running it alone has no DMS CR to match)
+    whole = ev.run(run_args(tmp_path / "all", *common, "--methods", "vanilla,dms,tova", "--no-match-dms-cr"),
+                   loaded=loaded, log=lambda s: None)
+    real = ev.perplexity
+
+    def stop_at_tova(method, *a, **k):
+        if method.name == "tova":
+            raise KeyboardInterrupt("time limit")
+        return real(method, *a, **k)
+
+    monkeypatch.setattr(ev, "perplexity", stop_at_tova)
+    with pytest.raises(KeyboardInterrupt):
+        ev.run(run_args(tmp_path / "cut", *common, "--methods", "vanilla,dms,tova"), loaded=loaded, log=lambda s: None)
+    cut = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert cut["partial"] is True and [r["method"] for r in cut["runs"]] == ["vanilla", "dms"]
+    monkeypatch.setattr(ev, "perplexity", real)
+    tova = ev.run(run_args(tmp_path / "tova", *common, "--methods", "tova"), loaded=loaded, log=lambda s: None)
+    assert [r["method"] for r in tova["runs"]] == ["tova"]
+    assert ev.main(["--merge", str(tmp_path / "cut" / "results.json"), str(tmp_path / "tova" / "results.json"),
+                    "--out", str(tmp_path / "merged")]) == 0
+    assert "partial (the run stopped early): 2 finished run(s) kept" in capsys.readouterr().out
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    want = {r["method"]: r["ppl"]["ppl"] for r in whole["runs"]}
+    assert {r["method"]: r["ppl"]["ppl"] for r in merged["runs"]} == pytest.approx(want, rel=1e-6)
+    assert merged["partial_inputs"] == [str(tmp_path / "cut" / "results.json")]

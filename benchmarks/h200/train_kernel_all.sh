@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Issue 9's full table: forward+backward at T 4K-32K x B 1,4 x Llama-3.2-1B / Llama-3-8B heads x windows
-# 256, 512 (SDPA causal, flex causal, naive flex DMS, the Triton DMS kernel; peak memory of each),
+# 256, 512 (SDPA causal: default, FlashAttention-2 and cuDNN backends; flex causal, naive flex DMS, the Triton
+# DMS kernel; peak memory of each),
 # split over two GPUs (one process per GPU: timings are not shared), then one merged table.
 set -u
 O=${1:?output folder}
 mkdir -p "$O"
-A="--batch 1 4 --heads 1b,8b --window 256 512 --reps 5 --warmup 2"
-CUDA_VISIBLE_DEVICES=0 timeout ${LIMIT:-560} python3 benchmarks/bench_train_attention_kernel.py --seq 4096 8192 16384 $A \
+A="--batch 1 4 --heads 1b,8b --window 256 512 --reps 5 --warmup 2
+   --variants sdpa_causal,sdpa_flash,sdpa_cudnn,flex_causal,flex_dms,triton_dms"
+CUDA_VISIBLE_DEVICES=0 timeout ${LIMIT:-560} python3 benchmarks/bench_train_attention_kernel.py --seq 4096 16384 $A \
   --out "$O/train_kernel_a.json" > "$O/train_kernel_a.log" 2>&1 &
-CUDA_VISIBLE_DEVICES=1 timeout ${LIMIT:-560} python3 benchmarks/bench_train_attention_kernel.py --seq 32768 $A \
+CUDA_VISIBLE_DEVICES=1 timeout ${LIMIT:-560} python3 benchmarks/bench_train_attention_kernel.py --seq 8192 32768 $A \
   --out "$O/train_kernel_b.json" > "$O/train_kernel_b.log" 2>&1 &
 wait
 python3 - "$O" <<'PY'
