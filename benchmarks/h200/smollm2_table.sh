@@ -8,8 +8,8 @@
 set -u
 O=${1:?output folder}
 mkdir -p "$O"
-EV="python3 -m dms_flex.eval --device cuda --dtype bfloat16 --ppl-windows 4 --ppl-len 1024 --ppl-prefix 64
-    --batch-size 16 --dms-calibrate --cr 2,4,8 --reasoning-n 64 --lengths 1024,2048,4096 --depths 0.1,0.5,0.9 --trials 2"
+. "$(dirname "$0")/table_eval.sh"
+EV=$TABLE_EVAL
 CUDA_VISIBLE_DEVICES=0 timeout ${LIMIT:-540} $EV --methods vanilla,dms --parallel-samples 4 --out "$O/dms" > "$O/dms.log" 2>&1 &
 for spec in 0:streaming 1:h2o 1:tova; do
   gpu=${spec%%:*}; name=${spec#*:}
