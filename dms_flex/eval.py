@@ -678,6 +678,7 @@ def run(args, loaded=None, log: Callable[[str], None] = print) -> Dict[str, Any]
         if kind in args.metrics:
             probes[kind] = eval_data.probe_items(kind, encode, decode, haystack.text, args.lengths, args.depths,
                                                  args.trials, seed=args.seed, hops=args.hops)
+    check_context(base.model, args.ppl_len, [it for its in probes.values() for it in its])
     if probes:
         log(f"long context: haystack {haystack.name}; lengths {args.lengths}, depths {args.depths}, "
             f"{args.trials} trial(s) each")
@@ -763,6 +764,22 @@ def run(args, loaded=None, log: Callable[[str], None] = print) -> Dict[str, Any]
     path.write_text(json.dumps(results, indent=1, default=str))
     log(f"results: {path}" + (f"; plots: {', '.join(results['plots'] + results['heatmaps'])}" if results["plots"] else ""))
     return results
+
+
+def check_context(model: nn.Module, ppl_len: int, probes: Sequence[eval_data.ProbeItem]) -> None:
+    """Refuse perplexity windows or probes (prompt + answer tokens) longer than the model's context
+    (positions past it have no RoPE entry), with the longest values that fit."""
+    ctx = getattr(model, "max_seq_len", None)
+    if not ctx:
+        return
+    if ppl_len > ctx:
+        raise ValueError(f"--ppl-len {ppl_len} is longer than the model's context ({ctx} tokens): use --ppl-len {ctx} "
+                         f"or less")
+    over = sorted({it.length for it in probes if len(it.prompt) + it.max_new_tokens > ctx})
+    if over:
+        room = max(it.max_new_tokens for it in probes)
+        raise ValueError(f"--lengths {','.join(map(str, over))}: a probe's prompt plus its answer ({room} tokens) must fit "
+                         f"the model's context of {ctx} tokens; use lengths up to {ctx - room}")
 
 
 def print_parallel(rows, out=None) -> None:

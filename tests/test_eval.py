@@ -608,3 +608,17 @@ def test_a_run_stopped_early_leaves_its_finished_methods_and_merge_uses_them(tmp
     want = {r["method"]: r["ppl"]["ppl"] for r in whole["runs"]}
     assert {r["method"]: r["ppl"]["ppl"] for r in merged["runs"]} == pytest.approx(want, rel=1e-6)
     assert merged["partial_inputs"] == [str(tmp_path / "cut" / "results.json")]
+
+
+def test_windows_and_probes_longer_than_the_context_are_refused_before_any_work(tmp_path):
+    """A 512-token model: a 600-token perplexity window or a 512-token needle prompt (plus its answer) has
+    positions past the RoPE table; the run stops with the longest values that fit, before evaluating."""
+    loaded = tiny_loaded(max_seq_len=512)
+    with pytest.raises(ValueError, match=r"--ppl-len 600 is longer than the model's context \(512 tokens\)"):
+        ev.run(run_args(tmp_path / "a", "--metrics", "ppl", "--ppl-len", "600"), loaded=loaded, log=lambda s: None)
+    with pytest.raises(ValueError, match=r"--lengths 512: .* context of 512 tokens; use lengths up to 50[0-9]"):
+        ev.run(run_args(tmp_path / "b", "--metrics", "needle", "--lengths", "256,512"), loaded=loaded,
+               log=lambda s: None)
+    assert not (tmp_path / "b" / "results.json").exists()
+    res = ev.run(run_args(tmp_path / "c", "--metrics", "needle", "--lengths", "500"), loaded=loaded, log=lambda s: None)
+    assert res["runs"][0]["needle"]["n"] == 1
