@@ -15,8 +15,9 @@ EV="$TABLE_EVAL ${EXTRA:-}"
 PAR=""
 if [ "${PARALLEL:-4}" != 0 ]; then PAR="--parallel-samples ${PARALLEL:-4}"; fi
 CUDA_VISIBLE_DEVICES=0 timeout ${LIMIT:-540} $EV --methods vanilla,dms $PAR --out "$O/dms" > "$O/dms.log" 2>&1 &
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 for spec in 0:streaming 1:h2o 1:tova; do
-  gpu=${spec%%:*}; name=${spec#*:}
+  gpu=$(( ${spec%%:*} % (NGPU > 0 ? NGPU : 1) )); name=${spec#*:}  # one GPU: all four processes share it
   CUDA_VISIBLE_DEVICES=$gpu timeout ${LIMIT:-540} $EV --methods $name --out "$O/$name" > "$O/$name.log" 2>&1 &
 done
 wait
