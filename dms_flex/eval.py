@@ -787,10 +787,17 @@ def print_parallel(rows, out=None) -> None:
     if not rows:
         return
     out.write("parallel sampling at equal KV memory (vanilla: 1 greedy answer; the others: N samples, majority vote):\n")
+    ref = next((r["kv_live_bytes_per_question"] for r in rows if r["method"] == "vanilla"), None)
     for r in rows:
+        ratio = r["kv_live_bytes_per_question"] / ref if ref else None
         out.write(f"  {r['method']:<9} CR {r['cr'] or 1:.2f}, {r['samples_per_question']} sample(s): vote accuracy "
                   f"{r['accuracy_vote']:.3f}, per-sample {r['accuracy_per_sample']:.3f}, KV "
-                  f"{r['kv_live_bytes_per_question'] / 2**10:.1f} KiB per question\n")
+                  f"{r['kv_live_bytes_per_question'] / 2**10:.1f} KiB per question"
+                  + (f" ({ratio:.2f}x vanilla's)" if ratio is not None and r["method"] != "vanilla" else "") + "\n")
+        if ratio is not None and ratio > 1.1:
+            out.write(f"  note: {r['method']} is NOT at equal memory: it reached only CR {r['cr'] or 1:.2f} on these "
+                      f"generations against the {r['samples_per_question']} samples it runs (sequences too short for "
+                      f"its window to matter); use longer generations (--reasoning-max-new) or fewer samples\n")
 
 
 def draw(results: Dict[str, Any], out_dir: Path, log: Callable[[str], None] = print) -> Dict[str, List[str]]:

@@ -622,3 +622,20 @@ def test_windows_and_probes_longer_than_the_context_are_refused_before_any_work(
     assert not (tmp_path / "b" / "results.json").exists()
     res = ev.run(run_args(tmp_path / "c", "--metrics", "needle", "--lengths", "500"), loaded=loaded, log=lambda s: None)
     assert res["runs"][0]["needle"]["n"] == 1
+
+
+def test_parallel_table_says_when_the_samples_are_not_at_equal_memory():
+    import io
+
+    rows = [{"method": "vanilla", "cr": 1.0, "samples_per_question": 1, "accuracy_vote": 0.5, "accuracy_per_sample": 0.5,
+             "kv_live_bytes_per_question": 1000.0},
+            {"method": "dms", "cr": 1.66, "samples_per_question": 4, "accuracy_vote": 0.4, "accuracy_per_sample": 0.3,
+             "kv_live_bytes_per_question": 2410.0}]
+    out = io.StringIO()
+    ev.print_parallel(rows, out)
+    text = out.getvalue()
+    assert "(2.41x vanilla's)" in text and "dms is NOT at equal memory: it reached only CR 1.66" in text
+    rows[1].update(cr=4.1, kv_live_bytes_per_question=1040.0)  # within 10%: no note
+    out = io.StringIO()
+    ev.print_parallel(rows, out)
+    assert "(1.04x vanilla's)" in out.getvalue() and "NOT at equal memory" not in out.getvalue()
