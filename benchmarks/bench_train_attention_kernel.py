@@ -718,6 +718,8 @@ def main(argv=None):
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
+    if "triton_dms_tuned" in args.variants and not (args.sweep and args.sweep_apply):
+        ap.error("--variants triton_dms_tuned needs --sweep --sweep-apply (its configs are the sweep's best)")
     if args.aot:
         return aot_main(args.aot_quick, args.aot_candidates)
     return bench_main(args)

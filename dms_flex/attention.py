@@ -71,10 +71,13 @@ def dms_hard_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, evicte
     if _PREFILL_FLEX["dynamic"]:
         try:
             return _compiled_flex(dynamic=True)(q, k, v, block_mask=bm, enable_gqa=group > 1, scale=scale)
+        except torch.OutOfMemoryError:  # the prompt, not the compiler: a static graph would not help
+            raise
         except Exception as e:  # noqa: BLE001 - a compiler limitation must not stop inference: warn, go static
             _PREFILL_FLEX["dynamic"] = False
             warnings.warn(f"dynamic-shape flex attention failed ({type(e).__name__}: {e}); prefill attention uses "
-                          f"static-shape compiles from now on (one per prompt shape)")
+                          f"static-shape compiles from now on, one per prompt shape (past dynamo's recompile limit, "
+                          f"flex's slower unfused path)")
     return _compiled_flex()(q, k, v, block_mask=bm, enable_gqa=group > 1, scale=scale)
 
 

@@ -38,7 +38,9 @@ Metrics (each can be switched off with --metrics):
 - ``reasoning``: reasoning-gym tasks, greedy, scored with the package's own ``score_answer``.
 - ``needle`` and ``vartrack``: long-context retrieval built from the offline text (see eval_data).
 - ``--parallel-samples N``: the hyper-scaling comparison: N sampled answers per question from each
-  compressed method at CR N, majority vote, against 1 greedy vanilla answer (equal KV memory).
+  compressed method at CR N, majority vote, against 1 greedy vanilla answer: equal KV memory only when
+  the generations are much longer than the DMS window (the table prints each run's KV bytes against
+  vanilla's and says when they are not equal).
 
 Outputs under --out: results.json, a printed table, <metric>_vs_cr.png per metric, and a kept-fraction
 heat map per layer and KV head for each compressed run (kept_<method>_cr<CR>.png); without matplotlib
@@ -730,7 +732,9 @@ def run(args, loaded=None, log: Callable[[str], None] = print) -> Dict[str, Any]
         run stopped by a time limit still leaves the methods it finished."""
         runs.append(rec)
         partial = _jsonable({**results, "runs": runs, "partial": True})
-        path.write_text(json.dumps(partial, indent=1, default=str))
+        tmp = path.with_name(f".{path.name}.tmp")  # whole or not at all: a kill mid-write leaves the last one
+        tmp.write_text(json.dumps(partial, indent=1, default=str))
+        tmp.replace(path)
 
     log("evaluating:")
     if "vanilla" in args.methods:
@@ -831,10 +835,18 @@ def merge(paths: Sequence[str], out_dir: str) -> int:
     """One table and one set of plots from several results.json files (e.g. one process per baseline
     run side by side): runs are concatenated in file order, a (method, requested CR) pair seen twice
     keeps its first run (the vanilla and DMS runs every file repeats)."""
-    merged: Dict[str, Any] = {"merged_from": list(paths), "runs": [], "parallel": []}
+    merged: Dict[str, Any] = {"merged_from": [], "runs": [], "parallel": []}
     seen = set()
     for path in paths:
-        res = json.loads(Path(path).read_text())
+        try:  # a process killed before its first method finished leaves no file: merge the others
+            res = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            print(f"{path}: missing (that process finished no method); skipped")
+            continue
+        except json.JSONDecodeError as e:
+            print(f"{path}: not valid JSON ({e}); skipped")
+            continue
+        merged["merged_from"].append(str(path))
         if res.get("partial"):  # written after each run: the process stopped before its last method
             print(f"{path}: partial (the run stopped early): {len(res.get('runs') or [])} finished run(s) kept")
             merged.setdefault("partial_inputs", []).append(str(path))
@@ -848,7 +860,7 @@ def merge(paths: Sequence[str], out_dir: str) -> int:
                     seen.add((part, r["method"], r.get(key)))
                     merged[part].append(r)
     if not merged["runs"]:
-        raise ValueError(f"no runs in {list(paths)}")
+        raise ValueError(f"no runs to merge in {list(paths)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(merged, indent=1, default=str))

@@ -805,9 +805,9 @@ def capacity_estimate(hf: Dict[str, Any], base_weights: str, dms: DMSConfig, cfg
             f"linear params at ~{per_param:.2f} B/param + embeddings/norms in bf16); adapter {adapter:,} params, "
             f"fp32 weights+grads+Adam {optim / 2**20:.1f} MiB; activations ~{acts / gib:.2f} GiB "
             f"({tokens} tokens/micro-batch, bf16, activation checkpointing {'on' if ckpt_on else 'off'}); "
-            f"distillation logit chunks ~{kd / gib:.2f} GiB; total ~{total / gib:.1f} GiB plus allocator and "
-            f"CUDA context overhead (budget 10-20% more). Measured for SmolLM2-135M on an H200 (RESULTS.md 16), "
-            f"the real peak was ~1.5x this in eager mode and ~1.25x with compile=true: a lower bound")
+            f"distillation logit chunks ~{kd / gib:.2f} GiB; total ~{total / gib:.1f} GiB before allocator and "
+            f"CUDA context overhead: a lower bound. Measured for SmolLM2-135M on an H200 (RESULTS.md 16), the "
+            f"real peak was ~1.5x this total in eager mode and ~1.25x with compile=true")
 
 
 def _validate(cfg: DictConfig) -> None:

@@ -39,6 +39,8 @@ def test_decode_kernel_shapes_and_crs():
     ("bench_decode_kernel.py", ["--cpu-smoke", "--shapes", "8by4"], "expected BxCTX"),
     ("bench_train_attention_kernel.py", ["--cpu-smoke", "--variants", "sdpa_causal,sdpa_bogus"],
      "unknown variant(s) ['sdpa_bogus']"),
+    ("bench_train_attention_kernel.py", ["--cpu-smoke", "--variants", "triton_dms_tuned"],
+     "needs --sweep --sweep-apply"),
 ])
 def test_bad_values_are_usage_errors(script, args, message):
     p = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True,

@@ -608,6 +608,16 @@ def test_a_run_stopped_early_leaves_its_finished_methods_and_merge_uses_them(tmp
     want = {r["method"]: r["ppl"]["ppl"] for r in whole["runs"]}
     assert {r["method"]: r["ppl"]["ppl"] for r in merged["runs"]} == pytest.approx(want, rel=1e-6)
     assert merged["partial_inputs"] == [str(tmp_path / "cut" / "results.json")]
+    # a process that finished nothing (no file) or died mid-write (broken JSON) is skipped, not fatal
+    (tmp_path / "broken.json").write_text('{"runs": [')
+    assert ev.main(["--merge", str(tmp_path / "cut" / "results.json"), str(tmp_path / "never" / "results.json"),
+                    str(tmp_path / "broken.json"), "--out", str(tmp_path / "m3")]) == 0
+    out = capsys.readouterr().out
+    assert "never/results.json: missing" in out and "broken.json: not valid JSON" in out
+    m3 = json.loads((tmp_path / "m3" / "results.json").read_text())
+    assert [r["method"] for r in m3["runs"]] == ["vanilla", "dms"]
+    assert m3["merged_from"] == [str(tmp_path / "cut" / "results.json")]
+    assert not list((tmp_path / "cut").glob(".*tmp"))  # the atomic rewrite leaves no temporary file
 
 
 def test_windows_and_probes_longer_than_the_context_are_refused_before_any_work(tmp_path):
@@ -619,7 +629,6 @@ def test_windows_and_probes_longer_than_the_context_are_refused_before_any_work(
     with pytest.raises(ValueError, match=r"--lengths 512: .* context of 512 tokens; use lengths up to 50[0-9]"):
         ev.run(run_args(tmp_path / "b", "--metrics", "needle", "--lengths", "256,512"), loaded=loaded,
                log=lambda s: None)
-    assert not (tmp_path / "b" / "results.json").exists()
     res = ev.run(run_args(tmp_path / "c", "--metrics", "needle", "--lengths", "500"), loaded=loaded, log=lambda s: None)
     assert res["runs"][0]["needle"]["n"] == 1
 

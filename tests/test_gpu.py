@@ -90,7 +90,15 @@ def test_first_prefill_flex_is_one_dynamic_graph_for_many_prompt_shapes():
     Hq, Hkv, D, w = 9, 3, 64, 64
     shapes = [(1, 100), (3, 333), (2, 1024), (16, 257), (4, 2049), (1, 4000), (5, 77), (8, 640), (2, 1500),
               (7, 129)]
-    with warnings.catch_warnings(record=True) as seen:
+    import contextlib
+
+    import torch._dynamo.config as dynamo_config
+
+    # hitting dynamo's recompile limit only logs and falls back (correct results): make it an error here,
+    # which the dynamic path turns into its fallback warning, which fails the test
+    strict = (dynamo_config.patch(fail_on_recompile_limit_hit=True)
+              if hasattr(dynamo_config, "fail_on_recompile_limit_hit") else contextlib.nullcontext())
+    with warnings.catch_warnings(record=True) as seen, strict:
         warnings.simplefilter("always")
         for B, T in shapes:
             q = torch.randn(B, Hq, T, D, device="cuda", dtype=torch.bfloat16)

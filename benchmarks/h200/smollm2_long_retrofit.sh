@@ -10,9 +10,11 @@ TUNE=${TUNE:-tune}
 STEPS=${STEPS:-900}
 RAMP=${RAMP:-700}
 mkdir -p "$O"
+: > "$O/status.txt"
 . "$(dirname "$0")/table_eval.sh"
+NGPU=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | wc -l)
 for spec in 0:1e-4 1:3e-4; do
-  gpu=${spec%%:*}; lr=${spec#*:}
+  gpu=$(( ${spec%%:*} % (NGPU > 0 ? NGPU : 1) )); lr=${spec#*:}  # one GPU: both share it
   (
     CUDA_VISIBLE_DEVICES=$gpu timeout ${TRAIN_LIMIT:-330} $TUNE run dms_retrofit --config smollm2_135m 'dataset=${code}' \
       compile=true dms.decision=adapter train_adapter_only=true max_steps=$STEPS dms.final_step=$RAMP optimizer.lr=$lr \

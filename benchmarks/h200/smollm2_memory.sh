@@ -9,6 +9,7 @@ O=${1:?output folder}
 R=${RUNS:-/tmp/runs_mem}
 TUNE=${TUNE:-tune}
 mkdir -p "$O"
+: > "$O/memory.txt"
 for run in none int8 nf4 compiled; do
   base=$run; extra=""
   if [ "$run" = compiled ]; then base=none; extra="compile=true"; fi
@@ -31,6 +32,8 @@ def losses(name):
 try:
     e, c = losses("none"), losses("compiled")
     steps = sorted(set(e) & set(c))
+    if not steps:
+        raise ValueError("no step logged by both runs")
     rel = [abs(c[s] - e[s]) / max(abs(e[s]), 1e-12) for s in steps]
     print(f"compiled vs eager loss over {len(steps)} steps: mean rel. diff {sum(rel) / len(rel):.2%}, max {max(rel):.2%}")
     print("step eager compiled: " + "; ".join(f"{s} {e[s]:.4f} {c[s]:.4f}" for s in steps))

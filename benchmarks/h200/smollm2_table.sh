@@ -9,13 +9,14 @@ set -u
 O=${1:?output folder}
 mkdir -p "$O"
 . "$(dirname "$0")/table_eval.sh"
-# EXTRA: arguments appended to every process (later ones win), e.g. the long-context run of RESULTS.md 17:
+# EXTRA: arguments appended to every process (later ones win; split at spaces, so no value may contain one),
+# e.g. the long-context run of RESULTS.md 17:
 #   EXTRA="--metrics needle,vartrack --lengths 6144,8000" PARALLEL=0 bash benchmarks/h200/smollm2_table.sh OUT
 EV="$TABLE_EVAL ${EXTRA:-}"
 PAR=""
 if [ "${PARALLEL:-4}" != 0 ]; then PAR="--parallel-samples ${PARALLEL:-4}"; fi
 CUDA_VISIBLE_DEVICES=0 timeout ${LIMIT:-540} $EV --methods vanilla,dms $PAR --out "$O/dms" > "$O/dms.log" 2>&1 &
-NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+NGPU=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | wc -l)  # physical GPUs (not MIG lines)
 for spec in 0:streaming 1:h2o 1:tova; do
   gpu=$(( ${spec%%:*} % (NGPU > 0 ? NGPU : 1) )); name=${spec#*:}  # one GPU: all four processes share it
   CUDA_VISIBLE_DEVICES=$gpu timeout ${LIMIT:-540} $EV --methods $name --out "$O/$name" > "$O/$name.log" 2>&1 &

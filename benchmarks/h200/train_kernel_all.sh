@@ -24,6 +24,7 @@ for part in ("a", "b"):
         rows += json.load(open(f"{o}/train_kernel_{part}.json"))["rows"]
     except (OSError, ValueError, KeyError) as e:
         print(f"part {part}: {e!r}")
+rows.sort(key=lambda r: (r["heads"], r["B"], r["T"], r["window"]))
 json.dump({"rows": rows}, open(f"{o}/train_kernel_all.json", "w"), indent=1)
 print(summary_table(rows))
 PY

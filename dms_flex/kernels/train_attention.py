@@ -119,10 +119,13 @@ _LOG2E = 1.4426950408889634
 # Starting point: FlexAttention's H100 defaults (fwd D=64 128x128 4 warps, D=128 128x64 8 warps;
 # bwd 64/128 blocks, 8 warps, 3 stages), moved to what compiles for sm_90 without spills in the
 # offline compile (benchmarks/bench_train_attention_kernel.py --aot: 128-row tiles with 4 warps
-# and 64x128 dK/dV tiles at D=128 spill). Not yet timed: `--sweep` on the GPU decides.
+# and 64x128 dK/dV tiles at D=128 spill). D=64: the H200 sweep's best (benchmarks/RESULTS.md section 18:
+# 18-21% faster than the first defaults at 8K and 32K, side by side); its block geometry is what the
+# interpreter tests run. D=128: the sweep suggests fwd (64, 32, 4, 3), dkdv (32, 64, 4, 3), dq (64, 32, 4, 3),
+# masked_stages 3 (3-13% faster), not adopted until its output is checked on the GPU.
 # Override with DMS_TRAIN_ATTN_CONFIG='{"64": {"fwd": [128, 64, 8, 3]}, ...}'.
 _CONFIGS = {
-    64: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 64, 8, 3), masked_stages=1),
+    64: dict(fwd=(64, 64, 4, 3), dkdv=(64, 128, 8, 3), dq=(64, 64, 4, 3), masked_stages=1),
     128: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3), masked_stages=1),
 }
 _LARGE_D_CONFIG = dict(fwd=(64, 32, 8, 2), dkdv=(16, 32, 4, 2), dq=(32, 16, 8, 2), masked_stages=1)  # D > 128
