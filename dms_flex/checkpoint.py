@@ -302,6 +302,24 @@ def is_extra_key(name: str) -> bool:
     return "dms" in name.lower()
 
 
+def load_extra_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str, decision: str,
+                     shown: Callable[[str], str] = lambda name: name) -> None:
+    """Load DMS parameters, named as in `model`, into a model that DMS prepared (torchtune or Hugging
+    Face). Refuses an adapter-variant model with no parameters given and a set of names that differs
+    from the model's; `shown` spells a model name as the checkpoint does, for the error."""
+    expected = {k for k in model.state_dict() if is_extra_key(k)}
+    if expected and not state:
+        raise ValueError(f"the DMS settings ask for the adapter variant but {source} has no DMS adapter weights "
+                         f"(expected e.g. {shown(sorted(expected)[0])}); retrofit first or use decision='borrowed'")
+    if state and set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"DMS parameters in {source} do not match the model (decision={decision!r}): missing "
+                         f"{missing[:4]}, unexpected {unexpected[:4]}")
+    if state:
+        result = model.load_state_dict(state, strict=False)
+        assert not result.unexpected_keys, result.unexpected_keys
+
+
 # Module-path prefixes, torchtune <-> Hugging Face, for names of extra (DMS) tensors.
 _TUNE_TO_HF_PREFIX = [
     (re.compile(r"^layers\.(\d+)\.attn\."), r"model.layers.\1.self_attn."),

@@ -267,7 +267,7 @@ def from_pretrained(folder, dms_config: Optional[DMSConfig] = None, **kwargs) ->
         else:
             del cls._keys_to_ignore_on_load_unexpected
     enable_dms(model, cfg)
-    _load_adapter_state(model, extra, source=str(folder))
+    checkpoint.load_extra_state(model, extra, str(folder), dms_config_of(model).decision)
     return model.eval()
 
 
@@ -299,20 +299,6 @@ def _read_extra_tensors(folder: Path) -> Dict[str, torch.Tensor]:
                 if checkpoint.is_extra_key(name):
                     out[name] = f.get_tensor(name)
     return out
-
-
-def _load_adapter_state(model: nn.Module, extra: Dict[str, torch.Tensor], source: str) -> None:
-    expected = {k for k in model.state_dict() if checkpoint.is_extra_key(k)}
-    if expected and not extra:
-        raise ValueError(f"the DMS settings ask for the adapter variant but {source} has no DMS adapter weights "
-                         f"(expected e.g. {sorted(expected)[0]}); retrofit first or use decision='borrowed'")
-    if extra and set(extra) != expected:
-        missing, unexpected = sorted(expected - set(extra)), sorted(set(extra) - expected)
-        raise ValueError(f"DMS parameters in {source} do not match the model (decision="
-                         f"{dms_config_of(model).decision!r}): missing {missing[:4]}, unexpected {unexpected[:4]}")
-    if extra:
-        result = model.load_state_dict(extra, strict=False)
-        assert not result.unexpected_keys, result.unexpected_keys
 
 
 # ==================================================================================== hooks

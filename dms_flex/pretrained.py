@@ -96,18 +96,10 @@ def load_dms_model(folder, *, dms_overrides: Optional[Dict[str, Any]] = None, dt
 
 def load_dms_state(model: nn.Module, extra_state: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Load DMS parameters (Hugging Face names) into a model that add_dms prepared."""
-    expected = {k for k in model.state_dict() if checkpoint.is_extra_key(k)}
     given = {checkpoint.hf_extra_name_to_tune(k): v for k, v in extra_state.items()}
-    if expected and not given:
-        raise ValueError(f"the DMS settings ask for the adapter variant but {source} has no DMS adapter weights "
-                         f"(expected e.g. {checkpoint.tune_extra_name_to_hf(sorted(expected)[0])}); retrofit first "
-                         f"or use decision=borrowed")
-    if given and set(given) != expected:
-        missing, unexpected = sorted(expected - set(given)), sorted(set(given) - expected)
-        raise ValueError(f"DMS parameters in {source} do not match the model: missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]}")
-    if given:
-        model.load_state_dict(given, strict=False)
+    cfg = getattr(model, "dms_config", None)
+    checkpoint.load_extra_state(model, given, source, cfg.decision if cfg is not None else "none",
+                                shown=checkpoint.tune_extra_name_to_hf)
 
 
 def dms_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
