@@ -265,6 +265,20 @@ def _sync(dev):
         torch.cuda.synchronize()
 
 
+def _call_ms(fn, dev):
+    """ms of one fn() call: CUDA events on the GPU, the host clock on CPU."""
+    if dev.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    fn()
+    e1.record()
+    e1.synchronize()
+    return e0.elapsed_time(e1)
+
+
 def time_step(fn, dev, warmup, reps):
     """Median ms of fn() over reps (CUDA events; host clock on CPU) and peak extra MiB."""
     for _ in range(warmup):
@@ -280,20 +294,7 @@ def time_step(fn, dev, warmup, reps):
     else:
         fn()
         peak = float("nan")
-    ts = []
-    for _ in range(reps):
-        if dev.type == "cuda":
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            fn()
-            e1.record()
-            e1.synchronize()
-            ts.append(e0.elapsed_time(e1))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts), peak
+    return statistics.median(_call_ms(fn, dev) for _ in range(reps)), peak
 
 
 def rel_err(a, b):
@@ -439,15 +440,8 @@ def run_case(B, T, heads, window, variants, dev, dtype, args, flex_fn, tuned=Non
                 outs[name] = [res[0].detach().float()] + [g.detach().float() for g in res[1]]
             del res
             # long steps (naive flex DMS at 32K: ~0.6 s) get fewer repetitions
-            one = t_compile if dev.type != "cuda" else None
+            one = t_compile if dev.type != "cuda" else _call_ms(fn, dev) / 1e3
             warmup, reps = args.warmup, args.reps
-            if dev.type == "cuda":
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                e0.record()
-                fn()
-                e1.record()
-                e1.synchronize()
-                one = e0.elapsed_time(e1) / 1e3
             if one > 0.1:
                 warmup, reps = 1, max(3, min(reps, 5))
             ms, peak = time_step(fn, dev, warmup, reps)

@@ -52,13 +52,7 @@ def byte_model(window=4, decision="adapter", offset=0.0, seed=0, max_seq_len=512
 ENC = ByteTokenizer()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one thread is fastest, and much faster on a busy two-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def encode(text):
