@@ -1,5 +1,6 @@
 """Helpers the benchmark scripts share: stderr logging and Triton's offline (AOT) sm_90 compile."""
 
+import json
 import sys
 
 import torch
@@ -31,3 +32,18 @@ def install_mock_driver(device_type="cpu"):
             return torch.device(device_type)
 
     _drv.set_active(MockDriver())
+
+
+def start_aot_report():
+    """The --aot report, with Triton's mock sm_90 driver installed; None (after printing the report that
+    says why) when Triton cannot be set up here."""
+    report = {"kernels": [], "trace": {}}
+    try:
+        import triton  # noqa: F401
+
+        install_mock_driver("cpu")
+    except Exception as e:  # pragma: no cover
+        report["skipped"] = f"triton mock driver unavailable: {e!r}"
+        print("@@AOT@@" + json.dumps(report))
+        return None
+    return report

@@ -42,7 +42,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
-from _bench_common import install_mock_driver, log  # noqa: E402
+from _bench_common import install_mock_driver, log, start_aot_report  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 MODELS = {"llama3-8b": dict(Hq=32, Hkv=8, D=128), "llama3.2-1b": dict(Hq=32, Hkv=8, D=64)}
@@ -88,14 +88,8 @@ def _kernel_report(ck):
 
 
 def aot_main(quick: bool):
-    report = {"kernels": [], "trace": {}}
-    try:
-        import triton  # noqa: F401
-
-        install_mock_driver("cpu")
-    except Exception as e:  # pragma: no cover
-        report["skipped"] = f"triton mock driver unavailable: {e!r}"
-        print("@@AOT@@" + json.dumps(report))
+    report = start_aot_report()
+    if report is None:
         return 0
     from dms_flex.kernels import decode as dk
 

@@ -62,7 +62,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
-from _bench_common import install_mock_driver, log  # noqa: E402
+from _bench_common import install_mock_driver, log, start_aot_report  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 HEADS = {"1b": (32, 8, 64), "8b": (32, 8, 128)}  # Llama-3.2-1B, Llama-3-8B: (Hq, Hkv, D)
@@ -128,14 +128,8 @@ def _ptxas_report(ck):
 
 
 def aot_main(quick: bool, candidates: bool):
-    report = {"kernels": [], "trace": {}}
-    try:
-        import triton  # noqa: F401
-
-        install_mock_driver("cpu")
-    except Exception as e:  # pragma: no cover
-        report["skipped"] = f"triton mock driver unavailable: {e!r}"
-        print("@@AOT@@" + json.dumps(report))
+    report = start_aot_report()
+    if report is None:
         return 0
     from dms_flex.kernels import train_attention as ta
 
