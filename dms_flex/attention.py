@@ -3,14 +3,13 @@ or FlexAttention, dense masked SDPA elsewhere.
 
 All compute softmax(q k^T * scale + bias) v where bias is -inf outside causal/document and
 log(1 - alpha_j) on far keys (i - j > window); see masks.py for the rule. The dense path is the
-reference the fast paths are tested against, and the CPU path (flex has no CPU backward). The
-first inference prefill (hard decisions) uses a flex block mask built from the same rule.
+reference the fast paths are tested against, and the CPU path (flex has no CPU backward). Inference
+prefill (hard decisions) runs kernels/prefill.py, the training kernel's forward with a 0 / -inf bias.
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Optional
 
 import torch
@@ -52,37 +51,19 @@ def dms_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_keep: t
 def dms_hard_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, evicted: torch.Tensor, window: int, *,
                        scale: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
     """Inference prefill: exact attention under the hard rule. evicted (B, Hkv, T) bool marks the
-    tokens their successor evicts. On CUDA a flex block mask built from the rule skips every block
-    the rule empties, and nothing T x T is materialised; elsewhere the dense reference."""
+    tokens their successor evicts. "auto": the Triton prefill kernel (kernels/prefill.py: the
+    training kernel's forward with a 0 / -inf bias, nothing T x T) where it runs, else "dense",
+    the masked-SDPA reference."""
+    from .kernels import prefill as prefill_kernel
+
     if backend == "auto":
-        backend = "flex" if flex_supported(q.device, q.shape[-1]) else "dense"
+        backend = "triton" if prefill_kernel.supported(q) else "dense"
     if backend == "dense":
         log_keep = torch.zeros(evicted.shape, device=q.device).masked_fill(evicted, float("-inf"))
         return dense_dms_attention(q, k, v, log_keep, window, scale=scale)
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    B, Hq, T, _ = q.shape
-    group = Hq // k.shape[1]
-    bm = create_block_mask(masks.generate_dms_hard_mask(evicted, window, group), B, Hq, T, T, device=q.device)
-    if not q.is_cuda:
-        return flex_attention(q, k, v, block_mask=bm, enable_gqa=group > 1, scale=scale)
-    # prompts come in every length and batch size: one graph with symbolic (B, T) instead of one per
-    # shape (dynamic=False hit dynamo's recompile limit after 8 shapes and fell back to unfused flex)
-    if _PREFILL_FLEX["dynamic"]:
-        try:
-            return _compiled_flex(dynamic=True)(q, k, v, block_mask=bm, enable_gqa=group > 1, scale=scale)
-        except torch.OutOfMemoryError:  # the prompt, not the compiler: a static graph would not help
-            raise
-        except Exception as e:  # noqa: BLE001 - a compiler limitation must not stop inference: warn, go static
-            _PREFILL_FLEX["dynamic"] = False
-            warnings.warn(f"dynamic-shape flex attention failed ({type(e).__name__}: {e}); prefill attention uses "
-                          f"static-shape compiles from now on, one per prompt shape (past dynamo's recompile limit, "
-                          f"flex's slower unfused path)")
-    return _compiled_flex()(q, k, v, block_mask=bm, enable_gqa=group > 1, scale=scale)
-
-
-# the first prefill's flex attention: compiled with dynamic shapes unless that failed once on this torch
-_PREFILL_FLEX = {"dynamic": True}
+    if backend != "triton":
+        raise ValueError(f"backend={backend!r}: expected 'auto', 'triton' or 'dense'")
+    return prefill_kernel.prefill_attention(q, k, v, evicted, window, scale=scale)
 
 
 def flex_supported(device, head_dim: int) -> bool:
@@ -120,10 +101,10 @@ def make_block_mask(doc_ids: Optional[torch.Tensor], batch: int, seq_len: int, d
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_flex(dynamic: bool = False):
+def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=dynamic)
+    return torch.compile(flex_attention)
 
 
 def flex_dms_attention(q, k, v, log_keep, window, *, doc_ids=None, block_mask=None, scale=None,

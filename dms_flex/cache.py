@@ -18,13 +18,14 @@ error at the next host sync.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import attention, masks
+from . import decisions, masks
 from .quant import dequantize_kv, quantize_kv
 
 
@@ -135,56 +136,49 @@ class DMSKVCache(nn.Module):
         _write(self.win_slot, row, ring_idx, slot)
 
     # ------------------------------------------------------------------ append (prefill / new turn)
-    def append(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logits: torch.Tensor,
-               pos: torch.Tensor, n_valid: torch.Tensor, attend) -> torch.Tensor:
+    def append(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logits: Optional[torch.Tensor],
+               pos: torch.Tensor, n_valid: torch.Tensor, attend=None, scale: Optional[float] = None) -> torch.Tensor:
         """Attend n new tokens over the live cache plus themselves, then pack survivors.
 
         q: (B, Hq, n, D), k/v: (B, H, n, D) post-RoPE; logits: (B, H, n) raw decision logits of the
-        new tokens (logit i decides token pos+i-1, so the first one decides the cached newest token);
-        pos: (B,) position of the first new token; n_valid: (B,) real tokens per row (right padding).
-        attend(q, k_all, v_all, mask (B, H, n, S) bool) -> (B, Hq, n, D).
+        new tokens (logit i decides token pos+i-1, so the first one decides the cached newest token),
+        or None when eviction is off (nothing is ever marked); pos: (B,) position of the first new
+        token; n_valid: (B,) real tokens per row (right padding).
+
+        Attention (docs/design.md, "Prefill"): eviction off over an empty cache is SDPA causal; on
+        CUDA everything else is one Triton kernel (kernels/prefill.py) that reads the live slots in
+        place, so nothing (n x S) is built. Elsewhere (CPU, tiny heads) `attend(q, k_all, v_all,
+        visible (B, H, n, S) bool)` runs the reference (default `masked_attention`).
+        Nothing is written when the survivors would not fit (CacheOverflowError).
         """
+        from .kernels import prefill as prefill_kernel
+
         B, H, n, D = k.shape
         C, w = self.capacity, self.window
         dev = k.device
         j = torch.arange(n, device=dev)
         qpos = pos[:, None] + j[None]  # (B, n)
         valid_new = (j[None] < n_valid[:, None])[:, None, :].expand(B, H, n)
-        # decisions: logit i (valid) decides token pos+i-1
-        dec = logits > 0
-        # chunk token t's mark comes from logit t+1 (if that token is real)
         new_marked = torch.zeros(B, H, n, dtype=torch.bool, device=dev)
-        new_marked[..., :-1] = dec[..., 1:] & valid_new[..., 1:]
-        cache_marked = self.slot_marked[..., :C].clone()
-        has_prev = (pos >= 1)[:, None] & (n_valid >= 1)[:, None]
-        prev_slot = self.win_slot.gather(2, ((pos[:, None].expand(B, H) - 1) % (w + 1))[..., None])
-        prev_mark = torch.where(has_prev[..., None], dec[..., :1], cache_marked.gather(2, prev_slot.clamp(max=C - 1)))
-        cache_marked.scatter_(2, prev_slot.clamp(max=C - 1), prev_mark)
+        L = int(self.length.max())  # the used prefix of the slots (one host sync: prefill is not graph-captured)
+        marks = self.slot_marked[..., :L]
+        if logits is not None:
+            dec = decisions.hard_evict(logits)
+            # chunk token t's mark comes from logit t+1 (if that token is real) ...
+            new_marked[..., :-1] = dec[..., 1:] & valid_new[..., 1:]
+            if L > 0:  # ... and the cached newest token's (position pos - 1) from logit 0
+                marks = F.pad(marks, (0, 1))  # column L absorbs rows with no previous token
+                has_prev = ((pos >= 1) & (n_valid >= 1))[:, None, None]
+                prev = self.win_slot.gather(2, ((pos - 1) % (w + 1))[:, None, None].expand(B, H, 1))
+                prev = torch.where(has_prev, prev.clamp(max=L), torch.full_like(prev, L))
+                marks = marks.scatter(2, prev, dec[..., :1])[..., :L]
 
-        # only the used prefix of the slots takes part (one host sync: prefill is not graph-captured)
-        L = int(self.length.max())
+        # survivors after each row's last real token
+        last = (pos + n_valid - 1)[:, None, None]  # (B, 1, 1)
         live_cache = torch.arange(L, device=dev)[None, None] < self.length[..., None]  # (B, H, L)
         kpos = torch.cat([self.slot_pos[..., :L], qpos[:, None].expand(B, H, n)], dim=-1)  # (B, H, L + n)
-        kmark = torch.cat([cache_marked[..., :L], new_marked], dim=-1)
+        kmark = torch.cat([marks, new_marked], dim=-1)
         klive = torch.cat([live_cache, valid_new], dim=-1)
-        if self.quantized:  # the new tokens are attended as the cache will hold them
-            (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
-            k, v = dequantize_kv(kq, ks, k.dtype), dequantize_kv(vq, vs, v.dtype)
-        k_old, v_old = self._read(L, k.dtype)
-        k_all = torch.cat([k_old, k], dim=2)
-        v_all = torch.cat([v_old, v], dim=2)
-        if L == 0:  # a first prefill: the same rule without an (n x n) mask (flex on CUDA)
-            out = attention.dms_hard_attention(q, k, v, new_marked, w)
-        else:
-            vis = klive[:, :, None, :] & masks.visible(qpos[:, None, :, None], kpos[:, :, None, :],
-                                                       kmark[:, :, None, :], w)
-            # padded queries see themselves only, so no row is empty
-            pad_self = torch.eye(n, dtype=torch.bool, device=dev)[None, None] & ~valid_new[..., None]
-            vis[..., L:] |= pad_self
-            out = attend(q, k_all, v_all, vis)
-
-        # survivors after the last real token
-        last = (pos + n_valid - 1)[:, None, None]  # (B, 1, 1)
         survive = klive & ~(kmark & masks.is_far(last, kpos, w))
         count = survive.sum(-1)
         if bool((count > C).any()):
@@ -192,38 +186,67 @@ class DMSKVCache(nn.Module):
                 f"this input needs {int(count.max())} KV slots but the DMS cache holds {C} per batch row and KV "
                 f"head; nothing was written. Create the cache with a larger capacity (the default, max_seq_len, "
                 f"never overflows).")
-        if self.quantized:
-            stored = [torch.cat([self.k[:, :, :L], kq], 2), torch.cat([self.v[:, :, :L], vq], 2),
-                      torch.cat([self.k_scale[:, :, :L], ks], 2), torch.cat([self.v_scale[:, :, :L], vs], 2)]
+        if L > 0:
+            self.slot_marked[..., :L].copy_(marks)
+
+        if self.quantized:  # the new tokens are attended as the cache will hold them
+            (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+            k, v = dequantize_kv(kq, ks, k.dtype), dequantize_kv(vq, vs, v.dtype)
+        if logits is None and L == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        elif prefill_kernel.supported(q):
+            out = prefill_kernel.prefill_attention(q, k, v, new_marked, w, pos0=pos, cache=self if L > 0 else None,
+                                                   scale=scale)
         else:
-            stored = [k_all.to(self.k.dtype), v_all.to(self.v.dtype)]
-        self._pack(survive, count, stored, kpos, kmark, last)
+            k_old, v_old = self._read(L, k.dtype)
+            vis = klive[:, :, None, :] & masks.visible(qpos[:, None, :, None], kpos[:, :, None, :],
+                                                       kmark[:, :, None, :], w)
+            # padded queries see themselves only, so no row is empty
+            pad_self = torch.eye(n, dtype=torch.bool, device=dev)[None, None] & ~valid_new[..., None]
+            vis[..., L:] |= pad_self
+            attend = attend or functools.partial(masked_attention, scale=scale)
+            out = attend(q, torch.cat([k_old, k], dim=2), torch.cat([v_old, v], dim=2), vis)
+
+        if self.quantized:
+            new = [kq, vq, ks, vs]
+        else:
+            new = [k.to(self.k.dtype), v.to(self.v.dtype)]
+        olds = [self.k, self.v, self.k_scale, self.v_scale]
+        stored = [x if L == 0 else torch.cat([old[:, :, :L], x], dim=2) for x, old in zip(new, olds)]
+        self._pack(survive, count, stored, kpos, kmark, last, L)
         return out
 
-    def _pack(self, survive, count, stored, kpos, kmark, last):
+    def _pack(self, survive, count, stored, kpos, kmark, last, L: int):
+        """Survivors of the (old slots + new tokens) sequence into slots [0, count), in order: one
+        cumulative sum and one scatter give each slot its source, one gather per buffer moves them."""
         B, H, S = survive.shape
-        C, W = self.capacity, self.window + 1
-        order = torch.sort((~survive).to(torch.int8), dim=-1, stable=True).indices[..., :C]
-        if order.shape[-1] < C:  # fewer tokens than slots: the tail is dead anyway
-            order = F.pad(order, (0, C - order.shape[-1]))
+        W = self.window + 1
+        dev = survive.device
+        M = int(count.max())  # slots written; slots in [count, max(M, L)) are dead afterwards
+        dst = torch.where(survive, survive.cumsum(-1) - 1, torch.full_like(kpos, M))
+        order = torch.zeros(B, H, M + 1, dtype=torch.long, device=dev)
+        order.scatter_(2, dst, torch.arange(S, device=dev).expand(B, H, S))
+        order = order[..., :M]
         D = self.k.shape[-1]
-        idx = order[..., None].expand(B, H, C, D)
-        self.k[:, :, :C].copy_(stored[0].gather(2, idx))
-        self.v[:, :, :C].copy_(stored[1].gather(2, idx))
+        idx = order[..., None].expand(B, H, M, D)
+        self.k[:, :, :M].copy_(stored[0].gather(2, idx))
+        self.v[:, :, :M].copy_(stored[1].gather(2, idx))
         if self.quantized:
-            self.k_scale[:, :, :C].copy_(stored[2].gather(2, order))
-            self.v_scale[:, :, :C].copy_(stored[3].gather(2, order))
-        live = torch.arange(C, device=survive.device)[None, None] < count[..., None]
+            self.k_scale[:, :, :M].copy_(stored[2].gather(2, order))
+            self.v_scale[:, :, :M].copy_(stored[3].gather(2, order))
+        live = torch.arange(M, device=dev)[None, None] < count[..., None]
         new_pos = torch.where(live, kpos.gather(2, order), torch.full_like(order, -1))
-        self.slot_pos[..., :C].copy_(new_pos)
-        self.slot_marked[..., :C].copy_(kmark.gather(2, order) & live)
+        self.slot_pos[..., :M].copy_(new_pos)
+        self.slot_marked[..., :M].copy_(kmark.gather(2, order) & live)
+        if L > M:
+            self.slot_pos[..., M:L].fill_(-1)
+            self.slot_marked[..., M:L].fill_(False)
         self.length.copy_(count)
         # the ring: slot of each token still inside the window of the last token
         in_win = live & ~masks.is_far(last, new_pos, self.window)
         ring = torch.where(in_win, new_pos % W, torch.full_like(new_pos, W))
-        slots = torch.arange(C, device=survive.device).expand(B, H, C)
-        win = torch.full((B, H, W + 1), C, dtype=torch.long, device=survive.device)
-        win.scatter_(2, ring, slots)
+        win = torch.full((B, H, W + 1), self.capacity, dtype=torch.long, device=dev)
+        win.scatter_(2, ring, torch.arange(M, device=dev).expand(B, H, M))
         self.win_slot.copy_(win[..., :W])
 
 

@@ -664,8 +664,6 @@ class DMSCacheLayer(CacheLayerMixin):
         live cache plus themselves, then survivors are packed. Returns (B, Hq, n, D)."""
         self._ensure(k)
         B, H, n, D = k.shape
-        if logits is None:  # eviction off: nothing is ever marked
-            logits = torch.full((B, H, n), -1.0, device=k.device)
         order = None
         if live is None:
             n_valid = torch.full((B,), n, dtype=torch.long, device=k.device)
@@ -674,16 +672,13 @@ class DMSCacheLayer(CacheLayerMixin):
             q = q.gather(2, order[:, None, :, None].expand_as(q))
             k = k.gather(2, order[:, None, :, None].expand_as(k))
             v = v.gather(2, order[:, None, :, None].expand_as(v))
-            logits = logits.gather(2, order[:, None, :].expand_as(logits))
+            if logits is not None:  # None: eviction off, nothing is ever marked
+                logits = logits.gather(2, order[:, None, :].expand_as(logits))
             n_valid = live.sum(1)
         needed = int(self.kv.length.max()) + n
         if needed > self.kv.capacity:
             self._grow(needed)
-
-        def attend(q_, k_, v_, vis):
-            return masked_attention(q_, k_, v_, vis, scale=scale)
-
-        out = self.kv.append(q, k, v, logits, self.next_pos, n_valid, attend)
+        out = self.kv.append(q, k, v, logits, self.next_pos, n_valid, scale=scale)
         if order is not None:
             inv = torch.argsort(order, dim=1)
             out = out.gather(2, inv[:, None, :, None].expand_as(out))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import attention, decisions, stats
-from .cache import DMSKVCache, default_decode_attention, masked_attention
+from .cache import DMSKVCache, default_decode_attention
 from .config import DMSConfig
 from .quant import fake_quantize_kv
 
@@ -210,6 +210,7 @@ class InferenceState(nn.Module):
             DMSKVCache(batch_size, attn0.num_kv_heads, attn0.head_dim, capacity, self.window, dtype, device, kv_dtype)
             for _ in model.layers)
         self.register_buffer("next_pos", torch.zeros(batch_size, dtype=torch.long, device=device), persistent=False)
+        self.pending = None  # generation.generate_tokens: each row's last sampled token, not yet in the cache
 
     @property
     def batch_size(self) -> int:
@@ -219,6 +220,7 @@ class InferenceState(nn.Module):
         for c in self.caches:
             c.reset()
         self.next_pos.zero_()
+        self.pending = None
 
     def check_overflow(self) -> None:
         for c in self.caches:
@@ -261,31 +263,58 @@ def prefill_positions(tokens: torch.Tensor, state: InferenceState, lengths: Opti
     return lengths, pos, input_pos
 
 
+# tokens per prefill chunk over the whole batch: long prompts are appended chunk by chunk, so peak
+# memory grows with the chunk and the live cache, not with the prompt (docs/design.md, "Prefill")
+PREFILL_CHUNK_TOKENS = 65536
+
+
+def prefill_chunk_size(batch_size: int) -> int:
+    """Positions per row in one prefill chunk (a multiple of 128, at least 256)."""
+    return max(256, PREFILL_CHUNK_TOKENS // max(batch_size, 1) // 128 * 128)
+
+
 @torch.no_grad()
 def prefill(model: nn.Module, tokens: torch.Tensor, state: InferenceState,
-            lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+            lengths: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None) -> torch.Tensor:
     """Append tokens (B, n) (right-padded; `lengths` (B,) real tokens per row) to the cache.
 
-    Works on an empty cache (the prompt) and on a live one (a later turn). Returns the logits of
-    each row's last real token, (B, vocab).
+    Works on an empty cache (the prompt) and on a live one (a later turn); a prompt longer than
+    `chunk_size` positions (default `prefill_chunk_size(B)`) is appended in chunks, each a later
+    turn of the one before, which gives the same result. Returns the logits of each row's last
+    real token, (B, vocab).
     """
-    cfg = dms_config_of(model)
+    dms_config_of(model)
     B, n = tokens.shape
     lengths, pos, input_pos = prefill_positions(tokens, state, lengths)
+    chunk = chunk_size or prefill_chunk_size(B)
+    if chunk < 1:
+        raise ValueError(f"chunk_size={chunk} must be >= 1")
+    rows = torch.arange(B, device=tokens.device)
+    last_x = None
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        n_real = (lengths - c0).clamp(0, c1 - c0)
+        x = _prefill_chunk(model, tokens[:, c0:c1], state, state.next_pos.clone(), n_real, input_pos[:, c0:c1])
+        # each row's last real token, from the chunk that holds it
+        at = (lengths - 1 - c0).clamp(0, c1 - c0 - 1)
+        picked = x[rows, at]
+        holds = ((lengths - 1 >= c0) & (lengths - 1 < c1))[:, None]
+        last_x = picked if last_x is None else torch.where(holds, picked, last_x)
+        state.next_pos.add_(n_real)
+    return model.output(model.norm(last_x))
+
+
+def _prefill_chunk(model, tokens, state: InferenceState, pos, n_real, input_pos):
+    """All layers over one chunk: returns the residual stream (B, n, dim) before the final norm."""
+    cfg = dms_config_of(model) if state.eviction else None
     x = model.tok_embeddings(tokens)
-    use_cfg = cfg if state.eviction else None
     for layer, cache in zip(model.layers, state.caches):
         h = layer.sa_norm(x)
         q, k, v = _project(layer.attn, h)
-        q, k, logits = _decisions_and_rope(layer.attn, q, k, x, input_pos, use_cfg)
-        if logits is None:
-            logits = torch.full((B, k.shape[1], n), -1.0, device=x.device)
-        o = cache.append(q, k, v.transpose(1, 2), logits, pos, lengths, masked_attention)
+        q, k, logits = _decisions_and_rope(layer.attn, q, k, x, input_pos, cfg)
+        o = cache.append(q, k, v.transpose(1, 2), logits, pos, n_real)
         x = _finish_layer(layer, x, o)
-    state.next_pos.add_(lengths)
-    h = model.norm(x)
-    last = (lengths - 1).clamp_min(0)
-    return model.output(h[torch.arange(B, device=h.device), last])
+    return x
 
 
 def decode_step(model: nn.Module, token: torch.Tensor, state: InferenceState,

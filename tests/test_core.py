@@ -291,10 +291,16 @@ def test_chunked_kd_uses_the_teachers_own_output_projection():
     assert got.item() == pytest.approx(ref.item(), rel=1e-10)
 
 
-def test_hard_prefill_attention_flex_block_mask_matches_dense():
-    B, Hq, Hkv, T, D, w = 2, 4, 2, 150, 16, 5
-    q, k, v = rand_qkv(B, Hq, Hkv, T, D, dtype=torch.float32)
+def test_hard_prefill_attention_dense_matches_the_rule():
+    """dms_hard_attention's reference path equals plain softmax over the keys `masks.visible` allows."""
+    B, Hq, Hkv, T, D, w = 2, 4, 2, 40, 16, 5
+    q, k, v = rand_qkv(B, Hq, Hkv, T, D, dtype=torch.float64)
     evicted = torch.rand(B, Hkv, T) > 0.4
-    dense = attention.dms_hard_attention(q, k, v, evicted, w, backend="dense")
-    flex = attention.dms_hard_attention(q, k, v, evicted, w, backend="flex")
-    assert rel_err(flex, dense) < 1e-5
+    got = attention.dms_hard_attention(q, k, v, evicted, w, backend="dense")
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    for b in range(B):
+        for h in range(Hq):
+            vis = masks.visible(i, j, evicted[b, h // (Hq // Hkv)][None, :], w)
+            s = (q[b, h] @ k[b, h // (Hq // Hkv)].T) * D ** -0.5
+            ref = torch.softmax(s.masked_fill(~vis, float("-inf")), -1) @ v[b, h // (Hq // Hkv)]
+            assert rel_err(got[b, h], ref) < 1e-12
