@@ -542,7 +542,7 @@ def _answer_conversations(settings: Dict[str, Any], batch_size: int, device, dty
                     tokens[r, :len(piece)] = torch.tensor(piece, dtype=torch.long)
                 tm.prefill(dm.model, tokens.to(device), state,
                            torch.tensor([len(piece) for piece in pieces], device=device))
-            res = generation.generate(dm.model, tails, state, max_new_tokens=max_new, stop_tokens=stops,
+            res = generation.generate_tokens(dm.model, tails, state, max_new_tokens=max_new, stop_tokens=stops,
                                       step_fn=step)
             for i, conv in enumerate(group):
                 if not open_[i]:

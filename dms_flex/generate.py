@@ -154,7 +154,7 @@ def main(argv=None) -> int:
         sys.stdout.write(text[len(prev):])
         sys.stdout.flush()
 
-    res = generation.generate(dm.model, [ids], state, max_new_tokens=args.max_new_tokens, sampling=sampling,
+    res = generation.generate_tokens(dm.model, [ids], state, max_new_tokens=args.max_new_tokens, sampling=sampling,
                               stop_tokens=sorted(stops), step_fn=step, on_token=stream)
     print()
     kv = state.kv_bytes()

@@ -74,12 +74,52 @@ def pad_prompts(prompts: Sequence[Sequence[int]], device) -> tuple:
     return tokens, torch.tensor([len(p) for p in prompts], device=device)
 
 
+@dataclass
+class PendingTokens:
+    """What a generate_tokens call leaves for the next one on the same state: each row's last sampled
+    token, returned but not yet in the cache (None when the cache holds all of the row's tokens), and
+    the tokens the batch decoded into a row's cache after that row had stopped (filler)."""
+
+    tokens: List[Optional[int]]
+    filler: List[int]
+    next_pos: torch.Tensor  # state.next_pos when they were left: a state moved on since cannot take them
+
+
+def _take_pending(state: tm.InferenceState, prompts: Sequence[Sequence[int]]) -> List[List[int]]:
+    """The prompts with each row's pending token first (see PendingTokens); ValueError when the state
+    cannot continue every row's transcript exactly."""
+    pending = getattr(state, "pending", None)
+    if pending is None:
+        return [list(p) for p in prompts]
+    if not torch.equal(pending.next_pos, state.next_pos):
+        raise ValueError("the state moved on (prefill/decode_step called directly) since generate_tokens left each "
+                         "row's last sampled token unwritten; continue through generate_tokens only, or reset() the "
+                         "state and prefill the whole transcript")
+    stuck = [r for r, n in enumerate(pending.filler) if n]
+    if stuck:
+        raise ValueError(f"row(s) {stuck} stopped before the rest of their batch: their caches hold "
+                         f"{[pending.filler[r] for r in stuck]} token(s) decoded after the stop token, so a "
+                         f"continuation would not match their transcripts; continue conversations that stop at "
+                         f"different steps in separate states, or reset() the state and prefill the transcripts")
+    if len(prompts) != len(pending.tokens):
+        raise ValueError(f"{len(prompts)} prompt(s) for a state of batch {len(pending.tokens)}")
+    return [([t] if t is not None else []) + list(p) for t, p in zip(pending.tokens, prompts)]
+
+
 @torch.no_grad()
-def generate(model, prompts: Sequence[Sequence[int]], state: tm.InferenceState, *, max_new_tokens: int,
-             sampling: SamplingConfig = SamplingConfig(), stop_tokens: Sequence[int] = (),
-             step_fn: Optional[Callable] = None, on_token: Optional[Callable[[int, int], None]] = None,
-             generator: Optional[torch.Generator] = None) -> GenerationResult:
-    """Prefill `prompts` (appended to whatever `state` already holds: multi-turn) and decode.
+def generate_tokens(model, prompts: Sequence[Sequence[int]], state: tm.InferenceState, *, max_new_tokens: int,
+                    sampling: SamplingConfig = SamplingConfig(), stop_tokens: Sequence[int] = (),
+                    step_fn: Optional[Callable] = None, on_token: Optional[Callable[[int, int], None]] = None,
+                    generator: Optional[torch.Generator] = None) -> GenerationResult:
+    """Prefill `prompts` (appended to whatever `state` already holds) and decode.
+
+    Multi-turn: call it again on the same state with the next turn's tokens; the conversation then
+    equals one teacher-forced pass over the whole transcript (prompts and returned tokens, in order).
+    The last token a call returns for a row is sampled but not yet decoded; the state keeps it
+    (`state.pending`) and the next call feeds it first, so a later prompt may be empty (continue the
+    answer). A row that stops (stop token) before the rest of its batch keeps receiving filler
+    tokens, so its state cannot continue: the next call refuses it (use one state per conversation,
+    or reset() and prefill). `state.reset()` drops what is pending.
 
     step_fn: the decode step (default tm.decode_step; pass a torch.compile'd one).
     on_token(row, token): streaming callback, called as tokens are produced (not after a stop).
@@ -88,6 +128,7 @@ def generate(model, prompts: Sequence[Sequence[int]], state: tm.InferenceState, 
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     step_fn = step_fn or tm.decode_step
     device = state.next_pos.device
+    prompts = _take_pending(state, prompts)
     tokens, lengths = pad_prompts(prompts, device)
     budget = state.max_seq_len - int((state.next_pos + lengths).max())
     if max_new_tokens > budget:
@@ -99,15 +140,19 @@ def generate(model, prompts: Sequence[Sequence[int]], state: tm.InferenceState, 
     _sync(device)
     t0 = time.perf_counter()
     logits = tm.prefill(model, tokens, state, lengths)
+    state.pending = None  # written now
     nxt = sample(logits, sampling, generator)
     _sync(device)
     result.prefill_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    written = [0] * len(prompts)  # returned tokens of each row that are in the cache
+    filler = [0] * len(prompts)  # tokens decoded into a row's cache after it stopped
     for step in range(max_new_tokens):
         host = nxt[:, 0].tolist()
+        returned = [not s for s in result.stopped]  # this step's token of the row is part of its result
         for row, tok in enumerate(host):
-            if not result.stopped[row]:
+            if returned[row]:
                 result.tokens[row].append(tok)
                 if on_token is not None:
                     on_token(row, tok)
@@ -116,12 +161,25 @@ def generate(model, prompts: Sequence[Sequence[int]], state: tm.InferenceState, 
         if all(result.stopped) or step == max_new_tokens - 1:
             break
         logits = step_fn(model, nxt, state)
+        for row in range(len(prompts)):
+            if returned[row]:
+                written[row] += 1
+            else:
+                filler[row] += 1
         result.decode_steps += 1
         nxt = sample(logits, sampling, generator)
         state.check_overflow()
+    state.pending = PendingTokens(
+        tokens=[toks[-1] if len(toks) > n else None for toks, n in zip(result.tokens, written)],
+        filler=filler, next_pos=state.next_pos.clone())
     _sync(device)
     result.decode_seconds = time.perf_counter() - t0
     return result
+
+
+# the loop under its first name (`dms_flex.generate` is the command-line module, so the package
+# exports this function as generate_tokens only)
+generate = generate_tokens
 
 
 def _sync(device) -> None:
