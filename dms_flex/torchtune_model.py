@@ -211,7 +211,6 @@ class InferenceState(nn.Module):
             for _ in model.layers)
         self.register_buffer("next_pos", torch.zeros(batch_size, dtype=torch.long, device=device), persistent=False)
         self.pending = None  # generation.generate_tokens: each row's last sampled token, not yet in the cache
-        self.pending = None  # generation.generate_tokens: each row's last sampled token, not yet in the cache
 
     @property
     def batch_size(self) -> int:
@@ -221,7 +220,6 @@ class InferenceState(nn.Module):
         for c in self.caches:
             c.reset()
         self.next_pos.zero_()
-        self.pending = None
         self.pending = None
 
     def check_overflow(self) -> None:
