@@ -101,7 +101,13 @@ class DMSKVCache(nn.Module):
     def decode_update(self, k_new: torch.Tensor, v_new: torch.Tensor, evict_prev: torch.Tensor,
                       pos: torch.Tensor) -> None:
         """k_new, v_new: (B, H, 1, D) for the token at position pos (B,); evict_prev (B, H) bool is
-        this token's decision about token pos-1."""
+        this token's decision about token pos-1. On CUDA one fused Triton kernel does all of it
+        (kernels/decode_update.py); the code below is its reference and the CPU path."""
+        from .kernels import decode_update as fused
+
+        if fused.supported(k_new):
+            fused.decode_update(self, k_new, v_new, evict_prev, pos)
+            return
         B, H = self.length.shape
         W = self.window + 1
         C = self.capacity

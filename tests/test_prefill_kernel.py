@@ -41,13 +41,15 @@ def _cases():
     add("first", B=2, Hq=2, Hkv=2, T=64, D=32, window=1000, frac=0.5, dtype="float32", cfg="16")
     add("first", B=1, Hq=2, Hkv=1, T=300, D=16, window=100, frac=0.85, dtype="float32", cfg="gpu")
     add("first", B=2, Hq=4, Hkv=2, T=70, D=16, window=9, frac=0.6, dtype="bfloat16", cfg="A")
-    # cache sequences: append, decode steps, append again
+    # cache sequences: append, decode steps (fused update kernel), append again
     add("cache", B=2, Hq=4, Hkv=2, D=16, window=3, n1=20, steps=5, n2=17, store="float32")
     add("cache", B=3, Hq=6, Hkv=2, D=16, window=8, n1=40, steps=12, n2=33, store="float32", pad=True)
     add("cache", B=2, Hq=2, Hkv=1, D=32, window=0, n1=9, steps=3, n2=50, store="float32")
     add("cache", B=2, Hq=4, Hkv=2, D=16, window=5, n1=30, steps=6, n2=25, store="int8")
     add("cache", B=2, Hq=4, Hkv=2, D=16, window=4, n1=24, steps=4, n2=19, store="bfloat16", pad=True)
     add("cache", B=2, Hq=4, Hkv=2, D=16, window=1000, n1=24, steps=4, n2=19, store="float32", off=True)
+    # decode into a full cache: the scratch slot and the overflow flag, never a live slot
+    add("cache", B=2, Hq=2, Hkv=2, D=16, window=50, n1=10, steps=8, n2=0, store="int8", cap=13)
     return cases
 
 
@@ -92,13 +94,14 @@ def _rel(a, b):
 
 def _run_cache(p, gen):
     from dms_flex.cache import DMSKVCache, decode_attention_dense
+    from dms_flex.kernels import decode_update as du
     from dms_flex.kernels import prefill as pk
 
     B, Hq, Hkv, D, w = p["B"], p["Hq"], p["Hkv"], p["D"], p["window"]
     store = p["store"]
     dtype = torch.bfloat16 if store == "bfloat16" else torch.float32
     kv_dtype = torch.int8 if store == "int8" else None
-    C = p["n1"] + p["steps"] + p["n2"] + 4
+    C = p.get("cap", p["n1"] + p["steps"] + p["n2"] + 4)
     off = p.get("off", False)
 
     def chunk(n, pad):
@@ -118,12 +121,13 @@ def _run_cache(p, gen):
                                   torch.randn(B, Hkv, 1, D, generator=gen).to(dtype),
                                   torch.randn(B, Hkv, 1, D, generator=gen).to(dtype),
                                   torch.rand(B, Hkv, generator=gen) < 0.6)))
-    inputs.append(("append", chunk(p["n2"], p.get("pad", False))))
+    if p["n2"]:
+        inputs.append(("append", chunk(p["n2"], p.get("pad", False))))
 
     def drive(use_kernel):
-        saved = pk.supported
+        saved = pk.supported, du.supported
         if not use_kernel:
-            pk.supported = lambda q: False
+            pk.supported = du.supported = lambda q: False
         try:
             cache = DMSKVCache(B, Hkv, D, C, w, dtype=dtype, kv_dtype=kv_dtype)
             pos = torch.zeros(B, dtype=torch.long)
@@ -141,7 +145,7 @@ def _run_cache(p, gen):
                 states.append({n: t.clone() for n, t in cache.named_buffers() if t is not None})
             return outs, states
         finally:
-            pk.supported = saved
+            pk.supported, du.supported = saved
 
     got, got_states = drive(True)
     ref, ref_states = drive(False)
@@ -157,7 +161,7 @@ def _run_cache(p, gen):
     lengths = got_states[-1]["length"]
     return {"errs": errs, "state_equal": same, "finite": all(bool(torch.isfinite(o).all()) for o, _ in got),
             "evicted_some": bool((lengths < (pos_total := p["n1"] + p["steps"] + p["n2"])).any()),
-            "pos_total": pos_total}
+            "pos_total": pos_total, "overflow": bool(got_states[-1]["overflow"])}
 
 
 def _run_case(p):
@@ -186,7 +190,9 @@ def test_prefill_kernel_interpreter(cid, p):
         tol = 2e-2 if p["store"] == "bfloat16" else 1e-5
         assert max(r["errs"]) < tol, r["errs"]
         assert r["state_equal"]
-        if not p.get("off") and p["window"] < 100:
+        if p.get("cap"):
+            assert r["overflow"]
+        elif not p.get("off") and p["window"] < 100:
             assert r["evicted_some"]  # the case exercises eviction, not only the window
 
 
