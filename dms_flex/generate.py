@@ -16,6 +16,7 @@ import time
 import torch
 
 DEFAULT_CHAT = "Write a short poem about memory."
+DEFAULT_MAX_SEQ_LEN = 4096
 
 
 def parse_args(argv=None):
@@ -46,7 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--weight-quant", choices=["none", "int8", "int4"], default=None,
                    help="weight-only quantization of the linear layers through torchao (default: none, or the "
                         "checkpoint's dms_weight_quant when it is int8 or int4)")
-    p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help=f"longest sequence (prompt + new tokens) the cache holds (default: {DEFAULT_MAX_SEQ_LEN}, or the "
+                        f"model's trained context when that is shorter)")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="torch.compile the decode step (default: on for CUDA)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
@@ -58,19 +61,76 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--heatmap", help="write a PNG heat map of kept fraction per layer and KV head here")
     args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p: argparse.ArgumentParser, args) -> None:
+    """Every value that can be checked before the model loads: p.error (one line, exit 2) otherwise."""
+    import math
+
+    for flag, text in (("--prompt", args.prompt), ("--chat", args.chat)):
+        if text is None:
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            p.error(f"{flag} is not valid UTF-8 text (the shell passed bytes that do not decode)")
+        if not text.strip():
+            p.error(f"{flag} is empty: give the text to start from")
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.window is not None and args.window < 0:
         p.error(f"--window must be >= 0, got {args.window}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
-    return args
+    if args.max_seq_len is not None and args.max_seq_len < 2:
+        p.error(f"--max-seq-len must be >= 2 (one prompt token and one new token), got {args.max_seq_len}")
+    if args.cache_capacity is not None:
+        if args.cache_capacity < 1:
+            p.error(f"--cache-capacity must be >= 1 KV slot per row and head, got {args.cache_capacity} "
+                    f"(leave it out for the maximum sequence length, which never overflows)")
+        longest = args.max_seq_len or DEFAULT_MAX_SEQ_LEN
+        if args.max_seq_len is not None and args.cache_capacity > longest:
+            p.error(f"--cache-capacity {args.cache_capacity} exceeds --max-seq-len {longest}: a sequence never holds "
+                    f"more tokens than that")
+    if not (-2**63 <= args.seed < 2**64):
+        p.error(f"--seed must fit in 64 bits, got {args.seed}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        p.error(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        p.error(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not (0 < args.top_p <= 1):
+        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        p.error(f"--device {args.device!r} is not a device: use cpu or cuda (cuda:N for one GPU of several)")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device {args.device}: this script runs on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            p.error("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            p.error(f"--device {args.device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if args.heatmap:
+        import importlib.util
+        import os
+
+        parent = os.path.dirname(os.path.abspath(args.heatmap))
+        if os.path.isdir(args.heatmap):
+            p.error(f"--heatmap {args.heatmap} is a folder: give the PNG file to write")
+        if not os.path.isdir(parent):
+            p.error(f"--heatmap {args.heatmap}: the folder {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            p.error(f"--heatmap {args.heatmap}: the folder {parent} is not writable")
+        if importlib.util.find_spec("matplotlib") is None:
+            p.error("--heatmap needs matplotlib (pip install matplotlib)")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from . import generation, pretrained
     from . import torchtune_model as tm
+    from .cache import CacheOverflowError
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -83,8 +143,18 @@ def main(argv=None) -> int:
             from .smollm2 import default_model
 
             folder, adapter, packaged = default_model(adapter, args.no_adapter)
+        trained = _trained_context(folder)
+        max_seq_len = args.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, trained or DEFAULT_MAX_SEQ_LEN)
+        if args.cache_capacity is not None and args.cache_capacity > max_seq_len:
+            raise ValueError(f"--cache-capacity {args.cache_capacity} exceeds the maximum sequence length {max_seq_len}"
+                             f" (--max-seq-len): a sequence never holds more tokens than that")
+        if trained is not None and max_seq_len > trained:
+            print(f"warning: --max-seq-len {max_seq_len} is beyond the {trained} tokens {folder} was trained on "
+                  f"(max_position_embeddings in config.json): positions past {trained} are extrapolated and the "
+                  f"text there may degrade", file=sys.stderr)
+        args.max_seq_len = max_seq_len
         dm = pretrained.load_dms_model(folder, dms_overrides=overrides, dtype=dtype, device=device,
-                                       max_seq_len=args.max_seq_len, adapter=adapter)
+                                       max_seq_len=max_seq_len, adapter=adapter)
     except (FileNotFoundError, ValueError, TypeError, ImportError) as e:
         hint = " (--no-adapter runs the default model without the packaged adapter)" if packaged else ""
         print(f"error: {e}{hint}", file=sys.stderr)
@@ -122,7 +192,7 @@ def main(argv=None) -> int:
     if args.prompt is not None:
         ids = tok(args.prompt, add_special_tokens=False)["input_ids"]
     else:
-        msgs = [{"role": "user", "content": args.chat or DEFAULT_CHAT}]
+        msgs = [{"role": "user", "content": DEFAULT_CHAT if args.chat is None else args.chat}]
         ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
@@ -154,8 +224,13 @@ def main(argv=None) -> int:
         sys.stdout.write(text[len(prev):])
         sys.stdout.flush()
 
-    res = generation.generate_tokens(dm.model, [ids], state, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                              stop_tokens=sorted(stops), step_fn=step, on_token=stream)
+    try:
+        res = generation.generate_tokens(dm.model, [ids], state, max_new_tokens=args.max_new_tokens,
+                                         sampling=sampling, stop_tokens=sorted(stops), step_fn=step, on_token=stream)
+    except CacheOverflowError as e:
+        print()
+        print(f"error: {e} (--cache-capacity {args.cache_capacity})", file=sys.stderr)
+        return 2
     print()
     kv = state.kv_bytes()
     rep = state.compression()
@@ -175,6 +250,14 @@ def main(argv=None) -> int:
 
         print(f"heat map: {plot_kept_heatmap(rep, args.heatmap)}")
     return 0
+
+
+def _trained_context(folder):
+    """max_position_embeddings of the folder's config.json (None when absent or not a number)."""
+    from .checkpoint import read_hf_config
+
+    value = read_hf_config(folder).get("max_position_embeddings")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _weight_bytes(model) -> int:

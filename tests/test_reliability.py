@@ -96,3 +96,46 @@ def test_readme_python_snippet_runs_as_written(monkeypatch):
     scope = {}
     exec(compile(snippet, str(README), "exec"), scope)
     assert len(scope["out"].tokens[0]) == 32 and scope["state8"].caches[0].k.dtype == torch.int8
+
+
+# ============================================================================ the generate CLI (item 5 and the tracebacks)
+from .test_generation import tiny_hf_folder  # noqa: E402,F401 - the fixture: a tiny Llama with the SmolLM2 tokenizer
+
+
+def _generate(argv, capsys):
+    from dms_flex.generate import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--chat", ""], "--chat is empty"),  # ran the default poem prompt
+    (["--prompt", " "], "--prompt is empty"),
+    (["--prompt", "caf\udce9"], "--prompt is not valid UTF-8"),  # bytes b"caf\xe9" from the shell
+    (["--prompt", "x", "--cache-capacity", "0"], "--cache-capacity must be >= 1"),  # became 4,096
+    (["--prompt", "x", "--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    (["--prompt", "x", "--top-p", "2"], "--top-p must be in (0, 1]"),  # even when greedy
+    (["--prompt", "x", "--top-k", "0"], "--top-k must be >= 1"),
+    (["--prompt", "x", "--device", "tpu"], "--device 'tpu' is not a device"),
+    (["--prompt", "x", "--heatmap", "/nonexistent/dir/x.png"], "the folder /nonexistent/dir does not exist"),
+])
+def test_generate_refuses_bad_arguments_before_loading(extra, message, tmp_path, capsys):
+    rc, out, err = _generate(["--checkpoint", str(tmp_path / "never_read")] + extra, capsys)
+    assert rc == 2 and message in err and "Traceback" not in err and not out
+
+
+def test_generate_cache_overflow_and_a_context_beyond_training_are_one_line(tiny_hf_folder, capsys):
+    common = ["--checkpoint", str(tiny_hf_folder), "--prompt", "Hello there, how are you today? " * 3,
+              "--max-new-tokens", "8", "--window", "2"]
+    rc, out, err = _generate(common + ["--cache-capacity", "10", "--max-seq-len", "128"], capsys)
+    assert rc == 2 and "Traceback" not in err
+    assert re.search(r"^error: .*(ran out of slots \(capacity 10|holds 10 per batch row).*--cache-capacity 10\)$", err, re.M)
+    rc, out, err = _generate(common + ["--max-seq-len", "1024"], capsys)  # the folder's model: 512 positions
+    assert rc == 0 and "warning: --max-seq-len 1024 is beyond the 512 tokens" in err
+    rc, out, err = _generate(common, capsys)  # the default: 4,096, or the trained context when shorter
+    assert rc == 0 and "warning" not in err and "capacity 512" in out
