@@ -37,7 +37,11 @@ def build_model(preset: str, max_seq_len: int):
         return llama3(vocab_size=256, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, max_seq_len=4096,
                       intermediate_dim=128)
 
-    builders = {"llama3_8b": llama3_8b, "llama3_2_1b": llama3_2_1b, "tiny": tiny}
+    def smollm2():  # SmolLM2-135M's shapes (30 layers, 9 q / 3 KV heads of 64, tied embeddings)
+        return llama3(vocab_size=49152, num_layers=30, num_heads=9, num_kv_heads=3, embed_dim=576,
+                      max_seq_len=8192, intermediate_dim=1536, rope_base=100000)
+
+    builders = {"llama3_8b": llama3_8b, "llama3_2_1b": llama3_2_1b, "tiny": tiny, "smollm2": smollm2}
     with torch.device("meta"):
         m = builders[preset]()
     m = m.to_empty(device=DEVICE).to(torch.bfloat16)
@@ -160,6 +164,33 @@ def make_case(model, kind, B, ctx, margin, mode):
     return graphed(tm.decode_step, model, tok, state), state.kv_bytes()["allocated"], state
 
 
+def profile_step(state, model, B):
+    """Kernels one decode step launches (compiled, no CUDA graphs) and their summed GPU time: the
+    gap to the graph-replayed step time is launch/dependency overhead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tok = torch.randint(0, 200, (B, 1), device=DEVICE)
+    step = torch.compile(tm.decode_step, fullgraph=True)
+    for _ in range(3):
+        step(model, tok, state)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(model, tok, state)
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    by_name = {}
+    for e in events:
+        n, t = by_name.get(e.name, (0, 0.0))
+        by_name[e.name] = (n + 1, t + e.device_time)
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:15]
+    total = sum(e.device_time for e in events) / 1e3
+    print(f"  profile: {len(events)} kernels/step, summed kernel time {total:.3f} ms", flush=True)
+    for name, (n, t) in top:
+        print(f"    {t / 1e3:7.3f} ms  x{n:4d}  {name[:110]}", flush=True)
+    return {"kernels_per_step": len(events), "kernel_ms": total,
+            "top_kernels": [(name[:160], n, t / 1e3) for name, (n, t) in top]}
+
+
 def parse_kind(kind: str):
     """'8' -> (8.0, None); '8-int8' -> (8.0, torch.int8): a CR, optionally with int8 K/V storage."""
     cr, _, store = kind.partition("-")
@@ -183,6 +214,8 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--max-batch", action="store_true", help="also find the largest batch that fits (per cache)")
     p.add_argument("--device", default="cuda", help="cuda; cpu only smoke-tests the script (--preset tiny)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one compiled step without CUDA graphs: kernel count and summed kernel time")
     p.add_argument("--out")
     a = p.parse_args()
     for kind in a.cache:
@@ -213,6 +246,8 @@ def main():
                 try:
                     run, kv, keep = make_case(model, kind, B, ctx, margin, a.mode)
                     record(ctx, B, kind, time_ms(run, a.steps), kv)
+                    if a.profile and kind != "gptfast":
+                        rows[-1].update(profile_step(keep, model, B))
                 except torch.OutOfMemoryError:
                     print(f"ctx={ctx} B={B} {kind}: out of memory", flush=True)
                     run = keep = None
