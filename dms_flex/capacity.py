@@ -42,6 +42,9 @@ def plan(preset: str, context: int, gpu_gib: float, cr: float = 1.0, kv: str = "
         raise ValueError(f"kv={kv!r}: use bf16 or int8")
     if weight_quant not in WEIGHT_BYTES:
         raise ValueError(f"weight_quant={weight_quant!r}: use one of {', '.join(WEIGHT_BYTES)}")
+    if not all(_finite(x) for x in (context, gpu_gib, cr, headroom, reserve_gib)):
+        raise ValueError(f"context, gpu memory, CR and headroom must be finite numbers, got context {context}, "
+                         f"gpu memory {gpu_gib}, CR {cr}, headroom {headroom}, reserve {reserve_gib}")
     if context < 1 or gpu_gib <= 0 or cr < 1 or headroom < 1:
         raise ValueError("context >= 1, gpu memory > 0, CR >= 1 and headroom >= 1 are required")
     layers, _, kv_heads, head_dim, params = PRESETS[preset]
@@ -54,17 +57,47 @@ def plan(preset: str, context: int, gpu_gib: float, cr: float = 1.0, kv: str = "
     return Plan(per_token, slots, per_seq, weights, max(0, int(free // per_seq)))
 
 
-def main(argv=None) -> int:
+def _finite(x) -> bool:
+    try:
+        return math.isfinite(x)
+    except (TypeError, OverflowError):  # not a number, or an integer beyond any float
+        return False
+
+
+def _number(kind, low: float, strict: bool = False, what: str = ""):
+    """An argparse type: a finite `kind` >= low (> low when strict); argparse turns the error into one line."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+            float(v)  # an integer too large for a float is out of range below
+        except OverflowError:
+            v = math.inf
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(v) or v < low or (strict and v == low):
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: want a finite {what or 'number'} "
+                                             f"{'>' if strict else '>='} {low:g}")
+        return v
+    return parse
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m dms_flex.capacity", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama3_8b", help=f"one of: {', '.join(PRESETS)}")
-    p.add_argument("--context", type=int, default=32768)
-    p.add_argument("--gpu-mem", type=float, default=139.0, help="GiB of GPU memory (H200: ~139)")
-    p.add_argument("--cr", type=float, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--context", type=_number(int, 1, what="token count"), default=32768)
+    p.add_argument("--gpu-mem", type=_number(float, 0, strict=True, what="GiB"), default=139.0,
+                   help="GiB of GPU memory (H200: ~139)")
+    p.add_argument("--cr", type=_number(float, 1, what="compression ratio"), nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--kv", choices=["bf16", "int8"], nargs="+", default=["bf16", "int8"])
     p.add_argument("--weight-quant", choices=list(WEIGHT_BYTES), default="none")
-    p.add_argument("--headroom", type=float, default=1.1, help="DMS capacity over the average kept length")
-    a = p.parse_args(argv)
+    p.add_argument("--headroom", type=_number(float, 1, what="factor"), default=1.1,
+                   help="DMS capacity over the average kept length")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     try:
         base = plan(a.model, a.context, a.gpu_mem, 1, "bf16", a.weight_quant, a.headroom)
         print(f"{a.model}, context {a.context}, {a.gpu_mem:g} GiB, weights {base.weight_bytes / 2**30:.1f} GiB "

@@ -543,8 +543,39 @@ def parse_args(argv=None):
                    help="combine several runs' results.json into --out (one table and one set of plots)")
     args = p.parse_args(argv)
 
-    def floats(s):
-        return [float(x) for x in s.split(",") if x.strip()]
+    def floats(s, flag, ok=lambda x: True, allowed="numbers", empty_ok=False):
+        """A comma list of finite numbers that pass `ok`; p.error (exit 2) names the flag otherwise."""
+        out = []
+        for x in s.split(","):
+            if not x.strip():
+                continue
+            try:
+                v = float(x)
+            except ValueError:
+                p.error(f"{flag}: {x.strip()!r} is not a number (want a comma list of {allowed})")
+            if not math.isfinite(v) or not ok(v):
+                p.error(f"{flag}: {x.strip()!r} is out of range (want a comma list of {allowed})")
+            out.append(v)
+        if not out and not empty_ok:
+            p.error(f"{flag} is empty (want a comma list of {allowed})")
+        return out
+
+    for flag, value, low in (("--ppl-windows", args.ppl_windows, 1), ("--ppl-len", args.ppl_len, 2),
+                             ("--batch-size", args.batch_size, 1), ("--reasoning-n", args.reasoning_n, 1),
+                             ("--reasoning-max-new", args.reasoning_max_new, 1),
+                             ("--reasoning-shots", args.reasoning_shots, 0), ("--trials", args.trials, 1),
+                             ("--hops", args.hops, 1), ("--sinks", args.sinks, 0),
+                             ("--parallel-samples", args.parallel_samples, 0)):
+        if value < low:
+            p.error(f"{flag} must be >= {low}, got {value}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    if not (0 <= args.heavy_fraction <= 1):
+        p.error(f"--heavy-fraction must be in [0, 1], got {args.heavy_fraction}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        p.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not (0 < args.top_p <= 1):
+        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
 
     def names(s, allowed, what):
         out = [x.strip() for x in s.split(",") if x.strip()]
@@ -556,13 +587,12 @@ def parse_args(argv=None):
     args.methods = names(args.methods, METHODS, "method(s)")
     args.metrics = names(args.metrics, METRICS, "metric(s)")
     args.texts = names(args.texts, eval_data.TEXT_SOURCES, "text source(s)")
-    args.cr = floats(args.cr)
-    if any(c < 1 for c in args.cr):
-        p.error("--cr values must be >= 1")
+    args.cr = floats(args.cr, "--cr", lambda c: c >= 1, "finite compression ratios >= 1", empty_ok=True)
     if args.parallel_samples and float(args.parallel_samples) not in args.cr:
         args.cr.append(float(args.parallel_samples))
-    args.lengths = [int(x) for x in floats(args.lengths)]
-    args.depths = floats(args.depths)
+    args.lengths = [int(x) for x in floats(args.lengths, "--lengths", lambda n: n >= 1 and n == int(n),
+                                             "token counts (integers >= 1)")]
+    args.depths = floats(args.depths, "--depths", lambda d: 0 <= d <= 1, "depths in [0, 1]")
 
     def cr_key(it):
         """The CR of a CR=VALUE item, None when the text before '=' is not a number (or there is no '=')."""
@@ -572,12 +602,22 @@ def parse_args(argv=None):
         except ValueError:
             return None
 
+    def finite(conv, low=None):
+        def f(text):
+            v = conv(text)
+            if not math.isfinite(v) or (low is not None and v < low):
+                raise ValueError(text)
+            return v
+        return f
+
     def per_cr(items, conv, flag):
         out = {}
         for it in items:
             k = cr_key(it)
             if k is None:
                 p.error(f"{flag} wants CR=VALUE, got {it!r}")
+            if not (math.isfinite(k) and k >= 1):
+                p.error(f"{flag}: the CR in {it!r} must be a finite number >= 1")
             try:
                 out[k] = conv(it.partition("=")[2])
             except ValueError:
@@ -589,9 +629,9 @@ def parse_args(argv=None):
     whole = [w for w in args.dms_window if "=" not in w]
     if len(whole) > 1 or any(not w.isdigit() for w in whole):
         p.error(f"--dms-window takes one W >= 0 for all runs (and CR=W per run), got {whole}")
-    args.dms_window_at = per_cr([w for w in args.dms_window if "=" in w], int, "--dms-window")
+    args.dms_window_at = per_cr([w for w in args.dms_window if "=" in w], finite(int, 0), "--dms-window")
     args.dms_window = int(whole[0]) if whole else None
-    args.dms_alpha_offset = per_cr(args.dms_alpha_offset, float, "--dms-alpha-offset")
+    args.dms_alpha_offset = per_cr(args.dms_alpha_offset, finite(float), "--dms-alpha-offset")
     whole_ckpt = [c for c in args.dms_checkpoint if cr_key(c) is None]  # a DIR may contain '=' (not after a number)
     if len(whole_ckpt) > 1 or any(not c for c in whole_ckpt):
         p.error(f"--dms-checkpoint takes one DIR for all DMS runs (and CR=DIR per run), got {whole_ckpt}")

@@ -139,3 +139,126 @@ def test_generate_cache_overflow_and_a_context_beyond_training_are_one_line(tiny
     assert rc == 0 and "warning: --max-seq-len 1024 is beyond the 512 tokens" in err
     rc, out, err = _generate(common, capsys)  # the default: 4,096, or the trained context when shorter
     assert rc == 0 and "warning" not in err and "capacity 512" in out
+
+
+# ============================================================================ every CLI parser: one error line, exit 2
+def _is_float(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _cpu_device(text):
+    try:
+        return torch.device(text).type in ("cpu", "cuda") and (torch.device(text).type == "cpu"
+                                                             or torch.cuda.is_available())
+    except (RuntimeError, ValueError):
+        return False
+
+
+def _bad_cases():
+    from hypothesis import strategies as st
+
+    nan_inf = st.sampled_from(["nan", "inf", "-inf", "1e999"])
+    not_a_number = st.text(max_size=8).filter(lambda s: not _is_float(s))
+    below = lambda low: st.integers(max_value=low - 1).map(str)  # noqa: E731
+    floats = lambda **kw: st.floats(allow_nan=False, allow_infinity=False, **kw).map(repr)  # noqa: E731
+    bad_float = lambda **kw: st.one_of(floats(**kw), nan_inf, not_a_number)  # noqa: E731
+    bad_list = lambda bad, good: st.lists(st.one_of(bad, good), max_size=3).flatmap(  # noqa: E731
+        lambda items: bad.map(lambda b: ",".join(items + [b])))
+    gen, ev, cap = "dms_flex.generate", "dms_flex.eval", "dms_flex.capacity"
+    return [
+        (gen, "--temperature", bad_float(max_value=-1e-9)),
+        (gen, "--top-p", st.one_of(bad_float(max_value=0.0), floats(min_value=1.0000001))),
+        (gen, "--top-k", st.one_of(below(1), not_a_number)),
+        (gen, "--cache-capacity", below(1)),
+        (gen, "--max-new-tokens", below(1)),
+        (gen, "--max-seq-len", below(2)),
+        (gen, "--window", below(0)),
+        (gen, "--seed", st.one_of(st.integers(min_value=2**64), st.integers(max_value=-2**63 - 1)).map(str)),
+        (gen, "--device", st.text(max_size=10).filter(lambda s: not _cpu_device(s))),
+        (gen, "--prompt", st.one_of(st.text(" \t\n", max_size=3), st.text(max_size=5).map(lambda s: s + "\udce9"))),
+        (gen, "--chat", st.one_of(st.text(" \t\n", max_size=3), st.text(max_size=5).map(lambda s: "\udcff" + s))),
+        (gen, "--dtype", st.text(max_size=8).filter(lambda s: s not in ("float32", "bfloat16", "float16"))),
+        (gen, "--heatmap", st.text("abc", min_size=1, max_size=6).map(lambda s: f"/nonexistent-{s}/x.png")),
+        (ev, "--cr", bad_list(st.one_of(floats(max_value=0.999), nan_inf, not_a_number.filter(lambda s: "," not in s
+                                                                                            and s.strip())),
+                              st.sampled_from(["2", "4"]))),
+        (ev, "--lengths", bad_list(st.one_of(below(1), st.sampled_from(["1.5", "abc", "nan", "inf"])),
+                                   st.sampled_from(["256"]))),
+        (ev, "--depths", bad_list(st.one_of(floats(min_value=1.0001), floats(max_value=-0.0001), nan_inf),
+                                  st.sampled_from(["0.5"]))),
+        (ev, "--batch-size", below(1)),
+        (ev, "--ppl-len", below(2)),
+        (ev, "--temperature", bad_float(max_value=-1e-9)),
+        (ev, "--top-p", st.one_of(bad_float(max_value=0.0), floats(min_value=1.0000001))),
+        (ev, "--heavy-fraction", st.one_of(floats(min_value=1.0001), floats(max_value=-0.0001), nan_inf)),
+        (ev, "--dms-alpha-offset", st.one_of(nan_inf.map(lambda v: f"2={v}"), not_a_number.map(lambda v: f"2={v}"),
+                                             st.sampled_from(["nan=1", "0.5=1", "abc"]))),
+        (cap, "--cr", bad_float(max_value=0.999)),
+        (cap, "--gpu-mem", bad_float(max_value=0.0)),
+        (cap, "--headroom", bad_float(max_value=0.999)),
+        (cap, "--context", st.one_of(below(1), st.sampled_from(["1.5", "nan", "1" + "0" * 400]))),
+    ]
+
+
+def _parse(module, argv):
+    import importlib
+
+    mod = importlib.import_module(module)
+    return mod.parse_args(argv)
+
+
+def test_cli_parsers_turn_random_bad_values_into_one_error_line():
+    import contextlib
+    import io
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    cases = _bad_cases()
+
+    @settings(max_examples=25 * 4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(case=st.sampled_from(cases), data=st.data())
+    def check(case, data):
+        module, flag, values = case
+        value = data.draw(values, label=flag)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+            _parse(module, [f"{flag}={value}"])
+        text = err.getvalue()
+        assert e.value.code == 2, (flag, value, text)
+        assert "Traceback" not in text
+        lines = [line for line in text.splitlines() if "error:" in line]
+        assert len(lines) == 1 and text.rstrip("\n").endswith(lines[0]), text
+
+    check()
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("dms_flex.eval", ["--cr", "abc"], "--cr: 'abc' is not a number"),
+    ("dms_flex.eval", ["--lengths", "256,abc"], "--lengths: 'abc' is not a number"),
+    ("dms_flex.eval", ["--cr", "nan"], "--cr: 'nan' is out of range"),  # refused after vanilla and DMS had run
+    ("dms_flex.capacity", ["--cr", "inf"], "argument --cr: 'inf' is out of range"),  # ZeroDivisionError
+    ("dms_flex.capacity", ["--cr", "nan"], "argument --cr: 'nan' is out of range"),  # "cannot convert float NaN"
+    ("dms_flex.capacity", ["--gpu-mem", "nan"], "argument --gpu-mem: 'nan' is out of range"),
+    ("dms_flex.capacity", ["--headroom", "nan"], "argument --headroom: 'nan' is out of range"),
+])
+def test_eval_and_capacity_numbers_are_checked_when_parsed(module, argv, message, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_capacity_plan_refuses_numbers_that_are_not_finite():
+    from dms_flex import capacity
+
+    for kw in (dict(cr=float("inf")), dict(cr=float("nan")), dict(gpu_gib=float("nan")),
+               dict(headroom=float("nan"))):
+        with pytest.raises(ValueError, match="finite"):
+            capacity.plan("llama3_8b", **{"context": 4096, "gpu_gib": 80.0, **kw})
