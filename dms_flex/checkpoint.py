@@ -118,7 +118,9 @@ def read_hf_config(folder) -> Dict[str, Any]:
 def read_json_object(path: Path, fix: str) -> Dict[str, Any]:
     """A JSON file that must hold an object; errors name the file and say how to `fix` it."""
     try:
-        cfg = json.loads(Path(path).read_text())
+        cfg = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}), so not JSON: {fix}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}): {fix}") from e
     if not isinstance(cfg, dict):
@@ -394,8 +396,10 @@ def _weight_files(folder: Path) -> list[Path]:
     index = folder / WEIGHTS_INDEX_NAME
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map must map tensor names to file names")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from e
         files = [folder / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
@@ -434,12 +438,25 @@ def _read_weights(folder: Path, cfg: Dict[str, Any], family: str) -> Dict[str, t
         return _read_torch_state(torch_files[0], cfg, family)
     state: Dict[str, torch.Tensor] = {}
     for f in files:
-        part = load_file(str(f))
+        with safetensors_errors(f):
+            part = load_file(str(f))
         dup = state.keys() & part.keys()
         if dup:
             raise ValueError(f"tensor {sorted(dup)[0]!r} appears in more than one weights file of {folder}")
         state.update(part)
     return state
+
+
+@contextlib.contextmanager
+def safetensors_errors(path) -> Iterator[None]:
+    """A damaged safetensors file (truncated, random bytes) as a ValueError that names it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): it is damaged or incomplete (an "
+                         f"interrupted copy, download or save?); copy or save it again") from None
 
 
 def _read_torch_state(path: Path, cfg: Dict[str, Any], family: str) -> Dict[str, torch.Tensor]:

@@ -106,21 +106,45 @@ class DMSConfig:
         }
 
     @classmethod
-    def from_hf(cls, cfg: Mapping[str, Any]) -> "DMSConfig":
+    def from_hf(cls, cfg: Mapping[str, Any], source: str = "config.json") -> "DMSConfig":
+        """The DMS settings of a released-format config; errors name `source` and the key."""
         required = ("dms_alpha_scale", "dms_initial_alpha_offset", "dms_window_size")
         missing = [k for k in required if k not in cfg]
         if missing:
-            raise DMSConfigError(f"config.json lacks the DMS keys {missing}; a DMS checkpoint has "
+            raise DMSConfigError(f"{source} lacks the DMS keys {missing}; a DMS checkpoint has "
                                  f"{list(required) + ['dms_cr']}. Is this a DMS checkpoint?")
-        kw = dict(alpha_scale=float(cfg["dms_alpha_scale"]), alpha_offset=float(cfg["dms_initial_alpha_offset"]),
+
+        def number(key):
+            value = cfg[key]
+            try:
+                if isinstance(value, bool):
+                    raise TypeError
+                return float(value)
+            except (TypeError, ValueError):
+                raise DMSConfigError(f"{source}: {key}={value!r} is invalid: it must be a number") from None
+
+        kw = dict(alpha_scale=number("dms_alpha_scale"), alpha_offset=number("dms_initial_alpha_offset"),
                   window=cfg["dms_window_size"])
         if "dms_cr" in cfg:
-            kw["final_cr"] = float(cfg["dms_cr"])
+            kw["final_cr"] = number("dms_cr")
         for key, field in (("dms_decision", "decision"), ("dms_scope", "scope"),
                            ("dms_immediate_eviction", "immediate_eviction"), ("dms_tau", "tau")):
             if key in cfg:
                 kw[field] = cfg[key]
-        return cls(**kw)
+        try:
+            return cls(**kw)
+        except DMSConfigError as e:
+            msg = str(e)
+            for field, key in HF_KEY_OF_FIELD.items():
+                if msg.startswith(f"DMSConfig.{field}="):
+                    raise DMSConfigError(f"{source}: {key}={cfg.get(key)!r} is invalid ({msg})") from None
+            raise DMSConfigError(f"{source}: {msg}") from None
+
+
+#: config.json key of each DMSConfig field the released format carries (for error messages)
+HF_KEY_OF_FIELD = {"alpha_scale": "dms_alpha_scale", "alpha_offset": "dms_initial_alpha_offset",
+                   "window": "dms_window_size", "final_cr": "dms_cr", "decision": "dms_decision",
+                   "scope": "dms_scope", "immediate_eviction": "dms_immediate_eviction", "tau": "dms_tau"}
 
 
 def _finite(x: Any) -> bool:

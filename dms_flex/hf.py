@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,10 +87,6 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCaus
 #: the name DMS attention is registered under in transformers' AttentionInterface / AttentionMaskInterface.
 ATTN_IMPLEMENTATION = "dms"
 
-# config.json key <-> DMSConfig field, for error messages.
-_HF_KEY_OF_FIELD = {"alpha_scale": "dms_alpha_scale", "alpha_offset": "dms_initial_alpha_offset",
-                    "window": "dms_window_size", "final_cr": "dms_cr", "decision": "dms_decision",
-                    "scope": "dms_scope", "immediate_eviction": "dms_immediate_eviction", "tau": "dms_tau"}
 # LlamaModel / Qwen2Model / Qwen3Model.forward parameters, in order (to name positional arguments).
 # ("cache" is named past_key_values in earlier 5.x releases such as 5.17: same position)
 _MODEL_FORWARD_ARGS = ("input_ids", "attention_mask", "position_ids", "cache", "inputs_embeds", "use_cache")
@@ -222,13 +217,11 @@ def _check_supported(model: nn.Module) -> None:
 def dms_config_from_hf(hf_config: Dict[str, Any], source: str = "config.json") -> DMSConfig:
     """DMSConfig.from_hf with errors that name the config.json key."""
     try:
-        return DMSConfig.from_hf(hf_config)
+        return DMSConfig.from_hf(hf_config, source=source)
     except DMSConfigError as e:
-        msg = str(e)
-        for fld, key in _HF_KEY_OF_FIELD.items():
-            if msg.startswith(f"DMSConfig.{fld}="):
-                raise DMSConfigError(f"{source}: {key}={hf_config.get(key)!r} is invalid ({msg})") from None
-        raise DMSConfigError(f"{source}: {msg} To enable DMS on a model without DMS settings, pass "
+        if "lacks the DMS keys" not in str(e):
+            raise
+        raise DMSConfigError(f"{e} To enable DMS on a model without DMS settings, pass "
                              f"dms_config=DMSConfig(...) explicitly.") from None
 
 
@@ -281,10 +274,8 @@ def save_pretrained(model: nn.Module, folder, **kwargs) -> None:
 
 
 def _weight_files(folder: Path) -> List[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / n for n in names]
+    if (folder / checkpoint.WEIGHTS_INDEX_NAME).is_file():
+        return checkpoint._weight_files(folder)  # a damaged index or missing shards: a ValueError that says so
     return sorted(folder.glob("*.safetensors"))
 
 
@@ -294,7 +285,7 @@ def _read_extra_tensors(folder: Path) -> Dict[str, torch.Tensor]:
 
     out: Dict[str, torch.Tensor] = {}
     for path in _weight_files(folder):
-        with safe_open(str(path), "pt") as f:
+        with checkpoint.safetensors_errors(path), safe_open(str(path), "pt") as f:
             for name in f.keys():
                 if checkpoint.is_extra_key(name):
                     out[name] = f.get_tensor(name)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .config import DMSConfig, DMSConfigError
+from .config import DMSConfig
 from .torchtune_model import add_dms
 
 ADAPTER_WEIGHTS_NAME = "dms_adapter.safetensors"
@@ -75,7 +75,8 @@ def load_dms_model(folder, *, dms_overrides: Optional[Dict[str, Any]] = None, dt
         hf_config = {**{k: v for k, v in hf_config.items() if not k.startswith("dms_")},
                      **{k: v for k, v in adapter_cfg.items() if k.startswith("dms_")}}
     trained = "dms_window_size" in hf_config
-    cfg = DMSConfig.from_hf(hf_config) if trained else DMSConfig()
+    source = str(adapter / ADAPTER_CONFIG_NAME) if adapter_cfg is not None else str(Path(folder) / "config.json")
+    cfg = DMSConfig.from_hf(hf_config, source=source) if trained else DMSConfig()
     if dms_overrides:
         cfg = cfg.replace(**dms_overrides)
     if adapter_state is not None and cfg.decision != "adapter":
@@ -127,10 +128,7 @@ def read_adapter(folder) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
                 else " Write one with `python -m dms_flex.pretrained export-adapter CHECKPOINT OUT`")
         raise FileNotFoundError(f"{folder} is not a DMS adapter folder: it lacks {' and '.join(missing)}.{hint}")
     cfg = checkpoint.read_json_object(cfg_path, "export the adapter again")
-    try:
-        dms = DMSConfig.from_hf(cfg)
-    except DMSConfigError as e:
-        raise ValueError(f"{cfg_path} holds no valid DMS settings: {e}") from e
+    dms = DMSConfig.from_hf(cfg, source=str(cfg_path))
     if dms.decision != "adapter":
         raise ValueError(f"{cfg_path} says dms_decision={dms.decision!r}; an adapter folder holds adapter-variant "
                          f"parameters (dms_decision 'adapter')")
@@ -139,7 +137,7 @@ def read_adapter(folder) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     try:
         state = load_file(str(weights))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
-        raise ValueError(f"{weights} cannot be read as safetensors ({e}): export the adapter again") from e
+        raise ValueError(f"{weights} cannot be read as safetensors ({e}): export the adapter again") from None
     foreign = sorted(k for k in state if not checkpoint.is_extra_key(k))
     if foreign or not state:
         raise ValueError(f"{weights} must hold only DMS parameters (names containing 'dms'), found "
@@ -199,10 +197,17 @@ def _weight_reader(folder: Path):
     with contextlib.ExitStack() as stack:
         where: Dict[str, Any] = {}
         for f in files:
-            handle = stack.enter_context(safe_open(str(f), framework="pt"))
+            with checkpoint.safetensors_errors(f):
+                handle = stack.enter_context(safe_open(str(f), framework="pt"))
             for name in handle.keys():
-                where[name] = handle
-        yield list(where), lambda name: where[name].get_tensor(name)
+                where[name] = (handle, f)
+
+        def get(name):
+            handle, f = where[name]
+            with checkpoint.safetensors_errors(f):
+                return handle.get_tensor(name)
+
+        yield list(where), get
 
 
 def _base_names(names: Iterable[str], cfg: Dict[str, Any]) -> set:
@@ -274,10 +279,7 @@ def export_adapter(checkpoint_folder, out_folder, *, base_folder=None) -> Path:
     if "dms_window_size" not in cfg:
         raise ValueError(f"{ckpt_folder} is not a DMS checkpoint (its config.json has no dms_* keys): nothing to "
                          f"export; retrofit it with `tune run dms_retrofit dms.decision=adapter train_adapter_only=true`")
-    try:
-        dms = DMSConfig.from_hf(cfg)
-    except DMSConfigError as e:
-        raise ValueError(f"{ckpt_folder}/config.json: {e}") from e
+    dms = DMSConfig.from_hf(cfg, source=str(ckpt_folder / "config.json"))
     if dms.decision != "adapter":
         raise ValueError(f"{ckpt_folder} is a {dms.decision}-variant DMS checkpoint: its decisions live in the base "
                          f"model's q/k weights, not in adapter parameters, so an adapter alone cannot carry them; "

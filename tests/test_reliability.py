@@ -262,3 +262,63 @@ def test_capacity_plan_refuses_numbers_that_are_not_finite():
                dict(headroom=float("nan"))):
         with pytest.raises(ValueError, match="finite"):
             capacity.plan("llama3_8b", **{"context": 4096, "gpu_gib": 80.0, **kw})
+
+
+# ============================================================================ damaged files: one line naming the file
+def _copy_with(src, dst, config=None, weights=None):
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    if config is not None:
+        cfg = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps({**cfg, **config}))
+    if weights is not None:
+        data = (dst / "model.safetensors").read_bytes()
+        (dst / "model.safetensors").write_bytes(data[: len(data) // 2] if weights == "truncated" else
+                                                bytes(range(256)) * 8)
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random"])
+def test_damaged_weights_are_one_line_everywhere(damage, tiny_hf_folder, tmp_path, capsys):
+    """generate, eval, hf.from_pretrained and export-adapter gave a raw SafetensorError."""
+    from dms_flex import eval as ev
+    from dms_flex import hf, pretrained
+    from dms_flex.config import DMSConfig
+
+    folder = _copy_with(tiny_hf_folder, tmp_path / "broken", config=DMSConfig(decision="adapter").to_hf(),
+                        weights=damage)
+    expected = f"{folder / 'model.safetensors'} is not a readable safetensors file"
+    rc, out, err = _generate(["--checkpoint", str(folder), "--prompt", "x"], capsys)
+    assert rc == 2 and expected in err and "Traceback" not in err
+    assert ev.main(["--model", str(folder), "--out", str(tmp_path / "eval"), "--metrics", "ppl"]) == 2
+    assert expected in capsys.readouterr().err
+    assert pretrained.main(["export-adapter", str(folder), str(tmp_path / "adapter")]) == 2
+    assert expected in capsys.readouterr().err
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        hf.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("config, expected", [
+    ("bytes", r"config.json is not UTF-8 text"),
+    ({"dms_alpha_scale": "abc"}, r"config.json: dms_alpha_scale='abc' is invalid: it must be a number"),
+    ({"dms_window_size": "abc"}, r"config.json: dms_window_size='abc' is invalid \(DMSConfig.window="),
+])
+def test_config_json_errors_name_the_file_and_the_key(config, expected, tiny_hf_folder, tmp_path, capsys):
+    from dms_flex import hf, pretrained
+    from dms_flex.config import DMSConfig
+
+    folder = _copy_with(tiny_hf_folder, tmp_path / "bad", config=DMSConfig().to_hf())
+    if config == "bytes":
+        (folder / "config.json").write_bytes(b'{"dms_window_size": "\xff\xfe"}')
+    else:
+        _copy_with(folder, tmp_path / "bad2", config=config)
+        folder = tmp_path / "bad2"
+    expected = re.escape(str(folder)) + ".*" + expected
+    rc, out, err = _generate(["--checkpoint", str(folder), "--prompt", "x"], capsys)
+    assert rc == 2 and re.search(expected, err) and "Traceback" not in err
+    with pytest.raises(ValueError, match=expected):
+        pretrained.load_dms_model(folder)
+    with pytest.raises(ValueError, match=expected):
+        hf.from_pretrained(folder)
