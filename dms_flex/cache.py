@@ -187,7 +187,9 @@ class DMSKVCache(nn.Module):
         klive = torch.cat([live_cache, valid_new], dim=-1)
         survive = klive & ~(kmark & masks.is_far(last, kpos, w))
         count = survive.sum(-1)
-        if bool((count > C).any()):
+        # the only host syncs: L above, and this check where an overflow is possible at all; the rest
+        # (attention, pack) is queued without waiting
+        if L + n > C and bool((count > C).any()):
             raise CacheOverflowError(
                 f"this input needs {int(count.max())} KV slots but the DMS cache holds {C} per batch row and KV "
                 f"head; nothing was written. Create the cache with a larger capacity (the default, max_seq_len, "
@@ -219,16 +221,16 @@ class DMSKVCache(nn.Module):
             new = [k.to(self.k.dtype), v.to(self.v.dtype)]
         olds = [self.k, self.v, self.k_scale, self.v_scale]
         stored = [x if L == 0 else torch.cat([old[:, :, :L], x], dim=2) for x, old in zip(new, olds)]
-        self._pack(survive, count, stored, kpos, kmark, last, L)
+        self._pack(survive, count, stored, kpos, kmark, last)
         return out
 
-    def _pack(self, survive, count, stored, kpos, kmark, last, L: int):
+    def _pack(self, survive, count, stored, kpos, kmark, last):
         """Survivors of the (old slots + new tokens) sequence into slots [0, count), in order: one
         cumulative sum and one scatter give each slot its source, one gather per buffer moves them."""
         B, H, S = survive.shape
         W = self.window + 1
         dev = survive.device
-        M = int(count.max())  # slots written; slots in [count, max(M, L)) are dead afterwards
+        M = min(S, self.capacity)  # slots written (no host sync for the exact count); [count, M) are dead
         dst = torch.where(survive, survive.cumsum(-1) - 1, torch.full_like(kpos, M))
         order = torch.zeros(B, H, M + 1, dtype=torch.long, device=dev)
         order.scatter_(2, dst, torch.arange(S, device=dev).expand(B, H, S))
@@ -244,9 +246,6 @@ class DMSKVCache(nn.Module):
         new_pos = torch.where(live, kpos.gather(2, order), torch.full_like(order, -1))
         self.slot_pos[..., :M].copy_(new_pos)
         self.slot_marked[..., :M].copy_(kmark.gather(2, order) & live)
-        if L > M:
-            self.slot_pos[..., M:L].fill_(-1)
-            self.slot_marked[..., M:L].fill_(False)
         self.length.copy_(count)
         # the ring: slot of each token still inside the window of the last token
         in_win = live & ~masks.is_far(last, new_pos, self.window)

@@ -88,11 +88,11 @@ def _decode_update_kernel(
     freed = (pos >= W) & ((pos - old_pos) > window) & old_mark
     length = tl.load(LEN + pid)
     new_slot = tl.where(freed, old_slot, length)
-    tl.store(OVF, 1, mask=new_slot >= C)
+    tl.store(OVF, new_slot >= C, mask=new_slot >= C)
     slot = tl.minimum(new_slot, C)
     tl.store(LEN + pid, tl.minimum(length + tl.where(freed, 0, 1), C))
     # the predecessor's mark (unless its slot is the one being reused right now)
-    tl.store(sm_base + prev_slot, evict.to(tl.int8), mask=(pos >= 1) & (prev_slot != slot))
+    tl.store(sm_base + prev_slot, evict, mask=(pos >= 1) & (prev_slot != slot))
     # 3. the K/V row
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
@@ -104,7 +104,7 @@ def _decode_update_kernel(
     _write_row(v, VC + kv_off, VS + row * (C + 1) + slot64, offs_d, dmask, QUANT, ROUND_SCALE)
     # 4. bookkeeping of the new token
     tl.store(sp_base + slot64, pos)
-    tl.store(sm_base + slot64, 0)
+    tl.store(sm_base + slot64, pos < 0)  # False
     tl.store(win_base + ring, slot)
 
 
@@ -116,8 +116,7 @@ def _launch(k_new, v_new, evict, pos, k_cache, v_cache, k_scale, v_scale, length
     ks = k_scale if quant else length
     vs = v_scale if quant else length
     kern[(B * H,)](
-        k_new, v_new, evict.view(torch.uint8), pos, k_cache, v_cache, ks, vs, length, slot_pos,
-        slot_marked.view(torch.uint8), win_slot, overflow.view(torch.uint8),
+        k_new, v_new, evict, pos, k_cache, v_cache, ks, vs, length, slot_pos, slot_marked, win_slot, overflow,
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         H, C1 - 1, int(window),
         D=D, BLOCK_D=triton.next_power_of_2(D), QUANT=quant, ROUND_SCALE=quant and k_new.dtype != torch.float32,
