@@ -606,9 +606,7 @@ def _write_folder_atomically(folder, fill: Callable[[Path], None], *, carry_over
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=parent))
     try:
         fill(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide a shared or packaged folder from others
+        make_readable(tmp)  # mkdtemp's 0700 (and safetensors' 0600 files) would hide it from others
         if carry_over and folder.is_dir():
             written = {p.name for p in tmp.iterdir()}
             for entry in folder.iterdir():
@@ -634,6 +632,26 @@ def _write_folder_atomically(folder, fill: Callable[[Path], None], *, carry_over
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def make_readable(root) -> None:
+    """Give `root` and everything under it the modes a plain mkdir / open would (0777 / 0666 less the
+    umask): mkdtemp makes 0700 folders and safetensors writes 0600 files, unreadable to the group
+    and others although the folder around them is readable."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root = Path(root)
+    if not root.is_dir():
+        root.chmod((0o666 & ~umask) | (root.stat().st_mode & 0o111))
+        return
+    root.chmod(0o777 & ~umask)
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(dirpath, name), 0o777 & ~umask)
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, (0o666 & ~umask) | (os.stat(path).st_mode & 0o111))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -271,6 +271,8 @@ def save_pretrained(model: nn.Module, folder, **kwargs) -> None:
     for key, value in cfg.to_hf().items():
         setattr(model.config, key, value)
     model.save_pretrained(str(folder), **kwargs)
+    for weights in Path(folder).glob("*.safetensors"):  # safetensors writes 0600: readable like config.json
+        checkpoint.make_readable(weights)
 
 
 def _weight_files(folder: Path) -> List[Path]:

@@ -322,3 +322,35 @@ def test_config_json_errors_name_the_file_and_the_key(config, expected, tiny_hf_
         pretrained.load_dms_model(folder)
     with pytest.raises(ValueError, match=expected):
         hf.from_pretrained(folder)
+
+
+# ============================================================================ files others can read
+def test_saved_weights_are_readable_like_the_rest_of_the_folder(tmp_path):
+    """safetensors writes 0600; the folders around were made readable for others."""
+    import os
+    import stat
+
+    from dms_flex import checkpoint, hf, pretrained
+    from dms_flex.config import DMSConfig
+
+    from .test_hf import make
+
+    old = os.umask(0o022)
+    try:
+        m = tiny_model(decision="adapter")
+        hf_cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": 32, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 64, "intermediate_size": 64,
+                  "max_position_embeddings": 96, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+                  **m.dms_config.to_hf()}
+        folder = checkpoint.save_hf_checkpoint(m, hf_cfg, tmp_path / "tt", "llama")
+        adapter = pretrained.export_adapter(folder, tmp_path / "adapter")
+        _, dms = make("llama", DMSConfig(window=2))
+        hf.save_pretrained(dms, tmp_path / "hf")
+        files = [folder / "model.safetensors", folder / "config.json", adapter / "dms_adapter.safetensors",
+                 tmp_path / "hf" / "model.safetensors"]
+        for f in files:
+            assert stat.S_IMODE(f.stat().st_mode) == 0o644, (f, oct(f.stat().st_mode))
+        for d in (folder, adapter):
+            assert stat.S_IMODE(d.stat().st_mode) == 0o755
+    finally:
+        os.umask(old)
