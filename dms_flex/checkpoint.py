@@ -72,6 +72,9 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 # Files of an existing folder that a save replaces (everything else is carried over).
 _WEIGHT_FILE_RE = re.compile(r"^(model.*\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?)$")
 _SUPPORTED_ROPE = ("default", "llama3")
+#: the temporary names an interrupted atomic save leaves behind: `.NAME.tmp-XXXX` (a folder or file being
+#: written) and `.NAME.old-XXXX` (the folder being replaced, between the two renames)
+TEMP_NAME_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[0-9A-Za-z_]+$")
 
 
 @dataclass
@@ -610,8 +613,8 @@ def _write_folder_atomically(folder, fill: Callable[[Path], None], *, carry_over
         if carry_over and folder.is_dir():
             written = {p.name for p in tmp.iterdir()}
             for entry in folder.iterdir():
-                if entry.name in written or _WEIGHT_FILE_RE.match(entry.name):
-                    continue
+                if entry.name in written or _WEIGHT_FILE_RE.match(entry.name) or TEMP_NAME_RE.match(entry.name):
+                    continue  # replaced, or left by an interrupted save
                 if entry.is_dir():
                     shutil.copytree(entry, tmp / entry.name, symlinks=True)
                 else:
@@ -659,13 +662,16 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def save_hf_checkpoint(model: nn.Module, hf_config: Dict[str, Any], folder, family: str,
-                       extra_state: Optional[Dict[str, torch.Tensor]] = None, tokenizer=None) -> Path:
+                       extra_state: Optional[Dict[str, torch.Tensor]] = None, tokenizer=None,
+                       extra_files: Optional[Callable[[Path], None]] = None, carry_over: bool = True) -> Path:
     """Write a torchtune decoder as a Hugging Face folder (``config.json`` + ``model.safetensors``).
 
     Tensors of ``model`` whose name contains ``dms`` are saved under Hugging Face module paths
     (see :func:`tune_extra_name_to_hf`); ``extra_state`` (Hugging Face names) is added as is and
     wins on a name clash. The folder is written to a temporary sibling and renamed into place, so an
-    interrupted save leaves a previous folder intact. Returns the folder.
+    interrupted save leaves a previous folder intact; ``extra_files(tmp)`` adds files to it before the
+    rename (they appear together with the weights or not at all). ``carry_over``: keep the other files
+    of a folder being replaced (tokenizer, generation config, ...). Returns the folder.
     """
     if family not in _FAMILY_TO_ARCH:
         raise ValueError(f"unknown family {family!r}; supported: {', '.join(_FAMILY_TO_ARCH)}")
@@ -731,8 +737,10 @@ def save_hf_checkpoint(model: nn.Module, hf_config: Dict[str, Any], folder, fami
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        if extra_files is not None:
+            extra_files(tmp)
 
-    return _write_folder_atomically(folder, fill)
+    return _write_folder_atomically(folder, fill, carry_over=carry_over)
 
 
 def build_expected_hf_shapes(hf_config: Dict[str, Any], family: Optional[str] = None) -> Dict[str, torch.Size]:

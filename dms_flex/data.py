@@ -273,6 +273,17 @@ class PackedDocuments(Dataset):
     def real_tokens(self) -> int:
         return sum(e - s for row in self.rows for s, e in row)
 
+    def fingerprint(self) -> Dict[str, Any]:
+        """The packed rows' content as a hash, with their counts: what a resumed retrofit checks
+        against the run it continues (data files that changed on disk give another hash)."""
+        h = hashlib.sha256(f"{self.max_seq_len} {self.pad_id}".encode())
+        chunk = 1 << 22
+        for s in range(0, self._tokens.size, chunk):
+            h.update(self._tokens[s:s + chunk].astype(np.int64).tobytes())
+        h.update(np.packbits(self._keep).tobytes())
+        h.update(np.asarray([(r, s, e) for r, row in enumerate(self.rows) for s, e in row], dtype=np.int64).tobytes())
+        return {"sha256": h.hexdigest(), "documents": self.documents, "tokens": self.real_tokens, "rows": len(self)}
+
     def __getitem__(self, idx: int) -> Dict[str, torch.Tensor]:
         T = self.max_seq_len
         tokens = torch.full((T,), self.pad_id, dtype=torch.long)

@@ -34,11 +34,14 @@ head, hard decisions), logs/.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
+import uuid
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -59,6 +62,17 @@ from dms_flex.torchtune_model import add_dms, forward_train, output_weight
 
 CONFIG_DIR = Path(dms_data.__file__).resolve().parent / "configs"
 RECIPE_STATE = "recipe_state.pt"
+# in output_dir: which run was started there last and what the recipe wrote (anything else there is the
+# user's, and refused without overwrite=true); in every step_NNNNNN/ and final/: the run that wrote it
+RUN_RECORD = "retrofit_run.json"
+_STEP_RE = re.compile(r"^step_\d+$")
+_OURS_RE = re.compile(rf"^(step_\d+|final|{re.escape(RUN_RECORD)})$")  # what a temporary name may stand for
+# the settings that change a run's result: a resumed run must have the same (the data are checked too)
+RESULT_KEYS = ("checkpoint_dir", "model", "tokenizer", "dataset", "max_seq_len", "split_across_rows", "shuffle",
+               "seed", "dms", "train_adapter_only", "optimizer", "lr_scheduler", "clip_grad_norm", "batch_size",
+               "gradient_accumulation_steps", "max_steps", "dtype", "kd_temperature", "quant", "save_dtype")
+_RESULT_DEFAULTS = {"split_across_rows": True, "shuffle": True, "train_adapter_only": False, "kd_temperature": 1.0,
+                    "save_dtype": "bf16"}
 _CONFIG_NAME = None  # the bare name given to --config, for messages
 
 
@@ -167,6 +181,10 @@ class DMSRetrofitRecipe:
                               f"{str(self.adapter_only).lower()}, dms.decision={self.dms.decision})")
         if cfg.get("checkpoint_dir", None) is not None and not (Path(cfg.checkpoint_dir) / "config.json").is_file():
             raise RecipeError(_missing_weights_message(cfg, Path(cfg.checkpoint_dir)))
+        self.output_dir = Path(os.path.expanduser(str(cfg.output_dir))).absolute()
+        self.overwrite = bool(cfg.get("overwrite", False))
+        self.manifest = check_output_dir(self.output_dir, self.overwrite)  # before anything is written
+        self.settings = result_settings(cfg, self.dms, self.kv_int8, self.base_weights)
         from torchtune import training, utils
 
         self.distributed = training.is_distributed()
@@ -183,7 +201,6 @@ class DMSRetrofitRecipe:
         self.is_rank_zero = self.rank == 0
         self.compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]
         self.save_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.get("save_dtype", "bf16")]
-        self.output_dir = Path(os.path.expanduser(str(cfg.output_dir))).absolute()
         self.max_steps = int(cfg.max_steps)
         self.grad_accum = int(cfg.gradient_accumulation_steps)
         self.batch_size = int(cfg.batch_size)
@@ -199,10 +216,27 @@ class DMSRetrofitRecipe:
         torch.manual_seed(self.seed)
         if self.is_rank_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            clean_leftovers(self.output_dir, self._log)
+            if self.manifest["foreign"]:
+                self._log(f"overwrite=true: {self.output_dir} holds entries this recipe did not write "
+                          f"({', '.join(self.manifest['foreign'][:6])}); the run replaces those it writes to")
+            self._claim("torchtune_config.yaml")
+            log_dir = cfg.metric_logger.get("log_dir", None)
+            if log_dir is not None:
+                inside = Path(os.path.expanduser(str(log_dir))).absolute()
+                if inside != self.output_dir and self.output_dir in inside.parents:
+                    self._claim(inside.relative_to(self.output_dir).parts[0], replace=False)
             self.metric_logger = config.instantiate(cfg.metric_logger)
             self.metric_logger.log_config(cfg)
+        if self.distributed:
+            torch.distributed.barrier()  # leftovers of an interrupted save are gone before any rank looks
         self.tokenizer = _instantiate(cfg.tokenizer, "tokenizer")
         self._setup_models(cfg)
+        # a resumed run continues the run id of its checkpoint; a new run gets its own
+        self.run_id = (self._resume_record or {}).get("run_id") or uuid.uuid4().hex[:12]
+        if self.is_rank_zero:
+            self.manifest["run_id"] = self.run_id
+            self._save_manifest()
         self._setup_data(cfg)
         trainable = [p for p in self.step.parameters() if p.requires_grad]
         self.optimizer = _instantiate(cfg.optimizer, "optimizer", trainable)
@@ -225,7 +259,7 @@ class DMSRetrofitRecipe:
 
     def _setup_models(self, cfg: DictConfig) -> None:
         """Student (fp32 master weights, DMS attached), teacher, and the resume folder if any."""
-        self._resume_folder = _resume_folder(cfg.get("resume_from", None), self.output_dir)
+        self._resume_folder = self._choose_resume_folder(cfg.get("resume_from", None))
         source, self.hf_config, self.family = self._original_model(cfg)
         needs_teacher = not self.adapter_only
         if self.distributed:
@@ -392,6 +426,7 @@ class DMSRetrofitRecipe:
         self.packed = dms_data.PackedDocuments(ds, int(cfg.max_seq_len), pad_id=self.tokenizer.pad_id,
                                                split_across_rows=bool(cfg.get("split_across_rows", True)),
                                                max_rows=rows_needed, progress=self.is_rank_zero)
+        self.data_fingerprint = self.packed.fingerprint()
         per_batch = self.batch_size * self.world_size
         if len(self.packed) < per_batch:
             raise RecipeError(f"the data packs into {len(self.packed)} row(s) of {cfg.max_seq_len} tokens, fewer than "
@@ -499,6 +534,7 @@ class DMSRetrofitRecipe:
         self.save_checkpoint(self.global_step, final=True)
         if self.is_rank_zero:
             try:
+                self._claim("kept_heatmap.png")
                 path = plot_kept_heatmap(after, str(self.output_dir / "kept_heatmap.png"),
                                          title=f"kept, step {self.global_step}")
                 self._log(f"heat map of kept fraction per layer and KV head: {path}")
@@ -556,18 +592,126 @@ class DMSRetrofitRecipe:
                 hf_config["dms_kv_dtype"] = "int8"
             if self.base_weights != "none":  # informational: generate defaults --weight-quant to it
                 hf_config["dms_weight_quant"] = self.base_weights
-            (folder / RECIPE_STATE).unlink(missing_ok=True)  # a stale state must not outlive its weights
-            ckpt.save_hf_checkpoint(view, hf_config, folder, self.family, extra_state=pretrained.dms_state_dict(view),
-                                    tokenizer=self.tokenizer.hf)
+            record = {"recipe": "dms_retrofit", "run_id": self.run_id, "step": step, "settings": self.settings,
+                      "data": self.data_fingerprint, "world_size": self.world_size}
+            state = None
             if not final:
                 state = {"step": step, "epoch": self.epoch, "dataloader": self.dataloader.state_dict(),
                          "optimizer": opt, "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
-                         "rng": rng, "world_size": self.world_size, "seed": self.seed, "dms": self.dms.to_dict()}
-                _atomic_torch_save(state, folder / RECIPE_STATE)
+                         "rng": rng, "world_size": self.world_size, "seed": self.seed, "dms": self.dms.to_dict(),
+                         "run": record}
+
+            def extra_files(tmp: Path) -> None:  # written with the weights: the folder appears whole or not at all
+                if state is not None:
+                    torch.save(state, tmp / RECIPE_STATE)
+                (tmp / RUN_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+
+            self._claim(folder.name)
+            try:
+                ckpt.save_hf_checkpoint(view, hf_config, folder, self.family,
+                                        extra_state=pretrained.dms_state_dict(view), tokenizer=self.tokenizer.hf,
+                                        extra_files=extra_files, carry_over=final)
+            except ValueError as e:
+                raise RecipeError(f"cannot save {folder}: {e}") from None
             self._log(f"saved {'final model' if final else 'checkpoint'} to {folder}")
         if self.distributed:
             torch.distributed.barrier()
         return folder
+
+    def _claim(self, name: str, replace: bool = True) -> None:
+        """Record in output_dir's run record that the recipe writes `name` there (rank 0), refusing an
+        entry the recipe did not write (one that appeared after start-up) unless overwrite=true, which
+        removes it first when `replace`."""
+        if name in self.manifest["written"]:
+            return
+        path = self.output_dir / name
+        ours = path.is_dir() and _STEP_RE.match(name) and (path / RUN_RECORD).is_file()
+        if (path.exists() or path.is_symlink()) and not ours:
+            if not self.overwrite:
+                raise RecipeError(f"{path} was not written by this recipe (it appeared during the run): refusing to "
+                                  f"replace it; move it away and resume with resume_from=latest, or pass "
+                                  f"overwrite=true")
+            if replace:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        self.manifest["written"] = sorted(set(self.manifest["written"]) | {name})
+        self._save_manifest()
+
+    def _save_manifest(self) -> None:
+        data = {"recipe": "dms_retrofit", "run_id": self.manifest.get("run_id"), "written": self.manifest["written"]}
+        tmp = self.output_dir / f".{RUN_RECORD}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, self.output_dir / RUN_RECORD)
+
+    # ---- resume ----------------------------------------------------------------------------------
+    def _choose_resume_folder(self, value) -> Optional[Path]:
+        """The checkpoint to resume (None: a new run); its recipe state and run record are kept in
+        self._resume_state / self._resume_record. A checkpoint must be intact and of this run: the
+        settings that change the result equal (RESULT_KEYS; the data are checked once loaded) and its
+        step not past max_steps. `latest`: the newest intact checkpoint in output_dir of the run
+        started there last (any run, when output_dir records none)."""
+        self._resume_state = self._resume_record = None
+        if value in (None, "", False):
+            return None
+        if str(value) == "latest":
+            return self._latest_checkpoint()
+        folder = Path(os.path.expanduser(str(value))).absolute()
+        if not (folder / RECIPE_STATE).is_file():
+            raise RecipeError(f"resume_from={value}: {folder} holds no {RECIPE_STATE}; resume from a step_NNNNNN "
+                              f"folder that a run wrote (final/ is not resumable)")
+        problem, state = checkpoint_problem(folder)
+        if problem:
+            raise RecipeError(f"cannot resume from {folder}: {problem}")
+        self._accept_checkpoint(folder, state)
+        return folder
+
+    def _latest_checkpoint(self) -> Path:
+        steps = sorted((p for p in self.output_dir.glob("step_*") if p.is_dir() and _STEP_RE.match(p.name)),
+                       key=lambda p: int(p.name[5:]), reverse=True)
+        run_id = self.manifest.get("run_id")
+        others, damaged = [], []
+        for folder in steps:
+            record = read_record(folder)
+            if record is None:
+                others.append(f"{folder.name} (no {RUN_RECORD}: "
+                              f"{'written by an older version' if (folder / RECIPE_STATE).is_file() else 'incomplete'})")
+                continue
+            if run_id is not None and record.get("run_id") != run_id:
+                others.append(f"{folder.name} (run {record.get('run_id')})")
+                continue
+            problem, state = checkpoint_problem(folder)
+            if problem:
+                self._log(f"warning: {folder} is damaged ({problem}); looking for an older intact checkpoint")
+                damaged.append(folder.name)
+                continue
+            if damaged:
+                self._log(f"resume_from=latest: {', '.join(damaged)} damaged: falling back to {folder.name}, the "
+                          f"newest intact checkpoint of this run")
+            self._accept_checkpoint(folder, state)
+            return folder
+        whose = f"run {run_id}, the run last started there," if run_id else "any run"
+        raise RecipeError(
+            f"resume_from=latest: no intact checkpoint of {whose} in {self.output_dir}"
+            + (f"; damaged: {', '.join(damaged)}" if damaged else "")
+            + (f"; other checkpoints there: {', '.join(others[:4])}: resume one with resume_from=PATH (its settings "
+               f"must equal this run's)" if others else "")
+            + "; or leave resume_from out to start a new run")
+
+    def _accept_checkpoint(self, folder: Path, state: Dict[str, Any]) -> None:
+        record = state.get("run") or read_record(folder)
+        step = int(state["step"])
+        if step > self.max_steps:
+            raise RecipeError(f"cannot resume from {folder}: it is at step {step}, past max_steps={self.max_steps} "
+                              f"(a checkpoint of another run?)")
+        if record is None:
+            self._log(f"warning: {folder} was written before runs were recorded: only its DMS settings can be "
+                      f"checked against this run's")
+        else:
+            diff = settings_diff(record.get("settings", {}), self.settings)
+            if diff:
+                raise RecipeError(f"cannot resume from {folder}: it belongs to a run with other settings "
+                                  f"({'; '.join(diff[:6])}{'; ...' if len(diff) > 6 else ''}); resume with that run's "
+                                  f"settings, or start a new run (leave resume_from out)")
+        self._resume_state, self._resume_record = state, record
 
     def _rng_state(self) -> Dict[str, Any]:
         import random
@@ -583,8 +727,13 @@ class DMSRetrofitRecipe:
 
         import numpy as np
 
-        # mmap: only rank 0 reads the optimizer tensors (the others receive their shards)
-        state = torch.load(folder / RECIPE_STATE, map_location="cpu", weights_only=False, mmap=True)
+        state = self._resume_state  # read (mmap: only rank 0 reads the optimizer tensors) when it was chosen
+        run = state.get("run")
+        if run is not None and run.get("data", {}).get("sha256") != self.data_fingerprint["sha256"]:
+            then, now = run.get("data", {}), self.data_fingerprint
+            raise RecipeError(f"cannot resume from {folder}: its run trained on other data ({_describe_data(then)}) "
+                              f"than this config gives ({_describe_data(now)}): the dataset files or the data "
+                              f"settings changed; resume with that run's data, or start a new run")
         if state["dms"] != self.dms.to_dict():
             diff = {k: (v, self.dms.to_dict()[k]) for k, v in state["dms"].items() if self.dms.to_dict()[k] != v}
             raise RecipeError(f"cannot resume from {folder}: its DMS settings differ from the config's "
@@ -655,18 +804,6 @@ def peak_memory(device: torch.device) -> Dict[str, float]:
     return {"peak_process_rss_GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _device(name: str, distributed: bool) -> torch.device:
     name = str(name)
     if name == "auto":
@@ -716,19 +853,141 @@ def _instantiate(node, what: str, *args, **kwargs):
         raise RecipeError(f"cannot build {what} ({node.get('_component_')}): {e}") from None
 
 
-def _resume_folder(value, output_dir: Path) -> Optional[Path]:
-    if value in (None, "", False):
+def result_settings(cfg: DictConfig, dms: DMSConfig, kv_int8: bool, base_weights: str) -> Dict[str, Any]:
+    """The settings that change a run's result (RESULT_KEYS), as JSON values: recorded in every
+    checkpoint, and equal in a run that resumes it."""
+    out: Dict[str, Any] = {}
+    for key in RESULT_KEYS:
+        node = cfg.get(key, _RESULT_DEFAULTS.get(key))
+        out[key] = OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+    out["dms"] = dms.to_dict()  # defaults filled in: an omitted field equals its default
+    out["quant"] = {"kv_int8": kv_int8, "base_weights": base_weights}
+    return json.loads(json.dumps(out, default=str))
+
+
+def _flatten(value: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: Dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def settings_diff(saved: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
+    """`key=value in the checkpoint, value now` for every setting that differs (dotted keys)."""
+    a, b = _flatten(saved), _flatten(now)
+    missing = object()
+    return [f"{k}={a.get(k, '(unset)')!r} there, {b.get(k, '(unset)')!r} now" for k in sorted(a.keys() | b.keys())
+            if a.get(k, missing) != b.get(k, missing)]
+
+
+def _describe_data(d: Dict[str, Any]) -> str:
+    return (f"{d.get('documents', '?')} documents, {d.get('tokens', '?')} tokens in {d.get('rows', '?')} rows, "
+            f"hash {str(d.get('sha256', '?'))[:12]}")
+
+
+def read_record(folder: Path) -> Optional[Dict[str, Any]]:
+    """The run record of a checkpoint folder (None when missing or unreadable)."""
+    try:
+        record = json.loads((folder / RUN_RECORD).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
         return None
-    if str(value) == "latest":
-        found = sorted(p for p in output_dir.glob("step_*") if (p / RECIPE_STATE).is_file())
-        if not found:
-            raise RecipeError(f"resume_from=latest: no checkpoint with {RECIPE_STATE} under {output_dir}")
-        return found[-1]
-    folder = Path(os.path.expanduser(str(value))).absolute()
-    if not (folder / RECIPE_STATE).is_file():
-        raise RecipeError(f"resume_from={value}: {folder} holds no {RECIPE_STATE}; resume from a step_NNNNNN folder "
-                          f"that a run wrote (final/ is not resumable)")
-    return folder
+    return record if isinstance(record, dict) and "run_id" in record else None
+
+
+def checkpoint_problem(folder: Path) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+    """(None, its recipe state) for an intact step folder; (what is wrong, None) for a damaged one
+    (config.json, weights files or recipe_state.pt unreadable, e.g. truncated by a kill or a full disk)."""
+    from safetensors import safe_open
+
+    try:
+        ckpt.read_hf_config(folder)
+        for f in ckpt._weight_files(folder):
+            with ckpt.safetensors_errors(f), safe_open(str(f), "pt"):
+                pass
+    except (FileNotFoundError, ValueError) as e:
+        return str(e), None
+    try:
+        # mmap: only what is used is read (rank 0 reads the optimizer tensors, the others get their shards)
+        state = torch.load(folder / RECIPE_STATE, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # noqa: BLE001 - whatever a damaged file raises (zip, pickle, mmap errors)
+        return f"{folder / RECIPE_STATE} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", None
+    if not isinstance(state, dict) or "step" not in state:
+        return f"{folder / RECIPE_STATE} is not a recipe state of dms_retrofit", None
+    return None, state
+
+
+def read_manifest(output_dir: Path) -> Dict[str, Any]:
+    path = output_dir / RUN_RECORD
+    manifest = {"run_id": None, "written": [], "foreign": []}
+    if not path.is_file():
+        return manifest
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+        if not (isinstance(data, dict) and data.get("recipe") == "dms_retrofit"
+                and isinstance(data.get("written", []), list)):
+            raise ValueError("not a run record of dms_retrofit")
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"{path} is damaged ({e}): it records what this recipe wrote in {output_dir}; use a new "
+                          f"output_dir, or delete the file and pass overwrite=true") from None
+    manifest.update(run_id=data.get("run_id"), written=[str(n) for n in data.get("written", [])])
+    return manifest
+
+
+def check_output_dir(output_dir: Path, overwrite: bool) -> Dict[str, Any]:
+    """output_dir's run record, once output_dir is known to hold nothing but what this recipe wrote
+    there (its run record lists it; step folders copied in to resume carry their own), or with
+    overwrite=true: RecipeError otherwise, before anything is built or written."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RecipeError(f"output_dir={output_dir} is a file: give a folder (a new one, or one this recipe wrote)")
+    manifest = read_manifest(output_dir)
+    if not output_dir.is_dir():
+        return manifest
+    foreign = []
+    for entry in sorted(output_dir.iterdir()):
+        temp = ckpt.TEMP_NAME_RE.match(entry.name)
+        if entry.name in (RUN_RECORD, *manifest["written"]) or (temp and _OURS_RE.match(temp.group("name"))):
+            continue
+        if entry.is_dir() and _STEP_RE.match(entry.name) and (entry / RUN_RECORD).is_file():
+            continue  # a checkpoint of this recipe, copied here to be resumed
+        foreign.append(entry.name + ("/" if entry.is_dir() else ""))
+    if foreign and not overwrite:
+        raise RecipeError(f"output_dir={output_dir} holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} this "
+                          f"recipe did not write ({', '.join(foreign[:6])}{', ...' if len(foreign) > 6 else ''}): "
+                          f"refusing to write there; choose a new or empty output_dir, or pass overwrite=true to "
+                          f"let this run replace what it writes (final/, step_NNNNNN/, kept_heatmap.png)")
+    manifest["foreign"] = foreign
+    return manifest
+
+
+def clean_leftovers(output_dir: Path, log) -> None:
+    """Remove what an interrupted save left in output_dir (the temporary folders and files of an
+    atomic save); a folder that was being replaced and is missing gets its previous version back."""
+    removed, restored = [], []
+
+    def remove(path: Path) -> None:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+    for entry in sorted(output_dir.iterdir()):
+        temp = ckpt.TEMP_NAME_RE.match(entry.name)
+        if temp and _OURS_RE.match(temp.group("name")):
+            target = output_dir / temp.group("name")
+            if temp.group("kind") == "old" and entry.is_dir() and not target.exists():
+                os.rename(entry, target)
+                restored.append(target.name)
+            else:
+                remove(entry)
+                removed.append(entry.name)
+        elif entry.is_dir() and (_STEP_RE.match(entry.name) or entry.name == "final"):
+            for inner in sorted(entry.iterdir()):
+                if ckpt.TEMP_NAME_RE.match(inner.name):
+                    remove(inner)
+                    removed.append(f"{entry.name}/{inner.name}")
+    if restored:
+        log(f"restored {', '.join(restored)} (a save was interrupted while it replaced them)")
+    if removed:
+        log(f"removed what an interrupted save left in {output_dir}: {', '.join(removed)}")
 
 
 def _missing_weights_message(cfg: DictConfig, folder: Path) -> str:
@@ -750,6 +1009,7 @@ _KNOWN_KEYS = {
     "gradient_accumulation_steps", "max_steps", "dtype", "device", "enable_activation_checkpointing", "compile",
     "kd_chunk_size", "kd_temperature", "log_lm_loss", "output_dir", "save_every_n_steps", "save_dtype",
     "resume_from", "eval_batches", "metric_logger", "log_every_n_steps", "fsdp_reshard_after_forward", "quant",
+    "overwrite",
 }
 BASE_WEIGHT_QUANT = ("none", "int8", "nf4")
 
@@ -835,6 +1095,8 @@ def _validate(cfg: DictConfig) -> None:
     for key, allowed in (("dtype", ("bf16", "fp32")), ("save_dtype", ("bf16", "fp32"))):
         if cfg.get(key, "bf16") not in allowed:
             raise RecipeError(f"{key}={cfg.get(key)!r} is invalid: it must be one of {allowed}")
+    if not isinstance(cfg.get("overwrite", False), bool):
+        raise RecipeError(f"overwrite={cfg.get('overwrite')!r} is invalid: it must be true or false")
     clip = cfg.get("clip_grad_norm", None)
     if clip is not None and not (isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0):
         raise RecipeError(f"clip_grad_norm={clip!r} is invalid: it must be a number > 0 or null")

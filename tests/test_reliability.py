@@ -354,3 +354,140 @@ def test_saved_weights_are_readable_like_the_rest_of_the_folder(tmp_path):
             assert stat.S_IMODE(d.stat().st_mode) == 0o755
     finally:
         os.umask(old)
+
+
+# ============================================================================ the retrofit recipe (items 1, 3; resume, leftovers)
+def _recipe(cwd, monkeypatch, capsys, *args):
+    """`tune run dms_retrofit --config tiny ARGS` in this process (seconds, not a new interpreter):
+    (exit code, stdout, stderr)."""
+    import dms_retrofit
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["dms_retrofit", "--config", "tiny", "save_every_n_steps=2", *args])
+    try:
+        dms_retrofit.main()
+        rc = 0
+    except SystemExit as e:  # torchtune's config.parse exits with the recipe's return value (None)
+        rc = e.code or 0
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err
+    return rc, out.out, out.err
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def _same(a, b):
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_latest_takes_this_runs_newest_checkpoint_and_checks_its_settings(tmp_path, monkeypatch, capsys):
+    """Item 1: `resume_from=latest` took another run's newer step folder (past max_steps, other lr)."""
+    import os
+    import stat
+
+    d = tmp_path / "D"
+    rc, out, err = _recipe(tmp_path, monkeypatch, capsys, "output_dir=D", "max_steps=6")  # the first run
+    assert rc == 0, err
+    first_step4 = _weights(d / "step_000004")
+    rc, out, err = _recipe(tmp_path, monkeypatch, capsys, "output_dir=D", "max_steps=4", "optimizer.lr=5e-4")
+    assert rc == 0, err
+    assert stat.S_IMODE(os.stat(d / "final" / "model.safetensors").st_mode) & 0o044 == 0o044  # readable by others
+    second_final = _weights(d / "final")
+    # what a kill while the second run saved step 4 (and replaced step 2) leaves behind
+    (d / ".step_000004.tmp-k1ll3d").mkdir()
+    (d / ".step_000004.tmp-k1ll3d" / "model.safetensors").write_bytes(b"half")
+    (d / ".final.tmp-abcd1234").mkdir()
+    (d / "step_000002" / ".recipe_state.pt.tmp-4242").write_bytes(b"partial")
+    rc, out, err = _recipe(tmp_path, monkeypatch, capsys, "output_dir=D", "max_steps=4", "optimizer.lr=5e-4",
+                           "resume_from=latest")
+    assert rc == 0, err
+    assert re.search(r"resumed from \S+step_000002 at step 2", out), out  # not the first run's step 4
+    assert "removed what an interrupted save left" in out
+    assert not [p for p in d.rglob(".*tmp-*")]
+    wf = _weights(d / "final")
+    assert all(torch.equal(wf[k], second_final[k]) for k in wf)  # = the run it continued
+    assert all(torch.equal(a, b) for a, b in zip(_weights(d / "step_000004").values(), first_step4.values()))
+
+    # another run's settings are named, not resumed
+    rc, out, err = _recipe(tmp_path, monkeypatch, capsys, "output_dir=D", "max_steps=4", "resume_from=latest")
+    assert rc == 2 and "belongs to a run with other settings" in err and "optimizer.lr=0.0005 there, 0.001 now" in err
+    rc, out, err = _recipe(tmp_path, monkeypatch, capsys, "output_dir=D", "max_steps=3",
+                           f"resume_from={d / 'step_000004'}")
+    assert rc == 2 and "it is at step 4, past max_steps=3" in err
+    rc, out, err = _recipe(tmp_path, monkeypatch, capsys, "output_dir=D", "max_steps=6", "dataset.modules=[json]",
+                           f"resume_from={d / 'step_000004'}")
+    assert rc == 2 and "dataset.modules" in err
+
+
+def test_resume_latest_falls_back_to_the_newest_intact_checkpoint(tmp_path, monkeypatch, capsys):
+    """A truncated recipe_state.pt was a raw torch.load error, and `latest` kept choosing it; damaged
+    weights of a resumed checkpoint were a raw SafetensorError."""
+    d = tmp_path / "D"
+    rc, out, err = _recipe(tmp_path, monkeypatch, capsys, "output_dir=D", "max_steps=5")
+    assert rc == 0, err
+    final = _weights(d / "final")
+    state = (d / "step_000004" / "recipe_state.pt").read_bytes()
+    (d / "step_000004" / "recipe_state.pt").write_bytes(state[: len(state) // 2])
+    rc, out, err = _recipe(tmp_path, monkeypatch, capsys, "output_dir=D", "max_steps=5", "resume_from=latest")
+    assert rc == 0, err
+    assert "step_000004 damaged: falling back to step_000002" in out and "at step 2" in out
+    assert all(torch.equal(v, final[k]) for k, v in _weights(d / "final").items())
+    (d / "step_000004" / "recipe_state.pt").write_bytes(state[:100])  # the resumed run rewrote it whole
+    rc, out, err = _recipe(tmp_path, monkeypatch, capsys, "output_dir=D", "max_steps=5",
+                           f"resume_from={d / 'step_000004'}")
+    assert rc == 2 and "recipe_state.pt cannot be read" in err
+    weights = (d / "step_000002" / "model.safetensors")
+    weights.write_bytes(weights.read_bytes()[:1000])
+    rc, out, err = _recipe(tmp_path, monkeypatch, capsys, "output_dir=D", "max_steps=5",
+                           f"resume_from={d / 'step_000002'}")
+    assert rc == 2 and "model.safetensors is not a readable safetensors file" in err
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda d: (d / "final").mkdir() or (d / "final" / "config.json").write_text("{}"), "final/"),  # was replaced
+    (lambda d: (d / "kept_heatmap.png").write_bytes(b"mine"), "kept_heatmap.png"),  # was overwritten
+    (lambda d: (d / "step_000004").mkdir() or (d / "step_000004" / "x").write_text("x"), "step_000004/"),
+])
+def test_output_dir_holding_what_the_recipe_did_not_write_is_refused_at_start(make, name, tmp_path, monkeypatch,
+                                                                             capsys):
+    """Item 3: an unrelated step_000004/ was found only at save time, after training, with a traceback."""
+    d = tmp_path / "D"
+    d.mkdir()
+    make(d)
+    before = sorted((p.relative_to(d), p.read_bytes() if p.is_file() else None) for p in d.rglob("*"))
+    rc, out, err = _recipe(tmp_path, monkeypatch, capsys, "output_dir=D", "max_steps=4")
+    assert rc == 2 and f"holds 1 entry this recipe did not write ({name})" in err and "overwrite=true" in err
+    assert sorted((p.relative_to(d), p.read_bytes() if p.is_file() else None) for p in d.rglob("*")) == before
+
+
+def test_output_dir_that_is_a_file_and_overwrite(tmp_path, monkeypatch, capsys):
+    (tmp_path / "F").write_text("a file")
+    rc, out, err = _recipe(tmp_path, monkeypatch, capsys, "output_dir=F", "max_steps=1")  # was FileExistsError
+    assert rc == 2 and "is a file" in err
+    d = tmp_path / "D"
+    (d / "final").mkdir(parents=True)
+    (d / "final" / "notes.txt").write_text("mine")
+    (d / "README").write_text("mine")
+    rc, out, err = _recipe(tmp_path, monkeypatch, capsys, "output_dir=D", "max_steps=1", "overwrite=true")
+    assert rc == 0, err
+    assert (d / "final" / "config.json").is_file() and (d / "README").read_text() == "mine"
+    rc, out, err = _recipe(tmp_path, monkeypatch, capsys, "output_dir=D", "max_steps=1")  # README: not ours
+    assert rc == 2 and "(README)" in err
+
+
+def test_resume_checks_the_data(tmp_path, monkeypatch, capsys):
+    """The same settings over a data file that changed since: not the run the checkpoint belongs to."""
+    (tmp_path / "corpus.txt").write_text("some text about memory and what it keeps. " * 40)
+    data = ["dataset._component_=torchtune.datasets.text_completion_dataset", "dataset.source=text",
+            "dataset.data_files=corpus.txt", "dataset.sample_by=document", "~dataset.modules", "output_dir=D",
+            "max_steps=3"]
+    rc, out, err = _recipe(tmp_path, monkeypatch, capsys, *data)
+    assert rc == 0, err
+    (tmp_path / "corpus.txt").write_text("some text about MEMORY and what it keeps. " * 40)
+    rc, out, err = _recipe(tmp_path, monkeypatch, capsys, *data, "resume_from=latest")
+    assert rc == 2 and "its run trained on other data" in err
