@@ -28,7 +28,10 @@ records them as dms_kv_dtype / dms_weight_quant, the defaults of `python -m dms_
 Outputs under output_dir: step_NNNNNN/ (resumable: fp32 Hugging Face folder + recipe_state.pt),
 final/ (Hugging Face folder in save_dtype with the DMS keys in config.json, loadable by
 `python -m dms_flex.generate --checkpoint`), kept_heatmap.png (kept fraction per layer and KV
-head, hard decisions), logs/.
+head, hard decisions), logs/, and retrofit_run.json (what the recipe wrote there and the run started
+last). output_dir must hold nothing else (overwrite=true allows it). resume_from (a step folder, or
+latest: the newest intact one of the run started last) resumes only a checkpoint of the same run:
+same RESULT_KEYS settings, same packed data, step <= max_steps.
 """
 
 from __future__ import annotations
