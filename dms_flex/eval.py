@@ -576,6 +576,8 @@ def parse_args(argv=None):
         p.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if not (0 < args.top_p <= 1):
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a file: give the folder for results.json and the plots")
 
     def names(s, allowed, what):
         out = [x.strip() for x in s.split(",") if x.strip()]

@@ -241,6 +241,7 @@ def test_cli_parsers_turn_random_bad_values_into_one_error_line():
     ("dms_flex.eval", ["--cr", "abc"], "--cr: 'abc' is not a number"),
     ("dms_flex.eval", ["--lengths", "256,abc"], "--lengths: 'abc' is not a number"),
     ("dms_flex.eval", ["--cr", "nan"], "--cr: 'nan' is out of range"),  # refused after vanilla and DMS had run
+    ("dms_flex.eval", ["--out", str(README)], "is a file"),  # a FileExistsError after loading the model
     ("dms_flex.capacity", ["--cr", "inf"], "argument --cr: 'inf' is out of range"),  # ZeroDivisionError
     ("dms_flex.capacity", ["--cr", "nan"], "argument --cr: 'nan' is out of range"),  # "cannot convert float NaN"
     ("dms_flex.capacity", ["--gpu-mem", "nan"], "argument --gpu-mem: 'nan' is out of range"),
