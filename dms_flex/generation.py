@@ -148,16 +148,22 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], state: tm.Inference
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     written = [0] * len(prompts)  # returned tokens of each row that are in the cache
     filler = [0] * len(prompts)  # tokens decoded into a row's cache after it stopped
+    B = len(prompts)
+    no_overflow = torch.zeros(1, dtype=torch.long, device=device)
     for step in range(max_new_tokens):
-        host = nxt[:, 0].tolist()
+        # one device-to-host transfer per step: the tokens, the stop flags and the caches' overflow flag
+        done |= torch.isin(nxt[:, 0], stop)
+        overflow = state.overflow_flag().long().reshape(1) if step else no_overflow
+        host = torch.cat([nxt[:, 0], done.long(), overflow]).tolist()
+        if host[-1]:
+            state.check_overflow()  # raises with the cache's message, before a token computed past it is returned
         returned = [not s for s in result.stopped]  # this step's token of the row is part of its result
-        for row, tok in enumerate(host):
+        for row, tok in enumerate(host[:B]):
             if returned[row]:
                 result.tokens[row].append(tok)
                 if on_token is not None:
                     on_token(row, tok)
-        done |= torch.isin(nxt[:, 0], stop)
-        result.stopped = done.tolist()
+        result.stopped = [bool(d) for d in host[B:2 * B]]
         if all(result.stopped) or step == max_new_tokens - 1:
             break
         logits = step_fn(model, nxt, state)
@@ -168,7 +174,6 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], state: tm.Inference
                 filler[row] += 1
         result.decode_steps += 1
         nxt = sample(logits, sampling, generator)
-        state.check_overflow()
     state.pending = PendingTokens(
         tokens=[toks[-1] if len(toks) > n else None for toks, n in zip(result.tokens, written)],
         filler=filler, next_pos=state.next_pos.clone())

@@ -226,6 +226,10 @@ class InferenceState(nn.Module):
         for c in self.caches:
             c.check_overflow()
 
+    def overflow_flag(self) -> torch.Tensor:
+        """0-d bool on the device: did any layer's cache overflow (no host sync; see check_overflow)."""
+        return torch.stack([c.overflow for c in self.caches]).any()
+
     def kv_bytes(self) -> dict:
         """Live KV bytes vs what a dense cache would hold for the same tokens."""
         c0 = self.caches[0]
