@@ -8,7 +8,7 @@ means equal live KV bytes.
 Budget rule. A policy at compression ratio `cr` holds at most
     budget(t) = ceil(t / cr)  slots per (row, KV head), t = tokens seen so far (prompt + generated).
 The budget tracks the growing sequence, so at every moment the kept fraction is ~1/cr, which is the
-quantity DMS's CR measures (kept / seen, DMS_SPEC section 6). While the budget grows (every cr-th
+quantity DMS's CR measures (kept / seen, docs/design.md, "Compression ratio"). While the budget grows (every cr-th
 token) nothing is evicted; otherwise each new token evicts exactly one older token and takes its
 slot. Reserved parts live inside the budget b:
 - streaming: min(sinks, b-1) attention sinks (the first tokens) + the b - sinks most recent tokens;

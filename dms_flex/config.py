@@ -1,6 +1,6 @@
 """DMS settings: one validated dataclass, and the compression-ratio schedule.
 
-Field names follow DMS_SPEC; the released checkpoint format (`dms_alpha_scale`,
+Field names follow docs/design.md, "Semantics"; the released checkpoint format (`dms_alpha_scale`,
 `dms_initial_alpha_offset`, `dms_window_size`, `dms_cr`) maps onto them in `to_hf` / `from_hf`.
 """
 

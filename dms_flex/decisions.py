@@ -1,7 +1,7 @@
 """Where eviction decisions come from, and how they are relaxed for training.
 
 Shapes: q is (B, Hq, T, D) with Hq = Hkv * G; decision logits are (B, Hkv, T) in float32.
-Convention (DMS_SPEC section 2): the logit produced at position t+1 decides the fate of token t;
+Convention (docs/design.md, "The shift"): the logit produced at position t+1 decides the fate of token t;
 `shift_to_decided_token` turns "logit at position t" into "decision about token t".
 """
 

@@ -2,7 +2,7 @@
 
 Methods: ``vanilla`` (dense cache), ``dms`` (the model's learned evictions), and the training-free
 policies of `dms_flex.baselines` (``streaming``, ``h2o``, ``tova``) in the same compact cache. Each
-compressed method runs at a compression ratio (CR = tokens seen / KV slots kept, DMS_SPEC section 6):
+compressed method runs at a compression ratio (CR = tokens seen / KV slots kept, docs/design.md, "Compression ratio"):
 - DMS's CR is not set directly: it is measured (on the perplexity windows). For a requested CR the
   user passes a retrofit checkpoint (``--dms-checkpoint 8=DIR``), an alpha_offset
   (``--dms-alpha-offset 8=-2``) or a window (``--dms-window 8=64``; ``--dms-window 64`` sets every DMS

@@ -1,4 +1,4 @@
-"""Retrofit losses: the one-sided compression loss and chunked distillation (DMS_SPEC section 5)."""
+"""Retrofit losses: the one-sided compression loss and chunked distillation (docs/design.md, "Losses and schedule")."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The DMS visibility rule, once, plus the FlexAttention mask/score functions built on it.
 
-The rule (DMS_SPEC section 3): key j is visible to query i iff j <= i and NOT (j is marked and
+The rule (docs/design.md, "Delayed eviction"): key j is visible to query i iff j <= i and NOT (j is marked and
 i - j > window). In training the hard "marked" becomes the soft bias log(1 - alpha_j) on the far
 region i - j > window. Every integration (training attention, prefill, the compact cache's
 decode-time slot reuse, statistics) goes through `is_far` / `visible`.

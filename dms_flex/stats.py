@@ -1,4 +1,4 @@
-"""Compression statistics (DMS_SPEC section 6): what "8x" means.
+"""Compression statistics (docs/design.md, "Compression ratio"): what "8x" means.
 
 Per (layer, batch row, KV head): kept fraction = tokens retained / tokens seen, tokens still in the
 window counted as retained. CR = 1 / mean(kept fraction).

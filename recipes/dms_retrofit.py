@@ -1,4 +1,4 @@
-"""DMS retrofit: teach an existing LLM which KV-cache entries it may drop (DMS_SPEC section 5).
+"""DMS retrofit: teach an existing LLM which KV-cache entries it may drop (docs/design.md, "Losses and schedule").
 
     tune run dms_retrofit --config llama3_8b                             # one device
     tune run --nproc_per_node 8 dms_retrofit --config llama3_8b          # FSDP2 over 8 GPUs

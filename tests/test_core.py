@@ -1,4 +1,4 @@
-"""DMS rules (DMS_SPEC sections 1-6) against independent float64 loops on small shapes."""
+"""DMS rules (docs/design.md, "Semantics") against independent float64 loops on small shapes."""
 
 import math
 
@@ -81,7 +81,7 @@ def test_cr_schedule_endpoints_and_linearity():
     assert cfg.target_cr(0) == 1 and cfg.target_cr(510) == 16 and cfg.target_cr(10_000) == 16
     assert cfg.target_cr(255) == pytest.approx(8.5)
     assert cfg.alpha_target(0) == 0 and cfg.alpha_target(510) == pytest.approx(1 - 1 / 16)
-    assert abs(cfg.target_cr(238) - 8.0) < 0.03  # DMS_SPEC: CR 8 at about step 238
+    assert abs(cfg.target_cr(238) - 8.0) < 0.03  # docs/design.md, "Losses and schedule": CR 8 at about step 238
     assert cfg.replace(immediate_eviction=True).effective_window == 0
 
 

@@ -247,7 +247,7 @@ def test_every_packaged_config_validates():
             o = cfg.optimizer
             assert (tuple(o.betas), o.weight_decay, cfg.clip_grad_norm, cfg.dtype) == ((0.9, 0.95), 0.0, 1.0, "bf16")
             assert cfg.lr_scheduler is None
-        if name in ("llama3_8b", "llama3_1_8b", "qwen2_5_7b"):  # NVIDIA's 8B recipe (DMS_SPEC section 5)
+        if name in ("llama3_8b", "llama3_1_8b", "qwen2_5_7b"):  # NVIDIA's 8B recipe (docs/design.md, "Losses and schedule")
             assert (dms.initial_cr, dms.final_cr, dms.final_step, dms.window, cfg.max_steps, cfg.optimizer.lr) == \
                 (1.0, 16.0, 510, 512, 544, 3e-5)
 

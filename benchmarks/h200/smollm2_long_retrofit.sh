@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Longer adapter retrofits of SmolLM2-135M-Instruct: ~100 steps per unit of CR (DMS_SPEC section 5; the
+# Longer adapter retrofits of SmolLM2-135M-Instruct: ~100 steps per unit of CR (docs/design.md, "Losses and schedule"; the
 # packaged adapter had 26), on the code data set (no teacher-answered reasoning set to build first),
 # compiled, one per GPU at two learning rates. Each is then evaluated with the table's settings (vanilla
 # and DMS only: the training-free baselines of smollm2_table.sh do not depend on the retrofit).

@@ -1,6 +1,6 @@
 """DMS training attention as a Triton FlashAttention-2-style kernel (forward and backward).
 
-The function (DMS_SPEC sections 3-4; the rule lives in masks.py, the reference is
+The function (docs/design.md, "Delayed eviction" and "Training relaxation"; the rule lives in masks.py, the reference is
 `dms_flex.attention.dense_dms_attention`): for query i and key j of the same packed document,
 j <= i,
 
