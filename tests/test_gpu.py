@@ -104,7 +104,7 @@ def test_compiled_prefill_equals_eager():
     from tests.test_inference import tiny_model
 
     torch.manual_seed(0)
-    m = tiny_model(window=8, heads=(4, 2)).cuda()
+    m = tiny_model(window=8, heads=(4, 2), max_seq_len=256).cuda()
     for n, chunk in ((50, None), (77, 32), (130, 64)):
         prompt = torch.randint(0, 64, (2, n), device="cuda")
         eager, comp = tm.InferenceState(m, 2, max_seq_len=256), tm.InferenceState(m, 2, max_seq_len=256)

@@ -229,3 +229,31 @@ def test_chunked_prefill_matches_teacher_forced():
         toks.append(logits[-1].argmax(-1, keepdim=True))
         logits.append(tm.decode_step(m, toks[-1], state))
     assert_matches_reference(m, torch.cat(toks, 1), torch.stack(logits, 1), 40, state)
+
+
+def test_compiled_prefill_halves_trace_and_match_eager(monkeypatch):
+    """The compiled prefill path (tm.prefill(compile=True) on CUDA) traced by dynamo with dynamic shapes
+    and fullgraph on the CPU (aot_eager backend: the graphs, not inductor's code) equals eager prefill
+    over several chunk lengths, and needs one graph per half for all layers and lengths."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = (torch.compile(tm.attention_inputs, dynamic=True, fullgraph=True, backend="aot_eager"),
+                torch.compile(tm._finish_layer, dynamic=True, fullgraph=True, backend="aot_eager"))
+    monkeypatch.setattr(tm, "_compiled_layer_halves", lambda: compiled)
+    monkeypatch.setattr(tm, "_PREFILL_COMPILE", {"ok": True})
+    m = tiny_model(decision="adapter", window=3)
+    prompt = torch.randint(0, 64, (2, 45))
+    eager, comp = tm.InferenceState(m, 2), tm.InferenceState(m, 2)
+    for c0, c1 in ((0, 20), (20, 33), (33, 45)):
+        n_real = torch.full((2,), c1 - c0)
+        pos = eager.next_pos.clone()
+        ipos = pos[:, None] + torch.arange(c1 - c0)[None]
+        a = tm._prefill_chunk(m, prompt[:, c0:c1], eager, pos, n_real, ipos)
+        b = tm._prefill_chunk(m, prompt[:, c0:c1], comp, pos.clone(), n_real, ipos, compiled=True)
+        assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+        eager.next_pos.add_(n_real)
+        comp.next_pos.add_(n_real)
+    assert tm._PREFILL_COMPILE["ok"]
+    for c1_, c2_ in zip(eager.caches, comp.caches):
+        assert torch.equal(c1_.length, c2_.length)
