@@ -21,7 +21,7 @@ dms_flex.generate`` does. bf16 on CUDA, float32 on CPU.
 Greedy, EOS ignored (ours: ``stop_tokens=()``; transformers: ``generation_config.eos_token_id = None``), so
 every row of every system makes exactly --new-tokens N tokens. Each row of a batch gets a different
 slice of English prose tokenized to exactly T tokens (--text-file, else the project's KJV / Austen text
-through ``dms_flex.eval_data`` when installed or copied to $DMS_FLEX_TEXT_DIR, else the English text of
+through ``dms_flex.eval.data`` when installed or copied to $DMS_FLEX_TEXT_DIR, else the English text of
 Python's documentation topics (``pydoc_data.topics``); the output says which).
 
 What is measured per (system, batch B, prompt length T), from one timed call after one untimed warm-up
@@ -185,7 +185,7 @@ def pydoc_text() -> Optional[str]:
 
 def load_text(args):
     """(text, where it came from)."""
-    from dms_flex import eval_data
+    from dms_flex.eval import data as eval_data
 
     if args.text_file:
         return Path(args.text_file).read_text(encoding="utf-8", errors="replace"), f"--text-file {args.text_file}"
@@ -202,14 +202,14 @@ def load_text(args):
 
 
 class Prompts:
-    """Each row a different slice of the text, exactly T tokens (dms_flex.eval_data.text_windows)."""
+    """Each row a different slice of the text, exactly T tokens (dms_flex.eval.data.text_windows)."""
 
     def __init__(self, text: str, encode: Callable[[str], List[int]]):
         self.text, self.encode = text, encode
         self._cache: Dict[tuple, List[List[int]]] = {}
 
     def get(self, B: int, T: int) -> List[List[int]]:
-        from dms_flex.eval_data import text_windows
+        from dms_flex.eval.data import text_windows
 
         key = (B, T)
         if key not in self._cache:

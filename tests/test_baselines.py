@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from dms_flex import baselines as bl
 from dms_flex import torchtune_model as tm
+from dms_flex.eval import baselines as bl
 
 from .test_inference import tiny_model
 

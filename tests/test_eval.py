@@ -9,12 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dms_flex import baselines as bl
 from dms_flex import eval as ev
-from dms_flex import eval_data
-from dms_flex import lm_eval_adapter as lea
 from dms_flex import torchtune_model as tm
 from dms_flex.config import DMSConfig
+from dms_flex.eval import baselines as bl
+from dms_flex.eval import data as eval_data
+from dms_flex.eval import lm_eval as lea
+from dms_flex.eval import metrics as ev_metrics
 from dms_flex.pretrained import DMSModel
 
 
@@ -173,7 +174,7 @@ def test_policies_at_equal_cr_hold_equal_live_bytes():
         live = {}
         for name in bl.POLICIES:
             _, state = ev.generate_rows(ev.Method(name, m, cr=cr), prompts, 7)
-            live[name] = ev._state_numbers([state])["kv_live_bytes"]
+            live[name] = ev_metrics._state_numbers([state])["kv_live_bytes"]
             seen = state.next_pos
             slots = sum(math.ceil(int(s) / cr - 1e-9) for s in seen)
             c0 = state.caches[0]
@@ -587,12 +588,12 @@ def test_a_run_stopped_early_leaves_its_finished_methods_and_merge_uses_them(tmp
             raise KeyboardInterrupt("time limit")
         return real(method, *a, **k)
 
-    monkeypatch.setattr(ev, "perplexity", stop_at_tova)
+    monkeypatch.setattr(ev_metrics, "perplexity", stop_at_tova)
     with pytest.raises(KeyboardInterrupt):
         ev.run(run_args(tmp_path / "cut", *common, "--methods", "vanilla,dms,tova"), loaded=loaded, log=lambda s: None)
     cut = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert cut["partial"] is True and [r["method"] for r in cut["runs"]] == ["vanilla", "dms"]
-    monkeypatch.setattr(ev, "perplexity", real)
+    monkeypatch.setattr(ev_metrics, "perplexity", real)
     tova = ev.run(run_args(tmp_path / "tova", *common, "--methods", "tova"), loaded=loaded, log=lambda s: None)
     assert [r["method"] for r in tova["runs"]] == ["tova"]
     assert ev.main(["--merge", str(tmp_path / "cut" / "results.json"), str(tmp_path / "tova" / "results.json"),

@@ -14,10 +14,10 @@ The harness asks a model three things; here each runs through dms_flex's model a
 Methods are those of `python -m dms_flex.eval`: ``vanilla``, ``dms``, ``streaming``, ``h2o``, ``tova``
 (policies need ``cr``). Local-file tasks come from the harness's own ``--include_path``.
 
-    python -m dms_flex.lm_eval_adapter --model dms_flex \\
+    python -m dms_flex.eval.lm_eval --model dms_flex \\
         --model_args pretrained=DIR,method=dms,window=64 --tasks my_task --include_path my_tasks/
 
-(`python -m dms_flex.lm_eval_adapter` registers the model and hands the rest of the command line to
+(`python -m dms_flex.eval.lm_eval` registers the model and hands the rest of the command line to
 lm-eval's own CLI; from Python, call `register()` before ``lm_eval.simple_evaluate(model="dms_flex")``
 or pass an instance: ``simple_evaluate(model=make_lm(...))``.) lm-eval is imported only by
 `register` / `make_lm` / `main`: `DMSFlexLM` works without it.
@@ -31,7 +31,9 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .generation import SamplingConfig
+from ..generation import SamplingConfig
+from .methods import METHODS, Method
+from .metrics import generate_rows
 
 MODEL_NAME = "dms_flex"
 
@@ -45,18 +47,16 @@ class DMSFlexLM:
                  max_gen_toks: int = 256, sinks: int = 4, heavy_fraction: float = 0.5, model=None, tokenizer=None,
                  **unused):
         super().__init__()
-        from . import eval as ev
-
-        if method not in ev.METHODS:
-            raise ValueError(f"method={method!r} is not one of {ev.METHODS}")
+        if method not in METHODS:
+            raise ValueError(f"method={method!r} is not one of {METHODS}")
         if method in ("streaming", "h2o", "tova") and cr is None:
             raise ValueError(f"method={method} needs a compression ratio: add cr=N to the model arguments")
         if model is None:
-            from . import pretrained as pt
+            from .. import pretrained as pt
 
             folder = pretrained
             if folder is None:
-                from .smollm2 import default_model_dir
+                from ..smollm2 import default_model_dir
 
                 folder = default_model_dir()
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -72,7 +72,7 @@ class DMSFlexLM:
             overrides = {k: v for k, v in (("window", window), ("alpha_offset", alpha_offset)) if v is not None}
             model.dms_config = cfg.replace(**overrides)
         policy_kw = {"streaming": {"sinks": sinks}, "h2o": {"heavy_fraction": heavy_fraction}}.get(method, {})
-        self.method = ev.Method(method, model, cr=None if cr is None else float(cr), requested_cr=cr,
+        self.method = Method(method, model, cr=None if cr is None else float(cr), requested_cr=cr,
                                 dms_config=getattr(model, "dms_config", None), policy_kw=policy_kw)
         self._max_length = int(max_length or model.max_seq_len)
         self.max_gen_toks = int(max_gen_toks)
@@ -172,8 +172,6 @@ class DMSFlexLM:
         return out
 
     def generate_until(self, requests) -> List[str]:
-        from . import eval as ev
-
         out = []
         for req in requests:
             context, kw = req.args[0], dict(req.args[1] or {})
@@ -184,7 +182,7 @@ class DMSFlexLM:
             sampling = SamplingConfig(temperature if kw.get("do_sample") and temperature > 0 else 0.0)
             ids = self.tok_encode(context) or [self.prefix_token_id]
             ids = ids[-max(1, self.max_length - max_new):]
-            toks, _ = ev.generate_rows(self.method, [ids], max_new, stop_tokens=[self.eot_token_id], sampling=sampling)
+            toks, _ = generate_rows(self.method, [ids], max_new, stop_tokens=[self.eot_token_id], sampling=sampling)
             text = self.tok_decode(toks[0])
             for stop in until:
                 if stop and stop in text:

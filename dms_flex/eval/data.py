@@ -5,12 +5,12 @@ Text sources (found if installed, else skipped with a message; Python's own sour
   Install: ``apt-get install bible-kjv``.
 - ``austen``: Jane Austen's six novels from Debian's ``r-cran-janeaustenr`` (an R lazy-load data
   base, read with the PyPI package ``rdata``; R itself is not needed). Install without R:
-  ``python -m dms_flex.eval_data --fetch-austen`` (``apt-get download`` + ``dpkg -x`` into
+  ``python -m dms_flex.eval.data --fetch-austen`` (``apt-get download`` + ``dpkg -x`` into
   ``$DMS_FLEX_HOME/data``), or ``apt-get install r-cran-janeaustenr``; plus ``pip install rdata``.
 - ``code``: Python standard-library sources, from modules the retrofit data
   (``dms_flex.data.DEFAULT_PY_MODULES``) does not use, so they stay held out.
 On a machine without the Debian packages (a GPU box without network), plain-text copies work:
-``python -m dms_flex.eval_data --export DIR`` writes ``DIR/kjv.txt`` and ``DIR/austen.txt`` where the
+``python -m dms_flex.eval.data --export DIR`` writes ``DIR/kjv.txt`` and ``DIR/austen.txt`` where the
 packages are installed; set ``DMS_FLEX_TEXT_DIR=DIR`` where they are not (default
 ``$DMS_FLEX_HOME/data``).
 
@@ -23,7 +23,7 @@ Long-context probes are built from a haystack of that text:
 
 Tokenizers are passed as two plain functions, ``encode(text) -> ids`` and ``decode(ids) -> text``.
 
-``python -m dms_flex.eval_data`` prints which sources are found.
+``python -m dms_flex.eval.data`` prints which sources are found.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class TextSource:
 # ============================================================================ text sources
 def text_dir() -> Path:
     """Where plain-text copies of the sources are looked for (and exported to by default)."""
-    from .smollm2 import dms_flex_home
+    from ..smollm2 import dms_flex_home
 
     return Path(os.environ.get("DMS_FLEX_TEXT_DIR") or dms_flex_home() / "data")
 
@@ -93,7 +93,7 @@ def kjv_text() -> Optional[str]:
 
 def austen_dirs() -> List[Path]:
     """Where the janeaustenr R package may live (first existing wins)."""
-    from .smollm2 import dms_flex_home
+    from ..smollm2 import dms_flex_home
 
     cands = []
     if os.environ.get("DMS_FLEX_AUSTEN_DIR"):
@@ -135,7 +135,7 @@ def austen_text() -> Optional[str]:
 
 def fetch_austen(dest: Optional[Path] = None) -> Path:
     """Download the Debian package and unpack it without installing R: apt-get download + dpkg -x."""
-    from .smollm2 import dms_flex_home
+    from ..smollm2 import dms_flex_home
 
     dest = Path(dest or dms_flex_home() / "data" / AUSTEN_DEB)
     if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
@@ -175,7 +175,7 @@ def load_texts(names: Sequence[str] = TEXT_SOURCES, log: Callable[[str], None] =
                 text, origin = _text_copy(name), f"plain-text copy {text_dir() / (name + '.txt')}"
             if text is None:
                 how = ("apt-get install bible-kjv" if name == "kjv" else
-                       "python -m dms_flex.eval_data --fetch-austen; pip install rdata")
+                       "python -m dms_flex.eval.data --fetch-austen; pip install rdata")
                 log(f"data: {name} not found ({how}; or a copy at {text_dir() / (name + '.txt')}); skipped")
                 continue
             found[name] = TextSource(name, text, origin)
@@ -399,7 +399,7 @@ def extract_answer(text: str) -> str:
 
 # ============================================================================ CLI
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dms_flex.eval_data", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m dms_flex.eval.data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fetch-austen", action="store_true",
                    help=f"apt-get download {AUSTEN_DEB} and unpack it under $DMS_FLEX_HOME/data (no R needed)")

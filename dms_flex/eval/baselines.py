@@ -38,8 +38,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .cache import DMSKVCache
-from .torchtune_model import InferenceState, _decisions_and_rope, _finish_layer, _project, prefill_positions
+from ..cache import DMSKVCache
+from ..torchtune_model import InferenceState, _decisions_and_rope, _finish_layer, _project, prefill_positions
 
 POLICIES = ("streaming", "h2o", "tova")
 

@@ -1,0 +1,206 @@
+"""Scoring of one method: perplexity and KL(vanilla || method) on held-out text, needle / variable-tracking
+retrieval, reasoning accuracy and N-sample majority voting, through the method's cache."""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import generation, stats
+from .. import torchtune_model as tm
+from ..generation import SamplingConfig
+from . import data
+from .methods import Method, _device_of
+
+
+@torch.no_grad()
+def perplexity(method: Method, windows: torch.Tensor, vanilla: nn.Module, *, prefix: int = 32,
+               batch_size: int = 4, cached: bool = False) -> Dict[str, Any]:
+    """NLL, perplexity and KL(vanilla || method) per token over windows (N, T), scoring the tokens
+    at positions prefix..T-1. Returns the numbers plus the kept-fraction report.
+
+    `vanilla` is the KL reference: always run dense, in its own dtype and weights, with K/V in full
+    precision (never int8), so the KL is the method's whole error, quantization included; its forward uses
+    the method's attention backend."""
+    N, T = windows.shape
+    if not (1 <= prefix < T):
+        raise ValueError(f"prefix={prefix} must be in [1, {T - 1}]")
+    dev = _device_of(method.model)
+    teacher = method.name in ("vanilla", "dms") and not cached
+    nll_sum, kl_sum, count = 0.0, 0.0, 0
+    kept: List[List[torch.Tensor]] = []  # per batch: per layer (B, H)
+    window = method.dms_config.effective_window if method.dms_config is not None else None
+    t0 = time.perf_counter()
+    for i in range(0, N, batch_size):
+        x = windows[i: i + batch_size].to(dev)
+        B = x.shape[0]
+        # the last token is only a target: the forwards read x[:, :-1], as the cached path does
+        ref = tm.logits_of(vanilla, tm.forward_train(vanilla, x[:, :-1], eviction=False, training=False,
+                                                     backend=method.attention).hidden)
+        ref = F.log_softmax(ref[:, prefix - 1:].float(), dim=-1)
+        if teacher:
+            logits, evicted = method.teacher_forced(x[:, :-1])
+            logits = logits[:, prefix - 1:]
+            if method.name == "dms":
+                kept.append([stats.kept_fraction(ev, window) for ev in evicted])
+            else:
+                kept.append([torch.ones(B, 1)])
+        else:
+            state = method.new_state(B, T)
+            steps = [method.prefill(x[:, :prefix], state)]
+            for t in range(prefix, T - 1):
+                steps.append(method.step(x[:, t: t + 1], state))
+            logits = torch.stack(steps, dim=1)
+            seen = state.next_pos.clamp_min(1)[:, None].float()
+            kept.append([c.length.float() / seen for c in state.caches])
+        lp = F.log_softmax(logits.float(), dim=-1)
+        target = x[:, prefix:]
+        nll_sum += float(-lp.gather(-1, target[..., None]).sum())
+        kl_sum += float((ref.exp() * (ref - lp)).sum())
+        count += target.numel()
+    report = stats.compression_report([torch.cat([k[layer].cpu() for k in kept]) for layer in range(len(kept[0]))])
+    nll = nll_sum / count
+    return {"ppl": math.exp(nll), "nll": nll, "kl": kl_sum / count, "tokens": count, "cr": report.ratio,
+            "path": "teacher-forced" if teacher else f"cached (prefill {prefix}, then token by token)",
+            "kept_per_layer_head": [[round(float(v), 4) for v in row] for row in report.per_layer_head],
+            "seconds": time.perf_counter() - t0, "report": report}
+
+
+@torch.no_grad()
+def generate_rows(method: Method, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                  stop_tokens: Sequence[int] = (), sampling: SamplingConfig = SamplingConfig(),
+                  generator: Optional[torch.Generator] = None):
+    """Prefill the (ragged) prompts and decode; returns (new tokens per row, the final state)."""
+    dev = _device_of(method.model)
+    tokens, lengths = generation.pad_prompts(prompts, dev)
+    state = method.new_state(len(prompts), int(lengths.max()) + max_new_tokens)
+    logits = method.prefill(tokens, state, lengths)
+    out: List[List[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    stop = set(stop_tokens)
+    for step in range(max_new_tokens):
+        nxt = generation.sample(logits, sampling, generator)
+        for r, t in enumerate(nxt[:, 0].tolist()):
+            if not done[r]:
+                out[r].append(t)
+                done[r] = t in stop
+        if all(done) or step == max_new_tokens - 1:
+            break
+        logits = method.step(nxt, state)
+    return out, state
+
+
+def _state_numbers(states) -> Dict[str, float]:
+    live = sum(s.kv_bytes()["live"] for s in states)
+    dense = sum(s.kv_bytes()["dense"] for s in states)
+    kept = torch.cat([s.compression().per_layer_head.mean()[None] for s in states]).mean()
+    return {"cr": 1.0 / max(float(kept), 1e-12), "kv_live_bytes": live, "kv_dense_bytes": dense}
+
+
+def _batches(seq: Sequence, size: int):
+    for i in range(0, len(seq), size):
+        yield seq[i: i + size]
+
+
+def probe_accuracy(method: Method, items: Sequence[data.ProbeItem], decode, batch_size: int = 8,
+                   stop_tokens: Sequence[int] = ()) -> Dict[str, Any]:
+    """Needle / variable-tracking accuracy, overall and per (length, depth)."""
+    scores, states, samples = [], [], []
+    by_len: Dict[int, List[data.ProbeItem]] = collections.defaultdict(list)
+    for it in items:
+        by_len[it.length].append(it)
+    for length in sorted(by_len):
+        for chunk in _batches(by_len[length], batch_size):
+            outs, state = generate_rows(method, [it.prompt for it in chunk], chunk[0].max_new_tokens,
+                                        stop_tokens=stop_tokens)
+            states.append(state)
+            for it, o in zip(chunk, outs):
+                text = decode(o)
+                s = data.score_probe(it, text)
+                scores.append((it.length, it.depth, s))
+                if len(samples) < 4:
+                    samples.append({"length": it.length, "depth": it.depth, "answer": it.answer, "output": text})
+    grid: Dict[str, float] = {}
+    for (L, d) in sorted({(L, d) for L, d, _ in scores}):
+        vals = [s for L2, d2, s in scores if (L2, d2) == (L, d)]
+        grid[f"len{L}_depth{d:g}"] = sum(vals) / len(vals)
+    return {"accuracy": sum(s for *_, s in scores) / max(len(scores), 1), "n": len(scores), "by_length_depth": grid,
+            **_state_numbers(states), "samples": samples}
+
+
+def reasoning_accuracy(method: Method, items: Sequence[data.ReasoningItem], render, decode, *,
+                       max_new_tokens: int = 24, batch_size: int = 8, stop_tokens: Sequence[int] = ()) -> Dict[str, Any]:
+    """Greedy answers scored by reasoning-gym's score_answer; per task and overall."""
+    per_task: Dict[str, List[float]] = collections.defaultdict(list)
+    states, samples = [], []
+    for chunk in _batches(list(items), batch_size):
+        outs, state = generate_rows(method, [render(it) for it in chunk], max_new_tokens,
+                                    stop_tokens=stop_tokens)
+        states.append(state)
+        for it, o in zip(chunk, outs):
+            text = decode(o)
+            ans = data.extract_answer(text)
+            per_task[it.task].append(it.score(ans))
+            if len(samples) < 4:
+                samples.append({"question": it.question, "expected": it.entry["answer"], "output": text})
+    allv = [s for v in per_task.values() for s in v]
+    return {"accuracy": sum(allv) / max(len(allv), 1), "n": len(allv),
+            "per_task": {t: sum(v) / len(v) for t, v in per_task.items()}, **_state_numbers(states),
+            "samples": samples}
+
+
+def render_reasoning(tok, item: data.ReasoningItem) -> List[int]:
+    """The item's solved examples as earlier chat turns, then its question (plain Q/A text without a
+    chat template)."""
+    def ask(q):
+        return f"{q}\n{data.REASONING_INSTRUCTION}"
+
+    if getattr(tok, "chat_template", None):
+        msgs = []
+        for q, a in item.shots:
+            msgs += [{"role": "user", "content": ask(q)}, {"role": "assistant", "content": a}]
+        msgs.append({"role": "user", "content": ask(item.question)})
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    text = "".join(f"Question: {ask(q)}\nAnswer: {a}\n\n" for q, a in item.shots)
+    return list(tok(text + f"Question: {ask(item.question)}\nAnswer:", add_special_tokens=False)["input_ids"])
+
+
+def majority_vote(answers: Sequence[str]) -> str:
+    """The most common normalised answer (ties: the one seen first)."""
+    norm = [a.strip().lower() for a in answers]
+    counts = collections.Counter(n for n in norm if n)
+    if not counts:
+        return answers[0] if answers else ""
+    best = max(counts.values())
+    for a, n in zip(answers, norm):
+        if counts.get(n) == best:
+            return a
+    return answers[0]
+
+
+def parallel_sampling(method: Method, items: Sequence[data.ReasoningItem], render, decode, n_samples: int, *,
+                      max_new_tokens: int = 24, sampling: SamplingConfig, seed: int = 0, questions_per_batch: int = 4,
+                      stop_tokens: Sequence[int] = ()) -> Dict[str, Any]:
+    """n_samples answers per question (one batch row each), majority vote, scored like reasoning."""
+    gen = torch.Generator(device=_device_of(method.model)).manual_seed(seed)
+    voted, each, states = [], [], []
+    for chunk in _batches(list(items), questions_per_batch):
+        prompts = [render(it) for it in chunk for _ in range(n_samples)]
+        outs, state = generate_rows(method, prompts, max_new_tokens, stop_tokens=stop_tokens, sampling=sampling,
+                                    generator=gen)
+        states.append(state)
+        for q, it in enumerate(chunk):
+            answers = [data.extract_answer(decode(o)) for o in outs[q * n_samples: (q + 1) * n_samples]]
+            each += [it.score(a) for a in answers]
+            voted.append(it.score(majority_vote(answers)))
+    nums = _state_numbers(states)
+    return {"samples_per_question": n_samples, "accuracy_vote": sum(voted) / len(voted),
+            "accuracy_per_sample": sum(each) / len(each), "n": len(voted),
+            "kv_live_bytes_per_question": nums["kv_live_bytes"] / len(voted), "cr": nums["cr"]}
