@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import masks
+from .kernels.reference import dense_dms_attention
 
 
 # "auto" picks the Triton training kernel (kernels/train_attention.py) on CUDA when this is True:
@@ -79,15 +80,6 @@ def resolve_backend(device, head_dim: int) -> str:
     if not flex_supported(device, head_dim):
         return "dense"
     return "triton" if USE_TRITON_TRAIN_KERNEL else "flex"
-
-
-def dense_dms_attention(q, k, v, log_keep, window, *, doc_ids=None, scale=None):
-    group = q.shape[1] // k.shape[1]
-    bias = masks.dense_bias(log_keep.float(), window, doc_ids).to(q.dtype)
-    bias = bias.repeat_interleave(group, dim=1)
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
 def make_block_mask(doc_ids: Optional[torch.Tensor], batch: int, seq_len: int, device):

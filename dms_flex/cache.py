@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import decisions, masks
+from .kernels.reference import decode_attention_dense, masked_attention
 from .quant import dequantize_kv, quantize_kv
 
 
@@ -270,40 +271,6 @@ def _write(buf: torch.Tensor, bh: tuple, idx: torch.Tensor, val: torch.Tensor) -
     rows = b.numel()
     lin = (b * buf.shape[1] + h).reshape(-1) * buf.shape[2] + idx.reshape(-1)
     buf.view(-1, *buf.shape[3:]).index_copy_(0, lin, val.reshape(rows, *buf.shape[3:]).to(buf.dtype))
-
-
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
-                     scale: Optional[float] = None) -> torch.Tensor:
-    """Reference attention with a (B, Hkv, Tq, S) boolean visibility mask, GQA by expansion."""
-    group = q.shape[1] // k.shape[1]
-    mask = visible.repeat_interleave(group, dim=1)
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-
-def decode_attention_dense(q: torch.Tensor, cache: DMSKVCache, scale: Optional[float] = None) -> torch.Tensor:
-    """q: (B, Hq, 1, D) over live slots [0, length): the portable reference for the decode kernel.
-
-    The G query heads of a group ride as G query rows of their KV head, so K/V are never expanded.
-    Eager CPU runs read only the used prefix of the slots; compiled/CUDA runs keep static shapes.
-    """
-    B, Hq, _, D = q.shape
-    H = cache.length.shape[1]
-    n = cache.capacity
-    if not torch.compiler.is_compiling() and q.device.type == "cpu":
-        n = max(int(cache.length.max()), 1)
-    live = (torch.arange(n, device=q.device)[None, None] < cache.length[..., None])[:, :, None, :]
-    qg = q.reshape(B, H, Hq // H, D)
-    k, v = cache._read(n, q.dtype)
-    if q.is_cuda:
-        out = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype), attn_mask=live, scale=scale)
-        return out.reshape(B, Hq, 1, D)
-    # CPU: plain math (the CPU SDPA kernels are slow for one query row against a masked cache)
-    scale = D ** -0.5 if scale is None else scale
-    scores = (qg.float() @ k.float().transpose(-1, -2)) * scale
-    probs = torch.softmax(scores.masked_fill(~live, float("-inf")), dim=-1).nan_to_num(0.0)
-    return (probs @ v.float()).reshape(B, Hq, 1, D).to(q.dtype)
 
 
 def decode_attention_kernel(q: torch.Tensor, cache: DMSKVCache, scale: Optional[float] = None) -> torch.Tensor:

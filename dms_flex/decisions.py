@@ -58,6 +58,41 @@ class DMSAdapter(nn.Module):
         return h.float().transpose(1, 2) * cfg.alpha_scale - cfg.alpha_offset
 
 
+def sync_adapter(attn: nn.Module, cfg: DMSConfig, hidden_dim: int, num_kv_heads: int, device) -> None:
+    """Give an attention module the adapter its DMS settings need: a zero-initialised `dms_adapter`
+    for the adapter variant (kept if present), none otherwise (both integrations call this)."""
+    if cfg.decision == "adapter" and not hasattr(attn, "dms_adapter"):
+        attn.dms_adapter = DMSAdapter(hidden_dim, num_kv_heads).to(device=device)
+    if cfg.decision != "adapter" and hasattr(attn, "dms_adapter"):
+        del attn.dms_adapter
+
+
+def decide_and_rope(q: torch.Tensor, k: torch.Tensor, cfg: Optional[DMSConfig], rope, num_kv_heads: int, *,
+                    adapter: Optional[nn.Module] = None, x: Optional[torch.Tensor] = None):
+    """The decision and RoPE step of one attention layer, for every integration.
+
+    q (B, Hq, T, D), k (B, Hkv, T, D) after any q/k norm and before RoPE; rope(q, k) -> (q, k)
+    rotated, same layout; cfg None: eviction off (no decisions, the channel kept). The borrowed
+    logit is read here (after q-norm, before RoPE) and its channel zeroed before and after RoPE;
+    the adapter reads x, the layer's input. Returns q, k after RoPE and the raw decision logits
+    (B, Hkv, T) float32 (None without cfg), per-layer scope applied (docs/design.md, "Decision sources").
+    """
+    logits = None
+    if cfg is not None:
+        if cfg.decision == "borrowed":
+            logits = borrowed_logits(q, num_kv_heads, cfg)
+            q = zero_borrowed_channel(q, num_kv_heads)
+        else:
+            if adapter is None or x is None:
+                raise RuntimeError("the adapter variant needs the layer's dms_adapter and its input x")
+            logits = adapter(x, cfg)
+        logits = apply_scope(logits, cfg)
+    q, k = rope(q, k)
+    if cfg is not None and cfg.decision == "borrowed":
+        q = zero_borrowed_channel(q, num_kv_heads)  # RoPE mixed the partner channel back in
+    return q, k, logits
+
+
 def apply_scope(logits: torch.Tensor, cfg: DMSConfig) -> torch.Tensor:
     """Per-layer mode broadcasts KV head 0's decision to every KV head."""
     if cfg.scope == "layer":

@@ -63,8 +63,10 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import attention as dms_attn
-from . import checkpoint, decisions, masks, stats
-from .cache import DMSKVCache, default_decode_attention, masked_attention
+from . import decisions, masks, stats
+from .checkpoints import hf_folder as checkpoint
+from .cache import DMSKVCache, default_decode_attention
+from .kernels.reference import masked_attention
 from .config import DMSConfig, DMSConfigError
 
 __all__ = [
@@ -135,10 +137,7 @@ def enable_dms(model: nn.Module, config: Optional[DMSConfig] = None, *, eviction
     hidden = model.config.hidden_size
     for layer in inner.layers:
         attn = layer.self_attn
-        if config.decision == "adapter" and not hasattr(attn, "dms_adapter"):
-            attn.dms_adapter = decisions.DMSAdapter(hidden, _num_kv_heads(attn)).to(device=attn.q_proj.weight.device)
-        if config.decision != "adapter" and hasattr(attn, "dms_adapter"):
-            del attn.dms_adapter
+        decisions.sync_adapter(attn, config, hidden, _num_kv_heads(attn), attn.q_proj.weight.device)
     for key, value in config.to_hf().items():
         setattr(model.config, key, value)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -394,24 +393,15 @@ def _dms_self_attention_forward(self, hidden_states: torch.Tensor, position_embe
     if getattr(self, "q_norm", None) is not None:  # Qwen3: per-head norms before RoPE
         q, k = self.q_norm(q), self.k_norm(k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
-    num_kv = k.shape[1]
-    logits = None
-    if cfg is not None:
-        if cfg.decision == "borrowed":
-            logits = decisions.borrowed_logits(q, num_kv, cfg)  # after q_norm, before RoPE
-            q = decisions.zero_borrowed_channel(q, num_kv)
-        else:
-            if x is None:
-                raise RuntimeError("the DMS adapter needs the decoder layer's input, which its pre-hook stashes; "
-                                   "call the decoder layer, not its self_attn module, or use decision='borrowed'")
-            logits = self.dms_adapter(x, cfg)
-        logits = decisions.apply_scope(logits, cfg)
-        if runtime.captured is not None:
-            runtime.captured[self.layer_idx] = logits.detach()
+    if cfg is not None and cfg.decision == "adapter" and x is None:
+        raise RuntimeError("the DMS adapter needs the decoder layer's input, which its pre-hook stashes; "
+                           "call the decoder layer, not its self_attn module, or use decision='borrowed'")
     cos, sin = position_embeddings
-    q, k = sys.modules[type(self).__module__].apply_rotary_pos_emb(q, k, cos, sin)
-    if cfg is not None and cfg.decision == "borrowed":
-        q = decisions.zero_borrowed_channel(q, num_kv)  # RoPE mixed the partner channel back in
+    apply_rope = sys.modules[type(self).__module__].apply_rotary_pos_emb
+    q, k, logits = decisions.decide_and_rope(q, k, cfg, lambda q, k: apply_rope(q, k, cos, sin), k.shape[1],
+                                             adapter=getattr(self, "dms_adapter", None), x=x)
+    if logits is not None and runtime.captured is not None:
+        runtime.captured[self.layer_idx] = logits.detach()
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     out, weights = ALL_ATTENTION_FUNCTIONS[ATTN_IMPLEMENTATION](

@@ -35,11 +35,7 @@ def add_dms(model: nn.Module, cfg: DMSConfig) -> nn.Module:
     _validate(model)
     for layer in model.layers:
         attn = layer.attn
-        if cfg.decision == "adapter" and not hasattr(attn, "dms_adapter"):
-            w = attn.q_proj.weight
-            attn.dms_adapter = decisions.DMSAdapter(attn.embed_dim, attn.num_kv_heads).to(device=w.device)
-        if cfg.decision != "adapter" and hasattr(attn, "dms_adapter"):
-            del attn.dms_adapter
+        decisions.sync_adapter(attn, cfg, attn.embed_dim, attn.num_kv_heads, attn.q_proj.weight.device)
     model.dms_config = cfg
     return model
 
@@ -82,21 +78,14 @@ def _project(attn, h: torch.Tensor):
 
 
 def _decisions_and_rope(attn, q, k, x, pos, cfg: Optional[DMSConfig]):
-    """Returns q, k in (B, H, T, D) after RoPE, and raw decision logits (B, Hkv, T) (None without DMS)."""
-    logits = None
-    if cfg is not None:
-        qh = q.transpose(1, 2)
-        if cfg.decision == "borrowed":
-            logits = decisions.borrowed_logits(qh, attn.num_kv_heads, cfg)
-            q = decisions.zero_borrowed_channel(qh, attn.num_kv_heads).transpose(1, 2)
-        else:
-            logits = attn.dms_adapter(x, cfg)
-        logits = decisions.apply_scope(logits, cfg)
-    q = attn.pos_embeddings(q, input_pos=pos).transpose(1, 2)
-    k = attn.pos_embeddings(k, input_pos=pos).transpose(1, 2)
-    if cfg is not None and cfg.decision == "borrowed":
-        q = decisions.zero_borrowed_channel(q, attn.num_kv_heads)
-    return q, k, logits
+    """q, k (B, T, H, D) from `_project` -> q, k (B, H, T, D) after RoPE and the decision logits
+    (B, Hkv, T) (None without DMS): decisions.decide_and_rope with torchtune's RoPE."""
+    def rope(q, k):
+        return (attn.pos_embeddings(q.transpose(1, 2), input_pos=pos).transpose(1, 2),
+                attn.pos_embeddings(k.transpose(1, 2), input_pos=pos).transpose(1, 2))
+
+    return decisions.decide_and_rope(q.transpose(1, 2), k.transpose(1, 2), cfg, rope, attn.num_kv_heads,
+                                     adapter=getattr(attn, "dms_adapter", None), x=x)
 
 
 def attention_inputs(layer, x: torch.Tensor, input_pos: torch.Tensor, cfg: Optional[DMSConfig]):
@@ -386,7 +375,7 @@ def decode_step(model: nn.Module, token: torch.Tensor, state: InferenceState,
         h = layer.sa_norm(x)
         q, k, v = _project(layer.attn, h)
         q, k, logits = _decisions_and_rope(layer.attn, q, k, x, pos[:, None], use_cfg)
-        evict_prev = (logits[..., 0] > 0) if logits is not None else torch.zeros(
+        evict_prev = decisions.hard_evict(logits[..., 0]) if logits is not None else torch.zeros(
             k.shape[:2], dtype=torch.bool, device=k.device)
         cache.decode_update(k, v.transpose(1, 2), evict_prev, pos)
         o = attend(q, cache)

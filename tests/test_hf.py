@@ -15,8 +15,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 import dms_flex.hf as H
 from dms_flex import DMSConfig, DMSConfigError
 from dms_flex import torchtune_model as tm
-from dms_flex.checkpoint import load_hf_checkpoint, save_hf_checkpoint
-from dms_flex.pretrained import dms_state_dict, load_dms_model
+from dms_flex.checkpoints import dms_state_dict, load_dms_model, load_hf_checkpoint, save_hf_checkpoint
 
 V = 128
 TINY = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -150,7 +149,7 @@ def test_hf_matches_torchtune_and_teacher_forced(arch, decision, tmp_path):
     cfg = EVICTING[decision]
     _, model = make(arch, cfg)
     H.save_pretrained(model, tmp_path / "ckpt")
-    tt = load_dms_model(tmp_path / "ckpt")  # the torchtune path, through dms_flex.checkpoint
+    tt = load_dms_model(tmp_path / "ckpt")  # the torchtune path, through dms_flex.checkpoints
     assert tt.dms == cfg and tt.dms_trained
 
     ids, n_new = prompts(2, 14, 3), 12
@@ -227,7 +226,7 @@ def test_qwen3_borrowed_neuron_is_read_after_q_norm_and_zeroed():
     qr, kr = apply_rotary_pos_emb(qq, k, cos, sin)
     qr[:, ::group, :, -1] = 0
     from dms_flex import decisions, masks
-    from dms_flex.cache import masked_attention
+    from dms_flex.kernels.reference import masked_attention
 
     evicted = decisions.hard_evict(decisions.shift_to_decided_token(logits[0]))
     pos = torch.arange(T)
@@ -461,7 +460,7 @@ def test_errors(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_hf_and_torchtune_paths_agree():
-    from dms_flex.pretrained import load_dms_state
+    from dms_flex.checkpoints import load_dms_state
 
     from .test_smollm2 import embedded_model_folder
 

@@ -93,7 +93,8 @@ def _rel(a, b):
 
 
 def _run_cache(p, gen):
-    from dms_flex.cache import DMSKVCache, decode_attention_dense
+    from dms_flex.cache import DMSKVCache
+    from dms_flex.kernels.reference import decode_attention_dense
     from dms_flex.kernels import decode_update as du
     from dms_flex.kernels import prefill as pk
 

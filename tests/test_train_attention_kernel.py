@@ -37,7 +37,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from tests import _interp  # noqa: E402
-from dms_flex.attention import dense_dms_attention  # noqa: E402
+from dms_flex.kernels.reference import dense_dms_attention  # noqa: E402
 from dms_flex.kernels import train_attention as ta  # noqa: E402
 
 HAS_TRITON_PKG = importlib.util.find_spec("triton") is not None

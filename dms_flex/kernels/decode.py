@@ -64,6 +64,8 @@ except Exception:  # pragma: no cover - depends on the environment
     tl = None
     HAS_TRITON = False
 
+from .reference import check_decode_shapes, decode_attention_reference  # noqa: E402,F401
+
 __all__ = [
     "decode_attention",
     "decode_attention_reference",
@@ -83,77 +85,6 @@ _DEFAULT_SM_COUNT = 132  # H100/H200 SXM
 
 # ----------------------------------------------------------------------------------------------
 # Reference
-# ----------------------------------------------------------------------------------------------
-def _check_shapes(q, k_cache, v_cache, lengths, k_scale=None, v_scale=None):
-    if q.dim() != 3:
-        raise ValueError(f"q must be (B, Hq, D), got {tuple(q.shape)}")
-    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError(
-            f"k_cache/v_cache must both be (B, Hkv, C, D), got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
-        )
-    B, Hq, D = q.shape
-    Bk, Hkv, C, Dk = k_cache.shape
-    if Bk != B or Dk != D:
-        raise ValueError(f"q {tuple(q.shape)} and cache {tuple(k_cache.shape)} disagree on B or D")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"Hq={Hq} must be a multiple of Hkv={Hkv}")
-    if tuple(lengths.shape) != (B, Hkv):
-        raise ValueError(f"lengths must be (B, Hkv)=({B}, {Hkv}), got {tuple(lengths.shape)}")
-    if lengths.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"lengths must be int32 or int64, got {lengths.dtype}")
-    if (k_scale is None) != (v_scale is None):
-        raise ValueError("k_scale and v_scale must be given together")
-    if k_scale is not None:
-        if k_cache.dtype != torch.int8 or v_cache.dtype != torch.int8:
-            raise ValueError("k_scale/v_scale need int8 k_cache/v_cache")
-        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if tuple(s.shape) != (B, Hkv, C):
-                raise ValueError(f"{name} must be (B, Hkv, C)=({B}, {Hkv}, {C}), got {tuple(s.shape)}")
-    elif k_cache.dtype == torch.int8 or v_cache.dtype == torch.int8:
-        raise ValueError("int8 k_cache/v_cache need k_scale and v_scale")
-    if not q.dtype.is_floating_point:
-        raise ValueError(f"q must be floating point, got {q.dtype}")
-    return B, Hq, D, Hkv, C
-
-
-def decode_attention_reference(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    lengths: Tensor,
-    scale: Optional[float] = None,
-    *,
-    k_scale: Optional[Tensor] = None,
-    v_scale: Optional[Tensor] = None,
-) -> Tensor:
-    """Plain-PyTorch decode attention (float32 math, masked softmax). See the module docstring."""
-    B, Hq, D, Hkv, C = _check_shapes(q, k_cache, v_cache, lengths, k_scale, v_scale)
-    G = Hq // Hkv
-    if scale is None:
-        scale = D**-0.5
-    k = k_cache.float()
-    v = v_cache.float()
-    if k_scale is not None:
-        k = k * k_scale.float()[..., None]
-        v = v * v_scale.float()[..., None]
-    lens = lengths.to(torch.int64).clamp(0, C)
-    live = torch.arange(C, device=k.device) < lens[..., None]  # (B, Hkv, C)
-    # dead slots may hold NaN/inf: zero them so that 0 * NaN never reaches the output
-    k = torch.where(live[..., None], k, 0.0)
-    v = torch.where(live[..., None], v, 0.0)
-    qf = q.float().reshape(B, Hkv, G, D)
-    s = torch.einsum("bhgd,bhcd->bhgc", qf, k) * scale
-    s = s.masked_fill(~live[:, :, None, :], float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # empty rows: no -inf - -inf
-    p = torch.exp(s - m)
-    denom = p.sum(dim=-1, keepdim=True)
-    o = torch.einsum("bhgc,bhcd->bhgd", p, v) / denom.clamp_min(1e-30)  # empty rows -> 0
-    return o.reshape(B, Hq, D).to(q.dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# Split heuristic (shapes only)
 # ----------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
@@ -388,7 +319,7 @@ def _launch(
     Tests: ``out`` is a preallocated (B, Hq, D) output; ``poison`` fills output and workspace
     with NaN first, so an element the kernels fail to write (or a stale partial the merge
     wrongly reads) shows up as NaN."""
-    B, Hq, D, Hkv, C = _check_shapes(q, k_cache, v_cache, lengths, k_scale, v_scale)
+    B, Hq, D, Hkv, C = check_decode_shapes(q, k_cache, v_cache, lengths, k_scale, v_scale)
     G = Hq // Hkv
     if scale is None:
         scale = D**-0.5
@@ -550,7 +481,7 @@ def decode_attention(
     :func:`decode_attention_reference`. ``split_size`` (slots per split, best a multiple of the
     kernel's BLOCK_N) overrides the shape-based heuristic.
     """
-    _check_shapes(q, k_cache, v_cache, lengths, k_scale, v_scale)
+    check_decode_shapes(q, k_cache, v_cache, lengths, k_scale, v_scale)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if q.device.type == "cuda" and _OP is not None:

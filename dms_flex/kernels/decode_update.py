@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import train_attention as ta
+from .train_attention import _is_far  # by name: inductor re-emits jit helpers under their own names
 
 HAS_TRITON = ta.HAS_TRITON
 if HAS_TRITON:
@@ -85,7 +86,7 @@ def _decode_update_kernel(
     old_mark = tl.load(sm_base + old_slot) != 0
     # with window 0 the leaving token is the predecessor itself: its mark is the one made now
     old_mark = tl.where((pos >= 1) & (old_slot == prev_slot), evict, old_mark)
-    freed = (pos >= W) & ((pos - old_pos) > window) & old_mark
+    freed = (pos >= W) & _is_far(pos, old_pos, window) & old_mark
     length = tl.load(LEN + pid)
     new_slot = tl.where(freed, old_slot, length)
     tl.store(OVF, new_slot >= C, mask=new_slot >= C)

@@ -19,7 +19,7 @@ Query i of the chunk is at position pos0[b] + i; chunk keys likewise, so the rul
 depends on i - j only. Rows past a batch row's real length (right padding) compute values that the
 caller ignores; they never see an empty key set (the diagonal is always visible).
 
-The reference is `dms_flex.cache.masked_attention` over the visibility mask that
+The reference is `dms_flex.kernels.reference.masked_attention` over the visibility mask that
 `DMSKVCache.append` builds on the CPU (tests/test_prefill_kernel.py runs both in Triton's
 interpreter against float64).
 """
@@ -65,7 +65,7 @@ def _cache_inner(
             qk = qk * tl.load(cks_base + cols * stride_st, mask=cmask, other=0.0).to(tl.float32)[None, :]
         kpos = tl.load(sp_base + cols * stride_st, mask=cmask, other=0)
         marked = tl.load(sm_base + cols * stride_st, mask=cmask, other=0) != 0
-        gone = marked[None, :] & ((qpos[:, None] - kpos[None, :]) > window)
+        gone = marked[None, :] & ta._is_far(qpos[:, None], kpos[None, :], window)
         s = tl.where(cmask[None, :] & ~gone, qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -1,7 +1,7 @@
 """DMS training attention as a Triton FlashAttention-2-style kernel (forward and backward).
 
 The function (docs/design.md, "Delayed eviction" and "Training relaxation"; the rule lives in masks.py, the reference is
-`dms_flex.attention.dense_dms_attention`): for query i and key j of the same packed document,
+`dms_flex.kernels.reference.dense_dms_attention`): for query i and key j of the same packed document,
 j <= i,
 
     score_ij = q_i . k_j * scale + (log_keep_j  if i - j > window else 0)
@@ -193,6 +193,12 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @_jit
+def _is_far(q_pos, k_pos, window):
+    """masks.is_far inside the kernels: the key has left the query's grace window (i - j > w)."""
+    return (q_pos - k_pos) > window
+
+
+@_jit
 def _count(CNT, slot, lo, hi, BLOCK: tl.constexpr, MULT: tl.constexpr):
     tl.atomic_add(CNT + slot, (tl.maximum(hi - lo + BLOCK - 1, 0) // BLOCK) * MULT)
 
@@ -281,7 +287,7 @@ def _fwd_inner(
                 s = qk * qk_scale + bias[None, :]
             else:
                 bias = tl.load(lk_base + cols * stride_lt, mask=cmask, other=0.0).to(tl.float32) * 1.4426950408889634
-                far = (offs_m[:, None] - cols[None, :]) > window
+                far = _is_far(offs_m[:, None], cols[None, :], window)
                 s = qk * qk_scale + tl.where(far, bias[None, :], 0.0)
                 valid = cols[None, :] <= offs_m[:, None]
                 if HAS_DOC:
@@ -422,7 +428,7 @@ def _dkdv_inner(
         if MODE == 1:
             sT = sT + bias[:, None]
         if MODE == 2:
-            far = (rows[None, :] - offs_n[:, None]) > window
+            far = _is_far(rows[None, :], offs_n[:, None], window)
             sT = sT + tl.where(far, bias[:, None], 0.0)
         pT = tl.exp2(sT - lse[None, :])
         if MODE == 2:
@@ -561,7 +567,7 @@ def _dq_inner(
             s = s + bias[None, :]
         if MODE == 2:
             bias = tl.load(lk_base + cols * stride_lt, mask=cmask, other=0.0).to(tl.float32) * 1.4426950408889634
-            far = (offs_m[:, None] - cols[None, :]) > window
+            far = _is_far(offs_m[:, None], cols[None, :], window)
             s = s + tl.where(far, bias[None, :], 0.0)
         p = tl.exp2(s - lse[:, None])
         if MODE == 2:
@@ -896,7 +902,7 @@ def dms_train_attention(q: Tensor, k: Tensor, v: Tensor, log_keep: Tensor, windo
     doc_ids (B, T) or None. Returns (B, Hq, T, D) in q's dtype.
 
     CUDA tensors (or CPU tensors under TRITON_INTERPRET=1) run the Triton kernels; otherwise the
-    dense reference `dms_flex.attention.dense_dms_attention` computes the same function."""
+    dense reference `dms_flex.kernels.reference.dense_dms_attention` computes the same function."""
     _check(q, k, v, log_keep)
     if window < 0:
         raise ValueError(f"window must be >= 0, got {window}")
@@ -905,7 +911,7 @@ def dms_train_attention(q: Tensor, k: Tensor, v: Tensor, log_keep: Tensor, windo
     if doc_ids is not None and tuple(doc_ids.shape) != (q.shape[0], q.shape[2]):
         raise ValueError(f"doc_ids must be (B, T) = {(q.shape[0], q.shape[2])}, got {tuple(doc_ids.shape)}")
     if not (q.device.type == "cuda" or interpreting()):
-        from ..attention import dense_dms_attention
+        from .reference import dense_dms_attention
 
         return dense_dms_attention(q, k, v, log_keep, window, doc_ids=doc_ids, scale=scale)
     _kernel_dtype_ok(q, k, v)
