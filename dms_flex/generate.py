@@ -128,7 +128,8 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from . import generation, pretrained
+    from . import generation
+    from .checkpoints import pretrained
     from . import torchtune_model as tm
     from .cache import CacheOverflowError
 
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
     folder, adapter, packaged = args.checkpoint, args.adapter, False
     try:
         if folder is None:
-            from .smollm2 import default_model
+            from .checkpoints.embedded import default_model
 
             folder, adapter, packaged = default_model(adapter, args.no_adapter)
         trained = _trained_context(folder)
@@ -255,7 +256,7 @@ def main(argv=None) -> int:
 
 def _trained_context(folder):
     """max_position_embeddings of the folder's config.json (None when absent or not a number)."""
-    from .checkpoint import read_hf_config
+    from .checkpoints.hf_config import read_hf_config
 
     value = read_hf_config(folder).get("max_position_embeddings")
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

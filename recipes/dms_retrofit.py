@@ -54,16 +54,17 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from torchtune import config
 
-from dms_flex import checkpoint as ckpt
+import dms_flex
+from dms_flex import checkpoints as ckpt
 from dms_flex import data as dms_data
-from dms_flex import pretrained
+from dms_flex.checkpoints import pretrained
 from dms_flex.config import DMSConfig, DMSConfigError
 from dms_flex.losses import chunked_kd_loss, compression_loss, distillation_mask
 from dms_flex.quant import dequantized
 from dms_flex.stats import CompressionReport, kept_fraction, plot_kept_heatmap
 from dms_flex.torchtune_model import add_dms, forward_train, output_weight
 
-CONFIG_DIR = Path(dms_data.__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(dms_flex.__file__).resolve().parent / "configs"
 RECIPE_STATE = "recipe_state.pt"
 # in output_dir: which run was started there last and what the recipe wrote (anything else there is the
 # user's, and refused without overwrite=true); in every step_NNNNNN/ and final/: the run that wrote it
@@ -906,7 +907,7 @@ def checkpoint_problem(folder: Path) -> Tuple[Optional[str], Optional[Dict[str, 
 
     try:
         ckpt.read_hf_config(folder)
-        for f in ckpt._weight_files(folder):
+        for f in ckpt.weight_files(folder):
             with ckpt.safetensors_errors(f), safe_open(str(f), "pt"):
                 pass
     except (FileNotFoundError, ValueError) as e:

@@ -11,7 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dms_flex import checkpoint, pretrained, smollm2
+from dms_flex import checkpoints
+from dms_flex.checkpoints import __main__ as cli
+from dms_flex.checkpoints import embedded as smollm2
 from dms_flex import torchtune_model as tm
 from dms_flex.config import DMSConfig
 
@@ -27,7 +29,7 @@ def _retrofit(root: Path, case: str, base_dtype=torch.float32) -> dict:
     hf = make_hf(case)
     hf.to(base_dtype).save_pretrained(root / "base")
     _tiny_tokenizer().save_pretrained(root / "base")
-    dm = pretrained.load_dms_model(root / "base", dms_overrides={"decision": "adapter", "window": WINDOW,
+    dm = checkpoints.load_dms_model(root / "base", dms_overrides={"decision": "adapter", "window": WINDOW,
                                                                  "final_cr": 3.0})
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -37,9 +39,9 @@ def _retrofit(root: Path, case: str, base_dtype=torch.float32) -> dict:
             a.norm.weight.copy_(torch.rand(a.norm.weight.shape, generator=g) + 0.5)
     cfg = dict(dm.hf_config, **dm.dms.to_hf())
     # the recipe saves the base in save_dtype and the DMS parameters in float32
-    weights = {k: v if checkpoint.is_extra_key(k) else v.to(base_dtype) for k, v in dm.model.state_dict().items()}
+    weights = {k: v if checkpoints.is_extra_key(k) else v.to(base_dtype) for k, v in dm.model.state_dict().items()}
     view = _View(weights)
-    checkpoint.save_hf_checkpoint(view, cfg, root / "full", dm.family, extra_state=pretrained.dms_state_dict(view),
+    checkpoints.save_hf_checkpoint(view, cfg, root / "full", dm.family, extra_state=checkpoints.dms_state_dict(view),
                                   tokenizer=dm.tokenizer)
     return {"base": root / "base", "full": root / "full", "family": dm.family}
 
@@ -64,25 +66,25 @@ def _logits(model, tokens):
 
 
 def test_base_plus_adapter_is_the_full_checkpoint(run, tmp_path):
-    out = pretrained.export_adapter(run["full"], tmp_path / "adapter", base_folder=run["base"])
+    out = checkpoints.export_adapter(run["full"], tmp_path / "adapter", base_folder=run["base"])
     assert sorted(p.name for p in out.iterdir()) == ["dms_adapter.safetensors", "dms_config.json"]
     saved = load_file(str(out / "dms_adapter.safetensors"))
     n_layers = TINY["num_hidden_layers"]
     assert set(saved) == {f"model.layers.{i}.self_attn.dms_adapter.{p}.weight" for i in range(n_layers)
                           for p in ("norm", "linear")}
     cfg = json.loads((out / "dms_config.json").read_text())
-    full_cfg = checkpoint.read_hf_config(run["full"])
+    full_cfg = checkpoints.read_hf_config(run["full"])
     assert {k: v for k, v in cfg.items() if k.startswith("dms_")} == {k: v for k, v in full_cfg.items()
                                                                         if k.startswith("dms_")}
     assert cfg["base_verified"] is True and cfg["base_model"]["hidden_size"] == TINY["hidden_size"]
 
-    full = pretrained.load_dms_model(run["full"])
-    both = pretrained.load_dms_model(run["base"], adapter=out)
+    full = checkpoints.load_dms_model(run["full"])
+    both = checkpoints.load_dms_model(run["base"], adapter=out)
     assert both.dms_trained and both.adapter == out and full.adapter is None
     assert both.dms == full.dms and both.dms.decision == "adapter" and both.dms.window == WINDOW
     assert both.hf_config["dms_cr"] == 3.0
-    for k, v in pretrained.dms_state_dict(full.model).items():
-        assert torch.equal(pretrained.dms_state_dict(both.model)[k], v)
+    for k, v in checkpoints.dms_state_dict(full.model).items():
+        assert torch.equal(checkpoints.dms_state_dict(both.model)[k], v)
     tokens = torch.randint(0, TINY["vocab_size"], (2, 40))
     ref, ref_evicted = _logits(full.model, tokens)
     got, got_evicted = _logits(both.model, tokens)
@@ -91,36 +93,36 @@ def test_base_plus_adapter_is_the_full_checkpoint(run, tmp_path):
     frac = torch.stack([e.float().mean() for e in ref_evicted]).mean()
     assert 0.05 < frac < 0.95  # the adapter really decides: some tokens go, some stay
     # and the decisions matter: the base alone (zero adapter: nothing evicted) gives other logits
-    plain = pretrained.load_dms_model(run["base"], dms_overrides={"decision": "adapter", "window": WINDOW})
+    plain = checkpoints.load_dms_model(run["base"], dms_overrides={"decision": "adapter", "window": WINDOW})
     assert not plain.dms_trained
     assert not torch.equal(_logits(plain.model, tokens)[0], ref)
 
 
 def test_overrides_apply_on_top_of_the_adapter(run, tmp_path):
-    out = pretrained.export_adapter(run["full"], tmp_path / "adapter")
-    dm = pretrained.load_dms_model(run["base"], adapter=out, dms_overrides={"window": 7})
+    out = checkpoints.export_adapter(run["full"], tmp_path / "adapter")
+    dm = checkpoints.load_dms_model(run["base"], adapter=out, dms_overrides={"window": 7})
     assert dm.dms.window == 7 and dm.dms.final_cr == 3.0
     with pytest.raises(ValueError, match="needs decision=adapter"):
-        pretrained.load_dms_model(run["base"], adapter=out, dms_overrides={"decision": "borrowed"})
+        checkpoints.load_dms_model(run["base"], adapter=out, dms_overrides={"decision": "borrowed"})
 
 
 def test_low_precision_final_of_an_fp32_base_is_accepted(tmp_path):
     """The recipe's final folder holds the base in bf16; a bf16 copy of the fp32 base is the same base."""
     r = _retrofit(tmp_path, "llama_untied")
     sd = load_file(str(r["full"] / "model.safetensors"))
-    save_file({k: v if checkpoint.is_extra_key(k) else v.to(torch.bfloat16) for k, v in sd.items()},
+    save_file({k: v if checkpoints.is_extra_key(k) else v.to(torch.bfloat16) for k, v in sd.items()},
               str(r["full"] / "model.safetensors"))
-    pretrained.export_adapter(r["full"], tmp_path / "adapter", base_folder=r["base"])
+    checkpoints.export_adapter(r["full"], tmp_path / "adapter", base_folder=r["base"])
 
 
 def test_borrowed_variant_and_non_dms_folders_are_refused(run, tmp_path):
-    dm = pretrained.load_dms_model(run["base"])
+    dm = checkpoints.load_dms_model(run["base"])
     cfg = dict(dm.hf_config, **DMSConfig(decision="borrowed", window=WINDOW).to_hf())
-    checkpoint.save_hf_checkpoint(dm.model, cfg, tmp_path / "borrowed", dm.family)
+    checkpoints.save_hf_checkpoint(dm.model, cfg, tmp_path / "borrowed", dm.family)
     with pytest.raises(ValueError, match="borrowed-variant .* an adapter alone cannot carry them"):
-        pretrained.export_adapter(tmp_path / "borrowed", tmp_path / "a", base_folder=run["base"])
+        checkpoints.export_adapter(tmp_path / "borrowed", tmp_path / "a", base_folder=run["base"])
     with pytest.raises(ValueError, match="not a DMS checkpoint"):
-        pretrained.export_adapter(run["base"], tmp_path / "a")
+        checkpoints.export_adapter(run["base"], tmp_path / "a")
     assert not (tmp_path / "a").exists()
 
 
@@ -133,54 +135,54 @@ def test_modified_base_is_refused_when_the_base_is_given(run, tmp_path):
     sd[name][0, 0] += 0.01  # one weight moved: an all-weights retrofit
     save_file(sd, str(mod / "model.safetensors"))
     with pytest.raises(ValueError, match=r"differ from those of .* in 1 of .*down_proj"):
-        pretrained.export_adapter(mod, tmp_path / "a", base_folder=run["base"])
+        checkpoints.export_adapter(mod, tmp_path / "a", base_folder=run["base"])
     assert not (tmp_path / "a").exists()
     other = tmp_path / "other_base"  # another model of the same shape
     shutil.copytree(run["base"], other)
     make_hf("qwen2_tied" if run["family"] == "llama" else "llama_untied").save_pretrained(other)
     with pytest.raises(ValueError, match="would not reproduce"):
-        pretrained.export_adapter(run["full"], tmp_path / "a", base_folder=other)
+        checkpoints.export_adapter(run["full"], tmp_path / "a", base_folder=other)
     # without the base nothing can tell: the export goes through, and says it was not checked
-    out = pretrained.export_adapter(mod, tmp_path / "a")
+    out = checkpoints.export_adapter(mod, tmp_path / "a")
     assert json.loads((out / "dms_config.json").read_text())["base_verified"] is False
 
 
 def test_adapter_that_does_not_fit_is_a_clear_error(run, tmp_path):
-    out = pretrained.export_adapter(run["full"], tmp_path / "adapter")
+    out = checkpoints.export_adapter(run["full"], tmp_path / "adapter")
     sd = load_file(str(out / "dms_adapter.safetensors"))
     wrong = tmp_path / "wrong_shape"
     shutil.copytree(out, wrong)
     save_file({**sd, LINEAR: torch.zeros(5, TINY["hidden_size"])}, str(wrong / "dms_adapter.safetensors"))
     with pytest.raises(ValueError, match=r"does not fit .* has shape \(5, 64\) in the adapter, the model .* "
                                          r"needs \(2, 64\); the adapter was exported from"):
-        pretrained.load_dms_model(run["base"], adapter=wrong)
+        checkpoints.load_dms_model(run["base"], adapter=wrong)
     short = tmp_path / "fewer_layers"
     shutil.copytree(out, short)
     save_file({k: v for k, v in sd.items() if ".layers.1." not in k}, str(short / "dms_adapter.safetensors"))
     with pytest.raises(ValueError, match="does not fit .* missing"):
-        pretrained.load_dms_model(run["base"], adapter=short)
+        checkpoints.load_dms_model(run["base"], adapter=short)
     (short / "dms_adapter.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="lacks dms_adapter.safetensors"):
-        pretrained.load_dms_model(run["base"], adapter=short)
+        checkpoints.load_dms_model(run["base"], adapter=short)
     with pytest.raises(FileNotFoundError, match="full checkpoint folder"):
-        pretrained.load_dms_model(run["base"], adapter=run["full"])
+        checkpoints.load_dms_model(run["base"], adapter=run["full"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        pretrained.load_dms_model(run["base"], adapter=tmp_path / "nope")
+        checkpoints.load_dms_model(run["base"], adapter=tmp_path / "nope")
 
 
 def test_export_replaces_an_adapter_folder_but_no_other_folder(run, tmp_path):
-    out = pretrained.export_adapter(run["full"], tmp_path / "adapter")
+    out = checkpoints.export_adapter(run["full"], tmp_path / "adapter")
     (out / "stale").write_text("x")
-    assert pretrained.export_adapter(run["full"], out) == out and not (out / "stale").exists()
+    assert checkpoints.export_adapter(run["full"], out) == out and not (out / "stale").exists()
     with pytest.raises(ValueError, match="not an adapter folder"):
-        pretrained.export_adapter(run["full"], run["base"])
+        checkpoints.export_adapter(run["full"], run["base"])
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary folders left behind
 
 
 def test_export_cli(run, tmp_path, capsys):
-    assert pretrained.main(["export-adapter", str(run["full"]), str(tmp_path / "a"), "--base", str(run["base"])]) == 0
+    assert cli.main(["export-adapter", str(run["full"]), str(tmp_path / "a"), "--base", str(run["base"])]) == 0
     assert "dms_adapter.safetensors" in capsys.readouterr().out
-    assert pretrained.main(["export-adapter", str(run["base"]), str(tmp_path / "b")]) == 2
+    assert cli.main(["export-adapter", str(run["base"]), str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "not a DMS checkpoint" in err
 
@@ -207,7 +209,7 @@ def _cr(out):
 
 
 def test_generate_with_an_adapter_equals_the_full_checkpoint(llama, tmp_path, capsys):
-    adapter = pretrained.export_adapter(llama["full"], tmp_path / "adapter")
+    adapter = checkpoints.export_adapter(llama["full"], tmp_path / "adapter")
     ref, _ = _generate(capsys, "--checkpoint", str(llama["full"]))
     out, err = _generate(capsys, "--checkpoint", str(llama["base"]), "--adapter", str(adapter))
     assert f"DMS adapter: {adapter} (decisions trained for CR 3x, window {WINDOW})" in err
@@ -218,7 +220,7 @@ def test_generate_with_an_adapter_equals_the_full_checkpoint(llama, tmp_path, ca
 
 
 def test_generate_default_model_uses_the_packaged_adapter(llama, tmp_path, capsys, monkeypatch):
-    adapter = pretrained.export_adapter(llama["full"], tmp_path / "adapters" / smollm2.MODEL_DIR_NAME)
+    adapter = checkpoints.export_adapter(llama["full"], tmp_path / "adapters" / smollm2.MODEL_DIR_NAME)
     monkeypatch.setattr(smollm2, "default_model_dir", lambda: llama["base"])
     monkeypatch.setattr(smollm2, "ADAPTER_DIR", tmp_path / "adapters" / "missing")
     assert smollm2.packaged_adapter() is None
@@ -263,7 +265,7 @@ def test_eval_default_model_applies_the_packaged_adapter(run, tmp_path, monkeypa
 
     if run["family"] != "llama":
         pytest.skip("one family is enough for the wiring")
-    adapter = pretrained.export_adapter(run["full"], tmp_path / "adapter", base_folder=run["base"])
+    adapter = checkpoints.export_adapter(run["full"], tmp_path / "adapter", base_folder=run["base"])
     monkeypatch.setattr(smollm2, "default_model_dir", lambda: run["base"])
     monkeypatch.setattr(smollm2, "packaged_adapter", lambda: adapter)
     common = ["--device", "cpu", "--methods", "dms", "--metrics", "ppl", "--ppl-len", "24", "--ppl-prefix", "4",

@@ -1,4 +1,4 @@
-"""dms_flex.checkpoint: Hugging Face folders <-> torchtune decoders, checked against transformers."""
+"""dms_flex.checkpoints: Hugging Face folders <-> torchtune decoders, checked against transformers."""
 
 import json
 import os
@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-import dms_flex.checkpoint as ckpt
-from dms_flex.checkpoint import (
+import dms_flex.checkpoints as ckpt
+from dms_flex.checkpoints import (
     LoadedModel,
     hf_extra_name_to_tune,
     load_hf_checkpoint,

@@ -16,7 +16,7 @@ from dms_flex.eval import baselines as bl
 from dms_flex.eval import data as eval_data
 from dms_flex.eval import lm_eval as lea
 from dms_flex.eval import metrics as ev_metrics
-from dms_flex.pretrained import DMSModel
+from dms_flex.checkpoints import DMSModel
 
 
 class ByteTokenizer:
@@ -372,7 +372,7 @@ def hf_folder(path, seed=0, dms_keys=None, vocab=256):
 
 
 def load_base(folder):
-    from dms_flex import pretrained
+    from dms_flex.checkpoints import pretrained
 
     base = pretrained.load_dms_model(folder)
     base.tokenizer = ENC
@@ -487,7 +487,8 @@ def test_weight_quant_evaluates_a_quantized_model_against_the_unquantized_one(tm
 
 
 def test_one_dms_checkpoint_calibrated_at_two_crs_is_loaded_once(tmp_path, monkeypatch):
-    from dms_flex import pretrained, quant
+    from dms_flex import quant
+    from dms_flex.checkpoints import pretrained
 
     base_dir = hf_folder(tmp_path / "base")
     ckpt = hf_folder(tmp_path / "retrofit", seed=1, dms_keys=RETROFIT_KEYS)

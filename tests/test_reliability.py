@@ -285,7 +285,8 @@ def _copy_with(src, dst, config=None, weights=None):
 def test_damaged_weights_are_one_line_everywhere(damage, tiny_hf_folder, tmp_path, capsys):
     """generate, eval, hf.from_pretrained and export-adapter gave a raw SafetensorError."""
     from dms_flex import eval as ev
-    from dms_flex import hf, pretrained
+    from dms_flex import hf
+    from dms_flex.checkpoints import __main__ as cli
     from dms_flex.config import DMSConfig
 
     folder = _copy_with(tiny_hf_folder, tmp_path / "broken", config=DMSConfig(decision="adapter").to_hf(),
@@ -295,7 +296,7 @@ def test_damaged_weights_are_one_line_everywhere(damage, tiny_hf_folder, tmp_pat
     assert rc == 2 and expected in err and "Traceback" not in err
     assert ev.main(["--model", str(folder), "--out", str(tmp_path / "eval"), "--metrics", "ppl"]) == 2
     assert expected in capsys.readouterr().err
-    assert pretrained.main(["export-adapter", str(folder), str(tmp_path / "adapter")]) == 2
+    assert cli.main(["export-adapter", str(folder), str(tmp_path / "adapter")]) == 2
     assert expected in capsys.readouterr().err
     with pytest.raises(ValueError, match=re.escape(expected)):
         hf.from_pretrained(folder)
@@ -307,7 +308,7 @@ def test_damaged_weights_are_one_line_everywhere(damage, tiny_hf_folder, tmp_pat
     ({"dms_window_size": "abc"}, r"config.json: dms_window_size='abc' is invalid \(DMSConfig.window="),
 ])
 def test_config_json_errors_name_the_file_and_the_key(config, expected, tiny_hf_folder, tmp_path, capsys):
-    from dms_flex import hf, pretrained
+    from dms_flex import checkpoints, hf
     from dms_flex.config import DMSConfig
 
     folder = _copy_with(tiny_hf_folder, tmp_path / "bad", config=DMSConfig().to_hf())
@@ -320,7 +321,7 @@ def test_config_json_errors_name_the_file_and_the_key(config, expected, tiny_hf_
     rc, out, err = _generate(["--checkpoint", str(folder), "--prompt", "x"], capsys)
     assert rc == 2 and re.search(expected, err) and "Traceback" not in err
     with pytest.raises(ValueError, match=expected):
-        pretrained.load_dms_model(folder)
+        checkpoints.load_dms_model(folder)
     with pytest.raises(ValueError, match=expected):
         hf.from_pretrained(folder)
 
@@ -331,7 +332,7 @@ def test_saved_weights_are_readable_like_the_rest_of_the_folder(tmp_path):
     import os
     import stat
 
-    from dms_flex import checkpoint, hf, pretrained
+    from dms_flex import checkpoints, hf
     from dms_flex.config import DMSConfig
 
     from .test_hf import make
@@ -343,8 +344,8 @@ def test_saved_weights_are_readable_like_the_rest_of_the_folder(tmp_path):
                   "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 64, "intermediate_size": 64,
                   "max_position_embeddings": 96, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
                   **m.dms_config.to_hf()}
-        folder = checkpoint.save_hf_checkpoint(m, hf_cfg, tmp_path / "tt", "llama")
-        adapter = pretrained.export_adapter(folder, tmp_path / "adapter")
+        folder = checkpoints.save_hf_checkpoint(m, hf_cfg, tmp_path / "tt", "llama")
+        adapter = checkpoints.export_adapter(folder, tmp_path / "adapter")
         _, dms = make("llama", DMSConfig(window=2))
         hf.save_pretrained(dms, tmp_path / "hf")
         files = [folder / "model.safetensors", folder / "config.json", adapter / "dms_adapter.safetensors",

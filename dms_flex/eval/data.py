@@ -66,7 +66,7 @@ class TextSource:
 # ============================================================================ text sources
 def text_dir() -> Path:
     """Where plain-text copies of the sources are looked for (and exported to by default)."""
-    from ..smollm2 import dms_flex_home
+    from ..checkpoints.paths import dms_flex_home
 
     return Path(os.environ.get("DMS_FLEX_TEXT_DIR") or dms_flex_home() / "data")
 
@@ -93,7 +93,7 @@ def kjv_text() -> Optional[str]:
 
 def austen_dirs() -> List[Path]:
     """Where the janeaustenr R package may live (first existing wins)."""
-    from ..smollm2 import dms_flex_home
+    from ..checkpoints.paths import dms_flex_home
 
     cands = []
     if os.environ.get("DMS_FLEX_AUSTEN_DIR"):
@@ -135,7 +135,7 @@ def austen_text() -> Optional[str]:
 
 def fetch_austen(dest: Optional[Path] = None) -> Path:
     """Download the Debian package and unpack it without installing R: apt-get download + dpkg -x."""
-    from ..smollm2 import dms_flex_home
+    from ..checkpoints.paths import dms_flex_home
 
     dest = Path(dest or dms_flex_home() / "data" / AUSTEN_DEB)
     if shutil.which("apt-get") is None or shutil.which("dpkg") is None:

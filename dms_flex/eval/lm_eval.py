@@ -52,11 +52,11 @@ class DMSFlexLM:
         if method in ("streaming", "h2o", "tova") and cr is None:
             raise ValueError(f"method={method} needs a compression ratio: add cr=N to the model arguments")
         if model is None:
-            from .. import pretrained as pt
+            from ..checkpoints import pretrained as pt
 
             folder = pretrained
             if folder is None:
-                from ..smollm2 import default_model_dir
+                from ..checkpoints.embedded import default_model_dir
 
                 folder = default_model_dir()
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")

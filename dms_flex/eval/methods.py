@@ -211,7 +211,7 @@ class CheckpointLoader:
 
     def get(self, folder: str):
         if folder not in self.loaded:
-            from .. import pretrained
+            from ..checkpoints import pretrained
 
             p = next(self.like.parameters())
             window = self.args.dms_window

