@@ -106,7 +106,7 @@ def gptfast_step(model, token, cache: GptFastCache):
         cache.k[i].index_copy_(2, pos[:1], k)  # one position shared by the batch, as in gpt-fast
         cache.v[i].index_copy_(2, pos[:1], v.transpose(1, 2))
         o = F.scaled_dot_product_attention(q, cache.k[i], cache.v[i], attn_mask=mask, enable_gqa=True)
-        x = tm._finish_layer(layer, x, o)
+        x = tm.finish_layer(layer, x, o)
     cache.pos.add_(1)
     return model.output(model.norm(x))[:, -1]
 

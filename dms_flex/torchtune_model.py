@@ -97,7 +97,20 @@ def attention_inputs(layer, x: torch.Tensor, input_pos: torch.Tensor, cfg: Optio
     return q, k, v.transpose(1, 2), logits
 
 
-def _finish_layer(layer, x, attn_out):
+def run_layers(model: nn.Module, x: torch.Tensor, input_pos: torch.Tensor, cfg: Optional[DMSConfig], attend,
+               halves=None) -> torch.Tensor:
+    """THE per-layer loop of every cached pass (prefill chunks, decode steps, the baselines' caches):
+    norm -> project -> decide + RoPE -> attend -> finish. attend(i, q, k, v, logits) -> (B, Hq, T, D)
+    is the cache-specific part for layer i; halves: (attention_inputs, finish_layer) replacements
+    (e.g. compiled). Returns the residual stream after the last layer (before the final norm)."""
+    before, after = halves or (attention_inputs, finish_layer)
+    for i, layer in enumerate(model.layers):
+        q, k, v, logits = before(layer, x, input_pos, cfg)
+        x = after(layer, x, attend(i, q, k, v, logits))
+    return x
+
+
+def finish_layer(layer, x, attn_out):
     B, T = x.shape[:2]
     h = layer.sa_scale(layer.attn.output_proj(attn_out.transpose(1, 2).reshape(B, T, -1))) + x
     return h + layer.mlp_scale(layer.mlp(layer.mlp_norm(h)))
@@ -144,10 +157,7 @@ def forward_train(model: nn.Module, tokens: torch.Tensor, *, doc_ids: Optional[t
             noise = decisions.logistic_noise((B, layer.attn.num_kv_heads, T), tokens.device, generator)
 
         def run(x, noise=noise, layer=layer):
-            h = layer.sa_norm(x)
-            q, k, v = _project(layer.attn, h)
-            q, k, logits = _decisions_and_rope(layer.attn, q, k, x, input_pos, cfg)
-            v = v.transpose(1, 2)
+            q, k, v, logits = attention_inputs(layer, x, input_pos, cfg)
             if kv_int8:
                 k, v = fake_quantize_kv(k), fake_quantize_kv(v)
             if cfg is None:
@@ -158,7 +168,7 @@ def forward_train(model: nn.Module, tokens: torch.Tensor, *, doc_ids: Optional[t
                 log_keep, a_st = decisions.relax(decided, cfg, training=training, noise=noise)
             o = attention.dms_attention(q, k, v, log_keep, window, doc_ids=doc_ids, block_mask=block_mask,
                                         backend=backend)
-            return _finish_layer(layer, x, o), a_st, log_keep
+            return finish_layer(layer, x, o), a_st, log_keep
 
         if activation_checkpointing and torch.is_grad_enabled():
             x, a_st, log_keep = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
@@ -325,14 +335,14 @@ def _prefill_chunk(model, tokens, state: InferenceState, pos, n_real, input_pos,
     compiled: the layer halves around attention run through torch.compile (dynamic shapes; CUDA)."""
     cfg = dms_config_of(model) if state.eviction else None
     x = model.tok_embeddings(tokens)
-    before, after = attention_inputs, _finish_layer
+    halves = None
     if compiled and _compiled_halves_work(model.layers[0], x, input_pos, cfg):
-        before, after = _compiled_layer_halves()
-    for layer, cache in zip(model.layers, state.caches):
-        q, k, v, logits = before(layer, x, input_pos, cfg)
-        o = cache.append(q, k, v, logits, pos, n_real)
-        x = after(layer, x, o)
-    return x
+        halves = _compiled_layer_halves()
+
+    def attend(i, q, k, v, logits):
+        return state.caches[i].append(q, k, v, logits, pos, n_real)
+
+    return run_layers(model, x, input_pos, cfg, attend, halves)
 
 
 def _compiled_halves_work(layer, x, input_pos, cfg) -> bool:
@@ -356,7 +366,7 @@ def _compiled_halves_work(layer, x, input_pos, cfg) -> bool:
 @functools.lru_cache(maxsize=None)
 def _compiled_layer_halves():
     return (torch.compile(attention_inputs, dynamic=True, fullgraph=True),
-            torch.compile(_finish_layer, dynamic=True, fullgraph=True))
+            torch.compile(finish_layer, dynamic=True, fullgraph=True))
 
 
 def decode_step(model: nn.Module, token: torch.Tensor, state: InferenceState,
@@ -366,19 +376,17 @@ def decode_step(model: nn.Module, token: torch.Tensor, state: InferenceState,
     Static shapes and no host syncs: compile it with torch.compile(fullgraph=True,
     mode="reduce-overhead") to run it as one CUDA graph.
     """
-    cfg = dms_config_of(model)
-    attend = attend or default_decode_attention(token.device)
+    cfg = dms_config_of(model) if state.eviction else None
+    read = attend or default_decode_attention(token.device)
     pos = state.next_pos
-    x = model.tok_embeddings(token)
-    use_cfg = cfg if state.eviction else None
-    for layer, cache in zip(model.layers, state.caches):
-        h = layer.sa_norm(x)
-        q, k, v = _project(layer.attn, h)
-        q, k, logits = _decisions_and_rope(layer.attn, q, k, x, pos[:, None], use_cfg)
+
+    def step(i, q, k, v, logits):
+        cache = state.caches[i]
         evict_prev = decisions.hard_evict(logits[..., 0]) if logits is not None else torch.zeros(
             k.shape[:2], dtype=torch.bool, device=k.device)
-        cache.decode_update(k, v.transpose(1, 2), evict_prev, pos)
-        o = attend(q, cache)
-        x = _finish_layer(layer, x, o)
+        cache.decode_update(k, v, evict_prev, pos)
+        return read(q, cache)
+
+    x = run_layers(model, model.tok_embeddings(token), pos[:, None], cfg, step)
     state.next_pos.add_(1)
     return model.output(model.norm(x))[:, -1]

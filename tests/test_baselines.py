@@ -62,10 +62,8 @@ class Reference:
         self.seen = 0
 
     def _layer_qkv(self, layer, x, pos):
-        h = layer.sa_norm(x)
-        q, k, v = tm._project(layer.attn, h)
-        q, k, _ = tm._decisions_and_rope(layer.attn, q, k, x, pos, None)
-        return q[0].double(), k[0].double(), v.transpose(1, 2)[0].double()
+        q, k, v, _ = tm.attention_inputs(layer, x, pos, None)
+        return q[0].double(), k[0].double(), v[0].double()
 
     @torch.no_grad()
     def prefill(self, tokens):
@@ -97,7 +95,7 @@ class Reference:
                 entries = old + new
                 ref_evict_until(self.name, entries, budget, last)
                 self.kept[li][hh] = entries
-            x = tm._finish_layer(layer, x, out.float()[None])
+            x = tm.finish_layer(layer, x, out.float()[None])
         self.seen += n
         return self.m.output(self.m.norm(x))[0, -1]
 
@@ -123,7 +121,7 @@ class Reference:
                         e["score"] = w
                 ref_evict_until(self.name, entries, budget, self.seen)
                 self.kept[li][hh] = entries
-            x = tm._finish_layer(layer, x, out.float()[None])
+            x = tm.finish_layer(layer, x, out.float()[None])
         self.seen += 1
         return self.m.output(self.m.norm(x))[0, -1]
 

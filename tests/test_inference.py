@@ -239,7 +239,7 @@ def test_compiled_prefill_halves_trace_and_match_eager(monkeypatch):
 
     torch._dynamo.reset()
     compiled = (torch.compile(tm.attention_inputs, dynamic=True, fullgraph=True, backend="aot_eager"),
-                torch.compile(tm._finish_layer, dynamic=True, fullgraph=True, backend="aot_eager"))
+                torch.compile(tm.finish_layer, dynamic=True, fullgraph=True, backend="aot_eager"))
     monkeypatch.setattr(tm, "_compiled_layer_halves", lambda: compiled)
     monkeypatch.setattr(tm, "_PREFILL_COMPILE", {"ok": True})
     m = tiny_model(decision="adapter", window=3)

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..cache import DMSKVCache
-from ..torchtune_model import InferenceState, _decisions_and_rope, _finish_layer, _project, prefill_positions
+from ..torchtune_model import InferenceState, prefill_positions, run_layers
 
 POLICIES = ("streaming", "h2o", "tova")
 
@@ -284,13 +284,10 @@ def prefill_with_policy(model: nn.Module, tokens: torch.Tensor, state: PolicySta
     apply the policy's budget. Returns each row's last real logits (B, vocab), or (B, n, vocab)."""
     B, n = tokens.shape
     lengths, pos, input_pos = prefill_positions(tokens, state, lengths)
-    x = model.tok_embeddings(tokens)
-    for layer, cache in zip(model.layers, state.caches):
-        h = layer.sa_norm(x)
-        q, k, v = _project(layer.attn, h)
-        q, k, _ = _decisions_and_rope(layer.attn, q, k, x, input_pos, None)
-        o = cache.append_with_policy(state.policy, q, k, v.transpose(1, 2), pos, lengths)
-        x = _finish_layer(layer, x, o)
+    def attend(i, q, k, v, _):
+        return state.caches[i].append_with_policy(state.policy, q, k, v, pos, lengths)
+
+    x = run_layers(model, model.tok_embeddings(tokens), input_pos, None, attend)
     state.next_pos.add_(lengths)
     h = model.norm(x)
     if all_logits:
@@ -306,12 +303,9 @@ def decode_step_with_policy(model: nn.Module, token: torch.Tensor, state: Policy
     # every layer holds the same count per (row, head) (the budget does not depend on the layer):
     # one host read of the used slot prefix serves all layers
     n = max(int(state.caches[0].length.max()), 1)
-    x = model.tok_embeddings(token)
-    for layer, cache in zip(model.layers, state.caches):
-        h = layer.sa_norm(x)
-        q, k, v = _project(layer.attn, h)
-        q, k, _ = _decisions_and_rope(layer.attn, q, k, x, pos[:, None], None)
-        o = cache.decode_with_policy(state.policy, q, k, v.transpose(1, 2), pos, n)
-        x = _finish_layer(layer, x, o)
+    def attend(i, q, k, v, _):
+        return state.caches[i].decode_with_policy(state.policy, q, k, v, pos, n)
+
+    x = run_layers(model, model.tok_embeddings(token), pos[:, None], None, attend)
     state.next_pos.add_(1)
     return model.output(model.norm(x))[:, -1]
