@@ -34,17 +34,21 @@ class CacheOverflowError(RuntimeError):
     pass
 
 
-class DMSKVCache(nn.Module):
-    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int, window: int,
-                 dtype=torch.bfloat16, device=None, kv_dtype=None):
+class SlotStore(nn.Module):
+    """K/V slots per (batch row, KV head): live slots [0, length) with their positions, plus the
+    scratch slot `capacity` and a sticky overflow flag. The store and its accounting are shared by
+    the DMS cache below and the training-free baselines' caches (eval/baselines.py)."""
+
+    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int, dtype=torch.bfloat16,
+                 device=None, kv_dtype=None):
         """kv_dtype=torch.int8 stores K/V as int8 with one float32 scale per (row, KV head, token)."""
         super().__init__()
         if capacity < 1:
             raise ValueError(f"cache capacity={capacity} must be >= 1 slot")
         if kv_dtype not in (None, torch.int8):
             raise ValueError(f"kv_dtype={kv_dtype} is not supported: use None (the model dtype) or torch.int8")
-        self.capacity, self.window = capacity, window
-        B, H, C, W = batch_size, num_kv_heads, capacity, window + 1
+        self.capacity = capacity
+        B, H, C = batch_size, num_kv_heads, capacity
         store = kv_dtype or dtype
         self.register_buffer("k", torch.zeros(B, H, C + 1, head_dim, dtype=store, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(B, H, C + 1, head_dim, dtype=store, device=device), persistent=False)
@@ -54,12 +58,8 @@ class DMSKVCache(nn.Module):
         self.register_buffer("length", torch.zeros(B, H, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("slot_pos", torch.full((B, H, C + 1), -1, dtype=torch.long, device=device),
                              persistent=False)
-        self.register_buffer("slot_marked", torch.zeros(B, H, C + 1, dtype=torch.bool, device=device),
-                             persistent=False)
-        self.register_buffer("win_slot", torch.full((B, H, W), C, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("overflow", torch.zeros((), dtype=torch.bool, device=device), persistent=False)
 
-    # ------------------------------------------------------------------ views
     @property
     def quantized(self) -> bool:
         return self.k_scale is not None
@@ -87,8 +87,6 @@ class DMSKVCache(nn.Module):
     def reset(self) -> None:
         self.length.zero_()
         self.slot_pos.fill_(-1)
-        self.slot_marked.zero_()
-        self.win_slot.fill_(self.capacity)
         self.overflow.zero_()
 
     def check_overflow(self) -> None:
@@ -97,6 +95,24 @@ class DMSKVCache(nn.Module):
                 f"the DMS KV cache ran out of slots (capacity {self.capacity} per batch row and KV head); no "
                 f"live token was overwritten, but generation cannot continue. Ask for a larger capacity "
                 f"(e.g. cache_capacity=max_seq_len, the default that never overflows).")
+
+
+class DMSKVCache(SlotStore):
+    """The slot store plus DMS's eviction marks and the ring of the last window+1 positions."""
+
+    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int, window: int,
+                 dtype=torch.bfloat16, device=None, kv_dtype=None):
+        super().__init__(batch_size, num_kv_heads, head_dim, capacity, dtype, device, kv_dtype)
+        self.window = window
+        B, H, C, W = batch_size, num_kv_heads, capacity, window + 1
+        self.register_buffer("slot_marked", torch.zeros(B, H, C + 1, dtype=torch.bool, device=device),
+                             persistent=False)
+        self.register_buffer("win_slot", torch.full((B, H, W), C, dtype=torch.long, device=device), persistent=False)
+
+    def reset(self) -> None:
+        super().reset()
+        self.slot_marked.zero_()
+        self.win_slot.fill_(self.capacity)
 
     # ------------------------------------------------------------------ decode
     def decode_update(self, k_new: torch.Tensor, v_new: torch.Tensor, evict_prev: torch.Tensor,

@@ -196,29 +196,15 @@ def _positions_within_documents(doc_ids, B, T, device):
 
 
 # ============================================================================ inference
-class InferenceState(nn.Module):
-    """The compact caches of all layers plus each row's next position."""
+class CacheState(nn.Module):
+    """Per-layer caches (slot stores) plus each row's next position, and their accounting: the one
+    place where live KV bytes and the CR are computed, for DMS and for the baselines' caches."""
 
-    def __init__(self, model: nn.Module, batch_size: int, capacity: Optional[int] = None,
-                 max_seq_len: Optional[int] = None, dtype=None, device=None, eviction: bool = True,
-                 kv_dtype=None):
+    def __init__(self, caches, batch_size: int, max_seq_len: int, dtype, device, eviction: bool, window: int):
         super().__init__()
-        cfg = dms_config_of(model)
-        p = next(model.parameters())
-        dtype = dtype or p.dtype
-        device = device or p.device
-        self.max_seq_len = max_seq_len or model.max_seq_len
-        capacity = capacity or self.max_seq_len
-        if capacity > self.max_seq_len:
-            raise ValueError(f"cache capacity={capacity} exceeds max_seq_len={self.max_seq_len}")
-        self.eviction = eviction
+        self.caches = nn.ModuleList(caches)
+        self.max_seq_len, self.eviction, self.window = max_seq_len, eviction, window
         self.model_itemsize = torch.empty((), dtype=dtype).element_size()
-        # without eviction the window covers everything: the cache is a plain dense cache
-        self.window = cfg.effective_window if eviction else self.max_seq_len
-        attn0 = model.layers[0].attn
-        self.caches = nn.ModuleList(
-            DMSKVCache(batch_size, attn0.num_kv_heads, attn0.head_dim, capacity, self.window, dtype, device, kv_dtype)
-            for _ in model.layers)
         self.register_buffer("next_pos", torch.zeros(batch_size, dtype=torch.long, device=device), persistent=False)
         self.pending = None  # generation.generate_tokens: each row's last sampled token, not yet in the cache
 
@@ -255,7 +241,35 @@ class InferenceState(nn.Module):
         return stats.compression_report([c.length.float() / seen for c in self.caches])
 
 
-def prefill_positions(tokens: torch.Tensor, state: InferenceState, lengths: Optional[torch.Tensor] = None):
+class InferenceState(CacheState):
+    """The DMS caches of all layers (one DMSKVCache each) plus each row's next position."""
+
+    def __init__(self, model: nn.Module, batch_size: int, capacity: Optional[int] = None,
+                 max_seq_len: Optional[int] = None, dtype=None, device=None, eviction: bool = True,
+                 kv_dtype=None):
+        cfg = dms_config_of(model)
+        p = next(model.parameters())
+        dtype = dtype or p.dtype
+        device = device or p.device
+        max_seq_len = max_seq_len or model.max_seq_len
+        capacity = capacity or max_seq_len
+        if capacity > max_seq_len:
+            raise ValueError(f"cache capacity={capacity} exceeds max_seq_len={max_seq_len}")
+        # without eviction the window covers everything: the cache is a plain dense cache
+        window = cfg.effective_window if eviction else max_seq_len
+        attn0 = model.layers[0].attn
+        caches = [DMSKVCache(batch_size, attn0.num_kv_heads, attn0.head_dim, capacity, window, dtype, device, kv_dtype)
+                  for _ in model.layers]
+        super().__init__(caches, batch_size, max_seq_len, dtype, device, eviction, window)
+
+
+def _check_dms_state(state) -> None:
+    if not isinstance(state, InferenceState):
+        raise TypeError(f"prefill / decode_step drive an InferenceState (DMS caches), got a {type(state).__name__}; "
+                        f"a baseline's PolicyState is driven by prefill_with_policy / decode_step_with_policy")
+
+
+def prefill_positions(tokens: torch.Tensor, state: CacheState, lengths: Optional[torch.Tensor] = None):
     """Checks a prefill's arguments; returns (lengths (B,), first position (B,), positions (B, n)).
 
     Positions of padding past a row's length are clamped into the RoPE table (their outputs are unused).
@@ -309,6 +323,7 @@ def prefill(model: nn.Module, tokens: torch.Tensor, state: InferenceState,
     failure warns once and falls back to eager.
     """
     dms_config_of(model)
+    _check_dms_state(state)
     B, n = tokens.shape
     lengths, pos, input_pos = prefill_positions(tokens, state, lengths)
     chunk = chunk_size or prefill_chunk_size(B)
@@ -376,6 +391,7 @@ def decode_step(model: nn.Module, token: torch.Tensor, state: InferenceState,
     Static shapes and no host syncs: compile it with torch.compile(fullgraph=True,
     mode="reduce-overhead") to run it as one CUDA graph.
     """
+    _check_dms_state(state)
     cfg = dms_config_of(model) if state.eviction else None
     read = attend or default_decode_attention(token.device)
     pos = state.next_pos

@@ -1,9 +1,9 @@
 """Training-free KV eviction baselines in DMS's compact cache: StreamingLLM, H2O, TOVA.
 
-They run in the same storage as DMS (`PolicyKVCache` is a `DMSKVCache`: slots per (row, KV head),
-live slots [0, length), the new token written into the freed slot in place) and are counted by the
-same accounting (`PolicyState` inherits `InferenceState.kv_bytes` / `compression`), so "equal CR"
-means equal live KV bytes.
+They run in the same storage as DMS (`PolicyKVCache` and `DMSKVCache` are both a `cache.SlotStore`:
+slots per (row, KV head), live slots [0, length), the new token written into the freed slot in place)
+and are counted by the same accounting (`PolicyState` and `InferenceState` are both a
+`torchtune_model.CacheState`: kv_bytes, compression), so "equal CR" means equal live KV bytes.
 
 Budget rule. A policy at compression ratio `cr` holds at most
     budget(t) = ceil(t / cr)  slots per (row, KV head), t = tokens seen so far (prompt + generated).
@@ -38,8 +38,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..cache import DMSKVCache
-from ..torchtune_model import InferenceState, prefill_positions, run_layers
+from ..cache import SlotStore
+from ..torchtune_model import CacheState, prefill_positions, run_layers
 
 POLICIES = ("streaming", "h2o", "tova")
 
@@ -135,25 +135,20 @@ def attention_with_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vi
 
 
 # ============================================================================ cache and state
-class PolicyKVCache(DMSKVCache):
-    """DMSKVCache's buffers (k, v, length, slot_pos) plus one float score per slot (H2O: accumulated
-    attention; TOVA: the last query's weight). DMS's ring and marks are left unused."""
+class PolicyKVCache(SlotStore):
+    """The shared slot store (k, v, length, slot_pos, overflow) plus one float score per slot (H2O:
+    accumulated attention; TOVA: the last query's weight). Driven by prefill_with_policy and
+    decode_step_with_policy; it has no DMS marks or ring."""
 
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int,
                  dtype=torch.bfloat16, device=None):
-        super().__init__(batch_size, num_kv_heads, head_dim, capacity, window=0, dtype=dtype, device=device)
+        super().__init__(batch_size, num_kv_heads, head_dim, capacity, dtype=dtype, device=device)
         self.register_buffer("score", torch.zeros(batch_size, num_kv_heads, capacity + 1, device=device),
                              persistent=False)
 
     def reset(self) -> None:
         super().reset()
         self.score.zero_()
-
-    def decode_update(self, *args, **kwargs):
-        raise TypeError("a PolicyKVCache is driven by decode_step_with_policy / prefill_with_policy, not by the DMS "
-                        "decode_step / prefill")
-
-    append = decode_update
 
     def kept_positions(self, b: int, h: int) -> list:
         """Positions held by (row b, KV head h), sorted: for tests and inspection."""
@@ -253,27 +248,22 @@ class PolicyKVCache(DMSKVCache):
         return out
 
 
-class PolicyState(InferenceState):
-    """The policy caches of all layers plus each row's next position. Inherits InferenceState's
-    accounting (kv_bytes, compression), so policies and DMS are measured by the same code."""
+class PolicyState(CacheState):
+    """The policy caches of all layers plus each row's next position, with the same accounting as the
+    DMS state (CacheState: kv_bytes, compression), so policies and DMS are measured by the same code."""
 
     def __init__(self, model: nn.Module, batch_size: int, policy: EvictionPolicy, max_seq_len: Optional[int] = None,
                  dtype=None, device=None):
-        nn.Module.__init__(self)  # InferenceState's own __init__ builds DMS caches
         p = next(model.parameters())
         dtype = dtype or p.dtype
         device = device or p.device
-        self.policy = policy
-        self.max_seq_len = max_seq_len or model.max_seq_len
-        self.eviction = True
-        self.window = 0
-        self.model_itemsize = torch.empty((), dtype=dtype).element_size()
+        max_seq_len = max_seq_len or model.max_seq_len
         attn0 = model.layers[0].attn
-        capacity = policy.capacity(self.max_seq_len)
-        self.caches = nn.ModuleList(
-            PolicyKVCache(batch_size, attn0.num_kv_heads, attn0.head_dim, capacity, dtype, device)
-            for _ in model.layers)
-        self.register_buffer("next_pos", torch.zeros(batch_size, dtype=torch.long, device=device), persistent=False)
+        capacity = policy.capacity(max_seq_len)
+        caches = [PolicyKVCache(batch_size, attn0.num_kv_heads, attn0.head_dim, capacity, dtype, device)
+                  for _ in model.layers]
+        super().__init__(caches, batch_size, max_seq_len, dtype, device, eviction=True, window=0)
+        self.policy = policy
 
 
 # ============================================================================ model passes
