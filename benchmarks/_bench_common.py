@@ -1,7 +1,11 @@
-"""Helpers the benchmark scripts share: stderr logging and Triton's offline (AOT) sm_90 compile."""
+"""Helpers the benchmark scripts share: stderr logging, the git commit of a run, and Triton's offline
+(AOT) sm_90 compile."""
 
 import json
+import os
+import subprocess
 import sys
+from typing import Optional
 
 import torch
 
@@ -47,3 +51,13 @@ def start_aot_report():
         print("@@AOT@@" + json.dumps(report))
         return None
     return report
+
+
+def git(*cmd) -> Optional[str]:
+    """`git CMD` in the repository (None where git or the repository is missing): runs record their commit."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        p = subprocess.run(["git", *cmd], cwd=repo, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return p.stdout.strip() if p.returncode == 0 else None

@@ -625,11 +625,10 @@ def write_json(path, obj):
 
 
 def _git(*cmd) -> Optional[str]:
-    try:
-        p = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return p.stdout.strip() if p.returncode == 0 else None
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _bench_common import git
+
+    return git(*cmd)
 
 
 def make_meta(args, device, dtype, models: Models, text_origin, compile_step):
