@@ -80,7 +80,6 @@ import inspect
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time

@@ -13,7 +13,6 @@ import functools
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import masks
 from .kernels.reference import dense_dms_attention

@@ -104,7 +104,10 @@ def test_borrowed_channel_zeroed_before_and_after_rope_stays_out_of_attention():
     q = torch.randn(1, 2, 4, 8)
     zq = decisions.zero_borrowed_channel(q, 1)
     cos, sin = torch.randn(4, 8), torch.randn(4, 8)
-    rot = lambda x: x * cos + torch.cat([-x[..., 4:], x[..., :4]], -1) * sin
+
+    def rot(x):
+        return x * cos + torch.cat([-x[..., 4:], x[..., :4]], -1) * sin
+
     once = rot(zq)
     assert (once[:, 0, :, 7] != 0).all()  # RoPE leaks the partner channel into D-1
     twice = decisions.zero_borrowed_channel(once, 1)

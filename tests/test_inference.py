@@ -180,7 +180,6 @@ def test_compiled_decode_has_no_recompiles():
         logits = tm.prefill(m, torch.randint(0, 64, (2, 5)), state)
         tok = logits.argmax(-1, keepdim=True)
         tok = step(m, tok, state).argmax(-1, keepdim=True)
-        eager_state = None
         with torch.compiler.set_stance("fail_on_recompile"):
             for _ in range(1000 - 1):
                 tok = step(m, tok, state).argmax(-1, keepdim=True)
