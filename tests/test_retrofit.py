@@ -94,8 +94,8 @@ def test_compression_loss_raises_the_achieved_cr(tiny_run):
 def test_checkpoint_loads_and_reproduces_the_measured_cr(tiny_run):
     """load_dms_model gets the trained adapter; its hard decisions on the recipe's eval rows give the
     CR the recipe logged (same weights, same rule)."""
-    import dms_retrofit
     from dms_flex.checkpoints import load_dms_model
+    from dms_flex.retrofit.metrics import kept_tokens
     from dms_flex.stats import CompressionReport
     from dms_flex.torchtune_model import forward_train
 
@@ -108,7 +108,7 @@ def test_checkpoint_loads_and_reproduces_the_measured_cr(tiny_run):
     batch = torch.utils.data.default_collate([packed[0], packed[1]])
     with torch.no_grad():
         evicted = forward_train(dm.model, batch["tokens"], doc_ids=batch["doc_ids"], training=False).evicted
-    kept, seen = dms_retrofit.kept_tokens(evicted, batch["doc_ids"], batch["valid"], 16)
+    kept, seen = kept_tokens(evicted, batch["doc_ids"], batch["valid"], 16)
     logged = [vals["eval_cr"] for _, vals in log_lines(out) if "eval_cr" in vals][-1]
     assert CompressionReport(per_layer_head=kept / seen).ratio == pytest.approx(logged, rel=1e-6)
 
@@ -129,7 +129,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     variant are on; the resumed half also recomputes activations (checkpointing)."""
     import yaml
 
-    from dms_retrofit import CONFIG_DIR
+    from dms_flex.retrofit.config_checks import CONFIG_DIR
 
     cfg = yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())
     cfg["dataset"]["modules"] = ["bisect"]
@@ -217,31 +217,31 @@ def assert_one_clear_message(args, message, tmp_path, monkeypatch, capsys):
 
 
 def test_config_names_map_to_packaged_files(tmp_path):
-    import dms_retrofit
+    from dms_flex.retrofit import config_checks
 
-    packaged = dms_retrofit.packaged_configs()
+    packaged = config_checks.packaged_configs()
     for name in ("llama3_8b", "llama3_1_8b", "llama3_2_1b", "llama3_2_3b", "qwen2_5_7b", "smollm2_135m", "tiny"):
         assert name in packaged
-        argv = dms_retrofit._map_config_argument(["dms_retrofit", "--config", name, "a=1"])
-        assert argv[2] == str(dms_retrofit.CONFIG_DIR / f"{name}.yaml") and argv[3] == "a=1"
+        argv = config_checks.map_config_argument(["dms_retrofit", "--config", name, "a=1"])
+        assert argv[2] == str(config_checks.CONFIG_DIR / f"{name}.yaml") and argv[3] == "a=1"
     own = tmp_path / "tiny"  # an existing file wins over a packaged name
     own.write_text("x: 1")
-    assert dms_retrofit._map_config_argument(["r", "--config", str(own)])[2] == str(own)
-    with pytest.raises(dms_retrofit.RecipeError, match="not a packaged config; packaged: llama3_1_8b"):
-        dms_retrofit._map_config_argument(["r", "--config", "llama9_70b"])
-    with pytest.raises(dms_retrofit.RecipeError, match="no such file"):
-        dms_retrofit._map_config_argument(["r", "--config", "missing/own.yaml"])
+    assert config_checks.map_config_argument(["r", "--config", str(own)])[2] == str(own)
+    with pytest.raises(config_checks.RecipeError, match="not a packaged config; packaged: llama3_1_8b"):
+        config_checks.map_config_argument(["r", "--config", "llama9_70b"])
+    with pytest.raises(config_checks.RecipeError, match="no such file"):
+        config_checks.map_config_argument(["r", "--config", "missing/own.yaml"])
 
 
 def test_every_packaged_config_validates():
     from omegaconf import OmegaConf
 
-    import dms_retrofit
+    from dms_flex.retrofit import config_checks
     from dms_flex.config import DMSConfig
 
-    for name in dms_retrofit.packaged_configs():
-        cfg = OmegaConf.load(dms_retrofit.CONFIG_DIR / f"{name}.yaml")
-        dms_retrofit._validate(cfg)
+    for name in config_checks.packaged_configs():
+        cfg = OmegaConf.load(config_checks.CONFIG_DIR / f"{name}.yaml")
+        config_checks.validate_config(cfg)
         dms = DMSConfig.from_dict(OmegaConf.to_container(cfg.dms))
         if name != "tiny":
             o = cfg.optimizer
@@ -277,14 +277,14 @@ def test_packed_rows_hold_documents_targets_and_padding():
 
 
 def test_kept_tokens_counts_every_document_as_its_own_sequence():
-    import dms_retrofit
+    from dms_flex.retrofit.metrics import kept_tokens
 
     g = torch.Generator().manual_seed(0)
     doc_ids = torch.tensor([[0] * 7 + [1] * 9 + [2] * 4, [0] * 12 + [1] * 8])
     valid = torch.ones(2, 20, dtype=torch.bool)
     valid[0, 16:] = False  # padding is the last "document"
     evicted = [torch.rand(2, 3, 20, generator=g) > 0.4 for _ in range(2)]
-    kept, seen = dms_retrofit.kept_tokens(evicted, doc_ids, valid, window=2)
+    kept, seen = kept_tokens(evicted, doc_ids, valid, window=2)
     assert seen == 7 + 9 + 12 + 8
     for layer, ev in enumerate(evicted):
         want = torch.zeros(3)

@@ -95,7 +95,7 @@ def _load(folder, weight_quant):
 
 @pytest.mark.parametrize("name, weight_quant", [("kv", "none"), ("w8", "int8")])
 def test_export_reproduces_training_numerics(runs, name, weight_quant):
-    import dms_retrofit
+    from dms_flex.retrofit.metrics import kept_tokens
     from dms_flex.stats import CompressionReport
 
     folder = runs[name][0]
@@ -107,7 +107,7 @@ def test_export_reproduces_training_numerics(runs, name, weight_quant):
     batch = _eval_batch()
     with torch.no_grad():
         evicted = tm.forward_train(m, batch["tokens"], doc_ids=batch["doc_ids"], training=False, kv_int8=True).evicted
-    kept, seen = dms_retrofit.kept_tokens(evicted, batch["doc_ids"], batch["valid"], 16)
+    kept, seen = kept_tokens(evicted, batch["doc_ids"], batch["valid"], 16)
     logged = [vals["eval_cr"] for _, vals in log_lines(folder) if "eval_cr" in vals][-1]
     assert CompressionReport(per_layer_head=kept / seen).ratio == pytest.approx(logged, rel=1e-6)
     # 2. teacher-forced logits with int8 K/V == the int8 compact cache's generation logits
@@ -166,10 +166,10 @@ def test_bad_quant_settings_are_one_clear_message(args, message, tmp_path, monke
 def test_capacity_estimate_for_an_8b_adapter_retrofit():
     """Llama-3-8B shapes: ~7.5B quantized linear parameters (output projection included) plus bf16
     embeddings; int8 about 8 GiB of weights, NF4 about 4.6 GiB."""
-    import dms_retrofit
     from omegaconf import OmegaConf
 
     from dms_flex.config import DMSConfig
+    from dms_flex.retrofit.memory import capacity_estimate
 
     hf = {"num_hidden_layers": 32, "hidden_size": 4096, "vocab_size": 128256, "intermediate_size": 14336,
           "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": False}
@@ -177,7 +177,7 @@ def test_capacity_estimate_for_an_8b_adapter_retrofit():
                             "kd_chunk_size": 1024})
     dms = DMSConfig(decision="adapter")
     for base, lo, hi in (("int8", 7.5, 8.5), ("nf4", 4.2, 5.0)):
-        text = dms_retrofit.capacity_estimate(hf, base, dms, cfg)
+        text = capacity_estimate(hf, base, dms, cfg)
         assert text.startswith("ESTIMATE (not a measurement)")
         gib = float(text.split("weights ")[1].split(" GiB")[0])
         assert lo < gib < hi, text

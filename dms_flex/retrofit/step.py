@@ -1,0 +1,68 @@
+"""The retrofit step as one module: what a micro-batch computes (docs/design.md, "Losses and schedule")."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from dms_flex import data as dms_data
+from dms_flex.losses import chunked_kd_loss, compression_loss, distillation_mask
+from dms_flex.quant import dequantized
+from dms_flex.torchtune_model import forward_train, output_weight
+
+
+class RetrofitStep(nn.Module):
+    """Everything a micro-batch computes, inside one module call.
+
+    FSDP2 gathers a module's parameters in its forward; the KD loss reads the output projection
+    directly, so it must run inside the root module's forward. The teacher copy is deliberately
+    not a submodule: it is frozen and never sharded.
+    """
+
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], *, activation_checkpointing: bool,
+                 kd_chunk_size: int, kd_temperature: float, log_lm_loss: bool, kv_int8: bool = False):
+        super().__init__()
+        self.kv_int8 = kv_int8  # the student sees int8 K/V (straight-through); the teacher stays full precision
+        self.student = student
+        self._teacher = [teacher]  # a list keeps it out of the module tree
+        self.activation_checkpointing = activation_checkpointing
+        self.kd_chunk_size = kd_chunk_size
+        self.kd_temperature = kd_temperature
+        self.log_lm_loss = log_lm_loss
+
+    def forward(self, tokens, targets, doc_ids, valid, alpha_target: torch.Tensor,
+                generator=None) -> Dict[str, Any]:
+        teacher = self._teacher[0] or self.student
+        with torch.no_grad():
+            t_hidden = forward_train(teacher, tokens, doc_ids=doc_ids, eviction=False, training=False).hidden
+        out = forward_train(self.student, tokens, doc_ids=doc_ids, training=True, generator=generator,
+                            activation_checkpointing=self.activation_checkpointing, kv_int8=self.kv_int8)
+        w = dequantized(output_weight(self.student))  # a quantized frozen base: the values it stands for
+        mask = distillation_mask(targets)
+        kd = chunked_kd_loss(out.hidden, t_hidden, w, mask, chunk_size=self.kd_chunk_size,
+                             temperature=self.kd_temperature,
+                             teacher_output_weight=dequantized(output_weight(teacher))
+                             if teacher is not self.student else None)
+        comp = compression_loss(out.alpha_st, alpha_target, valid)
+        lm = lm_loss(out.hidden, w, targets, self.kd_chunk_size) if self.log_lm_loss else kd.new_zeros(())
+        return {"kd": kd, "compression": comp, "lm": lm, "evicted": out.evicted}
+
+    @torch.no_grad()
+    def measure(self, tokens, doc_ids) -> List[torch.Tensor]:
+        """Hard decisions (no noise, `l > 0` evicts), as at inference: per layer (B, Hkv, T)."""
+        return forward_train(self.student, tokens, doc_ids=doc_ids, training=False, kv_int8=self.kv_int8).evicted
+
+
+@torch.no_grad()
+def lm_loss(hidden, weight, targets, chunk: int) -> torch.Tensor:
+    """Next-token cross entropy (for the log only), a chunk of tokens at a time."""
+    h = hidden.detach().reshape(-1, hidden.shape[-1])
+    t = targets.reshape(-1)
+    total = h.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[0], chunk):
+        logits = (h[s:s + chunk] @ weight.detach().t()).float()
+        total = total + torch.nn.functional.cross_entropy(logits, t[s:s + chunk], ignore_index=dms_data.IGNORE_INDEX,
+                                                          reduction="sum")
+    return total / (t != dms_data.IGNORE_INDEX).sum().clamp_min(1)
