@@ -17,7 +17,7 @@ from dms_flex.checkpoints import embedded as smollm2
 from dms_flex import torchtune_model as tm
 from dms_flex.config import DMSConfig
 
-from .test_checkpoint import TINY, _tiny_tokenizer, make_hf
+from .helpers import TINY, make_hf, tiny_tokenizer
 
 WINDOW = 3
 LINEAR = "model.layers.0.self_attn.dms_adapter.linear.weight"
@@ -28,7 +28,7 @@ def _retrofit(root: Path, case: str, base_dtype=torch.float32) -> dict:
     the recipe would save with train_adapter_only=true (same base weights, random non-zero adapter)."""
     hf = make_hf(case)
     hf.to(base_dtype).save_pretrained(root / "base")
-    _tiny_tokenizer().save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
     dm = checkpoints.load_dms_model(root / "base", dms_overrides={"decision": "adapter", "window": WINDOW,
                                                                  "final_cr": 3.0})
     g = torch.Generator().manual_seed(1)

@@ -8,7 +8,7 @@ import torch
 from dms_flex import torchtune_model as tm
 from dms_flex.eval import baselines as bl
 
-from .test_inference import tiny_model
+from .helpers import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -6,7 +6,7 @@ import torch
 from dms_flex import capacity
 from dms_flex import torchtune_model as tm
 
-from .test_inference import tiny_model
+from .helpers import tiny_model
 
 
 def test_llama3_8b_numbers_by_hand():

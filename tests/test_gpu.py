@@ -56,28 +56,15 @@ def test_flex_matches_dense_reference_forward_backward_bf16(window):
 def test_cuda_graph_generation_matches_teacher_forced():
     from dms_flex import torchtune_model as tm
 
-    from .test_inference import tiny_model
+    from .helpers import assert_matches_reference, greedy_cached, tiny_model
 
     m = tiny_model(window=3, max_seq_len=256).cuda()
     prompt = torch.randint(0, 64, (2, 30), device="cuda")
     state = tm.InferenceState(m, 2)
-    step = torch.compile(tm.decode_step, fullgraph=True, mode="reduce-overhead")
+    compiled = torch.compile(tm.decode_step, fullgraph=True, mode="reduce-overhead")
     with torch.no_grad():
-        logits = [tm.prefill(m, prompt, state)]
-        toks = [prompt]
-        for _ in range(60):
-            nxt = logits[-1].argmax(-1, keepdim=True)
-            toks.append(nxt)
-            logits.append(step(m, nxt, state).clone())
-        full = torch.cat(toks, 1)
-        out = tm.forward_train(m, full, training=False, backend="dense")
-        ref = tm.logits_of(m, out.hidden)[:, 29:]
-    got = torch.stack(logits, 1)
-    assert torch.allclose(got, ref, atol=5e-3, rtol=5e-3), float((got - ref).abs().max())
-    assert torch.equal(got.argmax(-1)[:, :-1], full[:, 30:])
-    from dms_flex import stats
-    for cache, ev in zip(state.caches, out.evicted):
-        assert torch.equal(cache.length, (stats.kept_fraction(ev, 3) * full.shape[1]).round().long())
+        full, logits, state = greedy_cached(m, prompt, 60, state, step=lambda *a: compiled(*a).clone())
+        assert_matches_reference(m, full, logits, 30, state, atol=5e-3, rtol=5e-3, backend="dense")
 
 
 def test_first_prefill_kernel_matches_dense_for_many_prompt_shapes():
@@ -101,7 +88,7 @@ def test_compiled_prefill_equals_eager():
     """prefill(compile=True) (torch.compile'd layer halves, dynamic shapes) gives the eager logits and
     cache for several prompt lengths and chunkings, and did not fall back."""
     from dms_flex import torchtune_model as tm
-    from tests.test_inference import tiny_model
+    from tests.helpers import tiny_model
 
     torch.manual_seed(0)
     m = tiny_model(window=8, heads=(4, 2), max_seq_len=256).cuda()

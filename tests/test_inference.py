@@ -10,55 +10,7 @@ from dms_flex import torchtune_model as tm
 from dms_flex.cache import CacheOverflowError
 from dms_flex.config import DMSConfig
 
-
-def tiny_model(family="llama", seed=0, decision="borrowed", window=3, scope="head", offset=0.0, heads=(4, 2),
-               max_seq_len=96):
-    from torchtune.models.llama3._component_builders import llama3
-    from torchtune.models.qwen2._component_builders import qwen2
-
-    torch.manual_seed(seed)
-    kw = dict(vocab_size=64, num_layers=2, num_heads=heads[0], num_kv_heads=heads[1], embed_dim=32,
-              max_seq_len=max_seq_len, intermediate_dim=64)
-    m = (llama3(**kw) if family == "llama" else qwen2(**kw, rope_base=10000)).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-    tm.add_dms(m, DMSConfig(window=window, decision=decision, scope=scope, alpha_scale=5.0, alpha_offset=offset))
-    if decision == "adapter":
-        with torch.no_grad():
-            for layer in m.layers:
-                layer.attn.dms_adapter.linear.weight.normal_(0, 0.5)
-    return m
-
-
-def teacher_forced(m, tokens):
-    out = tm.forward_train(m, tokens, training=False)
-    return tm.logits_of(m, out.hidden), out.evicted
-
-
-def greedy_cached(m, prompt, steps, state=None):
-    state = state or tm.InferenceState(m, prompt.shape[0])
-    logits = [tm.prefill(m, prompt, state)]
-    toks = [prompt]
-    for _ in range(steps):
-        nxt = logits[-1].argmax(-1, keepdim=True)
-        toks.append(nxt)
-        logits.append(tm.decode_step(m, nxt, state))
-    return torch.cat(toks, 1), torch.stack(logits, 1), state
-
-
-def assert_matches_reference(m, full, cached_logits, n_prompt, state, rows=None):
-    window = m.dms_config.effective_window
-    ref_logits, evicted = teacher_forced(m, full)
-    # logits at prompt end and every decoded position equal the full-sequence DMS forward
-    ref = ref_logits[:, n_prompt - 1:]
-    assert torch.allclose(cached_logits, ref, atol=2e-4, rtol=1e-4), float((cached_logits - ref).abs().max())
-    assert torch.equal(cached_logits.argmax(-1)[:, :-1], full[:, n_prompt:])
-    # live slots equal the number of tokens the rule keeps, per row, layer and head
-    seen = full.shape[1]
-    for cache, ev in zip(state.caches, evicted):
-        kept = stats.kept_fraction(ev, window) * seen
-        assert torch.equal(cache.length, kept.round().long())
+from .helpers import assert_matches_reference, greedy_cached, teacher_forced, tiny_model
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -111,18 +63,9 @@ def test_multi_turn_appends_without_reprefill():
     t1 = torch.randint(0, 64, (2, 12))
     full1, logits1, state = greedy_cached(m, t1, 6)
     t2 = torch.randint(0, 64, (2, 9))  # the next user turn, appended to the live cache
-    logits2 = [tm.prefill(m, t2, state)]
-    toks = [full1, t2]
-    for _ in range(5):
-        nxt = logits2[-1].argmax(-1, keepdim=True)
-        toks.append(nxt)
-        logits2.append(tm.decode_step(m, nxt, state))
-    full = torch.cat(toks, 1)
-    ref, evicted = teacher_forced(m, full)
-    start = full1.shape[1] + t2.shape[1] - 1
-    assert torch.allclose(torch.stack(logits2, 1), ref[:, start:], atol=2e-4)
-    for cache, ev in zip(state.caches, evicted):
-        assert torch.equal(cache.length, (stats.kept_fraction(ev, 3) * full.shape[1]).round().long())
+    full2, logits2, state = greedy_cached(m, t2, 5, state)
+    full = torch.cat([full1, full2], 1)
+    assert_matches_reference(m, full, logits2, full1.shape[1] + t2.shape[1], state, atol=2e-4, rtol=1e-5)
 
 
 def test_eviction_disabled_is_the_unmodified_model():
@@ -221,13 +164,8 @@ def test_chunked_prefill_equals_one_pass(seed, window, n_prompt, chunk, decision
 def test_chunked_prefill_matches_teacher_forced():
     m = tiny_model("qwen2", window=4)
     prompt = torch.randint(0, 64, (2, 40))
-    state = tm.InferenceState(m, 2)
-    logits = [tm.prefill(m, prompt, state, chunk_size=9)]
-    toks = [prompt]
-    for _ in range(6):
-        toks.append(logits[-1].argmax(-1, keepdim=True))
-        logits.append(tm.decode_step(m, toks[-1], state))
-    assert_matches_reference(m, torch.cat(toks, 1), torch.stack(logits, 1), 40, state)
+    full, logits, state = greedy_cached(m, prompt, 6, chunk_size=9)
+    assert_matches_reference(m, full, logits, 40, state)
 
 
 def test_compiled_prefill_halves_trace_and_match_eager(monkeypatch):

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dms_flex import quant, stats
+from dms_flex import quant
 from dms_flex import torchtune_model as tm
 
-from .test_inference import tiny_model
+from .helpers import assert_matches_reference, greedy_cached, tiny_model
 
 
 def test_quantize_kv_is_symmetric_per_token_and_head():
@@ -37,22 +37,10 @@ def test_int8_cache_generation_equals_fake_quant_reference(window):
     prompt = torch.randint(0, 64, (2, 20))
     state = tm.InferenceState(m, 2, kv_dtype=torch.int8)
     assert state.caches[0].k.dtype == torch.int8
-    logits = [tm.prefill(m, prompt, state)]
-    toks = [prompt]
-    for _ in range(12):
-        nxt = logits[-1].argmax(-1, keepdim=True)
-        toks.append(nxt)
-        logits.append(tm.decode_step(m, nxt, state))
-    full = torch.cat(toks, 1)
-    out = tm.forward_train(m, full, training=False, kv_int8=True)
-    ref = tm.logits_of(m, out.hidden)[:, 19:]
-    got = torch.stack(logits, 1)
+    full, logits, state = greedy_cached(m, prompt, 12, state)
     # K/V computed token by token vs over the full sequence differ by float rounding, which can move
     # a value across an int8 rounding boundary: one quantization step (~amax/127) in one channel
-    assert torch.allclose(got, ref, atol=5e-3, rtol=1e-3), float((got - ref).abs().max())
-    assert torch.equal(got.argmax(-1)[:, :-1], full[:, 20:])
-    for cache, ev in zip(state.caches, out.evicted):
-        assert torch.equal(cache.length, (stats.kept_fraction(ev, window) * full.shape[1]).round().long())
+    assert_matches_reference(m, full, logits, 20, state, atol=5e-3, rtol=1e-3, kv_int8=True)
     # accounting: one int8 byte per channel plus a float32 scale per token, K and V
     D = state.caches[0].k.shape[-1]
     assert state.caches[0].bytes_per_slot() == 2 * (D + 4)

@@ -7,14 +7,13 @@ from dms_flex import checkpoints
 from dms_flex import torchtune_model as tm
 from dms_flex.config import DMSConfig
 
+from .helpers import save_tiny_llama
+
 
 @pytest.fixture()
 def hf_folder(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    pytest.importorskip("transformers")
+    save_tiny_llama(tmp_path / "base", vocab_size=96, max_position_embeddings=128)
     return tmp_path
 
 
