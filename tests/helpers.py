@@ -107,6 +107,13 @@ def hf_cases():
     }
 
 
+def __getattr__(name):
+    """`CASES` (hf_cases()) on first use, so that importing this module does not import transformers."""
+    if name == "CASES":
+        return hf_cases()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def randomize_hf(model):
     """HF's init (std 0.02, zero biases, unit norms) gives near-zero logits that would hide errors."""
     with torch.no_grad():
