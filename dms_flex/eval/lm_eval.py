@@ -31,7 +31,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..generation import SamplingConfig
+from ..generate import SamplingConfig
 from .methods import METHODS, Method
 from .metrics import generate_rows
 

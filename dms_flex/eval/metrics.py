@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import generation, stats
+from .. import generate as generation, stats
 from .. import torchtune_model as tm
-from ..generation import SamplingConfig
+from ..generate import SamplingConfig
 from . import data
 from .methods import Method, _device_of
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..generation import SamplingConfig
+from ..generate import SamplingConfig
 from . import baselines as bl
 from . import data, metrics, report
 from .methods import CheckpointLoader, Method, build_methods, prepare_dms
