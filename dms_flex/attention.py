@@ -76,9 +76,11 @@ def resolve_backend(device, head_dim: int) -> str:
     """What "auto" means for training attention on a device and head size: the Triton kernel on
     CUDA (USE_TRITON_TRAIN_KERNEL; eager or inside torch.compile), else compiled flex; the dense
     reference off CUDA and for heads under 16."""
-    if not flex_supported(device, head_dim):
-        return "dense"
-    return "triton" if USE_TRITON_TRAIN_KERNEL else "flex"
+    from .kernels.train_attention import runs_here
+
+    if USE_TRITON_TRAIN_KERNEL and torch.device(device).type == "cuda" and runs_here(device, head_dim):
+        return "triton"
+    return "flex" if flex_supported(device, head_dim) else "dense"
 
 
 def make_block_mask(doc_ids: Optional[torch.Tensor], batch: int, seq_len: int, device):

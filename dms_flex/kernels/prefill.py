@@ -151,11 +151,8 @@ def _prefill_kernel(
 
 
 def supported(q: Tensor) -> bool:
-    """The kernel runs on CUDA (or under Triton's interpreter on CPU tensors) for head dims the
-    training kernel takes (powers of two in [16, 256])."""
-    D = q.shape[-1]
-    return (HAS_TRITON and (q.device.type == "cuda" or ta.interpreting()) and 16 <= D <= 256
-            and D & (D - 1) == 0)
+    """Whether the kernel runs for these queries (train_attention.runs_here: the one rule)."""
+    return ta.runs_here(q.device, q.shape[-1])
 
 
 def prefill_attention(q: Tensor, k: Tensor, v: Tensor, marked: Tensor, window: int, *,

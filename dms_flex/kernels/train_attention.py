@@ -677,6 +677,14 @@ def interpreting() -> bool:
 # ----------------------------------------------------------------------------------------------
 # Launches
 # ----------------------------------------------------------------------------------------------
+def runs_here(device, head_dim: int) -> bool:
+    """THE rule of where the Triton kernels run (training attention, prefill): CUDA, or CPU tensors
+    under Triton's interpreter, and a head dim that is a power of two in [16, 256]. attention.py's
+    backend choice and the kernels' own fallbacks both ask this."""
+    on = torch.device(device).type == "cuda" or interpreting()
+    return HAS_TRITON and on and 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -901,8 +909,9 @@ def dms_train_attention(q: Tensor, k: Tensor, v: Tensor, log_keep: Tensor, windo
     log_keep (B, Hkv, T) float32 (log(1 - alpha) of the decided token, may require grad);
     doc_ids (B, T) or None. Returns (B, Hq, T, D) in q's dtype.
 
-    CUDA tensors (or CPU tensors under TRITON_INTERPRET=1) run the Triton kernels; otherwise the
-    dense reference `dms_flex.kernels.reference.dense_dms_attention` computes the same function."""
+    Where `runs_here` says yes (CUDA, or CPU tensors under TRITON_INTERPRET=1, and a head dim that is
+    a power of two in [16, 256]) the Triton kernels run; otherwise the dense reference
+    `dms_flex.kernels.reference.dense_dms_attention` computes the same function."""
     _check(q, k, v, log_keep)
     if window < 0:
         raise ValueError(f"window must be >= 0, got {window}")
@@ -910,7 +919,7 @@ def dms_train_attention(q: Tensor, k: Tensor, v: Tensor, log_keep: Tensor, windo
         scale = q.shape[-1] ** -0.5
     if doc_ids is not None and tuple(doc_ids.shape) != (q.shape[0], q.shape[2]):
         raise ValueError(f"doc_ids must be (B, T) = {(q.shape[0], q.shape[2])}, got {tuple(doc_ids.shape)}")
-    if not (q.device.type == "cuda" or interpreting()):
+    if not runs_here(q.device, q.shape[-1]):
         from .reference import dense_dms_attention
 
         return dense_dms_attention(q, k, v, log_keep, window, doc_ids=doc_ids, scale=scale)
