@@ -1,0 +1,186 @@
+"""The README's main job on the CPU against transformers' `generate` on the same weights.
+
+Loads the embedded SmolLM2-135M-Instruct the way `python -m dms_flex.generate` does (packaged DMS
+adapter, float32), and transformers' LlamaForCausalLM from the same converted folder; both get the
+same chat-templated prompt and decode exactly --new-tokens greedy tokens (EOS ignored). Runs are
+interleaved (ours, transformers, ours, ...) in one process, so that a noisy machine affects both alike;
+the ratio ours / transformers is reported per repeat and as a median.
+
+Decode tok/s is measured identically for both: (tokens - 1) / (time of the last token - time of the
+first token), the first token being the prefill's; timestamps come from the streaming callbacks.
+
+    python3 benchmarks/bench_cpu_generate.py                   # DMS (the demo's default) and dense
+    python3 benchmarks/bench_cpu_generate.py --repeats 5 --out results/cpu_generate.json
+    python3 benchmarks/bench_cpu_generate.py --modes dms --compile   # our decode step torch.compile'd
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--chat", default=None, help="user message (default: the CLI's default chat)")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--modes", default="dms,dense", help="comma list of dms, dense (ours) to compare")
+    p.add_argument("--compile", action="store_true", help="our decode step through torch.compile (as --compile)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--check-tokens", action="store_true",
+                   help="also report whether our greedy tokens equal transformers' (informative only)")
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    if args.new_tokens < 2 or args.repeats < 1:
+        p.error("--new-tokens must be >= 2 and --repeats >= 1")
+    return args
+
+
+class _Clock:
+    """Timestamps of every generated token."""
+
+    def __init__(self):
+        self.times = []
+
+    def tick(self, *_):
+        self.times.append(time.perf_counter())
+
+    def decode_tps(self) -> float:
+        return (len(self.times) - 1) / (self.times[-1] - self.times[0])
+
+    def median_step_tps(self) -> float:
+        """1 / the median time between tokens: less sensitive to bursts of load from other processes."""
+        return 1.0 / statistics.median(b - a for a, b in zip(self.times, self.times[1:]))
+
+
+def run_ours(dm, ids, n, eviction, max_seq_len, step_fn=None):
+    from dms_flex import torchtune_model as tm
+    from dms_flex.generate import SamplingConfig, generate_tokens
+
+    state = tm.InferenceState(dm.model, 1, max_seq_len=max_seq_len, eviction=eviction, dtype=torch.float32)
+    clock = _Clock()
+    t0 = time.perf_counter()
+    res = generate_tokens(dm.model, [ids], state, max_new_tokens=n, sampling=SamplingConfig(), stop_tokens=(),
+                          step_fn=step_fn, on_token=clock.tick)
+    wall = time.perf_counter() - t0
+    assert len(res.tokens[0]) == n, len(res.tokens[0])
+    return {"decode_tok_s": clock.decode_tps(), "median_step_tok_s": clock.median_step_tps(), "wall_s": wall,
+            "prefill_s": res.prefill_seconds, "loop_decode_tok_s": res.decode_tokens_per_s}, res.tokens[0]
+
+
+def run_hf(model, ids, n):
+    from transformers.generation.streamers import BaseStreamer
+
+    clock = _Clock()
+
+    class Streamer(BaseStreamer):
+        first = True
+
+        def put(self, value):
+            if self.first:  # the prompt
+                self.first = False
+                return
+            clock.tick()
+
+        def end(self):
+            pass
+
+    x = torch.tensor([ids])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                             do_sample=False, streamer=Streamer(), pad_token_id=0)
+    wall = time.perf_counter() - t0
+    new = out[0, len(ids):].tolist()
+    assert len(new) == n, len(new)
+    return {"decode_tok_s": clock.decode_tps(), "median_step_tok_s": clock.median_step_tps(), "wall_s": wall}, new
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import LlamaForCausalLM
+
+    from dms_flex import generate as cli
+    from dms_flex import torchtune_model as tm
+    from dms_flex.checkpoints.embedded import default_model_dir
+
+    # the CLI's own loading and prompt helpers: the embedded model with its packaged adapter, float32, CPU
+    cli_args = cli.parse_args(["--device", "cpu", "--dtype", "float32", "--max-seq-len", str(args.max_seq_len)]
+                              + (["--chat", args.chat] if args.chat else []))
+    dm, _, _ = cli._load(cli_args, torch.device("cpu"), torch.float32)
+    ids = cli._prompt_ids(cli_args, dm.tokenizer)
+    hf = LlamaForCausalLM.from_pretrained(str(default_model_dir()), dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # exactly n tokens, like ours with stop_tokens=()
+    n = args.new_tokens
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    step_fn = None
+    compile_s = None
+    if args.compile:
+        step_fn = torch.compile(tm.decode_step, fullgraph=True)
+    print(f"prompt {len(ids)} tokens, {n} new tokens, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"modes {modes}{', compiled' if args.compile else ''}", file=sys.stderr)
+
+    # warm-up (first-call allocations; the compile of --compile, timed)
+    for m in modes:
+        t0 = time.perf_counter()
+        run_ours(dm, ids, min(n, 8), m == "dms", args.max_seq_len, step_fn)
+        if args.compile and compile_s is None:
+            compile_s = time.perf_counter() - t0
+    run_hf(hf, ids, min(n, 8))
+
+    rows = {m: [] for m in modes}
+    rows["transformers"] = []
+    tokens = {}
+    for r in range(args.repeats):
+        order = modes + ["transformers"] if r % 2 == 0 else ["transformers"] + modes  # drift hits both alike
+        for m in order:
+            if m == "transformers":
+                res, toks = run_hf(hf, ids, n)
+            else:
+                res, toks = run_ours(dm, ids, n, m == "dms", args.max_seq_len, step_fn)
+            rows[m].append(res)
+            tokens[m] = toks
+        res = rows["transformers"][-1]
+        line = "  ".join(f"{k} {v[-1]['decode_tok_s']:.1f}" for k, v in rows.items())
+        ratios = "  ".join(f"{m}/hf {rows[m][-1]['decode_tok_s'] / res['decode_tok_s']:.2f}" for m in modes)
+        print(f"repeat {r}: decode tok/s  {line}   ratio  {ratios}", flush=True)
+
+    summary = {}
+    for k, v in rows.items():
+        summary[k] = {"decode_tok_s_median": statistics.median(x["decode_tok_s"] for x in v),
+                      "median_step_tok_s_median": statistics.median(x["median_step_tok_s"] for x in v),
+                      "wall_s_median": statistics.median(x["wall_s"] for x in v)}
+    for m in modes:
+        for key, name in (("decode_tok_s", "ratio_vs_transformers"), ("median_step_tok_s", "step_ratio_vs_transformers")):
+            per = [a[key] / b[key] for a, b in zip(rows[m], rows["transformers"])]
+            summary[m][f"{name}_per_repeat"] = per
+            summary[m][f"{name}_median"] = statistics.median(per)
+    print("median decode tok/s: " + "  ".join(f"{k} {v['decode_tok_s_median']:.1f}" for k, v in summary.items()))
+    print("median ratio vs transformers (decode tok/s; in brackets: from the median time per token): " + "  ".join(
+        f"{m} {summary[m]['ratio_vs_transformers_median']:.2f}x ({summary[m]['step_ratio_vs_transformers_median']:.2f}x)"
+        for m in modes))
+    if compile_s is not None:
+        print(f"first compiled call (compile included): {compile_s:.1f}s")
+    if args.check_tokens:
+        for m in modes:
+            same = tokens[m] == tokens["transformers"]
+            print(f"{m} tokens == transformers tokens: {same}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"prompt_tokens": len(ids), "new_tokens": n, "threads": torch.get_num_threads(),
+                       "torch": torch.__version__, "compile": args.compile, "compile_s": compile_s,
+                       "summary": summary, "runs": rows, "tokens": tokens}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
