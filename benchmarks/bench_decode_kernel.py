@@ -42,7 +42,8 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
-from _bench_common import install_mock_driver, log, start_aot_report  # noqa: E402
+from _bench_common import (add_triton_version, call_ms, fake_cuda_trace, finish_aot, log, make_recorder,  # noqa: E402
+                           kernel_bench_device, raise_recompile_limits, rel_err, skip_aot, start_aot_report)
 import torch.nn.functional as F  # noqa: E402
 
 MODELS = {"llama3-8b": dict(Hq=32, Hkv=8, D=128), "llama3.2-1b": dict(Hq=32, Hkv=8, D=64)}
@@ -87,31 +88,8 @@ def _kernel_report(ck):
     return row
 
 
-def aot_main(quick: bool):
-    report = start_aot_report()
-    if report is None:
-        return 0
-    from dms_flex.kernels import decode as dk
-
-    if dk._is_interpreted(dk._decode_split_kernel):
-        report["skipped"] = "TRITON_INTERPRET=1 is set"
-        print("@@AOT@@" + json.dumps(report))
-        return 0
-
-    compiled = []
-
-    class Recorder:
-        def __init__(self, k):
-            self.k = k
-
-        def __getitem__(self, grid):
-            def run(*a, **kw):
-                ck = self.k.warmup(*a, grid=grid, **kw)
-                compiled.append((self.k, grid, ck))
-
-            return run
-
-    # (dtype, D, G, B, C, quant, note); C chosen so the auto split gives the intended path
+def _aot_configs(quick: bool):
+    """(dtype, D, G, B, C, quant, note); C chosen so the auto split gives the intended path."""
     configs = [
         ("bfloat16", 128, 4, 8, 4096, False, "8B heads, multi-split"),
         ("bfloat16", 64, 4, 8, 4096, False, "1B heads, multi-split"),
@@ -128,70 +106,86 @@ def aot_main(quick: bool):
             ("float16", 64, 4, 8, 4096, True, "int8 cache, fp16 q, D=64"),
             ("float32", 128, 4, 8, 4096, True, "int8 cache, fp32 q"),
         ]
+    return configs
+
+
+def _aot_inputs(dtype, D, G, B, C, quant, Hkv=8):
+    """CPU tensors of one config's shapes: (q, k, v, L, k_scale, v_scale)."""
+    q = torch.randn(B, Hkv * G, D).to(dtype)
+    if quant:
+        k = torch.zeros(B, Hkv, C, D, dtype=torch.int8)
+        v = torch.zeros(B, Hkv, C, D, dtype=torch.int8)
+        ks = torch.ones(B, Hkv, C)
+        vs = torch.ones(B, Hkv, C)
+    else:
+        k = torch.empty(B, Hkv, C, D, dtype=dtype)
+        v = torch.empty(B, Hkv, C, D, dtype=dtype)
+        ks = vs = None
+    L = torch.full((B, Hkv), C, dtype=torch.int32)
+    return q, k, v, L, ks, vs
+
+
+def _aot_compile(dk, configs, report):
+    """Compile the split (and merge) kernels of each config offline; one report row per kernel."""
+    compiled = []
+    Recorder = make_recorder(compiled)
     for dtype_name, D, G, B, C, quant, note in configs:
-        dtype = getattr(torch, dtype_name)
-        Hkv = 8
-        q = torch.randn(B, Hkv * G, D).to(dtype)
-        if quant:
-            k = torch.zeros(B, Hkv, C, D, dtype=torch.int8)
-            v = torch.zeros(B, Hkv, C, D, dtype=torch.int8)
-            ks = torch.ones(B, Hkv, C)
-            vs = torch.ones(B, Hkv, C)
-        else:
-            k = torch.empty(B, Hkv, C, D, dtype=dtype)
-            v = torch.empty(B, Hkv, C, D, dtype=dtype)
-            ks = vs = None
-        L = torch.full((B, Hkv), C, dtype=torch.int32)
+        q, k, v, L, ks, vs = _aot_inputs(getattr(torch, dtype_name), D, G, B, C, quant)
         n0 = len(compiled)
         t0 = time.perf_counter()
         dk._launch(q, k, v, L, None, None, ks, vs, wrap=Recorder, sm_count=132, interpret=False)
         dt = time.perf_counter() - t0
-        for kern, grid, ck in compiled[n0:]:
+        for kern, grid, _kw, ck, _dt in compiled[n0:]:
             name = "split" if kern is dk._decode_split_kernel else "merge"
             row = dict(kernel=name, config=note, dtype=dtype_name, D=D, G=G, B=B, C=C, quant=quant,
                        grid=list(grid), compile_s=round(dt, 2))
             row.update(_kernel_report(ck))
             report["kernels"].append(row)
 
-    # fake-CUDA trace of the triton_op decomposition (what AOTAutograd hands to inductor)
-    try:
-        from torch._functorch.aot_autograd import aot_export_module
-        from torch._subclasses.fake_tensor import FakeTensorMode
 
-        install_mock_driver("cuda")
-        dk._sm_count = lambda i: 132  # no CUDA runtime here
+def _aot_trace(dk):
+    """Fake-CUDA trace of the triton_op decomposition (what AOTAutograd hands to inductor)."""
+    from torch._functorch.aot_autograd import aot_export_module
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
-        class Step(torch.nn.Module):
-            def forward(self, q, k, v, L):
-                return (dk.decode_attention(q, k, v, L) * 2.0,)
+    dk._sm_count = lambda i: 132  # no CUDA runtime here
 
-        with FakeTensorMode():
-            q = torch.empty(8, 32, 128, dtype=torch.bfloat16, device="cuda")
-            k = torch.empty(8, 8, 4096, 128, dtype=torch.bfloat16, device="cuda")
-            v = torch.empty(8, 8, 4096, 128, dtype=torch.bfloat16, device="cuda")
-            L = torch.empty(8, 8, dtype=torch.int32, device="cuda")
-            ep = torch.export.export(Step(), (q, k, v, L))  # dynamo, fullgraph
-            gm, _ = aot_export_module(Step(), (q, k, v, L), trace_joint=False)
-        code = gm.code
-        report["trace"] = dict(
-            ok="triton_kernel_wrapper_functional" in code,
-            export_has_op="dms_flex.decode_attention" in str(ep.graph),
-            triton_calls=code.count("triton_kernel_wrapper_functional("),
-        )
-    except Exception as e:
-        import traceback
+    class Step(torch.nn.Module):
+        def forward(self, q, k, v, L):
+            return (dk.decode_attention(q, k, v, L) * 2.0,)
 
-        report["trace"] = dict(ok=False, error=repr(e), tb=traceback.format_exc()[-3000:])
+    with FakeTensorMode():
+        q = torch.empty(8, 32, 128, dtype=torch.bfloat16, device="cuda")
+        k = torch.empty(8, 8, 4096, 128, dtype=torch.bfloat16, device="cuda")
+        v = torch.empty(8, 8, 4096, 128, dtype=torch.bfloat16, device="cuda")
+        L = torch.empty(8, 8, dtype=torch.int32, device="cuda")
+        ep = torch.export.export(Step(), (q, k, v, L))  # dynamo, fullgraph
+        gm, _ = aot_export_module(Step(), (q, k, v, L), trace_joint=False)
+    code = gm.code
+    return dict(
+        ok="triton_kernel_wrapper_functional" in code,
+        export_has_op="dms_flex.decode_attention" in str(ep.graph),
+        triton_calls=code.count("triton_kernel_wrapper_functional("),
+    )
 
-    for row in report["kernels"]:
-        log(
-            f"{row['kernel']:5s} {row['config']:28s} grid={row['grid']} regs={row['regs']} local={row['local_bytes']} "
+
+def _aot_describe(row) -> str:
+    return (f"{row['kernel']:5s} {row['config']:28s} grid={row['grid']} regs={row['regs']} local={row['local_bytes']} "
             f"smem={row['shared']} mma={row['mma']} cp.async={row['cp_async']} v-loads={row['vec_loads']} "
-            f"b16-loads={row['scalar_b16_loads']}"
-        )
-    log("trace:", {k: v for k, v in report["trace"].items() if k != "tb"})
-    print("@@AOT@@" + json.dumps(report))
-    return 0
+            f"b16-loads={row['scalar_b16_loads']}")
+
+
+def aot_main(quick: bool):
+    report = start_aot_report()
+    if report is None:
+        return 0
+    from dms_flex.kernels import decode as dk
+
+    if dk._is_interpreted(dk._decode_split_kernel):
+        return skip_aot(report, "TRITON_INTERPRET=1 is set")
+    _aot_compile(dk, _aot_configs(quick), report)
+    report["trace"] = fake_cuda_trace(lambda: _aot_trace(dk))
+    return finish_aot(report, _aot_describe)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,15 +266,7 @@ def copy_bandwidth(device, nbytes=4 << 30):
     if device.type == "cuda":
         for _ in range(3):
             dst.copy_(src)
-        ts = []
-        for _ in range(15):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            dst.copy_(src)
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b) / 1e3)
-        t_eager = statistics.median(ts)
+        t_eager = statistics.median(call_ms(lambda: dst.copy_(src), device) / 1e3 for _ in range(15))
         if t_eager < t:
             t, mode = t_eager, "eager events"
     bw = 2 * src.numel() * src.element_size() / t
@@ -294,28 +280,12 @@ def copy_bandwidth(device, nbytes=4 << 30):
 _FLEX = {}
 
 
-def _raise_recompile_limits():
-    """Every (shape, mask) case recompiles flex_attention (dynamic=False, for a fair, fully
-    specialized baseline); dynamo's default limit of 8 recompiles per function would silently
-    fall back to eager flex."""
-    import torch._dynamo
-
-    cfg = torch._dynamo.config
-    for name, val in (("recompile_limit", 512), ("cache_size_limit", 512), ("accumulated_recompile_limit", 4096),
-                      ("accumulated_cache_size_limit", 4096)):
-        if hasattr(cfg, name):
-            try:
-                setattr(cfg, name, max(getattr(cfg, name), val))
-            except Exception:
-                pass
-
-
 def _flex_fns(device):
     if "flex" not in _FLEX:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         if device.type == "cuda":
-            _raise_recompile_limits()
+            raise_recompile_limits()
             flex = torch.compile(flex_attention, dynamic=False)
         else:
             flex = flex_attention  # eager on CPU (smoke test only)
@@ -412,12 +382,6 @@ def make_sets(B, Hkv, G, D, cap, live, dtype, device, ragged, n_sets, seed):
     return sets
 
 
-def rel_err(a, b):
-    a = a.float()
-    b = b.float()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def run_method(name, builder, sets, device, ref, reps, check=True):
     """builder(q, k, v, L) -> (fn, post). Checks set 0 against ref, then times all sets."""
     try:
@@ -438,160 +402,172 @@ def run_method(name, builder, sets, device, ref, reps, check=True):
         return dict(error=repr(e), tb=traceback.format_exc()[-2000:])
 
 
-def bench_main(args):
-    device = torch.device("cuda" if (torch.cuda.is_available() and not args.cpu_smoke) else "cpu")
-    if device.type != "cuda" and not args.cpu_smoke:
-        log("no CUDA device: use --aot (offline compile report) or --cpu-smoke")
-        return 2
-    from dms_flex.kernels import decode as dk
-
-    dtype = getattr(torch, args.dtype)
-    torch.manual_seed(0)
+def _bench_info(args, device):
     info = dict(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         torch=torch.__version__,
         dtype=args.dtype,
         ragged=args.ragged,
     )
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except Exception:
-        pass
+    add_triton_version(info)
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         info["sm_count"] = p.multi_processor_count
         info["l2_bytes"] = _l2_bytes(device)
+    return info
 
+
+def _bench_plan(args):
+    """(models, shapes, crs, copy_bytes) of this run."""
     if args.cpu_smoke:
         models = {"tiny-d64": dict(Hq=8, Hkv=2, D=64), "tiny-d32": dict(Hq=6, Hkv=2, D=32)}
-        shapes = [(2, 256), (1, 512)]
-        crs = [1, 4]
-        copy_bytes = 64 << 20
-    else:
-        models = MODELS if not args.models else {m: MODELS[m] for m in args.models.split(",")}
-        shapes = args.shapes or SHAPES
-        crs = args.crs or ([1, 8] if args.quick else CRS)
-        copy_bytes = 2 << 30
+        return models, [(2, 256), (1, 512)], [1, 4], 64 << 20
+    models = MODELS if not args.models else {m: MODELS[m] for m in args.models.split(",")}
+    shapes = args.shapes or SHAPES
+    crs = args.crs or ([1, 8] if args.quick else CRS)
+    return models, shapes, crs, 2 << 30
 
+
+def _dense_case(mname, m, B, ctx, dtype, device, args):
+    """Dense SDPA on the full ctx cache (the row's baseline), or None under --no-dense."""
+    if args.no_dense:
+        return None
+    Hkv, D, G = m["Hkv"], m["D"], m["Hq"] // m["Hkv"]
+    scale = D**-0.5
+    dense_bytes = 2 * B * Hkv * ctx * D * torch.empty((), dtype=dtype).element_size()
+    n_sets = _rotations(dense_bytes, device)
+    dsets = make_sets(B, Hkv, G, D, ctx, ctx, dtype, device, False, n_sets, seed=1)
+    log(f"[{mname} B={B} ctx={ctx}] dense SDPA ({n_sets} sets)")
+    dense = run_method("sdpa_dense", lambda q, k, v, L: make_sdpa(q, k, v, scale), dsets, device,
+                       None, args.reps, check=False)
+    dense["kv_bytes"] = dense_bytes
+    if "time_us" in dense:
+        dense["TBps"] = dense_bytes / dense["time_us"] / 1e6
+    del dsets
     if device.type == "cuda":
-        _raise_recompile_limits()
-    bw, t_copy, mode = copy_bandwidth(device, copy_bytes)
-    info["copy_bw_TBps"] = bw / 1e12
-    info["copy_time_us"] = t_copy * 1e6
-    log(f"copy bandwidth: {bw / 1e12:.3f} TB/s ({mode})")
+        torch.cuda.empty_cache()
+    return dense
 
+
+def _time_ours_extras(res, sets, scale, device, ref, args):
+    """The kernel's eager launch path (do_bench) and, with --with-compiled, inside torch.compile."""
+    from dms_flex.kernels import decode as dk
+
+    if device.type == "cuda" and "time_us" in res["ours"]:
+        # eager launch path (no graph), to show the host overhead
+        try:
+            import triton.testing
+
+            q, k, v, L = sets[0]
+            t = triton.testing.do_bench(lambda: dk.decode_attention(q, k, v, L, scale),
+                                        warmup=25, rep=100, return_mode="median")
+            res["ours"]["eager_do_bench_us"] = t * 1e3
+        except Exception as e:
+            res["ours"]["eager_do_bench_error"] = repr(e)
+    if args.with_compiled and device.type == "cuda":
+        # the kernel as inductor launches it inside torch.compile(fullgraph=True)
+        cfn = torch.compile(lambda q, k, v, L: dk.decode_attention(q, k, v, L, scale), fullgraph=True)
+        res["ours_compiled"] = run_method(
+            "ours_compiled", lambda q, k, v, L: ((lambda: cfn(q, k, v, L)), (lambda o: o)),
+            sets, device, ref, args.reps)
+
+
+def _time_int8(res, sets, scale, device, args, live_tokens, D):
+    """int8 K/V with a float32 scale per (row, KV head, token), quantized as the cache does; the
+    kernel dequantizes in registers. Its bytes: D + 4 per token and tensor."""
+    from dms_flex.kernels import decode as dk
+    from dms_flex.quant import quantize_kv
+
+    qsets = []
+    for q_, k_, v_, L_ in sets:
+        kq, ks = quantize_kv(k_)
+        vq, vs = quantize_kv(v_)
+        qsets.append((q_, (kq, ks), (vq, vs), L_))
+    q0, L0 = sets[0][0], sets[0][3]
+    ref8 = dk.decode_attention_reference(q0, qsets[0][1][0], qsets[0][2][0], L0, scale,
+                                         k_scale=qsets[0][1][1], v_scale=qsets[0][2][1])
+    res["ours_int8"] = run_method(
+        "ours_int8", lambda q, k, v, L: ((lambda: dk.decode_attention(
+            q, k[0], v[0], L, scale, k_scale=k[1], v_scale=v[1])), (lambda o: o)),
+        qsets, device, ref8, args.reps)
+    res["ours_int8"]["live_kv_bytes"] = 2 * live_tokens * (D + 4)
+
+
+def _time_methods(sets, scale, device, ref, args, live_tokens, D):
+    """Every method on one case's input sets: {method: result}."""
+    res = {}
+    res["ours"] = run_method("ours", lambda q, k, v, L: make_ours(q, k, v, L, scale, device),
+                             sets, device, ref, args.reps)
+    _time_ours_extras(res, sets, scale, device, ref, args)
+    if args.int8:
+        _time_int8(res, sets, scale, device, args, live_tokens, D)
     flex_variants = [] if args.no_flex else args.flex.split(",")
-    rows = []
-    for mname, m in models.items():
-        Hq, Hkv, D = m["Hq"], m["Hkv"], m["D"]
-        G = Hq // Hkv
-        scale = D**-0.5
-        for B, ctx in shapes:
-            esz = torch.empty((), dtype=dtype).element_size()
-            dense_bytes = 2 * B * Hkv * ctx * D * esz
-            dense = None
-            if not args.no_dense:
-                n_sets = _rotations(dense_bytes, device)
-                dsets = make_sets(B, Hkv, G, D, ctx, ctx, dtype, device, False, n_sets, seed=1)
-                log(f"[{mname} B={B} ctx={ctx}] dense SDPA ({n_sets} sets)")
-                dense = run_method("sdpa_dense", lambda q, k, v, L: make_sdpa(q, k, v, scale), dsets, device,
-                                   None, args.reps, check=False)
-                dense["kv_bytes"] = dense_bytes
-                if "time_us" in dense:
-                    dense["TBps"] = dense_bytes / dense["time_us"] / 1e6
-                del dsets
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            for cr in crs:
-                live = ctx // cr
-                cap = int(math.ceil(1.1 * live)) if args.ragged else live
-                set_bytes = 2 * B * Hkv * cap * D * esz
-                n_sets = _rotations(set_bytes, device)
-                sets = make_sets(B, Hkv, G, D, cap, live, dtype, device, args.ragged, n_sets, seed=2 + cr)
-                live_tokens = int(sets[0][3].sum().item())
-                live_bytes = 2 * live_tokens * D * esz
-                q0, k0, v0, L0 = sets[0]
-                ref = dk.decode_attention_reference(q0, k0, v0, L0, scale)
-                row = dict(model=mname, Hq=Hq, Hkv=Hkv, D=D, B=B, ctx=ctx, CR=cr, capacity=cap,
-                           live_tokens_set0=live_tokens, live_kv_bytes=live_bytes, n_sets=n_sets)
-                log(f"[{mname} B={B} ctx={ctx} CR={cr}] cap={cap} live={live_bytes / 1e6:.1f} MB, {n_sets} sets")
-                res = {}
-                res["ours"] = run_method("ours", lambda q, k, v, L: make_ours(q, k, v, L, scale, device),
-                                         sets, device, ref, args.reps)
-                if device.type == "cuda" and "time_us" in res["ours"]:
-                    # eager launch path (no graph), to show the host overhead
-                    try:
-                        import triton.testing
+    if "standard" in flex_variants:
+        res["flex"] = run_method("flex", lambda q, k, v, L: make_flex_standard(q, k, v, L, scale, device),
+                                 sets, device, ref, args.reps)
+    if "grouped" in flex_variants:
+        res["flex_grouped"] = run_method(
+            "flex_grouped", lambda q, k, v, L: make_flex_grouped(q, k, v, L, scale, device),
+            sets, device, ref, args.reps)
+    if not args.no_sdpa_compact:
+        res["sdpa_compact_nomask"] = run_method(
+            "sdpa_compact", lambda q, k, v, L: make_sdpa(q, k, v, scale), sets, device,
+            ref if not args.ragged else None, args.reps, check=not args.ragged)
+    return res
 
-                        q, k, v, L = sets[0]
-                        t = triton.testing.do_bench(lambda: dk.decode_attention(q, k, v, L, scale),
-                                                    warmup=25, rep=100, return_mode="median")
-                        res["ours"]["eager_do_bench_us"] = t * 1e3
-                    except Exception as e:
-                        res["ours"]["eager_do_bench_error"] = repr(e)
-                if args.with_compiled and device.type == "cuda":
-                    # the kernel as inductor launches it inside torch.compile(fullgraph=True)
-                    cfn = torch.compile(lambda q, k, v, L: dk.decode_attention(q, k, v, L, scale), fullgraph=True)
-                    res["ours_compiled"] = run_method(
-                        "ours_compiled", lambda q, k, v, L: ((lambda: cfn(q, k, v, L)), (lambda o: o)),
-                        sets, device, ref, args.reps)
-                if args.int8:
-                    # int8 K/V with a float32 scale per (row, KV head, token), quantized as the cache
-                    # does; the kernel dequantizes in registers. Its bytes: D + 4 per token and tensor.
-                    from dms_flex.quant import quantize_kv
 
-                    qsets = []
-                    for q_, k_, v_, L_ in sets:
-                        kq, ks = quantize_kv(k_)
-                        vq, vs = quantize_kv(v_)
-                        qsets.append((q_, (kq, ks), (vq, vs), L_))
-                    ref8 = dk.decode_attention_reference(q0, qsets[0][1][0], qsets[0][2][0], L0, scale,
-                                                         k_scale=qsets[0][1][1], v_scale=qsets[0][2][1])
-                    res["ours_int8"] = run_method(
-                        "ours_int8", lambda q, k, v, L: ((lambda: dk.decode_attention(
-                            q, k[0], v[0], L, scale, k_scale=k[1], v_scale=v[1])), (lambda o: o)),
-                        qsets, device, ref8, args.reps)
-                    res["ours_int8"]["live_kv_bytes"] = 2 * live_tokens * (D + 4)
-                    del qsets
-                if "standard" in flex_variants:
-                    res["flex"] = run_method("flex", lambda q, k, v, L: make_flex_standard(q, k, v, L, scale, device),
-                                             sets, device, ref, args.reps)
-                if "grouped" in flex_variants:
-                    res["flex_grouped"] = run_method(
-                        "flex_grouped", lambda q, k, v, L: make_flex_grouped(q, k, v, L, scale, device),
-                        sets, device, ref, args.reps)
-                if not args.no_sdpa_compact:
-                    res["sdpa_compact_nomask"] = run_method(
-                        "sdpa_compact", lambda q, k, v, L: make_sdpa(q, k, v, scale), sets, device,
-                        ref if not args.ragged else None, args.reps, check=not args.ragged)
-                for key, r in res.items():
-                    if "time_us" in r:
-                        r["live_TBps"] = r.get("live_kv_bytes", live_bytes) / r["time_us"] / 1e6
-                        r["frac_copy_bw"] = r["live_TBps"] * 1e12 / bw
-                if dense is not None:
-                    res["sdpa_dense"] = dense
-                o = res["ours"].get("time_us")
-                if o:
-                    flex_ts = [res[k]["time_us"] for k in ("flex", "flex_grouped") if k in res and "time_us" in res[k]]
-                    if flex_ts:
-                        row["speedup_vs_best_flex"] = min(flex_ts) / o
-                    if "flex" in res and "time_us" in res["flex"]:
-                        row["speedup_vs_flex"] = res["flex"]["time_us"] / o
-                    if dense is not None and "time_us" in dense:
-                        row["speedup_vs_dense_sdpa"] = dense["time_us"] / o
-                    if "time_us" in res.get("ours_int8", {}):
-                        row["int8_time_ratio"] = res["ours_int8"]["time_us"] / o
-                    if "time_us" in res.get("sdpa_compact_nomask", {}):
-                        row["speedup_vs_sdpa_compact"] = res["sdpa_compact_nomask"]["time_us"] / o
-                row["large"] = live_bytes >= (128 << 20)
-                row["results"] = res
-                rows.append(row)
-                del sets, ref, q0, k0, v0, L0
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+def _speedups(row, res, dense):
+    """The row's ratios of the other methods' times to ours."""
+    o = res["ours"].get("time_us")
+    if not o:
+        return
+    flex_ts = [res[k]["time_us"] for k in ("flex", "flex_grouped") if k in res and "time_us" in res[k]]
+    if flex_ts:
+        row["speedup_vs_best_flex"] = min(flex_ts) / o
+    if "flex" in res and "time_us" in res["flex"]:
+        row["speedup_vs_flex"] = res["flex"]["time_us"] / o
+    if dense is not None and "time_us" in dense:
+        row["speedup_vs_dense_sdpa"] = dense["time_us"] / o
+    if "time_us" in res.get("ours_int8", {}):
+        row["int8_time_ratio"] = res["ours_int8"]["time_us"] / o
+    if "time_us" in res.get("sdpa_compact_nomask", {}):
+        row["speedup_vs_sdpa_compact"] = res["sdpa_compact_nomask"]["time_us"] / o
 
+
+def _cr_case(mname, m, B, ctx, cr, dtype, device, args, bw, dense):
+    """One (model, B, ctx, CR) row: the compact cache at live length ctx/CR, every method timed."""
+    from dms_flex.kernels import decode as dk
+
+    Hq, Hkv, D = m["Hq"], m["Hkv"], m["D"]
+    G, scale = Hq // Hkv, D**-0.5
+    esz = torch.empty((), dtype=dtype).element_size()
+    live = ctx // cr
+    cap = int(math.ceil(1.1 * live)) if args.ragged else live
+    n_sets = _rotations(2 * B * Hkv * cap * D * esz, device)
+    sets = make_sets(B, Hkv, G, D, cap, live, dtype, device, args.ragged, n_sets, seed=2 + cr)
+    live_tokens = int(sets[0][3].sum().item())
+    live_bytes = 2 * live_tokens * D * esz
+    ref = dk.decode_attention_reference(*sets[0], scale)
+    row = dict(model=mname, Hq=Hq, Hkv=Hkv, D=D, B=B, ctx=ctx, CR=cr, capacity=cap,
+               live_tokens_set0=live_tokens, live_kv_bytes=live_bytes, n_sets=n_sets)
+    log(f"[{mname} B={B} ctx={ctx} CR={cr}] cap={cap} live={live_bytes / 1e6:.1f} MB, {n_sets} sets")
+    res = _time_methods(sets, scale, device, ref, args, live_tokens, D)
+    for r in res.values():
+        if "time_us" in r:
+            r["live_TBps"] = r.get("live_kv_bytes", live_bytes) / r["time_us"] / 1e6
+            r["frac_copy_bw"] = r["live_TBps"] * 1e12 / bw
+    if dense is not None:
+        res["sdpa_dense"] = dense
+    _speedups(row, res, dense)
+    row["large"] = live_bytes >= (128 << 20)
+    row["results"] = res
+    del sets, ref
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def _summary(rows):
     summary = {}
     large = [r for r in rows if r["large"] and "frac_copy_bw" in r["results"]["ours"]]
     if large:
@@ -607,6 +583,31 @@ def bench_main(args):
     errs = [r["results"]["ours"].get("rel_err") for r in rows if r["results"]["ours"].get("rel_err") is not None]
     if errs:
         summary["max_rel_err_ours"] = max(errs)
+    return summary
+
+
+def bench_main(args):
+    device = kernel_bench_device(args.cpu_smoke)
+    if device is None:
+        return 2
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    info = _bench_info(args, device)
+    models, shapes, crs, copy_bytes = _bench_plan(args)
+    if device.type == "cuda":
+        raise_recompile_limits()
+    bw, t_copy, mode = copy_bandwidth(device, copy_bytes)
+    info["copy_bw_TBps"] = bw / 1e12
+    info["copy_time_us"] = t_copy * 1e6
+    log(f"copy bandwidth: {bw / 1e12:.3f} TB/s ({mode})")
+
+    rows = []
+    for mname, m in models.items():
+        for B, ctx in shapes:
+            dense = _dense_case(mname, m, B, ctx, dtype, device, args)
+            for cr in crs:
+                rows.append(_cr_case(mname, m, B, ctx, cr, dtype, device, args, bw, dense))
+    summary = _summary(rows)
     out = dict(info=info, rows=rows, summary=summary)
     print_table(info, rows, summary)
     emit_json(out, args.out)
@@ -654,76 +655,80 @@ def emit_json(obj, path):
 # ----------------------------------------------------------------------------------------------
 # sweep
 # ----------------------------------------------------------------------------------------------
-def sweep_main(args):
-    if not torch.cuda.is_available():
-        log("--sweep needs CUDA")
-        return 2
+SWEEP_CASES = [  # (model, B, ctx, CR)
+    ("llama3-8b", 8, 32768, 1),
+    ("llama3-8b", 8, 32768, 8),
+    ("llama3-8b", 64, 8192, 4),
+    ("llama3.2-1b", 1, 131072, 8),
+    ("llama3.2-1b", 8, 32768, 8),
+]
+
+
+def _best(results):
+    good = [r for r in results if "time_us" in r]
+    return min(good, key=lambda r: r["time_us"]) if good else None
+
+
+def _sweep_grid(trial, D, esz, B, Hkv, cap, sm, results):
+    """Block size x warps x stages at the auto split; then the split size around the best of them."""
     from dms_flex.kernels import decode as dk
 
-    device = torch.device("cuda")
-    dtype = getattr(torch, args.dtype)
-    sm = torch.cuda.get_device_properties(device).multi_processor_count
-    bw, _, _ = copy_bandwidth(device)
-    cases = [  # (model, B, ctx, CR)
-        ("llama3-8b", 8, 32768, 1),
-        ("llama3-8b", 8, 32768, 8),
-        ("llama3-8b", 64, 8192, 4),
-        ("llama3.2-1b", 1, 131072, 8),
-        ("llama3.2-1b", 8, 32768, 8),
-    ]
-    out = dict(copy_bw_TBps=bw / 1e12, sm_count=sm, cases=[])
-    for mname, B, ctx, cr in cases:
-        m = MODELS[mname]
-        Hkv, D, G = m["Hkv"], m["D"], m["Hq"] // m["Hkv"]
-        cap = ctx // cr
-        esz = torch.empty((), dtype=dtype).element_size()
-        live_bytes = 2 * B * Hkv * cap * D * esz
-        n_sets = _rotations(live_bytes, device)
-        sets = make_sets(B, Hkv, G, D, cap, cap, dtype, device, False, n_sets, seed=7)
-        q0, k0, v0, L0 = sets[0]
-        ref = dk.decode_attention_reference(q0, k0, v0, L0)
-        base_cfg = dk._config(D, G, esz)
-        results = []
+    for block_n in (32, 64, 128):
+        for nw in (4, 8):
+            for ns in (2, 3, 4):
+                if block_n * D * esz * 2 * ns > 200_000:
+                    continue  # shared memory
+                trial(block_n=block_n, num_warps=nw, num_stages=ns)
+    best = _best(results)
+    if best is not None:
+        bn = best["block_n"]
+        auto_split, _ = dk.choose_split(B, Hkv, cap, bn, sm)
+        for mult in (0.25, 0.5, 2.0, 4.0):
+            split = max(bn, int(round(auto_split * mult / bn)) * bn)
+            if split != auto_split:
+                trial(block_n=bn, num_warps=best["num_warps"], num_stages=best["num_stages"], split_size=split)
 
-        def trial(**kw):
-            split = kw.get("split_size")
-            lk = {kk: vv for kk, vv in kw.items() if kk != "split_size"}
 
-            def builder(q, k, v, L):
-                return (lambda: dk._launch(q, k, v, L, None, split, sm_count=sm, **lk)), (lambda o: o)
+def _sweep_case(mname, B, ctx, cr, dtype, device, sm, bw, args):
+    from dms_flex.kernels import decode as dk
 
-            r = run_method(str(kw), builder, sets, device, ref, max(10, args.reps // 2))
-            r.update(kw)
-            if "time_us" in r:
-                r["live_TBps"] = live_bytes / r["time_us"] / 1e6
-                r["frac_copy_bw"] = r["live_TBps"] * 1e12 / bw
-            results.append(r)
-            log(f"  {kw} -> {r.get('time_us', float('nan')):.1f} us {r.get('frac_copy_bw', float('nan')):.2f}x copy "
-                f"err={r.get('rel_err')}")
+    m = MODELS[mname]
+    Hkv, D, G = m["Hkv"], m["D"], m["Hq"] // m["Hkv"]
+    cap = ctx // cr
+    esz = torch.empty((), dtype=dtype).element_size()
+    live_bytes = 2 * B * Hkv * cap * D * esz
+    sets = make_sets(B, Hkv, G, D, cap, cap, dtype, device, False, _rotations(live_bytes, device), seed=7)
+    ref = dk.decode_attention_reference(*sets[0])
+    base_cfg = dk._config(D, G, esz)
+    results = []
 
-        log(f"[{mname} B={B} ctx={ctx} CR={cr}] default cfg {base_cfg}")
-        for block_n in (32, 64, 128):
-            for nw in (4, 8):
-                for ns in (2, 3, 4):
-                    if block_n * D * esz * 2 * ns > 200_000:
-                        continue  # shared memory
-                    trial(block_n=block_n, num_warps=nw, num_stages=ns)
-        good = [r for r in results if "time_us" in r]
-        best = min(good, key=lambda r: r["time_us"]) if good else None
-        if best is not None:
-            bn = best["block_n"]
-            auto_split, _ = dk.choose_split(B, Hkv, cap, bn, sm)
-            for mult in (0.25, 0.5, 2.0, 4.0):
-                split = max(bn, int(round(auto_split * mult / bn)) * bn)
-                if split != auto_split:
-                    trial(block_n=bn, num_warps=best["num_warps"], num_stages=best["num_stages"], split_size=split)
-        good = [r for r in results if "time_us" in r]
-        best = min(good, key=lambda r: r["time_us"]) if good else None
-        out["cases"].append(dict(model=mname, B=B, ctx=ctx, CR=cr, live_kv_bytes=live_bytes, default_cfg=base_cfg,
-                                 default_split=dk.choose_split(B, Hkv, cap, base_cfg["BLOCK_N"], sm),
-                                 trials=results, best=best))
-        sets = ref = q0 = k0 = v0 = L0 = None
-        torch.cuda.empty_cache()
+    def trial(**kw):
+        split = kw.get("split_size")
+        lk = {kk: vv for kk, vv in kw.items() if kk != "split_size"}
+
+        def builder(q, k, v, L):
+            return (lambda: dk._launch(q, k, v, L, None, split, sm_count=sm, **lk)), (lambda o: o)
+
+        r = run_method(str(kw), builder, sets, device, ref, max(10, args.reps // 2))
+        r.update(kw)
+        if "time_us" in r:
+            r["live_TBps"] = live_bytes / r["time_us"] / 1e6
+            r["frac_copy_bw"] = r["live_TBps"] * 1e12 / bw
+        results.append(r)
+        log(f"  {kw} -> {r.get('time_us', float('nan')):.1f} us {r.get('frac_copy_bw', float('nan')):.2f}x copy "
+            f"err={r.get('rel_err')}")
+
+    log(f"[{mname} B={B} ctx={ctx} CR={cr}] default cfg {base_cfg}")
+    _sweep_grid(trial, D, esz, B, Hkv, cap, sm, results)
+    case = dict(model=mname, B=B, ctx=ctx, CR=cr, live_kv_bytes=live_bytes, default_cfg=base_cfg,
+                default_split=dk.choose_split(B, Hkv, cap, base_cfg["BLOCK_N"], sm),
+                trials=results, best=_best(results))
+    sets = ref = None
+    torch.cuda.empty_cache()
+    return case
+
+
+def _print_sweep(out, bw):
     print(f"# sweep, copy {bw / 1e12:.3f} TB/s")
     for c in out["cases"]:
         b = c["best"] or {}
@@ -734,6 +739,20 @@ def sweep_main(args):
         print(f"{c['model']:12s} B={c['B']:3d} ctx={c['ctx']:6d} CR={c['CR']}: default {_fmt(dt)} us, best "
               f"{_fmt(b.get('time_us'))} us ({_fmt(b.get('frac_copy_bw'), '{:.2f}')}x copy) with "
               f"block_n={b.get('block_n')} warps={b.get('num_warps')} stages={b.get('num_stages')} split={b.get('split_size', 'auto')}")
+
+
+def sweep_main(args):
+    if not torch.cuda.is_available():
+        log("--sweep needs CUDA")
+        return 2
+    device = torch.device("cuda")
+    dtype = getattr(torch, args.dtype)
+    sm = torch.cuda.get_device_properties(device).multi_processor_count
+    bw, _, _ = copy_bandwidth(device)
+    out = dict(copy_bw_TBps=bw / 1e12, sm_count=sm, cases=[])
+    for mname, B, ctx, cr in SWEEP_CASES:
+        out["cases"].append(_sweep_case(mname, B, ctx, cr, dtype, device, sm, bw, args))
+    _print_sweep(out, bw)
     emit_json(out, args.out)
     return 0
 

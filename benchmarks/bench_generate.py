@@ -77,9 +77,7 @@ import contextlib
 import datetime
 import gc
 import inspect
-import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -90,15 +88,14 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+from _bench_common import git, log, raise_recompile_limits, write_json  # noqa: E402
 SYSTEMS = ("dense", "dms", "dms-int8", "hf-dynamic", "hf-static", "dms-hf")
 TT_SYSTEMS = ("dense", "dms", "dms-int8")
 HF_SYSTEMS = ("hf-dynamic", "hf-static", "dms-hf")
 TINY_WINDOW = 16
 SEARCH_POOL = 64  # distinct prompts cycled through by the max-batch search's trial runs
-
-
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
 
 
 # ================================================================================ arguments
@@ -493,15 +490,6 @@ def _fresh_case(device):
     _free(device)
 
 
-def _raise_recompile_limits():
-    cfg = torch._dynamo.config
-    for name, val in (("recompile_limit", 256), ("cache_size_limit", 256), ("accumulated_recompile_limit", 4096),
-                      ("accumulated_cache_size_limit", 4096)):
-        if hasattr(cfg, name):
-            with contextlib.suppress(Exception):
-                setattr(cfg, name, max(getattr(cfg, name), val))
-
-
 # ================================================================================ max batch
 def find_max_batch(fits: Callable[[int], bool], limit: int) -> int:
     """Largest B <= limit with fits(B): doubling from 1, then bisection to within 1/32. 0 if B=1 fails."""
@@ -616,29 +604,15 @@ def print_table(rows):
     sys.stdout.flush()
 
 
-def write_json(path, obj):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-def _git(*cmd) -> Optional[str]:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _bench_common import git
-
-    return git(*cmd)
-
-
 def make_meta(args, device, dtype, models: Models, text_origin, compile_step):
     import transformers
 
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    status = git("status", "--porcelain", "--untracked-files=no")
     return {
         "torch": torch.__version__, "transformers": transformers.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status),
+        "git_commit": git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status),
         "model": models.source, "dms": {"window": models.dm.dms.window, "decision": models.dm.dms.decision},
         "dtype": str(dtype).replace("torch.", ""), "text": text_origin,
         "our_decode_step": "torch.compile(fullgraph=True, mode='reduce-overhead')" if compile_step else "eager",
@@ -677,39 +651,89 @@ def run_one(system, B, batch_arg, T, N, args, prompts: Prompts, device, found=No
     return row
 
 
+def _load(args, device, dtype, max_len, tmp):
+    """(models, prompts, text origin), or an exit code 2 after printing why not."""
+    N = args.new_tokens
+    try:
+        # room for --check's prompts too (3 windows + 16 tokens)
+        models = Models(args, device, dtype, max(max_len, 1024), Path(tmp))
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    limit = models.dm.hf_config.get("max_position_embeddings")
+    if not args.tiny and limit and max_len > limit:
+        print(f"error: prompt {max(args.prompt_len)} + {N} new tokens exceeds the model's "
+              f"max_position_embeddings={limit}", file=sys.stderr)
+        return 2
+    text, origin = load_text(args)
+    log(f"text: {origin} ({len(text) / 1e6:.2f} MB)")
+    prompts = Prompts(text, models.encode)
+    try:
+        for T in args.prompt_len:
+            prompts.get(1, T)
+    except ValueError as e:
+        print(f"error: the text ({origin}) cannot give {T}-token prompts: {e}", file=sys.stderr)
+        return 2
+    return models, prompts, origin
+
+
+def _max_batch_row(system, T, N, args, prompts: Prompts, device) -> dict:
+    """--batch max: the largest batch that fits, then the timed run (stepping down on OOM)."""
+    found = find_max_batch(lambda b: _fits(system, b, prompts, T, N, args.dms_capacity, device),
+                           args.max_batch_limit)
+    if found == 0:
+        return {"system": system.name, "batch_arg": "max", "batch": 0, "prompt_len": T, "new_tokens": N,
+                "oom": True, "max_batch_found": 0}
+    B = found
+    for _ in range(4):  # the timed run needs a little more than the trial: step down
+        _fresh_case(device)
+        row = run_one(system, B, "max", T, N, args, prompts, device, found)
+        if not row.get("oom") or B == 1:
+            break
+        log(f"  {system.name} T={T}: B={B} ran out of memory in the timed run; trying less")
+        B = max(1, B - max(1, B // 16))
+    return row
+
+
+def _run_cases(models: Models, prompts: Prompts, args, device, compile_step, result) -> None:
+    N = args.new_tokens
+    systems = {}
+    for name in args.systems:
+        systems[name] = TTSystem(name, models, compile_step) if name in TT_SYSTEMS else HFSystem(name, models)
+    rows = result["rows"]
+    print_table([])
+    for T in args.prompt_len:
+        for batch_arg in args.batch:
+            for name in args.systems:
+                system = systems[name]
+                _fresh_case(device)
+                if batch_arg == "max":
+                    row = _max_batch_row(system, T, N, args, prompts, device)
+                else:
+                    row = run_one(system, batch_arg, batch_arg, T, N, args, prompts, device)
+                rows.append(row)
+                print(_line(_cells(row)), flush=True)
+                if args.out:
+                    write_json(args.out, result)
+    _fresh_case(device)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     compile_step = args.compile if args.compile is not None else device.type == "cuda"
-    N = args.new_tokens
-    max_len = max(args.prompt_len) + N
+    max_len = max(args.prompt_len) + args.new_tokens
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     if compile_step:
-        _raise_recompile_limits()
+        raise_recompile_limits(256, accumulated=4096)
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        try:
-            # room for --check's prompts too (3 windows + 16 tokens)
-            models = Models(args, device, dtype, max(max_len, 1024), Path(tmp))
-        except (FileNotFoundError, ValueError, ImportError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        limit = models.dm.hf_config.get("max_position_embeddings")
-        if not args.tiny and limit and max_len > limit:
-            print(f"error: prompt {max(args.prompt_len)} + {N} new tokens exceeds the model's "
-                  f"max_position_embeddings={limit}", file=sys.stderr)
-            return 2
-        text, origin = load_text(args)
-        log(f"text: {origin} ({len(text) / 1e6:.2f} MB)")
-        prompts = Prompts(text, models.encode)
-        try:
-            for T in args.prompt_len:
-                prompts.get(1, T)
-        except ValueError as e:
-            print(f"error: the text ({origin}) cannot give {T}-token prompts: {e}", file=sys.stderr)
-            return 2
+        loaded = _load(args, device, dtype, max_len, tmp)
+        if isinstance(loaded, int):
+            return loaded
+        models, prompts, origin = loaded
         meta = make_meta(args, device, dtype, models, origin, compile_step)
         print(f"model: {models.source}; {meta['dtype']} on {meta['device']}; our decode step "
               f"{meta['our_decode_step']}; prompts: {origin}")
@@ -720,39 +744,8 @@ def main(argv=None) -> int:
                 write_json(args.out, result)
             if args.check_only:
                 return 0
-
-        systems = {}
-        for name in args.systems:
-            systems[name] = TTSystem(name, models, compile_step) if name in TT_SYSTEMS else HFSystem(name, models)
-        rows = result["rows"]
-        print_table([])
-        for T in args.prompt_len:
-            for batch_arg in args.batch:
-                for name in args.systems:
-                    system = systems[name]
-                    _fresh_case(device)
-                    if batch_arg == "max":
-                        found = find_max_batch(lambda b: _fits(system, b, prompts, T, N, args.dms_capacity, device),
-                                               args.max_batch_limit)
-                        if found == 0:
-                            row = {"system": name, "batch_arg": "max", "batch": 0, "prompt_len": T, "new_tokens": N,
-                                   "oom": True, "max_batch_found": 0}
-                        else:
-                            B = found
-                            for _ in range(4):  # the timed run needs a little more than the trial: step down
-                                _fresh_case(device)
-                                row = run_one(system, B, "max", T, N, args, prompts, device, found)
-                                if not row.get("oom") or B == 1:
-                                    break
-                                log(f"  {name} T={T}: B={B} ran out of memory in the timed run; trying less")
-                                B = max(1, B - max(1, B // 16))
-                    else:
-                        row = run_one(system, batch_arg, batch_arg, T, N, args, prompts, device)
-                    rows.append(row)
-                    print(_line(_cells(row)), flush=True)
-                    if args.out:
-                        write_json(args.out, result)
-        _fresh_case(device)
+        _run_cases(models, prompts, args, device, compile_step, result)
+    rows = result["rows"]
     print()
     print_table(rows)
     if args.out:

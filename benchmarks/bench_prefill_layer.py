@@ -35,25 +35,21 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+from _bench_common import git, log, raise_recompile_limits, time_ms, write_json  # noqa: E402
 HQ, HKV, D = 9, 3, 64
 VARIANTS = ("sdpa_causal", "flex_causal", "dms_hard_attention", "cache_append", "cache_append_chunk2",
             "legacy_flex_mask")
-
-
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
 
 
 def parse_shape(text: str):
@@ -111,46 +107,6 @@ def parse_args(argv=None):
     return args
 
 
-# ================================================================================ timing
-def time_ms(fn: Callable, device: torch.device, repeats: int, warmup: int,
-            setup: Optional[Callable] = None) -> List[float]:
-    """Milliseconds of each of `repeats` calls of fn() after `warmup` calls; setup() runs before each
-    call, outside the timed span (CUDA events on CUDA, perf_counter elsewhere)."""
-    cuda = device.type == "cuda"
-    for _ in range(warmup):
-        if setup is not None:
-            setup()
-        fn()
-    times = []
-    for _ in range(repeats):
-        if setup is not None:
-            setup()
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def _raise_recompile_limits():
-    """One flex compile per shape and mask: dynamo's default limit of 8 would fall back to eager."""
-    cfg = torch._dynamo.config
-    for name, val in (("recompile_limit", 256), ("cache_size_limit", 256)):
-        if hasattr(cfg, name):
-            try:
-                setattr(cfg, name, max(getattr(cfg, name), val))
-            except Exception:  # noqa: BLE001
-                pass
-
-
 # ================================================================================ the variants
 def make_inputs(B, T, frac, dtype, device, seed):
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -164,123 +120,138 @@ def make_inputs(B, T, frac, dtype, device, seed):
     return q, k, v, evicted, logits
 
 
-def run_shape(B, T, args, device, dtype) -> List[Dict]:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+class ShapeRun:
+    """The rows of one BxT shape: each variant timed (or skipped with the reason), outputs kept for the
+    comparison."""
 
-    from dms_flex import attention, masks
-    from dms_flex.cache import DMSKVCache, masked_attention
+    def __init__(self, B, T, args, device):
+        from torch.nn.attention.flex_attention import flex_attention
 
-    w = args.window
-    q, k, v, evicted, logits = make_inputs(B, T, args.evict_frac, dtype, device, args.seed)
-    rows: List[Dict] = []
-    outputs: Dict[str, torch.Tensor] = {}
-    cuda = device.type == "cuda"
-    flex = torch.compile(flex_attention) if cuda else flex_attention
+        self.B, self.T, self.args, self.device = B, T, args, device
+        self.cuda = device.type == "cuda"
+        self.flex = torch.compile(flex_attention) if self.cuda else flex_attention
+        self.rows: List[Dict] = []
+        self.outputs: Dict[str, torch.Tensor] = {}
+        self.wanted = set(args.variants)
+        self.wanted.add("sdpa_causal")  # comparisons always have the floor
 
-    def record(variant, times=None, skipped=None, **extra):
-        row = {"B": B, "T": T, "variant": variant, **extra}
+    def record(self, variant, times=None, skipped=None, **extra):
+        row = {"B": self.B, "T": self.T, "variant": variant, **extra}
         if times is not None:
             row.update(ms=statistics.median(times), ms_min=min(times), ms_all=times)
         if skipped is not None:
             row["skipped"] = skipped
-            log(f"  {B}x{T} {variant}: skipped ({skipped})")
-        rows.append(row)
+            log(f"  {self.B}x{self.T} {variant}: skipped ({skipped})")
+        self.rows.append(row)
 
-    def attempt(variant, fn, setup=None, repeats=None, warmup=None, keep=False, **extra):
-        if variant not in wanted:
+    def attempt(self, variant, fn, setup=None, repeats=None, warmup=None, keep=False, **extra):
+        if variant not in self.wanted:
             return
+        args = self.args
         try:
-            times = time_ms(fn, device, repeats or args.repeats, args.warmup if warmup is None else warmup, setup)
+            times = time_ms(fn, self.device, repeats or args.repeats, args.warmup if warmup is None else warmup, setup)
         except Exception as e:  # noqa: BLE001 - one variant failing must not stop the others
-            record(variant, skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
-            if cuda:
+            self.record(variant, skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+            if self.cuda:
                 torch.cuda.empty_cache()
             return
-        record(variant, times, **extra)
+        self.record(variant, times, **extra)
         if keep:
             if setup is not None:
                 setup()
-            outputs[variant] = fn().float()
+            self.outputs[variant] = fn().float()
 
-    wanted = set(args.variants)
-    # comparisons always have the floor
-    wanted.add("sdpa_causal")
-    attempt("sdpa_causal", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
 
-    if "flex_causal" in wanted:
-        try:
-            bm = create_block_mask(masks.causal_mask_mod, B, None, T, T, device=device)
-        except Exception as e:  # noqa: BLE001
-            record("flex_causal", skipped=f"causal block mask failed: {type(e).__name__}: {e}")
-        else:
-            attempt("flex_causal", lambda: flex(q, k, v, block_mask=bm, enable_gqa=True),
-                    compiled=cuda)
-            del bm
+def _flex_causal(run: ShapeRun, q, k, v):
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    attempt("dms_hard_attention", lambda: attention.dms_hard_attention(q, k, v, evicted, w), keep=True)
+    from dms_flex import masks
 
-    if "cache_append" in wanted:
-        cache = DMSKVCache(B, HKV, D, capacity=T, window=w, dtype=dtype, device=device)
-        pos0 = torch.zeros(B, dtype=torch.long, device=device)
-        n_all = torch.full((B,), T, dtype=torch.long, device=device)
-        attempt("cache_append", lambda: cache.append(q, k, v, logits, pos0, n_all, attend=masked_attention),
+    try:
+        bm = create_block_mask(masks.causal_mask_mod, run.B, None, run.T, run.T, device=run.device)
+    except Exception as e:  # noqa: BLE001
+        run.record("flex_causal", skipped=f"causal block mask failed: {type(e).__name__}: {e}")
+    else:
+        run.attempt("flex_causal", lambda: run.flex(q, k, v, block_mask=bm, enable_gqa=True), compiled=run.cuda)
+
+
+def _cache_append(run: ShapeRun, q, k, v, logits, dtype):
+    from dms_flex.cache import DMSKVCache, masked_attention
+
+    B, T, device = run.B, run.T, run.device
+    cache = DMSKVCache(B, HKV, D, capacity=T, window=run.args.window, dtype=dtype, device=device)
+    pos0 = torch.zeros(B, dtype=torch.long, device=device)
+    n_all = torch.full((B,), T, dtype=torch.long, device=device)
+    run.attempt("cache_append", lambda: cache.append(q, k, v, logits, pos0, n_all, attend=masked_attention),
                 setup=cache.reset, keep=True)
-        if "cache_append" in outputs:
-            rows[-1]["live_fraction"] = float(cache.length.float().mean()) / T
-        del cache
+    if "cache_append" in run.outputs:
+        run.rows[-1]["live_fraction"] = float(cache.length.float().mean()) / T
 
-    if "cache_append_chunk2" in wanted:
-        h = T // 2
-        halves = [(x[:, :, :h].contiguous(), x[:, :, h:].contiguous()) for x in (q, k, v)]
-        (q1, q2), (k1, k2), (v1, v2) = halves
-        l1, l2 = logits[..., :h].contiguous(), logits[..., h:].contiguous()  # l2[..., 0] decides token h-1
-        cache = DMSKVCache(B, HKV, D, capacity=T, window=w, dtype=dtype, device=device)
-        zeros = torch.zeros(B, dtype=torch.long, device=device)
-        first_n = torch.full((B,), h, dtype=torch.long, device=device)
-        second_n = torch.full((B,), T - h, dtype=torch.long, device=device)
 
-        def first_half():
-            cache.reset()
-            cache.append(q1, k1, v1, l1, zeros, first_n, attend=masked_attention)
+def _cache_append_chunk2(run: ShapeRun, q, k, v, logits, dtype):
+    from dms_flex.cache import DMSKVCache, masked_attention
 
-        attempt("cache_append_chunk2", lambda: cache.append(q2, k2, v2, l2, first_n, second_n, attend=masked_attention),
+    B, T, device = run.B, run.T, run.device
+    h = T // 2
+    halves = [(x[:, :, :h].contiguous(), x[:, :, h:].contiguous()) for x in (q, k, v)]
+    (q1, q2), (k1, k2), (v1, v2) = halves
+    l1, l2 = logits[..., :h].contiguous(), logits[..., h:].contiguous()  # l2[..., 0] decides token h-1
+    cache = DMSKVCache(B, HKV, D, capacity=T, window=run.args.window, dtype=dtype, device=device)
+    zeros = torch.zeros(B, dtype=torch.long, device=device)
+    first_n = torch.full((B,), h, dtype=torch.long, device=device)
+    second_n = torch.full((B,), T - h, dtype=torch.long, device=device)
+
+    def first_half():
+        cache.reset()
+        cache.append(q1, k1, v1, l1, zeros, first_n, attend=masked_attention)
+
+    run.attempt("cache_append_chunk2", lambda: cache.append(q2, k2, v2, l2, first_n, second_n, attend=masked_attention),
                 setup=first_half, new_tokens=T - h, cached_before=h)
-        del cache, halves, q1, q2, k1, k2, v1, v2
 
-    if "legacy_flex_mask" in wanted:
-        mask_mod = masks.generate_dms_hard_mask(evicted, w, HQ // HKV)
-        built = {}
 
-        def build(compiled):
-            def fn():
-                built["bm"] = create_block_mask(mask_mod, B, HQ, T, T, device=device, _compile=compiled)
-                return built["bm"]
+def _legacy_flex_mask(run: ShapeRun, q, k, v, evicted):
+    from torch.nn.attention.flex_attention import create_block_mask
 
-            return fn
+    from dms_flex import masks
 
-        wanted.update({"legacy_mask_build", "legacy_mask_build_compiled"})
-        # the uncompiled build is slow (and large): a few calls
-        attempt("legacy_mask_build", build(False), repeats=min(args.repeats, 3), warmup=min(args.warmup, 1))
+    B, T, args = run.B, run.T, run.args
+    mask_mod = masks.generate_dms_hard_mask(evicted, args.window, HQ // HKV)
+    built = {}
+
+    def build(compiled):
+        def fn():
+            built["bm"] = create_block_mask(mask_mod, B, HQ, T, T, device=run.device, _compile=compiled)
+            return built["bm"]
+
+        return fn
+
+    run.wanted.update({"legacy_mask_build", "legacy_mask_build_compiled"})
+    # the uncompiled build is slow (and large): a few calls
+    run.attempt("legacy_mask_build", build(False), repeats=min(args.repeats, 3), warmup=min(args.warmup, 1))
+    bm = built.pop("bm", None)
+    if run.cuda:
+        bm = None  # free it before the compiled build
+        torch.cuda.empty_cache()
+        run.attempt("legacy_mask_build_compiled", build(True))
         bm = built.pop("bm", None)
-        if cuda:
-            bm = None  # free it before the compiled build
-            torch.cuda.empty_cache()
-            attempt("legacy_mask_build_compiled", build(True))
-            bm = built.pop("bm", None)
-        else:
-            record("legacy_mask_build_compiled", skipped="not compiled on CPU (smoke test)")
-        if bm is not None:
-            attempt("legacy_flex_mask", lambda: flex(q, k, v, block_mask=bm, enable_gqa=True), compiled=cuda)
-        else:
-            record("legacy_flex_mask", skipped="no block mask (its build failed)")
-        bm = None
-        byv = {r["variant"]: r for r in rows if "ms" in r}
-        build_row = byv.get("legacy_mask_build_compiled") or byv.get("legacy_mask_build")
-        if build_row is not None and "legacy_flex_mask" in byv:
-            total = build_row["ms"] + byv["legacy_flex_mask"]["ms"]
-            rows.append({"B": B, "T": T, "variant": "legacy_total", "ms": total,
+    else:
+        run.record("legacy_mask_build_compiled", skipped="not compiled on CPU (smoke test)")
+    if bm is not None:
+        run.attempt("legacy_flex_mask", lambda: run.flex(q, k, v, block_mask=bm, enable_gqa=True), compiled=run.cuda)
+    else:
+        run.record("legacy_flex_mask", skipped="no block mask (its build failed)")
+    bm = None
+    byv = {r["variant"]: r for r in run.rows if "ms" in r}
+    build_row = byv.get("legacy_mask_build_compiled") or byv.get("legacy_mask_build")
+    if build_row is not None and "legacy_flex_mask" in byv:
+        total = build_row["ms"] + byv["legacy_flex_mask"]["ms"]
+        run.rows.append({"B": B, "T": T, "variant": "legacy_total", "ms": total,
                          "note": f"{build_row['variant']} + legacy_flex_mask (sum of medians)"})
 
+
+def _compare(run: ShapeRun):
+    """Ratios to sdpa_causal, and cache_append's output against dms_hard_attention's."""
+    rows, outputs = run.rows, run.outputs
     base = next((r["ms"] for r in rows if r["variant"] == "sdpa_causal" and "ms" in r), None)
     for r in rows:
         if "ms" in r and base:
@@ -290,25 +261,29 @@ def run_shape(B, T, args, device, dtype) -> List[Dict]:
         for r in rows:
             if r["variant"] == "cache_append":
                 r["max_abs_diff_vs_dms_hard_attention"] = diff
-        print(f"{B}x{T}: cache_append vs dms_hard_attention outputs: max abs diff {diff:.3g}")
-    return rows
+        print(f"{run.B}x{run.T}: cache_append vs dms_hard_attention outputs: max abs diff {diff:.3g}")
+
+
+def run_shape(B, T, args, device, dtype) -> List[Dict]:
+    from dms_flex import attention
+
+    q, k, v, evicted, logits = make_inputs(B, T, args.evict_frac, dtype, device, args.seed)
+    run = ShapeRun(B, T, args, device)
+    run.attempt("sdpa_causal", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    if "flex_causal" in run.wanted:
+        _flex_causal(run, q, k, v)
+    run.attempt("dms_hard_attention", lambda: attention.dms_hard_attention(q, k, v, evicted, args.window), keep=True)
+    if "cache_append" in run.wanted:
+        _cache_append(run, q, k, v, logits, dtype)
+    if "cache_append_chunk2" in run.wanted:
+        _cache_append_chunk2(run, q, k, v, logits, dtype)
+    if "legacy_flex_mask" in run.wanted:
+        _legacy_flex_mask(run, q, k, v, evicted)
+    _compare(run)
+    return run.rows
 
 
 # ================================================================================ main
-def _git(*cmd) -> Optional[str]:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _bench_common import git
-
-    return git(*cmd)
-
-
-def write_json(path, obj):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -316,7 +291,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
-        _raise_recompile_limits()
+        raise_recompile_limits(256, accumulated=None)
     else:
         import warnings
 
@@ -328,7 +303,7 @@ def main(argv=None) -> int:
     meta = {"torch": torch.__version__,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": _git("rev-parse", "HEAD"), "heads": {"q": HQ, "kv": HKV, "head_dim": D},
+            "git_commit": git("rev-parse", "HEAD"), "heads": {"q": HQ, "kv": HKV, "head_dim": D},
             "dtype": str(dtype).replace("torch.", ""), "window": args.window, "evict_frac": args.evict_frac,
             "repeats": args.repeats, "warmup": args.warmup,
             "timing": "median of repeats after warm-up; CUDA events (perf_counter on CPU); set-up outside"}

@@ -50,7 +50,6 @@ import argparse
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,7 +61,8 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
-from _bench_common import install_mock_driver, log, start_aot_report  # noqa: E402
+from _bench_common import (add_triton_version, call_ms, fake_cuda_trace, finish_aot, log, make_recorder, median_ms,  # noqa: E402
+                           kernel_bench_device, raise_recompile_limits, rel_err, skip_aot, start_aot_report)
 import torch.nn.functional as F  # noqa: E402
 
 HEADS = {"1b": (32, 8, 64), "8b": (32, 8, 128)}  # Llama-3.2-1B, Llama-3-8B: (Hq, Hkv, D)
@@ -127,6 +127,97 @@ def _ptxas_report(ck):
     return row
 
 
+def _aot_compile_case(ta, report, D, doc, cfg, note, only=None):
+    """Compile one config's kernels offline (those in `only`, default all); one report row each."""
+    names = {ta._fwd_kernel: "fwd", ta._bwd_preprocess: "preprocess", ta._dkdv_kernel: "dkdv", ta._dq_kernel: "dq"}
+    compiled = []
+    Recorder = make_recorder(compiled, keep=lambda kern: only is None or names[kern] in only)
+    B, Hq, Hkv, T = 1, 32, 8, 8192
+    q = torch.empty(B, Hq, T, D, dtype=torch.bfloat16)
+    k = torch.empty(B, Hkv, T, D, dtype=torch.bfloat16)
+    v = torch.empty_like(k)
+    lk = torch.empty(B, Hkv, T)
+    ds = de = torch.empty(B, T, dtype=torch.int32) if doc else None
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, T)
+    if only is None or "fwd" in only:
+        ta._launch_fwd(q, k, v, lk, ds, 256, D**-0.5, wrap=Recorder, interpret=False, cfg=cfg)
+    if only is None or {"preprocess", "dkdv", "dq"} & set(only):
+        ta._launch_bwd(q, q, k, v, lk, ds, de, out, lse, 256, D**-0.5, wrap=Recorder, interpret=False, cfg=cfg)
+    for kern, _grid, kw, ck, dt in compiled:
+        row = dict(kernel=names[kern], D=D, doc=doc, note=note, compile_s=round(dt, 2),
+                   block=[kw.get("BLOCK_M"), kw.get("BLOCK_N")], warps=kw.get("num_warps"),
+                   stages=kw.get("num_stages"))
+        row.update(_ptxas_report(ck))
+        report["kernels"].append(row)
+
+
+def _aot_compile_all(ta, report, quick, candidates):
+    cases = [(128, True), (64, False)] if quick else [(64, False), (64, True), (128, False), (128, True)]
+    for D, doc in cases:
+        _aot_compile_case(ta, report, D, doc, None, "default")
+    if not candidates:  # the atomic-dQ variant at the default blocks
+        _aot_compile_case(ta, report, 64, True, {"dq_atomic": True}, "atomic dQ", only=("dkdv",))
+        return
+    for D, c in SWEEP.items():
+        for kernel, cands in c.items():
+            for cand in cands:
+                if kernel == "dkdv_atomic":
+                    _aot_compile_case(ta, report, D, True, {"dkdv": cand, "dq_atomic": True}, "atomic dQ",
+                                      only=("dkdv",))
+                else:
+                    _aot_compile_case(ta, report, D, True, {kernel: cand}, "candidate", only=(kernel,))
+
+
+def _aot_trace(ta):
+    """Fake-CUDA trace of the two custom ops (what AOTAutograd hands to inductor). Without a CUDA
+    build, fake CUDA tensors cannot require grad or be viewed (both need the device guard), so the
+    forward and backward ops are traced directly from precomputed document bounds; the
+    autograd.Function around them and doc_bounds are checked under torch.compile on the GPU
+    (tests/test_train_attention_kernel.py)."""
+    from torch._functorch.aot_autograd import aot_export_module
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    class Step(torch.nn.Module):
+        def forward(self, q, k, v, logits, ds, de, go):
+            lk = F.logsigmoid(-logits / 0.1)
+            out, lse = ta._FWD_OP(q, k, v, lk, ds, 256, 0.125)
+            dq, dk, dv, dlk = ta._BWD_OP(go, q, k, v, lk, ds, de, out, lse, 256, 0.125)
+            return out, dq, dk, dv, dlk
+
+    with FakeTensorMode():
+        q = torch.empty(1, 8, 1024, 64, dtype=torch.bfloat16, device="cuda")
+        k = torch.empty(1, 2, 1024, 64, dtype=torch.bfloat16, device="cuda")
+        v = torch.empty(1, 2, 1024, 64, dtype=torch.bfloat16, device="cuda")
+        logits = torch.empty(1, 2, 1024, device="cuda")
+        ds = torch.zeros(1, 1024, dtype=torch.int32, device="cuda")
+        de = torch.zeros(1, 1024, dtype=torch.int32, device="cuda")
+        args = (q, k, v, logits, ds, de, torch.empty_like(q))
+        ep = torch.export.export(Step(), args)  # dynamo, fullgraph
+        gm, _ = aot_export_module(Step(), args, trace_joint=False)
+        saved = dict(ta._CONFIGS[64])
+        ta._CONFIGS[64]["dq_atomic"] = True
+        try:
+            gm_atomic, _ = aot_export_module(Step(), args, trace_joint=False)
+        finally:
+            ta._CONFIGS[64] = saved
+    n_atomic = gm_atomic.code.count("triton_kernel_wrapper_functional(")
+    trace = dict(
+        triton_calls=gm.code.count("triton_kernel_wrapper_functional("),  # fwd, preprocess, dkdv, dq
+        triton_calls_dq_atomic=n_atomic,  # fwd, preprocess, dkdv
+        export_has_ops=("dms_flex.dms_train_attention_fwd" in str(ep.graph)
+                        and "dms_flex.dms_train_attention_bwd" in str(ep.graph)),
+    )
+    trace["ok"] = trace["triton_calls"] == 4 and n_atomic == 3 and trace["export_has_ops"]
+    return trace
+
+
+def _aot_describe(row) -> str:
+    return (f"{row['kernel']:10s} D={row['D']:3d} doc={row['doc']!s:5s} {row['note']:9s} block={row['block']} "
+            f"w={row['warps']} s={row['stages']} regs={row['regs']} spill={row['spill_stores']}/{row['spill_loads']} "
+            f"smem={row['shared']} wgmma={row['wgmma']} ({row['compile_s']} s)")
+
+
 def aot_main(quick: bool, candidates: bool):
     report = start_aot_report()
     if report is None:
@@ -134,121 +225,10 @@ def aot_main(quick: bool, candidates: bool):
     from dms_flex.kernels import train_attention as ta
 
     if ta.interpreting():
-        report["skipped"] = "TRITON_INTERPRET=1 is set"
-        print("@@AOT@@" + json.dumps(report))
-        return 0
-
-    compiled = []
-    names = {ta._fwd_kernel: "fwd", ta._bwd_preprocess: "preprocess", ta._dkdv_kernel: "dkdv", ta._dq_kernel: "dq"}
-
-    class Recorder:
-        only = None
-
-        def __init__(self, k):
-            self.k = k
-
-        def __getitem__(self, grid):
-            def run(*a, **kw):
-                name = names[self.k]
-                if Recorder.only is not None and name not in Recorder.only:
-                    return
-                t0 = time.perf_counter()
-                ck = self.k.warmup(*a, grid=grid, **kw)
-                compiled.append((name, kw, ck, time.perf_counter() - t0))
-
-            return run
-
-    def compile_case(D, doc, cfg, note, only=None):
-        B, Hq, Hkv, T = 1, 32, 8, 8192
-        q = torch.empty(B, Hq, T, D, dtype=torch.bfloat16)
-        k = torch.empty(B, Hkv, T, D, dtype=torch.bfloat16)
-        v = torch.empty_like(k)
-        lk = torch.empty(B, Hkv, T)
-        ds = de = torch.empty(B, T, dtype=torch.int32) if doc else None
-        out = torch.empty_like(q)
-        lse = torch.empty(B, Hq, T)
-        n0 = len(compiled)
-        Recorder.only = only
-        if only is None or "fwd" in only:
-            ta._launch_fwd(q, k, v, lk, ds, 256, D**-0.5, wrap=Recorder, interpret=False, cfg=cfg)
-        if only is None or {"preprocess", "dkdv", "dq"} & set(only):
-            ta._launch_bwd(q, q, k, v, lk, ds, de, out, lse, 256, D**-0.5, wrap=Recorder, interpret=False, cfg=cfg)
-        for name, kw, ck, dt in compiled[n0:]:
-            row = dict(kernel=name, D=D, doc=doc, note=note, compile_s=round(dt, 2),
-                       block=[kw.get("BLOCK_M"), kw.get("BLOCK_N")], warps=kw.get("num_warps"),
-                       stages=kw.get("num_stages"))
-            row.update(_ptxas_report(ck))
-            report["kernels"].append(row)
-
-    cases = [(128, True), (64, False)] if quick else [(64, False), (64, True), (128, False), (128, True)]
-    for D, doc in cases:
-        compile_case(D, doc, None, "default")
-    if candidates:
-        for D, c in SWEEP.items():
-            for kernel, cands in c.items():
-                for cand in cands:
-                    if kernel == "dkdv_atomic":
-                        compile_case(D, True, {"dkdv": cand, "dq_atomic": True}, "atomic dQ", only=("dkdv",))
-                    else:
-                        compile_case(D, True, {kernel: cand}, "candidate", only=(kernel,))
-    else:  # the atomic-dQ variant at the default blocks
-        compile_case(64, True, {"dq_atomic": True}, "atomic dQ", only=("dkdv",))
-
-    # fake-CUDA trace of the two custom ops (what AOTAutograd hands to inductor). Without a CUDA
-    # build, fake CUDA tensors cannot require grad or be viewed (both need the device guard), so
-    # the forward and backward ops are traced directly from precomputed document bounds; the
-    # autograd.Function around them and doc_bounds are checked under torch.compile on the GPU
-    # (tests/test_train_attention_kernel.py).
-    try:
-        from torch._functorch.aot_autograd import aot_export_module
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        install_mock_driver("cuda")
-
-        class Step(torch.nn.Module):
-            def forward(self, q, k, v, logits, ds, de, go):
-                lk = F.logsigmoid(-logits / 0.1)
-                out, lse = ta._FWD_OP(q, k, v, lk, ds, 256, 0.125)
-                dq, dk, dv, dlk = ta._BWD_OP(go, q, k, v, lk, ds, de, out, lse, 256, 0.125)
-                return out, dq, dk, dv, dlk
-
-        with FakeTensorMode():
-            q = torch.empty(1, 8, 1024, 64, dtype=torch.bfloat16, device="cuda")
-            k = torch.empty(1, 2, 1024, 64, dtype=torch.bfloat16, device="cuda")
-            v = torch.empty(1, 2, 1024, 64, dtype=torch.bfloat16, device="cuda")
-            logits = torch.empty(1, 2, 1024, device="cuda")
-            ds = torch.zeros(1, 1024, dtype=torch.int32, device="cuda")
-            de = torch.zeros(1, 1024, dtype=torch.int32, device="cuda")
-            go = torch.empty_like(q)
-            args = (q, k, v, logits, ds, de, go)
-            ep = torch.export.export(Step(), args)  # dynamo, fullgraph
-            gm, _ = aot_export_module(Step(), args, trace_joint=False)
-            saved = dict(ta._CONFIGS[64])
-            ta._CONFIGS[64]["dq_atomic"] = True
-            try:
-                gm_atomic, _ = aot_export_module(Step(), args, trace_joint=False)
-            finally:
-                ta._CONFIGS[64] = saved
-        code = gm.code
-        n_atomic = gm_atomic.code.count("triton_kernel_wrapper_functional(")
-        report["trace"] = dict(
-            triton_calls=code.count("triton_kernel_wrapper_functional("),  # fwd, preprocess, dkdv, dq
-            triton_calls_dq_atomic=n_atomic,  # fwd, preprocess, dkdv
-            export_has_ops=("dms_flex.dms_train_attention_fwd" in str(ep.graph)
-                            and "dms_flex.dms_train_attention_bwd" in str(ep.graph)),
-        )
-        report["trace"]["ok"] = (report["trace"]["triton_calls"] == 4 and n_atomic == 3
-                                 and report["trace"]["export_has_ops"])
-    except Exception as e:
-        report["trace"] = dict(ok=False, error=repr(e), tb=traceback.format_exc()[-3000:])
-
-    for row in report["kernels"]:
-        log(f"{row['kernel']:10s} D={row['D']:3d} doc={row['doc']!s:5s} {row['note']:9s} block={row['block']} "
-            f"w={row['warps']} s={row['stages']} regs={row['regs']} spill={row['spill_stores']}/{row['spill_loads']} "
-            f"smem={row['shared']} wgmma={row['wgmma']} ({row['compile_s']} s)")
-    log("trace:", {k: v for k, v in report["trace"].items() if k != "tb"})
-    print("@@AOT@@" + json.dumps(report))
-    return 0
+        return skip_aot(report, "TRITON_INTERPRET=1 is set")
+    _aot_compile_all(ta, report, quick, candidates)
+    report["trace"] = fake_cuda_trace(lambda: _aot_trace(ta))
+    return finish_aot(report, _aot_describe)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,20 +237,6 @@ def aot_main(quick: bool, candidates: bool):
 def _sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize()
-
-
-def _call_ms(fn, dev):
-    """ms of one fn() call: CUDA events on the GPU, the host clock on CPU."""
-    if dev.type != "cuda":
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    fn()
-    e1.record()
-    e1.synchronize()
-    return e0.elapsed_time(e1)
 
 
 def time_step(fn, dev, warmup, reps):
@@ -288,26 +254,7 @@ def time_step(fn, dev, warmup, reps):
     else:
         fn()
         peak = float("nan")
-    return statistics.median(_call_ms(fn, dev) for _ in range(reps)), peak
-
-
-def rel_err(a, b):
-    a = a.detach().float()
-    b = b.detach().float()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def _raise_recompile_limits():
-    import torch._dynamo
-
-    cfg = torch._dynamo.config
-    for name, val in (("recompile_limit", 512), ("cache_size_limit", 512), ("accumulated_recompile_limit", 4096),
-                      ("accumulated_cache_size_limit", 4096)):
-        if hasattr(cfg, name):
-            try:
-                setattr(cfg, name, max(getattr(cfg, name), val))
-            except Exception:
-                pass
+    return median_ms(fn, dev, reps), peak
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,7 +381,7 @@ def run_case(B, T, heads, window, variants, dev, dtype, args, flex_fn, tuned=Non
                 outs[name] = [res[0].detach().float()] + [g.detach().float() for g in res[1]]
             del res
             # long steps (naive flex DMS at 32K: ~0.6 s) get fewer repetitions
-            one = t_compile if dev.type != "cuda" else _call_ms(fn, dev) / 1e3
+            one = t_compile if dev.type != "cuda" else call_ms(fn, dev) / 1e3
             warmup, reps = args.warmup, args.reps
             if one > 0.1:
                 warmup, reps = 1, max(3, min(reps, 5))
@@ -517,29 +464,8 @@ def summary_table(rows):
 # ----------------------------------------------------------------------------------------------
 # sweep
 # ----------------------------------------------------------------------------------------------
-def _sweep_one(heads, dev, dtype, args):
-    """Sweep of one head shape; returns the results dict (best config under 'best')."""
-    from dms_flex.kernels import train_attention as ta
-
-    Hq, Hkv, D = HEADS[heads]
-    T, B, w = args.sweep_seq, 1, args.sweep_window
-    q, k, v, logits, noise, go = make_inputs(B, T, Hq, Hkv, D, dev, dtype, seed=1)
-    f_fl, b_fl = causal_flops(B, T, Hq, D)
-    default = ta.default_config(D, dtype)
-    res = dict(default={k_: list(v_) if isinstance(v_, tuple) else v_ for k_, v_ in default.items()}, fwd=[],
-               dkdv=[], dq=[], masked_stages=[])
-    lk = F.logsigmoid(-(logits.detach() + noise) / 0.1)
-    qd, kd, vd = q.detach(), k.detach(), v.detach()
-    scale = D**-0.5
-    out_, lse = ta._launch_fwd(qd, kd, vd, lk, None, w, scale)
-
-    def t_fwd(cfg):
-        return time_step(lambda: ta._launch_fwd(qd, kd, vd, lk, None, w, scale, cfg=cfg), dev, 2, args.reps)[0]
-
-    def t_bwd(cfg):
-        return time_step(lambda: ta._launch_bwd(go, qd, kd, vd, lk, None, None, out_, lse, w, scale, cfg=cfg),
-                         dev, 2, args.reps)[0]
-
+def _sweep_candidates(res, heads, T, D, t_fwd, t_bwd):
+    """Each kernel's candidates with the others at their defaults; then dkdv with the atomic dQ."""
     for kernel, timer in (("fwd", t_fwd), ("dkdv", t_bwd), ("dq", t_bwd)):
         for cand in SWEEP[D][kernel]:
             try:
@@ -558,6 +484,11 @@ def _sweep_one(heads, dev, dtype, args):
         except Exception as e:
             res["dkdv_atomic"].append(dict(cfg=list(cand), error=repr(e)))
             log(f"[sweep {heads} T={T}] dkdv+atomic dQ {cand} failed: {e!r}")
+
+
+def _sweep_pick(res, heads, T, t_fwd, t_bwd):
+    """The best candidate per kernel; atomic dQ if it beats the separate dQ kernel; then the pipeline
+    depth of the masked loops at those blocks."""
     best = {}
     for kernel in ("fwd", "dkdv", "dq"):
         ok = [r for r in res[kernel] if "ms" in r]
@@ -584,6 +515,34 @@ def _sweep_one(heads, dev, dtype, args):
     ok = [r for r in res["masked_stages"] if "ms" in r]
     if ok:
         best["masked_stages"] = min(ok, key=lambda r: r["ms"])["masked_stages"]
+    return best
+
+
+def _sweep_one(heads, dev, dtype, args):
+    """Sweep of one head shape; returns the results dict (best config under 'best')."""
+    from dms_flex.kernels import train_attention as ta
+
+    Hq, Hkv, D = HEADS[heads]
+    T, B, w = args.sweep_seq, 1, args.sweep_window
+    q, k, v, logits, noise, go = make_inputs(B, T, Hq, Hkv, D, dev, dtype, seed=1)
+    f_fl, b_fl = causal_flops(B, T, Hq, D)
+    default = ta.default_config(D, dtype)
+    res = dict(default={k_: list(v_) if isinstance(v_, tuple) else v_ for k_, v_ in default.items()}, fwd=[],
+               dkdv=[], dq=[], masked_stages=[])
+    lk = F.logsigmoid(-(logits.detach() + noise) / 0.1)
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    scale = D**-0.5
+    out_, lse = ta._launch_fwd(qd, kd, vd, lk, None, w, scale)
+
+    def t_fwd(cfg):
+        return time_step(lambda: ta._launch_fwd(qd, kd, vd, lk, None, w, scale, cfg=cfg), dev, 2, args.reps)[0]
+
+    def t_bwd(cfg):
+        return time_step(lambda: ta._launch_bwd(go, qd, kd, vd, lk, None, None, out_, lse, w, scale, cfg=cfg),
+                         dev, 2, args.reps)[0]
+
+    _sweep_candidates(res, heads, T, D, t_fwd, t_bwd)
+    best = _sweep_pick(res, heads, T, t_fwd, t_bwd)
     t_def = t_fwd(None) + t_bwd(None)
     t_best = t_fwd(best) + t_bwd(best)
     res["best"] = {k_: list(v_) if isinstance(v_, tuple) else v_ for k_, v_ in best.items()}
@@ -605,41 +564,54 @@ def sweep(dev, dtype, args):
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
-def bench_main(args):
-    dev = torch.device("cuda" if (torch.cuda.is_available() and not args.cpu_smoke) else "cpu")
-    if dev.type != "cuda" and not args.cpu_smoke:
-        log("no CUDA device: use --aot (offline compile report) or --cpu-smoke")
-        return 2
-    dtype = getattr(torch, args.dtype)
-    meta = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-                dtype=args.dtype, argv=sys.argv[1:])
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-    except Exception:
-        pass
+def _meta(args, dev):
     from dms_flex.kernels import train_attention as ta
 
+    meta = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+                dtype=args.dtype, argv=sys.argv[1:])
+    add_triton_version(meta)
     meta["configs"] = {str(d): {k: list(v) if isinstance(v, tuple) else v for k, v in c.items()}
                        for d, c in ta._CONFIGS.items()}
     meta["interpreter"] = ta.interpreting()
+    return meta
 
+
+def _grid(args):
+    """(seqs, batches, windows) of the table; --cpu-smoke and --all also set the head shapes."""
+    global HEADS
     if args.cpu_smoke:
-        global HEADS
         HEADS = {"1b": (4, 2, 16), "8b": (4, 1, 32)}
-        seqs, batches, windows = [96], [1], [5]
         args.heads = "1b,8b"
-    elif args.all:
-        seqs, batches, windows = [4096, 8192, 16384, 32768], [1, 4], [256, 512]
+        return [96], [1], [5]
+    if args.all:
         args.heads = "1b,8b"
-    else:
-        seqs, batches, windows = args.seq, args.batch, args.window
+        return [4096, 8192, 16384, 32768], [1, 4], [256, 512]
+    return args.seq, args.batch, args.window
+
+
+def _run_sweep(out, dev, dtype, args):
+    """--sweep: the best config per head dim (what --sweep-apply runs as triton_dms_tuned)."""
+    if dev.type != "cuda":  # --cpu-smoke --sweep: the sweep's logic at tiny shapes (interpreter)
+        HEADS.update({"1b": (2, 1, 64), "8b": (2, 1, 128)})
+        args.sweep_seq, args.sweep_window = 80, 20
+    out["sweep"] = sweep(dev, dtype, args)
+    tuned = {D: r["best"] for D, r in out["sweep"].items() if r.get("best")}
+    log("suggested _CONFIGS entries: " + json.dumps({str(d): c for d, c in tuned.items()}))
+    return tuned
+
+
+def bench_main(args):
+    dev = kernel_bench_device(args.cpu_smoke)
+    if dev is None:
+        return 2
+    dtype = getattr(torch, args.dtype)
+    meta = _meta(args, dev)
+    seqs, batches, windows = _grid(args)
 
     from torch.nn.attention.flex_attention import flex_attention
 
     if dev.type == "cuda":
-        _raise_recompile_limits()
+        raise_recompile_limits()
         flex_fn = torch.compile(flex_attention, dynamic=False)
     else:
         flex_fn = flex_attention
@@ -647,12 +619,7 @@ def bench_main(args):
     out = dict(meta=meta, rows=[])
     tuned = None
     if args.sweep:
-        if dev.type != "cuda":  # --cpu-smoke --sweep: the sweep's logic at tiny shapes (interpreter)
-            HEADS.update({"1b": (2, 1, 64), "8b": (2, 1, 128)})
-            args.sweep_seq, args.sweep_window = 80, 20
-        out["sweep"] = sweep(dev, dtype, args)
-        tuned = {D: r["best"] for D, r in out["sweep"].items() if r.get("best")}
-        log("suggested _CONFIGS entries: " + json.dumps({str(d): c for d, c in tuned.items()}))
+        tuned = _run_sweep(out, dev, dtype, args)
         if not args.sweep_apply:
             _write(out, args)
             return 0
