@@ -277,16 +277,21 @@ def _write(buf: torch.Tensor, bh: tuple, idx: torch.Tensor, val: torch.Tensor) -
 
     Compiled: index_put_ on the buffer itself, which inductor keeps in place (a scatter_, or an
     index_copy_ through a flattened view, was functionalised into a copy of the whole buffer).
-    Eager: index_copy_ on a flattened view with linear indices (CPU index_put_ with (b, h, slot)
-    index tensors is ~400x slower).
+    Eager: linear indices into the flattened buffer (CPU index_put_ with (b, h, slot) index tensors
+    is ~400x slower): put_ for one value per slot, index_copy_ for K/V rows (put_ is several times
+    cheaper per call on the CPU, where a decode step pays each op's dispatch per layer).
     """
     b, h = bh
     if torch.compiler.is_compiling():
         buf.index_put_((b, h, idx), val.to(buf.dtype))
         return
-    rows = b.numel()
-    lin = (b * buf.shape[1] + h).reshape(-1) * buf.shape[2] + idx.reshape(-1)
-    buf.view(-1, *buf.shape[3:]).index_copy_(0, lin, val.reshape(rows, *buf.shape[3:]).to(buf.dtype))
+    lin = ((b * buf.shape[1] + h) * buf.shape[2] + idx).reshape(-1)
+    if val.dtype != buf.dtype:
+        val = val.to(buf.dtype)
+    if buf.dim() == 3:
+        buf.put_(lin, val.reshape(-1))
+    else:
+        buf.view(-1, *buf.shape[3:]).index_copy_(0, lin, val.reshape(lin.numel(), *buf.shape[3:]))
 
 
 def decode_attention_kernel(q: torch.Tensor, cache: DMSKVCache, scale: Optional[float] = None) -> torch.Tensor:

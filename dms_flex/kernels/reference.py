@@ -52,11 +52,11 @@ def decode_attention_dense(q: torch.Tensor, cache, scale: Optional[float] = None
     The G query heads of a group ride as G query rows of their KV head, so K/V are never expanded.
     Eager CPU runs read only the used prefix of the slots; compiled/CUDA runs keep static shapes.
     """
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _decode_attention_cpu(q, cache, scale)
     B, Hq, _, D = q.shape
     H = cache.length.shape[1]
     n = cache.capacity
-    if not torch.compiler.is_compiling() and q.device.type == "cpu":
-        n = max(int(cache.length.max()), 1)
     live = (torch.arange(n, device=q.device)[None, None] < cache.length[..., None])[:, :, None, :]
     qg = q.reshape(B, H, Hq // H, D)
     k, v = cache._read(n, q.dtype)
@@ -68,6 +68,28 @@ def decode_attention_dense(q: torch.Tensor, cache, scale: Optional[float] = None
     scores = (qg.float() @ k.float().transpose(-1, -2)) * scale
     probs = torch.softmax(scores.masked_fill(~live, float("-inf")), dim=-1).nan_to_num(0.0)
     return (probs @ v.float()).reshape(B, Hq, 1, D).to(q.dtype)
+
+
+def _decode_attention_cpu(q: torch.Tensor, cache, scale: Optional[float] = None) -> torch.Tensor:
+    """Eager CPU: the math above (bit for bit) over the used slot prefix only, in few ops: a decode
+    step runs it once per layer, and on the CPU each op's dispatch costs microseconds. The mask and
+    the NaN guard are applied only when some (row, KV head) holds fewer slots than the longest
+    (always, under DMS) or none at all."""
+    B, Hq, _, D = q.shape
+    H = cache.length.shape[1]
+    lengths = cache.length.view(-1).tolist()
+    lo, n = min(lengths), max(max(lengths), 1)
+    k, v = cache._read(n, q.dtype)
+    k = k.reshape(B * H, n, D).float()
+    v = v.reshape(B * H, n, D).float()
+    scale = D ** -0.5 if scale is None else scale
+    scores = torch.bmm(q.reshape(B * H, Hq // H, D).float(), k.transpose(1, 2)).mul_(scale)
+    if lo < n:
+        scores.masked_fill_(torch.arange(n, device=q.device) >= cache.length.view(B * H, 1, 1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if lo == 0:  # a (row, KV head) with no slots: its softmax row is NaN, its output 0
+        probs = probs.nan_to_num(0.0)
+    return torch.bmm(probs, v).reshape(B, Hq, 1, D).to(q.dtype)
 
 
 def check_decode_shapes(q, k_cache, v_cache, lengths, k_scale=None, v_scale=None):
