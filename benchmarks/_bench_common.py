@@ -89,8 +89,9 @@ def call_ms(fn: Callable, device, sync: bool = False) -> float:
     return start.elapsed_time(end)
 
 
-def time_ms(fn: Callable, device, repeats: int, warmup: int, setup: Optional[Callable] = None,
-            sync: bool = True) -> List[float]:
+def time_ms(
+    fn: Callable, device, repeats: int, warmup: int, setup: Optional[Callable] = None, sync: bool = True
+) -> List[float]:
     """Milliseconds of each of `repeats` calls of fn() after `warmup` calls; setup() runs before each
     call, outside the timed span (call_ms: CUDA events on CUDA, perf_counter elsewhere)."""
     for _ in range(warmup):

@@ -34,8 +34,11 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="our decode step through torch.compile (as --compile)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--max-seq-len", type=int, default=4096)
-    p.add_argument("--check-tokens", action="store_true",
-                   help="also report whether our greedy tokens equal transformers' (informative only)")
+    p.add_argument(
+        "--check-tokens",
+        action="store_true",
+        help="also report whether our greedy tokens equal transformers' (informative only)",
+    )
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.new_tokens < 2 or args.repeats < 1:
@@ -67,12 +70,25 @@ def run_ours(dm, ids, n, eviction, max_seq_len, step_fn=None):
     state = tm.InferenceState(dm.model, 1, max_seq_len=max_seq_len, eviction=eviction, dtype=torch.float32)
     clock = _Clock()
     t0 = time.perf_counter()
-    res = generate_tokens(dm.model, [ids], state, max_new_tokens=n, sampling=SamplingConfig(), stop_tokens=(),
-                          step_fn=step_fn, on_token=clock.tick)
+    res = generate_tokens(
+        dm.model,
+        [ids],
+        state,
+        max_new_tokens=n,
+        sampling=SamplingConfig(),
+        stop_tokens=(),
+        step_fn=step_fn,
+        on_token=clock.tick,
+    )
     wall = time.perf_counter() - t0
     assert len(res.tokens[0]) == n, len(res.tokens[0])
-    return {"decode_tok_s": clock.decode_tps(), "median_step_tok_s": clock.median_step_tps(), "wall_s": wall,
-            "prefill_s": res.prefill_seconds, "loop_decode_tok_s": res.decode_tokens_per_s}, res.tokens[0]
+    return {
+        "decode_tok_s": clock.decode_tps(),
+        "median_step_tok_s": clock.median_step_tps(),
+        "wall_s": wall,
+        "prefill_s": res.prefill_seconds,
+        "loop_decode_tok_s": res.decode_tokens_per_s,
+    }, res.tokens[0]
 
 
 def run_hf(model, ids, n):
@@ -95,10 +111,11 @@ def run_hf(model, ids, n):
     x = torch.tensor([ids])
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
-                             do_sample=False, streamer=Streamer(), pad_token_id=0)
+        out = model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, streamer=Streamer(), pad_token_id=0
+        )
     wall = time.perf_counter() - t0
-    new = out[0, len(ids):].tolist()
+    new = out[0, len(ids) :].tolist()
     assert len(new) == n, len(new)
     return {"decode_tok_s": clock.decode_tps(), "median_step_tok_s": clock.median_step_tps(), "wall_s": wall}, new
 
@@ -114,8 +131,10 @@ def main(argv=None) -> int:
     from dms_flex.checkpoints.embedded import default_model_dir
 
     # the CLI's own loading and prompt helpers: the embedded model with its packaged adapter, float32, CPU
-    cli_args = cli.parse_args(["--device", "cpu", "--dtype", "float32", "--max-seq-len", str(args.max_seq_len)]
-                              + (["--chat", args.chat] if args.chat else []))
+    cli_args = cli.parse_args(
+        ["--device", "cpu", "--dtype", "float32", "--max-seq-len", str(args.max_seq_len)]
+        + (["--chat", args.chat] if args.chat else [])
+    )
     dm, _, _ = cli._load(cli_args, torch.device("cpu"), torch.float32)
     ids = cli._prompt_ids(cli_args, dm.tokenizer)
     hf = LlamaForCausalLM.from_pretrained(str(default_model_dir()), dtype=torch.float32).eval()
@@ -126,8 +145,11 @@ def main(argv=None) -> int:
     compile_s = None
     if args.compile:
         step_fn = torch.compile(tm.decode_step, fullgraph=True)
-    print(f"prompt {len(ids)} tokens, {n} new tokens, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"modes {modes}{', compiled' if args.compile else ''}", file=sys.stderr)
+    print(
+        f"prompt {len(ids)} tokens, {n} new tokens, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"modes {modes}{', compiled' if args.compile else ''}",
+        file=sys.stderr,
+    )
 
     # warm-up (first-call allocations; the compile of --compile, timed)
     for m in modes:
@@ -156,18 +178,27 @@ def main(argv=None) -> int:
 
     summary = {}
     for k, v in rows.items():
-        summary[k] = {"decode_tok_s_median": statistics.median(x["decode_tok_s"] for x in v),
-                      "median_step_tok_s_median": statistics.median(x["median_step_tok_s"] for x in v),
-                      "wall_s_median": statistics.median(x["wall_s"] for x in v)}
+        summary[k] = {
+            "decode_tok_s_median": statistics.median(x["decode_tok_s"] for x in v),
+            "median_step_tok_s_median": statistics.median(x["median_step_tok_s"] for x in v),
+            "wall_s_median": statistics.median(x["wall_s"] for x in v),
+        }
     for m in modes:
-        for key, name in (("decode_tok_s", "ratio_vs_transformers"), ("median_step_tok_s", "step_ratio_vs_transformers")):
+        for key, name in (
+            ("decode_tok_s", "ratio_vs_transformers"),
+            ("median_step_tok_s", "step_ratio_vs_transformers"),
+        ):
             per = [a[key] / b[key] for a, b in zip(rows[m], rows["transformers"])]
             summary[m][f"{name}_per_repeat"] = per
             summary[m][f"{name}_median"] = statistics.median(per)
     print("median decode tok/s: " + "  ".join(f"{k} {v['decode_tok_s_median']:.1f}" for k, v in summary.items()))
-    print("median ratio vs transformers (decode tok/s; in brackets: from the median time per token): " + "  ".join(
-        f"{m} {summary[m]['ratio_vs_transformers_median']:.2f}x ({summary[m]['step_ratio_vs_transformers_median']:.2f}x)"
-        for m in modes))
+    print(
+        "median ratio vs transformers (decode tok/s; in brackets: from the median time per token): "
+        + "  ".join(
+            f"{m} {summary[m]['ratio_vs_transformers_median']:.2f}x ({summary[m]['step_ratio_vs_transformers_median']:.2f}x)"
+            for m in modes
+        )
+    )
     if compile_s is not None:
         print(f"first compiled call (compile included): {compile_s:.1f}s")
     if args.check_tokens:
@@ -176,9 +207,21 @@ def main(argv=None) -> int:
             print(f"{m} tokens == transformers tokens: {same}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"prompt_tokens": len(ids), "new_tokens": n, "threads": torch.get_num_threads(),
-                       "torch": torch.__version__, "compile": args.compile, "compile_s": compile_s,
-                       "summary": summary, "runs": rows, "tokens": tokens}, f, indent=1)
+            json.dump(
+                {
+                    "prompt_tokens": len(ids),
+                    "new_tokens": n,
+                    "threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
+                    "compile": args.compile,
+                    "compile_s": compile_s,
+                    "summary": summary,
+                    "runs": rows,
+                    "tokens": tokens,
+                },
+                f,
+                indent=1,
+            )
     return 0
 
 

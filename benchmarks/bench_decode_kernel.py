@@ -42,15 +42,24 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
-from _bench_common import (add_triton_version, call_ms, fake_cuda_trace, finish_aot, log, make_recorder,  # noqa: E402
-                           kernel_bench_device, raise_recompile_limits, rel_err, skip_aot, start_aot_report)
+from _bench_common import (
+    add_triton_version,
+    call_ms,
+    fake_cuda_trace,
+    finish_aot,
+    log,
+    make_recorder,  # noqa: E402
+    kernel_bench_device,
+    raise_recompile_limits,
+    rel_err,
+    skip_aot,
+    start_aot_report,
+)
 import torch.nn.functional as F  # noqa: E402
 
 MODELS = {"llama3-8b": dict(Hq=32, Hkv=8, D=128), "llama3.2-1b": dict(Hq=32, Hkv=8, D=64)}
 SHAPES = [(8, 32768), (64, 8192), (1, 131072)]  # (B, ctx)
 CRS = [1, 2, 4, 8]
-
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,8 +146,18 @@ def _aot_compile(dk, configs, report):
         dt = time.perf_counter() - t0
         for kern, grid, _kw, ck, _dt in compiled[n0:]:
             name = "split" if kern is dk._decode_split_kernel else "merge"
-            row = dict(kernel=name, config=note, dtype=dtype_name, D=D, G=G, B=B, C=C, quant=quant,
-                       grid=list(grid), compile_s=round(dt, 2))
+            row = dict(
+                kernel=name,
+                config=note,
+                dtype=dtype_name,
+                D=D,
+                G=G,
+                B=B,
+                C=C,
+                quant=quant,
+                grid=list(grid),
+                compile_s=round(dt, 2),
+            )
             row.update(_kernel_report(ck))
             report["kernels"].append(row)
 
@@ -170,9 +189,11 @@ def _aot_trace(dk):
 
 
 def _aot_describe(row) -> str:
-    return (f"{row['kernel']:5s} {row['config']:28s} grid={row['grid']} regs={row['regs']} local={row['local_bytes']} "
-            f"smem={row['shared']} mma={row['mma']} cp.async={row['cp_async']} v-loads={row['vec_loads']} "
-            f"b16-loads={row['scalar_b16_loads']}")
+    return (
+        f"{row['kernel']:5s} {row['config']:28s} grid={row['grid']} regs={row['regs']} local={row['local_bytes']} "
+        f"smem={row['shared']} mma={row['mma']} cp.async={row['cp_async']} v-loads={row['vec_loads']} "
+        f"b16-loads={row['scalar_b16_loads']}"
+    )
 
 
 def aot_main(quick: bool):
@@ -438,8 +459,9 @@ def _dense_case(mname, m, B, ctx, dtype, device, args):
     n_sets = _rotations(dense_bytes, device)
     dsets = make_sets(B, Hkv, G, D, ctx, ctx, dtype, device, False, n_sets, seed=1)
     log(f"[{mname} B={B} ctx={ctx}] dense SDPA ({n_sets} sets)")
-    dense = run_method("sdpa_dense", lambda q, k, v, L: make_sdpa(q, k, v, scale), dsets, device,
-                       None, args.reps, check=False)
+    dense = run_method(
+        "sdpa_dense", lambda q, k, v, L: make_sdpa(q, k, v, scale), dsets, device, None, args.reps, check=False
+    )
     dense["kv_bytes"] = dense_bytes
     if "time_us" in dense:
         dense["TBps"] = dense_bytes / dense["time_us"] / 1e6
@@ -459,8 +481,9 @@ def _time_ours_extras(res, sets, scale, device, ref, args):
             import triton.testing
 
             q, k, v, L = sets[0]
-            t = triton.testing.do_bench(lambda: dk.decode_attention(q, k, v, L, scale),
-                                        warmup=25, rep=100, return_mode="median")
+            t = triton.testing.do_bench(
+                lambda: dk.decode_attention(q, k, v, L, scale), warmup=25, rep=100, return_mode="median"
+            )
             res["ours"]["eager_do_bench_us"] = t * 1e3
         except Exception as e:
             res["ours"]["eager_do_bench_error"] = repr(e)
@@ -468,8 +491,8 @@ def _time_ours_extras(res, sets, scale, device, ref, args):
         # the kernel as inductor launches it inside torch.compile(fullgraph=True)
         cfn = torch.compile(lambda q, k, v, L: dk.decode_attention(q, k, v, L, scale), fullgraph=True)
         res["ours_compiled"] = run_method(
-            "ours_compiled", lambda q, k, v, L: ((lambda: cfn(q, k, v, L)), (lambda o: o)),
-            sets, device, ref, args.reps)
+            "ours_compiled", lambda q, k, v, L: ((lambda: cfn(q, k, v, L)), (lambda o: o)), sets, device, ref, args.reps
+        )
 
 
 def _time_int8(res, sets, scale, device, args, live_tokens, D):
@@ -484,35 +507,56 @@ def _time_int8(res, sets, scale, device, args, live_tokens, D):
         vq, vs = quantize_kv(v_)
         qsets.append((q_, (kq, ks), (vq, vs), L_))
     q0, L0 = sets[0][0], sets[0][3]
-    ref8 = dk.decode_attention_reference(q0, qsets[0][1][0], qsets[0][2][0], L0, scale,
-                                         k_scale=qsets[0][1][1], v_scale=qsets[0][2][1])
+    ref8 = dk.decode_attention_reference(
+        q0, qsets[0][1][0], qsets[0][2][0], L0, scale, k_scale=qsets[0][1][1], v_scale=qsets[0][2][1]
+    )
     res["ours_int8"] = run_method(
-        "ours_int8", lambda q, k, v, L: ((lambda: dk.decode_attention(
-            q, k[0], v[0], L, scale, k_scale=k[1], v_scale=v[1])), (lambda o: o)),
-        qsets, device, ref8, args.reps)
+        "ours_int8",
+        lambda q, k, v, L: (
+            (lambda: dk.decode_attention(q, k[0], v[0], L, scale, k_scale=k[1], v_scale=v[1])),
+            (lambda o: o),
+        ),
+        qsets,
+        device,
+        ref8,
+        args.reps,
+    )
     res["ours_int8"]["live_kv_bytes"] = 2 * live_tokens * (D + 4)
 
 
 def _time_methods(sets, scale, device, ref, args, live_tokens, D):
     """Every method on one case's input sets: {method: result}."""
     res = {}
-    res["ours"] = run_method("ours", lambda q, k, v, L: make_ours(q, k, v, L, scale, device),
-                             sets, device, ref, args.reps)
+    res["ours"] = run_method(
+        "ours", lambda q, k, v, L: make_ours(q, k, v, L, scale, device), sets, device, ref, args.reps
+    )
     _time_ours_extras(res, sets, scale, device, ref, args)
     if args.int8:
         _time_int8(res, sets, scale, device, args, live_tokens, D)
     flex_variants = [] if args.no_flex else args.flex.split(",")
     if "standard" in flex_variants:
-        res["flex"] = run_method("flex", lambda q, k, v, L: make_flex_standard(q, k, v, L, scale, device),
-                                 sets, device, ref, args.reps)
+        res["flex"] = run_method(
+            "flex", lambda q, k, v, L: make_flex_standard(q, k, v, L, scale, device), sets, device, ref, args.reps
+        )
     if "grouped" in flex_variants:
         res["flex_grouped"] = run_method(
-            "flex_grouped", lambda q, k, v, L: make_flex_grouped(q, k, v, L, scale, device),
-            sets, device, ref, args.reps)
+            "flex_grouped",
+            lambda q, k, v, L: make_flex_grouped(q, k, v, L, scale, device),
+            sets,
+            device,
+            ref,
+            args.reps,
+        )
     if not args.no_sdpa_compact:
         res["sdpa_compact_nomask"] = run_method(
-            "sdpa_compact", lambda q, k, v, L: make_sdpa(q, k, v, scale), sets, device,
-            ref if not args.ragged else None, args.reps, check=not args.ragged)
+            "sdpa_compact",
+            lambda q, k, v, L: make_sdpa(q, k, v, scale),
+            sets,
+            device,
+            ref if not args.ragged else None,
+            args.reps,
+            check=not args.ragged,
+        )
     return res
 
 
@@ -548,8 +592,19 @@ def _cr_case(mname, m, B, ctx, cr, dtype, device, args, bw, dense):
     live_tokens = int(sets[0][3].sum().item())
     live_bytes = 2 * live_tokens * D * esz
     ref = dk.decode_attention_reference(*sets[0], scale)
-    row = dict(model=mname, Hq=Hq, Hkv=Hkv, D=D, B=B, ctx=ctx, CR=cr, capacity=cap,
-               live_tokens_set0=live_tokens, live_kv_bytes=live_bytes, n_sets=n_sets)
+    row = dict(
+        model=mname,
+        Hq=Hq,
+        Hkv=Hkv,
+        D=D,
+        B=B,
+        ctx=ctx,
+        CR=cr,
+        capacity=cap,
+        live_tokens_set0=live_tokens,
+        live_kv_bytes=live_bytes,
+        n_sets=n_sets,
+    )
     log(f"[{mname} B={B} ctx={ctx} CR={cr}] cap={cap} live={live_bytes / 1e6:.1f} MB, {n_sets} sets")
     res = _time_methods(sets, scale, device, ref, args, live_tokens, D)
     for r in res.values():
@@ -619,10 +674,14 @@ def _fmt(x, f="{:.1f}"):
 
 
 def print_table(info, rows, summary):
-    print(f"# {info['device']}  torch {info['torch']}  triton {info.get('triton', '?')}  dtype {info['dtype']}  "
-          f"ragged={info['ragged']}  copy {info['copy_bw_TBps']:.3f} TB/s")
-    hdr = (f"{'model':12s} {'B':>3s} {'ctx':>6s} {'CR':>2s} {'liveMB':>7s} | {'ours us':>8s} {'TB/s':>5s} {'xcopy':>5s} "
-           f"{'err':>7s} | {'flex us':>8s} {'flexG us':>8s} {'xflex':>5s} | {'sdpaC us':>8s} {'dense us':>8s} {'xdense':>6s}")
+    print(
+        f"# {info['device']}  torch {info['torch']}  triton {info.get('triton', '?')}  dtype {info['dtype']}  "
+        f"ragged={info['ragged']}  copy {info['copy_bw_TBps']:.3f} TB/s"
+    )
+    hdr = (
+        f"{'model':12s} {'B':>3s} {'ctx':>6s} {'CR':>2s} {'liveMB':>7s} | {'ours us':>8s} {'TB/s':>5s} {'xcopy':>5s} "
+        f"{'err':>7s} | {'flex us':>8s} {'flexG us':>8s} {'xflex':>5s} | {'sdpaC us':>8s} {'dense us':>8s} {'xdense':>6s}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
@@ -715,14 +774,24 @@ def _sweep_case(mname, B, ctx, cr, dtype, device, sm, bw, args):
             r["live_TBps"] = live_bytes / r["time_us"] / 1e6
             r["frac_copy_bw"] = r["live_TBps"] * 1e12 / bw
         results.append(r)
-        log(f"  {kw} -> {r.get('time_us', float('nan')):.1f} us {r.get('frac_copy_bw', float('nan')):.2f}x copy "
-            f"err={r.get('rel_err')}")
+        log(
+            f"  {kw} -> {r.get('time_us', float('nan')):.1f} us {r.get('frac_copy_bw', float('nan')):.2f}x copy "
+            f"err={r.get('rel_err')}"
+        )
 
     log(f"[{mname} B={B} ctx={ctx} CR={cr}] default cfg {base_cfg}")
     _sweep_grid(trial, D, esz, B, Hkv, cap, sm, results)
-    case = dict(model=mname, B=B, ctx=ctx, CR=cr, live_kv_bytes=live_bytes, default_cfg=base_cfg,
-                default_split=dk.choose_split(B, Hkv, cap, base_cfg["BLOCK_N"], sm),
-                trials=results, best=_best(results))
+    case = dict(
+        model=mname,
+        B=B,
+        ctx=ctx,
+        CR=cr,
+        live_kv_bytes=live_bytes,
+        default_cfg=base_cfg,
+        default_split=dk.choose_split(B, Hkv, cap, base_cfg["BLOCK_N"], sm),
+        trials=results,
+        best=_best(results),
+    )
     sets = ref = None
     torch.cuda.empty_cache()
     return case
@@ -732,13 +801,20 @@ def _print_sweep(out, bw):
     print(f"# sweep, copy {bw / 1e12:.3f} TB/s")
     for c in out["cases"]:
         b = c["best"] or {}
-        d = [r for r in c["trials"] if r.get("block_n") == c["default_cfg"]["BLOCK_N"]
-             and r.get("num_warps") == c["default_cfg"]["num_warps"]
-             and r.get("num_stages") == c["default_cfg"]["num_stages"] and "split_size" not in r]
+        d = [
+            r
+            for r in c["trials"]
+            if r.get("block_n") == c["default_cfg"]["BLOCK_N"]
+            and r.get("num_warps") == c["default_cfg"]["num_warps"]
+            and r.get("num_stages") == c["default_cfg"]["num_stages"]
+            and "split_size" not in r
+        ]
         dt = d[0].get("time_us") if d else None
-        print(f"{c['model']:12s} B={c['B']:3d} ctx={c['ctx']:6d} CR={c['CR']}: default {_fmt(dt)} us, best "
-              f"{_fmt(b.get('time_us'))} us ({_fmt(b.get('frac_copy_bw'), '{:.2f}')}x copy) with "
-              f"block_n={b.get('block_n')} warps={b.get('num_warps')} stages={b.get('num_stages')} split={b.get('split_size', 'auto')}")
+        print(
+            f"{c['model']:12s} B={c['B']:3d} ctx={c['ctx']:6d} CR={c['CR']}: default {_fmt(dt)} us, best "
+            f"{_fmt(b.get('time_us'))} us ({_fmt(b.get('frac_copy_bw'), '{:.2f}')}x copy) with "
+            f"block_n={b.get('block_n')} warps={b.get('num_warps')} stages={b.get('num_stages')} split={b.get('split_size', 'auto')}"
+        )
 
 
 def sweep_main(args):
@@ -793,8 +869,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=25)
     ap.add_argument("--with-compiled", action="store_true", help="also time torch.compile(decode_attention)")
     ap.add_argument("--int8", action="store_true", help="also time the kernel on an int8 cache (ours_int8)")
-    ap.add_argument("--shapes", type=parse_shapes, default=None,
-                    help="comma list of BxCTX (default 8x32768,64x8192,1x131072)")
+    ap.add_argument(
+        "--shapes", type=parse_shapes, default=None, help="comma list of BxCTX (default 8x32768,64x8192,1x131072)"
+    )
     ap.add_argument("--crs", type=parse_crs, default=None, help="comma list of CRs (default 1,2,4,8; --quick 1,8)")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--aot", action="store_true", help="offline sm_90 compile report (no GPU needed)")

@@ -34,12 +34,27 @@ def build_model(preset: str, max_seq_len: int):
     from torchtune.models.llama3_2 import llama3_2_1b
 
     def tiny():  # CPU smoke test of this script
-        return llama3(vocab_size=256, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, max_seq_len=4096,
-                      intermediate_dim=128)
+        return llama3(
+            vocab_size=256,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            embed_dim=64,
+            max_seq_len=4096,
+            intermediate_dim=128,
+        )
 
     def smollm2():  # SmolLM2-135M's shapes (30 layers, 9 q / 3 KV heads of 64, tied embeddings)
-        return llama3(vocab_size=49152, num_layers=30, num_heads=9, num_kv_heads=3, embed_dim=576,
-                      max_seq_len=8192, intermediate_dim=1536, rope_base=100000)
+        return llama3(
+            vocab_size=49152,
+            num_layers=30,
+            num_heads=9,
+            num_kv_heads=3,
+            embed_dim=576,
+            max_seq_len=8192,
+            intermediate_dim=1536,
+            rope_base=100000,
+        )
 
     builders = {"llama3_8b": llama3_8b, "llama3_2_1b": llama3_2_1b, "tiny": tiny, "smollm2": smollm2}
     with torch.device("meta"):
@@ -83,8 +98,10 @@ class GptFastCache:
 
     def __init__(self, model, B, max_len, ctx):
         a = model.layers[0].attn
-        self.k = [torch.randn(B, a.num_kv_heads, max_len, a.head_dim, device=DEVICE, dtype=torch.bfloat16)
-                  for _ in model.layers]
+        self.k = [
+            torch.randn(B, a.num_kv_heads, max_len, a.head_dim, device=DEVICE, dtype=torch.bfloat16)
+            for _ in model.layers
+        ]
         self.v = [torch.randn_like(k) for k in self.k]
         self.pos = torch.full((B,), ctx, device=DEVICE, dtype=torch.long)
         self.max_len = max_len
@@ -155,8 +172,9 @@ def make_case(model, kind, B, ctx, margin, mode):
         return graphed(gptfast_step, model, tok, cache), cache.bytes(), cache
     cr, kv_dtype = parse_kind(kind)
     live = int(ctx / cr)
-    state = tm.InferenceState(model, B, capacity=live + margin, max_seq_len=ctx + margin, eviction=cr != 1,
-                              kv_dtype=kv_dtype)
+    state = tm.InferenceState(
+        model, B, capacity=live + margin, max_seq_len=ctx + margin, eviction=cr != 1, kv_dtype=kv_dtype
+    )
     fill(state, live, ctx)
     if mode == "compile":
         step = torch.compile(tm.decode_step, fullgraph=True, mode="reduce-overhead")
@@ -187,8 +205,11 @@ def profile_step(state, model, B):
     print(f"  profile: {len(events)} kernels/step, summed kernel time {total:.3f} ms", flush=True)
     for name, (n, t) in top:
         print(f"    {t / 1e3:7.3f} ms  x{n:4d}  {name[:110]}", flush=True)
-    return {"kernels_per_step": len(events), "kernel_ms": total,
-            "top_kernels": [(name[:160], n, t / 1e3) for name, (n, t) in top]}
+    return {
+        "kernels_per_step": len(events),
+        "kernel_ms": total,
+        "top_kernels": [(name[:160], n, t / 1e3) for name, (n, t) in top],
+    }
 
 
 def parse_kind(kind: str):
@@ -209,13 +230,21 @@ def main():
     p.add_argument("--preset", default="llama3_8b")
     p.add_argument("--batch", type=int, nargs="+", default=[16])
     p.add_argument("--ctx", type=int, nargs="+", default=[32768])
-    p.add_argument("--cache", nargs="+", default=["gptfast", "1", "8"], help="gptfast and/or CR values; CR-int8 (e.g. 8-int8) stores K/V as int8")
+    p.add_argument(
+        "--cache",
+        nargs="+",
+        default=["gptfast", "1", "8"],
+        help="gptfast and/or CR values; CR-int8 (e.g. 8-int8) stores K/V as int8",
+    )
     p.add_argument("--mode", choices=["graph", "compile"], default="graph")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--max-batch", action="store_true", help="also find the largest batch that fits (per cache)")
     p.add_argument("--device", default="cuda", help="cuda; cpu only smoke-tests the script (--preset tiny)")
-    p.add_argument("--profile", action="store_true",
-                   help="also profile one compiled step without CUDA graphs: kernel count and summed kernel time")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one compiled step without CUDA graphs: kernel count and summed kernel time",
+    )
     p.add_argument("--out")
     a = p.parse_args()
     for kind in a.cache:
@@ -232,12 +261,24 @@ def main():
     rows = []
 
     def record(ctx, B, kind, ms, kv):
-        row = {"preset": a.preset, "ctx": ctx, "batch": B, "cache": kind, "mode": a.mode, "step_ms": ms,
-               "tokens_per_s": B * 1000 / ms, "kv_allocated_GiB": kv / 2**30,
-               "bytes_per_step_GB": (weights + kv) / 1e9, "TBps_weights_plus_kv": (weights + kv) / ms / 1e9}
+        row = {
+            "preset": a.preset,
+            "ctx": ctx,
+            "batch": B,
+            "cache": kind,
+            "mode": a.mode,
+            "step_ms": ms,
+            "tokens_per_s": B * 1000 / ms,
+            "kv_allocated_GiB": kv / 2**30,
+            "bytes_per_step_GB": (weights + kv) / 1e9,
+            "TBps_weights_plus_kv": (weights + kv) / ms / 1e9,
+        }
         rows.append(row)
-        print(f"ctx={ctx:6d} B={B:3d} {kind:>7s}: {ms:7.2f} ms/step {row['tokens_per_s']:8.0f} tok/s  KV {kv / 2**30:6.1f} GiB"
-              f"  (weights+KV)/time {row['TBps_weights_plus_kv']:.2f} TB/s", flush=True)
+        print(
+            f"ctx={ctx:6d} B={B:3d} {kind:>7s}: {ms:7.2f} ms/step {row['tokens_per_s']:8.0f} tok/s  KV {kv / 2**30:6.1f} GiB"
+            f"  (weights+KV)/time {row['TBps_weights_plus_kv']:.2f} TB/s",
+            flush=True,
+        )
 
     for ctx in a.ctx:
         for B in a.batch:
@@ -271,8 +312,7 @@ def main():
                 record(ctx, lo, kind + "@max", ms, kv)
                 keep = run = None  # noqa: F841
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
-    out = {"meta": {"torch": torch.__version__, "device": name, "weights_GB": weights / 1e9},
-           "rows": rows}
+    out = {"meta": {"torch": torch.__version__, "device": name, "weights_GB": weights / 1e9}, "rows": rows}
     if a.out:
         json.dump(out, open(a.out, "w"), indent=1)
     else:

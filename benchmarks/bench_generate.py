@@ -91,6 +91,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "benchmarks") not in sys.path:
     sys.path.insert(0, str(REPO / "benchmarks"))
 from _bench_common import git, log, raise_recompile_limits, write_json  # noqa: E402
+
 SYSTEMS = ("dense", "dms", "dms-int8", "hf-dynamic", "hf-static", "dms-hf")
 TT_SYSTEMS = ("dense", "dms", "dms-int8")
 HF_SYSTEMS = ("hf-dynamic", "hf-static", "dms-hf")
@@ -136,22 +137,43 @@ def parse_capacity(text: str):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="bench_generate.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), metavar="SYSTEM",
-                   help=f"any of {', '.join(SYSTEMS)} (default: all)")
-    p.add_argument("--batch", nargs="+", type=parse_batch, default=[1, 16, 64, "max"],
-                   help="batch sizes; 'max' = the largest that fits, per system (default: 1 16 64 max)")
+    p = argparse.ArgumentParser(
+        prog="bench_generate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--systems",
+        nargs="+",
+        choices=SYSTEMS,
+        default=list(SYSTEMS),
+        metavar="SYSTEM",
+        help=f"any of {', '.join(SYSTEMS)} (default: all)",
+    )
+    p.add_argument(
+        "--batch",
+        nargs="+",
+        type=parse_batch,
+        default=[1, 16, 64, "max"],
+        help="batch sizes; 'max' = the largest that fits, per system (default: 1 16 64 max)",
+    )
     p.add_argument("--prompt-len", nargs="+", type=_positive_int, default=[2048, 7000], help="prompt tokens per row")
     p.add_argument("--new-tokens", type=_positive_int, default=128, help="tokens generated per row (EOS ignored)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="a tiny random model instead of SmolLM2 (CPU smoke test)")
     p.add_argument("--text-file", help="English prose to cut the prompts from (default: see above)")
-    p.add_argument("--dms-capacity", type=parse_capacity, default="full",
-                   help="KV slots per row and KV head of dms / dms-int8 / dms-hf: 'full' (T+N) or a fraction of T+N")
+    p.add_argument(
+        "--dms-capacity",
+        type=parse_capacity,
+        default="full",
+        help="KV slots per row and KV head of dms / dms-int8 / dms-hf: 'full' (T+N) or a fraction of T+N",
+    )
     p.add_argument("--max-batch-limit", type=_positive_int, default=4096, help="upper bound of the 'max' search")
-    p.add_argument("--compile", dest="compile", action="store_true", default=None,
-                   help="compile our decode step (default: on CUDA)")
+    p.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_true",
+        default=None,
+        help="compile our decode step (default: on CUDA)",
+    )
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--check", action="store_true", help="first compare torchtune-path and dms-hf greedy tokens (B=2)")
     p.add_argument("--check-only", action="store_true", help="run --check and stop")
@@ -227,9 +249,19 @@ def make_tiny(root: Path, max_len: int, seed: int):
     from dms_flex import DMSConfig
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_len,
-                      bos_token_id=None, eos_token_id=None, pad_token_id=0, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_len,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # transformers' init (std 0.02) gives near-uniform logits, full of greedy near-ties
         for name, p in model.named_parameters():
@@ -267,8 +299,9 @@ class Models:
 
             folder, adapter, packaged = default_model()  # the embedded model and its packaged adapter
             self.base_folder, self.adapter, self.dms_folder = folder, adapter, None
-            self.dm = pretrained.load_dms_model(folder, dtype=dtype, device=device, max_seq_len=max_len,
-                                                adapter=adapter)
+            self.dm = pretrained.load_dms_model(
+                folder, dtype=dtype, device=device, max_seq_len=max_len, adapter=adapter
+            )
             tok = self.dm.tokenizer
             self.encode = lambda s: tok(s, add_special_tokens=False)["input_ids"]
             self.source = f"{folder} + {'packaged ' if packaged else ''}adapter {adapter}"
@@ -293,8 +326,9 @@ class Models:
                 _, state = checkpoints.read_adapter(self.adapter)
                 checkpoints.load_extra_state(m, state, str(self.adapter), "adapter")
         else:
-            m = AutoModelForCausalLM.from_pretrained(str(self.base_folder), dtype=self.dtype,
-                                                     attn_implementation="sdpa").to(self.device)
+            m = AutoModelForCausalLM.from_pretrained(
+                str(self.base_folder), dtype=self.dtype, attn_implementation="sdpa"
+            ).to(self.device)
         m.generation_config.eos_token_id = None  # exactly N tokens, like ours with stop_tokens=()
         m.requires_grad_(False).eval()
         self._hf[key] = m
@@ -335,8 +369,15 @@ class TTSystem:
     def make(self, B, T, N, frac):
         from dms_flex import torchtune_model as tm
 
-        return tm.InferenceState(self.models.model, B, capacity=self.capacity(T, N, frac), max_seq_len=T + N,
-                                 eviction=self.eviction, dtype=self.models.dtype, kv_dtype=self.kv_dtype)
+        return tm.InferenceState(
+            self.models.model,
+            B,
+            capacity=self.capacity(T, N, frac),
+            max_seq_len=T + N,
+            eviction=self.eviction,
+            dtype=self.models.dtype,
+            kv_dtype=self.kv_dtype,
+        )
 
     def generate(self, state, prompts, N, step=None):
         from dms_flex import generate as generation
@@ -344,8 +385,15 @@ class TTSystem:
         dev = self.models.device
         _sync(dev)
         t0 = time.perf_counter()
-        res = generation.generate_tokens(self.models.model, prompts, state, max_new_tokens=N, stop_tokens=(),
-                                         step_fn=step or self.step, compile_prefill=self.compiled)
+        res = generation.generate_tokens(
+            self.models.model,
+            prompts,
+            state,
+            max_new_tokens=N,
+            stop_tokens=(),
+            step_fn=step or self.step,
+            compile_prefill=self.compiled,
+        )
         _sync(dev)
         return res, time.perf_counter() - t0
 
@@ -372,11 +420,21 @@ class TTSystem:
         kv = state.kv_bytes()
         rep = state.compression()
         max_live = max(int(c.length.max()) for c in state.caches)
-        return dict(wall_s=wall, ttft_s=res.prefill_seconds, decode_s=res.decode_seconds, warmup_s=warmup,
-                    kv_live_bytes=kv["live"], kv_allocated_bytes=kv["allocated"], kv_dense_bytes=kv["dense"],
-                    cr=rep.ratio, max_live_slots=max_live, capacity=state.caches[0].capacity,
-                    peak_bytes=peak, peak_case_bytes=None if peak is None else peak - resident,
-                    first_tokens=res.tokens[0][:8])
+        return dict(
+            wall_s=wall,
+            ttft_s=res.prefill_seconds,
+            decode_s=res.decode_seconds,
+            warmup_s=warmup,
+            kv_live_bytes=kv["live"],
+            kv_allocated_bytes=kv["allocated"],
+            kv_dense_bytes=kv["dense"],
+            cr=rep.ratio,
+            max_live_slots=max_live,
+            capacity=state.caches[0].capacity,
+            peak_bytes=peak,
+            peak_case_bytes=None if peak is None else peak - resident,
+            first_tokens=res.tokens[0][:8],
+        )
 
 
 class HFSystem:
@@ -416,14 +474,13 @@ class HFSystem:
         t0 = time.perf_counter()
         out = self.model.generate(ids, **kw)
         _sync(dev)
-        return out[:, ids.shape[1]:], time.perf_counter() - t0, cache
+        return out[:, ids.shape[1] :], time.perf_counter() - t0, cache
 
     def _ids(self, prompts):
         return torch.tensor(prompts, dtype=torch.long, device=self.models.device)
 
     def probe(self, B, prompts, T, N, frac):
-        self.generate(self._ids(prompts), min(N, 3), capacity=_dms_capacity(T, N, frac),
-                      search_len=T + N)
+        self.generate(self._ids(prompts), min(N, 3), capacity=_dms_capacity(T, N, frac), search_len=T + N)
 
     def run_case(self, B, prompts, T, N, frac):
         dev = self.models.device
@@ -439,15 +496,25 @@ class HFSystem:
         peak = _peak(dev)
         assert new.shape == (B, N), f"expected {B} x {N} new tokens, got {tuple(new.shape)}"
         _, ttft, _ = self.generate(ids, 1, capacity=cap)  # time to first token: its own call
-        row = dict(wall_s=wall, ttft_s=ttft, decode_s=max(wall - ttft, 1e-9), warmup_s=warmup,
-                   peak_bytes=peak, peak_case_bytes=None if peak is None else peak - resident,
-                   first_tokens=new[0, :8].tolist())
+        row = dict(
+            wall_s=wall,
+            ttft_s=ttft,
+            decode_s=max(wall - ttft, 1e-9),
+            warmup_s=warmup,
+            peak_bytes=peak,
+            peak_case_bytes=None if peak is None else peak - resident,
+            first_tokens=new[0, :8].tolist(),
+        )
         if cache is not None:
             kv = cache.kv_bytes()
-            row.update(kv_live_bytes=kv["live"], kv_allocated_bytes=kv["allocated"], kv_dense_bytes=kv["dense"],
-                       cr=cache.compression().ratio,
-                       max_live_slots=max(int(layer.kv.length.max()) for layer in cache.layers),
-                       capacity=cache.layers[0].capacity)
+            row.update(
+                kv_live_bytes=kv["live"],
+                kv_allocated_bytes=kv["allocated"],
+                kv_dense_bytes=kv["dense"],
+                cr=cache.compression().ratio,
+                max_live_slots=max(int(layer.kv.length.max()) for layer in cache.layers),
+                capacity=cache.layers[0].capacity,
+            )
         else:
             held = B * (T + N - 1) * self.bytes_per_token  # the last token is sampled, never cached
             alloc = B * (T + N) * self.bytes_per_token if self.static else held
@@ -541,35 +608,66 @@ def run_check(models: Models, prompts: Prompts, steps: int, tiny: bool) -> dict:
     report = {"batch": 2, "prompt_len": T, "steps": steps}
     for mode, eviction in (("dense", False), ("dms", True)):
         state = tm.InferenceState(models.model, 2, max_seq_len=T + steps, eviction=eviction, dtype=models.dtype)
-        ours = generation.generate_tokens(models.model, rows, state, max_new_tokens=steps, stop_tokens=(),
-                                   step_fn=tm.decode_step).tokens
+        ours = generation.generate_tokens(
+            models.model, rows, state, max_new_tokens=steps, stop_tokens=(), step_fn=tm.decode_step
+        ).tokens
         cache = H.DMSCache(hf)
-        with (contextlib.nullcontext() if eviction else H.eviction_disabled(hf)):
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False,
-                              pad_token_id=0, **{_cache_kw(): cache})
+        with contextlib.nullcontext() if eviction else H.eviction_disabled(hf):
+            out = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=steps,
+                do_sample=False,
+                pad_token_id=0,
+                **{_cache_kw(): cache},
+            )
         theirs = out[:, T:].tolist()
         mismatches = []
         for r, (a, b) in enumerate(zip(ours, theirs)):
             if a != b:
                 first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
                 mismatches.append({"row": r, "first_step": first, "torchtune": a, "dms_hf": b})
-        same_live = all(torch.equal(c.length, layer.kv.length) for c, layer in zip(state.caches, cache.layers)) \
-            if not mismatches else None
-        report[mode] = {"equal": not mismatches, "mismatches": mismatches, "live_slots_equal": same_live,
-                        "cr_torchtune": state.compression().ratio, "cr_dms_hf": cache.compression().ratio}
+        same_live = (
+            all(torch.equal(c.length, layer.kv.length) for c, layer in zip(state.caches, cache.layers))
+            if not mismatches
+            else None
+        )
+        report[mode] = {
+            "equal": not mismatches,
+            "mismatches": mismatches,
+            "live_slots_equal": same_live,
+            "cr_torchtune": state.compression().ratio,
+            "cr_dms_hf": cache.compression().ratio,
+        }
         if mismatches:
             for m in mismatches:
-                print(f"check {mode}: MISMATCH row {m['row']} from step {m['first_step']}: torchtune "
-                      f"{m['torchtune']} vs dms-hf {m['dms_hf']}")
+                print(
+                    f"check {mode}: MISMATCH row {m['row']} from step {m['first_step']}: torchtune "
+                    f"{m['torchtune']} vs dms-hf {m['dms_hf']}"
+                )
         else:
-            print(f"check {mode}: torchtune == dms-hf for 2 rows x {steps} greedy tokens (prompt {T}); live slots "
-                  f"equal: {same_live}; CR {report[mode]['cr_torchtune']:.2f}x")
+            print(
+                f"check {mode}: torchtune == dms-hf for 2 rows x {steps} greedy tokens (prompt {T}); live slots "
+                f"equal: {same_live}; CR {report[mode]['cr_torchtune']:.2f}x"
+            )
     return report
 
 
 # ================================================================================ output
-COLUMNS = ("system", "B", "T", "N", "e2e tok/s", "prefill tok/s", "decode tok/s", "KV live MiB", "KV alloc MiB",
-           "CR", "peak GiB", "note")
+COLUMNS = (
+    "system",
+    "B",
+    "T",
+    "N",
+    "e2e tok/s",
+    "prefill tok/s",
+    "decode tok/s",
+    "KV live MiB",
+    "KV alloc MiB",
+    "CR",
+    "peak GiB",
+    "note",
+)
 
 
 def _cells(row) -> List[str]:
@@ -580,10 +678,20 @@ def _cells(row) -> List[str]:
     note = "OOM" if row.get("oom") else ("ERROR" if row.get("error") else "")
     if row.get("batch_arg") == "max":
         note = (note + " max").strip()
-    return [row["system"], str(row.get("batch")), str(row["prompt_len"]), str(row["new_tokens"]),
-            f("e2e_tokens_per_s"), f("prefill_tokens_per_s"), f("decode_tokens_per_s"),
-            f("kv_live_bytes", "{:.1f}", 2**20), f("kv_allocated_bytes", "{:.1f}", 2**20), f("cr", "{:.2f}"),
-            f("peak_bytes", "{:.2f}", 2**30), note]
+    return [
+        row["system"],
+        str(row.get("batch")),
+        str(row["prompt_len"]),
+        str(row["new_tokens"]),
+        f("e2e_tokens_per_s"),
+        f("prefill_tokens_per_s"),
+        f("decode_tokens_per_s"),
+        f("kv_live_bytes", "{:.1f}", 2**20),
+        f("kv_allocated_bytes", "{:.1f}", 2**20),
+        f("cr", "{:.2f}"),
+        f("peak_bytes", "{:.2f}", 2**30),
+        note,
+    ]
 
 
 WIDTHS = (10, 5, 6, 4, 10, 13, 12, 11, 12, 6, 8, 7)
@@ -609,18 +717,26 @@ def make_meta(args, device, dtype, models: Models, text_origin, compile_step):
 
     status = git("status", "--porcelain", "--untracked-files=no")
     return {
-        "torch": torch.__version__, "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status),
-        "model": models.source, "dms": {"window": models.dm.dms.window, "decision": models.dm.dms.decision},
-        "dtype": str(dtype).replace("torch.", ""), "text": text_origin,
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+        "model": models.source,
+        "dms": {"window": models.dm.dms.window, "decision": models.dm.dms.decision},
+        "dtype": str(dtype).replace("torch.", ""),
+        "text": text_origin,
         "our_decode_step": "torch.compile(fullgraph=True, mode='reduce-overhead')" if compile_step else "eager",
-        "dms_capacity": args.dms_capacity, "new_tokens": args.new_tokens, "systems": args.systems,
-        "batches": args.batch, "prompt_lens": args.prompt_len, "max_batch_limit": args.max_batch_limit,
+        "dms_capacity": args.dms_capacity,
+        "new_tokens": args.new_tokens,
+        "systems": args.systems,
+        "batches": args.batch,
+        "prompt_lens": args.prompt_len,
+        "max_batch_limit": args.max_batch_limit,
         "timing": "one warm-up call per case excluded (compile, CUDA graphs, autotune); e2e = B*N / wall of one "
-                  "generate call; prefill = B*T / time to first token (transformers: a separate "
-                  "max_new_tokens=1 call); decode = B*(N-1) / (decode time; transformers: wall - TTFT)",
+        "generate call; prefill = B*T / time to first token (transformers: a separate "
+        "max_new_tokens=1 call); decode = B*(N-1) / (decode time; transformers: wall - TTFT)",
     }
 
 
@@ -662,8 +778,11 @@ def _load(args, device, dtype, max_len, tmp):
         return 2
     limit = models.dm.hf_config.get("max_position_embeddings")
     if not args.tiny and limit and max_len > limit:
-        print(f"error: prompt {max(args.prompt_len)} + {N} new tokens exceeds the model's "
-              f"max_position_embeddings={limit}", file=sys.stderr)
+        print(
+            f"error: prompt {max(args.prompt_len)} + {N} new tokens exceeds the model's "
+            f"max_position_embeddings={limit}",
+            file=sys.stderr,
+        )
         return 2
     text, origin = load_text(args)
     log(f"text: {origin} ({len(text) / 1e6:.2f} MB)")
@@ -679,11 +798,17 @@ def _load(args, device, dtype, max_len, tmp):
 
 def _max_batch_row(system, T, N, args, prompts: Prompts, device) -> dict:
     """--batch max: the largest batch that fits, then the timed run (stepping down on OOM)."""
-    found = find_max_batch(lambda b: _fits(system, b, prompts, T, N, args.dms_capacity, device),
-                           args.max_batch_limit)
+    found = find_max_batch(lambda b: _fits(system, b, prompts, T, N, args.dms_capacity, device), args.max_batch_limit)
     if found == 0:
-        return {"system": system.name, "batch_arg": "max", "batch": 0, "prompt_len": T, "new_tokens": N,
-                "oom": True, "max_batch_found": 0}
+        return {
+            "system": system.name,
+            "batch_arg": "max",
+            "batch": 0,
+            "prompt_len": T,
+            "new_tokens": N,
+            "oom": True,
+            "max_batch_found": 0,
+        }
     B = found
     for _ in range(4):  # the timed run needs a little more than the trial: step down
         _fresh_case(device)
@@ -735,8 +860,10 @@ def main(argv=None) -> int:
             return loaded
         models, prompts, origin = loaded
         meta = make_meta(args, device, dtype, models, origin, compile_step)
-        print(f"model: {models.source}; {meta['dtype']} on {meta['device']}; our decode step "
-              f"{meta['our_decode_step']}; prompts: {origin}")
+        print(
+            f"model: {models.source}; {meta['dtype']} on {meta['device']}; our decode step "
+            f"{meta['our_decode_step']}; prompts: {origin}"
+        )
         result = {"meta": meta, "rows": []}
         if args.check:
             result["check"] = run_check(models, prompts, args.check_steps, args.tiny)

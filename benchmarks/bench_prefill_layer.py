@@ -47,9 +47,16 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "benchmarks") not in sys.path:
     sys.path.insert(0, str(REPO / "benchmarks"))
 from _bench_common import git, log, raise_recompile_limits, time_ms, write_json  # noqa: E402
+
 HQ, HKV, D = 9, 3, 64
-VARIANTS = ("sdpa_causal", "flex_causal", "dms_hard_attention", "cache_append", "cache_append_chunk2",
-            "legacy_flex_mask")
+VARIANTS = (
+    "sdpa_causal",
+    "flex_causal",
+    "dms_hard_attention",
+    "cache_append",
+    "cache_append_chunk2",
+    "legacy_flex_mask",
+)
 
 
 def parse_shape(text: str):
@@ -88,13 +95,20 @@ def _fraction(text: str) -> float:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="bench_prefill_layer.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="bench_prefill_layer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=[(16, 7000), (1, 32768)], metavar="BxT")
     p.add_argument("--evict-frac", type=_fraction, default=0.85, help="fraction of tokens marked for eviction")
     p.add_argument("--window", type=_int_at_least(0), default=256)
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), metavar="VARIANT",
-                   help=f"any of {', '.join(VARIANTS)} (default: all)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=list(VARIANTS),
+        metavar="VARIANT",
+        help=f"any of {', '.join(VARIANTS)} (default: all)",
+    )
     p.add_argument("--repeats", type=_int_at_least(1), default=10)
     p.add_argument("--warmup", type=_int_at_least(0), default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -182,8 +196,12 @@ def _cache_append(run: ShapeRun, q, k, v, logits, dtype):
     cache = DMSKVCache(B, HKV, D, capacity=T, window=run.args.window, dtype=dtype, device=device)
     pos0 = torch.zeros(B, dtype=torch.long, device=device)
     n_all = torch.full((B,), T, dtype=torch.long, device=device)
-    run.attempt("cache_append", lambda: cache.append(q, k, v, logits, pos0, n_all, attend=masked_attention),
-                setup=cache.reset, keep=True)
+    run.attempt(
+        "cache_append",
+        lambda: cache.append(q, k, v, logits, pos0, n_all, attend=masked_attention),
+        setup=cache.reset,
+        keep=True,
+    )
     if "cache_append" in run.outputs:
         run.rows[-1]["live_fraction"] = float(cache.length.float().mean()) / T
 
@@ -205,8 +223,13 @@ def _cache_append_chunk2(run: ShapeRun, q, k, v, logits, dtype):
         cache.reset()
         cache.append(q1, k1, v1, l1, zeros, first_n, attend=masked_attention)
 
-    run.attempt("cache_append_chunk2", lambda: cache.append(q2, k2, v2, l2, first_n, second_n, attend=masked_attention),
-                setup=first_half, new_tokens=T - h, cached_before=h)
+    run.attempt(
+        "cache_append_chunk2",
+        lambda: cache.append(q2, k2, v2, l2, first_n, second_n, attend=masked_attention),
+        setup=first_half,
+        new_tokens=T - h,
+        cached_before=h,
+    )
 
 
 def _legacy_flex_mask(run: ShapeRun, q, k, v, evicted):
@@ -245,8 +268,15 @@ def _legacy_flex_mask(run: ShapeRun, q, k, v, evicted):
     build_row = byv.get("legacy_mask_build_compiled") or byv.get("legacy_mask_build")
     if build_row is not None and "legacy_flex_mask" in byv:
         total = build_row["ms"] + byv["legacy_flex_mask"]["ms"]
-        run.rows.append({"B": B, "T": T, "variant": "legacy_total", "ms": total,
-                         "note": f"{build_row['variant']} + legacy_flex_mask (sum of medians)"})
+        run.rows.append(
+            {
+                "B": B,
+                "T": T,
+                "variant": "legacy_total",
+                "ms": total,
+                "note": f"{build_row['variant']} + legacy_flex_mask (sum of medians)",
+            }
+        )
 
 
 def _compare(run: ShapeRun):
@@ -300,16 +330,24 @@ def main(argv=None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", message="_compile flag on create_block_mask", category=DeprecationWarning)
-    meta = {"torch": torch.__version__,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": git("rev-parse", "HEAD"), "heads": {"q": HQ, "kv": HKV, "head_dim": D},
-            "dtype": str(dtype).replace("torch.", ""), "window": args.window, "evict_frac": args.evict_frac,
-            "repeats": args.repeats, "warmup": args.warmup,
-            "timing": "median of repeats after warm-up; CUDA events (perf_counter on CPU); set-up outside"}
+    meta = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git("rev-parse", "HEAD"),
+        "heads": {"q": HQ, "kv": HKV, "head_dim": D},
+        "dtype": str(dtype).replace("torch.", ""),
+        "window": args.window,
+        "evict_frac": args.evict_frac,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "timing": "median of repeats after warm-up; CUDA events (perf_counter on CPU); set-up outside",
+    }
     result = {"meta": meta, "rows": []}
-    print(f"{meta['device']}, {meta['dtype']}, heads {HQ}/{HKV} x {D}, window {args.window}, "
-          f"evict fraction {args.evict_frac}")
+    print(
+        f"{meta['device']}, {meta['dtype']}, heads {HQ}/{HKV} x {D}, window {args.window}, "
+        f"evict fraction {args.evict_frac}"
+    )
     print(f"{'shape':>10s}  {'variant':>27s}  {'ms':>10s}  {'x sdpa':>7s}")
     for B, T in args.shapes:
         with torch.no_grad():

@@ -81,8 +81,13 @@ def run_case(B, T, Hq, Hkv, D, window, variants):
         out = flex(q, k, v, score_mod=masks.generate_dms_score_mod(lk, window, G), block_mask=bm, enable_gqa=True)
         out.backward(go)
 
-    fns = dict(sdpa_causal=sdpa, flex_causal=flex_causal, flex_dms=flex_dms, flex_dms_perhead=flex_dms_perhead,
-               flex_dms_nograd=flex_dms_nograd)
+    fns = dict(
+        sdpa_causal=sdpa,
+        flex_causal=flex_causal,
+        flex_dms=flex_dms,
+        flex_dms_perhead=flex_dms_perhead,
+        flex_dms_nograd=flex_dms_nograd,
+    )
     res = {}
     for name in variants:
         fn = fns[name]
@@ -120,9 +125,11 @@ def main():
                 for name, x in r["results"].items():
                     ratio = f"{x['ms'] / base:.2f}x sdpa" if base else ""
                     ratio2 = f"{x['ms'] / fc:.2f}x flex_causal" if fc else ""
-                    print(f"B={B} T={T} w={w} {name:18s} {x['ms']:8.2f} ms  {ratio:12s} {ratio2:18s} "
-                          f"peak +{x['peak_extra_MiB']:.0f} MiB (SxS bf16 would be {r['SxS_bf16_MiB']:.0f} MiB)",
-                          flush=True)
+                    print(
+                        f"B={B} T={T} w={w} {name:18s} {x['ms']:8.2f} ms  {ratio:12s} {ratio2:18s} "
+                        f"peak +{x['peak_extra_MiB']:.0f} MiB (SxS bf16 would be {r['SxS_bf16_MiB']:.0f} MiB)",
+                        flush=True,
+                    )
     out = {"meta": meta, "rows": rows}
     if a.out:
         with open(a.out, "w") as f:

@@ -61,23 +61,45 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
-from _bench_common import (add_triton_version, call_ms, fake_cuda_trace, finish_aot, log, make_recorder, median_ms,  # noqa: E402
-                           kernel_bench_device, raise_recompile_limits, rel_err, skip_aot, start_aot_report)
+from _bench_common import (
+    add_triton_version,
+    call_ms,
+    fake_cuda_trace,
+    finish_aot,
+    log,
+    make_recorder,
+    median_ms,  # noqa: E402
+    kernel_bench_device,
+    raise_recompile_limits,
+    rel_err,
+    skip_aot,
+    start_aot_report,
+)
 import torch.nn.functional as F  # noqa: E402
 
 HEADS = {"1b": (32, 8, 64), "8b": (32, 8, 128)}  # Llama-3.2-1B, Llama-3-8B: (Hq, Hkv, D)
 DEFAULT_VARIANTS = "sdpa_causal,flex_causal,flex_dms,triton_dms"
-VARIANTS = ("sdpa_causal", "sdpa_gqa", "sdpa_flash", "sdpa_cudnn", "flex_causal", "flex_dms", "triton_dms",
-            "triton_dms_tuned")
+VARIANTS = (
+    "sdpa_causal",
+    "sdpa_gqa",
+    "sdpa_flash",
+    "sdpa_cudnn",
+    "flex_causal",
+    "flex_dms",
+    "triton_dms",
+    "triton_dms_tuned",
+)
 
 
 def parse_variants(text: str):
     names = [n for n in text.split(",") if n]
     unknown = [n for n in names if n not in VARIANTS]
     if not names or unknown:
-        raise argparse.ArgumentTypeError(f"unknown variant(s) {unknown or [text]}: expected a comma list of "
-                                         f"{', '.join(VARIANTS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown variant(s) {unknown or [text]}: expected a comma list of {', '.join(VARIANTS)}"
+        )
     return names
+
 
 # --sweep candidates (BM, BN, warps, stages); all compile for sm_90 without spills (--aot-candidates)
 SWEEP = {
@@ -94,8 +116,6 @@ SWEEP = {
         dkdv_atomic=[(16, 64, 8, 3), (16, 64, 8, 2)],
     ),
 }
-
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,12 +138,16 @@ def _ptxas_report(ck):
     with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as f:
         f.write(ptx)
         f.flush()
-        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
-                             capture_output=True, text=True).stderr
+        out = subprocess.run(
+            [ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True
+        ).stderr
     m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", out)
     r = re.search(r"Used (\d+) registers", out)
-    row.update(regs=int(r.group(1)) if r else -1,
-               spill_stores=int(m.group(2)) if m else -1, spill_loads=int(m.group(3)) if m else -1)
+    row.update(
+        regs=int(r.group(1)) if r else -1,
+        spill_stores=int(m.group(2)) if m else -1,
+        spill_loads=int(m.group(3)) if m else -1,
+    )
     return row
 
 
@@ -145,9 +169,16 @@ def _aot_compile_case(ta, report, D, doc, cfg, note, only=None):
     if only is None or {"preprocess", "dkdv", "dq"} & set(only):
         ta._launch_bwd(q, q, k, v, lk, ds, de, out, lse, 256, D**-0.5, wrap=Recorder, interpret=False, cfg=cfg)
     for kern, _grid, kw, ck, dt in compiled:
-        row = dict(kernel=names[kern], D=D, doc=doc, note=note, compile_s=round(dt, 2),
-                   block=[kw.get("BLOCK_M"), kw.get("BLOCK_N")], warps=kw.get("num_warps"),
-                   stages=kw.get("num_stages"))
+        row = dict(
+            kernel=names[kern],
+            D=D,
+            doc=doc,
+            note=note,
+            compile_s=round(dt, 2),
+            block=[kw.get("BLOCK_M"), kw.get("BLOCK_N")],
+            warps=kw.get("num_warps"),
+            stages=kw.get("num_stages"),
+        )
         row.update(_ptxas_report(ck))
         report["kernels"].append(row)
 
@@ -163,8 +194,9 @@ def _aot_compile_all(ta, report, quick, candidates):
         for kernel, cands in c.items():
             for cand in cands:
                 if kernel == "dkdv_atomic":
-                    _aot_compile_case(ta, report, D, True, {"dkdv": cand, "dq_atomic": True}, "atomic dQ",
-                                      only=("dkdv",))
+                    _aot_compile_case(
+                        ta, report, D, True, {"dkdv": cand, "dq_atomic": True}, "atomic dQ", only=("dkdv",)
+                    )
                 else:
                     _aot_compile_case(ta, report, D, True, {kernel: cand}, "candidate", only=(kernel,))
 
@@ -205,17 +237,20 @@ def _aot_trace(ta):
     trace = dict(
         triton_calls=gm.code.count("triton_kernel_wrapper_functional("),  # fwd, preprocess, dkdv, dq
         triton_calls_dq_atomic=n_atomic,  # fwd, preprocess, dkdv
-        export_has_ops=("dms_flex.dms_train_attention_fwd" in str(ep.graph)
-                        and "dms_flex.dms_train_attention_bwd" in str(ep.graph)),
+        export_has_ops=(
+            "dms_flex.dms_train_attention_fwd" in str(ep.graph) and "dms_flex.dms_train_attention_bwd" in str(ep.graph)
+        ),
     )
     trace["ok"] = trace["triton_calls"] == 4 and n_atomic == 3 and trace["export_has_ops"]
     return trace
 
 
 def _aot_describe(row) -> str:
-    return (f"{row['kernel']:10s} D={row['D']:3d} doc={row['doc']!s:5s} {row['note']:9s} block={row['block']} "
-            f"w={row['warps']} s={row['stages']} regs={row['regs']} spill={row['spill_stores']}/{row['spill_loads']} "
-            f"smem={row['shared']} wgmma={row['wgmma']} ({row['compile_s']} s)")
+    return (
+        f"{row['kernel']:10s} D={row['D']:3d} doc={row['doc']!s:5s} {row['note']:9s} block={row['block']} "
+        f"w={row['warps']} s={row['stages']} regs={row['regs']} spill={row['spill_stores']}/{row['spill_loads']} "
+        f"smem={row['shared']} wgmma={row['wgmma']} ({row['compile_s']} s)"
+    )
 
 
 def aot_main(quick: bool, candidates: bool):
@@ -331,9 +366,16 @@ def build_variants(names, q, k, v, logits, noise, go, window, dev, flex_fn):
 
     from torch.nn.attention import SDPBackend
 
-    table = dict(sdpa_causal=sdpa, sdpa_gqa=sdpa_gqa, sdpa_flash=sdpa_backend(SDPBackend.FLASH_ATTENTION),
-                 sdpa_cudnn=sdpa_backend(SDPBackend.CUDNN_ATTENTION), flex_causal=flex_causal, flex_dms=flex_dms,
-                 triton_dms=triton_dms, triton_dms_tuned=triton_dms)
+    table = dict(
+        sdpa_causal=sdpa,
+        sdpa_gqa=sdpa_gqa,
+        sdpa_flash=sdpa_backend(SDPBackend.FLASH_ATTENTION),
+        sdpa_cudnn=sdpa_backend(SDPBackend.CUDNN_ATTENTION),
+        flex_causal=flex_causal,
+        flex_dms=flex_dms,
+        triton_dms=triton_dms,
+        triton_dms_tuned=triton_dms,
+    )
 
     return {n: table[n] for n in names}
 
@@ -347,8 +389,9 @@ def kernel_split_times(q, k, v, logits, noise, go, window, dev, warmup, reps, cf
     qd, kd, vd = q.detach(), k.detach(), v.detach()
     out, lse = ta._launch_fwd(qd, kd, vd, lk, None, window, scale, cfg=cfg)
     t_f, _ = time_step(lambda: ta._launch_fwd(qd, kd, vd, lk, None, window, scale, cfg=cfg), dev, warmup, reps)
-    t_b, _ = time_step(lambda: ta._launch_bwd(go, qd, kd, vd, lk, None, None, out, lse, window, scale, cfg=cfg),
-                       dev, warmup, reps)
+    t_b, _ = time_step(
+        lambda: ta._launch_bwd(go, qd, kd, vd, lk, None, None, out, lse, window, scale, cfg=cfg), dev, warmup, reps
+    )
     return t_f, t_b
 
 
@@ -361,8 +404,9 @@ def run_case(B, T, heads, window, variants, dev, dtype, args, flex_fn, tuned=Non
     from dms_flex.kernels import train_attention as ta
 
     Hq, Hkv, D = HEADS[heads]
-    row = dict(B=B, T=T, heads=heads, Hq=Hq, Hkv=Hkv, D=D, window=window,
-               SxS_bf16_MiB=B * Hq * T * T * 2 / 2**20, results={})
+    row = dict(
+        B=B, T=T, heads=heads, Hq=Hq, Hkv=Hkv, D=D, window=window, SxS_bf16_MiB=B * Hq * T * T * 2 / 2**20, results={}
+    )
     q, k, v, logits, noise, go = make_inputs(B, T, Hq, Hkv, D, dev, dtype, seed=T + D + B)
     fns = build_variants(variants, q, k, v, logits, noise, go, window, dev, flex_fn)
     outs = {}
@@ -420,22 +464,28 @@ def print_row(r):
             continue
         s1 = f"{x['ms'] / base:5.2f}x sdpa" if base else ""
         s2 = f"{x['ms'] / fc:5.2f}x flex_causal" if fc else ""
-        log(f"B={r['B']} T={r['T']} {r['heads']} w={r['window']} {name:16s} {x['ms']:9.2f} ms {s1:12s} {s2:18s} "
-            f"peak +{x['peak_extra_MiB']:.0f} MiB")
+        log(
+            f"B={r['B']} T={r['T']} {r['heads']} w={r['window']} {name:16s} {x['ms']:9.2f} ms {s1:12s} {s2:18s} "
+            f"peak +{x['peak_extra_MiB']:.0f} MiB"
+        )
     if "check_vs_flex_dms" in r:
         errs = r["check_vs_flex_dms"]
         log("  triton_dms vs flex_dms rel. err: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
     if "kernel_split" in r and "fwd_ms" in r["kernel_split"]:
         s = r["kernel_split"]
-        log(f"  kernel alone: fwd {s['fwd_ms']:.2f} ms ({s['fwd_TFLOPs']:.0f} TFLOP/s causal), "
-            f"bwd {s['bwd_ms']:.2f} ms ({s['bwd_TFLOPs']:.0f} TFLOP/s)")
+        log(
+            f"  kernel alone: fwd {s['fwd_ms']:.2f} ms ({s['fwd_TFLOPs']:.0f} TFLOP/s causal), "
+            f"bwd {s['bwd_ms']:.2f} ms ({s['bwd_TFLOPs']:.0f} TFLOP/s)"
+        )
 
 
 def summary_table(rows):
     """Short table: one line per case."""
-    lines = ["| B | T | heads | w | sdpa ms | flex causal ms | flex DMS ms | triton DMS ms | x sdpa | x flex causal | "
-             "x flex DMS | x sdpa flash-2 | x sdpa cudnn | peak MiB (triton) | max rel err vs flex DMS |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| B | T | heads | w | sdpa ms | flex causal ms | flex DMS ms | triton DMS ms | x sdpa | x flex causal | "
+        "x flex DMS | x sdpa flash-2 | x sdpa cudnn | peak MiB (triton) | max rel err vs flex DMS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def ms(r, n):
         return r["results"].get(n, {}).get("ms")
@@ -454,10 +504,12 @@ def summary_table(rows):
 
         peak = r["results"].get("triton_dms", {}).get("peak_extra_MiB")
         err = max(r["check_vs_flex_dms"].values()) if "check_vs_flex_dms" in r else None
-        lines.append(f"| {r['B']} | {r['T']} | {r['heads']} | {r['window']} | {f(s)} | {f(fc)} | {f(fd)} | {f(t)} | "
-                     f"{ratio(t, s)} | {ratio(t, fc)} | {ratio(t, fd)} | {ratio(t, ms(r, 'sdpa_flash'))} | "
-                     f"{ratio(t, ms(r, 'sdpa_cudnn'))} | {f(peak)} | "
-                     f"{'-' if err is None else f'{err:.1e}'} |")
+        lines.append(
+            f"| {r['B']} | {r['T']} | {r['heads']} | {r['window']} | {f(s)} | {f(fc)} | {f(fd)} | {f(t)} | "
+            f"{ratio(t, s)} | {ratio(t, fc)} | {ratio(t, fd)} | {ratio(t, ms(r, 'sdpa_flash'))} | "
+            f"{ratio(t, ms(r, 'sdpa_cudnn'))} | {f(peak)} | "
+            f"{'-' if err is None else f'{err:.1e}'} |"
+        )
     return "\n".join(lines)
 
 
@@ -527,8 +579,13 @@ def _sweep_one(heads, dev, dtype, args):
     q, k, v, logits, noise, go = make_inputs(B, T, Hq, Hkv, D, dev, dtype, seed=1)
     f_fl, b_fl = causal_flops(B, T, Hq, D)
     default = ta.default_config(D, dtype)
-    res = dict(default={k_: list(v_) if isinstance(v_, tuple) else v_ for k_, v_ in default.items()}, fwd=[],
-               dkdv=[], dq=[], masked_stages=[])
+    res = dict(
+        default={k_: list(v_) if isinstance(v_, tuple) else v_ for k_, v_ in default.items()},
+        fwd=[],
+        dkdv=[],
+        dq=[],
+        masked_stages=[],
+    )
     lk = F.logsigmoid(-(logits.detach() + noise) / 0.1)
     qd, kd, vd = q.detach(), k.detach(), v.detach()
     scale = D**-0.5
@@ -538,8 +595,9 @@ def _sweep_one(heads, dev, dtype, args):
         return time_step(lambda: ta._launch_fwd(qd, kd, vd, lk, None, w, scale, cfg=cfg), dev, 2, args.reps)[0]
 
     def t_bwd(cfg):
-        return time_step(lambda: ta._launch_bwd(go, qd, kd, vd, lk, None, None, out_, lse, w, scale, cfg=cfg),
-                         dev, 2, args.reps)[0]
+        return time_step(
+            lambda: ta._launch_bwd(go, qd, kd, vd, lk, None, None, out_, lse, w, scale, cfg=cfg), dev, 2, args.reps
+        )[0]
 
     _sweep_candidates(res, heads, T, D, t_fwd, t_bwd)
     best = _sweep_pick(res, heads, T, t_fwd, t_bwd)
@@ -561,17 +619,23 @@ def sweep(dev, dtype, args):
             torch.cuda.empty_cache()
     return out
 
+
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
 def _meta(args, dev):
     from dms_flex.kernels import train_attention as ta
 
-    meta = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-                dtype=args.dtype, argv=sys.argv[1:])
+    meta = dict(
+        torch=torch.__version__,
+        device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+        dtype=args.dtype,
+        argv=sys.argv[1:],
+    )
     add_triton_version(meta)
-    meta["configs"] = {str(d): {k: list(v) if isinstance(v, tuple) else v for k, v in c.items()}
-                       for d, c in ta._CONFIGS.items()}
+    meta["configs"] = {
+        str(d): {k: list(v) if isinstance(v, tuple) else v for k, v in c.items()} for d, c in ta._CONFIGS.items()
+    }
     meta["interpreter"] = ta.interpreting()
     return meta
 
@@ -656,8 +720,12 @@ def main(argv=None):
     ap.add_argument("--heads", default="1b,8b", help="comma list of 1b (32,8,64) and 8b (32,8,128)")
     ap.add_argument("--window", type=int, nargs="+", default=[256])
     ap.add_argument("--all", action="store_true", help="T 4K-32K x B 1,4 x both heads x w 256,512")
-    ap.add_argument("--variants", default=parse_variants(DEFAULT_VARIANTS), type=parse_variants,
-                    help="comma list of " + ", ".join(VARIANTS))
+    ap.add_argument(
+        "--variants",
+        default=parse_variants(DEFAULT_VARIANTS),
+        type=parse_variants,
+        help="comma list of " + ", ".join(VARIANTS),
+    )
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)

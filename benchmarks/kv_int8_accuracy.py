@@ -59,8 +59,9 @@ def main():
     p.add_argument("--checkpoint")
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--cr", type=float, default=8.0)
-    p.add_argument("--window", type=int, default=None,
-                   help="DMS window (default: a retrofit's own; 16 for an untrained model)")
+    p.add_argument(
+        "--window", type=int, default=None, help="DMS window (default: a retrofit's own; 16 for an untrained model)"
+    )
     p.add_argument("--out")
     a = p.parse_args()
     folder = a.checkpoint
@@ -93,13 +94,20 @@ def main():
     ref_dms, out = logits()
     int8_dms, _ = logits(kv_int8=True)
     achieved = stats.compression_report([stats.kept_fraction(e.cpu(), window) for e in out.evicted]).ratio
-    results["dms"] = {"alpha_offset": offset, "achieved_cr": achieved, "kl_int8_vs_full": kl(ref_dms, int8_dms),
-                      "kl_dms_vs_dense": kl(ref_dense, ref_dms), "kl_dms_int8_vs_dense": kl(ref_dense, int8_dms)}
+    results["dms"] = {
+        "alpha_offset": offset,
+        "achieved_cr": achieved,
+        "kl_int8_vs_full": kl(ref_dms, int8_dms),
+        "kl_dms_vs_dense": kl(ref_dense, ref_dms),
+        "kl_dms_int8_vs_dense": kl(ref_dense, int8_dms),
+    }
     print(f"{folder}: {toks.shape[1]} tokens of Python stdlib source")
     print(f"  dense cache:  KL(full || int8 KV) = {results['dense']['kl_int8_vs_full']:.2e} nats/token")
-    print(f"  DMS CR {achieved:.2f} (window {window}): KL(full || int8 KV) = {results['dms']['kl_int8_vs_full']:.2e}; "
-          f"KL(dense || DMS) = {results['dms']['kl_dms_vs_dense']:.3f}; KL(dense || DMS+int8) = "
-          f"{results['dms']['kl_dms_int8_vs_dense']:.3f}")
+    print(
+        f"  DMS CR {achieved:.2f} (window {window}): KL(full || int8 KV) = {results['dms']['kl_int8_vs_full']:.2e}; "
+        f"KL(dense || DMS) = {results['dms']['kl_dms_vs_dense']:.3f}; KL(dense || DMS+int8) = "
+        f"{results['dms']['kl_dms_int8_vs_dense']:.3f}"
+    )
     if a.out:
         json.dump(results, open(a.out, "w"), indent=1)
     return results

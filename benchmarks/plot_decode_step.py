@@ -43,8 +43,13 @@ def plot(rows, out: str, metric: str = "tokens_per_s") -> str:
                 series[r["cache"]].append((r["ctx"], r[metric]))
         for cache in sorted(series, key=lambda c: (c != "gptfast", c)):
             pts = sorted(series[cache])
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label(cache),
-                    ls="--" if "int8" in cache else "-")
+            ax.plot(
+                [x for x, _ in pts],
+                [y for _, y in pts],
+                marker="o",
+                label=label(cache),
+                ls="--" if "int8" in cache else "-",
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context length (tokens)")

@@ -14,8 +14,15 @@ from dms_flex.cache import DMSKVCache
 def _cache(B, H, C, D, w):
     c = DMSKVCache(B, H, D, C, w, dtype=torch.float32)
     q = torch.randn(B, H, 64, D)
-    c.append(q, torch.randn(B, H, 64, D), torch.randn(B, H, 64, D), torch.randn(B, H, 64), torch.zeros(B, dtype=torch.long),
-             torch.full((B,), 64), lambda q, k, v, m: q)
+    c.append(
+        q,
+        torch.randn(B, H, 64, D),
+        torch.randn(B, H, 64, D),
+        torch.randn(B, H, 64),
+        torch.zeros(B, dtype=torch.long),
+        torch.full((B,), 64),
+        lambda q, k, v, m: q,
+    )
     return c
 
 
@@ -43,7 +50,14 @@ def test_append_chunk(benchmark, n):
 
     def run():
         c = DMSKVCache(B, H, D, C, w, dtype=torch.float32)
-        c.append(torch.randn(B, H, n, D), k, k, logits, torch.zeros(B, dtype=torch.long), torch.full((B,), n),
-                 lambda q, k, v, m: q)
+        c.append(
+            torch.randn(B, H, n, D),
+            k,
+            k,
+            logits,
+            torch.zeros(B, dtype=torch.long),
+            torch.full((B,), n),
+            lambda q, k, v, m: q,
+        )
 
     benchmark(run)

@@ -24,9 +24,18 @@ from .kernels.reference import dense_dms_attention
 USE_TRITON_TRAIN_KERNEL = True
 
 
-def dms_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_keep: torch.Tensor,
-                  window: int, *, doc_ids: Optional[torch.Tensor] = None, block_mask=None,
-                  scale: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
+def dms_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_keep: torch.Tensor,
+    window: int,
+    *,
+    doc_ids: Optional[torch.Tensor] = None,
+    block_mask=None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """q: (B, Hq, T, D); k, v: (B, Hkv, T, D); log_keep: (B, Hkv, T) float (0 / -inf when hard).
 
     backend: "auto" (flex on CUDA, or the Triton kernel if USE_TRITON_TRAIN_KERNEL; dense
@@ -48,8 +57,16 @@ def dms_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_keep: t
     raise ValueError(f"backend={backend!r}: expected 'auto', 'flex', 'triton' or 'dense'")
 
 
-def dms_hard_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, evicted: torch.Tensor, window: int, *,
-                       scale: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
+def dms_hard_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    evicted: torch.Tensor,
+    window: int,
+    *,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """Inference prefill: exact attention under the hard rule. evicted (B, Hkv, T) bool marks the
     tokens their successor evicts. "auto": the Triton prefill kernel (kernels/prefill.py: the
     training kernel's forward with a 0 / -inf bias, nothing T x T) where it runs, else "dense",
@@ -89,8 +106,7 @@ def make_block_mask(doc_ids: Optional[torch.Tensor], batch: int, seq_len: int, d
 
     if doc_ids is None:
         return create_block_mask(masks.causal_mask_mod, None, None, seq_len, seq_len, device=device)
-    return create_block_mask(masks.generate_document_causal_mask(doc_ids), batch, None, seq_len, seq_len,
-                             device=device)
+    return create_block_mask(masks.generate_document_causal_mask(doc_ids), batch, None, seq_len, seq_len, device=device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,8 +116,9 @@ def _compiled_flex():
     return torch.compile(flex_attention)
 
 
-def flex_dms_attention(q, k, v, log_keep, window, *, doc_ids=None, block_mask=None, scale=None,
-                       compiled: Optional[bool] = None):
+def flex_dms_attention(
+    q, k, v, log_keep, window, *, doc_ids=None, block_mask=None, scale=None, compiled: Optional[bool] = None
+):
     from torch.nn.attention.flex_attention import flex_attention
 
     B, Hq, T, _ = q.shape
@@ -115,11 +132,15 @@ def flex_dms_attention(q, k, v, log_keep, window, *, doc_ids=None, block_mask=No
 
 def _check_shapes(q, k, v, log_keep):
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"expected q (B, Hq, T, D) and k, v (B, Hkv, T, D); got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"expected q (B, Hq, T, D) and k, v (B, Hkv, T, D); got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
     B, Hq, T, D = q.shape
     if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D or Hq % k.shape[1]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree (batch, length, head dim, "
-                         f"or query heads not a multiple of KV heads)")
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree (batch, length, head dim, "
+            f"or query heads not a multiple of KV heads)"
+        )
     if log_keep.shape != (B, k.shape[1], T):
         raise ValueError(f"log_keep must be (B, Hkv, T) = {(B, k.shape[1], T)}, got {tuple(log_keep.shape)}")

@@ -39,8 +39,16 @@ class SlotStore(nn.Module):
     scratch slot `capacity` and a sticky overflow flag. The store and its accounting are shared by
     the DMS cache below and the training-free baselines' caches (eval/baselines.py)."""
 
-    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int, dtype=torch.bfloat16,
-                 device=None, kv_dtype=None):
+    def __init__(
+        self,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        dtype=torch.bfloat16,
+        device=None,
+        kv_dtype=None,
+    ):
         """kv_dtype=torch.int8 stores K/V as int8 with one float32 scale per (row, KV head, token)."""
         super().__init__()
         if capacity < 1:
@@ -56,8 +64,9 @@ class SlotStore(nn.Module):
         for name in ("k_scale", "v_scale"):
             self.register_buffer(name, torch.zeros(B, H, C + 1, device=device) if scales else None, persistent=False)
         self.register_buffer("length", torch.zeros(B, H, dtype=torch.long, device=device), persistent=False)
-        self.register_buffer("slot_pos", torch.full((B, H, C + 1), -1, dtype=torch.long, device=device),
-                             persistent=False)
+        self.register_buffer(
+            "slot_pos", torch.full((B, H, C + 1), -1, dtype=torch.long, device=device), persistent=False
+        )
         self.register_buffer("overflow", torch.zeros((), dtype=torch.bool, device=device), persistent=False)
 
     @property
@@ -94,19 +103,28 @@ class SlotStore(nn.Module):
             raise CacheOverflowError(
                 f"the DMS KV cache ran out of slots (capacity {self.capacity} per batch row and KV head); no "
                 f"live token was overwritten, but generation cannot continue. Ask for a larger capacity "
-                f"(e.g. cache_capacity=max_seq_len, the default that never overflows).")
+                f"(e.g. cache_capacity=max_seq_len, the default that never overflows)."
+            )
 
 
 class DMSKVCache(SlotStore):
     """The slot store plus DMS's eviction marks and the ring of the last window+1 positions."""
 
-    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int, window: int,
-                 dtype=torch.bfloat16, device=None, kv_dtype=None):
+    def __init__(
+        self,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        window: int,
+        dtype=torch.bfloat16,
+        device=None,
+        kv_dtype=None,
+    ):
         super().__init__(batch_size, num_kv_heads, head_dim, capacity, dtype, device, kv_dtype)
         self.window = window
         B, H, C, W = batch_size, num_kv_heads, capacity, window + 1
-        self.register_buffer("slot_marked", torch.zeros(B, H, C + 1, dtype=torch.bool, device=device),
-                             persistent=False)
+        self.register_buffer("slot_marked", torch.zeros(B, H, C + 1, dtype=torch.bool, device=device), persistent=False)
         self.register_buffer("win_slot", torch.full((B, H, W), C, dtype=torch.long, device=device), persistent=False)
 
     def reset(self) -> None:
@@ -115,8 +133,9 @@ class DMSKVCache(SlotStore):
         self.win_slot.fill_(self.capacity)
 
     # ------------------------------------------------------------------ decode
-    def decode_update(self, k_new: torch.Tensor, v_new: torch.Tensor, evict_prev: torch.Tensor,
-                      pos: torch.Tensor) -> None:
+    def decode_update(
+        self, k_new: torch.Tensor, v_new: torch.Tensor, evict_prev: torch.Tensor, pos: torch.Tensor
+    ) -> None:
         """k_new, v_new: (B, H, 1, D) for the token at position pos (B,); evict_prev (B, H) bool is
         this token's decision about token pos-1. On CUDA one fused Triton kernel does all of it
         (kernels/decode_update.py); the code below is its reference and the CPU path."""
@@ -139,8 +158,11 @@ class DMSKVCache(SlotStore):
         # 2. the token leaving the window (pos - w - 1) frees its slot if marked
         ring_idx = pos_bh % W
         old_slot = self.win_slot[b, h, ring_idx]
-        freed = (pos_bh >= W) & masks.is_far(pos_bh, self.slot_pos[b, h, old_slot], self.window) \
+        freed = (
+            (pos_bh >= W)
+            & masks.is_far(pos_bh, self.slot_pos[b, h, old_slot], self.window)
             & self.slot_marked[b, h, old_slot]
+        )
         new_slot = torch.where(freed, old_slot, self.length)
         self.overflow |= (new_slot >= C).any()
         slot = new_slot.clamp(max=C)
@@ -159,8 +181,17 @@ class DMSKVCache(SlotStore):
         _write(self.win_slot, row, ring_idx, slot)
 
     # ------------------------------------------------------------------ append (prefill / new turn)
-    def append(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logits: Optional[torch.Tensor],
-               pos: torch.Tensor, n_valid: torch.Tensor, attend=None, scale: Optional[float] = None) -> torch.Tensor:
+    def append(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        logits: Optional[torch.Tensor],
+        pos: torch.Tensor,
+        n_valid: torch.Tensor,
+        attend=None,
+        scale: Optional[float] = None,
+    ) -> torch.Tensor:
         """Attend n new tokens over the live cache plus themselves, then pack survivors.
 
         q: (B, Hq, n, D), k/v: (B, H, n, D) post-RoPE; logits: (B, H, n) raw decision logits of the
@@ -210,7 +241,8 @@ class DMSKVCache(SlotStore):
             raise CacheOverflowError(
                 f"this input needs {int(count.max())} KV slots but the DMS cache holds {C} per batch row and KV "
                 f"head; nothing was written. Create the cache with a larger capacity (the default, max_seq_len, "
-                f"never overflows).")
+                f"never overflows)."
+            )
         if L > 0:
             self.slot_marked[..., :L].copy_(marks)
 
@@ -220,12 +252,14 @@ class DMSKVCache(SlotStore):
         if logits is None and L == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         elif prefill_kernel.supported(q):
-            out = prefill_kernel.prefill_attention(q, k, v, new_marked, w, pos0=pos, cache=self if L > 0 else None,
-                                                   scale=scale)
+            out = prefill_kernel.prefill_attention(
+                q, k, v, new_marked, w, pos0=pos, cache=self if L > 0 else None, scale=scale
+            )
         else:
             k_old, v_old = self._read(L, k.dtype)
-            vis = klive[:, :, None, :] & masks.visible(qpos[:, None, :, None], kpos[:, :, None, :],
-                                                       kmark[:, :, None, :], w)
+            vis = klive[:, :, None, :] & masks.visible(
+                qpos[:, None, :, None], kpos[:, :, None, :], kmark[:, :, None, :], w
+            )
             # padded queries see themselves only, so no row is empty
             pad_self = torch.eye(n, dtype=torch.bool, device=dev)[None, None] & ~valid_new[..., None]
             vis[..., L:] |= pad_self
@@ -300,8 +334,9 @@ def decode_attention_kernel(q: torch.Tensor, cache: DMSKVCache, scale: Optional[
 
     # the whole buffers (scratch slot included), not a slice: lengths never exceed the capacity,
     # and a contiguous argument spares the compiled graph any layout copy of the cache
-    out = decode_attention(q[:, :, 0], cache.k, cache.v, cache.length, scale, k_scale=cache.k_scale,
-                           v_scale=cache.v_scale)
+    out = decode_attention(
+        q[:, :, 0], cache.k, cache.v, cache.length, scale, k_scale=cache.k_scale, v_scale=cache.v_scale
+    )
     return out[:, :, None]
 
 

@@ -34,8 +34,16 @@ class Plan:
     max_batch: int
 
 
-def plan(preset: str, context: int, gpu_gib: float, cr: float = 1.0, kv: str = "bf16", weight_quant: str = "none",
-         headroom: float = 1.1, reserve_gib: float = 2.0) -> Plan:
+def plan(
+    preset: str,
+    context: int,
+    gpu_gib: float,
+    cr: float = 1.0,
+    kv: str = "bf16",
+    weight_quant: str = "none",
+    headroom: float = 1.1,
+    reserve_gib: float = 2.0,
+) -> Plan:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     if kv not in ("bf16", "int8"):
@@ -43,8 +51,10 @@ def plan(preset: str, context: int, gpu_gib: float, cr: float = 1.0, kv: str = "
     if weight_quant not in WEIGHT_BYTES:
         raise ValueError(f"weight_quant={weight_quant!r}: use one of {', '.join(WEIGHT_BYTES)}")
     if not all(_finite(x) for x in (context, gpu_gib, cr, headroom, reserve_gib)):
-        raise ValueError(f"context, gpu memory, CR and headroom must be finite numbers, got context {context}, "
-                         f"gpu memory {gpu_gib}, CR {cr}, headroom {headroom}, reserve {reserve_gib}")
+        raise ValueError(
+            f"context, gpu memory, CR and headroom must be finite numbers, got context {context}, "
+            f"gpu memory {gpu_gib}, CR {cr}, headroom {headroom}, reserve {reserve_gib}"
+        )
     if context < 1 or gpu_gib <= 0 or cr < 1 or headroom < 1:
         raise ValueError("context >= 1, gpu memory > 0, CR >= 1 and headroom >= 1 are required")
     layers, _, kv_heads, head_dim, params = PRESETS[preset]
@@ -66,6 +76,7 @@ def _finite(x) -> bool:
 
 def _number(kind, low: float, strict: bool = False, what: str = ""):
     """An argparse type: a finite `kind` >= low (> low when strict); argparse turns the error into one line."""
+
     def parse(text: str):
         try:
             v = kind(text)
@@ -75,24 +86,35 @@ def _number(kind, low: float, strict: bool = False, what: str = ""):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if not math.isfinite(v) or v < low or (strict and v == low):
-            raise argparse.ArgumentTypeError(f"{text!r} is out of range: want a finite {what or 'number'} "
-                                             f"{'>' if strict else '>='} {low:g}")
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is out of range: want a finite {what or 'number'} {'>' if strict else '>='} {low:g}"
+            )
         return v
+
     return parse
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m dms_flex.capacity", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m dms_flex.capacity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="llama3_8b", help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("--context", type=_number(int, 1, what="token count"), default=32768)
-    p.add_argument("--gpu-mem", type=_number(float, 0, strict=True, what="GiB"), default=139.0,
-                   help="GiB of GPU memory (H200: ~139)")
+    p.add_argument(
+        "--gpu-mem",
+        type=_number(float, 0, strict=True, what="GiB"),
+        default=139.0,
+        help="GiB of GPU memory (H200: ~139)",
+    )
     p.add_argument("--cr", type=_number(float, 1, what="compression ratio"), nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--kv", choices=["bf16", "int8"], nargs="+", default=["bf16", "int8"])
     p.add_argument("--weight-quant", choices=list(WEIGHT_BYTES), default="none")
-    p.add_argument("--headroom", type=_number(float, 1, what="factor"), default=1.1,
-                   help="DMS capacity over the average kept length")
+    p.add_argument(
+        "--headroom",
+        type=_number(float, 1, what="factor"),
+        default=1.1,
+        help="DMS capacity over the average kept length",
+    )
     return p.parse_args(argv)
 
 
@@ -100,17 +122,21 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     try:
         base = plan(a.model, a.context, a.gpu_mem, 1, "bf16", a.weight_quant, a.headroom)
-        print(f"{a.model}, context {a.context}, {a.gpu_mem:g} GiB, weights {base.weight_bytes / 2**30:.1f} GiB "
-              f"({a.weight_quant}); dense bf16: {base.kv_bytes_per_token / 1024:.0f} KiB/token, "
-              f"max batch {base.max_batch}")
+        print(
+            f"{a.model}, context {a.context}, {a.gpu_mem:g} GiB, weights {base.weight_bytes / 2**30:.1f} GiB "
+            f"({a.weight_quant}); dense bf16: {base.kv_bytes_per_token / 1024:.0f} KiB/token, "
+            f"max batch {base.max_batch}"
+        )
         print(f"{'cache':>14s} {'KiB/token':>10s} {'GiB/seq':>8s} {'max batch':>10s} {'x dense bf16':>12s}")
         for kv in a.kv:
             for cr in a.cr:
                 r = plan(a.model, a.context, a.gpu_mem, cr, kv, a.weight_quant, a.headroom)
                 name = f"{'dense' if cr == 1 else f'DMS {cr:g}x'} {kv}"
                 gain = r.max_batch / base.max_batch if base.max_batch else float("inf")
-                print(f"{name:>14s} {r.kv_bytes_per_sequence / a.context / 1024:10.1f} "
-                      f"{r.kv_bytes_per_sequence / 2**30:8.2f} {r.max_batch:10d} {gain:12.2f}")
+                print(
+                    f"{name:>14s} {r.kv_bytes_per_sequence / a.context / 1024:10.1f} "
+                    f"{r.kv_bytes_per_sequence / 2**30:8.2f} {r.max_batch:10d} {gain:12.2f}"
+                )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -40,22 +40,37 @@ class DMSConfig:
     final_step: int = 700
 
     def __post_init__(self) -> None:
-        self._check("window", self.window, isinstance(self.window, int) and not isinstance(self.window, bool)
-                    and self.window >= 0, "an integer >= 0 (0 means immediate eviction)")
+        self._check(
+            "window",
+            self.window,
+            isinstance(self.window, int) and not isinstance(self.window, bool) and self.window >= 0,
+            "an integer >= 0 (0 means immediate eviction)",
+        )
         self._check("decision", self.decision, self.decision in DECISION_VARIANTS, f"one of {DECISION_VARIANTS}")
-        self._check("alpha_scale", self.alpha_scale, _finite(self.alpha_scale) and self.alpha_scale > 0,
-                    "a finite number > 0")
+        self._check(
+            "alpha_scale", self.alpha_scale, _finite(self.alpha_scale) and self.alpha_scale > 0, "a finite number > 0"
+        )
         self._check("alpha_offset", self.alpha_offset, _finite(self.alpha_offset), "a finite number")
         self._check("tau", self.tau, _finite(self.tau) and self.tau > 0, "a finite number > 0")
         self._check("scope", self.scope, self.scope in DECISION_SCOPES, f"one of {DECISION_SCOPES}")
-        self._check("immediate_eviction", self.immediate_eviction, isinstance(self.immediate_eviction, bool),
-                    "True or False")
-        self._check("initial_cr", self.initial_cr, _finite(self.initial_cr) and self.initial_cr >= 1,
-                    "a finite number >= 1")
-        self._check("final_cr", self.final_cr, _finite(self.final_cr) and self.final_cr >= self.initial_cr,
-                    f"a finite number >= initial_cr ({self.initial_cr})")
-        self._check("final_step", self.final_step, isinstance(self.final_step, int)
-                    and not isinstance(self.final_step, bool) and self.final_step >= 0, "an integer >= 0")
+        self._check(
+            "immediate_eviction", self.immediate_eviction, isinstance(self.immediate_eviction, bool), "True or False"
+        )
+        self._check(
+            "initial_cr", self.initial_cr, _finite(self.initial_cr) and self.initial_cr >= 1, "a finite number >= 1"
+        )
+        self._check(
+            "final_cr",
+            self.final_cr,
+            _finite(self.final_cr) and self.final_cr >= self.initial_cr,
+            f"a finite number >= initial_cr ({self.initial_cr})",
+        )
+        self._check(
+            "final_step",
+            self.final_step,
+            isinstance(self.final_step, int) and not isinstance(self.final_step, bool) and self.final_step >= 0,
+            "an integer >= 0",
+        )
 
     @staticmethod
     def _check(field: str, value: Any, ok: bool, allowed: str) -> None:
@@ -81,8 +96,9 @@ class DMSConfig:
     def replace(self, **changes: Any) -> "DMSConfig":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise DMSConfigError(f"unknown DMSConfig field(s) {sorted(unknown)}; known: "
-                                 f"{[f.name for f in dataclasses.fields(self)]}")
+            raise DMSConfigError(
+                f"unknown DMSConfig field(s) {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(self)]}"
+            )
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -111,8 +127,10 @@ class DMSConfig:
         required = ("dms_alpha_scale", "dms_initial_alpha_offset", "dms_window_size")
         missing = [k for k in required if k not in cfg]
         if missing:
-            raise DMSConfigError(f"{source} lacks the DMS keys {missing}; a DMS checkpoint has "
-                                 f"{list(required) + ['dms_cr']}. Is this a DMS checkpoint?")
+            raise DMSConfigError(
+                f"{source} lacks the DMS keys {missing}; a DMS checkpoint has "
+                f"{list(required) + ['dms_cr']}. Is this a DMS checkpoint?"
+            )
 
         def number(key):
             value = cfg[key]
@@ -123,12 +141,19 @@ class DMSConfig:
             except (TypeError, ValueError):
                 raise DMSConfigError(f"{source}: {key}={value!r} is invalid: it must be a number") from None
 
-        kw = dict(alpha_scale=number("dms_alpha_scale"), alpha_offset=number("dms_initial_alpha_offset"),
-                  window=cfg["dms_window_size"])
+        kw = dict(
+            alpha_scale=number("dms_alpha_scale"),
+            alpha_offset=number("dms_initial_alpha_offset"),
+            window=cfg["dms_window_size"],
+        )
         if "dms_cr" in cfg:
             kw["final_cr"] = number("dms_cr")
-        for key, field in (("dms_decision", "decision"), ("dms_scope", "scope"),
-                           ("dms_immediate_eviction", "immediate_eviction"), ("dms_tau", "tau")):
+        for key, field in (
+            ("dms_decision", "decision"),
+            ("dms_scope", "scope"),
+            ("dms_immediate_eviction", "immediate_eviction"),
+            ("dms_tau", "tau"),
+        ):
             if key in cfg:
                 kw[field] = cfg[key]
         try:
@@ -142,9 +167,16 @@ class DMSConfig:
 
 
 #: config.json key of each DMSConfig field the released format carries (for error messages)
-HF_KEY_OF_FIELD = {"alpha_scale": "dms_alpha_scale", "alpha_offset": "dms_initial_alpha_offset",
-                   "window": "dms_window_size", "final_cr": "dms_cr", "decision": "dms_decision",
-                   "scope": "dms_scope", "immediate_eviction": "dms_immediate_eviction", "tau": "dms_tau"}
+HF_KEY_OF_FIELD = {
+    "alpha_scale": "dms_alpha_scale",
+    "alpha_offset": "dms_initial_alpha_offset",
+    "window": "dms_window_size",
+    "final_cr": "dms_cr",
+    "decision": "dms_decision",
+    "scope": "dms_scope",
+    "immediate_eviction": "dms_immediate_eviction",
+    "tau": "dms_tau",
+}
 
 
 def _finite(x: Any) -> bool:

@@ -67,8 +67,16 @@ def sync_adapter(attn: nn.Module, cfg: DMSConfig, hidden_dim: int, num_kv_heads:
         del attn.dms_adapter
 
 
-def decide_and_rope(q: torch.Tensor, k: torch.Tensor, cfg: Optional[DMSConfig], rope, num_kv_heads: int, *,
-                    adapter: Optional[nn.Module] = None, x: Optional[torch.Tensor] = None):
+def decide_and_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cfg: Optional[DMSConfig],
+    rope,
+    num_kv_heads: int,
+    *,
+    adapter: Optional[nn.Module] = None,
+    x: Optional[torch.Tensor] = None,
+):
     """The decision and RoPE step of one attention layer, for every integration.
 
     q (B, Hq, T, D), k (B, Hkv, T, D) after any q/k norm and before RoPE; rope(q, k) -> (q, k)
@@ -119,8 +127,14 @@ def logistic_noise(shape, device, generator: Optional[torch.Generator] = None) -
     return torch.log(u) - torch.log1p(-u)
 
 
-def relax(decided_logits: torch.Tensor, cfg: DMSConfig, *, training: bool,
-          generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None):
+def relax(
+    decided_logits: torch.Tensor,
+    cfg: DMSConfig,
+    *,
+    training: bool,
+    generator: Optional[torch.Generator] = None,
+    noise: Optional[torch.Tensor] = None,
+):
     """Returns (log_keep, alpha_st).
 
     log_keep = log(1 - alpha) = logsigmoid(-(l + n) / tau): the additive score bias for far keys.

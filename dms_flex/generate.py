@@ -104,25 +104,38 @@ def _take_pending(state: tm.InferenceState, prompts: Sequence[Sequence[int]]) ->
     if pending is None:
         return [list(p) for p in prompts]
     if not torch.equal(pending.next_pos, state.next_pos):
-        raise ValueError("the state moved on (prefill/decode_step called directly) since generate_tokens left each "
-                         "row's last sampled token unwritten; continue through generate_tokens only, or reset() the "
-                         "state and prefill the whole transcript")
+        raise ValueError(
+            "the state moved on (prefill/decode_step called directly) since generate_tokens left each "
+            "row's last sampled token unwritten; continue through generate_tokens only, or reset() the "
+            "state and prefill the whole transcript"
+        )
     stuck = [r for r, n in enumerate(pending.filler) if n]
     if stuck:
-        raise ValueError(f"row(s) {stuck} stopped before the rest of their batch: their caches hold "
-                         f"{[pending.filler[r] for r in stuck]} token(s) decoded after the stop token, so a "
-                         f"continuation would not match their transcripts; continue conversations that stop at "
-                         f"different steps in separate states, or reset() the state and prefill the transcripts")
+        raise ValueError(
+            f"row(s) {stuck} stopped before the rest of their batch: their caches hold "
+            f"{[pending.filler[r] for r in stuck]} token(s) decoded after the stop token, so a "
+            f"continuation would not match their transcripts; continue conversations that stop at "
+            f"different steps in separate states, or reset() the state and prefill the transcripts"
+        )
     if len(prompts) != len(pending.tokens):
         raise ValueError(f"{len(prompts)} prompt(s) for a state of batch {len(pending.tokens)}")
     return [([t] if t is not None else []) + list(p) for t, p in zip(pending.tokens, prompts)]
 
 
 @torch.no_grad()
-def generate_tokens(model, prompts: Sequence[Sequence[int]], state: tm.InferenceState, *, max_new_tokens: int,
-                    sampling: SamplingConfig = SamplingConfig(), stop_tokens: Sequence[int] = (),
-                    step_fn: Optional[Callable] = None, on_token: Optional[Callable[[int, int], None]] = None,
-                    generator: Optional[torch.Generator] = None, compile_prefill: bool = False) -> GenerationResult:
+def generate_tokens(
+    model,
+    prompts: Sequence[Sequence[int]],
+    state: tm.InferenceState,
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    stop_tokens: Sequence[int] = (),
+    step_fn: Optional[Callable] = None,
+    on_token: Optional[Callable[[int, int], None]] = None,
+    generator: Optional[torch.Generator] = None,
+    compile_prefill: bool = False,
+) -> GenerationResult:
     """Prefill `prompts` (appended to whatever `state` already holds) and decode.
 
     Multi-turn: call it again on the same state with the next turn's tokens; the conversation then
@@ -145,11 +158,14 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], state: tm.Inference
     tokens, lengths = pad_prompts(prompts, device)
     budget = state.max_seq_len - int((state.next_pos + lengths).max())
     if max_new_tokens > budget:
-        raise ValueError(f"prompt plus max_new_tokens={max_new_tokens} exceeds max_seq_len={state.max_seq_len} "
-                         f"(room for {max(budget, 0)} new tokens); shorten the prompt or max_new_tokens")
+        raise ValueError(
+            f"prompt plus max_new_tokens={max_new_tokens} exceeds max_seq_len={state.max_seq_len} "
+            f"(room for {max(budget, 0)} new tokens); shorten the prompt or max_new_tokens"
+        )
     stop = torch.tensor(list(stop_tokens) or [-1], device=device)
-    result = GenerationResult(tokens=[[] for _ in prompts], stopped=[False] * len(prompts),
-                              prompt_tokens=int(lengths.sum()))
+    result = GenerationResult(
+        tokens=[[] for _ in prompts], stopped=[False] * len(prompts), prompt_tokens=int(lengths.sum())
+    )
     _sync(device)
     t0 = time.perf_counter()
     logits = tm.prefill(model, tokens, state, lengths, compile=compile_prefill)
@@ -176,7 +192,7 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], state: tm.Inference
                 result.tokens[row].append(tok)
                 if on_token is not None:
                     on_token(row, tok)
-        result.stopped = [bool(d) for d in host[B:2 * B]]
+        result.stopped = [bool(d) for d in host[B : 2 * B]]
         if all(result.stopped) or step == max_new_tokens - 1:
             break
         logits = step_fn(model, nxt, state)
@@ -189,7 +205,9 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], state: tm.Inference
         nxt = sample(logits, sampling, generator)
     state.pending = PendingTokens(
         tokens=[toks[-1] if len(toks) > n else None for toks, n in zip(result.tokens, written)],
-        filler=filler, next_pos=state.next_pos.clone())
+        filler=filler,
+        next_pos=state.next_pos.clone(),
+    )
     _sync(device)
     result.decode_seconds = time.perf_counter() - t0
     return result
@@ -206,19 +224,29 @@ DEFAULT_MAX_SEQ_LEN = 4096
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m dms_flex.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="Hugging Face-format folder (config.json + safetensors) or torchtune-format "
-                                        "folder (config.json + one .pt state dict with torchtune names); default: "
-                                        "the embedded SmolLM2-135M-Instruct")
+    p = argparse.ArgumentParser(
+        prog="python -m dms_flex.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--checkpoint",
+        help="Hugging Face-format folder (config.json + safetensors) or torchtune-format "
+        "folder (config.json + one .pt state dict with torchtune names); default: "
+        "the embedded SmolLM2-135M-Instruct",
+    )
     ad = p.add_mutually_exclusive_group()
-    ad.add_argument("--adapter", help="a DMS adapter folder (dms_adapter.safetensors + dms_config.json, written by "
-                                      "`python -m dms_flex.pretrained export-adapter`) to apply to --checkpoint or to "
-                                      "the default model; its DMS settings replace the checkpoint's (default: the "
-                                      "packaged adapter for the default model, if any)")
-    ad.add_argument("--no-adapter", action="store_true",
-                    help="run the default model without the packaged adapter (untrained DMS decisions); no effect with "
-                         "--checkpoint alone")
+    ad.add_argument(
+        "--adapter",
+        help="a DMS adapter folder (dms_adapter.safetensors + dms_config.json, written by "
+        "`python -m dms_flex.pretrained export-adapter`) to apply to --checkpoint or to "
+        "the default model; its DMS settings replace the checkpoint's (default: the "
+        "packaged adapter for the default model, if any)",
+    )
+    ad.add_argument(
+        "--no-adapter",
+        action="store_true",
+        help="run the default model without the packaged adapter (untrained DMS decisions); no effect with "
+        "--checkpoint alone",
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="raw text prompt (no chat template)")
     src.add_argument("--chat", help=f"a user message, wrapped in the model's chat template (default: {DEFAULT_CHAT!r})")
@@ -227,17 +255,34 @@ def parse_args(argv=None):
     p.add_argument("--no-dms", dest="dms", action="store_false", help="dense cache, no eviction")
     p.add_argument("--window", type=int, help="override the DMS window (tokens kept before eviction applies)")
     p.add_argument("--cache-capacity", type=int, help="KV slots per row and head (default: max sequence length)")
-    p.add_argument("--kv", choices=["model", "int8"], default=None,
-                   help="KV storage: the model dtype (default; bf16 on CUDA) or int8 with a scale per token and head "
-                        "(default for a checkpoint whose config.json says dms_kv_dtype: int8)")
-    p.add_argument("--weight-quant", choices=["none", "int8", "int4"], default=None,
-                   help="weight-only quantization of the linear layers through torchao (default: none, or the "
-                        "checkpoint's dms_weight_quant when it is int8 or int4)")
-    p.add_argument("--max-seq-len", type=int, default=None,
-                   help=f"longest sequence (prompt + new tokens) the cache holds (default: {DEFAULT_MAX_SEQ_LEN}, or the "
-                        f"model's trained context when that is shorter)")
-    p.add_argument("--compile", dest="compile", action="store_true", default=None,
-                   help="torch.compile the decode step (default: on for CUDA)")
+    p.add_argument(
+        "--kv",
+        choices=["model", "int8"],
+        default=None,
+        help="KV storage: the model dtype (default; bf16 on CUDA) or int8 with a scale per token and head "
+        "(default for a checkpoint whose config.json says dms_kv_dtype: int8)",
+    )
+    p.add_argument(
+        "--weight-quant",
+        choices=["none", "int8", "int4"],
+        default=None,
+        help="weight-only quantization of the linear layers through torchao (default: none, or the "
+        "checkpoint's dms_weight_quant when it is int8 or int4)",
+    )
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help=f"longest sequence (prompt + new tokens) the cache holds (default: {DEFAULT_MAX_SEQ_LEN}, or the "
+        f"model's trained context when that is shorter)",
+    )
+    p.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the decode step (default: on for CUDA)",
+    )
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int)
@@ -272,13 +317,17 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         p.error(f"--max-seq-len must be >= 2 (one prompt token and one new token), got {args.max_seq_len}")
     if args.cache_capacity is not None:
         if args.cache_capacity < 1:
-            p.error(f"--cache-capacity must be >= 1 KV slot per row and head, got {args.cache_capacity} "
-                    f"(leave it out for the maximum sequence length, which never overflows)")
+            p.error(
+                f"--cache-capacity must be >= 1 KV slot per row and head, got {args.cache_capacity} "
+                f"(leave it out for the maximum sequence length, which never overflows)"
+            )
         longest = args.max_seq_len or DEFAULT_MAX_SEQ_LEN
         if args.max_seq_len is not None and args.cache_capacity > longest:
-            p.error(f"--cache-capacity {args.cache_capacity} exceeds --max-seq-len {longest}: a sequence never holds "
-                    f"more tokens than that")
-    if not (-2**63 <= args.seed < 2**64):
+            p.error(
+                f"--cache-capacity {args.cache_capacity} exceeds --max-seq-len {longest}: a sequence never holds "
+                f"more tokens than that"
+            )
+    if not (-(2**63) <= args.seed < 2**64):
         p.error(f"--seed must fit in 64 bits, got {args.seed}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         p.error(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
@@ -331,12 +380,22 @@ def main(argv=None) -> int:
     _describe(args, dm, folder, packaged, dtype, device)
     ids = _prompt_ids(args, dm.tokenizer)
     if len(ids) + args.max_new_tokens > args.max_seq_len:
-        print(f"error: prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds --max-seq-len "
-              f"{args.max_seq_len}; raise --max-seq-len or shorten the prompt", file=sys.stderr)
+        print(
+            f"error: prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds --max-seq-len "
+            f"{args.max_seq_len}; raise --max-seq-len or shorten the prompt",
+            file=sys.stderr,
+        )
         return 2
     try:
-        state = tm.InferenceState(dm.model, 1, capacity=args.cache_capacity, max_seq_len=args.max_seq_len,
-                                  eviction=args.dms, dtype=dtype, kv_dtype=torch.int8 if args.kv == "int8" else None)
+        state = tm.InferenceState(
+            dm.model,
+            1,
+            capacity=args.cache_capacity,
+            max_seq_len=args.max_seq_len,
+            eviction=args.dms,
+            dtype=dtype,
+            kv_dtype=torch.int8 if args.kv == "int8" else None,
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -345,10 +404,17 @@ def main(argv=None) -> int:
     if use_compile:  # gpt-fast's one line; prefill's per-layer work compiles too (compile_prefill)
         step = torch.compile(tm.decode_step, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
     try:
-        res = generate_tokens(dm.model, [ids], state, max_new_tokens=args.max_new_tokens,
-                              sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
-                              stop_tokens=sorted(i for i in [dm.tokenizer.eos_token_id] if i is not None),
-                              step_fn=step, on_token=_streamer(dm.tokenizer), compile_prefill=use_compile)
+        res = generate_tokens(
+            dm.model,
+            [ids],
+            state,
+            max_new_tokens=args.max_new_tokens,
+            sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
+            stop_tokens=sorted(i for i in [dm.tokenizer.eos_token_id] if i is not None),
+            step_fn=step,
+            on_token=_streamer(dm.tokenizer),
+            compile_prefill=use_compile,
+        )
     except CacheOverflowError as e:
         print()
         print(f"error: {e} (--cache-capacity {args.cache_capacity})", file=sys.stderr)
@@ -378,15 +444,21 @@ def _load(args, device, dtype):
         trained = _trained_context(folder)
         max_seq_len = args.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, trained or DEFAULT_MAX_SEQ_LEN)
         if args.cache_capacity is not None and args.cache_capacity > max_seq_len:
-            raise ValueError(f"--cache-capacity {args.cache_capacity} exceeds the maximum sequence length {max_seq_len}"
-                             f" (--max-seq-len): a sequence never holds more tokens than that")
+            raise ValueError(
+                f"--cache-capacity {args.cache_capacity} exceeds the maximum sequence length {max_seq_len}"
+                f" (--max-seq-len): a sequence never holds more tokens than that"
+            )
         if trained is not None and max_seq_len > trained:
-            print(f"warning: --max-seq-len {max_seq_len} is beyond the {trained} tokens {folder} was trained on "
-                  f"(max_position_embeddings in config.json): positions past {trained} are extrapolated and the "
-                  f"text there may degrade", file=sys.stderr)
+            print(
+                f"warning: --max-seq-len {max_seq_len} is beyond the {trained} tokens {folder} was trained on "
+                f"(max_position_embeddings in config.json): positions past {trained} are extrapolated and the "
+                f"text there may degrade",
+                file=sys.stderr,
+            )
         args.max_seq_len = max_seq_len
-        dm = pretrained.load_dms_model(folder, dms_overrides=overrides, dtype=dtype, device=device,
-                                       max_seq_len=max_seq_len, adapter=adapter)
+        dm = pretrained.load_dms_model(
+            folder, dms_overrides=overrides, dtype=dtype, device=device, max_seq_len=max_seq_len, adapter=adapter
+        )
     except (FileNotFoundError, ValueError, TypeError, ImportError) as e:
         hint = " (--no-adapter runs the default model without the packaged adapter)" if packaged else ""
         raise _LoadError(f"{e}{hint}") from e
@@ -414,16 +486,24 @@ def _apply_quantization(args, dm, device, dtype):
 
 
 def _describe(args, dm, folder, packaged, dtype, device) -> None:
-    print(f"loaded {folder} ({dm.family}, {sum(p.numel() for p in dm.model.parameters()) / 1e6:.1f}M params, "
-          f"{dtype}, {device}) in {dm.load_seconds:.1f}s", file=sys.stderr)
+    print(
+        f"loaded {folder} ({dm.family}, {sum(p.numel() for p in dm.model.parameters()) / 1e6:.1f}M params, "
+        f"{dtype}, {device}) in {dm.load_seconds:.1f}s",
+        file=sys.stderr,
+    )
     if dm.adapter is not None:
         cr = dm.hf_config.get("dms_cr")
-        print(f"DMS adapter: {'packaged ' if packaged else ''}{dm.adapter} (decisions trained for CR "
-              f"{f'{float(cr):g}x' if cr is not None else 'not recorded'}, window {dm.dms.window})", file=sys.stderr)
+        print(
+            f"DMS adapter: {'packaged ' if packaged else ''}{dm.adapter} (decisions trained for CR "
+            f"{f'{float(cr):g}x' if cr is not None else 'not recorded'}, window {dm.dms.window})",
+            file=sys.stderr,
+        )
     if args.dms and not dm.dms_trained:
-        print("note: this checkpoint has no trained DMS decisions (no dms_* keys in config.json): evictions come "
-              "from the untrained borrowed neuron; retrofit with `tune run dms_retrofit` for real compression",
-              file=sys.stderr)
+        print(
+            "note: this checkpoint has no trained DMS decisions (no dms_* keys in config.json): evictions come "
+            "from the untrained borrowed neuron; retrofit with `tune run dms_retrofit` for real compression",
+            file=sys.stderr,
+        )
 
 
 def _prompt_ids(args, tok) -> List[int]:
@@ -444,7 +524,7 @@ def _streamer(tok):
         printed.append(t)
         text = tok.decode(printed, skip_special_tokens=True)
         prev = tok.decode(printed[:-1], skip_special_tokens=True)
-        sys.stdout.write(text[len(prev):])
+        sys.stdout.write(text[len(prev) :])
         sys.stdout.flush()
 
     return stream
@@ -454,14 +534,18 @@ def _report(args, res, state, dm, dtype, use_compile) -> None:
     kv = state.kv_bytes()
     rep = state.compression()
     print("-" * 60)
-    print(f"prompt {res.prompt_tokens} tokens: prefill {res.prefill_tokens_per_s:.1f} tok/s; "
-          f"decode {len(res.tokens[0])} tokens at {res.decode_tokens_per_s:.1f} tok/s "
-          f"({'compiled' if use_compile else 'eager'})")
+    print(
+        f"prompt {res.prompt_tokens} tokens: prefill {res.prefill_tokens_per_s:.1f} tok/s; "
+        f"decode {len(res.tokens[0])} tokens at {res.decode_tokens_per_s:.1f} tok/s "
+        f"({'compiled' if use_compile else 'eager'})"
+    )
     stored = str(state.caches[0].k.dtype).replace("torch.", "")
-    print(f"KV cache ({stored}): {kv['live'] / 2**20:.2f} MiB live vs {kv['dense'] / 2**20:.2f} MiB for a dense "
-          f"{str(dtype).replace('torch.', '')} cache of the same tokens ({kv['dense'] / max(kv['live'], 1):.2f}x less; "
-          f"{kv['allocated'] / 2**20:.1f} MiB allocated for capacity {state.caches[0].capacity}); "
-          f"weights {_weight_bytes(dm.model) / 2**20:.1f} MiB ({args.weight_quant} weight quantization)")
+    print(
+        f"KV cache ({stored}): {kv['live'] / 2**20:.2f} MiB live vs {kv['dense'] / 2**20:.2f} MiB for a dense "
+        f"{str(dtype).replace('torch.', '')} cache of the same tokens ({kv['dense'] / max(kv['live'], 1):.2f}x less; "
+        f"{kv['allocated'] / 2**20:.1f} MiB allocated for capacity {state.caches[0].capacity}); "
+        f"weights {_weight_bytes(dm.model) / 2**20:.1f} MiB ({args.weight_quant} weight quantization)"
+    )
     mode = f"DMS window {state.window}" if args.dms else "DMS off (dense)"
     print(f"{mode}: {rep.format()}")
     if args.heatmap:

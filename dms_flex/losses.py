@@ -23,15 +23,15 @@ def fraction_evicted(alpha_st: Sequence[torch.Tensor], valid: Optional[torch.Ten
     return (stacked * w).sum(dim=(0, 2, 3)) / denom
 
 
-def compression_loss(alpha_st: Sequence[torch.Tensor], alpha_target: float,
-                     valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+def compression_loss(
+    alpha_st: Sequence[torch.Tensor], alpha_target: float, valid: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """max(0, alpha_target - frac_evicted), averaged over batch rows. One-sided: evicting more than
     the target costs nothing, so it never pushes evictions down."""
     return F.relu(alpha_target - fraction_evicted(alpha_st, valid)).mean()
 
 
-def distillation_mask(labels: torch.Tensor, ignore_index: int = -100,
-                      eos_ids: Sequence[int] = ()) -> torch.Tensor:
+def distillation_mask(labels: torch.Tensor, ignore_index: int = -100, eos_ids: Sequence[int] = ()) -> torch.Tensor:
     """(B, T) bool: positions that count in the KD loss (not padding, not end-of-sequence)."""
     mask = labels != ignore_index
     for eos in eos_ids:
@@ -39,9 +39,16 @@ def distillation_mask(labels: torch.Tensor, ignore_index: int = -100,
     return mask
 
 
-def chunked_kd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, output_weight: torch.Tensor,
-                    mask: torch.Tensor, *, chunk_size: int = 1024, temperature: float = 1.0,
-                    teacher_output_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+def chunked_kd_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    output_weight: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+    teacher_output_weight: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Mean per-token KL(teacher || student) over masked positions.
 
     Hidden states (B, T, d) go through the output projection `output_weight` (V, d) one chunk of
@@ -57,8 +64,7 @@ def chunked_kd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, 
     total = s.new_zeros((), dtype=torch.promote_types(s.dtype, torch.float32))
     for start in range(0, s.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
-        total = total + checkpoint(_kd_chunk, s[sl], t[sl], output_weight, w_t, m[sl], temperature,
-                                   use_reentrant=False)
+        total = total + checkpoint(_kd_chunk, s[sl], t[sl], output_weight, w_t, m[sl], temperature, use_reentrant=False)
     return total / m.sum().clamp_min(1)
 
 
@@ -69,8 +75,9 @@ def _kd_chunk(s, t, w, w_t, m, temperature):
     return (kl * m).sum()
 
 
-def kd_loss_from_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-                        temperature: float = 1.0) -> torch.Tensor:
+def kd_loss_from_logits(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """Unchunked KL(teacher || student) on full logits: the reference for chunked_kd_loss."""
     log_p_s = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)
     log_p_t = F.log_softmax(_upcast(teacher_logits.detach()) / temperature, dim=-1)

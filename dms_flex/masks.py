@@ -51,8 +51,7 @@ def generate_dms_score_mod(log_keep: torch.Tensor, window: int, group: int):
     return dms_bias
 
 
-def generate_dms_hard_mask(evicted: torch.Tensor, window: int, group: int,
-                           doc_ids: Optional[torch.Tensor] = None):
+def generate_dms_hard_mask(evicted: torch.Tensor, window: int, group: int, doc_ids: Optional[torch.Tensor] = None):
     """mask_mod of the hard rule (eval, prefill). evicted: (B, Hkv, T) bool for the decided token."""
 
     def dms_hard(b, h, q_idx, kv_idx):
@@ -65,8 +64,12 @@ def generate_dms_hard_mask(evicted: torch.Tensor, window: int, group: int,
 
 
 # ----------------------------------------------------------------------------- dense references
-def dense_bias(log_keep: torch.Tensor, window: int, doc_ids: Optional[torch.Tensor] = None,
-               q_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+def dense_bias(
+    log_keep: torch.Tensor,
+    window: int,
+    doc_ids: Optional[torch.Tensor] = None,
+    q_positions: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """(B, Hkv, Tq, Tk) additive bias with -inf outside causal/document, log_keep on far keys.
 
     q_positions (Tq,) lets the last Tq queries of a Tk-long sequence be scored (default: all).

@@ -18,8 +18,9 @@ def quantize_kv(x: torch.Tensor):
     from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
 
     block = (1,) * (x.dim() - 1) + (x.shape[-1],)
-    scale, zero = choose_qparams_affine(x, MappingType.SYMMETRIC, block, torch.int8, eps=1e-8,
-                                        scale_dtype=torch.float32, zero_point_dtype=torch.int8)
+    scale, zero = choose_qparams_affine(
+        x, MappingType.SYMMETRIC, block, torch.int8, eps=1e-8, scale_dtype=torch.float32, zero_point_dtype=torch.int8
+    )
     return quantize_affine(x, block, scale, zero, torch.int8), scale.reshape(x.shape[:-1])
 
 
@@ -74,9 +75,13 @@ def quantize_weights(model: torch.nn.Module, mode: str) -> torch.nn.Module:
         layout = {"layout": Int4CPULayout()}
     # the largest group size that divides each layer's input width (SmolLM2's 576 takes 64)
     for group in (128, 64, 32):
-        quantize_(model, Int4WeightOnlyConfig(group_size=group, **layout),
-                  filter_fn=lambda m, fqn: want(m, fqn) and m.in_features % group == 0
-                  and type(m.weight) is torch.nn.Parameter)
+        quantize_(
+            model,
+            Int4WeightOnlyConfig(group_size=group, **layout),
+            filter_fn=lambda m, fqn: want(m, fqn)
+            and m.in_features % group == 0
+            and type(m.weight) is torch.nn.Parameter,
+        )
     return model
 
 

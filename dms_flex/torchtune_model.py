@@ -24,8 +24,10 @@ from .cache import DMSKVCache, default_decode_attention
 from .config import DMSConfig
 from .quant import fake_quantize_kv
 
-SUPPORTED_MODELS = ("torchtune TransformerDecoder built by the llama3, llama3_1, llama3_2, qwen2 or qwen2_5 "
-                    "builders (self-attention layers with MultiHeadAttention, RoPE, no q/k norm)")
+SUPPORTED_MODELS = (
+    "torchtune TransformerDecoder built by the llama3, llama3_1, llama3_2, qwen2 or qwen2_5 "
+    "builders (self-attention layers with MultiHeadAttention, RoPE, no q/k norm)"
+)
 
 
 # ============================================================================ set-up
@@ -80,12 +82,22 @@ def _project(attn, h: torch.Tensor):
 def _decisions_and_rope(attn, q, k, x, pos, cfg: Optional[DMSConfig]):
     """q, k (B, T, H, D) from `_project` -> q, k (B, H, T, D) after RoPE and the decision logits
     (B, Hkv, T) (None without DMS): decisions.decide_and_rope with torchtune's RoPE."""
-    def rope(q, k):
-        return (attn.pos_embeddings(q.transpose(1, 2), input_pos=pos).transpose(1, 2),
-                attn.pos_embeddings(k.transpose(1, 2), input_pos=pos).transpose(1, 2))
 
-    return decisions.decide_and_rope(q.transpose(1, 2), k.transpose(1, 2), cfg, rope, attn.num_kv_heads,
-                                     adapter=getattr(attn, "dms_adapter", None), x=x)
+    def rope(q, k):
+        return (
+            attn.pos_embeddings(q.transpose(1, 2), input_pos=pos).transpose(1, 2),
+            attn.pos_embeddings(k.transpose(1, 2), input_pos=pos).transpose(1, 2),
+        )
+
+    return decisions.decide_and_rope(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        cfg,
+        rope,
+        attn.num_kv_heads,
+        adapter=getattr(attn, "dms_adapter", None),
+        x=x,
+    )
 
 
 def attention_inputs(layer, x: torch.Tensor, input_pos: torch.Tensor, cfg: Optional[DMSConfig]):
@@ -97,8 +109,9 @@ def attention_inputs(layer, x: torch.Tensor, input_pos: torch.Tensor, cfg: Optio
     return q, k, v.transpose(1, 2), logits
 
 
-def run_layers(model: nn.Module, x: torch.Tensor, input_pos: torch.Tensor, cfg: Optional[DMSConfig], attend,
-               halves=None) -> torch.Tensor:
+def run_layers(
+    model: nn.Module, x: torch.Tensor, input_pos: torch.Tensor, cfg: Optional[DMSConfig], attend, halves=None
+) -> torch.Tensor:
     """THE per-layer loop of every cached pass (prefill chunks, decode steps, the baselines' caches):
     norm -> project -> decide + RoPE -> attend -> finish. attend(i, q, k, v, logits) -> (B, Hq, T, D)
     is the cache-specific part for layer i; halves: (attention_inputs, finish_layer) replacements
@@ -124,11 +137,19 @@ class TrainOutput:
     evicted: List[torch.Tensor] = field(default_factory=list)  # per layer (B, Hkv, T) hard decisions
 
 
-def forward_train(model: nn.Module, tokens: torch.Tensor, *, doc_ids: Optional[torch.Tensor] = None,
-                  input_pos: Optional[torch.Tensor] = None, eviction: bool = True,
-                  training: Optional[bool] = None, activation_checkpointing: bool = False,
-                  backend: str = "auto", generator: Optional[torch.Generator] = None,
-                  kv_int8: bool = False) -> TrainOutput:
+def forward_train(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    *,
+    doc_ids: Optional[torch.Tensor] = None,
+    input_pos: Optional[torch.Tensor] = None,
+    eviction: bool = True,
+    training: Optional[bool] = None,
+    activation_checkpointing: bool = False,
+    backend: str = "auto",
+    generator: Optional[torch.Generator] = None,
+    kv_int8: bool = False,
+) -> TrainOutput:
     """Full-sequence DMS forward. eviction=False runs the unmodified model (the teacher).
 
     kv_int8: K and V pass through the int8 cache's quantize-dequantize round trip (straight-through
@@ -166,8 +187,9 @@ def forward_train(model: nn.Module, tokens: torch.Tensor, *, doc_ids: Optional[t
             else:
                 decided = decisions.shift_to_decided_token(logits, doc_ids)
                 log_keep, a_st = decisions.relax(decided, cfg, training=training, noise=noise)
-            o = attention.dms_attention(q, k, v, log_keep, window, doc_ids=doc_ids, block_mask=block_mask,
-                                        backend=backend)
+            o = attention.dms_attention(
+                q, k, v, log_keep, window, doc_ids=doc_ids, block_mask=block_mask, backend=backend
+            )
             return finish_layer(layer, x, o), a_st, log_keep
 
         if activation_checkpointing and torch.is_grad_enabled():
@@ -244,9 +266,17 @@ class CacheState(nn.Module):
 class InferenceState(CacheState):
     """The DMS caches of all layers (one DMSKVCache each) plus each row's next position."""
 
-    def __init__(self, model: nn.Module, batch_size: int, capacity: Optional[int] = None,
-                 max_seq_len: Optional[int] = None, dtype=None, device=None, eviction: bool = True,
-                 kv_dtype=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        batch_size: int,
+        capacity: Optional[int] = None,
+        max_seq_len: Optional[int] = None,
+        dtype=None,
+        device=None,
+        eviction: bool = True,
+        kv_dtype=None,
+    ):
         cfg = dms_config_of(model)
         p = next(model.parameters())
         dtype = dtype or p.dtype
@@ -258,15 +288,19 @@ class InferenceState(CacheState):
         # without eviction the window covers everything: the cache is a plain dense cache
         window = cfg.effective_window if eviction else max_seq_len
         attn0 = model.layers[0].attn
-        caches = [DMSKVCache(batch_size, attn0.num_kv_heads, attn0.head_dim, capacity, window, dtype, device, kv_dtype)
-                  for _ in model.layers]
+        caches = [
+            DMSKVCache(batch_size, attn0.num_kv_heads, attn0.head_dim, capacity, window, dtype, device, kv_dtype)
+            for _ in model.layers
+        ]
         super().__init__(caches, batch_size, max_seq_len, dtype, device, eviction, window)
 
 
 def _check_dms_state(state) -> None:
     if not isinstance(state, InferenceState):
-        raise TypeError(f"prefill / decode_step drive an InferenceState (DMS caches), got a {type(state).__name__}; "
-                        f"a baseline's PolicyState is driven by prefill_with_policy / decode_step_with_policy")
+        raise TypeError(
+            f"prefill / decode_step drive an InferenceState (DMS caches), got a {type(state).__name__}; "
+            f"a baseline's PolicyState is driven by prefill_with_policy / decode_step_with_policy"
+        )
 
 
 def prefill_positions(tokens: torch.Tensor, state: CacheState, lengths: Optional[torch.Tensor] = None):
@@ -283,8 +317,10 @@ def prefill_positions(tokens: torch.Tensor, state: CacheState, lengths: Optional
     if bool((lengths < 0).any()) or bool((lengths > n).any()):
         raise ValueError(f"lengths must be in [0, {n}], got {lengths.tolist()}")
     if int((state.next_pos + lengths).max()) > state.max_seq_len:
-        raise ValueError(f"the sequence would reach {int((state.next_pos + lengths).max())} tokens, beyond "
-                         f"max_seq_len={state.max_seq_len}; start a new cache or raise max_seq_len")
+        raise ValueError(
+            f"the sequence would reach {int((state.next_pos + lengths).max())} tokens, beyond "
+            f"max_seq_len={state.max_seq_len}; start a new cache or raise max_seq_len"
+        )
     pos = state.next_pos.clone()
     input_pos = pos[:, None] + torch.arange(n, device=tokens.device)[None]
     input_pos = torch.minimum(input_pos, torch.full_like(input_pos, state.max_seq_len - 1))
@@ -309,9 +345,14 @@ def prefill_chunk_size(batch_size: int) -> int:
 
 
 @torch.no_grad()
-def prefill(model: nn.Module, tokens: torch.Tensor, state: InferenceState,
-            lengths: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None,
-            compile: bool = False) -> torch.Tensor:
+def prefill(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    state: InferenceState,
+    lengths: Optional[torch.Tensor] = None,
+    chunk_size: Optional[int] = None,
+    compile: bool = False,
+) -> torch.Tensor:
     """Append tokens (B, n) (right-padded; `lengths` (B,) real tokens per row) to the cache.
 
     Works on an empty cache (the prompt) and on a live one (a later turn); a prompt longer than
@@ -380,12 +421,15 @@ def _compiled_halves_work(layer, x, input_pos, cfg) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _compiled_layer_halves():
-    return (torch.compile(attention_inputs, dynamic=True, fullgraph=True),
-            torch.compile(finish_layer, dynamic=True, fullgraph=True))
+    return (
+        torch.compile(attention_inputs, dynamic=True, fullgraph=True),
+        torch.compile(finish_layer, dynamic=True, fullgraph=True),
+    )
 
 
-def decode_step(model: nn.Module, token: torch.Tensor, state: InferenceState,
-                attend: Optional[Callable] = None) -> torch.Tensor:
+def decode_step(
+    model: nn.Module, token: torch.Tensor, state: InferenceState, attend: Optional[Callable] = None
+) -> torch.Tensor:
     """One token per row: token (B, 1) at position state.next_pos. Returns logits (B, vocab).
 
     Static shapes and no host syncs: compile it with torch.compile(fullgraph=True,
@@ -398,8 +442,11 @@ def decode_step(model: nn.Module, token: torch.Tensor, state: InferenceState,
 
     def step(i, q, k, v, logits):
         cache = state.caches[i]
-        evict_prev = decisions.hard_evict(logits[..., 0]) if logits is not None else torch.zeros(
-            k.shape[:2], dtype=torch.bool, device=k.device)
+        evict_prev = (
+            decisions.hard_evict(logits[..., 0])
+            if logits is not None
+            else torch.zeros(k.shape[:2], dtype=torch.bool, device=k.device)
+        )
         cache.decode_update(k, v, evict_prev, pos)
         return read(q, cache)
 

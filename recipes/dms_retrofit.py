@@ -55,11 +55,24 @@ from torchtune import config
 from dms_flex import data as dms_data
 from dms_flex.config import DMSConfig, DMSConfigError
 from dms_flex.retrofit import models
-from dms_flex.retrofit.checkpointing import (checkpoint_hf_config, checkpoint_weights, restore_rng, rng_state,
-                                             write_checkpoint)
-from dms_flex.retrofit.config_checks import (RecipeError, check_distributed, check_weights_present, instantiate,
-                                             map_config_argument, resolve_device, resolve_paths, training_mode,
-                                             validate_config)
+from dms_flex.retrofit.checkpointing import (
+    checkpoint_hf_config,
+    checkpoint_weights,
+    restore_rng,
+    rng_state,
+    write_checkpoint,
+)
+from dms_flex.retrofit.config_checks import (
+    RecipeError,
+    check_distributed,
+    check_weights_present,
+    instantiate,
+    map_config_argument,
+    resolve_device,
+    resolve_paths,
+    training_mode,
+    validate_config,
+)
 from dms_flex.retrofit.memory import capacity_estimate, peak_memory_message
 from dms_flex.retrofit.metrics import kept_tokens, save_heatmap, step_metrics
 from dms_flex.retrofit.output_dir import OutputDir
@@ -128,8 +141,9 @@ class DMSRetrofitRecipe:
         self.optimizer = instantiate(cfg.optimizer, "optimizer", trainable)
         self.lr_scheduler = None
         if cfg.get("lr_scheduler", None) is not None:
-            self.lr_scheduler = instantiate(cfg.lr_scheduler, "lr_scheduler", self.optimizer,
-                                            num_training_steps=self.max_steps)
+            self.lr_scheduler = instantiate(
+                cfg.lr_scheduler, "lr_scheduler", self.optimizer, num_training_steps=self.max_steps
+            )
         # the noise of the eviction relaxation has its own generator: its state is part of a checkpoint
         self.noise = torch.Generator(device=self.device).manual_seed(self.seed * 1000 + self.rank)
         if self._resume is not None:
@@ -137,18 +151,22 @@ class DMSRetrofitRecipe:
         self.train_step = torch.compile(self.step) if cfg.get("compile", False) else self.step
         n_train = sum(p.numel() for p in trainable)
         n_all = sum(p.numel() for p in self.step.parameters())
-        self._log(f"student: {n_all:,} parameters ({n_train:,} trained), DMS {self.dms.decision} "
-                  f"window {self.dms.window}, CR {self.dms.initial_cr:g} -> {self.dms.final_cr:g} over "
-                  f"{self.dms.final_step} steps; teacher: "
-                  f"{'the student with eviction off' if self.teacher is None else 'frozen copy of the original'}; "
-                  f"{self.world_size} rank(s) on {self.device.type}, {cfg.dtype}")
+        self._log(
+            f"student: {n_all:,} parameters ({n_train:,} trained), DMS {self.dms.decision} "
+            f"window {self.dms.window}, CR {self.dms.initial_cr:g} -> {self.dms.final_cr:g} over "
+            f"{self.dms.final_step} steps; teacher: "
+            f"{'the student with eviction off' if self.teacher is None else 'frozen copy of the original'}; "
+            f"{self.world_size} rank(s) on {self.device.type}, {cfg.dtype}"
+        )
 
     def _setup_models(self, cfg: DictConfig) -> None:
         """Student (fp32 master weights, DMS attached), teacher, and the checkpoint to resume if any."""
-        self._resume = choose_resume(cfg.get("resume_from", None), self.output_dir, self.out.run_id, self.settings,
-                                     self.max_steps, self._log)
+        self._resume = choose_resume(
+            cfg.get("resume_from", None), self.output_dir, self.out.run_id, self.settings, self.max_steps, self._log
+        )
         source, self.hf_config, self.family = models.original_model(
-            cfg, self.dms, self.tokenizer, self.seed, self.compute_dtype if self.distributed else torch.float32)
+            cfg, self.dms, self.tokenizer, self.seed, self.compute_dtype if self.distributed else torch.float32
+        )
         needs_teacher = not self.adapter_only
         teacher = source if needs_teacher else None  # every rank keeps its own copy of the original
         if self.distributed:  # a meta-device student, sharded below; its weights come from rank 0's copy
@@ -168,17 +186,24 @@ class DMSRetrofitRecipe:
             self._log(capacity_estimate(self.hf_config, self.base_weights, self.dms, cfg))
             self._base_originals = models.quantize_base(student, self.base_weights, self.compute_dtype, self._log)
         self.teacher = teacher
-        self.step = RetrofitStep(student, teacher,
-                                 activation_checkpointing=bool(cfg.get("enable_activation_checkpointing", False)),
-                                 kd_chunk_size=int(cfg.get("kd_chunk_size", 1024)),
-                                 kd_temperature=float(cfg.get("kd_temperature", 1.0)),
-                                 log_lm_loss=bool(cfg.get("log_lm_loss", True)), kv_int8=self.kv_int8)
+        self.step = RetrofitStep(
+            student,
+            teacher,
+            activation_checkpointing=bool(cfg.get("enable_activation_checkpointing", False)),
+            kd_chunk_size=int(cfg.get("kd_chunk_size", 1024)),
+            kd_temperature=float(cfg.get("kd_temperature", 1.0)),
+            log_lm_loss=bool(cfg.get("log_lm_loss", True)),
+            kv_int8=self.kv_int8,
+        )
         if self.distributed:
             models.shard(self.step, self.device, self.world_size, bool(cfg.get("fsdp_reshard_after_forward", True)))
             full = None
             if self.is_rank_zero:
-                full = (models.model_from_folder(self._resume.folder, torch.float32, cfg, self.dms)
-                        if self._resume is not None else source)
+                full = (
+                    models.model_from_folder(self._resume.folder, torch.float32, cfg, self.dms)
+                    if self._resume is not None
+                    else source
+                )
             models.load_full_state(self.step, student, full, self.device)
         self.step.train()
 
@@ -191,34 +216,53 @@ class DMSRetrofitRecipe:
         datasets = []
         for part in parts:
             if part.get("packed", False):
-                raise RecipeError("dataset.packed=true: leave packing to the recipe (it needs document ids); set "
-                                  "packed: false and choose max_seq_len / split_across_rows at the top level")
+                raise RecipeError(
+                    "dataset.packed=true: leave packing to the recipe (it needs document ids); set "
+                    "packed: false and choose max_seq_len / split_across_rows at the top level"
+                )
             datasets.append(instantiate(part, "dataset", self.tokenizer))
         ds = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
         rows_needed = self.max_steps * self.grad_accum * self.batch_size * self.world_size
-        self.packed = dms_data.PackedDocuments(ds, int(cfg.max_seq_len), pad_id=self.tokenizer.pad_id,
-                                               split_across_rows=bool(cfg.get("split_across_rows", True)),
-                                               max_rows=rows_needed, progress=self.is_rank_zero)
+        self.packed = dms_data.PackedDocuments(
+            ds,
+            int(cfg.max_seq_len),
+            pad_id=self.tokenizer.pad_id,
+            split_across_rows=bool(cfg.get("split_across_rows", True)),
+            max_rows=rows_needed,
+            progress=self.is_rank_zero,
+        )
         self.data_fingerprint = self.packed.fingerprint()
         per_batch = self.batch_size * self.world_size
         if len(self.packed) < per_batch:
-            raise RecipeError(f"the data packs into {len(self.packed)} row(s) of {cfg.max_seq_len} tokens, fewer than "
-                              f"one batch ({self.batch_size} x {self.world_size} rank(s)): add data or lower "
-                              f"max_seq_len / batch_size")
-        self.sampler = StatefulDistributedSampler(self.packed, num_replicas=self.world_size, rank=self.rank,
-                                                  shuffle=bool(cfg.get("shuffle", True)), seed=self.seed,
-                                                  drop_last=True)
-        self.dataloader = StatefulDataLoader(self.packed, batch_size=self.batch_size, sampler=self.sampler,
-                                             drop_last=True, num_workers=0)
+            raise RecipeError(
+                f"the data packs into {len(self.packed)} row(s) of {cfg.max_seq_len} tokens, fewer than "
+                f"one batch ({self.batch_size} x {self.world_size} rank(s)): add data or lower "
+                f"max_seq_len / batch_size"
+            )
+        self.sampler = StatefulDistributedSampler(
+            self.packed,
+            num_replicas=self.world_size,
+            rank=self.rank,
+            shuffle=bool(cfg.get("shuffle", True)),
+            seed=self.seed,
+            drop_last=True,
+        )
+        self.dataloader = StatefulDataLoader(
+            self.packed, batch_size=self.batch_size, sampler=self.sampler, drop_last=True, num_workers=0
+        )
         # the same number of eval rows on every rank (FSDP runs every forward on all ranks together)
         n_eval = min(int(cfg.get("eval_batches", 1)) * self.batch_size, len(self.packed) // self.world_size)
         rows = [self.rank + self.world_size * k for k in range(n_eval)]
-        self.eval_batches = [torch.utils.data.default_collate([self.packed[i] for i in rows[s:s + self.batch_size]])
-                             for s in range(0, len(rows), self.batch_size)]
+        self.eval_batches = [
+            torch.utils.data.default_collate([self.packed[i] for i in rows[s : s + self.batch_size]])
+            for s in range(0, len(rows), self.batch_size)
+        ]
         epochs = rows_needed / max(len(self.packed), 1)
-        self._log(f"data: {self.packed.documents} documents, {self.packed.real_tokens} tokens in {len(self.packed)} "
-                  f"rows of {cfg.max_seq_len}; {self.max_steps} steps x {self.grad_accum * self.batch_size} rows x "
-                  f"{self.world_size} rank(s) = {max(epochs, 1.0):.1f} epoch(s)")
+        self._log(
+            f"data: {self.packed.documents} documents, {self.packed.real_tokens} tokens in {len(self.packed)} "
+            f"rows of {cfg.max_seq_len}; {self.max_steps} steps x {self.grad_accum * self.batch_size} rows x "
+            f"{self.world_size} rank(s) = {max(epochs, 1.0):.1f} epoch(s)"
+        )
 
     def _batches(self):
         """Batches forever, epoch after epoch; resumes where the data loader's state says."""
@@ -270,8 +314,9 @@ class DMSRetrofitRecipe:
         for _ in range(self.grad_accum):
             batch = {k: v.to(self.device) for k, v in next(batches).items()}
             with self._autocast():
-                r = self.train_step(batch["tokens"], batch["targets"], batch["doc_ids"], batch["valid"],
-                                    alpha_target, self.noise)
+                r = self.train_step(
+                    batch["tokens"], batch["targets"], batch["doc_ids"], batch["valid"], alpha_target, self.noise
+                )
             ((r["kd"] + r["compression"]) / self.grad_accum).backward()
             sums += torch.stack([r["kd"].detach(), r["compression"].detach(), r["lm"].detach()]).float()
             k, n = kept_tokens(r["evicted"], batch["doc_ids"], batch["valid"], self.dms.effective_window)
@@ -283,8 +328,9 @@ class DMSRetrofitRecipe:
         """Clip (when clip_grad_norm is set; returns the norm), step the optimizer and the schedule."""
         grad_norm = None
         if self.clip is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.step.parameters() if p.requires_grad],
-                                                       max_norm=float(self.clip))
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.step.parameters() if p.requires_grad], max_norm=float(self.clip)
+            )
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
@@ -295,8 +341,9 @@ class DMSRetrofitRecipe:
 
     def _report_step(self, sums, kept, seen, tokens: int, grad_norm, t0: float, pbar) -> None:
         """Losses and achieved CR over all ranks: the progress bar, and every log_every_n_steps the metrics."""
-        stats = torch.cat([sums / self.grad_accum, kept.flatten(), seen.view(1),
-                           torch.tensor([float(tokens)], device=self.device)])
+        stats = torch.cat(
+            [sums / self.grad_accum, kept.flatten(), seen.view(1), torch.tensor([float(tokens)], device=self.device)]
+        )
         if self.distributed:
             torch.distributed.all_reduce(stats)
             stats[:3] /= self.world_size
@@ -307,14 +354,27 @@ class DMSRetrofitRecipe:
         pbar.set_postfix_str(f"kd {kd:.4f} comp {comp:.4f} CR {report.ratio:.2f} (target {target_cr:.2f})")
         if self.global_step % self.log_every == 0 or self.global_step == self.max_steps:
             dt = time.perf_counter() - t0
-            self._log_dict(step_metrics(kd, comp, lm, target_cr=target_cr, report=report,
-                                        lr=self.optimizer.param_groups[0]["lr"],
-                                        tokens_per_second=stats[-1].item() / dt, grad_norm=grad_norm,
-                                        device=self.device), step=self.global_step)
+            self._log_dict(
+                step_metrics(
+                    kd,
+                    comp,
+                    lm,
+                    target_cr=target_cr,
+                    report=report,
+                    lr=self.optimizer.param_groups[0]["lr"],
+                    tokens_per_second=stats[-1].item() / dt,
+                    grad_norm=grad_norm,
+                    device=self.device,
+                ),
+                step=self.global_step,
+            )
 
     def _autocast(self):
-        return (torch.autocast(self.device.type, dtype=self.compute_dtype)
-                if self.compute_dtype != torch.float32 else nullcontext())
+        return (
+            torch.autocast(self.device.type, dtype=self.compute_dtype)
+            if self.compute_dtype != torch.float32
+            else nullcontext()
+        )
 
     @torch.no_grad()
     def measure_compression(self) -> CompressionReport:
@@ -347,10 +407,18 @@ class DMSRetrofitRecipe:
             record = make_record(self.run_id, step, self.settings, self.data_fingerprint, self.world_size)
             state = None
             if not final:
-                state = {"step": step, "epoch": self.epoch, "dataloader": self.dataloader.state_dict(),
-                         "optimizer": opt, "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
-                         "rng": rng, "world_size": self.world_size, "seed": self.seed, "dms": self.dms.to_dict(),
-                         "run": record}
+                state = {
+                    "step": step,
+                    "epoch": self.epoch,
+                    "dataloader": self.dataloader.state_dict(),
+                    "optimizer": opt,
+                    "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
+                    "rng": rng,
+                    "world_size": self.world_size,
+                    "seed": self.seed,
+                    "dms": self.dms.to_dict(),
+                    "run": record,
+                }
             self.out.claim(folder.name)
             write_checkpoint(folder, weights, hf_config, self.family, self.tokenizer.hf, state, record, final)
             self._log(f"saved {'final model' if final else 'checkpoint'} to {folder}")
@@ -364,8 +432,13 @@ class DMSRetrofitRecipe:
             from torchtune import training
 
             sd = training.gather_cpu_state_dict(self.step, self.is_rank_zero, device=self.device)
-            opt = None if final else training.get_full_optimizer_state_dict(self.step, self.optimizer,
-                                                                            self.is_rank_zero, device=self.device)
+            opt = (
+                None
+                if final
+                else training.get_full_optimizer_state_dict(
+                    self.step, self.optimizer, self.is_rank_zero, device=self.device
+                )
+            )
             rng = [None] * self.world_size
             torch.distributed.all_gather_object(rng, rng_state(self.noise, self.device))
             return sd, opt, rng
@@ -382,8 +455,12 @@ class DMSRetrofitRecipe:
         if self.distributed:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(self.step, self.optimizer, state["optimizer"] if self.is_rank_zero else {},
-                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+            set_optimizer_state_dict(
+                self.step,
+                self.optimizer,
+                state["optimizer"] if self.is_rank_zero else {},
+                options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+            )
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
@@ -392,7 +469,9 @@ class DMSRetrofitRecipe:
         self.dataloader.load_state_dict(state["dataloader"])
         rng = state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0]
         restore_rng(rng, self.noise, self.device)
-        self._log(f"resumed from {folder} at step {self.global_step} (target CR {self.dms.target_cr(self.global_step):.2f})")
+        self._log(
+            f"resumed from {folder} at step {self.global_step} (target CR {self.dms.target_cr(self.global_step):.2f})"
+        )
 
     # ------------------------------------------------------------------------ logging, cleanup
     def _log(self, msg: str) -> None:

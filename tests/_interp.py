@@ -27,12 +27,18 @@ def start_worker(test_file: str, threads: str = "1") -> subprocess.Popen:
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", threads)
-    return subprocess.Popen([sys.executable, os.path.abspath(test_file), "--interp-worker"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    return subprocess.Popen(
+        [sys.executable, os.path.abspath(test_file), "--interp-worker"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
 
 
 def results_of(rc: int, out: str, err: str) -> dict:
     for line in out.splitlines():
         if line.startswith(MARK):
-            return json.loads(line[len(MARK):])
+            return json.loads(line[len(MARK) :])
     raise RuntimeError(f"interpreter worker failed (rc={rc}):\n{out[-4000:]}\n{err[-4000:]}")

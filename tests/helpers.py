@@ -23,16 +23,32 @@ from dms_flex.config import DMSConfig
 
 
 # ============================================================================ tiny torchtune models
-def tiny_model(family="llama", seed=0, decision="borrowed", window=3, scope="head", offset=0.0, heads=(4, 2),
-               max_seq_len=96, vocab_size=64):
+def tiny_model(
+    family="llama",
+    seed=0,
+    decision="borrowed",
+    window=3,
+    scope="head",
+    offset=0.0,
+    heads=(4, 2),
+    max_seq_len=96,
+    vocab_size=64,
+):
     """A 2-layer torchtune Llama-3 (or Qwen2) of width 32 with DMS (alpha_scale 5, alpha_offset `offset`),
     weights N(0, 0.3) so that decisions and logits are far from zero; adapters random when used."""
     from torchtune.models.llama3._component_builders import llama3
     from torchtune.models.qwen2._component_builders import qwen2
 
     torch.manual_seed(seed)
-    kw = dict(vocab_size=vocab_size, num_layers=2, num_heads=heads[0], num_kv_heads=heads[1], embed_dim=32,
-              max_seq_len=max_seq_len, intermediate_dim=64)
+    kw = dict(
+        vocab_size=vocab_size,
+        num_layers=2,
+        num_heads=heads[0],
+        num_kv_heads=heads[1],
+        embed_dim=32,
+        max_seq_len=max_seq_len,
+        intermediate_dim=64,
+    )
     m = (llama3(**kw) if family == "llama" else qwen2(**kw, rope_base=10000)).eval()
     with torch.no_grad():
         for p in m.parameters():
@@ -72,7 +88,7 @@ def assert_matches_reference(m, full, cached_logits, n_prompt, state, atol=2e-4,
     window = m.dms_config.effective_window
     ref_logits, evicted = teacher_forced(m, full, **forward_kw)
     # logits at prompt end and every decoded position equal the full-sequence DMS forward
-    ref = ref_logits[:, n_prompt - 1:]
+    ref = ref_logits[:, n_prompt - 1 :]
     assert torch.allclose(cached_logits, ref, atol=atol, rtol=rtol), float((cached_logits - ref).abs().max())
     assert torch.equal(cached_logits.argmax(-1)[:, :-1], full[:, n_prompt:])
     # live slots equal the number of tokens the rule keeps, per row, layer and head
@@ -83,12 +99,24 @@ def assert_matches_reference(m, full, cached_logits, n_prompt, state, atol=2e-4,
 
 
 # ============================================================================ tiny Hugging Face models
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 # original context 16 puts the 8 RoPE frequencies of head_dim 16 (theta 1e4) in all three
 # bands of Llama-3.1 scaling (kept, smoothed, divided by the factor).
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 
 
 def hf_cases():
@@ -98,10 +126,12 @@ def hf_cases():
     return {
         "llama_untied": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=False)),
         "llama_tied": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=True)),
-        "llama_rope_llama3": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=False,
-                                                                  rope_scaling=LLAMA3_ROPE)),
-        "llama_tied_rope_llama3": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=True,
-                                                                       rope_scaling=LLAMA3_ROPE)),
+        "llama_rope_llama3": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=False, rope_scaling=LLAMA3_ROPE)),
+        "llama_tied_rope_llama3": (
+            LlamaConfig,
+            LlamaForCausalLM,
+            dict(tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE),
+        ),
         "qwen2_untied": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=False)),
         "qwen2_tied": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
     }
@@ -132,16 +162,24 @@ def make_hf(case, **overrides):
     return randomize_hf(model_cls(cfg)).eval()
 
 
-def save_tiny_llama(folder, vocab_size, max_position_embeddings=512, tie_word_embeddings=False, seed=0,
-                    std=None, config_keys=None):
+def save_tiny_llama(
+    folder, vocab_size, max_position_embeddings=512, tie_word_embeddings=False, seed=0, std=None, config_keys=None
+):
     """Save a 2-layer Llama of width 32 (4 query, 2 KV heads) in Hugging Face format into `folder`:
     transformers' init under manual_seed(seed), or every weight N(0, std); `config_keys` are added to
     its config.json (e.g. DMS settings). Returns `folder`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
-                      tie_word_embeddings=tie_word_embeddings)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).eval()
     if std is not None:

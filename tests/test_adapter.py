@@ -29,8 +29,9 @@ def _retrofit(root: Path, case: str, base_dtype=torch.float32) -> dict:
     hf = make_hf(case)
     hf.to(base_dtype).save_pretrained(root / "base")
     tiny_tokenizer().save_pretrained(root / "base")
-    dm = checkpoints.load_dms_model(root / "base", dms_overrides={"decision": "adapter", "window": WINDOW,
-                                                                 "final_cr": 3.0})
+    dm = checkpoints.load_dms_model(
+        root / "base", dms_overrides={"decision": "adapter", "window": WINDOW, "final_cr": 3.0}
+    )
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for layer in dm.model.layers:
@@ -41,8 +42,9 @@ def _retrofit(root: Path, case: str, base_dtype=torch.float32) -> dict:
     # the recipe saves the base in save_dtype and the DMS parameters in float32
     weights = {k: v if checkpoints.is_extra_key(k) else v.to(base_dtype) for k, v in dm.model.state_dict().items()}
     view = _View(weights)
-    checkpoints.save_hf_checkpoint(view, cfg, root / "full", dm.family, extra_state=checkpoints.dms_state_dict(view),
-                                  tokenizer=dm.tokenizer)
+    checkpoints.save_hf_checkpoint(
+        view, cfg, root / "full", dm.family, extra_state=checkpoints.dms_state_dict(view), tokenizer=dm.tokenizer
+    )
     return {"base": root / "base", "full": root / "full", "family": dm.family}
 
 
@@ -70,12 +72,14 @@ def test_base_plus_adapter_is_the_full_checkpoint(run, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["dms_adapter.safetensors", "dms_config.json"]
     saved = load_file(str(out / "dms_adapter.safetensors"))
     n_layers = TINY["num_hidden_layers"]
-    assert set(saved) == {f"model.layers.{i}.self_attn.dms_adapter.{p}.weight" for i in range(n_layers)
-                          for p in ("norm", "linear")}
+    assert set(saved) == {
+        f"model.layers.{i}.self_attn.dms_adapter.{p}.weight" for i in range(n_layers) for p in ("norm", "linear")
+    }
     cfg = json.loads((out / "dms_config.json").read_text())
     full_cfg = checkpoints.read_hf_config(run["full"])
-    assert {k: v for k, v in cfg.items() if k.startswith("dms_")} == {k: v for k, v in full_cfg.items()
-                                                                        if k.startswith("dms_")}
+    assert {k: v for k, v in cfg.items() if k.startswith("dms_")} == {
+        k: v for k, v in full_cfg.items() if k.startswith("dms_")
+    }
     assert cfg["base_verified"] is True and cfg["base_model"]["hidden_size"] == TINY["hidden_size"]
 
     full = checkpoints.load_dms_model(run["full"])
@@ -110,8 +114,10 @@ def test_low_precision_final_of_an_fp32_base_is_accepted(tmp_path):
     """The recipe's final folder holds the base in bf16; a bf16 copy of the fp32 base is the same base."""
     r = _retrofit(tmp_path, "llama_untied")
     sd = load_file(str(r["full"] / "model.safetensors"))
-    save_file({k: v if checkpoints.is_extra_key(k) else v.to(torch.bfloat16) for k, v in sd.items()},
-              str(r["full"] / "model.safetensors"))
+    save_file(
+        {k: v if checkpoints.is_extra_key(k) else v.to(torch.bfloat16) for k, v in sd.items()},
+        str(r["full"] / "model.safetensors"),
+    )
     checkpoints.export_adapter(r["full"], tmp_path / "adapter", base_folder=r["base"])
 
 
@@ -153,8 +159,11 @@ def test_adapter_that_does_not_fit_is_a_clear_error(run, tmp_path):
     wrong = tmp_path / "wrong_shape"
     shutil.copytree(out, wrong)
     save_file({**sd, LINEAR: torch.zeros(5, TINY["hidden_size"])}, str(wrong / "dms_adapter.safetensors"))
-    with pytest.raises(ValueError, match=r"does not fit .* has shape \(5, 64\) in the adapter, the model .* "
-                                         r"needs \(2, 64\); the adapter was exported from"):
+    with pytest.raises(
+        ValueError,
+        match=r"does not fit .* has shape \(5, 64\) in the adapter, the model .* "
+        r"needs \(2, 64\); the adapter was exported from",
+    ):
         checkpoints.load_dms_model(run["base"], adapter=wrong)
     short = tmp_path / "fewer_layers"
     shutil.copytree(out, short)
@@ -268,8 +277,20 @@ def test_eval_default_model_applies_the_packaged_adapter(run, tmp_path, monkeypa
     adapter = checkpoints.export_adapter(run["full"], tmp_path / "adapter", base_folder=run["base"])
     monkeypatch.setattr(smollm2, "default_model_dir", lambda: run["base"])
     monkeypatch.setattr(smollm2, "packaged_adapter", lambda: adapter)
-    common = ["--device", "cpu", "--methods", "dms", "--metrics", "ppl", "--ppl-len", "24", "--ppl-prefix", "4",
-              "--texts", "code"]
+    common = [
+        "--device",
+        "cpu",
+        "--methods",
+        "dms",
+        "--metrics",
+        "ppl",
+        "--ppl-len",
+        "24",
+        "--ppl-prefix",
+        "4",
+        "--texts",
+        "code",
+    ]
 
     def ppl(extra, out):
         res = ev.run(ev.parse_args(common + extra + ["--out", str(tmp_path / out)]), log=lambda s: None)

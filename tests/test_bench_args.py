@@ -34,15 +34,30 @@ def test_decode_kernel_shapes_and_crs():
             bk.parse_crs(bad)
 
 
-@pytest.mark.parametrize("script, args, message", [
-    ("bench_decode_step.py", ["--device", "cpu", "--cache", "8-fp8"], "expected gptfast"),
-    ("bench_decode_kernel.py", ["--cpu-smoke", "--shapes", "8by4"], "expected BxCTX"),
-    ("bench_train_attention_kernel.py", ["--cpu-smoke", "--variants", "sdpa_causal,sdpa_bogus"],
-     "unknown variant(s) ['sdpa_bogus']"),
-    ("bench_train_attention_kernel.py", ["--cpu-smoke", "--variants", "triton_dms_tuned"],
-     "needs --sweep --sweep-apply"),
-])
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("bench_decode_step.py", ["--device", "cpu", "--cache", "8-fp8"], "expected gptfast"),
+        ("bench_decode_kernel.py", ["--cpu-smoke", "--shapes", "8by4"], "expected BxCTX"),
+        (
+            "bench_train_attention_kernel.py",
+            ["--cpu-smoke", "--variants", "sdpa_causal,sdpa_bogus"],
+            "unknown variant(s) ['sdpa_bogus']",
+        ),
+        (
+            "bench_train_attention_kernel.py",
+            ["--cpu-smoke", "--variants", "triton_dms_tuned"],
+            "needs --sweep --sweep-apply",
+        ),
+    ],
+)
 def test_bad_values_are_usage_errors(script, args, message):
-    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True,
-                       cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    p = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=120,
+    )
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]

@@ -19,14 +19,38 @@ import bench_prefill_layer as bp  # noqa: E402
 
 def run_script(script, *args, timeout=600):
     env = dict(os.environ, PYTHONPATH=str(REPO), TORCHINDUCTOR_CACHE_DIR=str(REPO / ".inductor_cache"))
-    return subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True,
-                          text=True, cwd=REPO, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def test_generate_tiny_cpu_smoke(tmp_path):
     out = tmp_path / "gen.json"
-    p = run_script("bench_generate.py", "--device", "cpu", "--tiny", "--threads", "1", "--batch", "2", "max",
-                   "--max-batch-limit", "2", "--prompt-len", "40", "--new-tokens", "3", "--check", "--out", str(out))
+    p = run_script(
+        "bench_generate.py",
+        "--device",
+        "cpu",
+        "--tiny",
+        "--threads",
+        "1",
+        "--batch",
+        "2",
+        "max",
+        "--max-batch-limit",
+        "2",
+        "--prompt-len",
+        "40",
+        "--new-tokens",
+        "3",
+        "--check",
+        "--out",
+        str(out),
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "e2e tok/s" in p.stdout and "check dms: torchtune == dms-hf" in p.stdout, p.stdout
     d = json.loads(out.read_text())
@@ -40,8 +64,16 @@ def test_generate_tiny_cpu_smoke(tmp_path):
     for r in rows:
         assert not r.get("oom") and not r.get("error"), r
         assert r["batch"] == 2 and r["prompt_len"] == 40 and r["new_tokens"] == 3
-        for key in ("e2e_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s", "kv_live_bytes",
-                    "kv_allocated_bytes", "wall_s", "ttft_s", "warmup_s"):
+        for key in (
+            "e2e_tokens_per_s",
+            "prefill_tokens_per_s",
+            "decode_tokens_per_s",
+            "kv_live_bytes",
+            "kv_allocated_bytes",
+            "wall_s",
+            "ttft_s",
+            "warmup_s",
+        ):
             assert r[key] > 0, (key, r)
         assert r["kv_allocated_bytes"] >= r["kv_live_bytes"], r
         assert r["cr"] >= 1.0 - 1e-6, r
@@ -60,8 +92,23 @@ def test_generate_tiny_cpu_smoke(tmp_path):
 
 def test_prefill_layer_cpu_smoke(tmp_path):
     out = tmp_path / "layer.json"
-    p = run_script("bench_prefill_layer.py", "--device", "cpu", "--threads", "1", "--shapes", "2x96", "--window",
-                   "16", "--repeats", "1", "--warmup", "0", "--out", str(out))
+    p = run_script(
+        "bench_prefill_layer.py",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--shapes",
+        "2x96",
+        "--window",
+        "16",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--out",
+        str(out),
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     d = json.loads(out.read_text())
     for key in ("torch", "device", "date", "git_commit", "heads"):
@@ -87,20 +134,23 @@ def test_max_batch_search():
     assert calls[:4] == [1, 2, 4, 8]
 
 
-@pytest.mark.parametrize("module, args, message", [
-    (bg, ["--batch", "0"], "expected an integer >= 1 or 'max'"),
-    (bg, ["--batch", "16", "most"], "expected an integer >= 1 or 'max'"),
-    (bg, ["--systems", "dense", "vllm"], "invalid choice: 'vllm'"),
-    (bg, ["--prompt-len", "-5"], "expected an integer >= 1"),
-    (bg, ["--new-tokens", "0"], "expected an integer >= 1"),
-    (bg, ["--dms-capacity", "2"], "expected 'full' or a fraction in (0, 1]"),
-    (bg, ["--text-file", "/no/such/file.txt"], "no such file"),
-    (bp, ["--shapes", "16by7000"], "expected BxT"),
-    (bp, ["--shapes", "0x128"], "expected BxT"),
-    (bp, ["--evict-frac", "1.5"], "expected a fraction in [0, 1]"),
-    (bp, ["--window", "-1"], "expected an integer >= 0"),
-    (bp, ["--variants", "sdpa_causal", "flash3"], "invalid choice: 'flash3'"),
-])
+@pytest.mark.parametrize(
+    "module, args, message",
+    [
+        (bg, ["--batch", "0"], "expected an integer >= 1 or 'max'"),
+        (bg, ["--batch", "16", "most"], "expected an integer >= 1 or 'max'"),
+        (bg, ["--systems", "dense", "vllm"], "invalid choice: 'vllm'"),
+        (bg, ["--prompt-len", "-5"], "expected an integer >= 1"),
+        (bg, ["--new-tokens", "0"], "expected an integer >= 1"),
+        (bg, ["--dms-capacity", "2"], "expected 'full' or a fraction in (0, 1]"),
+        (bg, ["--text-file", "/no/such/file.txt"], "no such file"),
+        (bp, ["--shapes", "16by7000"], "expected BxT"),
+        (bp, ["--shapes", "0x128"], "expected BxT"),
+        (bp, ["--evict-frac", "1.5"], "expected a fraction in [0, 1]"),
+        (bp, ["--window", "-1"], "expected an integer >= 0"),
+        (bp, ["--variants", "sdpa_causal", "flash3"], "invalid choice: 'flash3'"),
+    ],
+)
 def test_bad_arguments_are_usage_errors(module, args, message, capsys):
     with pytest.raises(SystemExit) as e:
         module.parse_args(["--device", "cpu", *args])
@@ -117,10 +167,17 @@ def test_cuda_without_a_gpu_is_a_usage_error(module, capsys):
     assert e.value.code == 2 and "torch sees no CUDA device" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("script, args, message", [
-    ("bench_generate.py", ["--device", "cpu", "--tiny", "--batch", "max", "-3"], "expected an integer >= 1 or 'max'"),
-    ("bench_prefill_layer.py", ["--device", "cpu", "--shapes", "2x"], "expected BxT"),
-])
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        (
+            "bench_generate.py",
+            ["--device", "cpu", "--tiny", "--batch", "max", "-3"],
+            "expected an integer >= 1 or 'max'",
+        ),
+        ("bench_prefill_layer.py", ["--device", "cpu", "--shapes", "2x"], "expected BxT"),
+    ],
+)
 def test_usage_error_exit_code_one_line(script, args, message):
     p = run_script(script, *args, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]

@@ -24,7 +24,7 @@ FEW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthChec
 def marks_known_at(dec, last):
     """(last + 1,) bool: token t < last is marked iff dec[t + 1]; the newest token is not marked yet."""
     marked = torch.zeros(last + 1, dtype=torch.bool)
-    marked[:last] = dec[1:last + 1]
+    marked[:last] = dec[1 : last + 1]
     return marked
 
 
@@ -49,7 +49,7 @@ def assert_holds(cache, b, h, dec, last, keys, values):
     slots = live(cache, b, h)
     assert sorted(slots) == kept and int(cache.length[b, h]) == len(kept)
     assert len(slots) == int(cache.length[b, h])  # no position twice
-    assert (cache.slot_pos[b, h, len(kept):cache.capacity] == -1).all()
+    assert (cache.slot_pos[b, h, len(kept) : cache.capacity] == -1).all()
     if not kept:
         return
     marked = marks_known_at(dec, last)
@@ -78,16 +78,24 @@ def random_sequence(g, B, H, T, p_mark):
 
 # ----------------------------------------------------------------------------- (a) decode
 @FEW
-@given(B=st.integers(1, 2), H=st.integers(1, 3), window=st.integers(0, 4), T=st.integers(1, 24),
-       p_mark=st.sampled_from([0.2, 0.5, 0.9]), capacity=st.sampled_from(["loose", "exact", "tight"]),
-       int8=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    B=st.integers(1, 2),
+    H=st.integers(1, 3),
+    window=st.integers(0, 4),
+    T=st.integers(1, 24),
+    p_mark=st.sampled_from([0.2, 0.5, 0.9]),
+    capacity=st.sampled_from(["loose", "exact", "tight"]),
+    int8=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_decode_updates_keep_what_the_rule_keeps(B, H, window, T, p_mark, capacity, int8, seed):
     """Random decode_update calls: after every step each (row, KV head) holds exactly the rule's tokens;
     the overflow flag rises exactly when some count exceeds the capacity, and then no live token's slot
     is overwritten (only slots of tokens the rule has dropped are ever reused)."""
     dec, keys, values = random_sequence(torch.Generator().manual_seed(seed), B, H, T, p_mark)
-    counts = torch.tensor([[[len(rule_kept(dec[b, h], p, window)) for h in range(H)] for b in range(B)]
-                           for p in range(T)])  # (T, B, H)
+    counts = torch.tensor(
+        [[[len(rule_kept(dec[b, h], p, window)) for h in range(H)] for b in range(B)] for p in range(T)]
+    )  # (T, B, H)
     most = int(counts.max())
     C = {"loose": T, "exact": most, "tight": max(1, most - 1 - seed % 3)}[capacity]
     cache = DMSKVCache(B, H, D, C, window, dtype=torch.float32, kv_dtype=torch.int8 if int8 else None)
@@ -144,8 +152,7 @@ def test_append_keeps_what_token_by_token_decoding_keeps(data):
     end = pos0 + torch.tensor(n_valid)  # tokens seen after the chunk
 
     def counts(upto):  # the rule's count per (row, head) after tokens [0, upto_b)
-        return torch.tensor([[len(rule_kept(dec[b, h], int(upto[b]) - 1, window)) for h in range(H)]
-                             for b in range(B)])
+        return torch.tensor([[len(rule_kept(dec[b, h], int(upto[b]) - 1, window)) for h in range(H)] for b in range(B)])
 
     need = int(counts(end).max())  # the chunk fits exactly; one slot fewer must raise
     C = {"loose": T + 1, "exact": need, "short": max(1, need - 1)}[draw(st.sampled_from(["loose", "exact", "short"]))]
@@ -171,8 +178,14 @@ def test_append_keeps_what_token_by_token_decoding_keeps(data):
     zero = torch.zeros(B, dtype=torch.long)
     if max(first) > 0:
         w0 = max(first)
-        cache.append(torch.randn(B, H * G, w0, D, generator=g), chunk(keys, zero, w0), chunk(values, zero, w0),
-                     logits_at(zero, w0, first), zero, torch.tensor(first))
+        cache.append(
+            torch.randn(B, H * G, w0, D, generator=g),
+            chunk(keys, zero, w0),
+            chunk(values, zero, w0),
+            logits_at(zero, w0, first),
+            zero,
+            torch.tensor(first),
+        )
     for s in range(steps):
         decode_rows(cache, torch.tensor(first) + s)
     for b in range(B):
@@ -195,7 +208,7 @@ def test_append_keeps_what_token_by_token_decoding_keeps(data):
     ref = []
     for b in range(B):
         one = DMSKVCache(1, H, D, C, window, dtype=torch.float32, kv_dtype=kv_dtype)
-        decode_all(one, dec[b:b + 1], keys[b:b + 1], values[b:b + 1], range(int(end[b])))
+        decode_all(one, dec[b : b + 1], keys[b : b + 1], values[b : b + 1], range(int(end[b])))
         ref.append(one)
     for b in range(B):
         for h in range(H):
@@ -215,8 +228,8 @@ def test_append_keeps_what_token_by_token_decoding_keeps(data):
                 h = hq // G
                 t = torch.arange(P + 1)
                 vis = masks.visible(torch.tensor(P), t, marks_known_at(dec[b, h], P), window)
-                s = (k_read[b, h, :P + 1][vis] @ q[b, hq, i]) * D ** -0.5
-                want = torch.softmax(s, 0) @ v_read[b, h, :P + 1][vis]
+                s = (k_read[b, h, : P + 1][vis] @ q[b, hq, i]) * D**-0.5
+                want = torch.softmax(s, 0) @ v_read[b, h, : P + 1][vis]
                 assert torch.allclose(out[b, hq, i], want, atol=1e-5), (b, i, hq)
 
     # both go on decoding alike: the ring of the last window + 1 positions was rebuilt right
@@ -224,7 +237,7 @@ def test_append_keeps_what_token_by_token_decoding_keeps(data):
         pos = end + s
         decode_rows(cache, pos)
         for b in range(B):
-            decode_all(ref[b], dec[b:b + 1], keys[b:b + 1], values[b:b + 1], [int(pos[b])])
+            decode_all(ref[b], dec[b : b + 1], keys[b : b + 1], values[b : b + 1], [int(pos[b])])
     if int((counts(end + after)).max()) <= C:
         assert not bool(cache.overflow)
         for b in range(B):
@@ -283,8 +296,14 @@ def test_int8_storage_holds_quantize_kv_codes_and_scales():
     cache = DMSKVCache(B, H, D, C, w, dtype=torch.float32, kv_dtype=torch.int8)
     assert cache.k.dtype == cache.v.dtype == torch.int8 and cache.k_scale.dtype == torch.float32
     zero = torch.zeros(B, dtype=torch.long)
-    cache.append(torch.randn(B, H, 7, D, generator=g), keys[:, :, :7], values[:, :, :7],
-                 torch.where(dec[..., :7], 1.0, -1.0), zero, torch.full((B,), 7))
+    cache.append(
+        torch.randn(B, H, 7, D, generator=g),
+        keys[:, :, :7],
+        values[:, :, :7],
+        torch.where(dec[..., :7], 1.0, -1.0),
+        zero,
+        torch.full((B,), 7),
+    )
     decode_all(cache, dec, keys, values, range(7, 12))
     kq, ks = quantize_kv(keys)
     vq, vs = quantize_kv(values)

@@ -17,12 +17,24 @@ from dms_flex.checkpoints import (
     tune_extra_name_to_hf,
 )
 
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 # original context 16 puts the 8 RoPE frequencies of head_dim 16 (theta 1e4) in all three
 # bands of Llama-3.1 scaling (kept, smoothed, divided by the factor).
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 
 CASES = {
     "llama_untied": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=False)),
@@ -105,10 +117,12 @@ def test_builder_choice(tmp_path):
     from torchtune.models.qwen2._positional_embeddings import Qwen2RotaryPositionalEmbeddings
     from torchtune.modules import RotaryPositionalEmbeddings
 
-    expect = {"llama_untied": (RotaryPositionalEmbeddings, None),
-              "llama_tied": (Llama3ScaledRoPE, 1.0),
-              "llama_rope_llama3": (Llama3ScaledRoPE, 8.0),
-              "qwen2_untied": (Qwen2RotaryPositionalEmbeddings, None)}
+    expect = {
+        "llama_untied": (RotaryPositionalEmbeddings, None),
+        "llama_tied": (Llama3ScaledRoPE, 1.0),
+        "llama_rope_llama3": (Llama3ScaledRoPE, 8.0),
+        "qwen2_untied": (Qwen2RotaryPositionalEmbeddings, None),
+    }
     for case, (rope_cls, scale) in expect.items():
         cfg_cls, _, kw = CASES[case]
         cfg = cfg_cls(**{**TINY, **kw}).to_dict()
@@ -127,8 +141,10 @@ def test_llama3_rope_scaling_is_exercised(tmp_path, tokens):
     hf.save_pretrained(tmp_path / "a")
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())
     ref = hf_logits(hf, tokens)
-    for change in ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
-                   {"rope_parameters": {**cfg["rope_parameters"], "original_max_position_embeddings": 8192}}):
+    for change in (
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+        {"rope_parameters": {**cfg["rope_parameters"], "original_max_position_embeddings": 8192}},
+    ):
         (tmp_path / "a" / "config.json").write_text(json.dumps({**cfg, **change}))
         wrong = tune_logits(load_hf_checkpoint(tmp_path / "a").model, tokens)
         assert (wrong - ref).abs().max().item() > 1e-2
@@ -198,8 +214,10 @@ def _add_tensors(folder, extra):
 
 
 def test_dms_tensors_become_extra_state(llama_dir, tokens):
-    extra = {"model.layers.0.self_attn.dms_adapter.linear.weight": torch.randn(2, 64),
-             "model.layers.1.self_attn.dms_adapter.linear.bias": torch.randn(2).to(torch.bfloat16)}
+    extra = {
+        "model.layers.0.self_attn.dms_adapter.linear.weight": torch.randn(2, 64),
+        "model.layers.1.self_attn.dms_adapter.linear.bias": torch.randn(2).to(torch.bfloat16),
+    }
     _add_tensors(llama_dir, extra)
     loaded = load_hf_checkpoint(llama_dir)
     assert loaded.extra_state.keys() == extra.keys()
@@ -223,8 +241,9 @@ def test_round_trip(case, tmp_path, tokens):
     extra = {"model.layers.1.self_attn.dms_adapter.linear.weight": torch.randn(2, 64)}
     _add_tensors(tmp_path / "src", extra)
     first = load_hf_checkpoint(tmp_path / "src")
-    out = save_hf_checkpoint(first.model, first.hf_config, tmp_path / "dst", first.family,
-                             extra_state=first.extra_state)
+    out = save_hf_checkpoint(
+        first.model, first.hf_config, tmp_path / "dst", first.family, extra_state=first.extra_state
+    )
     assert out == (tmp_path / "dst").absolute()
     assert sorted(os.listdir(tmp_path / "dst")) == ["config.json", "model.safetensors"]
     second = load_hf_checkpoint(tmp_path / "dst")
@@ -353,8 +372,11 @@ def test_missing_config(tmp_path):
 
 def test_unsupported_architecture(llama_dir):
     _edit_config(llama_dir, architectures=["GPT2LMHeadModel"], model_type="gpt2")
-    with pytest.raises(ValueError, match="unsupported architecture.*GPT2LMHeadModel.*supported "
-                                         "architectures are LlamaForCausalLM, Qwen2ForCausalLM"):
+    with pytest.raises(
+        ValueError,
+        match="unsupported architecture.*GPT2LMHeadModel.*supported "
+        "architectures are LlamaForCausalLM, Qwen2ForCausalLM",
+    ):
         load_hf_checkpoint(llama_dir)
 
 
@@ -390,8 +412,11 @@ def test_missing_shard(tmp_path):
 
 def test_shape_mismatch(llama_dir):
     _edit_config(llama_dir, intermediate_size=128)
-    with pytest.raises(ValueError, match=r"shape mismatch for model.layers.0.mlp.down_proj.weight: "
-                                         r"the weights file has \(64, 96\), config.json implies \(64, 128\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"shape mismatch for model.layers.0.mlp.down_proj.weight: "
+        r"the weights file has \(64, 96\), config.json implies \(64, 128\)",
+    ):
         load_hf_checkpoint(llama_dir)
 
 

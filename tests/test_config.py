@@ -11,11 +11,19 @@ def test_config_defaults_match_released_checkpoint():
     assert DMSConfig.from_hf(cfg.to_hf()) == cfg
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("window", -1, "window=-1"), ("window", 2.5, "integer >= 0"), ("decision", "neuron", "borrowed"),
-    ("tau", 0.0, "> 0"), ("alpha_scale", float("nan"), "finite"), ("scope", "token", "head"),
-    ("initial_cr", 0.5, ">= 1"), ("final_step", -3, "final_step=-3"),
-])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("window", -1, "window=-1"),
+        ("window", 2.5, "integer >= 0"),
+        ("decision", "neuron", "borrowed"),
+        ("tau", 0.0, "> 0"),
+        ("alpha_scale", float("nan"), "finite"),
+        ("scope", "token", "head"),
+        ("initial_cr", 0.5, ">= 1"),
+        ("final_step", -3, "final_step=-3"),
+    ],
+)
 def test_config_errors_name_field_value_range(field, value, needle):
     with pytest.raises(DMSConfigError) as e:
         DMSConfig(**{field: value})

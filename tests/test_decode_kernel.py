@@ -201,8 +201,16 @@ def test_shape_errors():
 
 
 def test_choose_split_shapes_only():
-    for B, Hkv, C in [(8, 8, 32768), (64, 8, 8192), (1, 8, 131072), (8, 8, 4096), (64, 8, 1024),
-                      (1, 1, 1), (3, 5, 1000), (1, 8, 16384)]:
+    for B, Hkv, C in [
+        (8, 8, 32768),
+        (64, 8, 8192),
+        (1, 8, 131072),
+        (8, 8, 4096),
+        (64, 8, 1024),
+        (1, 1, 1),
+        (3, 5, 1000),
+        (1, 8, 16384),
+    ]:
         for block_n in (32, 64, 128):
             split, n = choose_split(B, Hkv, C, block_n, 132)
             assert split % block_n == 0 and split >= block_n
@@ -270,8 +278,16 @@ def _run_interp_case(p):
 
     dtype = getattr(torch, p["dtype"])
     q, k, v, L, ks, vs = make_inputs(
-        p["B"], p["Hkv"], p["G"], p["D"], p["C"], dtype, p["lengths"],
-        seed=zlib.crc32(json.dumps(p, sort_keys=True).encode()), quant=p["quant"], cap_extra=p["cap_extra"],
+        p["B"],
+        p["Hkv"],
+        p["G"],
+        p["D"],
+        p["C"],
+        dtype,
+        p["lengths"],
+        seed=zlib.crc32(json.dumps(p, sort_keys=True).encode()),
+        quant=p["quant"],
+        cap_extra=p["cap_extra"],
     )
     if p["noncontig_q"]:
         # same values, (B, Hq, D) view of a (Hq, B, D) buffer
@@ -337,7 +353,11 @@ def test_aot_compile_sm90_and_triton_op_trace():
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "bench_decode_kernel.py"), "--aot", "--aot-quick"],
-        env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rep = json.loads(proc.stdout.split("@@AOT@@", 1)[1])

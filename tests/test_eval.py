@@ -22,6 +22,7 @@ from .helpers import save_tiny_llama, tiny_model
 
 class ByteTokenizer:
     """Just enough of a transformers tokenizer: bytes are tokens, 0 is end of text."""
+
     eos_token_id = 0
     bos_token_id = None
     chat_template = None
@@ -36,8 +37,9 @@ class ByteTokenizer:
 
 def byte_model(window=4, decision="adapter", offset=0.0, seed=0, max_seq_len=512):
     """tests/helpers.py's tiny model over the 256 byte tokens."""
-    return tiny_model(seed=seed, decision=decision, window=window, offset=offset, max_seq_len=max_seq_len,
-                      vocab_size=256)
+    return tiny_model(
+        seed=seed, decision=decision, window=window, offset=offset, max_seq_len=max_seq_len, vocab_size=256
+    )
 
 
 ENC = ByteTokenizer()
@@ -101,8 +103,10 @@ def test_calibration_reaches_the_requested_dms_cr():
 
 
 # ----------------------------------------------------------------------------- probes
-HAY = ("It was a truth universally acknowledged. The morning was bright; the road was long. " * 40
-       + "She said nothing at all! Nobody knew why? ") * 3
+HAY = (
+    "It was a truth universally acknowledged. The morning was bright; the road was long. " * 40
+    + "She said nothing at all! Nobody knew why? "
+) * 3
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.9])
@@ -144,8 +148,12 @@ def test_probe_items_grid_and_probe_accuracy_runs_every_method():
     m = byte_model()
     for meth in (ev.Method("vanilla", m), ev.Method("dms", m, dms_config=m.dms_config), ev.Method("tova", m, cr=2.0)):
         res = ev.probe_accuracy(meth, items, decode, batch_size=3)
-        assert res["n"] == 8 and 0 <= res["accuracy"] <= 1 and set(res["by_length_depth"]) == {
-            "len160_depth0.2", "len160_depth0.8", "len200_depth0.2", "len200_depth0.8"}
+        assert (
+            res["n"] == 8
+            and 0 <= res["accuracy"] <= 1
+            and set(res["by_length_depth"])
+            == {"len160_depth0.2", "len160_depth0.8", "len200_depth0.2", "len200_depth0.8"}
+        )
 
 
 def test_extract_answer_and_majority_vote():
@@ -174,9 +182,33 @@ def test_policies_at_equal_cr_hold_equal_live_bytes():
 
 # ----------------------------------------------------------------------------- the whole run
 def run_args(tmp_path, *extra):
-    return ev.parse_args(["--texts", "code", "--ppl-len", "48", "--ppl-prefix", "8", "--lengths", "256", "--hops", "1",
-                          "--depths", "0.5", "--reasoning-n", "2", "--reasoning-max-new", "3",
-                          "--reasoning-shots", "1", "--out", str(tmp_path), "--device", "cpu", *extra])
+    return ev.parse_args(
+        [
+            "--texts",
+            "code",
+            "--ppl-len",
+            "48",
+            "--ppl-prefix",
+            "8",
+            "--lengths",
+            "256",
+            "--hops",
+            "1",
+            "--depths",
+            "0.5",
+            "--reasoning-n",
+            "2",
+            "--reasoning-max-new",
+            "3",
+            "--reasoning-shots",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
 
 
 def test_run_writes_json_table_and_plots_with_baselines_at_the_dms_cr(tmp_path, capsys):
@@ -224,8 +256,20 @@ def test_cli_argument_errors():
     args = ev.parse_args(["--cr", "2", "--dms-checkpoint", "runs/lr=1e-4", "--dms-checkpoint", "8=runs/cr8"])
     assert args.dms_checkpoint_all == "runs/lr=1e-4" and args.dms_checkpoint == {8.0: "runs/cr8"}
     assert args.cr == [2.0, 8.0] and args.kv == "model" and args.weight_quant == "none" and args.reference is None
-    args = ev.parse_args(["--cr", "2", "--dms-alpha-offset", "8=1.5", "--parallel-samples", "4",
-                          "--dms-window", "64", "--dms-window", "16=8"])
+    args = ev.parse_args(
+        [
+            "--cr",
+            "2",
+            "--dms-alpha-offset",
+            "8=1.5",
+            "--parallel-samples",
+            "4",
+            "--dms-window",
+            "64",
+            "--dms-window",
+            "16=8",
+        ]
+    )
     assert args.cr == [2.0, 4.0, 8.0, 16.0] and args.dms_alpha_offset == {8.0: 1.5}
     assert args.dms_window == 64 and args.dms_window_at == {16.0: 8}
     with pytest.raises(SystemExit):
@@ -235,8 +279,9 @@ def test_cli_argument_errors():
 def test_dms_runs_per_requested_cr_and_baselines_follow_their_achieved_cr(tmp_path):
     m = byte_model(window=2)
     loaded = DMSModel(model=m, tokenizer=ENC, dms=m.dms_config, hf_config={}, family="tiny", dms_trained=True)
-    args = run_args(tmp_path, "--cr", "2,3", "--dms-calibrate", "--dms-window", "3=1", "--methods", "dms,h2o",
-                    "--metrics", "ppl")
+    args = run_args(
+        tmp_path, "--cr", "2,3", "--dms-calibrate", "--dms-window", "3=1", "--methods", "dms,h2o", "--metrics", "ppl"
+    )
     runs = ev.run(args, loaded=loaded, log=lambda s: None)["runs"]
     dms = {r["requested_cr"]: r for r in runs if r["method"] == "dms"}
     assert set(dms) == {2.0, 3.0} and "calibrated" in dms[2.0]["setting"]
@@ -256,7 +301,7 @@ def test_lm_eval_adapter_loglikelihood_matches_a_hand_computation(method, cr):
     m = byte_model(window=3)
     lm = lea.DMSFlexLM(model=m, tokenizer=ENC, method=method, cr=cr, max_length=64)
     ctx, cont = "The road was", " long"
-    (lp, greedy), = lm.loglikelihood([Req(ctx, cont)])
+    ((lp, greedy),) = lm.loglikelihood([Req(ctx, cont)])
     ids = encode(ctx + cont)
     n = len(encode(ctx))
     if method in ("vanilla", "streaming"):  # streaming at CR 1 keeps everything: the dense model
@@ -287,17 +332,17 @@ def test_lm_eval_adapter_rolling_windows_generation_and_context_split():
     assert pairs[0][0] == [lm.prefix_token_id]
     s = 0
     for c, p in pairs:  # the context is the tokens right before the predicted ones
-        assert s == 0 or c == toks[s - len(c): s]
+        assert s == 0 or c == toks[s - len(c) : s]
         s += len(p)
     assert len(pairs[-1][0]) + len(pairs[-1][1]) - 1 == 8  # the last window gets a full context
     text = "abcdefghij"
-    roll, = lm.loglikelihood_rolling([Req(text)])
+    (roll,) = lm.loglikelihood_rolling([Req(text)])
     assert abs(roll - sum(lm.score(c, p)[0] for c, p in lm.rolling_windows(encode(text)))) < 1e-9
     big = lea.DMSFlexLM(model=m, tokenizer=ENC, method="vanilla", max_length=64)
-    whole, = big.loglikelihood_rolling([Req(text)])
+    (whole,) = big.loglikelihood_rolling([Req(text)])
     assert abs(whole - big.loglikelihood([Req("", text)])[0][0]) < 1e-4  # empty context: the prefix token
     assert lm._split("Q: a ", "b") == (encode("Q: a"), encode(" b"))
-    gen, = big.generate_until([Req("hello", {"until": ["\n"], "max_gen_toks": 6})])
+    (gen,) = big.generate_until([Req("hello", {"until": ["\n"], "max_gen_toks": 6})])
     full = decode(ev.generate_rows(big.method, [encode("hello")], 6, stop_tokens=[0])[0][0])
     assert gen == full.split("\n")[0]
 
@@ -311,30 +356,38 @@ def test_lm_eval_adapter_registers_with_lm_eval():
     cls = lea.register()
     assert get_model("dms_flex") is cls and issubclass(cls, LM)
     lm = cls(model=byte_model(), tokenizer=ENC, method="tova", cr=2.0, max_length=64)
-    reqs = [Instance("loglikelihood", {}, ("The road", " was"), 0),
-            Instance("loglikelihood", {}, ("The road", " is"), 1)]
+    reqs = [
+        Instance("loglikelihood", {}, ("The road", " was"), 0),
+        Instance("loglikelihood", {}, ("The road", " is"), 1),
+    ]
     out = lm.loglikelihood(reqs)
     assert len(out) == 2 and all(isinstance(lp, float) and lp < 0 for lp, _ in out)
     assert lm.generate_until([Instance("generate_until", {}, ("ab", {"until": ["x"], "max_gen_toks": 3}), 0)])
     del lm_eval
 
 
-@pytest.mark.skipif(not __import__("os").environ.get("DMS_FLEX_LM_EVAL_E2E"),
-                    reason="set DMS_FLEX_LM_EVAL_E2E=1: lm-eval's task index takes ~30 s to build")
+@pytest.mark.skipif(
+    not __import__("os").environ.get("DMS_FLEX_LM_EVAL_E2E"),
+    reason="set DMS_FLEX_LM_EVAL_E2E=1: lm-eval's task index takes ~30 s to build",
+)
 def test_lm_eval_simple_evaluate_on_a_local_file_task(tmp_path):
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
     data = tmp_path / "data.jsonl"
-    data.write_text('{"ctx": "The road was", "choices": [" long", " blue"], "gold": 0}\n'
-                    '{"ctx": "It was a truth", "choices": [" universally", " rarely"], "gold": 0}\n')
+    data.write_text(
+        '{"ctx": "The road was", "choices": [" long", " blue"], "gold": 0}\n'
+        '{"ctx": "It was a truth", "choices": [" universally", " rarely"], "gold": 0}\n'
+    )
     (tmp_path / "task.yaml").write_text(
         "task: dms_flex_local_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{{{ctx}}}}\"\n"
-        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: gold\nmetric_list:\n  - metric: acc\n")
+        f'    test: {data}\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{{{ctx}}}}"\n'
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: gold\nmetric_list:\n  - metric: acc\n'
+    )
     lm = lea.make_lm(model=byte_model(), tokenizer=ENC, method="h2o", cr=2.0, max_length=64)
-    res = lm_eval.simple_evaluate(model=lm, tasks=["dms_flex_local_mc"],
-                                  task_manager=TaskManager(include_path=str(tmp_path)))
+    res = lm_eval.simple_evaluate(
+        model=lm, tasks=["dms_flex_local_mc"], task_manager=TaskManager(include_path=str(tmp_path))
+    )
     assert 0 <= res["results"]["dms_flex_local_mc"]["acc,none"] <= 1
 
 
@@ -359,8 +412,17 @@ def test_dms_checkpoint_per_requested_cr_is_loaded_for_its_run(tmp_path):
     base_dir = hf_folder(tmp_path / "base")
     ckpt = hf_folder(tmp_path / "retrofit", dms_keys=RETROFIT_KEYS)
     base = load_base(base_dir)
-    args = run_args(tmp_path / "out", "--cr", "2", "--dms-checkpoint", f"2={ckpt}", "--methods", "vanilla,dms,tova",
-                    "--metrics", "ppl")
+    args = run_args(
+        tmp_path / "out",
+        "--cr",
+        "2",
+        "--dms-checkpoint",
+        f"2={ckpt}",
+        "--methods",
+        "vanilla,dms,tova",
+        "--metrics",
+        "ppl",
+    )
     runs = ev.run(args, loaded=base, log=lambda s: None)["runs"]
     dms = next(r for r in runs if r["method"] == "dms")
     assert dms["setting"] == f"checkpoint {ckpt}" and dms["cr"] > 1.2  # the retrofit's settings evict
@@ -455,8 +517,11 @@ def test_weight_quant_evaluates_a_quantized_model_against_the_unquantized_one(tm
     assert qi["reference"].endswith("(an unquantized copy)")
     # int4 (CPU: bf16): cast with a note, larger error
     loaded, logs = tiny_loaded(), []
-    res = ev.run(run_args(tmp_path / "w4", "--metrics", "ppl", "--methods", "vanilla", "--weight-quant", "int4"),
-                 loaded=loaded, log=logs.append)
+    res = ev.run(
+        run_args(tmp_path / "w4", "--metrics", "ppl", "--methods", "vanilla", "--weight-quant", "int4"),
+        loaded=loaded,
+        log=logs.append,
+    )
     assert any("casting the model" in line and "bfloat16" in line for line in logs)
     assert res["quantization"]["model_dtype"] == "bfloat16" and res["quantization"]["reference_dtype"] == "float32"
     assert res["runs"][0]["ppl"]["kl"] > van["ppl"]["kl"]
@@ -478,8 +543,20 @@ def test_one_dms_checkpoint_calibrated_at_two_crs_is_loaded_once(tmp_path, monke
         return dm
 
     monkeypatch.setattr(pretrained, "load_dms_model", spy)
-    args = run_args(tmp_path / "out", "--cr", "2,3", "--dms-checkpoint", str(ckpt), "--dms-calibrate",
-                    "--methods", "dms,tova", "--metrics", "ppl", "--weight-quant", "int8")
+    args = run_args(
+        tmp_path / "out",
+        "--cr",
+        "2,3",
+        "--dms-checkpoint",
+        str(ckpt),
+        "--dms-calibrate",
+        "--methods",
+        "dms,tova",
+        "--metrics",
+        "ppl",
+        "--weight-quant",
+        "int8",
+    )
     runs = ev.run(args, loaded=base, log=lambda s: None)["runs"]
     assert loads[0::2] == [str(ckpt)]  # once for both CRs (the unquantized reference is a copy of --model)
     assert quant.quantized_weight_names(loads[1].model)  # the checkpoint is quantized like the model
@@ -493,11 +570,26 @@ def test_one_dms_checkpoint_calibrated_at_two_crs_is_loaded_once(tmp_path, monke
     assert [r["cr"] for r in runs if r["method"] == "tova"] == [dms[2.0]["cr"], dms[3.0]["cr"]]
     # without calibration: one run with the checkpoint's own settings; CR=DIR still wins for its CR
     loads.clear()
-    args = run_args(tmp_path / "out2", "--cr", "2", "--dms-checkpoint", str(ckpt), "--dms-checkpoint",
-                    f"3={ckpt}", "--dms-alpha-offset", "2=1e6", "--methods", "dms", "--metrics", "ppl")
+    args = run_args(
+        tmp_path / "out2",
+        "--cr",
+        "2",
+        "--dms-checkpoint",
+        str(ckpt),
+        "--dms-checkpoint",
+        f"3={ckpt}",
+        "--dms-alpha-offset",
+        "2=1e6",
+        "--methods",
+        "dms",
+        "--metrics",
+        "ppl",
+    )
     runs = ev.run(args, loaded=load_base(base_dir), log=lambda s: None)["runs"]
     assert [(r["requested_cr"], r["setting"]) for r in runs] == [
-        (2.0, f"checkpoint {ckpt}: alpha_offset 1e+06"), (3.0, f"checkpoint {ckpt}")]
+        (2.0, f"checkpoint {ckpt}: alpha_offset 1e+06"),
+        (3.0, f"checkpoint {ckpt}"),
+    ]
     assert abs(runs[0]["cr"] - 1.0) < 1e-6 and runs[1]["cr"] > 1.2  # the offset applies to the checkpoint
     assert loads[0::2] == [str(base_dir), str(ckpt)]  # base reloaded by load_base; the checkpoint once
 
@@ -513,8 +605,21 @@ def test_reference_folder_is_the_kl_reference(tmp_path):
     want = ev.perplexity(ev.Method("vanilla", load_base(model_dir).model), windows, load_base(ref_dir).model, prefix=8)
     assert abs(kl - want["kl"]) < 1e-5
     # --reference equal to --model: KL 0
-    res = ev.run(run_args(tmp_path / "b", "--metrics", "ppl", "--methods", "vanilla", "--reference", str(model_dir),
-                          "--model", str(model_dir)), loaded=load_base(model_dir), log=lambda s: None)
+    res = ev.run(
+        run_args(
+            tmp_path / "b",
+            "--metrics",
+            "ppl",
+            "--methods",
+            "vanilla",
+            "--reference",
+            str(model_dir),
+            "--model",
+            str(model_dir),
+        ),
+        loaded=load_base(model_dir),
+        log=lambda s: None,
+    )
     assert abs(res["runs"][0]["ppl"]["kl"]) < 1e-6
     with pytest.raises(ValueError, match="vocabulary"):
         quiet_run(tmp_path / "c", load_base(model_dir), "--reference", str(hf_folder(tmp_path / "v", vocab=300)))
@@ -537,9 +642,21 @@ def test_merge_of_runs_made_side_by_side_equals_one_run(tmp_path, capsys):
     common = ("--cr", "2", "--dms-alpha-offset", "2=0", "--metrics", "ppl")
     whole = ev.run(run_args(tmp_path / "all", *common), loaded=loaded, log=lambda s: None)
     for name in ("streaming", "h2o"):
-        ev.run(run_args(tmp_path / name, *common, "--methods", f"vanilla,dms,{name}"), loaded=loaded, log=lambda s: None)
-    assert ev.main(["--merge", str(tmp_path / "streaming" / "results.json"), str(tmp_path / "h2o" / "results.json"),
-                    "--out", str(tmp_path / "merged")]) == 0
+        ev.run(
+            run_args(tmp_path / name, *common, "--methods", f"vanilla,dms,{name}"), loaded=loaded, log=lambda s: None
+        )
+    assert (
+        ev.main(
+            [
+                "--merge",
+                str(tmp_path / "streaming" / "results.json"),
+                str(tmp_path / "h2o" / "results.json"),
+                "--out",
+                str(tmp_path / "merged"),
+            ]
+        )
+        == 0
+    )
     merged = json.loads((tmp_path / "merged" / "results.json").read_text())
     assert [r["method"] for r in merged["runs"]] == ["vanilla", "dms", "streaming", "h2o"]
     want = {r["method"]: r["ppl"]["ppl"] for r in whole["runs"]}
@@ -556,8 +673,11 @@ def test_a_run_stopped_early_leaves_its_finished_methods_and_merge_uses_them(tmp
     loaded = DMSModel(model=m, tokenizer=ENC, dms=m.dms_config, hf_config={}, family="tiny", dms_trained=True)
     common = ("--cr", "2", "--dms-alpha-offset", "2=0", "--metrics", "ppl")
     # the baseline at the requested CR (a process running it alone has no DMS CR to match)
-    whole = ev.run(run_args(tmp_path / "all", *common, "--methods", "vanilla,dms,tova", "--no-match-dms-cr"),
-                   loaded=loaded, log=lambda s: None)
+    whole = ev.run(
+        run_args(tmp_path / "all", *common, "--methods", "vanilla,dms,tova", "--no-match-dms-cr"),
+        loaded=loaded,
+        log=lambda s: None,
+    )
     real = ev.perplexity
 
     def stop_at_tova(method, *a, **k):
@@ -573,8 +693,18 @@ def test_a_run_stopped_early_leaves_its_finished_methods_and_merge_uses_them(tmp
     monkeypatch.setattr(ev_metrics, "perplexity", real)
     tova = ev.run(run_args(tmp_path / "tova", *common, "--methods", "tova"), loaded=loaded, log=lambda s: None)
     assert [r["method"] for r in tova["runs"]] == ["tova"]
-    assert ev.main(["--merge", str(tmp_path / "cut" / "results.json"), str(tmp_path / "tova" / "results.json"),
-                    "--out", str(tmp_path / "merged")]) == 0
+    assert (
+        ev.main(
+            [
+                "--merge",
+                str(tmp_path / "cut" / "results.json"),
+                str(tmp_path / "tova" / "results.json"),
+                "--out",
+                str(tmp_path / "merged"),
+            ]
+        )
+        == 0
+    )
     assert "partial (the run stopped early): 2 finished run(s) kept" in capsys.readouterr().out
     merged = json.loads((tmp_path / "merged" / "results.json").read_text())
     want = {r["method"]: r["ppl"]["ppl"] for r in whole["runs"]}
@@ -582,8 +712,19 @@ def test_a_run_stopped_early_leaves_its_finished_methods_and_merge_uses_them(tmp
     assert merged["partial_inputs"] == [str(tmp_path / "cut" / "results.json")]
     # a process that finished nothing (no file) or died mid-write (broken JSON) is skipped, not fatal
     (tmp_path / "broken.json").write_text('{"runs": [')
-    assert ev.main(["--merge", str(tmp_path / "cut" / "results.json"), str(tmp_path / "never" / "results.json"),
-                    str(tmp_path / "broken.json"), "--out", str(tmp_path / "m3")]) == 0
+    assert (
+        ev.main(
+            [
+                "--merge",
+                str(tmp_path / "cut" / "results.json"),
+                str(tmp_path / "never" / "results.json"),
+                str(tmp_path / "broken.json"),
+                "--out",
+                str(tmp_path / "m3"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "never/results.json: missing" in out and "broken.json: not valid JSON" in out
     m3 = json.loads((tmp_path / "m3" / "results.json").read_text())
@@ -599,8 +740,9 @@ def test_windows_and_probes_longer_than_the_context_are_refused_before_any_work(
     with pytest.raises(ValueError, match=r"--ppl-len 600 is longer than the model's context \(512 tokens\)"):
         ev.run(run_args(tmp_path / "a", "--metrics", "ppl", "--ppl-len", "600"), loaded=loaded, log=lambda s: None)
     with pytest.raises(ValueError, match=r"--lengths 512: .* context of 512 tokens; use lengths up to 50[0-9]"):
-        ev.run(run_args(tmp_path / "b", "--metrics", "needle", "--lengths", "256,512"), loaded=loaded,
-               log=lambda s: None)
+        ev.run(
+            run_args(tmp_path / "b", "--metrics", "needle", "--lengths", "256,512"), loaded=loaded, log=lambda s: None
+        )
     res = ev.run(run_args(tmp_path / "c", "--metrics", "needle", "--lengths", "500"), loaded=loaded, log=lambda s: None)
     assert res["runs"][0]["needle"]["n"] == 1
 
@@ -608,10 +750,24 @@ def test_windows_and_probes_longer_than_the_context_are_refused_before_any_work(
 def test_parallel_table_says_when_the_samples_are_not_at_equal_memory():
     import io
 
-    rows = [{"method": "vanilla", "cr": 1.0, "samples_per_question": 1, "accuracy_vote": 0.5, "accuracy_per_sample": 0.5,
-             "kv_live_bytes_per_question": 1000.0},
-            {"method": "dms", "cr": 1.66, "samples_per_question": 4, "accuracy_vote": 0.4, "accuracy_per_sample": 0.3,
-             "kv_live_bytes_per_question": 2410.0}]
+    rows = [
+        {
+            "method": "vanilla",
+            "cr": 1.0,
+            "samples_per_question": 1,
+            "accuracy_vote": 0.5,
+            "accuracy_per_sample": 0.5,
+            "kv_live_bytes_per_question": 1000.0,
+        },
+        {
+            "method": "dms",
+            "cr": 1.66,
+            "samples_per_question": 4,
+            "accuracy_vote": 0.4,
+            "accuracy_per_sample": 0.3,
+            "kv_live_bytes_per_question": 2410.0,
+        },
+    ]
     out = io.StringIO()
     ev.print_parallel(rows, out)
     text = out.getvalue()

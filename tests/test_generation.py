@@ -33,8 +33,9 @@ def test_greedy_and_top_k_and_top_p_follow_their_definitions():
     assert len(hot.unique()) == 5
 
 
-@pytest.mark.parametrize("kw,msg", [(dict(temperature=-1), "temperature"), (dict(top_k=0), "top_k"),
-                                    (dict(top_p=1.5), "top_p")])
+@pytest.mark.parametrize(
+    "kw,msg", [(dict(temperature=-1), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=1.5), "top_p")]
+)
 def test_sampling_config_errors(kw, msg):
     with pytest.raises(ValueError, match=msg):
         SamplingConfig(**kw)
@@ -45,11 +46,13 @@ def test_generate_greedy_matches_teacher_forced_stops_and_streams():
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
     state = tm.InferenceState(m, 2)
     streamed = []
-    res = generation.generate_tokens(m, prompts, state, max_new_tokens=12, on_token=lambda r, t: streamed.append((r, t)))
+    res = generation.generate_tokens(
+        m, prompts, state, max_new_tokens=12, on_token=lambda r, t: streamed.append((r, t))
+    )
     for row, p in enumerate(prompts):
         full = torch.tensor([p + res.tokens[row]])
         logits, _ = teacher_forced(m, full)
-        assert torch.equal(logits[0, len(p) - 1: -1].argmax(-1), torch.tensor(res.tokens[row]))
+        assert torch.equal(logits[0, len(p) - 1 : -1].argmax(-1), torch.tensor(res.tokens[row]))
         assert [t for r, t in streamed if r == row] == res.tokens[row]
     assert len(res.tokens[0]) == 12 and res.decode_steps == 11
     # stop tokens: a row ends at its first stop token (included) and the other rows go on
@@ -91,9 +94,22 @@ def tiny_hf_folder(tmp_path_factory):
 def test_generate_cli_prints_text_speed_memory_and_cr(tiny_hf_folder, capsys):
     from dms_flex.generate import main
 
-    rc = main(["--checkpoint", str(tiny_hf_folder), "--prompt", "Hello there, how are you today? " * 4,
-               "--max-new-tokens", "30", "--window", "4", "--max-seq-len", "256", "--heatmap",
-               str(tiny_hf_folder / "kept.png")])
+    rc = main(
+        [
+            "--checkpoint",
+            str(tiny_hf_folder),
+            "--prompt",
+            "Hello there, how are you today? " * 4,
+            "--max-new-tokens",
+            "30",
+            "--window",
+            "4",
+            "--max-seq-len",
+            "256",
+            "--heatmap",
+            str(tiny_hf_folder / "kept.png"),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "tok/s" in out and "MiB live vs" in out and "CR " in out and "per layer:" in out
@@ -115,13 +131,27 @@ def test_generate_cli_bad_input_is_a_message_not_a_traceback(tmp_path, capsys):
     assert "unsupported architecture" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra", [["--kv", "int8"], ["--weight-quant", "int8", "--kv", "int8"],
-                                   ["--weight-quant", "int4"]])
+@pytest.mark.parametrize(
+    "extra", [["--kv", "int8"], ["--weight-quant", "int8", "--kv", "int8"], ["--weight-quant", "int4"]]
+)
 def test_generate_cli_quantized_kv_and_weights(tiny_hf_folder, capsys, extra):
     from dms_flex.generate import main
 
-    rc = main(["--checkpoint", str(tiny_hf_folder), "--prompt", "Hello there", "--max-new-tokens", "8",
-               "--window", "2", "--max-seq-len", "64"] + extra)
+    rc = main(
+        [
+            "--checkpoint",
+            str(tiny_hf_folder),
+            "--prompt",
+            "Hello there",
+            "--max-new-tokens",
+            "8",
+            "--window",
+            "2",
+            "--max-seq-len",
+            "64",
+        ]
+        + extra
+    )
     out = capsys.readouterr().out
     assert rc == 0
     # int4 on CPU runs the model (and so the cache) in bfloat16

@@ -49,8 +49,10 @@ def test_flex_matches_dense_reference_forward_backward_bf16(window):
     assert rel(out_f, out_r) < 1e-2
     for name, a, b in zip("q k v logits".split(), grads_f, grads_r):
         assert rel(a, b) < 2e-2, name
-    print(f"window {window}: out rel {rel(out_f, out_r):.2e}; grads rel "
-          + " ".join(f"{n} {rel(a, b):.2e}" for n, a, b in zip("q k v logits".split(), grads_f, grads_r)))
+    print(
+        f"window {window}: out rel {rel(out_f, out_r):.2e}; grads rel "
+        + " ".join(f"{n} {rel(a, b):.2e}" for n, a, b in zip("q k v logits".split(), grads_f, grads_r))
+    )
 
 
 def test_cuda_graph_generation_matches_teacher_forced():
@@ -72,8 +74,7 @@ def test_first_prefill_kernel_matches_dense_for_many_prompt_shapes():
     every result matches the dense reference."""
     torch.manual_seed(0)
     Hq, Hkv, D, w = 9, 3, 64, 64
-    shapes = [(1, 100), (3, 333), (2, 1024), (16, 257), (4, 2049), (1, 4000), (5, 77), (8, 640), (2, 1500),
-              (7, 129)]
+    shapes = [(1, 100), (3, 333), (2, 1024), (16, 257), (4, 2049), (1, 4000), (5, 77), (8, 640), (2, 1500), (7, 129)]
     for B, T in shapes:
         q = torch.randn(B, Hq, T, D, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16)

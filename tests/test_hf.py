@@ -9,8 +9,16 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 import dms_flex.hf as H
 from dms_flex import DMSConfig, DMSConfigError
@@ -18,16 +26,28 @@ from dms_flex import torchtune_model as tm
 from dms_flex.checkpoints import dms_state_dict, load_dms_model, load_hf_checkpoint, save_hf_checkpoint
 
 V = 128
-TINY = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+TINY = dict(
+    vocab_size=V,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=0,
+)
 ARCHS = {
     "llama": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=False)),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=16, tie_word_embeddings=False)),  # q/k norms
 }
 # window 4 and offset 0 on random weights: about half of the tokens are marked
-EVICTING = {"borrowed": DMSConfig(window=4, decision="borrowed", alpha_scale=100.0, alpha_offset=0.0),
-            "adapter": DMSConfig(window=4, decision="adapter", alpha_scale=100.0, alpha_offset=0.0)}
+EVICTING = {
+    "borrowed": DMSConfig(window=4, decision="borrowed", alpha_scale=100.0, alpha_offset=0.0),
+    "adapter": DMSConfig(window=4, decision="adapter", alpha_scale=100.0, alpha_offset=0.0),
+}
 
 
 def _randomize(model, seed=0):
@@ -75,8 +95,8 @@ def left_pad(rows):
     ids = torch.zeros(len(rows), n, dtype=torch.long)
     mask = torch.zeros(len(rows), n, dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, n - len(r):] = torch.tensor(r)
-        mask[i, n - len(r):] = 1
+        ids[i, n - len(r) :] = torch.tensor(r)
+        mask[i, n - len(r) :] = 1
     return ids, mask
 
 
@@ -92,8 +112,14 @@ def gen(model, ids, mask=None, n=8, **kw):
     kw.setdefault("do_sample", False)
     if "cache" in kw:
         kw[CACHE_KW] = kw.pop("cache")
-    return model.generate(ids, attention_mask=mask if mask is not None else torch.ones_like(ids), max_new_tokens=n,
-                          output_logits=True, return_dict_in_generate=True, **kw)
+    return model.generate(
+        ids,
+        attention_mask=mask if mask is not None else torch.ones_like(ids),
+        max_new_tokens=n,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kw,
+    )
 
 
 def stacked_logits(out):
@@ -189,7 +215,7 @@ def test_qwen3_generate_matches_full_sequence_dms_forward(decision):
     full_mask = torch.cat([mask, torch.ones(2, 12, dtype=mask.dtype)], 1)
     with torch.no_grad():
         full = model(seq, attention_mask=full_mask, use_cache=False).logits
-    assert_close(stacked_logits(out), full[:, ids.shape[1] - 1: -1])
+    assert_close(stacked_logits(out), full[:, ids.shape[1] - 1 : -1])
     assert 0.25 < eviction_fraction(model, seq[:1]) < 0.75  # row 0 has no padding
     lengths = cache_of(out).live_lengths()
     assert all(int(l.max()) < 15 + 12 - 1 for l in lengths)
@@ -249,7 +275,7 @@ def test_left_padded_batch_equals_rows_alone(arch, decision):
     logits = stacked_logits(out)
     for i, r in enumerate(rows):
         alone = gen(model, torch.tensor([r]), n=10)
-        assert torch.equal(out.sequences[i, ids.shape[1]:], alone.sequences[0, len(r):])
+        assert torch.equal(out.sequences[i, ids.shape[1] :], alone.sequences[0, len(r) :])
         assert_close(logits[i], stacked_logits(alone)[0])
         # the row's cache holds exactly what the single-row cache holds
         for lb, la in zip(cache_of(out).live_lengths(), cache_of(alone).live_lengths()):
@@ -281,7 +307,7 @@ def test_multi_turn_with_kept_cache_equals_one_shot(arch, decision):
     for i in range(2):
         real = ids2[i][mask2[i].bool()][None]
         alone = gen(model, real, n=7)
-        assert torch.equal(turn2.sequences[i, ids2.shape[1]:], alone.sequences[0, real.shape[1]:])
+        assert torch.equal(turn2.sequences[i, ids2.shape[1] :], alone.sequences[0, real.shape[1] :])
 
 
 def test_sampling_runs_and_is_reproducible():
@@ -355,14 +381,20 @@ def test_save_load_round_trip(decision, tmp_path):
     _, model = make("qwen3", cfg)
     H.save_pretrained(model, tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert (saved["dms_alpha_scale"], saved["dms_initial_alpha_offset"], saved["dms_window_size"],
-            saved["dms_cr"], saved["dms_decision"]) == (50.0, 1.5, 6, 6.0, decision)
+    assert (
+        saved["dms_alpha_scale"],
+        saved["dms_initial_alpha_offset"],
+        saved["dms_window_size"],
+        saved["dms_cr"],
+        saved["dms_decision"],
+    ) == (50.0, 1.5, 6, 6.0, decision)
     assert "attn_implementation" not in saved and saved["architectures"] == ["Qwen3ForCausalLM"]
     tensors = load_file(str(tmp_path / "model.safetensors"))
     adapters = sorted(k for k in tensors if "dms" in k)
     if decision == "adapter":
-        assert adapters == sorted(f"model.layers.{i}.self_attn.dms_adapter.{p}.weight"
-                                  for i in range(2) for p in ("norm", "linear"))
+        assert adapters == sorted(
+            f"model.layers.{i}.self_attn.dms_adapter.{p}.weight" for i in range(2) for p in ("norm", "linear")
+        )
     else:
         assert adapters == []
     loaded = H.from_pretrained(tmp_path)
@@ -383,10 +415,12 @@ def test_folder_written_by_the_torchtune_path_loads(arch, tmp_path):
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for layer in tt.layers:
-            layer.attn.dms_adapter.linear.weight.copy_(0.05 * torch.randn(layer.attn.dms_adapter.linear.weight.shape,
-                                                                          generator=g))
-    save_hf_checkpoint(tt, {**loaded.hf_config, **cfg.to_hf()}, tmp_path / "dms", loaded.family,
-                       extra_state=dms_state_dict(tt))
+            layer.attn.dms_adapter.linear.weight.copy_(
+                0.05 * torch.randn(layer.attn.dms_adapter.linear.weight.shape, generator=g)
+            )
+    save_hf_checkpoint(
+        tt, {**loaded.hf_config, **cfg.to_hf()}, tmp_path / "dms", loaded.family, extra_state=dms_state_dict(tt)
+    )
     model = H.from_pretrained(tmp_path / "dms")
     assert H.dms_config_of(model) == cfg
     seq = prompts(2, 24, 71)
@@ -419,9 +453,12 @@ def test_errors(tmp_path):
 
     cfg_path = tmp_path / "plain" / "config.json"
     base = json.loads(cfg_path.read_text())
-    for key, value, field in [("dms_window_size", -1, "window"), ("dms_alpha_scale", 0, "alpha_scale"),
-                              ("dms_initial_alpha_offset", float("nan"), "alpha_offset"),
-                              ("dms_decision", "neuron", "decision")]:
+    for key, value, field in [
+        ("dms_window_size", -1, "window"),
+        ("dms_alpha_scale", 0, "alpha_scale"),
+        ("dms_initial_alpha_offset", float("nan"), "alpha_offset"),
+        ("dms_decision", "neuron", "decision"),
+    ]:
         bad = {**base, **DMSConfig().to_hf(), key: value}
         cfg_path.write_text(json.dumps(bad))
         with pytest.raises(DMSConfigError, match=rf"{key}=.*DMSConfig\.{field}="):
@@ -430,12 +467,14 @@ def test_errors(tmp_path):
     cfg_path.write_text(json.dumps({**base, **DMSConfig().to_hf(), "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
         H.from_pretrained(tmp_path / "plain")
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=V, bos_token_id=None,
-                                      eos_token_id=None))
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=V, bos_token_id=None, eos_token_id=None)
+    )
     with pytest.raises(ValueError, match="GPT2LMHeadModel.*supported architectures: LlamaForCausalLM"):
         H.enable_dms(gpt2, DMSConfig())
-    sliding = Qwen2ForCausalLM(Qwen2Config(**{**TINY, "use_sliding_window": True, "sliding_window": 8,
-                                               "max_window_layers": 0}))
+    sliding = Qwen2ForCausalLM(
+        Qwen2Config(**{**TINY, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0})
+    )
     with pytest.raises(ValueError, match="sliding"):
         H.enable_dms(sliding, DMSConfig())
     with pytest.raises(FileNotFoundError):

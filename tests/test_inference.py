@@ -14,10 +14,16 @@ from .helpers import assert_matches_reference, greedy_cached, teacher_forced, ti
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 10_000), window=st.sampled_from([0, 1, 3, 6]), n_prompt=st.integers(1, 30),
-       steps=st.integers(1, 20), decision=st.sampled_from(["borrowed", "adapter"]),
-       scope=st.sampled_from(["head", "layer"]), offset=st.sampled_from([-1.0, 0.0, 2.0]),
-       heads=st.sampled_from([(4, 2), (8, 2), (2, 2), (4, 1)]))
+@given(
+    seed=st.integers(0, 10_000),
+    window=st.sampled_from([0, 1, 3, 6]),
+    n_prompt=st.integers(1, 30),
+    steps=st.integers(1, 20),
+    decision=st.sampled_from(["borrowed", "adapter"]),
+    scope=st.sampled_from(["head", "layer"]),
+    offset=st.sampled_from([-1.0, 0.0, 2.0]),
+    heads=st.sampled_from([(4, 2), (8, 2), (2, 2), (4, 1)]),
+)
 def test_cached_generation_equals_teacher_forced(seed, window, n_prompt, steps, decision, scope, offset, heads):
     m = tiny_model(seed=seed % 7, decision=decision, window=window, scope=scope, offset=offset, heads=heads)
     prompt = torch.randint(0, 64, (2, n_prompt), generator=torch.Generator().manual_seed(seed))
@@ -50,9 +56,9 @@ def test_ragged_batch_each_row_is_its_own_sequence():
     gen = torch.cat(gen, 1)
     logits = torch.stack(logits, 1)
     for i, r in enumerate(rows):
-        full = torch.cat([r, gen[i: i + 1]], 1)
+        full = torch.cat([r, gen[i : i + 1]], 1)
         ref, evicted = teacher_forced(m, full)
-        assert torch.allclose(logits[i], ref[0, lens[i] - 1:], atol=2e-4)
+        assert torch.allclose(logits[i], ref[0, lens[i] - 1 :], atol=2e-4)
         for cache, ev in zip(state.caches, evicted):
             kept = (stats.kept_fraction(ev, 2) * full.shape[1]).round().long()
             assert torch.equal(cache.length[i], kept[0])
@@ -79,7 +85,7 @@ def test_eviction_disabled_is_the_unmodified_model():
     with torch.no_grad():
         lg = [tm.prefill(m, toks[:, :10], state)]
         for i in range(10, 25):
-            lg.append(tm.decode_step(m, toks[:, i: i + 1], state))
+            lg.append(tm.decode_step(m, toks[:, i : i + 1], state))
     assert torch.allclose(torch.stack(lg, 1), vanilla[:, 9:], atol=1e-4)
 
 
@@ -111,8 +117,11 @@ def test_bad_arguments_get_clear_errors():
         tm.prefill(m, torch.zeros(2, 97, dtype=torch.long), state)
     with pytest.raises(ValueError, match="has no DMS"):
         from torchtune.models.llama3._component_builders import llama3
-        tm.forward_train(llama3(vocab_size=8, num_layers=1, num_heads=2, num_kv_heads=1, embed_dim=8,
-                                max_seq_len=8), torch.zeros(1, 2, dtype=torch.long))
+
+        tm.forward_train(
+            llama3(vocab_size=8, num_layers=1, num_heads=2, num_kv_heads=1, embed_dim=8, max_seq_len=8),
+            torch.zeros(1, 2, dtype=torch.long),
+        )
 
 
 def test_compiled_decode_has_no_recompiles():
@@ -132,8 +141,14 @@ def test_compiled_decode_has_no_recompiles():
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 10_000), window=st.sampled_from([0, 2, 5]), n_prompt=st.integers(2, 40),
-       chunk=st.integers(1, 17), decision=st.sampled_from(["borrowed", "adapter"]), kv=st.sampled_from([None, "int8"]))
+@given(
+    seed=st.integers(0, 10_000),
+    window=st.sampled_from([0, 2, 5]),
+    n_prompt=st.integers(2, 40),
+    chunk=st.integers(1, 17),
+    decision=st.sampled_from(["borrowed", "adapter"]),
+    kv=st.sampled_from([None, "int8"]),
+)
 def test_chunked_prefill_equals_one_pass(seed, window, n_prompt, chunk, decision, kv):
     """A prompt appended in chunks (each a later turn of the one before) gives the same logits, the same
     cache contents and the same continuation as one pass; rows of different lengths included."""
@@ -175,8 +190,10 @@ def test_compiled_prefill_halves_trace_and_match_eager(monkeypatch):
     import torch._dynamo
 
     torch._dynamo.reset()
-    compiled = (torch.compile(tm.attention_inputs, dynamic=True, fullgraph=True, backend="aot_eager"),
-                torch.compile(tm.finish_layer, dynamic=True, fullgraph=True, backend="aot_eager"))
+    compiled = (
+        torch.compile(tm.attention_inputs, dynamic=True, fullgraph=True, backend="aot_eager"),
+        torch.compile(tm.finish_layer, dynamic=True, fullgraph=True, backend="aot_eager"),
+    )
     monkeypatch.setattr(tm, "_compiled_layer_halves", lambda: compiled)
     monkeypatch.setattr(tm, "_PREFILL_COMPILE", {"ok": True})
     m = tiny_model(decision="adapter", window=3)

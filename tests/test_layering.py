@@ -5,10 +5,24 @@ never the other way round (docs/design.md, "Where the rule lives")."""
 import subprocess
 import sys
 
-CORE = ["dms_flex", "dms_flex.config", "dms_flex.decisions", "dms_flex.masks", "dms_flex.losses", "dms_flex.stats",
-        "dms_flex.cache", "dms_flex.attention", "dms_flex.quant", "dms_flex.kernels", "dms_flex.kernels.reference",
-        "dms_flex.kernels.prefill", "dms_flex.kernels.decode_update", "dms_flex.kernels.decode",
-        "dms_flex.kernels.train_attention", "dms_flex.generate"]
+CORE = [
+    "dms_flex",
+    "dms_flex.config",
+    "dms_flex.decisions",
+    "dms_flex.masks",
+    "dms_flex.losses",
+    "dms_flex.stats",
+    "dms_flex.cache",
+    "dms_flex.attention",
+    "dms_flex.quant",
+    "dms_flex.kernels",
+    "dms_flex.kernels.reference",
+    "dms_flex.kernels.prefill",
+    "dms_flex.kernels.decode_update",
+    "dms_flex.kernels.decode",
+    "dms_flex.kernels.train_attention",
+    "dms_flex.generate",
+]
 
 BLOCKER = """
 import importlib.abc, sys

@@ -7,8 +7,10 @@ from dms_flex import losses
 
 
 def test_compression_loss_value_and_gradient_sign():
-    a = [torch.tensor([[[0.0, 1.0, 0.0, 0.0]]], requires_grad=True),
-         torch.tensor([[[0.0, 0.0, 0.0, 0.0]]], requires_grad=True)]
+    a = [
+        torch.tensor([[[0.0, 1.0, 0.0, 0.0]]], requires_grad=True),
+        torch.tensor([[[0.0, 0.0, 0.0, 0.0]]], requires_grad=True),
+    ]
     loss = losses.compression_loss(a, alpha_target=0.5)
     assert loss.item() == pytest.approx(0.5 - 1 / 8)
     loss.backward()

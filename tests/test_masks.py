@@ -45,8 +45,11 @@ def rel_err(a, b):
 
 
 def rand_qkv(B=2, Hq=4, Hkv=2, T=13, D=8, dtype=torch.float64):
-    return (torch.randn(B, Hq, T, D, dtype=dtype), torch.randn(B, Hkv, T, D, dtype=dtype),
-            torch.randn(B, Hkv, T, D, dtype=dtype))
+    return (
+        torch.randn(B, Hq, T, D, dtype=dtype),
+        torch.randn(B, Hkv, T, D, dtype=dtype),
+        torch.randn(B, Hkv, T, D, dtype=dtype),
+    )
 
 
 def test_window_boundary_hard_mask_matches_loop():
@@ -64,7 +67,7 @@ def test_window_boundary_hard_mask_matches_loop():
         return 0.0
 
     out = attention.dms_attention(q, k, v, log_keep, w, backend="dense")
-    assert rel_err(out, naive_attention(q, k, v, bias, 8 ** -0.5)) < 1e-10
+    assert rel_err(out, naive_attention(q, k, v, bias, 8**-0.5)) < 1e-10
     # the boundary itself: i - j = w visible, w + 1 not, for a marked key
     j = int(torch.nonzero(marked[0, 0, : T - w - 1])[0])
     qp, kp = torch.tensor(j + w), torch.tensor(j)
@@ -89,11 +92,14 @@ def test_soft_training_bias_gqa_and_documents_match_loop(w):
         if i - j <= w:
             return 0.0
         nxt = logits[b, h, j + 1]  # same document here, so j + 1 exists and decides j
-        return float(math.log(1 - 1 / (1 + math.exp(-float(nxt + noise[b, h, j]) / 0.1))) if float(
-            nxt + noise[b, h, j]) / 0.1 < 30 else -float(nxt + noise[b, h, j]) / 0.1)
+        return float(
+            math.log(1 - 1 / (1 + math.exp(-float(nxt + noise[b, h, j]) / 0.1)))
+            if float(nxt + noise[b, h, j]) / 0.1 < 30
+            else -float(nxt + noise[b, h, j]) / 0.1
+        )
 
     out = attention.dms_attention(q, k, v, lk, w, doc_ids=docs, backend="dense")
-    assert rel_err(out, naive_attention(q, k, v, bias, 8 ** -0.5)) < 1e-8
+    assert rel_err(out, naive_attention(q, k, v, bias, 8**-0.5)) < 1e-8
 
 
 def test_flex_forward_matches_dense_on_cpu():
@@ -117,6 +123,6 @@ def test_hard_prefill_attention_dense_matches_the_rule():
     for b in range(B):
         for h in range(Hq):
             vis = masks.visible(i, j, evicted[b, h // (Hq // Hkv)][None, :], w)
-            s = (q[b, h] @ k[b, h // (Hq // Hkv)].T) * D ** -0.5
+            s = (q[b, h] @ k[b, h // (Hq // Hkv)].T) * D**-0.5
             ref = torch.softmax(s.masked_fill(~vis, float("-inf")), -1) @ v[b, h // (Hq // Hkv)]
             assert rel_err(got[b, h], ref) < 1e-12

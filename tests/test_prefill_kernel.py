@@ -66,7 +66,7 @@ def _loop_reference(q, k, v, evicted, window):
     for b in range(B):
         for h in range(Hq):
             vis = masks.visible(i, j, evicted[b, h // G][None, :], window)
-            s = (q[b, h] @ k[b, h // G].T) * D ** -0.5
+            s = (q[b, h] @ k[b, h // G].T) * D**-0.5
             out[b, h] = torch.softmax(s.masked_fill(~vis, float("-inf")), -1) @ v[b, h // G]
     return out
 
@@ -84,8 +84,12 @@ def _run_first(p, gen):
     got = pk.prefill_attention(q, k, v, ev, w, cfg=cfg, poison=True)
     api = attention.dms_hard_attention(q, k, v, ev, w)  # the public entry takes the kernel here
     ref = _loop_reference(q.double(), k.double(), v.double(), ev, w)
-    return {"err": _rel(got, ref), "api_err": _rel(api, ref), "finite": bool(torch.isfinite(got).all()),
-            "dtype_ok": got.dtype == dtype}
+    return {
+        "err": _rel(got, ref),
+        "api_err": _rel(api, ref),
+        "finite": bool(torch.isfinite(got).all()),
+        "dtype_ok": got.dtype == dtype,
+    }
 
 
 def _rel(a, b):
@@ -118,10 +122,17 @@ def _run_cache(p, gen):
 
     inputs = [("append", chunk(p["n1"], p.get("pad", False)))]
     for _ in range(p["steps"]):
-        inputs.append(("decode", (torch.randn(B, Hq, 1, D, generator=gen).to(dtype),
-                                  torch.randn(B, Hkv, 1, D, generator=gen).to(dtype),
-                                  torch.randn(B, Hkv, 1, D, generator=gen).to(dtype),
-                                  torch.rand(B, Hkv, generator=gen) < 0.6)))
+        inputs.append(
+            (
+                "decode",
+                (
+                    torch.randn(B, Hq, 1, D, generator=gen).to(dtype),
+                    torch.randn(B, Hkv, 1, D, generator=gen).to(dtype),
+                    torch.randn(B, Hkv, 1, D, generator=gen).to(dtype),
+                    torch.rand(B, Hkv, generator=gen) < 0.6,
+                ),
+            )
+        )
     if p["n2"]:
         inputs.append(("append", chunk(p["n2"], p.get("pad", False))))
 
@@ -157,12 +168,18 @@ def _run_cache(p, gen):
             a = a.transpose(1, 2)[keep]
             b = b.transpose(1, 2)[keep]
         errs.append(_rel(a, b))
-    same = all(set(s1) == set(s2) and all(torch.equal(s1[n], s2[n]) for n in s1)
-               for s1, s2 in zip(got_states, ref_states))
+    same = all(
+        set(s1) == set(s2) and all(torch.equal(s1[n], s2[n]) for n in s1) for s1, s2 in zip(got_states, ref_states)
+    )
     lengths = got_states[-1]["length"]
-    return {"errs": errs, "state_equal": same, "finite": all(bool(torch.isfinite(o).all()) for o, _ in got),
-            "evicted_some": bool((lengths < (pos_total := p["n1"] + p["steps"] + p["n2"])).any()),
-            "pos_total": pos_total, "overflow": bool(got_states[-1]["overflow"])}
+    return {
+        "errs": errs,
+        "state_equal": same,
+        "finite": all(bool(torch.isfinite(o).all()) for o, _ in got),
+        "evicted_some": bool((lengths < (pos_total := p["n1"] + p["steps"] + p["n2"])).any()),
+        "pos_total": pos_total,
+        "overflow": bool(got_states[-1]["overflow"]),
+    }
 
 
 def _run_case(p):

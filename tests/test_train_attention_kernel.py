@@ -131,8 +131,8 @@ def brute_counts(T, window, doc_ids, BM, BN, rows_per_program=1):
         is_far = (i - j) > window
         for m0 in range(0, T, BM):
             for n0 in range(0, T, BN):
-                v_ = vis[m0:m0 + BM, n0:n0 + BN]
-                f_ = is_far[m0:m0 + BM, n0:n0 + BN]
+                v_ = vis[m0 : m0 + BM, n0 : n0 + BN]
+                f_ = is_far[m0 : m0 + BM, n0 : n0 + BN]
                 if not v_.any():
                     continue
                 if v_.all() and f_.all():
@@ -222,7 +222,7 @@ def test_attention_backend_triton_branch():
 
 
 def test_auto_backend_rule(monkeypatch):
-    """"auto": dense off CUDA or for heads under 16; on CUDA the Triton kernel, also inside
+    """ "auto": dense off CUDA or for heads under 16; on CUDA the Triton kernel, also inside
     torch.compile (the flag off: flex)."""
     from dms_flex import attention
 
@@ -279,8 +279,15 @@ def _stand_in_parts(q, k, v, lk, ds, window, scale):
 
 
 @torch.library.custom_op("dms_flex_test::train_attention_fwd", mutates_args=())
-def _stand_in_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_keep: torch.Tensor,
-                  doc_start: Optional[torch.Tensor], window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _stand_in_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_keep: torch.Tensor,
+    doc_start: Optional[torch.Tensor],
+    window: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     s, kk, vv, far, G = _stand_in_parts(q, k, v, log_keep, doc_start, window, scale)
     return (torch.softmax(s, -1) @ vv).to(q.dtype), torch.logsumexp(s, -1) / math.log(2)
 
@@ -291,10 +298,19 @@ def _(q, k, v, log_keep, doc_start, window, scale):
 
 
 @torch.library.custom_op("dms_flex_test::train_attention_bwd", mutates_args=())
-def _stand_in_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_keep: torch.Tensor,
-                  doc_start: Optional[torch.Tensor], doc_end: Optional[torch.Tensor], out: torch.Tensor,
-                  lse: torch.Tensor, window: int, scale: float
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _stand_in_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_keep: torch.Tensor,
+    doc_start: Optional[torch.Tensor],
+    doc_end: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    window: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     s, kk, vv, far, G = _stand_in_parts(q, k, v, log_keep, doc_start, window, scale)
     B, Hq, T, D = q.shape
     p = torch.softmax(s, -1)
@@ -478,8 +494,9 @@ def _run_interp_case(p):
             ds, de = ta.doc_bounds(ids)
         sc = D**-0.5 if scale is None else scale
         out, lse = ta._launch_fwd(qk, kk, vk, lkk, ds, w, sc, cfg=cfg, poison=True, counts=counts)
-        grads = ta._launch_bwd(go.to(dtype), qk, kk, vk, lkk, ds, de, out, lse, w, sc, cfg=cfg, poison=True,
-                               counts=counts)
+        grads = ta._launch_bwd(
+            go.to(dtype), qk, kk, vk, lkk, ds, de, out, lse, w, sc, cfg=cfg, poison=True, counts=counts
+        )
         c = ta._cfg(cfg, D, dtype)
         (bm, bn, _, _), (bm1, bn1, _, _), (bm2, bn2, _, _) = c["fwd"], c["dkdv"], c["dq"]
         res["counts"] = counts.tolist()
@@ -490,8 +507,9 @@ def _run_interp_case(p):
         # the classification is exact when blocks nest and T is a multiple of the blocks (rows or
         # keys past T make a pair look mixed to the kernel)
         res["dq_atomic"] = bool(c.get("dq_atomic", False))
-        res["exact"] = dict(fwd=bm % bn == 0 and T % bm == 0, dkdv=bn1 % bm1 == 0 and T % bn1 == 0,
-                            dq=bm2 % bn2 == 0 and T % bm2 == 0)
+        res["exact"] = dict(
+            fwd=bm % bn == 0 and T % bm == 0, dkdv=bn1 % bm1 == 0 and T % bn1 == 0, dq=bm2 % bn2 == 0 and T % bm2 == 0
+        )
     names = ("out", "dq", "dk", "dv", "dlk")
     got = (out,) + tuple(grads)
     want = (ref,) + tuple(gref)
@@ -502,8 +520,9 @@ def _run_interp_case(p):
             res["err"][n] = float(g.double().abs().max())
         else:
             res["err"][n] = rel_err(g, r)
-    res["dtypes_ok"] = (out.dtype == dtype and grads[0].dtype == dtype and grads[1].dtype == dtype
-                        and grads[3].dtype == torch.float32)
+    res["dtypes_ok"] = (
+        out.dtype == dtype and grads[0].dtype == dtype and grads[1].dtype == dtype and grads[3].dtype == torch.float32
+    )
     return res
 
 
@@ -539,9 +558,14 @@ def _subprocesses():
     env_aot = dict(env)
     env_aot.pop("TRITON_INTERPRET", None)
     interp = _interp.start_worker(__file__, threads="1")
-    aot = subprocess.Popen([sys.executable, os.path.join(REPO, "benchmarks", "bench_train_attention_kernel.py"),
-                            "--aot", "--aot-quick"], env=env_aot,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    aot = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "benchmarks", "bench_train_attention_kernel.py"), "--aot", "--aot-quick"],
+        env=env_aot,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     return {"interp": interp, "aot": aot}
 
 
@@ -572,7 +596,7 @@ def test_triton_kernels_interpreter(cid, params):
     if "counts" in r:
         c = r["counts"]
         for kernel, off, brute in (("fwd", 0, r["brute_fwd"]), ("dkdv", 3, r["brute_dkdv"]), ("dq", 6, r["brute_dq"])):
-            got = c[off:off + 3]
+            got = c[off : off + 3]
             if kernel == "dq" and r["dq_atomic"]:
                 assert got == [0, 0, 0]  # no dQ kernel
                 continue
@@ -648,8 +672,14 @@ def _grads(fn, q, k, v, lk, go):
 def test_gpu_bf16_matches_reference(D, window):
     q, k, v, lk, ids, go = _gpu_inputs(2, 8, 2, 4096, D, torch.bfloat16, seed=D + window)
     got = _grads(lambda q, k, v, lk: ta.dms_train_attention(q, k, v, lk, window, doc_ids=ids), q, k, v, lk, go)
-    ref = _grads(lambda q, k, v, lk: dense_dms_attention(q.float(), k.float(), v.float(), lk, window, doc_ids=ids),
-                 q, k, v, lk, go.float())
+    ref = _grads(
+        lambda q, k, v, lk: dense_dms_attention(q.float(), k.float(), v.float(), lk, window, doc_ids=ids),
+        q,
+        k,
+        v,
+        lk,
+        go.float(),
+    )
     torch.cuda.synchronize()
     errs = {n: rel_err(a, b) for n, a, b in zip(("out", "dq", "dk", "dv", "dlk"), got, ref)}
     for n, a in zip(("out", "dq", "dk", "dv", "dlk"), got):
@@ -658,12 +688,15 @@ def test_gpu_bf16_matches_reference(D, window):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,D,G,T,docs", [
-    (torch.bfloat16, 64, 4, 1000, False),
-    (torch.float16, 128, 1, 777, True),
-    (torch.bfloat16, 128, 8, 2049, True),
-    (torch.float32, 64, 2, 300, True),
-])
+@pytest.mark.parametrize(
+    "dtype,D,G,T,docs",
+    [
+        (torch.bfloat16, 64, 4, 1000, False),
+        (torch.float16, 128, 1, 777, True),
+        (torch.bfloat16, 128, 8, 2049, True),
+        (torch.float32, 64, 2, 300, True),
+    ],
+)
 def test_gpu_shapes_poison_determinism(dtype, D, G, T, docs):
     Hkv = 2
     q, k, v, lk, ids, go = _gpu_inputs(2, Hkv * G, Hkv, T, D, dtype, seed=T, docs=docs)
@@ -678,8 +711,14 @@ def test_gpu_shapes_poison_determinism(dtype, D, G, T, docs):
     torch.cuda.synchronize()
     for a, b in zip(g1, g2):  # no atomics: bitwise deterministic
         assert torch.equal(a, b)
-    ref = _grads(lambda q, k, v, lk: dense_dms_attention(q.float(), k.float(), v.float(), lk, 64, doc_ids=ids),
-                 q, k, v, lk, go.float())
+    ref = _grads(
+        lambda q, k, v, lk: dense_dms_attention(q.float(), k.float(), v.float(), lk, 64, doc_ids=ids),
+        q,
+        k,
+        v,
+        lk,
+        go.float(),
+    )
     tol = 2e-2 if dtype == torch.bfloat16 else (5e-3 if dtype == torch.float16 else 1e-4)
     for n, a, b in zip(("out", "dq", "dk", "dv", "dlk"), (out,) + tuple(g1), ref):
         assert torch.isfinite(a).all(), n
@@ -696,8 +735,14 @@ def test_gpu_atomic_dq_matches_reference(D):
     cfg = dict(dq_atomic=True, dkdv=(32, 128, 8, 3) if D == 64 else (16, 64, 8, 3))
     out, lse = ta._launch_fwd(q, k, v, lk, ds, 256, scale)
     got = (out,) + tuple(ta._launch_bwd(go, q, k, v, lk, ds, de, out, lse, 256, scale, cfg=cfg, poison=True))
-    ref = _grads(lambda q, k, v, lk: dense_dms_attention(q.float(), k.float(), v.float(), lk, 256, doc_ids=ids),
-                 q, k, v, lk, go.float())
+    ref = _grads(
+        lambda q, k, v, lk: dense_dms_attention(q.float(), k.float(), v.float(), lk, 256, doc_ids=ids),
+        q,
+        k,
+        v,
+        lk,
+        go.float(),
+    )
     for n, a, b in zip(("out", "dq", "dk", "dv", "dlk"), got, ref):
         assert torch.isfinite(a).all(), n
         assert rel_err(a, b) < 2e-2, (n, rel_err(a, b))
@@ -720,7 +765,7 @@ def test_gpu_block_counts_at_real_block_sizes():
         got = counts.tolist()
         for off, (bm, bn) in ((0, c["fwd"][:2]), (3, c["dkdv"][:2]), (6, c["dq"][:2])):
             brute = brute_counts(T, window, ids_cpu, bm, bn, 2)
-            assert sum(got[off:off + 3]) == sum(brute), (off, got, brute)
+            assert sum(got[off : off + 3]) == sum(brute), (off, got, brute)
             assert got[off + 1] <= brute[1] and got[off + 2] <= brute[2], (off, got, brute)
 
 

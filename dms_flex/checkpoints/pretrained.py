@@ -33,8 +33,15 @@ class DMSModel:
     adapter: Optional[Path] = None  # the adapter folder applied, if any
 
 
-def load_dms_model(folder, *, dms_overrides: Optional[Dict[str, Any]] = None, dtype=torch.float32,
-                   device="cpu", max_seq_len: Optional[int] = None, adapter=None) -> DMSModel:
+def load_dms_model(
+    folder,
+    *,
+    dms_overrides: Optional[Dict[str, Any]] = None,
+    dtype=torch.float32,
+    device="cpu",
+    max_seq_len: Optional[int] = None,
+    adapter=None,
+) -> DMSModel:
     """DMS settings come from config.json's `dms_*` keys when present (a retrofit or the released
     format), else the defaults of DMSConfig; `dms_overrides` (DMSConfig field names) win over both.
 
@@ -49,39 +56,48 @@ def load_dms_model(folder, *, dms_overrides: Optional[Dict[str, Any]] = None, dt
     loaded = load_hf_checkpoint(folder, dtype=dtype, max_seq_len=max_seq_len)
     hf_config = loaded.hf_config
     if adapter_cfg is not None:
-        hf_config = {**{k: v for k, v in hf_config.items() if not k.startswith("dms_")},
-                     **{k: v for k, v in adapter_cfg.items() if k.startswith("dms_")}}
+        hf_config = {
+            **{k: v for k, v in hf_config.items() if not k.startswith("dms_")},
+            **{k: v for k, v in adapter_cfg.items() if k.startswith("dms_")},
+        }
     trained = "dms_window_size" in hf_config
     source = str(adapter / ADAPTER_CONFIG_NAME) if adapter_cfg is not None else str(Path(folder) / "config.json")
     cfg = DMSConfig.from_hf(hf_config, source=source) if trained else DMSConfig()
     if dms_overrides:
         cfg = cfg.replace(**dms_overrides)
     if adapter_state is not None and cfg.decision != "adapter":
-        raise ValueError(f"the adapter {adapter} needs decision=adapter, but the DMS settings ask for "
-                         f"decision={cfg.decision}; drop that override or the adapter")
+        raise ValueError(
+            f"the adapter {adapter} needs decision=adapter, but the DMS settings ask for "
+            f"decision={cfg.decision}; drop that override or the adapter"
+        )
     model = add_dms(loaded.model, cfg)
     if adapter_state is not None:
-        check_adapter_fits(model, adapter_state, adapter=adapter, model_folder=folder,
-                           provenance=adapter_cfg.get("base_model"))
+        check_adapter_fits(
+            model, adapter_state, adapter=adapter, model_folder=folder, provenance=adapter_cfg.get("base_model")
+        )
         load_dms_state(model, adapter_state, source=str(adapter))
     elif trained or loaded.extra_state:
         load_dms_state(model, loaded.extra_state, source=str(folder))
     # else: a base model starting a retrofit; adapters (if any) stay zero-initialised
     model.to(device=device)
-    return DMSModel(model=model.eval(), tokenizer=loaded.tokenizer, dms=cfg, hf_config=hf_config,
-                    family=loaded.family, dms_trained=trained, adapter=adapter)
+    return DMSModel(
+        model=model.eval(),
+        tokenizer=loaded.tokenizer,
+        dms=cfg,
+        hf_config=hf_config,
+        family=loaded.family,
+        dms_trained=trained,
+        adapter=adapter,
+    )
 
 
 def load_dms_state(model: nn.Module, extra_state: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Load DMS parameters (Hugging Face names) into a model that add_dms prepared."""
     given = {hf_extra_name_to_tune(k): v for k, v in extra_state.items()}
     cfg = getattr(model, "dms_config", None)
-    load_extra_state(model, given, source, cfg.decision if cfg is not None else "none",
-                                shown=tune_extra_name_to_hf)
+    load_extra_state(model, given, source, cfg.decision if cfg is not None else "none", shown=tune_extra_name_to_hf)
 
 
 def dms_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """DMS parameters under Hugging Face names, for save_hf_checkpoint's extra_state."""
-    return {tune_extra_name_to_hf(k): v for k, v in model.state_dict().items()
-            if is_extra_key(k)}
-
+    return {tune_extra_name_to_hf(k): v for k, v in model.state_dict().items() if is_extra_key(k)}

@@ -20,11 +20,25 @@ Modules: `tokenizers`, `packing`, `sources`, `reasoning`; the public names are e
 """
 
 from .packing import IGNORE_INDEX, PackedDocuments
-from .reasoning import (DEFAULT_INSTRUCTION, DEFAULT_TASKS, REASONING_GYM_HINT, build_reasoning_set,
-                        reasoning_dataset)
+from .reasoning import DEFAULT_INSTRUCTION, DEFAULT_TASKS, REASONING_GYM_HINT, build_reasoning_set, reasoning_dataset
 from .sources import DEFAULT_PY_MODULES, DocumentList, python_sources_dataset, synthetic_dataset
 from .tokenizers import SMOLLM2, HFTokenizer, byte_tokenizer, hf_tokenizer, resolve_model_dir
 
-__all__ = ["IGNORE_INDEX", "PackedDocuments", "DEFAULT_INSTRUCTION", "DEFAULT_TASKS", "REASONING_GYM_HINT",
-           "build_reasoning_set", "reasoning_dataset", "DEFAULT_PY_MODULES", "DocumentList", "python_sources_dataset",
-           "synthetic_dataset", "SMOLLM2", "HFTokenizer", "byte_tokenizer", "hf_tokenizer", "resolve_model_dir"]
+__all__ = [
+    "IGNORE_INDEX",
+    "PackedDocuments",
+    "DEFAULT_INSTRUCTION",
+    "DEFAULT_TASKS",
+    "REASONING_GYM_HINT",
+    "build_reasoning_set",
+    "reasoning_dataset",
+    "DEFAULT_PY_MODULES",
+    "DocumentList",
+    "python_sources_dataset",
+    "synthetic_dataset",
+    "SMOLLM2",
+    "HFTokenizer",
+    "byte_tokenizer",
+    "hf_tokenizer",
+    "resolve_model_dir",
+]

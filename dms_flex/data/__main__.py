@@ -12,8 +12,9 @@ from .tokenizers import SMOLLM2
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dms_flex.data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m dms_flex.data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("reasoning", help="build the teacher-answered reasoning set (cached jsonl)")
     r.add_argument("--checkpoint", default=SMOLLM2, help="teacher folder (default: the embedded SmolLM2)")
@@ -26,9 +27,16 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     r.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(None if argv is None else list(argv))
     try:
-        out = build_reasoning_set(args.checkpoint, path=args.out, tasks=args.tasks, num_problems=args.num_problems,
-                                  problems_per_conversation=args.problems_per_conversation, seed=args.seed,
-                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        out = build_reasoning_set(
+            args.checkpoint,
+            path=args.out,
+            tasks=args.tasks,
+            num_problems=args.num_problems,
+            problems_per_conversation=args.problems_per_conversation,
+            seed=args.seed,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+        )
     except (FileNotFoundError, ModuleNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -33,8 +33,15 @@ class PackedDocuments(Dataset):
     from 0 (padding is one more document), valid (T,) False on padding.
     """
 
-    def __init__(self, ds, max_seq_len: int, pad_id: int = 0, split_across_rows: bool = True,
-                 max_rows: Optional[int] = None, progress: bool = True):
+    def __init__(
+        self,
+        ds,
+        max_seq_len: int,
+        pad_id: int = 0,
+        split_across_rows: bool = True,
+        max_rows: Optional[int] = None,
+        progress: bool = True,
+    ):
         if max_seq_len < 2:
             raise ValueError(f"max_seq_len={max_seq_len} must be >= 2")
         self.max_seq_len = int(max_seq_len)
@@ -101,7 +108,7 @@ class PackedDocuments(Dataset):
         h = hashlib.sha256(f"{self.max_seq_len} {self.pad_id}".encode())
         chunk = 1 << 22
         for s in range(0, self._tokens.size, chunk):
-            h.update(self._tokens[s:s + chunk].astype(np.int64).tobytes())
+            h.update(self._tokens[s : s + chunk].astype(np.int64).tobytes())
         h.update(np.packbits(self._keep).tobytes())
         h.update(np.asarray([(r, s, e) for r, row in enumerate(self.rows) for s, e in row], dtype=np.int64).tobytes())
         return {"sha256": h.hexdigest(), "documents": self.documents, "tokens": self.real_tokens, "rows": len(self)}
@@ -116,12 +123,12 @@ class PackedDocuments(Dataset):
         for d, (s, e) in enumerate(self.rows[idx]):
             n = e - s
             piece = torch.from_numpy(self._tokens[s:e].astype(np.int64))
-            tokens[pos:pos + n] = piece
+            tokens[pos : pos + n] = piece
             nxt = piece[1:].clone()
-            nxt[~torch.from_numpy(self._keep[s + 1:e])] = IGNORE_INDEX
-            targets[pos:pos + n - 1] = nxt
-            doc_ids[pos:pos + n] = d
-            valid[pos:pos + n] = True
+            nxt[~torch.from_numpy(self._keep[s + 1 : e])] = IGNORE_INDEX
+            targets[pos : pos + n - 1] = nxt
+            doc_ids[pos : pos + n] = d
+            valid[pos : pos + n] = True
             pos += n
         doc_ids[pos:] = len(self.rows[idx])
         return {"tokens": tokens, "targets": targets, "doc_ids": doc_ids, "valid": valid}

@@ -25,47 +25,97 @@ from .tokenizers import HFTokenizer, resolve_model_dir
 __all__ = ["REASONING_GYM_HINT", "DEFAULT_TASKS", "DEFAULT_INSTRUCTION", "reasoning_dataset", "build_reasoning_set"]
 
 REASONING_GYM_HINT = "pip install reasoning-gym==0.1.25"
-DEFAULT_TASKS = ("basic_arithmetic", "chain_sum", "gsm_symbolic", "leg_counting", "fraction_simplification",
-                 "number_sorting")
+DEFAULT_TASKS = (
+    "basic_arithmetic",
+    "chain_sum",
+    "gsm_symbolic",
+    "leg_counting",
+    "fraction_simplification",
+    "number_sorting",
+)
 DEFAULT_INSTRUCTION = "Solve the problem step by step, then give the final answer on the last line."
 PREFILL_CHUNK = 512  # prompt tokens per prefill call while building the reasoning set
 COMPILE_ABOVE_DECODE_STEPS = 20_000
 
 
-def reasoning_dataset(tokenizer: HFTokenizer, checkpoint_dir, *, path: Optional[str] = None,
-                      tasks: Sequence[str] = DEFAULT_TASKS, num_problems: int = 2000,
-                      problems_per_conversation: int = 8, seed: int = 0, max_new_tokens: int = 512,
-                      batch_size: int = 32, instruction: str = DEFAULT_INSTRUCTION, train_on_input: bool = True):
+def reasoning_dataset(
+    tokenizer: HFTokenizer,
+    checkpoint_dir,
+    *,
+    path: Optional[str] = None,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    num_problems: int = 2000,
+    problems_per_conversation: int = 8,
+    seed: int = 0,
+    max_new_tokens: int = 512,
+    batch_size: int = 32,
+    instruction: str = DEFAULT_INSTRUCTION,
+    train_on_input: bool = True,
+):
     """reasoning-gym problems with the teacher's own greedy answers, as torchtune's chat_dataset over
     the cached jsonl (built on first use, see `build_reasoning_set`). train_on_input=True: the
     distillation covers the prompt tokens too."""
     from torchtune.datasets import chat_dataset
 
-    path = build_reasoning_set(checkpoint_dir, path=path, tasks=tasks, num_problems=num_problems,
-                               problems_per_conversation=problems_per_conversation, seed=seed,
-                               max_new_tokens=max_new_tokens, batch_size=batch_size, instruction=instruction)
-    return chat_dataset(tokenizer, source="json", data_files=str(path), conversation_column="messages",
-                        conversation_style="openai", train_on_input=train_on_input, split="train")
+    path = build_reasoning_set(
+        checkpoint_dir,
+        path=path,
+        tasks=tasks,
+        num_problems=num_problems,
+        problems_per_conversation=problems_per_conversation,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        instruction=instruction,
+    )
+    return chat_dataset(
+        tokenizer,
+        source="json",
+        data_files=str(path),
+        conversation_column="messages",
+        conversation_style="openai",
+        train_on_input=train_on_input,
+        split="train",
+    )
 
 
-def _reasoning_settings(checkpoint_dir, tasks, num_problems, problems_per_conversation, seed, max_new_tokens,
-                        instruction) -> Dict[str, Any]:
+def _reasoning_settings(
+    checkpoint_dir, tasks, num_problems, problems_per_conversation, seed, max_new_tokens, instruction
+) -> Dict[str, Any]:
     folder = resolve_model_dir(checkpoint_dir)
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"the reasoning set needs the teacher's weights: no config.json in {folder}")
     weights = sorted(folder.glob("model*.safetensors"))
-    settings = {"model": str(folder.resolve()), "config_sha": hashlib.sha1(cfg_file.read_bytes()).hexdigest(),
-                "weights": [[p.name, p.stat().st_size] for p in weights], "tasks": list(tasks),
-                "num_problems": int(num_problems), "problems_per_conversation": int(problems_per_conversation),
-                "seed": int(seed), "max_new_tokens": int(max_new_tokens), "instruction": instruction, "format": 2}
+    settings = {
+        "model": str(folder.resolve()),
+        "config_sha": hashlib.sha1(cfg_file.read_bytes()).hexdigest(),
+        "weights": [[p.name, p.stat().st_size] for p in weights],
+        "tasks": list(tasks),
+        "num_problems": int(num_problems),
+        "problems_per_conversation": int(problems_per_conversation),
+        "seed": int(seed),
+        "max_new_tokens": int(max_new_tokens),
+        "instruction": instruction,
+        "format": 2,
+    }
     return json.loads(json.dumps(settings))  # exactly what the meta file will read back
 
 
-def build_reasoning_set(checkpoint_dir, *, path: Optional[str] = None, tasks: Sequence[str] = DEFAULT_TASKS,
-                        num_problems: int = 2000, problems_per_conversation: int = 8, seed: int = 0,
-                        max_new_tokens: int = 512, batch_size: int = 32, instruction: str = DEFAULT_INSTRUCTION,
-                        device=None, dtype=None) -> Path:
+def build_reasoning_set(
+    checkpoint_dir,
+    *,
+    path: Optional[str] = None,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    num_problems: int = 2000,
+    problems_per_conversation: int = 8,
+    seed: int = 0,
+    max_new_tokens: int = 512,
+    batch_size: int = 32,
+    instruction: str = DEFAULT_INSTRUCTION,
+    device=None,
+    dtype=None,
+) -> Path:
     """Write (once) a chat jsonl of reasoning-gym problems answered greedily by the model in
     `checkpoint_dir` with eviction off; return its path.
 
@@ -80,15 +130,22 @@ def build_reasoning_set(checkpoint_dir, *, path: Optional[str] = None, tasks: Se
     distributed run can call this.
     """
     if importlib.util.find_spec("reasoning_gym") is None:
-        raise ModuleNotFoundError(f"the reasoning data set needs the package reasoning-gym: run "
-                                  f"`{REASONING_GYM_HINT}` (offline afterwards), or choose another dataset",
-                                  name="reasoning_gym")
-    for name, v in (("num_problems", num_problems), ("problems_per_conversation", problems_per_conversation),
-                    ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        raise ModuleNotFoundError(
+            f"the reasoning data set needs the package reasoning-gym: run "
+            f"`{REASONING_GYM_HINT}` (offline afterwards), or choose another dataset",
+            name="reasoning_gym",
+        )
+    for name, v in (
+        ("num_problems", num_problems),
+        ("problems_per_conversation", problems_per_conversation),
+        ("max_new_tokens", max_new_tokens),
+        ("batch_size", batch_size),
+    ):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"reasoning set: {name}={v!r} is invalid: it must be an integer >= 1")
-    settings = _reasoning_settings(checkpoint_dir, tasks, num_problems, problems_per_conversation, seed,
-                                   max_new_tokens, instruction)
+    settings = _reasoning_settings(
+        checkpoint_dir, tasks, num_problems, problems_per_conversation, seed, max_new_tokens, instruction
+    )
     if path is None:
         key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
         path = dms_flex_home() / "reasoning" / f"{Path(settings['model']).name}-{key}.jsonl"
@@ -137,8 +194,9 @@ def _user_turn(entry, instruction: str) -> Dict[str, str]:
     return {"role": "user", "content": f"{entry['question']}\n\n{instruction}"}
 
 
-def _turn_prompts(tok, instruction: str, group, msgs, open_: List[bool], turn: int, budget: int, max_new: int,
-                  placeholder: int) -> List[List[int]]:
+def _turn_prompts(
+    tok, instruction: str, group, msgs, open_: List[bool], turn: int, budget: int, max_new: int, placeholder: int
+) -> List[List[int]]:
     """This turn's prompt of each conversation in `group`: its messages so far plus its next problem
     (appended to `msgs`). A conversation that has no next problem, or whose prompt plus a full answer
     would outgrow `budget`, ends (open_ False) and gets a placeholder row whose answer is thrown away."""
@@ -166,13 +224,13 @@ def _prefill_heads(model, prompts: List[List[int]], state, device) -> List[List[
     prefill_chunk = PREFILL_CHUNK
     tails = []
     for ids in prompts:
-        tails.append(ids[len(ids) - ((len(ids) - 1) % prefill_chunk + 1):])
-    heads = [ids[:len(ids) - len(t)] for ids, t in zip(prompts, tails)]
+        tails.append(ids[len(ids) - ((len(ids) - 1) % prefill_chunk + 1) :])
+    heads = [ids[: len(ids) - len(t)] for ids, t in zip(prompts, tails)]
     for s in range(0, max(len(h) for h in heads), prefill_chunk):
-        pieces = [h[s:s + prefill_chunk] for h in heads]
+        pieces = [h[s : s + prefill_chunk] for h in heads]
         tokens = torch.zeros(len(pieces), prefill_chunk, dtype=torch.long)
         for r, piece in enumerate(pieces):
-            tokens[r, :len(piece)] = torch.tensor(piece, dtype=torch.long)
+            tokens[r, : len(piece)] = torch.tensor(piece, dtype=torch.long)
         tm.prefill(model, tokens.to(device), state, torch.tensor([len(piece) for piece in pieces], device=device))
     return tails
 
@@ -199,7 +257,7 @@ def _answer_conversations(settings: Dict[str, Any], batch_size: int, device, dty
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     problems = _problems(settings["tasks"], settings["num_problems"], settings["seed"])
     per = settings["problems_per_conversation"]
-    convs = [problems[i:i + per] for i in range(0, len(problems), per)]
+    convs = [problems[i : i + per] for i in range(0, len(problems), per)]
     dm = pretrained.load_dms_model(settings["model"], dtype=dtype, device=device)
     tok = dm.tokenizer
     if tok is None or not getattr(tok, "chat_template", None):
@@ -208,8 +266,9 @@ def _answer_conversations(settings: Dict[str, Any], batch_size: int, device, dty
 
     # cache size: the longest conversation could reach (each turn's prompt plus a full answer), within
     # the model's context; a conversation that would outgrow it ends early
-    longest = max(sum(len(_render(tok, [_user_turn(e, instruction)])) + max_new + 8 for _, _, e in conv)
-                  for conv in convs)
+    longest = max(
+        sum(len(_render(tok, [_user_turn(e, instruction)])) + max_new + 8 for _, _, e in conv) for conv in convs
+    )
     budget = min(int(dm.model.max_seq_len), longest)
     batch_size = min(batch_size, len(convs))
     state = tm.InferenceState(dm.model, batch_size, max_seq_len=budget, eviction=False)
@@ -225,7 +284,7 @@ def _answer_conversations(settings: Dict[str, Any], batch_size: int, device, dty
     n_tok, score_sum, t0 = 0, 0.0, time.perf_counter()
     bar = tqdm(total=len(problems), desc="teacher answers", leave=False)
     for b in range(0, len(convs), batch_size):
-        group = convs[b:b + batch_size]
+        group = convs[b : b + batch_size]
         msgs: List[List[Dict[str, str]]] = [[] for _ in group]
         scores: List[List[float]] = [[] for _ in group]
         open_ = [True] * len(group)
@@ -238,8 +297,9 @@ def _answer_conversations(settings: Dict[str, Any], batch_size: int, device, dty
             # that stopped early keeps decoding filler until the batch ends).
             state.reset()
             tails = _prefill_heads(dm.model, prompts, state, device)
-            res = generation.generate_tokens(dm.model, tails, state, max_new_tokens=max_new, stop_tokens=stops,
-                                             step_fn=step)
+            res = generation.generate_tokens(
+                dm.model, tails, state, max_new_tokens=max_new, stop_tokens=stops, step_fn=step
+            )
             for i, conv in enumerate(group):
                 if not open_[i]:
                     continue
@@ -253,11 +313,19 @@ def _answer_conversations(settings: Dict[str, Any], batch_size: int, device, dty
         for i, conv in enumerate(group):
             k = len(scores[i])
             if k:
-                rows.append({"messages": msgs[i], "tasks": [c[0] for c in conv[:k]],
-                             "references": [str(c[2]["answer"]) for c in conv[:k]], "scores": scores[i]})
+                rows.append(
+                    {
+                        "messages": msgs[i],
+                        "tasks": [c[0] for c in conv[:k]],
+                        "references": [str(c[2]["answer"]) for c in conv[:k]],
+                        "scores": scores[i],
+                    }
+                )
     bar.close()
     answered = sum(len(r["scores"]) for r in rows)
-    print(f"dms_flex: reasoning set: {answered} problems in {len(rows)} conversations, {n_tok} answer tokens in "
-          f"{time.perf_counter() - t0:.0f}s; teacher scores {100 * score_sum / max(answered, 1):.1f}% by last line",
-          file=sys.stderr)
+    print(
+        f"dms_flex: reasoning set: {answered} problems in {len(rows)} conversations, {n_tok} answer tokens in "
+        f"{time.perf_counter() - t0:.0f}s; teacher scores {100 * score_sum / max(answered, 1):.1f}% by last line",
+        file=sys.stderr,
+    )
     return rows

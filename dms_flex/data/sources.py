@@ -29,13 +29,33 @@ class DocumentList(Dataset):
         return self.docs[i]
 
 
-DEFAULT_PY_MODULES = ("json", "argparse", "textwrap", "dataclasses", "functools", "enum", "heapq", "bisect",
-                      "fractions", "statistics", "difflib", "string", "tokenize", "pprint", "shlex",
-                      "configparser", "csv", "calendar", "ipaddress", "pathlib")
+DEFAULT_PY_MODULES = (
+    "json",
+    "argparse",
+    "textwrap",
+    "dataclasses",
+    "functools",
+    "enum",
+    "heapq",
+    "bisect",
+    "fractions",
+    "statistics",
+    "difflib",
+    "string",
+    "tokenize",
+    "pprint",
+    "shlex",
+    "configparser",
+    "csv",
+    "calendar",
+    "ipaddress",
+    "pathlib",
+)
 
 
-def python_sources_dataset(tokenizer: HFTokenizer, modules: Sequence[str] = DEFAULT_PY_MODULES,
-                           max_docs: Optional[int] = None) -> DocumentList:
+def python_sources_dataset(
+    tokenizer: HFTokenizer, modules: Sequence[str] = DEFAULT_PY_MODULES, max_docs: Optional[int] = None
+) -> DocumentList:
     """The source files of Python standard-library modules (a package contributes all its .py files),
     one document each: long, real text that every machine has."""
     files: List[Path] = []
@@ -56,20 +76,24 @@ def python_sources_dataset(tokenizer: HFTokenizer, modules: Sequence[str] = DEFA
     return DocumentList(docs)
 
 
-def synthetic_dataset(vocab_size: int = 256, num_docs: int = 256, min_len: int = 32, max_len: int = 512,
-                      seed: int = 0, tokenizer=None) -> DocumentList:
+def synthetic_dataset(
+    vocab_size: int = 256, num_docs: int = 256, min_len: int = 32, max_len: int = 512, seed: int = 0, tokenizer=None
+) -> DocumentList:
     """Random documents with learnable structure (each repeats a few random motifs), for runs
     without any tokenizer. `tokenizer` is accepted and ignored (the recipe passes one to every
     dataset component)."""
     if not (2 <= min_len <= max_len) or vocab_size < 4:
-        raise ValueError(f"synthetic_dataset needs 2 <= min_len <= max_len and vocab_size >= 4, got "
-                         f"min_len={min_len}, max_len={max_len}, vocab_size={vocab_size}")
+        raise ValueError(
+            f"synthetic_dataset needs 2 <= min_len <= max_len and vocab_size >= 4, got "
+            f"min_len={min_len}, max_len={max_len}, vocab_size={vocab_size}"
+        )
     g = torch.Generator().manual_seed(seed)
     docs = []
     for _ in range(num_docs):
         n = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
-        motifs = [torch.randint(3, vocab_size, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g)
-                  for _ in range(4)]
+        motifs = [
+            torch.randint(3, vocab_size, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g) for _ in range(4)
+        ]
         pick = torch.randint(0, 4, (n,), generator=g)
         ids = torch.cat([motifs[int(k)] for k in pick])[:n].tolist()
         docs.append({"tokens": ids, "labels": list(ids)})

@@ -151,8 +151,10 @@ def hf_tokenizer(path, max_seq_len: Optional[int] = None, fallback: Optional[str
     return HFTokenizer(hf, max_seq_len=max_seq_len)
 
 
-_CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+_CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def byte_tokenizer(max_seq_len: Optional[int] = None) -> HFTokenizer:
@@ -168,8 +170,8 @@ def byte_tokenizer(max_seq_len: Optional[int] = None) -> HFTokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(specials)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                 pad_token="<|endoftext|>")
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
     hf.chat_template = _CHATML
     return HFTokenizer(hf, max_seq_len=max_seq_len)
-

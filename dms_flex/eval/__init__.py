@@ -62,10 +62,24 @@ import importlib
 # `python -m dms_flex.eval.data`) does not load the rest
 _EXPORTS = {
     "cli": ("METRICS", "main", "parse_args"),
-    "methods": ("METHODS", "Method", "CheckpointLoader", "build_methods", "prepare_dms", "measure_dms_cr",
-                "calibrate_alpha_offset"),
-    "metrics": ("perplexity", "generate_rows", "probe_accuracy", "reasoning_accuracy", "render_reasoning",
-                "majority_vote", "parallel_sampling"),
+    "methods": (
+        "METHODS",
+        "Method",
+        "CheckpointLoader",
+        "build_methods",
+        "prepare_dms",
+        "measure_dms_cr",
+        "calibrate_alpha_offset",
+    ),
+    "metrics": (
+        "perplexity",
+        "generate_rows",
+        "probe_accuracy",
+        "reasoning_accuracy",
+        "render_reasoning",
+        "majority_vote",
+        "parallel_sampling",
+    ),
     "report": ("print_table", "print_parallel", "merge", "replot"),
     "runner": ("run",),
 }

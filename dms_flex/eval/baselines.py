@@ -116,8 +116,9 @@ def victim_slot(policy: EvictionPolicy, pos, live, score, last, budget) -> torch
 
 
 # ============================================================================ attention with weights
-def attention_with_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
-                           scale: Optional[float] = None):
+def attention_with_weights(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: Optional[float] = None
+):
     """Plain attention that also returns the weights, per KV group.
 
     q (B, Hq, Tq, D); k, v (B, H, S, D); visible (B, H, Tq, S) bool.
@@ -126,7 +127,7 @@ def attention_with_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vi
     B, Hq, Tq, D = q.shape
     H = k.shape[1]
     G = Hq // H
-    scale = D ** -0.5 if scale is None else scale
+    scale = D**-0.5 if scale is None else scale
     qg = q.reshape(B, H, G, Tq, D).float()
     scores = (qg @ k.float()[:, :, None].transpose(-1, -2)) * scale
     weights = torch.softmax(scores.masked_fill(~visible[:, :, None], float("-inf")), dim=-1).nan_to_num(0.0)
@@ -140,11 +141,13 @@ class PolicyKVCache(SlotStore):
     accumulated attention; TOVA: the last query's weight). Driven by prefill_with_policy and
     decode_step_with_policy; it has no DMS marks or ring."""
 
-    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int,
-                 dtype=torch.bfloat16, device=None):
+    def __init__(
+        self, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int, dtype=torch.bfloat16, device=None
+    ):
         super().__init__(batch_size, num_kv_heads, head_dim, capacity, dtype=dtype, device=device)
-        self.register_buffer("score", torch.zeros(batch_size, num_kv_heads, capacity + 1, device=device),
-                             persistent=False)
+        self.register_buffer(
+            "score", torch.zeros(batch_size, num_kv_heads, capacity + 1, device=device), persistent=False
+        )
 
     def reset(self) -> None:
         super().reset()
@@ -181,7 +184,9 @@ class PolicyKVCache(SlotStore):
             vis = klive[:, :, None, :] & (kpos[:, :, None, :] <= qpos[:, None, c0:c1, None])
             # padded queries see themselves only, so no row is empty
             pad_self = (~valid_q[:, c0:c1])[:, None, :, None] & (
-                torch.arange(S, device=dev)[None, None, None] == (L + torch.arange(c0, c1, device=dev))[None, None, :, None])
+                torch.arange(S, device=dev)[None, None, None]
+                == (L + torch.arange(c0, c1, device=dev))[None, None, :, None]
+            )
             o, w = attention_with_weights(q[:, :, c0:c1], k_all, v_all, vis | pad_self)
             outs.append(o)
             w = w.mean(2)  # (B, H, c, S): the group's query heads averaged
@@ -201,8 +206,9 @@ class PolicyKVCache(SlotStore):
         keep = keep_mask(policy, kpos, klive, score, seen - 1, policy.budget(seen))
         count = keep.sum(-1)
         # pack the kept tokens into slots [0, count) in position order
-        order = torch.sort(torch.where(keep, kpos, torch.full_like(kpos, torch.iinfo(torch.long).max)),
-                           dim=-1, stable=True).indices
+        order = torch.sort(
+            torch.where(keep, kpos, torch.full_like(kpos, torch.iinfo(torch.long).max)), dim=-1, stable=True
+        ).indices
         m = min(S, C)
         order = order[..., :m]
         self.k[:, :, :m].copy_(k_all.gather(2, order[..., None].expand(B, H, m, D)).to(self.k.dtype))
@@ -252,28 +258,42 @@ class PolicyState(CacheState):
     """The policy caches of all layers plus each row's next position, with the same accounting as the
     DMS state (CacheState: kv_bytes, compression), so policies and DMS are measured by the same code."""
 
-    def __init__(self, model: nn.Module, batch_size: int, policy: EvictionPolicy, max_seq_len: Optional[int] = None,
-                 dtype=None, device=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        batch_size: int,
+        policy: EvictionPolicy,
+        max_seq_len: Optional[int] = None,
+        dtype=None,
+        device=None,
+    ):
         p = next(model.parameters())
         dtype = dtype or p.dtype
         device = device or p.device
         max_seq_len = max_seq_len or model.max_seq_len
         attn0 = model.layers[0].attn
         capacity = policy.capacity(max_seq_len)
-        caches = [PolicyKVCache(batch_size, attn0.num_kv_heads, attn0.head_dim, capacity, dtype, device)
-                  for _ in model.layers]
+        caches = [
+            PolicyKVCache(batch_size, attn0.num_kv_heads, attn0.head_dim, capacity, dtype, device) for _ in model.layers
+        ]
         super().__init__(caches, batch_size, max_seq_len, dtype, device, eviction=True, window=0)
         self.policy = policy
 
 
 # ============================================================================ model passes
 @torch.no_grad()
-def prefill_with_policy(model: nn.Module, tokens: torch.Tensor, state: PolicyState,
-                        lengths: Optional[torch.Tensor] = None, all_logits: bool = False) -> torch.Tensor:
+def prefill_with_policy(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    state: PolicyState,
+    lengths: Optional[torch.Tensor] = None,
+    all_logits: bool = False,
+) -> torch.Tensor:
     """Append tokens (B, n) (right-padded; `lengths` real tokens per row) with exact attention, then
     apply the policy's budget. Returns each row's last real logits (B, vocab), or (B, n, vocab)."""
     B, n = tokens.shape
     lengths, pos, input_pos = prefill_positions(tokens, state, lengths)
+
     def attend(i, q, k, v, _):
         return state.caches[i].append_with_policy(state.policy, q, k, v, pos, lengths)
 
@@ -293,6 +313,7 @@ def decode_step_with_policy(model: nn.Module, token: torch.Tensor, state: Policy
     # every layer holds the same count per (row, head) (the budget does not depend on the layer):
     # one host read of the used slot prefix serves all layers
     n = max(int(state.caches[0].length.max()), 1)
+
     def attend(i, q, k, v, _):
         return state.caches[i].decode_with_policy(state.policy, q, k, v, pos, n)
 

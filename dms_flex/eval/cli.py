@@ -21,21 +21,36 @@ METRICS = ("ppl", "reasoning", "needle", "vartrack")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dms_flex.eval", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    for add in (_add_general, _add_dms, _add_baselines, _add_perplexity, _add_reasoning, _add_long_context,
-                _add_quantization, _add_misc):
+    p = argparse.ArgumentParser(
+        prog="python -m dms_flex.eval", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for add in (
+        _add_general,
+        _add_dms,
+        _add_baselines,
+        _add_perplexity,
+        _add_reasoning,
+        _add_long_context,
+        _add_quantization,
+        _add_misc,
+    ):
         add(p)
     return p
 
 
 def _add_general(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="Hugging Face-format folder; default: the embedded SmolLM2-135M-Instruct "
-                                   "with its packaged DMS adapter")
-    p.add_argument("--adapter", help="a DMS adapter folder (python -m dms_flex.pretrained export-adapter) applied "
-                                     "to --model")
-    p.add_argument("--no-adapter", action="store_true",
-                   help="the embedded model without its packaged adapter (untrained decisions)")
+    p.add_argument(
+        "--model",
+        help="Hugging Face-format folder; default: the embedded SmolLM2-135M-Instruct with its packaged DMS adapter",
+    )
+    p.add_argument(
+        "--adapter", help="a DMS adapter folder (python -m dms_flex.pretrained export-adapter) applied to --model"
+    )
+    p.add_argument(
+        "--no-adapter",
+        action="store_true",
+        help="the embedded model without its packaged adapter (untrained decisions)",
+    )
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
     p.add_argument("--cr", default="2,4", help="requested compression ratios (comma list)")
     p.add_argument("--metrics", default=",".join(METRICS), help=f"comma list of {METRICS}")
@@ -43,19 +58,41 @@ def _add_general(p: argparse.ArgumentParser) -> None:
 
 
 def _add_dms(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dms-window", action="append", default=[], metavar="[CR=]W",
-                   help="DMS window: W for every DMS run, CR=W for the run of one requested CR (repeatable)")
-    p.add_argument("--dms-alpha-offset", action="append", default=[], metavar="CR=OFFSET",
-                   help="DMS alpha_offset to use for a requested CR (repeatable)")
-    p.add_argument("--dms-checkpoint", action="append", default=[], metavar="[CR=]DIR",
-                   help="a retrofit checkpoint to run DMS with: DIR for every DMS run (loaded once; with "
-                        "--dms-calibrate its alpha_offset is calibrated per requested CR), CR=DIR for the run of one "
-                        "requested CR, with that checkpoint's own settings (repeatable)")
-    p.add_argument("--dms-calibrate", action="store_true",
-                   help="find alpha_offset per requested CR by bisection on the perplexity windows (of --model's "
-                        "DMS decisions, or of --dms-checkpoint DIR's)")
-    p.add_argument("--no-match-dms-cr", dest="match_dms_cr", action="store_false",
-                   help="run the baselines at the requested CR instead of DMS's achieved CR")
+    p.add_argument(
+        "--dms-window",
+        action="append",
+        default=[],
+        metavar="[CR=]W",
+        help="DMS window: W for every DMS run, CR=W for the run of one requested CR (repeatable)",
+    )
+    p.add_argument(
+        "--dms-alpha-offset",
+        action="append",
+        default=[],
+        metavar="CR=OFFSET",
+        help="DMS alpha_offset to use for a requested CR (repeatable)",
+    )
+    p.add_argument(
+        "--dms-checkpoint",
+        action="append",
+        default=[],
+        metavar="[CR=]DIR",
+        help="a retrofit checkpoint to run DMS with: DIR for every DMS run (loaded once; with "
+        "--dms-calibrate its alpha_offset is calibrated per requested CR), CR=DIR for the run of one "
+        "requested CR, with that checkpoint's own settings (repeatable)",
+    )
+    p.add_argument(
+        "--dms-calibrate",
+        action="store_true",
+        help="find alpha_offset per requested CR by bisection on the perplexity windows (of --model's "
+        "DMS decisions, or of --dms-checkpoint DIR's)",
+    )
+    p.add_argument(
+        "--no-match-dms-cr",
+        dest="match_dms_cr",
+        action="store_false",
+        help="run the baselines at the requested CR instead of DMS's achieved CR",
+    )
     p.add_argument("--dms-cached", action="store_true", help="perplexity of vanilla/DMS through the cache too")
 
 
@@ -77,10 +114,19 @@ def _add_reasoning(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reasoning-n", type=int, default=8, help="problems per task")
     p.add_argument("--reasoning-max-new", type=int, default=16)
     p.add_argument("--reasoning-shots", type=int, default=3, help="solved examples shown before each question")
-    p.add_argument("--reasoning-default-difficulty", dest="easy_tasks", action="store_false",
-                   help="use reasoning-gym's default difficulty instead of the small-sum setting of basic_arithmetic")
-    p.add_argument("--parallel-samples", type=int, default=0, metavar="N",
-                   help="also run N-sample majority voting with each compressed method at CR N vs 1 vanilla answer")
+    p.add_argument(
+        "--reasoning-default-difficulty",
+        dest="easy_tasks",
+        action="store_false",
+        help="use reasoning-gym's default difficulty instead of the small-sum setting of basic_arithmetic",
+    )
+    p.add_argument(
+        "--parallel-samples",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run N-sample majority voting with each compressed method at CR N vs 1 vanilla answer",
+    )
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.95)
 
@@ -96,27 +142,45 @@ def _add_long_context(p: argparse.ArgumentParser) -> None:
 
 
 def _add_quantization(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kv", choices=["model", "int8"], default="model",
-                   help="K/V storage of vanilla and DMS, as the served cache would hold it: the model dtype, or int8 "
-                        "with one float32 scale per token and KV head (teacher-forced perplexity through the same "
-                        "round trip; the baselines' PolicyState has no int8 storage: they stay in the model dtype)")
-    p.add_argument("--weight-quant", choices=list(quant.WEIGHT_QUANT), default="none",
-                   help="weight-only quantization (torchao) of the evaluated model's linear layers, DMS checkpoints "
-                        "included; int4 runs in bfloat16 (the model is cast). The KL/PPL reference stays unquantized")
-    p.add_argument("--reference", metavar="DIR",
-                   help="the KL reference (vanilla) model's folder when it is not --model (e.g. --model is an "
-                        "all-weights retrofit and DIR the original); default: --model, unquantized, full-precision KV")
-    p.add_argument("--attention", choices=["dense", "flex", "auto"], default="dense",
-                   help="attention of the full-sequence forwards (default dense: exact, nothing to compile)")
+    p.add_argument(
+        "--kv",
+        choices=["model", "int8"],
+        default="model",
+        help="K/V storage of vanilla and DMS, as the served cache would hold it: the model dtype, or int8 "
+        "with one float32 scale per token and KV head (teacher-forced perplexity through the same "
+        "round trip; the baselines' PolicyState has no int8 storage: they stay in the model dtype)",
+    )
+    p.add_argument(
+        "--weight-quant",
+        choices=list(quant.WEIGHT_QUANT),
+        default="none",
+        help="weight-only quantization (torchao) of the evaluated model's linear layers, DMS checkpoints "
+        "included; int4 runs in bfloat16 (the model is cast). The KL/PPL reference stays unquantized",
+    )
+    p.add_argument(
+        "--reference",
+        metavar="DIR",
+        help="the KL reference (vanilla) model's folder when it is not --model (e.g. --model is an "
+        "all-weights retrofit and DIR the original); default: --model, unquantized, full-precision KV",
+    )
+    p.add_argument(
+        "--attention",
+        choices=["dense", "flex", "auto"],
+        default="dense",
+        help="attention of the full-sequence forwards (default dense: exact, nothing to compile)",
+    )
 
 
 def _add_misc(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is often fastest on a busy machine)")
     p.add_argument("--replot", metavar="RESULTS_JSON", help="only redraw the table and plots of an earlier run")
-    p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
-                   help="combine several runs' results.json into --out (one table and one set of plots)")
-
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="RESULTS_JSON",
+        help="combine several runs' results.json into --out (one table and one set of plots)",
+    )
 
 
 # ============================================================================ checks and parsing of the values
@@ -133,12 +197,18 @@ def parse_args(argv=None):
 
 
 def _check_ranges(p: argparse.ArgumentParser, args) -> None:
-    for flag, value, low in (("--ppl-windows", args.ppl_windows, 1), ("--ppl-len", args.ppl_len, 2),
-                             ("--batch-size", args.batch_size, 1), ("--reasoning-n", args.reasoning_n, 1),
-                             ("--reasoning-max-new", args.reasoning_max_new, 1),
-                             ("--reasoning-shots", args.reasoning_shots, 0), ("--trials", args.trials, 1),
-                             ("--hops", args.hops, 1), ("--sinks", args.sinks, 0),
-                             ("--parallel-samples", args.parallel_samples, 0)):
+    for flag, value, low in (
+        ("--ppl-windows", args.ppl_windows, 1),
+        ("--ppl-len", args.ppl_len, 2),
+        ("--batch-size", args.batch_size, 1),
+        ("--reasoning-n", args.reasoning_n, 1),
+        ("--reasoning-max-new", args.reasoning_max_new, 1),
+        ("--reasoning-shots", args.reasoning_shots, 0),
+        ("--trials", args.trials, 1),
+        ("--hops", args.hops, 1),
+        ("--sinks", args.sinks, 0),
+        ("--parallel-samples", args.parallel_samples, 0),
+    ):
         if value < low:
             p.error(f"{flag} must be >= {low}, got {value}")
     if args.threads is not None and args.threads < 1:
@@ -161,8 +231,10 @@ def _parse_lists(p: argparse.ArgumentParser, args) -> None:
     args.cr = _floats(p, args.cr, "--cr", lambda c: c >= 1, "finite compression ratios >= 1", empty_ok=True)
     if args.parallel_samples and float(args.parallel_samples) not in args.cr:
         args.cr.append(float(args.parallel_samples))
-    args.lengths = [int(x) for x in _floats(p, args.lengths, "--lengths", lambda n: n >= 1 and n == int(n),
-                                            "token counts (integers >= 1)")]
+    args.lengths = [
+        int(x)
+        for x in _floats(p, args.lengths, "--lengths", lambda n: n >= 1 and n == int(n), "token counts (integers >= 1)")
+    ]
     args.depths = _floats(p, args.depths, "--depths", lambda d: 0 <= d <= 1, "depths in [0, 1]")
 
 
@@ -179,8 +251,9 @@ def _parse_dms(p: argparse.ArgumentParser, args) -> None:
     if len(whole_ckpt) > 1 or any(not c for c in whole_ckpt):
         p.error(f"--dms-checkpoint takes one DIR for all DMS runs (and CR=DIR per run), got {whole_ckpt}")
     args.dms_checkpoint_all = whole_ckpt[0] if whole_ckpt else None
-    args.dms_checkpoint = _per_cr(p, args, [c for c in args.dms_checkpoint if _cr_key(c) is not None], str,
-                                  "--dms-checkpoint")
+    args.dms_checkpoint = _per_cr(
+        p, args, [c for c in args.dms_checkpoint if _cr_key(c) is not None], str, "--dms-checkpoint"
+    )
 
 
 def _floats(p, s, flag, ok=lambda x: True, allowed="numbers", empty_ok=False):
@@ -224,6 +297,7 @@ def _finite(conv, low=None):
         if not math.isfinite(v) or (low is not None and v < low):
             raise ValueError(text)
         return v
+
     return f
 
 

@@ -49,9 +49,24 @@ Decode = Callable[[Sequence[int]], str]
 
 TEXT_SOURCES = ("kjv", "austen", "code")
 # standard-library files not in the retrofit's DEFAULT_PY_MODULES (held out from training)
-HELD_OUT_PY_FILES = ("inspect.py", "typing.py", "subprocess.py", "ast.py", "random.py", "datetime.py",
-                     "tarfile.py", "zipfile/__init__.py", "logging/__init__.py", "collections/__init__.py",
-                     "threading.py", "shutil.py", "tempfile.py", "weakref.py", "gettext.py", "locale.py")
+HELD_OUT_PY_FILES = (
+    "inspect.py",
+    "typing.py",
+    "subprocess.py",
+    "ast.py",
+    "random.py",
+    "datetime.py",
+    "tarfile.py",
+    "zipfile/__init__.py",
+    "logging/__init__.py",
+    "collections/__init__.py",
+    "threading.py",
+    "shutil.py",
+    "tempfile.py",
+    "weakref.py",
+    "gettext.py",
+    "locale.py",
+)
 AUSTEN_DEB = "r-cran-janeaustenr"
 AUSTEN_NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
 
@@ -99,8 +114,11 @@ def austen_dirs() -> List[Path]:
     if os.environ.get("DMS_FLEX_AUSTEN_DIR"):
         cands.append(Path(os.environ["DMS_FLEX_AUSTEN_DIR"]))
     sub = Path("usr/lib/R/site-library/janeaustenr")
-    cands += [Path("/") / sub, Path("/usr/local/lib/R/site-library/janeaustenr"),
-              dms_flex_home() / "data" / AUSTEN_DEB / sub]
+    cands += [
+        Path("/") / sub,
+        Path("/usr/local/lib/R/site-library/janeaustenr"),
+        dms_flex_home() / "data" / AUSTEN_DEB / sub,
+    ]
     return cands
 
 
@@ -128,7 +146,7 @@ def austen_text() -> Optional[str]:
             continue
         off, n = (int(x) for x in variables[name])
         # each object: 4-byte big-endian length, then zlib-compressed R serialization
-        lines = parse(zlib.decompress(blobs[off + 4: off + n]))
+        lines = parse(zlib.decompress(blobs[off + 4 : off + n]))
         books.append("\n".join(str(x) for x in lines))
     return "\n\n".join(books) if books else None
 
@@ -169,19 +187,28 @@ def load_texts(names: Sequence[str] = TEXT_SOURCES, log: Callable[[str], None] =
     found: Dict[str, TextSource] = {}
     for name in names:
         if name in ("kjv", "austen"):
-            text, origin = (kjv_text(), "Debian bible-kjv (`bible -f Gen1:1-Rev22:21`)") if name == "kjv" else (
-                austen_text(), "Debian r-cran-janeaustenr (six novels, read with rdata)")
+            text, origin = (
+                (kjv_text(), "Debian bible-kjv (`bible -f Gen1:1-Rev22:21`)")
+                if name == "kjv"
+                else (austen_text(), "Debian r-cran-janeaustenr (six novels, read with rdata)")
+            )
             if text is None:
                 text, origin = _text_copy(name), f"plain-text copy {text_dir() / (name + '.txt')}"
             if text is None:
-                how = ("apt-get install bible-kjv" if name == "kjv" else
-                       "python -m dms_flex.eval.data --fetch-austen; pip install rdata")
+                how = (
+                    "apt-get install bible-kjv"
+                    if name == "kjv"
+                    else "python -m dms_flex.eval.data --fetch-austen; pip install rdata"
+                )
                 log(f"data: {name} not found ({how}; or a copy at {text_dir() / (name + '.txt')}); skipped")
                 continue
             found[name] = TextSource(name, text, origin)
         else:
-            found[name] = TextSource(name, python_code_text(), f"Python {sys.version.split()[0]} standard library "
-                                                               f"({len(HELD_OUT_PY_FILES)} held-out files)")
+            found[name] = TextSource(
+                name,
+                python_code_text(),
+                f"Python {sys.version.split()[0]} standard library ({len(HELD_OUT_PY_FILES)} held-out files)",
+            )
     if not found:
         log("data: none of the requested sources found: falling back to the Python standard-library sources")
         found["code"] = TextSource("code", python_code_text(), "Python standard library (fallback)")
@@ -204,7 +231,7 @@ def text_windows(encode: Encode, text: str, n: int, length: int, chars_per_token
         s = nl + 1 if 0 <= nl < s + 200 else s
         chunk_len = span
         while True:
-            ids = encode(text[s: s + chunk_len])
+            ids = encode(text[s : s + chunk_len])
             if len(ids) > length or s + chunk_len >= len(text):
                 break
             chunk_len *= 2
@@ -227,8 +254,10 @@ class ProbeItem:
 
 
 NEEDLE_QUESTION = "\n\nQuestion: What is the secret number mentioned in the text above?\nAnswer: The secret number is"
-VAR_QUESTION = ("\n\nQuestion: Which variables are assigned the value {value} in the text above? List them all.\n"
-                "Answer: The variables assigned the value {value} are: VAR")
+VAR_QUESTION = (
+    "\n\nQuestion: Which variables are assigned the value {value} in the text above? List them all.\n"
+    "Answer: The variables assigned the value {value} are: VAR"
+)
 _SENTENCE_END = (".", "!", "?", "\n", ";")
 
 
@@ -237,7 +266,7 @@ def _haystack(encode: Encode, text: str, n_tokens: int, offset: int) -> List[int
     span = n_tokens * 6 + 64
     while len(ids) < n_tokens:
         start = offset % max(len(text) - span, 1)
-        ids = encode(text[start: start + span])
+        ids = encode(text[start : start + span])
         span *= 2
     return list(ids[:n_tokens])
 
@@ -245,7 +274,7 @@ def _haystack(encode: Encode, text: str, n_tokens: int, offset: int) -> List[int
 def _snap_to_sentence(decode: Decode, ids: List[int], cut: int, reach: int = 48) -> int:
     """Move a cut back to just after a sentence end (within `reach` tokens), so inserts read naturally."""
     for c in range(cut, max(cut - reach, 0), -1):
-        if decode(ids[c - 1: c]).rstrip(" ").endswith(_SENTENCE_END):
+        if decode(ids[c - 1 : c]).rstrip(" ").endswith(_SENTENCE_END):
             return c
     return cut
 
@@ -260,8 +289,16 @@ def _insert(decode: Decode, hay: List[int], inserts: Sequence[tuple]) -> List[in
     return out + hay[prev:]
 
 
-def needle_item(encode: Encode, decode: Decode, haystack_text: str, length: int, depth: float,
-                number: int, offset: int = 0, max_new_tokens: int = 8) -> ProbeItem:
+def needle_item(
+    encode: Encode,
+    decode: Decode,
+    haystack_text: str,
+    length: int,
+    depth: float,
+    number: int,
+    offset: int = 0,
+    max_new_tokens: int = 8,
+) -> ProbeItem:
     """A `length`-token prompt: haystack with the needle at `depth`, then the question."""
     needle = encode(f" The secret number is {number}. ")
     question = encode(NEEDLE_QUESTION)
@@ -277,8 +314,18 @@ def _var_name(rng: random.Random) -> str:
     return "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
 
 
-def vartrack_item(encode: Encode, decode: Decode, haystack_text: str, length: int, depth: float, value: int,
-                  hops: int = 3, seed: int = 0, offset: int = 0, max_new_tokens: Optional[int] = None) -> ProbeItem:
+def vartrack_item(
+    encode: Encode,
+    decode: Decode,
+    haystack_text: str,
+    length: int,
+    depth: float,
+    value: int,
+    hops: int = 3,
+    seed: int = 0,
+    offset: int = 0,
+    max_new_tokens: Optional[int] = None,
+) -> ProbeItem:
     """First assignment at `depth`, the chain's other links spread evenly between it and the end."""
     rng = random.Random(seed)
     names: List[str] = []
@@ -293,14 +340,25 @@ def vartrack_item(encode: Encode, decode: Decode, haystack_text: str, length: in
     if n_hay < 8:
         raise ValueError(f"length={length} leaves no room for a haystack")
     hay = _haystack(encode, haystack_text, n_hay, offset)
-    depths = [depth + (0.95 - depth) * i / max(hops, 1) for i in range(hops + 1)] if depth < 0.95 else [depth] * (hops + 1)
+    depths = (
+        [depth + (0.95 - depth) * i / max(hops, 1) for i in range(hops + 1)] if depth < 0.95 else [depth] * (hops + 1)
+    )
     prompt = _insert(decode, hay, list(zip(depths, ids))) + question
     max_new = max_new_tokens or 6 * (hops + 1) + 4
     return ProbeItem("vartrack", prompt, names, len(prompt), depth, max_new, {"value": value, "hops": hops})
 
 
-def probe_items(kind: str, encode: Encode, decode: Decode, haystack_text: str, lengths: Sequence[int],
-                depths: Sequence[float], trials: int = 1, seed: int = 0, hops: int = 3) -> List[ProbeItem]:
+def probe_items(
+    kind: str,
+    encode: Encode,
+    decode: Decode,
+    haystack_text: str,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    trials: int = 1,
+    seed: int = 0,
+    hops: int = 3,
+) -> List[ProbeItem]:
     """One item per (length, depth, trial), each with its own number and haystack place."""
     rng = random.Random(seed)
     items = []
@@ -312,8 +370,19 @@ def probe_items(kind: str, encode: Encode, decode: Decode, haystack_text: str, l
                 if kind == "needle":
                     items.append(needle_item(encode, decode, haystack_text, length, depth, number, offset))
                 elif kind == "vartrack":
-                    items.append(vartrack_item(encode, decode, haystack_text, length, depth, number, hops,
-                                               seed=rng.randrange(1 << 30), offset=offset))
+                    items.append(
+                        vartrack_item(
+                            encode,
+                            decode,
+                            haystack_text,
+                            length,
+                            depth,
+                            number,
+                            hops,
+                            seed=rng.randrange(1 << 30),
+                            offset=offset,
+                        )
+                    )
                 else:
                     raise ValueError(f"unknown probe kind {kind!r}")
     return items
@@ -365,8 +434,13 @@ def reasoning_available() -> Optional[str]:
     return None
 
 
-def reasoning_items(tasks: Sequence[str], per_task: int, seed: int = REASONING_SEED,
-                    task_kwargs: Optional[Dict[str, dict]] = None, shots: int = 0) -> List[ReasoningItem]:
+def reasoning_items(
+    tasks: Sequence[str],
+    per_task: int,
+    seed: int = REASONING_SEED,
+    task_kwargs: Optional[Dict[str, dict]] = None,
+    shots: int = 0,
+) -> List[ReasoningItem]:
     """per_task problems of each task; `shots` solved examples per task (drawn with another seed)
     go before each question: a small model follows the answer format from examples, not from rules."""
     import reasoning_gym
@@ -399,12 +473,19 @@ def extract_answer(text: str) -> str:
 
 # ============================================================================ CLI
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dms_flex.eval.data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fetch-austen", action="store_true",
-                   help=f"apt-get download {AUSTEN_DEB} and unpack it under $DMS_FLEX_HOME/data (no R needed)")
-    p.add_argument("--export", metavar="DIR", help="write the kjv and austen texts found here as DIR/<name>.txt "
-                                                   "(for machines without the Debian packages)")
+    p = argparse.ArgumentParser(
+        prog="python -m dms_flex.eval.data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--fetch-austen",
+        action="store_true",
+        help=f"apt-get download {AUSTEN_DEB} and unpack it under $DMS_FLEX_HOME/data (no R needed)",
+    )
+    p.add_argument(
+        "--export",
+        metavar="DIR",
+        help="write the kjv and austen texts found here as DIR/<name>.txt (for machines without the Debian packages)",
+    )
     args = p.parse_args(argv)
     if args.fetch_austen:
         print(f"unpacked into {fetch_austen()}")

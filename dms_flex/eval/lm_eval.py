@@ -41,11 +41,24 @@ MODEL_NAME = "dms_flex"
 class DMSFlexLM:
     """The harness's model interface over a dms_flex model (lm-eval's `LM` is mixed in by register())."""
 
-    def __init__(self, pretrained: Optional[str] = None, method: str = "dms", cr: Optional[float] = None,
-                 window: Optional[int] = None, alpha_offset: Optional[float] = None, device: Optional[str] = None,
-                 dtype: Optional[str] = None, batch_size: Any = 1, max_length: Optional[int] = None,
-                 max_gen_toks: int = 256, sinks: int = 4, heavy_fraction: float = 0.5, model=None, tokenizer=None,
-                 **unused):
+    def __init__(
+        self,
+        pretrained: Optional[str] = None,
+        method: str = "dms",
+        cr: Optional[float] = None,
+        window: Optional[int] = None,
+        alpha_offset: Optional[float] = None,
+        device: Optional[str] = None,
+        dtype: Optional[str] = None,
+        batch_size: Any = 1,
+        max_length: Optional[int] = None,
+        max_gen_toks: int = 256,
+        sinks: int = 4,
+        heavy_fraction: float = 0.5,
+        model=None,
+        tokenizer=None,
+        **unused,
+    ):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method={method!r} is not one of {METHODS}")
@@ -60,7 +73,9 @@ class DMSFlexLM:
 
                 folder = default_model_dir()
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if "cuda" in str(device) else torch.float32)
+            torch_dtype = (
+                getattr(torch, dtype) if dtype else (torch.bfloat16 if "cuda" in str(device) else torch.float32)
+            )
             overrides = {k: v for k, v in (("window", window), ("alpha_offset", alpha_offset)) if v is not None}
             dm = pt.load_dms_model(folder, dms_overrides=overrides or None, dtype=torch_dtype, device=device)
             model, tokenizer = dm.model, dm.tokenizer
@@ -72,8 +87,14 @@ class DMSFlexLM:
             overrides = {k: v for k, v in (("window", window), ("alpha_offset", alpha_offset)) if v is not None}
             model.dms_config = cfg.replace(**overrides)
         policy_kw = {"streaming": {"sinks": sinks}, "h2o": {"heavy_fraction": heavy_fraction}}.get(method, {})
-        self.method = Method(method, model, cr=None if cr is None else float(cr), requested_cr=cr,
-                                dms_config=getattr(model, "dms_config", None), policy_kw=policy_kw)
+        self.method = Method(
+            method,
+            model,
+            cr=None if cr is None else float(cr),
+            requested_cr=cr,
+            dms_config=getattr(model, "dms_config", None),
+            policy_kw=policy_kw,
+        )
         self._max_length = int(max_length or model.max_seq_len)
         self.max_gen_toks = int(max_gen_toks)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 1
@@ -99,8 +120,9 @@ class DMSFlexLM:
         return str(getattr(self.tokenizer, "name_or_path", "dms_flex")).replace("/", "__")
 
     def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def tok_encode(self, text: str) -> List[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
@@ -120,26 +142,26 @@ class DMSFlexLM:
         ctx = self.tok_encode(context)
         if whole[: len(ctx)] != ctx:  # the tokenizer merged across the boundary: encode separately
             return ctx or [self.prefix_token_id], self.tok_encode(continuation)
-        return ctx or [self.prefix_token_id], whole[len(ctx):]
+        return ctx or [self.prefix_token_id], whole[len(ctx) :]
 
     @torch.no_grad()
     def score(self, context: List[int], continuation: List[int]) -> Tuple[float, bool]:
         """(sum of log p(continuation | context), whether greedy decoding would produce it)."""
         if not continuation:
             return 0.0, True
-        ids = (list(context) + list(continuation))[-(self.max_length + 1):]
+        ids = (list(context) + list(continuation))[-(self.max_length + 1) :]
         n_ctx = len(ids) - len(continuation)
         if n_ctx < 1:
             raise ValueError(f"a continuation of {len(continuation)} tokens does not fit max_length={self.max_length}")
         m = self.method
         x = torch.tensor([ids], device=self._device_)
         if m.name in ("vanilla", "dms"):
-            logits = m.teacher_forced(x[:, :-1])[0][0, n_ctx - 1:]
+            logits = m.teacher_forced(x[:, :-1])[0][0, n_ctx - 1 :]
         else:
             state = m.new_state(1, len(ids))
             steps = [m.prefill(x[:, :n_ctx], state)[0]]
             for t in range(n_ctx, len(ids) - 1):
-                steps.append(m.step(x[:, t: t + 1], state)[0])
+                steps.append(m.step(x[:, t : t + 1], state)[0])
             logits = torch.stack(steps)
         lp = F.log_softmax(logits.float(), dim=-1)
         target = torch.tensor(continuation, device=lp.device)
@@ -159,7 +181,7 @@ class DMSFlexLM:
         while s < len(tokens):
             e = min(len(tokens), s + L)
             n_ctx = L + 1 - (e - s)
-            ctx = tokens[max(0, s - n_ctx): s] if s > 0 else [self.prefix_token_id]
+            ctx = tokens[max(0, s - n_ctx) : s] if s > 0 else [self.prefix_token_id]
             pairs.append((ctx, tokens[s:e]))
             s = e
         return pairs
@@ -181,7 +203,7 @@ class DMSFlexLM:
             temperature = float(kw.get("temperature", 0.0) or 0.0)
             sampling = SamplingConfig(temperature if kw.get("do_sample") and temperature > 0 else 0.0)
             ids = self.tok_encode(context) or [self.prefix_token_id]
-            ids = ids[-max(1, self.max_length - max_new):]
+            ids = ids[-max(1, self.max_length - max_new) :]
             toks, _ = generate_rows(self.method, [ids], max_new, stop_tokens=[self.eot_token_id], sampling=sampling)
             text = self.tok_decode(toks[0])
             for stop in until:

@@ -22,6 +22,7 @@ METHODS = ("vanilla", "dms") + bl.POLICIES
 @dataclass
 class Method:
     """One way of running the model: its cache, its CR and where its decisions come from."""
+
     name: str  # one of METHODS
     model: nn.Module
     cr: Optional[float] = None  # policies: the CR they run at; dms: the achieved CR once measured
@@ -70,8 +71,13 @@ class Method:
         self._activate()
         if self.name in bl.POLICIES:
             return bl.PolicyState(self.model, batch_size, self.policy(), max_seq_len=max_seq_len)
-        return tm.InferenceState(self.model, batch_size, max_seq_len=max_seq_len, eviction=self.name == "dms",
-                                 kv_dtype=torch.int8 if self.int8_kv else None)
+        return tm.InferenceState(
+            self.model,
+            batch_size,
+            max_seq_len=max_seq_len,
+            eviction=self.name == "dms",
+            kv_dtype=torch.int8 if self.int8_kv else None,
+        )
 
     def prefill(self, tokens, state, lengths=None) -> torch.Tensor:
         self._activate()
@@ -89,8 +95,14 @@ class Method:
     def teacher_forced(self, tokens):
         """Full-sequence forward (vanilla, dms): (logits (B, T, V), evicted per layer or [])."""
         self._activate()
-        out = tm.forward_train(self.model, tokens, eviction=self.name == "dms", training=False,
-                               backend=self.attention, kv_int8=self.int8_kv)
+        out = tm.forward_train(
+            self.model,
+            tokens,
+            eviction=self.name == "dms",
+            training=False,
+            backend=self.attention,
+            kv_int8=self.int8_kv,
+        )
         return tm.logits_of(self.model, out.hidden), out.evicted
 
 
@@ -106,15 +118,17 @@ def measure_dms_cr(method: Method, windows: torch.Tensor, batch_size: int = 4) -
     kept = []
     with torch.no_grad():
         for i in range(0, windows.shape[0], batch_size):
-            x = windows[i: i + batch_size, :-1].to(_device_of(method.model))
-            out = tm.forward_train(method.model, x, eviction=True, training=False, backend=method.attention,
-                                   kv_int8=method.int8_kv)
+            x = windows[i : i + batch_size, :-1].to(_device_of(method.model))
+            out = tm.forward_train(
+                method.model, x, eviction=True, training=False, backend=method.attention, kv_int8=method.int8_kv
+            )
             kept.append(torch.stack([stats.kept_fraction(ev, window) for ev in out.evicted]).mean(dim=(0, 2)))
     return 1.0 / max(float(torch.cat(kept).mean()), 1e-12)
 
 
-def calibrate_alpha_offset(method: Method, windows: torch.Tensor, target_cr: float, iters: int = 14,
-                           log: Callable[[str], None] = print) -> float:
+def calibrate_alpha_offset(
+    method: Method, windows: torch.Tensor, target_cr: float, iters: int = 14, log: Callable[[str], None] = print
+) -> float:
     """Bisection on alpha_offset (a larger offset evicts less) until the measured CR meets target_cr.
     Returns the offset whose CR came closest."""
     base = method.dms_config
@@ -130,11 +144,11 @@ def calibrate_alpha_offset(method: Method, windows: torch.Tensor, target_cr: flo
     for k in range(8):
         if cr_at(lo) >= target_cr:
             break
-        lo -= s * 2 ** k
+        lo -= s * 2**k
     for k in range(8):
         if cr_at(hi) <= target_cr:
             break
-        hi += s * 2 ** k
+        hi += s * 2**k
     for _ in range(iters):
         mid = (lo + hi) / 2
         if cr_at(mid) > target_cr:
@@ -144,10 +158,11 @@ def calibrate_alpha_offset(method: Method, windows: torch.Tensor, target_cr: flo
     best = min(tried, key=lambda o: abs(tried[o] - target_cr))
     method.dms_config = base.replace(alpha_offset=float(best))
     if abs(tried[best] - target_cr) / target_cr > 0.05:
-        log(f"calibration: CR {target_cr} not reachable with this model and window "
-            f"({base.effective_window}); closest CR {tried[best]:.2f} at alpha_offset {best:.3f}")
+        log(
+            f"calibration: CR {target_cr} not reachable with this model and window "
+            f"({base.effective_window}); closest CR {tried[best]:.2f} at alpha_offset {best:.3f}"
+        )
     return best
-
 
 
 def build_methods(args, base) -> List[Method]:
@@ -159,8 +174,12 @@ def build_methods(args, base) -> List[Method]:
     kv_int8 = args.kv == "int8"
     whole = args.dms_checkpoint_all
     if "dms" in args.methods:
-        per_cr = sorted(set(args.dms_checkpoint) | set(args.dms_alpha_offset) | set(args.dms_window_at)
-                        | (set(args.cr) if args.dms_calibrate else set()))
+        per_cr = sorted(
+            set(args.dms_checkpoint)
+            | set(args.dms_alpha_offset)
+            | set(args.dms_window_at)
+            | (set(args.cr) if args.dms_calibrate else set())
+        )
         for c in per_cr:
             over: Dict[str, Any] = {}
             if c in args.dms_window_at:
@@ -185,17 +204,28 @@ def build_methods(args, base) -> List[Method]:
             methods.append(m)
         if not per_cr:
             if whole:
-                methods.append(Method("dms", None, checkpoint=whole, setting=f"checkpoint {whole}: its own DMS settings",
-                                      kv_int8=kv_int8))
+                methods.append(
+                    Method(
+                        "dms",
+                        None,
+                        checkpoint=whole,
+                        setting=f"checkpoint {whole}: its own DMS settings",
+                        kv_int8=kv_int8,
+                    )
+                )
             else:
-                methods.append(Method("dms", base.model, dms_config=base.dms, setting="the model's own DMS settings",
-                                      kv_int8=kv_int8))
+                methods.append(
+                    Method(
+                        "dms", base.model, dms_config=base.dms, setting="the model's own DMS settings", kv_int8=kv_int8
+                    )
+                )
     kw = {"streaming": {"sinks": args.sinks}, "h2o": {"heavy_fraction": args.heavy_fraction}, "tova": {}}
     for name in bl.POLICIES:
         if name in args.methods:
             # kv_int8 only labels them: PolicyState has no int8 storage (Method.int8_kv is False for a policy)
-            methods += [Method(name, base.model, cr=c, requested_cr=c, policy_kw=kw[name], kv_int8=kv_int8)
-                        for c in args.cr]
+            methods += [
+                Method(name, base.model, cr=c, requested_cr=c, policy_kw=kw[name], kv_int8=kv_int8) for c in args.cr
+            ]
     for m in methods:
         m.attention = args.attention
     return methods
@@ -216,8 +246,9 @@ class CheckpointLoader:
             p = next(self.like.parameters())
             window = self.args.dms_window
             t = time.perf_counter()
-            dm = pretrained.load_dms_model(folder, dms_overrides={"window": window} if window is not None else None,
-                                           dtype=p.dtype, device=p.device)
+            dm = pretrained.load_dms_model(
+                folder, dms_overrides={"window": window} if window is not None else None, dtype=p.dtype, device=p.device
+            )
             quantize_model(dm.model, self.args.weight_quant, self.log, what=f"checkpoint {folder}")
             self.loaded[folder] = dm
             self.log(f"dms: loaded checkpoint {folder} in {time.perf_counter() - t:.1f}s; DMS settings {dm.dms}")
@@ -239,7 +270,8 @@ def prepare_dms(m: Method, args, base, cal: torch.Tensor, log, checkpoints: Opti
         m.calibrate = False
         m.setting = (f"checkpoint {m.checkpoint}: " if m.checkpoint else "") + f"alpha_offset {off:.3f} (calibrated)"
     m.cr = measure_dms_cr(m, cal)
-    log(f"dms: {m.setting}: window {m.dms_config.effective_window}, achieved CR {m.cr:.2f}"
-        + (f" (requested {m.requested_cr:g})" if m.requested_cr else "") + (", int8 K/V" if m.int8_kv else ""))
-
-
+    log(
+        f"dms: {m.setting}: window {m.dms_config.effective_window}, achieved CR {m.cr:.2f}"
+        + (f" (requested {m.requested_cr:g})" if m.requested_cr else "")
+        + (", int8 K/V" if m.int8_kv else "")
+    )

@@ -20,8 +20,15 @@ from .methods import Method, _device_of
 
 
 @torch.no_grad()
-def perplexity(method: Method, windows: torch.Tensor, vanilla: nn.Module, *, prefix: int = 32,
-               batch_size: int = 4, cached: bool = False) -> Dict[str, Any]:
+def perplexity(
+    method: Method,
+    windows: torch.Tensor,
+    vanilla: nn.Module,
+    *,
+    prefix: int = 32,
+    batch_size: int = 4,
+    cached: bool = False,
+) -> Dict[str, Any]:
     """NLL, perplexity and KL(vanilla || method) per token over windows (N, T), scoring the tokens
     at positions prefix..T-1. Returns the numbers plus the kept-fraction report.
 
@@ -38,15 +45,17 @@ def perplexity(method: Method, windows: torch.Tensor, vanilla: nn.Module, *, pre
     window = method.dms_config.effective_window if method.dms_config is not None else None
     t0 = time.perf_counter()
     for i in range(0, N, batch_size):
-        x = windows[i: i + batch_size].to(dev)
+        x = windows[i : i + batch_size].to(dev)
         B = x.shape[0]
         # the last token is only a target: the forwards read x[:, :-1], as the cached path does
-        ref = tm.logits_of(vanilla, tm.forward_train(vanilla, x[:, :-1], eviction=False, training=False,
-                                                     backend=method.attention).hidden)
-        ref = F.log_softmax(ref[:, prefix - 1:].float(), dim=-1)
+        ref = tm.logits_of(
+            vanilla,
+            tm.forward_train(vanilla, x[:, :-1], eviction=False, training=False, backend=method.attention).hidden,
+        )
+        ref = F.log_softmax(ref[:, prefix - 1 :].float(), dim=-1)
         if teacher:
             logits, evicted = method.teacher_forced(x[:, :-1])
-            logits = logits[:, prefix - 1:]
+            logits = logits[:, prefix - 1 :]
             if method.name == "dms":
                 kept.append([stats.kept_fraction(ev, window) for ev in evicted])
             else:
@@ -55,7 +64,7 @@ def perplexity(method: Method, windows: torch.Tensor, vanilla: nn.Module, *, pre
             state = method.new_state(B, T)
             steps = [method.prefill(x[:, :prefix], state)]
             for t in range(prefix, T - 1):
-                steps.append(method.step(x[:, t: t + 1], state))
+                steps.append(method.step(x[:, t : t + 1], state))
             logits = torch.stack(steps, dim=1)
             seen = state.next_pos.clamp_min(1)[:, None].float()
             kept.append([c.length.float() / seen for c in state.caches])
@@ -66,16 +75,29 @@ def perplexity(method: Method, windows: torch.Tensor, vanilla: nn.Module, *, pre
         count += target.numel()
     report = stats.compression_report([torch.cat([k[layer].cpu() for k in kept]) for layer in range(len(kept[0]))])
     nll = nll_sum / count
-    return {"ppl": math.exp(nll), "nll": nll, "kl": kl_sum / count, "tokens": count, "cr": report.ratio,
-            "path": "teacher-forced" if teacher else f"cached (prefill {prefix}, then token by token)",
-            "kept_per_layer_head": [[round(float(v), 4) for v in row] for row in report.per_layer_head],
-            "seconds": time.perf_counter() - t0, "report": report}
+    return {
+        "ppl": math.exp(nll),
+        "nll": nll,
+        "kl": kl_sum / count,
+        "tokens": count,
+        "cr": report.ratio,
+        "path": "teacher-forced" if teacher else f"cached (prefill {prefix}, then token by token)",
+        "kept_per_layer_head": [[round(float(v), 4) for v in row] for row in report.per_layer_head],
+        "seconds": time.perf_counter() - t0,
+        "report": report,
+    }
 
 
 @torch.no_grad()
-def generate_rows(method: Method, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-                  stop_tokens: Sequence[int] = (), sampling: SamplingConfig = SamplingConfig(),
-                  generator: Optional[torch.Generator] = None):
+def generate_rows(
+    method: Method,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    stop_tokens: Sequence[int] = (),
+    sampling: SamplingConfig = SamplingConfig(),
+    generator: Optional[torch.Generator] = None,
+):
     """Prefill the (ragged) prompts and decode; returns (new tokens per row, the final state)."""
     dev = _device_of(method.model)
     tokens, lengths = generation.pad_prompts(prompts, dev)
@@ -105,11 +127,12 @@ def _state_numbers(states) -> Dict[str, float]:
 
 def _batches(seq: Sequence, size: int):
     for i in range(0, len(seq), size):
-        yield seq[i: i + size]
+        yield seq[i : i + size]
 
 
-def probe_accuracy(method: Method, items: Sequence[data.ProbeItem], decode, batch_size: int = 8,
-                   stop_tokens: Sequence[int] = ()) -> Dict[str, Any]:
+def probe_accuracy(
+    method: Method, items: Sequence[data.ProbeItem], decode, batch_size: int = 8, stop_tokens: Sequence[int] = ()
+) -> Dict[str, Any]:
     """Needle / variable-tracking accuracy, overall and per (length, depth)."""
     scores, states, samples = [], [], []
     by_len: Dict[int, List[data.ProbeItem]] = collections.defaultdict(list)
@@ -117,8 +140,9 @@ def probe_accuracy(method: Method, items: Sequence[data.ProbeItem], decode, batc
         by_len[it.length].append(it)
     for length in sorted(by_len):
         for chunk in _batches(by_len[length], batch_size):
-            outs, state = generate_rows(method, [it.prompt for it in chunk], chunk[0].max_new_tokens,
-                                        stop_tokens=stop_tokens)
+            outs, state = generate_rows(
+                method, [it.prompt for it in chunk], chunk[0].max_new_tokens, stop_tokens=stop_tokens
+            )
             states.append(state)
             for it, o in zip(chunk, outs):
                 text = decode(o)
@@ -127,21 +151,33 @@ def probe_accuracy(method: Method, items: Sequence[data.ProbeItem], decode, batc
                 if len(samples) < 4:
                     samples.append({"length": it.length, "depth": it.depth, "answer": it.answer, "output": text})
     grid: Dict[str, float] = {}
-    for (L, d) in sorted({(L, d) for L, d, _ in scores}):
+    for L, d in sorted({(L, d) for L, d, _ in scores}):
         vals = [s for L2, d2, s in scores if (L2, d2) == (L, d)]
         grid[f"len{L}_depth{d:g}"] = sum(vals) / len(vals)
-    return {"accuracy": sum(s for *_, s in scores) / max(len(scores), 1), "n": len(scores), "by_length_depth": grid,
-            **_state_numbers(states), "samples": samples}
+    return {
+        "accuracy": sum(s for *_, s in scores) / max(len(scores), 1),
+        "n": len(scores),
+        "by_length_depth": grid,
+        **_state_numbers(states),
+        "samples": samples,
+    }
 
 
-def reasoning_accuracy(method: Method, items: Sequence[data.ReasoningItem], render, decode, *,
-                       max_new_tokens: int = 24, batch_size: int = 8, stop_tokens: Sequence[int] = ()) -> Dict[str, Any]:
+def reasoning_accuracy(
+    method: Method,
+    items: Sequence[data.ReasoningItem],
+    render,
+    decode,
+    *,
+    max_new_tokens: int = 24,
+    batch_size: int = 8,
+    stop_tokens: Sequence[int] = (),
+) -> Dict[str, Any]:
     """Greedy answers scored by reasoning-gym's score_answer; per task and overall."""
     per_task: Dict[str, List[float]] = collections.defaultdict(list)
     states, samples = [], []
     for chunk in _batches(list(items), batch_size):
-        outs, state = generate_rows(method, [render(it) for it in chunk], max_new_tokens,
-                                    stop_tokens=stop_tokens)
+        outs, state = generate_rows(method, [render(it) for it in chunk], max_new_tokens, stop_tokens=stop_tokens)
         states.append(state)
         for it, o in zip(chunk, outs):
             text = decode(o)
@@ -150,14 +186,19 @@ def reasoning_accuracy(method: Method, items: Sequence[data.ReasoningItem], rend
             if len(samples) < 4:
                 samples.append({"question": it.question, "expected": it.entry["answer"], "output": text})
     allv = [s for v in per_task.values() for s in v]
-    return {"accuracy": sum(allv) / max(len(allv), 1), "n": len(allv),
-            "per_task": {t: sum(v) / len(v) for t, v in per_task.items()}, **_state_numbers(states),
-            "samples": samples}
+    return {
+        "accuracy": sum(allv) / max(len(allv), 1),
+        "n": len(allv),
+        "per_task": {t: sum(v) / len(v) for t, v in per_task.items()},
+        **_state_numbers(states),
+        "samples": samples,
+    }
 
 
 def render_reasoning(tok, item: data.ReasoningItem) -> List[int]:
     """The item's solved examples as earlier chat turns, then its question (plain Q/A text without a
     chat template)."""
+
     def ask(q):
         return f"{q}\n{data.REASONING_INSTRUCTION}"
 
@@ -185,22 +226,38 @@ def majority_vote(answers: Sequence[str]) -> str:
     return answers[0]
 
 
-def parallel_sampling(method: Method, items: Sequence[data.ReasoningItem], render, decode, n_samples: int, *,
-                      max_new_tokens: int = 24, sampling: SamplingConfig, seed: int = 0, questions_per_batch: int = 4,
-                      stop_tokens: Sequence[int] = ()) -> Dict[str, Any]:
+def parallel_sampling(
+    method: Method,
+    items: Sequence[data.ReasoningItem],
+    render,
+    decode,
+    n_samples: int,
+    *,
+    max_new_tokens: int = 24,
+    sampling: SamplingConfig,
+    seed: int = 0,
+    questions_per_batch: int = 4,
+    stop_tokens: Sequence[int] = (),
+) -> Dict[str, Any]:
     """n_samples answers per question (one batch row each), majority vote, scored like reasoning."""
     gen = torch.Generator(device=_device_of(method.model)).manual_seed(seed)
     voted, each, states = [], [], []
     for chunk in _batches(list(items), questions_per_batch):
         prompts = [render(it) for it in chunk for _ in range(n_samples)]
-        outs, state = generate_rows(method, prompts, max_new_tokens, stop_tokens=stop_tokens, sampling=sampling,
-                                    generator=gen)
+        outs, state = generate_rows(
+            method, prompts, max_new_tokens, stop_tokens=stop_tokens, sampling=sampling, generator=gen
+        )
         states.append(state)
         for q, it in enumerate(chunk):
-            answers = [data.extract_answer(decode(o)) for o in outs[q * n_samples: (q + 1) * n_samples]]
+            answers = [data.extract_answer(decode(o)) for o in outs[q * n_samples : (q + 1) * n_samples]]
             each += [it.score(a) for a in answers]
             voted.append(it.score(majority_vote(answers)))
     nums = _state_numbers(states)
-    return {"samples_per_question": n_samples, "accuracy_vote": sum(voted) / len(voted),
-            "accuracy_per_sample": sum(each) / len(each), "n": len(voted),
-            "kv_live_bytes_per_question": nums["kv_live_bytes"] / len(voted), "cr": nums["cr"]}
+    return {
+        "samples_per_question": n_samples,
+        "accuracy_vote": sum(voted) / len(voted),
+        "accuracy_per_sample": sum(each) / len(each),
+        "n": len(voted),
+        "kv_live_bytes_per_question": nums["kv_live_bytes"] / len(voted),
+        "cr": nums["cr"],
+    }

@@ -21,8 +21,14 @@ def check_quantization(args, device: torch.device, dtype: torch.dtype) -> None:
     """Fail early, with a ValueError (printed as `error: ...`), on a --kv / --weight-quant this setup cannot run."""
     if args.kv == "model" and args.weight_quant == "none":
         return
-    what = " and ".join(x for x in (f"--kv {args.kv}" if args.kv != "model" else "",
-                                    f"--weight-quant {args.weight_quant}" if args.weight_quant != "none" else "") if x)
+    what = " and ".join(
+        x
+        for x in (
+            f"--kv {args.kv}" if args.kv != "model" else "",
+            f"--weight-quant {args.weight_quant}" if args.weight_quant != "none" else "",
+        )
+        if x
+    )
     try:
         import torchao.quantization  # noqa: F401
     except ImportError as e:
@@ -50,8 +56,10 @@ def quantize_model(model: nn.Module, mode: str, log: Callable[[str], None] = pri
         raise ValueError(f"--weight-quant {mode} failed for {what} on {p.device} ({p.dtype}): {e}") from None
     n = len(quant.quantized_weight_names(model))
     if n == 0:
-        raise ValueError(f"--weight-quant {mode}: no linear layer of {what} could be quantized (int4 needs input "
-                         f"widths that are multiples of 32)")
+        raise ValueError(
+            f"--weight-quant {mode}: no linear layer of {what} could be quantized (int4 needs input "
+            f"widths that are multiples of 32)"
+        )
     return n
 
 
@@ -62,13 +70,16 @@ def load_reference(args, base, folder, log: Callable[[str], None] = print):
 
     p = next(base.model.parameters())
     name = str(folder or base.family)
-    if args.reference and not (folder is not None and Path(args.reference).resolve() == Path(folder).resolve()
-                               and args.weight_quant == "none"):
+    if args.reference and not (
+        folder is not None and Path(args.reference).resolve() == Path(folder).resolve() and args.weight_quant == "none"
+    ):
         t = time.perf_counter()
         ref = pretrained.load_dms_model(args.reference, dtype=p.dtype, device=p.device).model
         if ref.tok_embeddings.num_embeddings != base.model.tok_embeddings.num_embeddings:
-            raise ValueError(f"--reference {args.reference} has a vocabulary of {ref.tok_embeddings.num_embeddings} "
-                             f"tokens, --model {base.model.tok_embeddings.num_embeddings}: KL needs the same tokenizer")
+            raise ValueError(
+                f"--reference {args.reference} has a vocabulary of {ref.tok_embeddings.num_embeddings} "
+                f"tokens, --model {base.model.tok_embeddings.num_embeddings}: KL needs the same tokenizer"
+            )
         log(f"reference: {args.reference} loaded in {time.perf_counter() - t:.1f}s")
         return ref, str(args.reference)
     if args.weight_quant != "none":
@@ -93,11 +104,19 @@ def quantization_info(args, dtype, reference: nn.Module, ref_name: str, n_quanti
     model_dtype = str(dtype).replace("torch.", "")
     policies = [m for m in args.methods if m in bl.POLICIES]
     kv_by = {m: ("int8" if args.kv == "int8" and m in ("vanilla", "dms") else model_dtype) for m in args.methods}
-    info = {"kv": args.kv, "kv_by_method": kv_by, "weights": args.weight_quant,
-            "quantized_weights": n_quantized, "model_dtype": model_dtype,
-            "reference": ref_name, "reference_dtype": str(next(reference.parameters()).dtype).replace("torch.", ""),
-            "reference_kv": "full precision (its dtype)", "reference_weights": "unquantized"}
+    info = {
+        "kv": args.kv,
+        "kv_by_method": kv_by,
+        "weights": args.weight_quant,
+        "quantized_weights": n_quantized,
+        "model_dtype": model_dtype,
+        "reference": ref_name,
+        "reference_dtype": str(next(reference.parameters()).dtype).replace("torch.", ""),
+        "reference_kv": "full precision (its dtype)",
+        "reference_weights": "unquantized",
+    }
     if args.kv == "int8" and policies:
-        info["note"] = (f"the baselines ({', '.join(policies)}) keep K/V in {model_dtype}: PolicyState has no "
-                        f"int8 KV storage")
+        info["note"] = (
+            f"the baselines ({', '.join(policies)}) keep K/V in {model_dtype}: PolicyState has no int8 KV storage"
+        )
     return info

@@ -17,8 +17,7 @@ from .methods import METHODS
 
 def print_table(runs: List[Dict[str, Any]], out=None) -> None:
     out = out or sys.stdout
-    cols = [("method", 9), ("req CR", 7), ("CR", 6), ("ppl", 8), ("KL", 8), ("reason", 7), ("needle", 7),
-            ("vartrk", 7)]
+    cols = [("method", 9), ("req CR", 7), ("CR", 6), ("ppl", 8), ("KL", 8), ("reason", 7), ("needle", 7), ("vartrk", 7)]
     out.write(" ".join(f"{c:>{w}}" for c, w in cols) + "\n")
 
     def num(v, fmt):
@@ -26,9 +25,16 @@ def print_table(runs: List[Dict[str, Any]], out=None) -> None:
 
     for r in runs:
         ppl = r.get("ppl") or {}
-        row = [r["method"], num(r.get("requested_cr"), ".2f"), num(r.get("cr"), ".2f"), num(ppl.get("ppl"), ".3f"),
-               num(ppl.get("kl"), ".4f"), num((r.get("reasoning") or {}).get("accuracy"), ".3f"),
-               num((r.get("needle") or {}).get("accuracy"), ".3f"), num((r.get("vartrack") or {}).get("accuracy"), ".3f")]
+        row = [
+            r["method"],
+            num(r.get("requested_cr"), ".2f"),
+            num(r.get("cr"), ".2f"),
+            num(ppl.get("ppl"), ".3f"),
+            num(ppl.get("kl"), ".4f"),
+            num((r.get("reasoning") or {}).get("accuracy"), ".3f"),
+            num((r.get("needle") or {}).get("accuracy"), ".3f"),
+            num((r.get("vartrack") or {}).get("accuracy"), ".3f"),
+        ]
         out.write(" ".join(f"{v:>{w}}" for v, (_, w) in zip(row, cols)) + "\n")
 
 
@@ -39,9 +45,13 @@ def plot_metrics(runs: List[Dict[str, Any]], out_dir: Path) -> List[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    specs = [("ppl", "ppl", "perplexity"), ("kl", "ppl", "KL(vanilla || method) nats/token"),
-             ("accuracy", "reasoning", "reasoning accuracy"), ("accuracy", "needle", "needle accuracy"),
-             ("accuracy", "vartrack", "variable-tracking recall")]
+    specs = [
+        ("ppl", "ppl", "perplexity"),
+        ("kl", "ppl", "KL(vanilla || method) nats/token"),
+        ("accuracy", "reasoning", "reasoning accuracy"),
+        ("accuracy", "needle", "needle accuracy"),
+        ("accuracy", "vartrack", "variable-tracking recall"),
+    ]
     paths = []
     for key, metric, ylabel in specs:
         pts = [(r["method"], r.get("cr") or 1.0, (r.get(metric) or {}).get(key)) for r in runs]
@@ -82,23 +92,29 @@ def _jsonable(x):
     return x
 
 
-
 def print_parallel(rows, out=None) -> None:
     out = out or sys.stdout
     if not rows:
         return
-    out.write("parallel sampling at equal KV memory (vanilla: 1 greedy answer; the others: N samples, majority vote):\n")
+    out.write(
+        "parallel sampling at equal KV memory (vanilla: 1 greedy answer; the others: N samples, majority vote):\n"
+    )
     ref = next((r["kv_live_bytes_per_question"] for r in rows if r["method"] == "vanilla"), None)
     for r in rows:
         ratio = r["kv_live_bytes_per_question"] / ref if ref else None
-        out.write(f"  {r['method']:<9} CR {r['cr'] or 1:.2f}, {r['samples_per_question']} sample(s): vote accuracy "
-                  f"{r['accuracy_vote']:.3f}, per-sample {r['accuracy_per_sample']:.3f}, KV "
-                  f"{r['kv_live_bytes_per_question'] / 2**10:.1f} KiB per question"
-                  + (f" ({ratio:.2f}x vanilla's)" if ratio is not None and r["method"] != "vanilla" else "") + "\n")
+        out.write(
+            f"  {r['method']:<9} CR {r['cr'] or 1:.2f}, {r['samples_per_question']} sample(s): vote accuracy "
+            f"{r['accuracy_vote']:.3f}, per-sample {r['accuracy_per_sample']:.3f}, KV "
+            f"{r['kv_live_bytes_per_question'] / 2**10:.1f} KiB per question"
+            + (f" ({ratio:.2f}x vanilla's)" if ratio is not None and r["method"] != "vanilla" else "")
+            + "\n"
+        )
         if ratio is not None and ratio > 1.1:
-            out.write(f"  note: {r['method']} is NOT at equal memory: it reached only CR {r['cr'] or 1:.2f} on these "
-                      f"generations against the {r['samples_per_question']} samples it runs (sequences too short for "
-                      f"its window to matter); use longer generations (--reasoning-max-new) or fewer samples\n")
+            out.write(
+                f"  note: {r['method']} is NOT at equal memory: it reached only CR {r['cr'] or 1:.2f} on these "
+                f"generations against the {r['samples_per_question']} samples it runs (sequences too short for "
+                f"its window to matter); use longer generations (--reasoning-max-new) or fewer samples\n"
+            )
 
 
 def draw(results: Dict[str, Any], out_dir: Path, log: Callable[[str], None] = print) -> Dict[str, List[str]]:
@@ -107,8 +123,10 @@ def draw(results: Dict[str, Any], out_dir: Path, log: Callable[[str], None] = pr
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
-        log("plots skipped: matplotlib is not installed (pip install matplotlib; or redraw elsewhere with "
-            "python -m dms_flex.eval --replot results.json)")
+        log(
+            "plots skipped: matplotlib is not installed (pip install matplotlib; or redraw elsewhere with "
+            "python -m dms_flex.eval --replot results.json)"
+        )
         return {"plots": [], "heatmaps": []}
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = results["runs"]
@@ -178,7 +196,6 @@ def replot(path: str) -> int:
     return 0
 
 
-
 def format_setting(q: Dict[str, Any]) -> str:
     kv = "K/V in the model dtype" if q["kv"] == "model" else "K/V int8 (one scale per token and KV head)"
     if q["kv"] == "int8":
@@ -186,10 +203,15 @@ def format_setting(q: Dict[str, Any]) -> str:
         kv += f" for {', '.join(ints) or 'no method'}"
         if q.get("note"):
             kv += f"; {q['note']}"
-    w = "unquantized weights" if q["weights"] == "none" else (
-        f"{q['weights']} weights ({q['quantized_weights']} linear layers of the model)")
-    return (f"{kv}; {w}, {q['model_dtype']}; KL/PPL reference {q['reference']} ({q['reference_dtype']}, "
-            f"unquantized weights, full-precision K/V)")
+    w = (
+        "unquantized weights"
+        if q["weights"] == "none"
+        else (f"{q['weights']} weights ({q['quantized_weights']} linear layers of the model)")
+    )
+    return (
+        f"{kv}; {w}, {q['model_dtype']}; KL/PPL reference {q['reference']} ({q['reference_dtype']}, "
+        f"unquantized weights, full-precision K/V)"
+    )
 
 
 def write_partial(path: Path, results: Dict[str, Any], runs: List[Dict[str, Any]]) -> None:
@@ -210,5 +232,8 @@ def write_final(path: Path, results: Dict[str, Any], log: Callable[[str], None] 
     print_parallel(results.get("parallel"))
     results.update(draw(results, path.parent, log))
     path.write_text(json.dumps(results, indent=1, default=str))
-    log(f"results: {path}" + (f"; plots: {', '.join(results['plots'] + results['heatmaps'])}" if results["plots"] else ""))
+    log(
+        f"results: {path}"
+        + (f"; plots: {', '.join(results['plots'] + results['heatmaps'])}" if results["plots"] else "")
+    )
     return results

@@ -20,13 +20,23 @@ from .quantization import check_quantization, kv_label, load_reference, quantiza
 
 DEFAULT_REASONING_TASKS = ("basic_arithmetic",)
 # small integer sums: the 135M default model scores well above chance on them
-DEFAULT_TASK_KWARGS = {"basic_arithmetic": dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1,
-                                                operators=("+",), allow_negation=False, allow_parentheses=False)}
+DEFAULT_TASK_KWARGS = {
+    "basic_arithmetic": dict(
+        min_terms=2,
+        max_terms=2,
+        min_digits=1,
+        max_digits=1,
+        operators=("+",),
+        allow_negation=False,
+        allow_parentheses=False,
+    )
+}
 
 
 @dataclass
 class Inputs:
     """What every method is evaluated on, and how its text is read."""
+
     tok: Any
     dtype: torch.dtype
     reference: nn.Module  # the KL/PPL reference (vanilla, unquantized, full-precision K/V)
@@ -62,9 +72,16 @@ def run(args, loaded=None, log: Callable[[str], None] = print) -> Dict[str, Any]
     dtype = next(base.model.parameters()).dtype  # int4 casts to bfloat16
     qinfo = quantization_info(args, dtype, reference, ref_name, n_quantized)
     log(f"setting: {report.format_setting(qinfo)}")
-    results: Dict[str, Any] = {"model": str(folder or base.family), "device": str(device), "dtype": str(dtype),
-                               "settings": {k: v for k, v in vars(args).items()}, "quantization": qinfo,
-                               "data": {}, "runs": [], "skipped": {}}
+    results: Dict[str, Any] = {
+        "model": str(folder or base.family),
+        "device": str(device),
+        "dtype": str(dtype),
+        "settings": {k: v for k, v in vars(args).items()},
+        "quantization": qinfo,
+        "data": {},
+        "runs": [],
+        "skipped": {},
+    }
     inputs = load_inputs(args, base, dtype, reference, results, log)
     path = out_dir / "results.json"
     results["runs"] = evaluate_all(args, base, inputs, results, path, log)
@@ -87,57 +104,85 @@ def load_model(args, loaded, device: torch.device, dtype: torch.dtype, log: Call
 
             folder, adapter, _ = default_model(adapter, getattr(args, "no_adapter", False))
         overrides = {"window": args.dms_window} if args.dms_window is not None else None
-        loaded = pretrained.load_dms_model(folder, dms_overrides=overrides, dtype=dtype, device=device,
-                                           adapter=adapter)
+        loaded = pretrained.load_dms_model(folder, dms_overrides=overrides, dtype=dtype, device=device, adapter=adapter)
         if adapter is not None:
             log(f"DMS adapter: {adapter}")
     base = loaded
     if base.tokenizer is None:
         raise ValueError(f"{folder} has no tokenizer: the evaluation needs one")
-    log(f"model: {folder or base.family} ({base.family}, {next(base.model.parameters()).dtype}, {device}), loaded in "
+    log(
+        f"model: {folder or base.family} ({base.family}, {next(base.model.parameters()).dtype}, {device}), loaded in "
         f"{time.perf_counter() - t0:.1f}s; DMS settings {base.dms}"
-        f"{'' if base.dms_trained else ' (not a DMS retrofit: untrained decisions)'}")
+        f"{'' if base.dms_trained else ' (not a DMS retrofit: untrained decisions)'}"
+    )
     return base, folder
 
 
-def load_inputs(args, base, dtype: torch.dtype, reference: nn.Module, results: Dict[str, Any],
-                log: Callable[[str], None]) -> Inputs:
+def load_inputs(
+    args, base, dtype: torch.dtype, reference: nn.Module, results: Dict[str, Any], log: Callable[[str], None]
+) -> Inputs:
     """The perplexity windows, reasoning items and retrieval probes (what was used or skipped goes into results)."""
     tok = base.tokenizer
-    inputs = Inputs(tok=tok, dtype=dtype, reference=reference, windows=torch.empty(0), items=[], probes={},
-                    stops=[t for t in [tok.eos_token_id] if t is not None])
+    inputs = Inputs(
+        tok=tok,
+        dtype=dtype,
+        reference=reference,
+        windows=torch.empty(0),
+        items=[],
+        probes={},
+        stops=[t for t in [tok.eos_token_id] if t is not None],
+    )
     texts = data.load_texts(args.texts, log=log)
     results["data"] = {s.name: s.origin for s in texts.values()}
-    inputs.windows = torch.tensor([w for s in texts.values()
-                                   for w in data.text_windows(inputs.encode, s.text, args.ppl_windows, args.ppl_len)])
-    log(f"perplexity: {inputs.windows.shape[0]} windows of {args.ppl_len} tokens from {list(texts)}; the first "
-        f"{args.ppl_prefix} of each are context only")
+    inputs.windows = torch.tensor(
+        [w for s in texts.values() for w in data.text_windows(inputs.encode, s.text, args.ppl_windows, args.ppl_len)]
+    )
+    log(
+        f"perplexity: {inputs.windows.shape[0]} windows of {args.ppl_len} tokens from {list(texts)}; the first "
+        f"{args.ppl_prefix} of each are context only"
+    )
     if "reasoning" in args.metrics or args.parallel_samples:
         why = data.reasoning_available()
         if why is None:
             kw = DEFAULT_TASK_KWARGS if args.easy_tasks else {}
-            inputs.items = data.reasoning_items(args.reasoning_tasks.split(","), args.reasoning_n, task_kwargs=kw,
-                                                shots=args.reasoning_shots)
+            inputs.items = data.reasoning_items(
+                args.reasoning_tasks.split(","), args.reasoning_n, task_kwargs=kw, shots=args.reasoning_shots
+            )
         else:
             log(f"reasoning: skipped: {why}")
             results["skipped"]["reasoning"] = why
-    haystack = texts.get(args.haystack) if args.haystack else next(
-        (texts[n] for n in ("austen", "kjv", "code") if n in texts), None)
+    haystack = (
+        texts.get(args.haystack)
+        if args.haystack
+        else next((texts[n] for n in ("austen", "kjv", "code") if n in texts), None)
+    )
     if args.haystack and haystack is None:
         raise ValueError(f"--haystack {args.haystack} is not among the loaded texts {list(texts)}")
     for kind in ("needle", "vartrack"):
         if kind in args.metrics:
-            inputs.probes[kind] = data.probe_items(kind, inputs.encode, inputs.decode, haystack.text, args.lengths,
-                                                   args.depths, args.trials, seed=args.seed, hops=args.hops)
+            inputs.probes[kind] = data.probe_items(
+                kind,
+                inputs.encode,
+                inputs.decode,
+                haystack.text,
+                args.lengths,
+                args.depths,
+                args.trials,
+                seed=args.seed,
+                hops=args.hops,
+            )
     check_context(base.model, args.ppl_len, [it for its in inputs.probes.values() for it in its])
     if inputs.probes:
-        log(f"long context: haystack {haystack.name}; lengths {args.lengths}, depths {args.depths}, "
-            f"{args.trials} trial(s) each")
+        log(
+            f"long context: haystack {haystack.name}; lengths {args.lengths}, depths {args.depths}, "
+            f"{args.trials} trial(s) each"
+        )
     return inputs
 
 
-def evaluate_all(args, base, inputs: Inputs, results: Dict[str, Any], path: Path,
-                 log: Callable[[str], None]) -> List[Dict[str, Any]]:
+def evaluate_all(
+    args, base, inputs: Inputs, results: Dict[str, Any], path: Path, log: Callable[[str], None]
+) -> List[Dict[str, Any]]:
     """vanilla, each DMS run, then the baselines (at DMS's achieved CR for the same request unless
     --no-match-dms-cr); results.json is rewritten (partial) after each."""
     vanilla = Method("vanilla", base.model, kv_int8=args.kv == "int8", attention=args.attention)
@@ -160,7 +205,7 @@ def evaluate_all(args, base, inputs: Inputs, results: Dict[str, Any], path: Path
         dms_cr[m.requested_cr] = m.cr
         if m.checkpoint is not None:  # free a checkpoint once no later DMS run needs it
             m.model = None
-            if all(o.checkpoint != m.checkpoint for o in dms_methods[i + 1:]):
+            if all(o.checkpoint != m.checkpoint for o in dms_methods[i + 1 :]):
                 checkpoints.release(m.checkpoint)
     for m in methods:
         if m.name in bl.POLICIES:
@@ -173,34 +218,69 @@ def evaluate_all(args, base, inputs: Inputs, results: Dict[str, Any], path: Path
 
 def evaluate(m: Method, args, inputs: Inputs, log: Callable[[str], None]) -> Dict[str, Any]:
     """Every asked metric of one method: its record in results.json."""
-    rec: Dict[str, Any] = {"method": m.name, "requested_cr": m.requested_cr, "cr": m.cr, "setting": m.setting,
-                           "kv": kv_label(m, inputs.dtype), "weights": args.weight_quant}
+    rec: Dict[str, Any] = {
+        "method": m.name,
+        "requested_cr": m.requested_cr,
+        "cr": m.cr,
+        "setting": m.setting,
+        "kv": kv_label(m, inputs.dtype),
+        "weights": args.weight_quant,
+    }
     t = time.perf_counter()
     gen_kw = dict(max_new_tokens=args.reasoning_max_new, batch_size=args.batch_size, stop_tokens=inputs.stops)
     if "ppl" in args.metrics:
-        rec["ppl"] = metrics.perplexity(m, inputs.windows, inputs.reference, prefix=args.ppl_prefix,
-                                        batch_size=args.batch_size, cached=args.dms_cached)
+        rec["ppl"] = metrics.perplexity(
+            m,
+            inputs.windows,
+            inputs.reference,
+            prefix=args.ppl_prefix,
+            batch_size=args.batch_size,
+            cached=args.dms_cached,
+        )
     if inputs.items and "reasoning" in args.metrics:
         rec["reasoning"] = metrics.reasoning_accuracy(m, inputs.items, inputs.render, inputs.decode, **gen_kw)
     for kind, its in inputs.probes.items():
         rec[kind] = metrics.probe_accuracy(m, its, inputs.decode, batch_size=args.batch_size, stop_tokens=inputs.stops)
-    if inputs.items and args.parallel_samples and (not m.compressed or m.requested_cr == args.parallel_samples
-                                                    or (m.name == "dms" and m.requested_cr is None)):
+    if (
+        inputs.items
+        and args.parallel_samples
+        and (
+            not m.compressed or m.requested_cr == args.parallel_samples or (m.name == "dms" and m.requested_cr is None)
+        )
+    ):
         if m.compressed:
             rec["parallel"] = metrics.parallel_sampling(
-                m, inputs.items, inputs.render, inputs.decode, args.parallel_samples,
-                max_new_tokens=args.reasoning_max_new, sampling=SamplingConfig(args.temperature, top_p=args.top_p),
-                seed=args.seed, stop_tokens=inputs.stops)
+                m,
+                inputs.items,
+                inputs.render,
+                inputs.decode,
+                args.parallel_samples,
+                max_new_tokens=args.reasoning_max_new,
+                sampling=SamplingConfig(args.temperature, top_p=args.top_p),
+                seed=args.seed,
+                stop_tokens=inputs.stops,
+            )
         else:  # the 1-sample reference: vanilla's greedy answer (its KV bytes per question)
-            r = rec.get("reasoning") or metrics.reasoning_accuracy(m, inputs.items, inputs.render, inputs.decode,
-                                                                   **gen_kw)
-            rec["parallel"] = {"samples_per_question": 1, "accuracy_vote": r["accuracy"],
-                               "accuracy_per_sample": r["accuracy"], "n": r["n"],
-                               "kv_live_bytes_per_question": r["kv_live_bytes"] / max(r["n"], 1), "cr": 1.0}
+            r = rec.get("reasoning") or metrics.reasoning_accuracy(
+                m, inputs.items, inputs.render, inputs.decode, **gen_kw
+            )
+            rec["parallel"] = {
+                "samples_per_question": 1,
+                "accuracy_vote": r["accuracy"],
+                "accuracy_per_sample": r["accuracy"],
+                "n": r["n"],
+                "kv_live_bytes_per_question": r["kv_live_bytes"] / max(r["n"], 1),
+                "cr": 1.0,
+            }
     rec["seconds"] = time.perf_counter() - t
-    log(f"  {m.label:<18} done in {rec['seconds']:.1f}s" + (
-        f"  ppl {rec['ppl']['ppl']:.3f} KL {rec['ppl']['kl']:.4f} (CR {rec['ppl']['cr']:.2f})" if "ppl" in rec
-        else ""))
+    log(
+        f"  {m.label:<18} done in {rec['seconds']:.1f}s"
+        + (
+            f"  ppl {rec['ppl']['ppl']:.3f} KL {rec['ppl']['kl']:.4f} (CR {rec['ppl']['cr']:.2f})"
+            if "ppl" in rec
+            else ""
+        )
+    )
     return rec
 
 
@@ -211,11 +291,13 @@ def check_context(model: nn.Module, ppl_len: int, probes: Sequence[data.ProbeIte
     if not ctx:
         return
     if ppl_len > ctx:
-        raise ValueError(f"--ppl-len {ppl_len} is longer than the model's context ({ctx} tokens): use --ppl-len {ctx} "
-                         f"or less")
+        raise ValueError(
+            f"--ppl-len {ppl_len} is longer than the model's context ({ctx} tokens): use --ppl-len {ctx} or less"
+        )
     over = sorted({it.length for it in probes if len(it.prompt) + it.max_new_tokens > ctx})
     if over:
         room = max(it.max_new_tokens for it in probes)
-        raise ValueError(f"--lengths {','.join(map(str, over))}: a probe's prompt plus its answer ({room} tokens) must fit "
-                         f"the model's context of {ctx} tokens; use lengths up to {ctx - room}")
-
+        raise ValueError(
+            f"--lengths {','.join(map(str, over))}: a probe's prompt plus its answer ({room} tokens) must fit "
+            f"the model's context of {ctx} tokens; use lengths up to {ctx - room}"
+        )

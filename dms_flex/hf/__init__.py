@@ -59,8 +59,15 @@ Imports go one way: `cache` <- `attention` <- `model` <- `loading`.
 from .attention import ATTN_IMPLEMENTATION, decided_logits, dms_attention_forward, dms_padding_mask
 from .cache import DMSCache, DMSCacheLayer
 from .loading import from_pretrained, save_pretrained
-from .model import (SUPPORTED_ARCHITECTURES, capture_decisions, dms_config_from_hf, dms_config_of, enable_dms,
-                    eviction_disabled, set_eviction)
+from .model import (
+    SUPPORTED_ARCHITECTURES,
+    capture_decisions,
+    dms_config_from_hf,
+    dms_config_of,
+    enable_dms,
+    eviction_disabled,
+    set_eviction,
+)
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",

@@ -22,17 +22,31 @@ from .. import decisions, masks
 from ..kernels.reference import masked_attention
 from .cache import DMSCache, pack_order
 
-__all__ = ["ATTN_IMPLEMENTATION", "dms_attention_forward", "dms_padding_mask", "register_with_transformers",
-           "decided_logits"]
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "dms_attention_forward",
+    "dms_padding_mask",
+    "register_with_transformers",
+    "decided_logits",
+]
 
 #: the name DMS attention is registered under in transformers' AttentionInterface / AttentionMaskInterface.
 ATTN_IMPLEMENTATION = "dms"
 
 
-def dms_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None,
-                          dropout: float = 0.0, dms_logits: Optional[torch.Tensor] = None, dms_cache=None,
-                          position_ids: Optional[torch.Tensor] = None, **kwargs):
+def dms_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    dms_logits: Optional[torch.Tensor] = None,
+    dms_cache=None,
+    position_ids: Optional[torch.Tensor] = None,
+    **kwargs,
+):
     """The "dms" entry of transformers' AttentionInterface.
 
     query (B, Hq, n, D) and key/value (B, Hkv, n, D) after RoPE; attention_mask: (B, n) bool, the
@@ -41,12 +55,16 @@ def dms_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
     """
     runtime = getattr(module, "_dms_runtime", None)
     if runtime is None:
-        raise RuntimeError('attn_implementation="dms" needs the DMS attention modules: load the model with '
-                           "dms_flex.hf.from_pretrained or call dms_flex.hf.enable_dms(model) first")
+        raise RuntimeError(
+            'attn_implementation="dms" needs the DMS attention modules: load the model with '
+            "dms_flex.hf.from_pretrained or call dms_flex.hf.enable_dms(model) first"
+        )
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
-        raise ValueError("DMS attention takes a 2-D (batch, tokens) padding mask; it got a prepared "
-                         f"{getattr(attention_mask, 'shape', type(attention_mask))} mask. Keep the model's "
-                         f'attn_implementation "dms" and pass 2-D attention masks.')
+        raise ValueError(
+            "DMS attention takes a 2-D (batch, tokens) padding mask; it got a prepared "
+            f"{getattr(attention_mask, 'shape', type(attention_mask))} mask. Keep the model's "
+            f'attn_implementation "dms" and pass 2-D attention masks.'
+        )
     window = runtime.config.effective_window
     live = attention_mask
     if dms_cache is None:
@@ -55,8 +73,10 @@ def dms_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
         if not isinstance(dms_cache, DMSCache):
             raise TypeError(f"a DMS model needs a dms_flex.hf.DMSCache, got {type(dms_cache).__name__}")
         if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-            raise RuntimeError("the DMS cache is an inference cache: run under torch.no_grad() (generate does), or "
-                               "pass use_cache=False for the differentiable full-sequence path")
+            raise RuntimeError(
+                "the DMS cache is an inference cache: run under torch.no_grad() (generate does), or "
+                "pass use_cache=False for the differentiable full-sequence path"
+            )
         layer = dms_cache.layers[module.layer_idx]
         if layer.window != window:
             raise ValueError(f"this DMSCache was made for window {layer.window}, the model's DMS window is {window}")
@@ -73,7 +93,7 @@ def dms_padding_mask(*, batch_size=None, q_length=None, attention_mask=None, **k
     the new tokens, or None when all are real (one host sync per forward, as HF's own masks do)."""
     if attention_mask is None:
         return None
-    live = attention_mask[:, attention_mask.shape[-1] - q_length:].bool()
+    live = attention_mask[:, attention_mask.shape[-1] - q_length :].bool()
     if bool(live.all()):
         return None
     return live

@@ -71,8 +71,10 @@ class DMSCacheLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        raise RuntimeError("a DMSCache is filled by DMS attention (dms_flex.hf), not by cache.update(): this "
-                           "attention module is not DMS-enabled (call dms_flex.hf.enable_dms on the model)")
+        raise RuntimeError(
+            "a DMSCache is filled by DMS attention (dms_flex.hf), not by cache.update(): this "
+            "attention module is not DMS-enabled (call dms_flex.hf.enable_dms on the model)"
+        )
 
     def get_mask_sizes(self, query_length: int):
         return self.seen + query_length, 0
@@ -93,8 +95,10 @@ class DMSCacheLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove == 0:
             return
-        raise NotImplementedError("a DMS cache cannot be cropped: evicted tokens are gone (assisted / speculative "
-                                  "decoding and contrastive search are not supported)")
+        raise NotImplementedError(
+            "a DMS cache cannot be cropped: evicted tokens are gone (assisted / speculative "
+            "decoding and contrastive search are not supported)"
+        )
 
     def offload(self):
         raise NotImplementedError("DMS caches do not support offloading")
@@ -133,8 +137,10 @@ class DMSCacheLayer(CacheLayerMixin):
         if self.kv is None:
             self.lazy_initialization(k, k)
         if k.shape[0] != self.kv.k.shape[0] or k.shape[1] != self.kv.k.shape[1]:
-            raise ValueError(f"this DMSCache holds batch {self.kv.k.shape[0]} x {self.kv.k.shape[1]} KV heads, the "
-                             f"input has {k.shape[0]} x {k.shape[1]}: use a new DMSCache for a new batch")
+            raise ValueError(
+                f"this DMSCache holds batch {self.kv.k.shape[0]} x {self.kv.k.shape[1]} KV heads, the "
+                f"input has {k.shape[0]} x {k.shape[1]}: use a new DMSCache for a new batch"
+            )
 
     def _grow(self, needed: int) -> None:
         """Re-allocate with at least `needed` slots (doubling); live slots, ring and marks are kept.
@@ -232,8 +238,10 @@ class DMSCache(Cache):
             start = torch.zeros(batch, dtype=torch.long, device=device)
         start = start.to(device)
         if start.shape[0] != batch:
-            raise ValueError(f"this DMSCache holds batch {start.shape[0]}, the input has batch {batch}: use a new "
-                             f"DMSCache for a new batch")
+            raise ValueError(
+                f"this DMSCache holds batch {start.shape[0]}, the input has batch {batch}: use a new "
+                f"DMSCache for a new batch"
+            )
         if live is None:
             return start[:, None] + torch.arange(n, device=device)[None]
         return start[:, None] + (live.long().cumsum(1) - 1).clamp_min(0)

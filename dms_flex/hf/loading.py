@@ -38,8 +38,10 @@ def from_pretrained(folder, dms_config: Optional[DMSConfig] = None, **kwargs) ->
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
         found = ", ".join(archs) if archs else f"none (model_type={raw.get('model_type')!r})"
-        raise ValueError(f"unsupported architecture in {folder / 'config.json'}: {found}; supported architectures: "
-                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise ValueError(
+            f"unsupported architecture in {folder / 'config.json'}: {found}; supported architectures: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
     cfg = dms_config if dms_config is not None else dms_config_from_hf(raw, source=str(folder / "config.json"))
     cls = getattr(transformers, arch)
     extra = _read_extra_tensors(folder)

@@ -32,8 +32,15 @@ from ..config import DMSConfig, DMSConfigError
 from .attention import ATTN_IMPLEMENTATION, register_with_transformers
 from .cache import DMSCache
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "enable_dms", "dms_config_of", "dms_config_from_hf", "set_eviction",
-           "eviction_disabled", "capture_decisions"]
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "enable_dms",
+    "dms_config_of",
+    "dms_config_from_hf",
+    "set_eviction",
+    "eviction_disabled",
+    "capture_decisions",
+]
 
 #: transformers classes DMS can be enabled on.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -97,8 +104,10 @@ def enable_dms(model: nn.Module, config: Optional[DMSConfig] = None, *, eviction
 def dms_config_of(model: nn.Module) -> DMSConfig:
     runtime = getattr(model, "_dms_runtime", None)
     if runtime is None:
-        raise ValueError("this model has no DMS: call dms_flex.hf.enable_dms(model, DMSConfig(...)) or load it "
-                         "with dms_flex.hf.from_pretrained(folder)")
+        raise ValueError(
+            "this model has no DMS: call dms_flex.hf.enable_dms(model, DMSConfig(...)) or load it "
+            "with dms_flex.hf.from_pretrained(folder)"
+        )
     return runtime.config
 
 
@@ -145,21 +154,26 @@ def _num_kv_heads(attn: nn.Module) -> int:
 def _check_supported(model: nn.Module) -> None:
     name = type(model).__name__
     if not any(c.__name__ in SUPPORTED_ARCHITECTURES for c in type(model).__mro__):
-        raise ValueError(f"DMS is not supported for {name}; supported architectures: "
-                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise ValueError(
+            f"DMS is not supported for {name}; supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
     cfg = model.config
     layer_types = getattr(cfg, "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types) or getattr(cfg, "use_sliding_window", False):
-        raise ValueError(f"{name} with sliding-window layers ({sorted(set(layer_types))}) is not supported: DMS "
-                         f"needs full-attention layers")
+        raise ValueError(
+            f"{name} with sliding-window layers ({sorted(set(layer_types))}) is not supported: DMS "
+            f"needs full-attention layers"
+        )
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
     if heads % kv:
         raise ValueError(f"num_attention_heads={heads} must be a multiple of num_key_value_heads={kv}")
     for i, layer in enumerate(model.model.layers):
         attn = getattr(layer, "self_attn", None)
         if attn is None or not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
-            raise ValueError(f"layer {i} of {name} has no standard self_attn module; supported architectures: "
-                             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+            raise ValueError(
+                f"layer {i} of {name} has no standard self_attn module; supported architectures: "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
 
 
 def dms_config_from_hf(hf_config: Dict[str, Any], source: str = "config.json") -> DMSConfig:
@@ -169,8 +183,9 @@ def dms_config_from_hf(hf_config: Dict[str, Any], source: str = "config.json") -
     except DMSConfigError as e:
         if "lacks the DMS keys" not in str(e):
             raise
-        raise DMSConfigError(f"{e} To enable DMS on a model without DMS settings, pass "
-                             f"dms_config=DMSConfig(...) explicitly.") from None
+        raise DMSConfigError(
+            f"{e} To enable DMS on a model without DMS settings, pass dms_config=DMSConfig(...) explicitly."
+        ) from None
 
 
 # ==================================================================================== hooks
@@ -217,16 +232,22 @@ def _model_pre_hook(module: nn.Module, args, kwargs):
         elif type(cache) is DynamicCache:
             raise TypeError("a DMS model needs a dms_flex.hf.DMSCache, got a DynamicCache that already holds tokens")
         else:
-            raise TypeError(f"a DMS model keeps its KV in a dms_flex.hf.DMSCache, not a {type(cache).__name__} (leave "
-                            f"generate()'s cache_implementation unset, or pass cache=dms_flex.hf.DMSCache(model))")
+            raise TypeError(
+                f"a DMS model keeps its KV in a dms_flex.hf.DMSCache, not a {type(cache).__name__} (leave "
+                f"generate()'s cache_implementation unset, or pass cache=dms_flex.hf.DMSCache(model))"
+            )
     B, n = ref.shape[:2]
     if cache is None:
         # the borrowed channel is zeroed after RoPE, which makes attention depend on absolute positions:
         # count them per row from the padding mask (as generate() does), so a row's result does not
         # depend on the left padding around it
         mask = kwargs.get("attention_mask")
-        if kwargs.get("position_ids") is None and isinstance(mask, torch.Tensor) and mask.dim() == 2 \
-                and mask.shape[1] == n:
+        if (
+            kwargs.get("position_ids") is None
+            and isinstance(mask, torch.Tensor)
+            and mask.dim() == 2
+            and mask.shape[1] == n
+        ):
             kwargs["position_ids"] = (mask.long().cumsum(1) - 1).clamp_min(0)
         return args, kwargs
     kwargs[cache_arg] = cache
@@ -251,12 +272,18 @@ def _new_token_mask(attention_mask: Optional[torch.Tensor], n: int) -> Optional[
         return None
     if attention_mask.shape[1] < n:
         raise ValueError(f"attention_mask has {attention_mask.shape[1]} columns but {n} new tokens were given")
-    return attention_mask[:, attention_mask.shape[1] - n:].bool()
+    return attention_mask[:, attention_mask.shape[1] - n :].bool()
 
 
 # ==================================================================================== attention module
-def _dms_self_attention_forward(self, hidden_states: torch.Tensor, position_embeddings=None,
-                                attention_mask: Optional[torch.Tensor] = None, cache=None, **kwargs):
+def _dms_self_attention_forward(
+    self,
+    hidden_states: torch.Tensor,
+    position_embeddings=None,
+    attention_mask: Optional[torch.Tensor] = None,
+    cache=None,
+    **kwargs,
+):
     """Replaces the forward of a Llama / Qwen2 / Qwen3 attention module (same inputs and outputs)."""
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
@@ -274,18 +301,21 @@ def _dms_self_attention_forward(self, hidden_states: torch.Tensor, position_embe
         q, k = self.q_norm(q), self.k_norm(k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     if cfg is not None and cfg.decision == "adapter" and x is None:
-        raise RuntimeError("the DMS adapter needs the decoder layer's input, which its pre-hook stashes; "
-                           "call the decoder layer, not its self_attn module, or use decision='borrowed'")
+        raise RuntimeError(
+            "the DMS adapter needs the decoder layer's input, which its pre-hook stashes; "
+            "call the decoder layer, not its self_attn module, or use decision='borrowed'"
+        )
     cos, sin = position_embeddings
     apply_rope = sys.modules[type(self).__module__].apply_rotary_pos_emb
-    q, k, logits = decisions.decide_and_rope(q, k, cfg, lambda q, k: apply_rope(q, k, cos, sin), k.shape[1],
-                                             adapter=getattr(self, "dms_adapter", None), x=x)
+    q, k, logits = decisions.decide_and_rope(
+        q, k, cfg, lambda q, k: apply_rope(q, k, cos, sin), k.shape[1], adapter=getattr(self, "dms_adapter", None), x=x
+    )
     if logits is not None and runtime.captured is not None:
         runtime.captured[self.layer_idx] = logits.detach()
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     out, weights = ALL_ATTENTION_FUNCTIONS[ATTN_IMPLEMENTATION](
-        self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0, dms_logits=logits, dms_cache=cache,
-        **kwargs)
+        self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0, dms_logits=logits, dms_cache=cache, **kwargs
+    )
     out = out.reshape(B, n, -1).contiguous()
     return self.o_proj(out), weights

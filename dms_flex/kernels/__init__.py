@@ -1,4 +1,5 @@
 """Custom kernels for dms_flex (Triton on CUDA, PyTorch fallbacks elsewhere)."""
+
 from .decode import decode_attention
 from .reference import decode_attention_reference
 

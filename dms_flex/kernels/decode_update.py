@@ -63,10 +63,30 @@ def _write_row(x, base, scale_ptr, offs_d, dmask, QUANT: tl.constexpr, ROUND_SCA
 
 @_jit
 def _decode_update_kernel(
-    KN, VN, EV, POS, KC, VC, KS, VS, LEN, SP, SM, WIN, OVF,
-    stride_knb, stride_knh, stride_vnb, stride_vnh,
-    H, C, window,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr, ROUND_SCALE: tl.constexpr,
+    KN,
+    VN,
+    EV,
+    POS,
+    KC,
+    VC,
+    KS,
+    VS,
+    LEN,
+    SP,
+    SM,
+    WIN,
+    OVF,
+    stride_knb,
+    stride_knh,
+    stride_vnb,
+    stride_vnh,
+    H,
+    C,
+    window,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    QUANT: tl.constexpr,
+    ROUND_SCALE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // H
@@ -109,18 +129,53 @@ def _decode_update_kernel(
     tl.store(win_base + ring, slot)
 
 
-def _launch(k_new, v_new, evict, pos, k_cache, v_cache, k_scale, v_scale, length, slot_pos, slot_marked,
-            win_slot, overflow, window: int, wrap=None):
+def _launch(
+    k_new,
+    v_new,
+    evict,
+    pos,
+    k_cache,
+    v_cache,
+    k_scale,
+    v_scale,
+    length,
+    slot_pos,
+    slot_marked,
+    win_slot,
+    overflow,
+    window: int,
+    wrap=None,
+):
     B, H, C1, D = k_cache.shape
     interpret, (kern,) = ta._resolve(None, wrap, (_decode_update_kernel,))
     quant = k_scale is not None
     ks = k_scale if quant else length
     vs = v_scale if quant else length
     kern[(B * H,)](
-        k_new, v_new, evict, pos, k_cache, v_cache, ks, vs, length, slot_pos, slot_marked, win_slot, overflow,
-        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-        H, C1 - 1, int(window),
-        D=D, BLOCK_D=triton.next_power_of_2(D), QUANT=quant, ROUND_SCALE=quant and k_new.dtype != torch.float32,
+        k_new,
+        v_new,
+        evict,
+        pos,
+        k_cache,
+        v_cache,
+        ks,
+        vs,
+        length,
+        slot_pos,
+        slot_marked,
+        win_slot,
+        overflow,
+        k_new.stride(0),
+        k_new.stride(1),
+        v_new.stride(0),
+        v_new.stride(1),
+        H,
+        C1 - 1,
+        int(window),
+        D=D,
+        BLOCK_D=triton.next_power_of_2(D),
+        QUANT=quant,
+        ROUND_SCALE=quant and k_new.dtype != torch.float32,
         num_warps=1,
     )
 
@@ -130,18 +185,72 @@ if HAS_TRITON and hasattr(torch.library, "triton_op"):
     _MUT = ("k_cache", "v_cache", "length", "slot_pos", "slot_marked", "win_slot", "overflow")
 
     @torch.library.triton_op("dms_flex::decode_update", mutates_args=_MUT)
-    def _op(k_new: Tensor, v_new: Tensor, evict: Tensor, pos: Tensor, k_cache: Tensor, v_cache: Tensor,
-            length: Tensor, slot_pos: Tensor, slot_marked: Tensor, win_slot: Tensor, overflow: Tensor,
-            window: int) -> None:
-        _launch(k_new, v_new, evict, pos, k_cache, v_cache, None, None, length, slot_pos, slot_marked, win_slot,
-                overflow, window, wrap=torch.library.wrap_triton)
+    def _op(
+        k_new: Tensor,
+        v_new: Tensor,
+        evict: Tensor,
+        pos: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        length: Tensor,
+        slot_pos: Tensor,
+        slot_marked: Tensor,
+        win_slot: Tensor,
+        overflow: Tensor,
+        window: int,
+    ) -> None:
+        _launch(
+            k_new,
+            v_new,
+            evict,
+            pos,
+            k_cache,
+            v_cache,
+            None,
+            None,
+            length,
+            slot_pos,
+            slot_marked,
+            win_slot,
+            overflow,
+            window,
+            wrap=torch.library.wrap_triton,
+        )
 
     @torch.library.triton_op("dms_flex::decode_update_int8", mutates_args=_MUT + ("k_scale", "v_scale"))
-    def _op_int8(k_new: Tensor, v_new: Tensor, evict: Tensor, pos: Tensor, k_cache: Tensor, v_cache: Tensor,
-                 k_scale: Tensor, v_scale: Tensor, length: Tensor, slot_pos: Tensor, slot_marked: Tensor,
-                 win_slot: Tensor, overflow: Tensor, window: int) -> None:
-        _launch(k_new, v_new, evict, pos, k_cache, v_cache, k_scale, v_scale, length, slot_pos, slot_marked,
-                win_slot, overflow, window, wrap=torch.library.wrap_triton)
+    def _op_int8(
+        k_new: Tensor,
+        v_new: Tensor,
+        evict: Tensor,
+        pos: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        k_scale: Tensor,
+        v_scale: Tensor,
+        length: Tensor,
+        slot_pos: Tensor,
+        slot_marked: Tensor,
+        win_slot: Tensor,
+        overflow: Tensor,
+        window: int,
+    ) -> None:
+        _launch(
+            k_new,
+            v_new,
+            evict,
+            pos,
+            k_cache,
+            v_cache,
+            k_scale,
+            v_scale,
+            length,
+            slot_pos,
+            slot_marked,
+            win_slot,
+            overflow,
+            window,
+            wrap=torch.library.wrap_triton,
+        )
 
     _OP = torch.ops.dms_flex.decode_update
     _OP_INT8 = torch.ops.dms_flex.decode_update_int8
@@ -163,8 +272,9 @@ def decode_update(cache, k_new: Tensor, v_new: Tensor, evict_prev: Tensor, pos: 
     args = (cache.k, cache.v, cache.length, cache.slot_pos, cache.slot_marked, cache.win_slot, cache.overflow)
     if k_new.device.type == "cuda" and _OP is not None and not ta.interpreting():
         if cache.quantized:
-            _OP_INT8(k_new, v_new, evict_prev, pos, cache.k, cache.v, cache.k_scale, cache.v_scale, *args[2:],
-                     cache.window)
+            _OP_INT8(
+                k_new, v_new, evict_prev, pos, cache.k, cache.v, cache.k_scale, cache.v_scale, *args[2:], cache.window
+            )
         else:
             _OP(k_new, v_new, evict_prev, pos, *args, cache.window)
         return

@@ -44,9 +44,28 @@ _jit = ta._jit
 
 @_jit
 def _cache_inner(
-    acc, l_i, m_i, q, qpos, ck_base, cv_base, cks_base, cvs_base, sp_base, sm_base, length, window, qk_scale,
-    stride_ct, stride_st, offs_n, offs_d,
-    QUANT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+    acc,
+    l_i,
+    m_i,
+    q,
+    qpos,
+    ck_base,
+    cv_base,
+    cks_base,
+    cvs_base,
+    sp_base,
+    sm_base,
+    length,
+    window,
+    qk_scale,
+    stride_ct,
+    stride_st,
+    offs_n,
+    offs_d,
+    QUANT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Online softmax over the live cache slots [0, length) of one (row, KV head)."""
     for s0 in range(0, length, BLOCK_N):
@@ -81,18 +100,55 @@ def _cache_inner(
 
 @_jit
 def _prefill_kernel(
-    Q, K, V, LK, P0, CK, CV, CKS, CVS, SP, SM, CLEN, O,
-    stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    stride_lb, stride_lh, stride_lt,
-    stride_cb, stride_ch, stride_ct,
-    stride_sb, stride_sh, stride_st,
-    stride_ob, stride_oh, stride_ot,
-    T, Hq, Hkv, window, qk_scale,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_CACHE: tl.constexpr, QUANT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    STAGES: tl.constexpr, MASKED_STAGES: tl.constexpr,
+    Q,
+    K,
+    V,
+    LK,
+    P0,
+    CK,
+    CV,
+    CKS,
+    CVS,
+    SP,
+    SM,
+    CLEN,
+    O,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_lb,
+    stride_lh,
+    stride_lt,
+    stride_cb,
+    stride_ch,
+    stride_ct,
+    stride_sb,
+    stride_sh,
+    stride_st,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    T,
+    Hq,
+    Hkv,
+    window,
+    qk_scale,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_CACHE: tl.constexpr,
+    QUANT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    STAGES: tl.constexpr,
+    MASKED_STAGES: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # the longest rows start first
@@ -108,8 +164,11 @@ def _prefill_kernel(
     b64 = b.to(tl.int64)
     hk64 = hk.to(tl.int64)
 
-    q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=rmask[:, None], other=0.0)
+    q = tl.load(
+        Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+        mask=rmask[:, None],
+        other=0.0,
+    )
     if UPCAST:
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -121,33 +180,152 @@ def _prefill_kernel(
         length = tl.load(CLEN + b * Hkv + hk).to(tl.int32)
         c_off = b64 * stride_cb + hk64 * stride_ch
         s_off = b64 * stride_sb + hk64 * stride_sh
-        acc, l_i, m_i = _cache_inner(acc, l_i, m_i, q, qpos, CK + c_off, CV + c_off, CKS + s_off, CVS + s_off,
-                                     SP + s_off, SM + s_off, length, window, qk_scale, stride_ct, stride_st,
-                                     offs_n, offs_d, QUANT, UPCAST, IEEE, BLOCK_N)
+        acc, l_i, m_i = _cache_inner(
+            acc,
+            l_i,
+            m_i,
+            q,
+            qpos,
+            CK + c_off,
+            CV + c_off,
+            CKS + s_off,
+            CVS + s_off,
+            SP + s_off,
+            SM + s_off,
+            length,
+            window,
+            qk_scale,
+            stride_ct,
+            stride_st,
+            offs_n,
+            offs_d,
+            QUANT,
+            UPCAST,
+            IEEE,
+            BLOCK_N,
+        )
 
     k_base = K + b64 * stride_kb + hk64 * stride_kh
     v_base = V + b64 * stride_vb + hk64 * stride_vh
     lk_base = LK + b64 * stride_lb + hk64 * stride_lh
     # the chunk: the training kernel's block classes without documents (see train_attention.py)
-    lo, doc_end, s0, far1, band0, band1, near0, diag, hi = ta._key_ranges(LK, m0, T, window, BLOCK_M, BLOCK_N,
-                                                                          False)
-    acc, l_i, m_i = ta._fwd_inner(acc, l_i, m_i, q, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
-                                  offs_m, offs_n, offs_d, offs_m, s0, far1, T, window, qk_scale,
-                                  1, False, UPCAST, IEEE, BLOCK_N, STAGES)
-    acc, l_i, m_i = ta._fwd_inner(acc, l_i, m_i, q, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
-                                  offs_m, offs_n, offs_d, offs_m, band0, band1, T, window, qk_scale,
-                                  2, False, UPCAST, IEEE, BLOCK_N, MASKED_STAGES)
-    acc, l_i, m_i = ta._fwd_inner(acc, l_i, m_i, q, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
-                                  offs_m, offs_n, offs_d, offs_m, near0, diag, T, window, qk_scale,
-                                  0, False, UPCAST, IEEE, BLOCK_N, STAGES)
-    acc, l_i, m_i = ta._fwd_inner(acc, l_i, m_i, q, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
-                                  offs_m, offs_n, offs_d, offs_m, diag, hi, T, window, qk_scale,
-                                  2, False, UPCAST, IEEE, BLOCK_N, MASKED_STAGES)
+    lo, doc_end, s0, far1, band0, band1, near0, diag, hi = ta._key_ranges(LK, m0, T, window, BLOCK_M, BLOCK_N, False)
+    acc, l_i, m_i = ta._fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        lk_base,
+        stride_kt,
+        stride_vt,
+        stride_lt,
+        offs_m,
+        offs_n,
+        offs_d,
+        offs_m,
+        s0,
+        far1,
+        T,
+        window,
+        qk_scale,
+        1,
+        False,
+        UPCAST,
+        IEEE,
+        BLOCK_N,
+        STAGES,
+    )
+    acc, l_i, m_i = ta._fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        lk_base,
+        stride_kt,
+        stride_vt,
+        stride_lt,
+        offs_m,
+        offs_n,
+        offs_d,
+        offs_m,
+        band0,
+        band1,
+        T,
+        window,
+        qk_scale,
+        2,
+        False,
+        UPCAST,
+        IEEE,
+        BLOCK_N,
+        MASKED_STAGES,
+    )
+    acc, l_i, m_i = ta._fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        lk_base,
+        stride_kt,
+        stride_vt,
+        stride_lt,
+        offs_m,
+        offs_n,
+        offs_d,
+        offs_m,
+        near0,
+        diag,
+        T,
+        window,
+        qk_scale,
+        0,
+        False,
+        UPCAST,
+        IEEE,
+        BLOCK_N,
+        STAGES,
+    )
+    acc, l_i, m_i = ta._fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        lk_base,
+        stride_kt,
+        stride_vt,
+        stride_lt,
+        offs_m,
+        offs_n,
+        offs_d,
+        offs_m,
+        diag,
+        hi,
+        T,
+        window,
+        qk_scale,
+        2,
+        False,
+        UPCAST,
+        IEEE,
+        BLOCK_N,
+        MASKED_STAGES,
+    )
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(O + b64 * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=rmask[:, None])
+    tl.store(
+        O + b64 * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+        out.to(O.dtype.element_ty),
+        mask=rmask[:, None],
+    )
 
 
 def supported(q: Tensor) -> bool:
@@ -155,9 +333,19 @@ def supported(q: Tensor) -> bool:
     return ta.runs_here(q.device, q.shape[-1])
 
 
-def prefill_attention(q: Tensor, k: Tensor, v: Tensor, marked: Tensor, window: int, *,
-                      pos0: Optional[Tensor] = None, cache=None, scale: Optional[float] = None,
-                      cfg: Optional[dict] = None, poison: bool = False) -> Tensor:
+def prefill_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    marked: Tensor,
+    window: int,
+    *,
+    pos0: Optional[Tensor] = None,
+    cache=None,
+    scale: Optional[float] = None,
+    cfg: Optional[dict] = None,
+    poison: bool = False,
+) -> Tensor:
     """Hard-rule attention of a chunk of n new tokens over the cache's live slots and themselves.
 
     q (B, Hq, n, D); k, v (B, Hkv, n, D) post-RoPE, in the model dtype (an int8 cache's new tokens
@@ -169,12 +357,14 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, marked: Tensor, window: i
     B, Hq, n, D = q.shape
     Hkv = k.shape[1]
     if k.shape != (B, Hkv, n, D) or v.shape != k.shape or Hq % Hkv or tuple(marked.shape) != (B, Hkv, n):
-        raise ValueError(f"prefill_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
-                         f"marked {tuple(marked.shape)} disagree")
+        raise ValueError(
+            f"prefill_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+            f"marked {tuple(marked.shape)} disagree"
+        )
     ta._kernel_dtype_ok(q, k, v)
     interpret, (kern,) = ta._resolve(None, None, (_prefill_kernel,))
     q, k, v = ta._last_contig(q), ta._last_contig(k), ta._last_contig(v)
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = D**-0.5 if scale is None else float(scale)
     upcast = bool(interpret and q.dtype == torch.bfloat16)
     ieee = q.dtype == torch.float32 or upcast
     c = ta._cfg(cfg, D, q.dtype)
@@ -199,16 +389,56 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, marked: Tensor, window: i
         cks = cvs = sp = sm = log_keep
         clen = p0 = log_keep
     kern[(B * Hq, ta._cdiv(n, BM))](
-        q, k, v, log_keep, p0, ck, cv, cks, cvs, sp, sm, clen, out,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        log_keep.stride(0), log_keep.stride(1), log_keep.stride(2),
-        ck.stride(0), ck.stride(1), ck.stride(2),
-        sp.stride(0), sp.stride(1), sp.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        n, Hq, Hkv, int(window), scale * ta._LOG2E,
-        G=Hq // Hkv, D=D, BLOCK_M=BM, BLOCK_N=BN, HAS_CACHE=has_cache, QUANT=quant, UPCAST=upcast, IEEE=ieee,
-        STAGES=stages, MASKED_STAGES=min(stages, c["masked_stages"]), num_warps=warps, num_stages=stages,
+        q,
+        k,
+        v,
+        log_keep,
+        p0,
+        ck,
+        cv,
+        cks,
+        cvs,
+        sp,
+        sm,
+        clen,
+        out,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        log_keep.stride(0),
+        log_keep.stride(1),
+        log_keep.stride(2),
+        ck.stride(0),
+        ck.stride(1),
+        ck.stride(2),
+        sp.stride(0),
+        sp.stride(1),
+        sp.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        n,
+        Hq,
+        Hkv,
+        int(window),
+        scale * ta._LOG2E,
+        G=Hq // Hkv,
+        D=D,
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        HAS_CACHE=has_cache,
+        QUANT=quant,
+        UPCAST=upcast,
+        IEEE=ieee,
+        STAGES=stages,
+        MASKED_STAGES=min(stages, c["masked_stages"]),
+        num_warps=warps,
+        num_stages=stages,
     )
     return out

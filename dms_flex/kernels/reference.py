@@ -36,8 +36,9 @@ def dense_dms_attention(q, k, v, log_keep, window, *, doc_ids=None, scale=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
-                     scale: Optional[float] = None) -> torch.Tensor:
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: Optional[float] = None
+) -> torch.Tensor:
     """Reference attention with a (B, Hkv, Tq, S) boolean visibility mask, GQA by expansion."""
     group = q.shape[1] // k.shape[1]
     mask = visible.repeat_interleave(group, dim=1)
@@ -64,7 +65,7 @@ def decode_attention_dense(q: torch.Tensor, cache, scale: Optional[float] = None
         out = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype), attn_mask=live, scale=scale)
         return out.reshape(B, Hq, 1, D)
     # CPU: plain math (the CPU SDPA kernels are slow for one query row against a masked cache)
-    scale = D ** -0.5 if scale is None else scale
+    scale = D**-0.5 if scale is None else scale
     scores = (qg.float() @ k.float().transpose(-1, -2)) * scale
     probs = torch.softmax(scores.masked_fill(~live, float("-inf")), dim=-1).nan_to_num(0.0)
     return (probs @ v.float()).reshape(B, Hq, 1, D).to(q.dtype)
@@ -82,7 +83,7 @@ def _decode_attention_cpu(q: torch.Tensor, cache, scale: Optional[float] = None)
     k, v = cache._read(n, q.dtype)
     k = k.reshape(B * H, n, D).float()
     v = v.reshape(B * H, n, D).float()
-    scale = D ** -0.5 if scale is None else scale
+    scale = D**-0.5 if scale is None else scale
     scores = torch.bmm(q.reshape(B * H, Hq // H, D).float(), k.transpose(1, 2)).mul_(scale)
     if lo < n:
         scores.masked_fill_(torch.arange(n, device=q.device) >= cache.length.view(B * H, 1, 1), float("-inf"))

@@ -258,10 +258,31 @@ def _query_ranges(DE_b, n0, T, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.conste
 
 @_jit
 def _fwd_inner(
-    acc, l_i, m_i, q, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
-    offs_m, offs_n, offs_d, ds_rows, lo, hi, T, window, qk_scale,
-    MODE: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    lk_base,
+    stride_kt,
+    stride_vt,
+    stride_lt,
+    offs_m,
+    offs_n,
+    offs_d,
+    ds_rows,
+    lo,
+    hi,
+    T,
+    window,
+    qk_scale,
+    MODE: tl.constexpr,
+    HAS_DOC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         cols = start_n + offs_n
@@ -306,16 +327,43 @@ def _fwd_inner(
 
 @_jit
 def _fwd_kernel(
-    Q, K, V, LK, DS, O, LSE, CNT,
-    stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    stride_lb, stride_lh, stride_lt,
-    stride_ob, stride_oh, stride_ot,
-    T, Hq, window, qk_scale,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    STAGES: tl.constexpr, MASKED_STAGES: tl.constexpr, COUNT: tl.constexpr,
+    Q,
+    K,
+    V,
+    LK,
+    DS,
+    O,
+    LSE,
+    CNT,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_lb,
+    stride_lh,
+    stride_lt,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    T,
+    Hq,
+    window,
+    qk_scale,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_DOC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    STAGES: tl.constexpr,
+    MASKED_STAGES: tl.constexpr,
+    COUNT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # the longest rows start first
@@ -330,8 +378,11 @@ def _fwd_kernel(
     rmask = offs_m < T
     b64 = b.to(tl.int64)
 
-    q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=rmask[:, None], other=0.0)
+    q = tl.load(
+        Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+        mask=rmask[:, None],
+        other=0.0,
+    )
     if UPCAST:
         q = q.to(tl.float32)
     k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
@@ -342,8 +393,7 @@ def _fwd_kernel(
         ds_rows = tl.load(DS_b + offs_m, mask=rmask, other=0)
     else:
         ds_rows = offs_m  # unused
-    lo, doc_end, s0, far1, band0, band1, near0, diag, hi = _key_ranges(DS_b, m0, T, window, BLOCK_M, BLOCK_N,
-                                                                       HAS_DOC)
+    lo, doc_end, s0, far1, band0, band1, near0, diag, hi = _key_ranges(DS_b, m0, T, window, BLOCK_M, BLOCK_N, HAS_DOC)
     if COUNT:
         _count(CNT, 0, lo, doc_end, BLOCK_N, 1)
         _count(CNT, 1, s0, far1, BLOCK_N, 1)
@@ -355,36 +405,167 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     if HAS_DOC:
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
-                                   offs_m, offs_n, offs_d, ds_rows, lo, doc_end, T, window, qk_scale,
-                                   2, HAS_DOC, UPCAST, IEEE, BLOCK_N, MASKED_STAGES)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
-                               offs_m, offs_n, offs_d, ds_rows, s0, far1, T, window, qk_scale,
-                               1, HAS_DOC, UPCAST, IEEE, BLOCK_N, STAGES)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
-                               offs_m, offs_n, offs_d, ds_rows, band0, band1, T, window, qk_scale,
-                               2, HAS_DOC, UPCAST, IEEE, BLOCK_N, MASKED_STAGES)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
-                               offs_m, offs_n, offs_d, ds_rows, near0, diag, T, window, qk_scale,
-                               0, HAS_DOC, UPCAST, IEEE, BLOCK_N, STAGES)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
-                               offs_m, offs_n, offs_d, ds_rows, diag, hi, T, window, qk_scale,
-                               2, HAS_DOC, UPCAST, IEEE, BLOCK_N, MASKED_STAGES)
+        acc, l_i, m_i = _fwd_inner(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            lk_base,
+            stride_kt,
+            stride_vt,
+            stride_lt,
+            offs_m,
+            offs_n,
+            offs_d,
+            ds_rows,
+            lo,
+            doc_end,
+            T,
+            window,
+            qk_scale,
+            2,
+            HAS_DOC,
+            UPCAST,
+            IEEE,
+            BLOCK_N,
+            MASKED_STAGES,
+        )
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        lk_base,
+        stride_kt,
+        stride_vt,
+        stride_lt,
+        offs_m,
+        offs_n,
+        offs_d,
+        ds_rows,
+        s0,
+        far1,
+        T,
+        window,
+        qk_scale,
+        1,
+        HAS_DOC,
+        UPCAST,
+        IEEE,
+        BLOCK_N,
+        STAGES,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        lk_base,
+        stride_kt,
+        stride_vt,
+        stride_lt,
+        offs_m,
+        offs_n,
+        offs_d,
+        ds_rows,
+        band0,
+        band1,
+        T,
+        window,
+        qk_scale,
+        2,
+        HAS_DOC,
+        UPCAST,
+        IEEE,
+        BLOCK_N,
+        MASKED_STAGES,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        lk_base,
+        stride_kt,
+        stride_vt,
+        stride_lt,
+        offs_m,
+        offs_n,
+        offs_d,
+        ds_rows,
+        near0,
+        diag,
+        T,
+        window,
+        qk_scale,
+        0,
+        HAS_DOC,
+        UPCAST,
+        IEEE,
+        BLOCK_N,
+        STAGES,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        lk_base,
+        stride_kt,
+        stride_vt,
+        stride_lt,
+        offs_m,
+        offs_n,
+        offs_d,
+        ds_rows,
+        diag,
+        hi,
+        T,
+        window,
+        qk_scale,
+        2,
+        HAS_DOC,
+        UPCAST,
+        IEEE,
+        BLOCK_N,
+        MASKED_STAGES,
+    )
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # only rows past T can be empty
     out = acc / l_safe[:, None]
-    tl.store(O + b64 * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=rmask[:, None])
+    tl.store(
+        O + b64 * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+        out.to(O.dtype.element_ty),
+        mask=rmask[:, None],
+    )
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_safe), mask=rmask)
 
 
 @_jit
 def _bwd_preprocess(
-    O, DO, DELTA,
-    stride_ob, stride_oh, stride_ot,
-    stride_db, stride_dh, stride_dt,
-    T, Hq,
-    D: tl.constexpr, BLOCK_M: tl.constexpr,
+    O,
+    DO,
+    DELTA,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_db,
+    stride_dh,
+    stride_dt,
+    T,
+    Hq,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     b = (pid_bh // Hq).to(tl.int64)
@@ -392,19 +573,56 @@ def _bwd_preprocess(
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     rmask = offs_m < T
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
-                mask=rmask[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :],
-                 mask=rmask[:, None], other=0.0).to(tl.float32)
+    o = tl.load(
+        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+        mask=rmask[:, None],
+        other=0.0,
+    ).to(tl.float32)
+    do = tl.load(
+        DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :],
+        mask=rmask[:, None],
+        other=0.0,
+    ).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=rmask)
 
 
 @_jit
 def _dkdv_inner(
-    dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, DQA_b, stride_qh, stride_qt, stride_doh, stride_dot,
-    h0, offs_n, offs_m0, offs_d, lo, hi, T, window, qk_scale, sm_scale,
-    MODE: tl.constexpr, G: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, STAGES: tl.constexpr, DQ_ATOMIC: tl.constexpr, D: tl.constexpr,
+    dk,
+    dv,
+    dlk,
+    k,
+    v,
+    bias,
+    Q_b,
+    DO_b,
+    LSE_b,
+    DELTA_b,
+    DS_b,
+    DQA_b,
+    stride_qh,
+    stride_qt,
+    stride_doh,
+    stride_dot,
+    h0,
+    offs_n,
+    offs_m0,
+    offs_d,
+    lo,
+    hi,
+    T,
+    window,
+    qk_scale,
+    sm_scale,
+    MODE: tl.constexpr,
+    G: tl.constexpr,
+    HAS_DOC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    STAGES: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr,
+    D: tl.constexpr,
 ):
     # Transposed tiles: rows = the program's keys (BLOCK_N), columns = query rows (BLOCK_M).
     # Query rows past T load as zeros (q, dO, lse, delta): every term they add is 0.
@@ -444,8 +662,9 @@ def _dkdv_inner(
         dk += _dot(ds_c, tl.trans(qT), IEEE)
         if DQ_ATOMIC:  # dQ rows += dS @ K into an fp32 buffer (relaxed atomics: no fences)
             dq_part = _dot(tl.trans(ds_c), k, IEEE) * sm_scale
-            tl.atomic_add(DQA_b + h * T * D + rows[:, None] * D + offs_d[None, :], dq_part,
-                          mask=rmask[:, None], sem="relaxed")
+            tl.atomic_add(
+                DQA_b + h * T * D + rows[:, None] * D + offs_d[None, :], dq_part, mask=rmask[:, None], sem="relaxed"
+            )
         # d log_keep_j = sum over far (i, h) of dS_ij: a register reduction, stored once per block
         if MODE == 1:
             dlk += tl.sum(dsT, 1)
@@ -456,18 +675,57 @@ def _dkdv_inner(
 
 @_jit
 def _dkdv_kernel(
-    Q, K, V, LK, DS, DE, DO, LSE, DELTA, DK, DV, DLK, DQA, CNT,
-    stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    stride_lb, stride_lh, stride_lt,
-    stride_dob, stride_doh, stride_dot,
-    stride_dkb, stride_dkh, stride_dkt,
-    stride_dvb, stride_dvh, stride_dvt,
-    T, Hkv, window, qk_scale, sm_scale,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    STAGES: tl.constexpr, MASKED_STAGES: tl.constexpr, COUNT: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    Q,
+    K,
+    V,
+    LK,
+    DS,
+    DE,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    DLK,
+    DQA,
+    CNT,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_lb,
+    stride_lh,
+    stride_lt,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    stride_dkb,
+    stride_dkh,
+    stride_dkt,
+    stride_dvb,
+    stride_dvh,
+    stride_dvt,
+    T,
+    Hkv,
+    window,
+    qk_scale,
+    sm_scale,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_DOC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    STAGES: tl.constexpr,
+    MASKED_STAGES: tl.constexpr,
+    COUNT: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N  # the first key blocks see the most query blocks: launched first
@@ -481,19 +739,30 @@ def _dkdv_kernel(
     offs_d = tl.arange(0, D)
     nmask = offs_n < T
 
-    k = tl.load(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
-                mask=nmask[:, None], other=0.0)
-    v = tl.load(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
-                mask=nmask[:, None], other=0.0)
+    k = tl.load(
+        K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+        mask=nmask[:, None],
+        other=0.0,
+    )
+    v = tl.load(
+        V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+        mask=nmask[:, None],
+        other=0.0,
+    )
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    bias = tl.load(LK + b64 * stride_lb + hk.to(tl.int64) * stride_lh + offs_n * stride_lt,
-                   mask=nmask, other=0.0).to(tl.float32) * 1.4426950408889634
+    bias = (
+        tl.load(LK + b64 * stride_lb + hk.to(tl.int64) * stride_lh + offs_n * stride_lt, mask=nmask, other=0.0).to(
+            tl.float32
+        )
+        * 1.4426950408889634
+    )
 
     DS_b = DS + b64 * T
     q_lo, diag1, diag_end, near1, band0, band1, far0, top, doc0, q_hi = _query_ranges(
-        DE + b64 * T, n0, T, window, BLOCK_M, BLOCK_N, HAS_DOC)
+        DE + b64 * T, n0, T, window, BLOCK_M, BLOCK_N, HAS_DOC
+    )
     if COUNT:
         _count(CNT, 3, q_lo, diag1, BLOCK_M, G)
         _count(CNT, 5, diag_end, near1, BLOCK_M, G)
@@ -512,42 +781,235 @@ def _dkdv_kernel(
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dlk = tl.zeros([BLOCK_N], dtype=tl.float32)
     # (the argument lists differ only in the range and the mode)
-    dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, DQA_b, stride_qh,
-                              stride_qt, stride_doh, stride_dot, h0, offs_n, offs_m0, offs_d, q_lo, diag1,
-                              T, window, qk_scale, sm_scale,
-                              2, G, HAS_DOC, UPCAST, IEEE, BLOCK_M, MASKED_STAGES, DQ_ATOMIC, D)
-    dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, DQA_b, stride_qh,
-                              stride_qt, stride_doh, stride_dot, h0, offs_n, offs_m0, offs_d, diag_end, near1,
-                              T, window, qk_scale, sm_scale,
-                              0, G, HAS_DOC, UPCAST, IEEE, BLOCK_M, STAGES, DQ_ATOMIC, D)
-    dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, DQA_b, stride_qh,
-                              stride_qt, stride_doh, stride_dot, h0, offs_n, offs_m0, offs_d, band0, band1,
-                              T, window, qk_scale, sm_scale,
-                              2, G, HAS_DOC, UPCAST, IEEE, BLOCK_M, MASKED_STAGES, DQ_ATOMIC, D)
-    dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, DQA_b, stride_qh,
-                              stride_qt, stride_doh, stride_dot, h0, offs_n, offs_m0, offs_d, far0, top,
-                              T, window, qk_scale, sm_scale,
-                              1, G, HAS_DOC, UPCAST, IEEE, BLOCK_M, STAGES, DQ_ATOMIC, D)
+    dk, dv, dlk = _dkdv_inner(
+        dk,
+        dv,
+        dlk,
+        k,
+        v,
+        bias,
+        Q_b,
+        DO_b,
+        LSE_b,
+        DELTA_b,
+        DS_b,
+        DQA_b,
+        stride_qh,
+        stride_qt,
+        stride_doh,
+        stride_dot,
+        h0,
+        offs_n,
+        offs_m0,
+        offs_d,
+        q_lo,
+        diag1,
+        T,
+        window,
+        qk_scale,
+        sm_scale,
+        2,
+        G,
+        HAS_DOC,
+        UPCAST,
+        IEEE,
+        BLOCK_M,
+        MASKED_STAGES,
+        DQ_ATOMIC,
+        D,
+    )
+    dk, dv, dlk = _dkdv_inner(
+        dk,
+        dv,
+        dlk,
+        k,
+        v,
+        bias,
+        Q_b,
+        DO_b,
+        LSE_b,
+        DELTA_b,
+        DS_b,
+        DQA_b,
+        stride_qh,
+        stride_qt,
+        stride_doh,
+        stride_dot,
+        h0,
+        offs_n,
+        offs_m0,
+        offs_d,
+        diag_end,
+        near1,
+        T,
+        window,
+        qk_scale,
+        sm_scale,
+        0,
+        G,
+        HAS_DOC,
+        UPCAST,
+        IEEE,
+        BLOCK_M,
+        STAGES,
+        DQ_ATOMIC,
+        D,
+    )
+    dk, dv, dlk = _dkdv_inner(
+        dk,
+        dv,
+        dlk,
+        k,
+        v,
+        bias,
+        Q_b,
+        DO_b,
+        LSE_b,
+        DELTA_b,
+        DS_b,
+        DQA_b,
+        stride_qh,
+        stride_qt,
+        stride_doh,
+        stride_dot,
+        h0,
+        offs_n,
+        offs_m0,
+        offs_d,
+        band0,
+        band1,
+        T,
+        window,
+        qk_scale,
+        sm_scale,
+        2,
+        G,
+        HAS_DOC,
+        UPCAST,
+        IEEE,
+        BLOCK_M,
+        MASKED_STAGES,
+        DQ_ATOMIC,
+        D,
+    )
+    dk, dv, dlk = _dkdv_inner(
+        dk,
+        dv,
+        dlk,
+        k,
+        v,
+        bias,
+        Q_b,
+        DO_b,
+        LSE_b,
+        DELTA_b,
+        DS_b,
+        DQA_b,
+        stride_qh,
+        stride_qt,
+        stride_doh,
+        stride_dot,
+        h0,
+        offs_n,
+        offs_m0,
+        offs_d,
+        far0,
+        top,
+        T,
+        window,
+        qk_scale,
+        sm_scale,
+        1,
+        G,
+        HAS_DOC,
+        UPCAST,
+        IEEE,
+        BLOCK_M,
+        STAGES,
+        DQ_ATOMIC,
+        D,
+    )
     if HAS_DOC:
-        dk, dv, dlk = _dkdv_inner(dk, dv, dlk, k, v, bias, Q_b, DO_b, LSE_b, DELTA_b, DS_b, DQA_b, stride_qh,
-                                  stride_qt, stride_doh, stride_dot, h0, offs_n, offs_m0, offs_d, doc0, q_hi,
-                                  T, window, qk_scale, sm_scale,
-                                  2, G, HAS_DOC, UPCAST, IEEE, BLOCK_M, MASKED_STAGES, DQ_ATOMIC, D)
+        dk, dv, dlk = _dkdv_inner(
+            dk,
+            dv,
+            dlk,
+            k,
+            v,
+            bias,
+            Q_b,
+            DO_b,
+            LSE_b,
+            DELTA_b,
+            DS_b,
+            DQA_b,
+            stride_qh,
+            stride_qt,
+            stride_doh,
+            stride_dot,
+            h0,
+            offs_n,
+            offs_m0,
+            offs_d,
+            doc0,
+            q_hi,
+            T,
+            window,
+            qk_scale,
+            sm_scale,
+            2,
+            G,
+            HAS_DOC,
+            UPCAST,
+            IEEE,
+            BLOCK_M,
+            MASKED_STAGES,
+            DQ_ATOMIC,
+            D,
+        )
 
     dk = dk * sm_scale
-    tl.store(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=nmask[:, None])
-    tl.store(DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=nmask[:, None])
+    tl.store(
+        DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=nmask[:, None],
+    )
+    tl.store(
+        DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=nmask[:, None],
+    )
     tl.store(DLK + pid_bh.to(tl.int64) * T + offs_n, dlk, mask=nmask)
 
 
 @_jit
 def _dq_inner(
-    dq, q, do, lse, Di, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
-    offs_m, offs_n, offs_d, ds_rows, lo, hi, T, window, qk_scale,
-    MODE: tl.constexpr, HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+    dq,
+    q,
+    do,
+    lse,
+    Di,
+    k_base,
+    v_base,
+    lk_base,
+    stride_kt,
+    stride_vt,
+    stride_lt,
+    offs_m,
+    offs_n,
+    offs_d,
+    ds_rows,
+    lo,
+    hi,
+    T,
+    window,
+    qk_scale,
+    MODE: tl.constexpr,
+    HAS_DOC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         cols = start_n + offs_n
@@ -583,17 +1045,49 @@ def _dq_inner(
 
 @_jit
 def _dq_kernel(
-    Q, K, V, LK, DS, DO, LSE, DELTA, DQ, CNT,
-    stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    stride_lb, stride_lh, stride_lt,
-    stride_dob, stride_doh, stride_dot,
-    stride_dqb, stride_dqh, stride_dqt,
-    T, Hq, window, qk_scale, sm_scale,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_DOC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    STAGES: tl.constexpr, MASKED_STAGES: tl.constexpr, COUNT: tl.constexpr,
+    Q,
+    K,
+    V,
+    LK,
+    DS,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    CNT,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_lb,
+    stride_lh,
+    stride_lt,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    stride_dqb,
+    stride_dqh,
+    stride_dqt,
+    T,
+    Hq,
+    window,
+    qk_scale,
+    sm_scale,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_DOC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    STAGES: tl.constexpr,
+    MASKED_STAGES: tl.constexpr,
+    COUNT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -610,10 +1104,16 @@ def _dq_kernel(
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
 
-    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=rmask[:, None], other=0.0)
-    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                 mask=rmask[:, None], other=0.0)
+    q = tl.load(
+        Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+        mask=rmask[:, None],
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+        mask=rmask[:, None],
+        other=0.0,
+    )
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -627,8 +1127,7 @@ def _dq_kernel(
         ds_rows = tl.load(DS_b + offs_m, mask=rmask, other=0)
     else:
         ds_rows = offs_m  # unused
-    lo, doc_end, s0, far1, band0, band1, near0, diag, hi = _key_ranges(DS_b, m0, T, window, BLOCK_M, BLOCK_N,
-                                                                       HAS_DOC)
+    lo, doc_end, s0, far1, band0, band1, near0, diag, hi = _key_ranges(DS_b, m0, T, window, BLOCK_M, BLOCK_N, HAS_DOC)
     if COUNT:
         _count(CNT, 6, lo, doc_end, BLOCK_N, 1)
         _count(CNT, 7, s0, far1, BLOCK_N, 1)
@@ -638,24 +1137,152 @@ def _dq_kernel(
 
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     if HAS_DOC:
-        dq = _dq_inner(dq, q, do, lse, Di, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
-                       offs_m, offs_n, offs_d, ds_rows, lo, doc_end, T, window, qk_scale,
-                       2, HAS_DOC, UPCAST, IEEE, BLOCK_N, MASKED_STAGES)
-    dq = _dq_inner(dq, q, do, lse, Di, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
-                   offs_m, offs_n, offs_d, ds_rows, s0, far1, T, window, qk_scale,
-                   1, HAS_DOC, UPCAST, IEEE, BLOCK_N, STAGES)
-    dq = _dq_inner(dq, q, do, lse, Di, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
-                   offs_m, offs_n, offs_d, ds_rows, band0, band1, T, window, qk_scale,
-                   2, HAS_DOC, UPCAST, IEEE, BLOCK_N, MASKED_STAGES)
-    dq = _dq_inner(dq, q, do, lse, Di, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
-                   offs_m, offs_n, offs_d, ds_rows, near0, diag, T, window, qk_scale,
-                   0, HAS_DOC, UPCAST, IEEE, BLOCK_N, STAGES)
-    dq = _dq_inner(dq, q, do, lse, Di, k_base, v_base, lk_base, stride_kt, stride_vt, stride_lt,
-                   offs_m, offs_n, offs_d, ds_rows, diag, hi, T, window, qk_scale,
-                   2, HAS_DOC, UPCAST, IEEE, BLOCK_N, MASKED_STAGES)
+        dq = _dq_inner(
+            dq,
+            q,
+            do,
+            lse,
+            Di,
+            k_base,
+            v_base,
+            lk_base,
+            stride_kt,
+            stride_vt,
+            stride_lt,
+            offs_m,
+            offs_n,
+            offs_d,
+            ds_rows,
+            lo,
+            doc_end,
+            T,
+            window,
+            qk_scale,
+            2,
+            HAS_DOC,
+            UPCAST,
+            IEEE,
+            BLOCK_N,
+            MASKED_STAGES,
+        )
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        Di,
+        k_base,
+        v_base,
+        lk_base,
+        stride_kt,
+        stride_vt,
+        stride_lt,
+        offs_m,
+        offs_n,
+        offs_d,
+        ds_rows,
+        s0,
+        far1,
+        T,
+        window,
+        qk_scale,
+        1,
+        HAS_DOC,
+        UPCAST,
+        IEEE,
+        BLOCK_N,
+        STAGES,
+    )
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        Di,
+        k_base,
+        v_base,
+        lk_base,
+        stride_kt,
+        stride_vt,
+        stride_lt,
+        offs_m,
+        offs_n,
+        offs_d,
+        ds_rows,
+        band0,
+        band1,
+        T,
+        window,
+        qk_scale,
+        2,
+        HAS_DOC,
+        UPCAST,
+        IEEE,
+        BLOCK_N,
+        MASKED_STAGES,
+    )
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        Di,
+        k_base,
+        v_base,
+        lk_base,
+        stride_kt,
+        stride_vt,
+        stride_lt,
+        offs_m,
+        offs_n,
+        offs_d,
+        ds_rows,
+        near0,
+        diag,
+        T,
+        window,
+        qk_scale,
+        0,
+        HAS_DOC,
+        UPCAST,
+        IEEE,
+        BLOCK_N,
+        STAGES,
+    )
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        Di,
+        k_base,
+        v_base,
+        lk_base,
+        stride_kt,
+        stride_vt,
+        stride_lt,
+        offs_m,
+        offs_n,
+        offs_d,
+        ds_rows,
+        diag,
+        hi,
+        T,
+        window,
+        qk_scale,
+        2,
+        HAS_DOC,
+        UPCAST,
+        IEEE,
+        BLOCK_N,
+        MASKED_STAGES,
+    )
     dq = dq * sm_scale
-    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
+    tl.store(
+        DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=rmask[:, None],
+    )
 
 
 def _is_interpreted(kernel) -> bool:
@@ -691,13 +1318,17 @@ def _cdiv(a: int, b: int) -> int:
 
 def _check(q, k, v, log_keep):
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"expected q (B, Hq, T, D) and k, v (B, Hkv, T, D); got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"expected q (B, Hq, T, D) and k, v (B, Hkv, T, D); got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D or Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree (batch, length, head dim, "
-                         f"or query heads not a multiple of KV heads)")
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree (batch, length, head dim, "
+            f"or query heads not a multiple of KV heads)"
+        )
     if tuple(log_keep.shape) != (B, Hkv, T):
         raise ValueError(f"log_keep must be (B, Hkv, T) = {(B, Hkv, T)}, got {tuple(log_keep.shape)}")
     return B, Hq, Hkv, T, D
@@ -726,7 +1357,8 @@ def _resolve(interpret, wrap, kernels):
     if bool(interpret) != is_interp:
         raise RuntimeError(
             "Triton's CPU interpreter needs TRITON_INTERPRET=1 in the environment before triton is "
-            "first imported; CUDA launches need it unset.")
+            "first imported; CUDA launches need it unset."
+        )
     if wrap is not None and not interpret:
         return interpret, [wrap(kern) for kern in kernels]
     return interpret, list(kernels)
@@ -739,8 +1371,21 @@ def _cfg(cfg, D, dtype):
     return base
 
 
-def _launch_fwd(q, k, v, log_keep, doc_start, window: int, scale: float, *, cfg=None, wrap=None,
-                interpret=None, poison=False, counts=None):
+def _launch_fwd(
+    q,
+    k,
+    v,
+    log_keep,
+    doc_start,
+    window: int,
+    scale: float,
+    *,
+    cfg=None,
+    wrap=None,
+    interpret=None,
+    poison=False,
+    counts=None,
+):
     """Forward kernel -> (out, lse). cfg overrides `default_config` entries; poison fills the
     outputs with NaN first (tests: every element must be written); counts: an int32 (9,) tensor
     receiving the per-class block counts (tests)."""
@@ -761,22 +1406,68 @@ def _launch_fwd(q, k, v, log_keep, doc_start, window: int, scale: float, *, cfg=
     ds = doc_start if has_doc else lse  # unused placeholder
     cnt = counts if counts is not None else lse
     fwd[(B * Hq, _cdiv(T, BM))](
-        q, k, v, log_keep, ds, out, lse, cnt,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        log_keep.stride(0), log_keep.stride(1), log_keep.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        T, Hq, int(window), float(scale) * _LOG2E,
-        G=Hq // Hkv, D=D, BLOCK_M=BM, BLOCK_N=BN, HAS_DOC=has_doc, UPCAST=upcast, IEEE=ieee,
-        STAGES=stages, MASKED_STAGES=min(stages, c["masked_stages"]), COUNT=counts is not None,
-        num_warps=warps, num_stages=stages,
+        q,
+        k,
+        v,
+        log_keep,
+        ds,
+        out,
+        lse,
+        cnt,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        log_keep.stride(0),
+        log_keep.stride(1),
+        log_keep.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        T,
+        Hq,
+        int(window),
+        float(scale) * _LOG2E,
+        G=Hq // Hkv,
+        D=D,
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        HAS_DOC=has_doc,
+        UPCAST=upcast,
+        IEEE=ieee,
+        STAGES=stages,
+        MASKED_STAGES=min(stages, c["masked_stages"]),
+        COUNT=counts is not None,
+        num_warps=warps,
+        num_stages=stages,
     )
     return out, lse
 
 
-def _launch_bwd(do, q, k, v, log_keep, doc_start, doc_end, out, lse, window: int, scale: float, *, cfg=None,
-                wrap=None, interpret=None, poison=False, counts=None):
+def _launch_bwd(
+    do,
+    q,
+    k,
+    v,
+    log_keep,
+    doc_start,
+    doc_end,
+    out,
+    lse,
+    window: int,
+    scale: float,
+    *,
+    cfg=None,
+    wrap=None,
+    interpret=None,
+    poison=False,
+    counts=None,
+):
     """Backward kernels -> (dq, dk, dv, dlog_keep fp32). Keywords as in `_launch_fwd`."""
     B, Hq, Hkv, T, D = _check(q, k, v, log_keep)
     _kernel_dtype_ok(q, k, v)
@@ -813,41 +1504,127 @@ def _launch_bwd(do, q, k, v, log_keep, doc_start, doc_end, out, lse, window: int
 
     BMp = 64
     pre[(B * Hq, _cdiv(T, BMp))](
-        out, do, delta,
-        out.stride(0), out.stride(1), out.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        T, Hq, D=D, BLOCK_M=BMp, num_warps=4, num_stages=1,
+        out,
+        do,
+        delta,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        do.stride(0),
+        do.stride(1),
+        do.stride(2),
+        T,
+        Hq,
+        D=D,
+        BLOCK_M=BMp,
+        num_warps=4,
+        num_stages=1,
     )
     BM1, BN1, w1, s1 = c["dkdv"]
     dkdv[(B * Hkv, _cdiv(T, BN1))](
-        q, k, v, log_keep, ds, de, do, lse, delta, dk, dv, dlk, dqa, cnt,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        log_keep.stride(0), log_keep.stride(1), log_keep.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        T, Hkv, int(window), float(scale) * _LOG2E, float(scale),
-        G=G, D=D, BLOCK_M=BM1, BLOCK_N=BN1, HAS_DOC=has_doc, UPCAST=upcast, IEEE=ieee,
-        STAGES=s1, MASKED_STAGES=min(s1, c["masked_stages"]), COUNT=counts is not None, DQ_ATOMIC=dq_atomic,
-        num_warps=w1, num_stages=s1,
+        q,
+        k,
+        v,
+        log_keep,
+        ds,
+        de,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        dlk,
+        dqa,
+        cnt,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        log_keep.stride(0),
+        log_keep.stride(1),
+        log_keep.stride(2),
+        do.stride(0),
+        do.stride(1),
+        do.stride(2),
+        dk.stride(0),
+        dk.stride(1),
+        dk.stride(2),
+        dv.stride(0),
+        dv.stride(1),
+        dv.stride(2),
+        T,
+        Hkv,
+        int(window),
+        float(scale) * _LOG2E,
+        float(scale),
+        G=G,
+        D=D,
+        BLOCK_M=BM1,
+        BLOCK_N=BN1,
+        HAS_DOC=has_doc,
+        UPCAST=upcast,
+        IEEE=ieee,
+        STAGES=s1,
+        MASKED_STAGES=min(s1, c["masked_stages"]),
+        COUNT=counts is not None,
+        DQ_ATOMIC=dq_atomic,
+        num_warps=w1,
+        num_stages=s1,
     )
     if dq_atomic:
         return dqa.to(q.dtype), dk, dv, dlk
     BM2, BN2, w2, s2 = c["dq"]
     dqk[(B * Hq, _cdiv(T, BM2))](
-        q, k, v, log_keep, ds, do, lse, delta, dq, cnt,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        log_keep.stride(0), log_keep.stride(1), log_keep.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        T, Hq, int(window), float(scale) * _LOG2E, float(scale),
-        G=G, D=D, BLOCK_M=BM2, BLOCK_N=BN2, HAS_DOC=has_doc, UPCAST=upcast, IEEE=ieee,
-        STAGES=s2, MASKED_STAGES=min(s2, c["masked_stages"]), COUNT=counts is not None,
-        num_warps=w2, num_stages=s2,
+        q,
+        k,
+        v,
+        log_keep,
+        ds,
+        do,
+        lse,
+        delta,
+        dq,
+        cnt,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        log_keep.stride(0),
+        log_keep.stride(1),
+        log_keep.stride(2),
+        do.stride(0),
+        do.stride(1),
+        do.stride(2),
+        dq.stride(0),
+        dq.stride(1),
+        dq.stride(2),
+        T,
+        Hq,
+        int(window),
+        float(scale) * _LOG2E,
+        float(scale),
+        G=G,
+        D=D,
+        BLOCK_M=BM2,
+        BLOCK_N=BN2,
+        HAS_DOC=has_doc,
+        UPCAST=upcast,
+        IEEE=ieee,
+        STAGES=s2,
+        MASKED_STAGES=min(s2, c["masked_stages"]),
+        COUNT=counts is not None,
+        num_warps=w2,
+        num_stages=s2,
     )
     return dq, dk, dv, dlk
 
@@ -859,17 +1636,40 @@ _FWD_OP = _BWD_OP = None
 if HAS_TRITON and hasattr(torch.library, "triton_op"):
 
     @torch.library.triton_op("dms_flex::dms_train_attention_fwd", mutates_args=())
-    def _fwd_op(q: Tensor, k: Tensor, v: Tensor, log_keep: Tensor, doc_start: Optional[Tensor], window: int,
-                scale: float) -> tuple[Tensor, Tensor]:
-        return _launch_fwd(q, k, v, log_keep, doc_start, window, scale, wrap=torch.library.wrap_triton,
-                           interpret=False)
+    def _fwd_op(
+        q: Tensor, k: Tensor, v: Tensor, log_keep: Tensor, doc_start: Optional[Tensor], window: int, scale: float
+    ) -> tuple[Tensor, Tensor]:
+        return _launch_fwd(q, k, v, log_keep, doc_start, window, scale, wrap=torch.library.wrap_triton, interpret=False)
 
     @torch.library.triton_op("dms_flex::dms_train_attention_bwd", mutates_args=())
-    def _bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, log_keep: Tensor, doc_start: Optional[Tensor],
-                doc_end: Optional[Tensor], out: Tensor, lse: Tensor, window: int,
-                scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return _launch_bwd(do, q, k, v, log_keep, doc_start, doc_end, out, lse, window, scale,
-                           wrap=torch.library.wrap_triton, interpret=False)
+    def _bwd_op(
+        do: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        log_keep: Tensor,
+        doc_start: Optional[Tensor],
+        doc_end: Optional[Tensor],
+        out: Tensor,
+        lse: Tensor,
+        window: int,
+        scale: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return _launch_bwd(
+            do,
+            q,
+            k,
+            v,
+            log_keep,
+            doc_start,
+            doc_end,
+            out,
+            lse,
+            window,
+            scale,
+            wrap=torch.library.wrap_triton,
+            interpret=False,
+        )
 
     _FWD_OP = torch.ops.dms_flex.dms_train_attention_fwd
     _BWD_OP = torch.ops.dms_flex.dms_train_attention_bwd
@@ -903,8 +1703,16 @@ class DMSTrainAttention(torch.autograd.Function):
         return dq, dk, dv, dlk, None, None, None, None
 
 
-def dms_train_attention(q: Tensor, k: Tensor, v: Tensor, log_keep: Tensor, window: int, *,
-                        doc_ids: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+def dms_train_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_keep: Tensor,
+    window: int,
+    *,
+    doc_ids: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+) -> Tensor:
     """DMS training attention (see the module docstring). q (B, Hq, T, D); k, v (B, Hkv, T, D);
     log_keep (B, Hkv, T) float32 (log(1 - alpha) of the decided token, may require grad);
     doc_ids (B, T) or None. Returns (B, Hq, T, D) in q's dtype.

@@ -33,9 +33,16 @@ class StateDictView:
 
 def checkpoint_weights(sd: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
     """The student's weights under their model names: base weights in `dtype`, DMS parameters in fp32."""
-    return {k.removeprefix("student."): (v.to(dtype) if v.is_floating_point() and not ckpt.is_extra_key(k)
-                                         else v.float() if v.is_floating_point() else v)
-            for k, v in sd.items()}
+    return {
+        k.removeprefix("student."): (
+            v.to(dtype)
+            if v.is_floating_point() and not ckpt.is_extra_key(k)
+            else v.float()
+            if v.is_floating_point()
+            else v
+        )
+        for k, v in sd.items()
+    }
 
 
 def checkpoint_hf_config(hf_config: Dict[str, Any], dms: DMSConfig, kv_int8: bool, base_weights: str) -> Dict[str, Any]:
@@ -48,8 +55,16 @@ def checkpoint_hf_config(hf_config: Dict[str, Any], dms: DMSConfig, kv_int8: boo
     return out
 
 
-def write_checkpoint(folder: Path, weights: Dict[str, torch.Tensor], hf_config: Dict[str, Any], family: str,
-                     tokenizer, state: Optional[Dict[str, Any]], record: Dict[str, Any], final: bool) -> None:
+def write_checkpoint(
+    folder: Path,
+    weights: Dict[str, torch.Tensor],
+    hf_config: Dict[str, Any],
+    family: str,
+    tokenizer,
+    state: Optional[Dict[str, Any]],
+    record: Dict[str, Any],
+    final: bool,
+) -> None:
     """One checkpoint folder, atomically: weights, config.json, tokenizer files, the run record and
     (step folders) the recipe state."""
     view = StateDictView(weights)
@@ -60,17 +75,29 @@ def write_checkpoint(folder: Path, weights: Dict[str, torch.Tensor], hf_config: 
         (tmp / RUN_RECORD).write_text(json.dumps(record, indent=1) + "\n")
 
     try:
-        ckpt.save_hf_checkpoint(view, hf_config, folder, family, extra_state=pretrained.dms_state_dict(view),
-                                tokenizer=tokenizer, extra_files=extra_files, carry_over=final)
+        ckpt.save_hf_checkpoint(
+            view,
+            hf_config,
+            folder,
+            family,
+            extra_state=pretrained.dms_state_dict(view),
+            tokenizer=tokenizer,
+            extra_files=extra_files,
+            carry_over=final,
+        )
     except ValueError as e:
         raise RecipeError(f"cannot save {folder}: {e}") from None
 
 
 def rng_state(noise: torch.Generator, device: torch.device) -> Dict[str, Any]:
     """Every random state a resumed run needs: the eviction noise, torch (CPU, CUDA), Python, NumPy."""
-    return {"noise": noise.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-            "python": random.getstate(), "numpy": np.random.get_state()}
+    return {
+        "noise": noise.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
 
 
 def restore_rng(rng: Dict[str, Any], noise: torch.Generator, device: torch.device) -> None:

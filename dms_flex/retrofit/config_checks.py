@@ -18,11 +18,39 @@ CONFIG_DIR = Path(dms_flex.__file__).resolve().parent / "configs"
 _CONFIG_NAME = None  # the bare name given to --config, for messages
 
 KNOWN_KEYS = {
-    "hf_repo", "checkpoint_dir", "model", "tokenizer", "dataset", "max_seq_len", "split_across_rows", "shuffle",
-    "seed", "dms", "train_adapter_only", "optimizer", "lr_scheduler", "clip_grad_norm", "batch_size",
-    "gradient_accumulation_steps", "max_steps", "dtype", "device", "enable_activation_checkpointing", "compile",
-    "kd_chunk_size", "kd_temperature", "log_lm_loss", "output_dir", "save_every_n_steps", "save_dtype",
-    "resume_from", "eval_batches", "metric_logger", "log_every_n_steps", "fsdp_reshard_after_forward", "quant",
+    "hf_repo",
+    "checkpoint_dir",
+    "model",
+    "tokenizer",
+    "dataset",
+    "max_seq_len",
+    "split_across_rows",
+    "shuffle",
+    "seed",
+    "dms",
+    "train_adapter_only",
+    "optimizer",
+    "lr_scheduler",
+    "clip_grad_norm",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "max_steps",
+    "dtype",
+    "device",
+    "enable_activation_checkpointing",
+    "compile",
+    "kd_chunk_size",
+    "kd_temperature",
+    "log_lm_loss",
+    "output_dir",
+    "save_every_n_steps",
+    "save_dtype",
+    "resume_from",
+    "eval_batches",
+    "metric_logger",
+    "log_every_n_steps",
+    "fsdp_reshard_after_forward",
+    "quant",
     "overwrite",
 }
 BASE_WEIGHT_QUANT = ("none", "int8", "nf4")
@@ -37,10 +65,23 @@ def validate_config(cfg: DictConfig) -> None:
     for key in cfg:
         node = cfg.get(key)
         if key not in KNOWN_KEYS and not (isinstance(node, DictConfig) and "_component_" in node):
-            raise RecipeError(f"unknown config key {key!r}; the recipe reads {sorted(KNOWN_KEYS)} (and building "
-                              f"blocks with a _component_)")
-    for key in ("tokenizer", "dataset", "optimizer", "metric_logger", "dms", "max_seq_len", "max_steps",
-                "batch_size", "gradient_accumulation_steps", "output_dir", "dtype"):
+            raise RecipeError(
+                f"unknown config key {key!r}; the recipe reads {sorted(KNOWN_KEYS)} (and building "
+                f"blocks with a _component_)"
+            )
+    for key in (
+        "tokenizer",
+        "dataset",
+        "optimizer",
+        "metric_logger",
+        "dms",
+        "max_seq_len",
+        "max_steps",
+        "batch_size",
+        "gradient_accumulation_steps",
+        "output_dir",
+        "dtype",
+    ):
         if cfg.get(key, None) is None:
             raise RecipeError(f"the config lacks {key!r}")
 
@@ -76,8 +117,10 @@ def quant_settings(cfg: DictConfig) -> Tuple[bool, str]:
         raise RecipeError("quant must be a mapping: {kv_int8: true|false, base_weights: none|int8|nf4}")
     unknown = sorted(set(q.keys()) - {"kv_int8", "base_weights"})
     if unknown:
-        raise RecipeError(f"unknown key(s) quant.{', quant.'.join(unknown)}; quant takes kv_int8 (true|false) and "
-                          f"base_weights ({'|'.join(BASE_WEIGHT_QUANT)})")
+        raise RecipeError(
+            f"unknown key(s) quant.{', quant.'.join(unknown)}; quant takes kv_int8 (true|false) and "
+            f"base_weights ({'|'.join(BASE_WEIGHT_QUANT)})"
+        )
     kv = q.get("kv_int8", False)
     if not isinstance(kv, bool):
         raise RecipeError(f"quant.kv_int8={kv!r} is invalid: it must be true or false")
@@ -92,34 +135,42 @@ def training_mode(cfg: DictConfig, dms: DMSConfig) -> Tuple[bool, bool, str]:
     """(train_adapter_only, quant.kv_int8, quant.base_weights), checked against dms.decision."""
     adapter_only = bool(cfg.get("train_adapter_only", False))
     if adapter_only and dms.decision != "adapter":
-        raise RecipeError("train_adapter_only=true needs dms.decision=adapter: the borrowed-neuron variant has "
-                          "no adapter, it always trains all weights")
+        raise RecipeError(
+            "train_adapter_only=true needs dms.decision=adapter: the borrowed-neuron variant has "
+            "no adapter, it always trains all weights"
+        )
     kv_int8, base_weights = quant_settings(cfg)
     if base_weights != "none" and not (adapter_only and dms.decision == "adapter"):
-        raise RecipeError(f"quant.base_weights={base_weights} quantizes a frozen base: it needs "
-                          f"train_adapter_only=true and dms.decision=adapter (got train_adapter_only="
-                          f"{str(adapter_only).lower()}, dms.decision={dms.decision})")
+        raise RecipeError(
+            f"quant.base_weights={base_weights} quantizes a frozen base: it needs "
+            f"train_adapter_only=true and dms.decision=adapter (got train_adapter_only="
+            f"{str(adapter_only).lower()}, dms.decision={dms.decision})"
+        )
     return adapter_only, kv_int8, base_weights
 
 
 def check_distributed(base_weights: str) -> None:
     if base_weights != "none":
-        raise RecipeError(f"quant.base_weights={base_weights} runs on one device (the adapter-only "
-                          f"retrofit of a quantized base is sized for one GPU); FSDP over several ranks shards "
-                          f"plain weights only: drop --nproc_per_node or set quant.base_weights=none")
+        raise RecipeError(
+            f"quant.base_weights={base_weights} runs on one device (the adapter-only "
+            f"retrofit of a quantized base is sized for one GPU); FSDP over several ranks shards "
+            f"plain weights only: drop --nproc_per_node or set quant.base_weights=none"
+        )
 
 
 def missing_weights_message(cfg: DictConfig, folder: Path) -> str:
     name = _CONFIG_NAME or "this config"
     repo = cfg.get("hf_repo", None) or "<organisation>/<model>"
-    return (f"config '{name}' expects the Hugging Face-format weights of {repo} in\n"
-            f"    {folder}\n"
-            f"but {'that folder has no config.json or weights' if folder.is_dir() else 'that folder does not exist'}.\n"
-            f"Get them (gated models need a Hugging Face token with access) with:\n"
-            f"    tune download {repo} --output-dir {folder} --hf-token $HF_TOKEN\n"
-            f"The folder must hold config.json, model*.safetensors (with model.safetensors.index.json when sharded) "
-            f"and the tokenizer files; Meta's original/ files that `tune download` adds are not used.\n"
-            f"Weights elsewhere: add checkpoint_dir=/path/to/folder to the command.")
+    return (
+        f"config '{name}' expects the Hugging Face-format weights of {repo} in\n"
+        f"    {folder}\n"
+        f"but {'that folder has no config.json or weights' if folder.is_dir() else 'that folder does not exist'}.\n"
+        f"Get them (gated models need a Hugging Face token with access) with:\n"
+        f"    tune download {repo} --output-dir {folder} --hf-token $HF_TOKEN\n"
+        f"The folder must hold config.json, model*.safetensors (with model.safetensors.index.json when sharded) "
+        f"and the tokenizer files; Meta's original/ files that `tune download` adds are not used.\n"
+        f"Weights elsewhere: add checkpoint_dir=/path/to/folder to the command."
+    )
 
 
 def check_weights_present(cfg: DictConfig) -> None:
@@ -190,8 +241,9 @@ def map_config_argument(argv: List[str]) -> List[str]:
             elif "/" in value or value.endswith((".yaml", ".yml")):
                 raise RecipeError(f"--config {value}: no such file")
             else:
-                raise RecipeError(f"--config {value}: not a file and not a packaged config; packaged: "
-                                  f"{', '.join(packaged_configs())}")
+                raise RecipeError(
+                    f"--config {value}: not a file and not a packaged config; packaged: {', '.join(packaged_configs())}"
+                )
             argv[j] = path if a == "--config" else f"--config={path}"
         break
     return argv

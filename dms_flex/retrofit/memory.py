@@ -35,23 +35,27 @@ def capacity_estimate(hf: Dict[str, Any], base_weights: str, dms: DMSConfig, cfg
     # left out; the chunked distillation holds two fp32 logit chunks of kd_chunk_size x vocab
     kd = 2 * 2 * int(cfg.get("kd_chunk_size", 1024)) * V * 4
     total = weights + optim + acts + kd
-    gib = 2 ** 30
-    return (f"ESTIMATE (not a measurement) of one device's memory for this adapter-only retrofit on a "
-            f"{base_weights} base: weights {weights / gib:.2f} GiB ({(linear + out_proj) / 1e9:.2f}B quantized "
-            f"linear params at ~{per_param:.2f} B/param + embeddings/norms in bf16); adapter {adapter:,} params, "
-            f"fp32 weights+grads+Adam {optim / 2**20:.1f} MiB; activations ~{acts / gib:.2f} GiB "
-            f"({tokens} tokens/micro-batch, bf16, activation checkpointing {'on' if ckpt_on else 'off'}); "
-            f"distillation logit chunks ~{kd / gib:.2f} GiB; total ~{total / gib:.1f} GiB before allocator and "
-            f"CUDA context overhead: a lower bound. Measured for SmolLM2-135M on an H200 (RESULTS.md 16), the "
-            f"real peak was ~1.5x this total in eager mode and ~1.25x with compile=true")
+    gib = 2**30
+    return (
+        f"ESTIMATE (not a measurement) of one device's memory for this adapter-only retrofit on a "
+        f"{base_weights} base: weights {weights / gib:.2f} GiB ({(linear + out_proj) / 1e9:.2f}B quantized "
+        f"linear params at ~{per_param:.2f} B/param + embeddings/norms in bf16); adapter {adapter:,} params, "
+        f"fp32 weights+grads+Adam {optim / 2**20:.1f} MiB; activations ~{acts / gib:.2f} GiB "
+        f"({tokens} tokens/micro-batch, bf16, activation checkpointing {'on' if ckpt_on else 'off'}); "
+        f"distillation logit chunks ~{kd / gib:.2f} GiB; total ~{total / gib:.1f} GiB before allocator and "
+        f"CUDA context overhead: a lower bound. Measured for SmolLM2-135M on an H200 (RESULTS.md 16), the "
+        f"real peak was ~1.5x this total in eager mode and ~1.25x with compile=true"
+    )
 
 
 def peak_memory(device: torch.device) -> Dict[str, float]:
     """Measured peak memory so far, in GiB: on CUDA the caching allocator's peak allocated and
     reserved bytes of this device; elsewhere the process's peak resident set size."""
     if device.type == "cuda":
-        return {"peak_cuda_allocated_GiB": torch.cuda.max_memory_allocated(device) / 2**30,
-                "peak_cuda_reserved_GiB": torch.cuda.max_memory_reserved(device) / 2**30}
+        return {
+            "peak_cuda_allocated_GiB": torch.cuda.max_memory_allocated(device) / 2**30,
+            "peak_cuda_reserved_GiB": torch.cuda.max_memory_reserved(device) / 2**30,
+        }
     import resource
 
     return {"peak_process_rss_GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
@@ -60,4 +64,5 @@ def peak_memory(device: torch.device) -> Dict[str, float]:
 def peak_memory_message(device: torch.device) -> str:
     mem = peak_memory(device)
     return "MEASURED peak memory of training on this rank: " + ", ".join(
-        f"{k.replace('peak_', '').replace('_GiB', '')} {v:.2f} GiB" for k, v in mem.items())
+        f"{k.replace('peak_', '').replace('_GiB', '')} {v:.2f} GiB" for k, v in mem.items()
+    )

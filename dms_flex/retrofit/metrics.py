@@ -13,8 +13,9 @@ from dms_flex.stats import CompressionReport, kept_fraction, plot_kept_heatmap
 from .memory import peak_memory
 
 
-def kept_tokens(evicted: List[torch.Tensor], doc_ids: torch.Tensor, valid: torch.Tensor,
-                window: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def kept_tokens(
+    evicted: List[torch.Tensor], doc_ids: torch.Tensor, valid: torch.Tensor, window: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(L, Hkv) tokens a cache would still hold at the end of each document, summed over the
     documents of the batch, and the number of tokens seen. Each packed document is its own sequence
     (stats.kept_fraction per document), so CR = total / kept."""
@@ -38,13 +39,30 @@ def kept_tokens(evicted: List[torch.Tensor], doc_ids: torch.Tensor, valid: torch
     return torch.stack(kept).float(), n.sum().float()
 
 
-def step_metrics(kd: float, comp: float, lm: float, *, target_cr: float, report: CompressionReport, lr: float,
-                 tokens_per_second: float, grad_norm: Optional[torch.Tensor],
-                 device: torch.device) -> Dict[str, float]:
+def step_metrics(
+    kd: float,
+    comp: float,
+    lm: float,
+    *,
+    target_cr: float,
+    report: CompressionReport,
+    lr: float,
+    tokens_per_second: float,
+    grad_norm: Optional[torch.Tensor],
+    device: torch.device,
+) -> Dict[str, float]:
     """The metrics logged for a training step: losses, target and achieved CR, learning rate,
     throughput, gradient norm (when clipped), measured peak memory, kept fraction per layer."""
-    log = {"loss": kd + comp, "kd_loss": kd, "compression_loss": comp, "lm_loss": lm,
-           "target_cr": target_cr, "achieved_cr": report.ratio, "lr": lr, "tokens_per_second": tokens_per_second}
+    log = {
+        "loss": kd + comp,
+        "kd_loss": kd,
+        "compression_loss": comp,
+        "lm_loss": lm,
+        "target_cr": target_cr,
+        "achieved_cr": report.ratio,
+        "lr": lr,
+        "tokens_per_second": tokens_per_second,
+    }
     if grad_norm is not None:
         log["grad_norm"] = float(grad_norm)
     log.update(peak_memory(device))
@@ -52,8 +70,9 @@ def step_metrics(kd: float, comp: float, lm: float, *, target_cr: float, report:
     return log
 
 
-def save_heatmap(report: CompressionReport, output_dir: Path, step: int, claim: Callable[[str], None],
-                 log: Callable[[str], None]) -> None:
+def save_heatmap(
+    report: CompressionReport, output_dir: Path, step: int, claim: Callable[[str], None], log: Callable[[str], None]
+) -> None:
     """kept_heatmap.png in output_dir: kept fraction per layer and KV head (needs matplotlib)."""
     try:
         claim("kept_heatmap.png")

@@ -40,16 +40,18 @@ def model_from_folder(folder: Path, dtype, cfg: DictConfig, dms: DMSConfig) -> n
     return model
 
 
-def original_model(cfg: DictConfig, dms: DMSConfig, tokenizer, seed: int,
-                   dtype: torch.dtype) -> Tuple[nn.Module, Dict[str, Any], str]:
+def original_model(
+    cfg: DictConfig, dms: DMSConfig, tokenizer, seed: int, dtype: torch.dtype
+) -> Tuple[nn.Module, Dict[str, Any], str]:
     """(model, config.json, family): the model before retrofit, on CPU, DMS attached: from
     checkpoint_dir (loaded in `dtype`), or random init from the `model` component (checkpoint_dir: null)."""
     if cfg.get("checkpoint_dir", None) is None:
         from torchtune import config
 
         if cfg.get("model", None) is None:
-            raise RecipeError("the config needs checkpoint_dir (a Hugging Face folder) or a `model` component "
-                              "(random initialisation)")
+            raise RecipeError(
+                "the config needs checkpoint_dir (a Hugging Face folder) or a `model` component (random initialisation)"
+            )
         model_cfg = cfg.model
         if str(model_cfg.get("vocab_size", "auto")) == "auto":
             model_cfg = OmegaConf.merge(model_cfg, {"vocab_size": tokenizer.vocab_size})
@@ -71,16 +73,28 @@ def hf_config_of(model: nn.Module, tokenizer) -> Dict[str, Any]:
 
     attn = model.layers[0].attn
     if type(attn.pos_embeddings) is not RotaryPositionalEmbeddings:
-        raise RecipeError("random initialisation (checkpoint_dir: null) supports Llama builders with plain RoPE, "
-                          "e.g. torchtune.models.llama3._component_builders.llama3")
-    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-          "vocab_size": model.tok_embeddings.num_embeddings, "hidden_size": model.tok_embeddings.embedding_dim,
-          "num_hidden_layers": len(model.layers), "num_attention_heads": attn.num_heads,
-          "num_key_value_heads": attn.num_kv_heads, "intermediate_size": model.layers[0].mlp.w1.out_features,
-          "rms_norm_eps": float(model.norm.eps), "rope_theta": float(attn.pos_embeddings.base),
-          "max_position_embeddings": int(model.max_seq_len),
-          "tie_word_embeddings": hasattr(model.output, "tied_module"),
-          "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+        raise RecipeError(
+            "random initialisation (checkpoint_dir: null) supports Llama builders with plain RoPE, "
+            "e.g. torchtune.models.llama3._component_builders.llama3"
+        )
+    hf = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "vocab_size": model.tok_embeddings.num_embeddings,
+        "hidden_size": model.tok_embeddings.embedding_dim,
+        "num_hidden_layers": len(model.layers),
+        "num_attention_heads": attn.num_heads,
+        "num_key_value_heads": attn.num_kv_heads,
+        "intermediate_size": model.layers[0].mlp.w1.out_features,
+        "rms_norm_eps": float(model.norm.eps),
+        "rope_theta": float(attn.pos_embeddings.base),
+        "max_position_embeddings": int(model.max_seq_len),
+        "tie_word_embeddings": hasattr(model.output, "tied_module"),
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+    }
     expected = ckpt.build_expected_hf_shapes(hf)
     if sum(math.prod(s) for s in expected.values()) != sum(p.numel() for p in model.parameters()):
         raise RecipeError("the `model` component has parameters a Llama config.json cannot describe")
@@ -98,8 +112,9 @@ def freeze_base(student: nn.Module, distributed: bool, compute_dtype: torch.dtyp
                 p.data = p.data.to(compute_dtype)
 
 
-def quantize_base(student: nn.Module, base_weights: str, compute_dtype: torch.dtype,
-                  log: Callable[[str], None]) -> Dict[str, torch.Tensor]:
+def quantize_base(
+    student: nn.Module, base_weights: str, compute_dtype: torch.dtype, log: Callable[[str], None]
+) -> Dict[str, torch.Tensor]:
     """quant.base_weights: the frozen base's linear layers held quantized (torchao int8 weight-only,
     or NF4 as torchtune's QLoRA recipes hold theirs); the DMS adapter stays full precision. The
     student with eviction off is also the teacher, so both see the same quantized base.
@@ -108,16 +123,21 @@ def quantize_base(student: nn.Module, base_weights: str, compute_dtype: torch.dt
     quantized values."""
     from dms_flex import quant
 
-    plain = {f"{n}.weight": m.weight.detach().to("cpu", copy=True) for n, m in student.named_modules()
-             if isinstance(m, nn.Linear) and "dms_adapter" not in n}
+    plain = {
+        f"{n}.weight": m.weight.detach().to("cpu", copy=True)
+        for n, m in student.named_modules()
+        if isinstance(m, nn.Linear) and "dms_adapter" not in n
+    }
     if base_weights == "int8":
         quant.quantize_weights(student, "int8")
         skipped = []
     else:
         skipped = quant.quantize_weights_nf4(student)
     names = quant.quantized_weight_names(student)
-    log(f"quant.base_weights={base_weights}: {len(names)} linear weights quantized"
-        + (f"; left in {compute_dtype} (size not NF4-blockable): {', '.join(skipped)}" if skipped else ""))
+    log(
+        f"quant.base_weights={base_weights}: {len(names)} linear weights quantized"
+        + (f"; left in {compute_dtype} (size not NF4-blockable): {', '.join(skipped)}" if skipped else "")
+    )
     return {f"student.{n}": plain[n] for n in names}
 
 
@@ -145,13 +165,17 @@ def shard(step: nn.Module, device: torch.device, world_size: int, reshard_after_
 
     unit = re.compile(r"^student\.layers\.\d+\.(attn\.(q_proj|k_proj|v_proj|output_proj)|mlp)$")
     mesh = init_device_mesh(device.type, (world_size,))
-    training.shard_model(step, [lambda name, module: bool(unit.match(name))], cpu_offload=False,
-                         reshard_after_forward=reshard_after_forward, dp_mesh=mesh)
+    training.shard_model(
+        step,
+        [lambda name, module: bool(unit.match(name))],
+        cpu_offload=False,
+        reshard_after_forward=reshard_after_forward,
+        dp_mesh=mesh,
+    )
     register_fsdp_forward_method(step, "measure")
 
 
-def load_full_state(step: nn.Module, student: nn.Module, full_model: Optional[nn.Module],
-                    device: torch.device) -> None:
+def load_full_state(step: nn.Module, student: nn.Module, full_model: Optional[nn.Module], device: torch.device) -> None:
     """The sharded student's weights from `full_model` (rank 0's; None on the other ranks)."""
     # torch's distributed state-dict API directly: torchtune 0.6.1's loader needs the full state
     # dict on every rank, this one reads it on rank 0 and broadcasts the shards.
@@ -165,7 +189,8 @@ def load_full_state(step: nn.Module, student: nn.Module, full_model: Optional[nn
     full = {}
     if full_model is not None:
         full = {f"student.{k}": v.to(device, torch.float32) for k, v in full_model.state_dict().items()}
-    set_model_state_dict(step, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
-                                                              strict=True))
+    set_model_state_dict(
+        step, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    )
     training.validate_no_params_on_meta_device(step)
     torch.distributed.barrier()

@@ -27,12 +27,17 @@ def read_manifest(output_dir: Path) -> Dict[str, Any]:
         return manifest
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
-        if not (isinstance(data, dict) and data.get("recipe") == "dms_retrofit"
-                and isinstance(data.get("written", []), list)):
+        if not (
+            isinstance(data, dict)
+            and data.get("recipe") == "dms_retrofit"
+            and isinstance(data.get("written", []), list)
+        ):
             raise ValueError("not a run record of dms_retrofit")
     except (OSError, ValueError) as e:
-        raise RecipeError(f"{path} is damaged ({e}): it records what this recipe wrote in {output_dir}; use a new "
-                          f"output_dir, or delete the file and pass overwrite=true") from None
+        raise RecipeError(
+            f"{path} is damaged ({e}): it records what this recipe wrote in {output_dir}; use a new "
+            f"output_dir, or delete the file and pass overwrite=true"
+        ) from None
     manifest.update(run_id=data.get("run_id"), written=[str(n) for n in data.get("written", [])])
     return manifest
 
@@ -55,10 +60,12 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> Dict[str, Any]:
             continue  # a checkpoint of this recipe, copied here to be resumed
         foreign.append(entry.name + ("/" if entry.is_dir() else ""))
     if foreign and not overwrite:
-        raise RecipeError(f"output_dir={output_dir} holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} this "
-                          f"recipe did not write ({', '.join(foreign[:6])}{', ...' if len(foreign) > 6 else ''}): "
-                          f"refusing to write there; choose a new or empty output_dir, or pass overwrite=true to "
-                          f"let this run replace what it writes (final/, step_NNNNNN/, kept_heatmap.png)")
+        raise RecipeError(
+            f"output_dir={output_dir} holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} this "
+            f"recipe did not write ({', '.join(foreign[:6])}{', ...' if len(foreign) > 6 else ''}): "
+            f"refusing to write there; choose a new or empty output_dir, or pass overwrite=true to "
+            f"let this run replace what it writes (final/, step_NNNNNN/, kept_heatmap.png)"
+        )
     manifest["foreign"] = foreign
     return manifest
 
@@ -111,8 +118,10 @@ class OutputDir:
         self.path.mkdir(parents=True, exist_ok=True)
         clean_leftovers(self.path, log)
         if self.manifest["foreign"]:
-            log(f"overwrite=true: {self.path} holds entries this recipe did not write "
-                f"({', '.join(self.manifest['foreign'][:6])}); the run replaces those it writes to")
+            log(
+                f"overwrite=true: {self.path} holds entries this recipe did not write "
+                f"({', '.join(self.manifest['foreign'][:6])}); the run replaces those it writes to"
+            )
         self.claim("torchtune_config.yaml")
         if log_dir is not None:
             inside = Path(os.path.expanduser(str(log_dir))).absolute()
@@ -133,9 +142,11 @@ class OutputDir:
         ours = path.is_dir() and STEP_RE.match(name) and (path / RUN_RECORD).is_file()
         if (path.exists() or path.is_symlink()) and not ours:
             if not self.overwrite:
-                raise RecipeError(f"{path} was not written by this recipe (it appeared during the run): refusing to "
-                                  f"replace it; move it away and resume with resume_from=latest, or pass "
-                                  f"overwrite=true")
+                raise RecipeError(
+                    f"{path} was not written by this recipe (it appeared during the run): refusing to "
+                    f"replace it; move it away and resume with resume_from=latest, or pass "
+                    f"overwrite=true"
+                )
             if replace:
                 _remove(path)
         self.manifest["written"] = sorted(set(self.manifest["written"]) | {name})

@@ -21,8 +21,17 @@ class RetrofitStep(nn.Module):
     not a submodule: it is frozen and never sharded.
     """
 
-    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], *, activation_checkpointing: bool,
-                 kd_chunk_size: int, kd_temperature: float, log_lm_loss: bool, kv_int8: bool = False):
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: Optional[nn.Module],
+        *,
+        activation_checkpointing: bool,
+        kd_chunk_size: int,
+        kd_temperature: float,
+        log_lm_loss: bool,
+        kv_int8: bool = False,
+    ):
         super().__init__()
         self.kv_int8 = kv_int8  # the student sees int8 K/V (straight-through); the teacher stays full precision
         self.student = student
@@ -32,19 +41,30 @@ class RetrofitStep(nn.Module):
         self.kd_temperature = kd_temperature
         self.log_lm_loss = log_lm_loss
 
-    def forward(self, tokens, targets, doc_ids, valid, alpha_target: torch.Tensor,
-                generator=None) -> Dict[str, Any]:
+    def forward(self, tokens, targets, doc_ids, valid, alpha_target: torch.Tensor, generator=None) -> Dict[str, Any]:
         teacher = self._teacher[0] or self.student
         with torch.no_grad():
             t_hidden = forward_train(teacher, tokens, doc_ids=doc_ids, eviction=False, training=False).hidden
-        out = forward_train(self.student, tokens, doc_ids=doc_ids, training=True, generator=generator,
-                            activation_checkpointing=self.activation_checkpointing, kv_int8=self.kv_int8)
+        out = forward_train(
+            self.student,
+            tokens,
+            doc_ids=doc_ids,
+            training=True,
+            generator=generator,
+            activation_checkpointing=self.activation_checkpointing,
+            kv_int8=self.kv_int8,
+        )
         w = dequantized(output_weight(self.student))  # a quantized frozen base: the values it stands for
         mask = distillation_mask(targets)
-        kd = chunked_kd_loss(out.hidden, t_hidden, w, mask, chunk_size=self.kd_chunk_size,
-                             temperature=self.kd_temperature,
-                             teacher_output_weight=dequantized(output_weight(teacher))
-                             if teacher is not self.student else None)
+        kd = chunked_kd_loss(
+            out.hidden,
+            t_hidden,
+            w,
+            mask,
+            chunk_size=self.kd_chunk_size,
+            temperature=self.kd_temperature,
+            teacher_output_weight=dequantized(output_weight(teacher)) if teacher is not self.student else None,
+        )
         comp = compression_loss(out.alpha_st, alpha_target, valid)
         lm = lm_loss(out.hidden, w, targets, self.kd_chunk_size) if self.log_lm_loss else kd.new_zeros(())
         return {"kd": kd, "compression": comp, "lm": lm, "evicted": out.evicted}
@@ -62,7 +82,8 @@ def lm_loss(hidden, weight, targets, chunk: int) -> torch.Tensor:
     t = targets.reshape(-1)
     total = h.new_zeros((), dtype=torch.float32)
     for s in range(0, h.shape[0], chunk):
-        logits = (h[s:s + chunk] @ weight.detach().t()).float()
-        total = total + torch.nn.functional.cross_entropy(logits, t[s:s + chunk], ignore_index=dms_data.IGNORE_INDEX,
-                                                          reduction="sum")
+        logits = (h[s : s + chunk] @ weight.detach().t()).float()
+        total = total + torch.nn.functional.cross_entropy(
+            logits, t[s : s + chunk], ignore_index=dms_data.IGNORE_INDEX, reduction="sum"
+        )
     return total / (t != dms_data.IGNORE_INDEX).sum().clamp_min(1)
