@@ -205,27 +205,14 @@ class DMSKVCache(SlotStore):
         visible (B, H, n, S) bool)` runs the reference (default `masked_attention`).
         Nothing is written when the survivors would not fit (CacheOverflowError).
         """
-        from .kernels import prefill as prefill_kernel
-
         B, H, n, D = k.shape
         C, w = self.capacity, self.window
         dev = k.device
         j = torch.arange(n, device=dev)
         qpos = pos[:, None] + j[None]  # (B, n)
         valid_new = (j[None] < n_valid[:, None])[:, None, :].expand(B, H, n)
-        new_marked = torch.zeros(B, H, n, dtype=torch.bool, device=dev)
         L = int(self.length.max())  # the used prefix of the slots (one host sync: prefill is not graph-captured)
-        marks = self.slot_marked[..., :L]
-        if logits is not None:
-            dec = decisions.hard_evict(logits)
-            # chunk token t's mark comes from logit t+1 (if that token is real) ...
-            new_marked[..., :-1] = dec[..., 1:] & valid_new[..., 1:]
-            if L > 0:  # ... and the cached newest token's (position pos - 1) from logit 0
-                marks = F.pad(marks, (0, 1))  # column L absorbs rows with no previous token
-                has_prev = ((pos >= 1) & (n_valid >= 1))[:, None, None]
-                prev = self.win_slot.gather(2, ((pos - 1) % (w + 1))[:, None, None].expand(B, H, 1))
-                prev = torch.where(has_prev, prev.clamp(max=L), torch.full_like(prev, L))
-                marks = marks.scatter(2, prev, dec[..., :1])[..., :L]
+        marks, new_marked = self._marks(logits, pos, n_valid, valid_new, L)
 
         # survivors after each row's last real token
         last = (pos + n_valid - 1)[:, None, None]  # (B, 1, 1)
@@ -249,23 +236,7 @@ class DMSKVCache(SlotStore):
         if self.quantized:  # the new tokens are attended as the cache will hold them
             (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
             k, v = dequantize_kv(kq, ks, k.dtype), dequantize_kv(vq, vs, v.dtype)
-        if logits is None and L == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        elif prefill_kernel.supported(q):
-            out = prefill_kernel.prefill_attention(
-                q, k, v, new_marked, w, pos0=pos, cache=self if L > 0 else None, scale=scale
-            )
-        else:
-            k_old, v_old = self._read(L, k.dtype)
-            vis = klive[:, :, None, :] & masks.visible(
-                qpos[:, None, :, None], kpos[:, :, None, :], kmark[:, :, None, :], w
-            )
-            # padded queries see themselves only, so no row is empty
-            pad_self = torch.eye(n, dtype=torch.bool, device=dev)[None, None] & ~valid_new[..., None]
-            vis[..., L:] |= pad_self
-            attend = attend or functools.partial(masked_attention, scale=scale)
-            out = attend(q, torch.cat([k_old, k], dim=2), torch.cat([v_old, v], dim=2), vis)
-
+        out = self._attend(q, k, v, new_marked, pos, L, logits is None, attend, scale, (klive, kpos, kmark, qpos))
         if self.quantized:
             new = [kq, vq, ks, vs]
         else:
@@ -274,6 +245,48 @@ class DMSKVCache(SlotStore):
         stored = [x if L == 0 else torch.cat([old[:, :, :L], x], dim=2) for x, old in zip(new, olds)]
         self._pack(survive, count, stored, kpos, kmark, last)
         return out
+
+    def _marks(self, logits, pos, n_valid, valid_new, L: int):
+        """(marks of the L used slots, marks of the n new tokens): chunk token t is marked by logit
+        t+1 (if that token is real), the cached newest token (position pos - 1) by logit 0."""
+        B, H, n = valid_new.shape
+        marks = self.slot_marked[..., :L]
+        new_marked = torch.zeros(B, H, n, dtype=torch.bool, device=valid_new.device)
+        if logits is None:
+            return marks, new_marked
+        dec = decisions.hard_evict(logits)
+        new_marked[..., :-1] = dec[..., 1:] & valid_new[..., 1:]
+        if L > 0:
+            marks = F.pad(marks, (0, 1))  # column L absorbs rows with no previous token
+            has_prev = ((pos >= 1) & (n_valid >= 1))[:, None, None]
+            prev = self.win_slot.gather(2, ((pos - 1) % (self.window + 1))[:, None, None].expand(B, H, 1))
+            prev = torch.where(has_prev, prev.clamp(max=L), torch.full_like(prev, L))
+            marks = marks.scatter(2, prev, dec[..., :1])[..., :L]
+        return marks, new_marked
+
+    def _attend(self, q, k, v, new_marked, pos, L: int, eviction_off: bool, attend, scale, keys):
+        """The new tokens' attention (see append): SDPA causal, the Triton prefill kernel, or the
+        reference over an explicit visibility mask built from keys = (klive, kpos, kmark, qpos)."""
+        from .kernels import prefill as prefill_kernel
+
+        if eviction_off and L == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        if prefill_kernel.supported(q):
+            cache = self if L > 0 else None
+            return prefill_kernel.prefill_attention(
+                q, k, v, new_marked, self.window, pos0=pos, cache=cache, scale=scale
+            )
+        klive, kpos, kmark, qpos = keys
+        n = q.shape[2]
+        k_old, v_old = self._read(L, k.dtype)
+        vis = klive[:, :, None, :] & masks.visible(
+            qpos[:, None, :, None], kpos[:, :, None, :], kmark[:, :, None, :], self.window
+        )
+        # padded queries see themselves only, so no row is empty
+        pad_self = torch.eye(n, dtype=torch.bool, device=q.device)[None, None] & ~klive[..., L:, None]
+        vis[..., L:] |= pad_self
+        attend = attend or functools.partial(masked_attention, scale=scale)
+        return attend(q, torch.cat([k_old, k], dim=2), torch.cat([v_old, v], dim=2), vis)
 
     def _pack(self, survive, count, stored, kpos, kmark, last):
         """Survivors of the (old slots + new tokens) sequence into slots [0, count), in order: one

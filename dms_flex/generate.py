@@ -11,7 +11,6 @@ compression ratio overall and per layer.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,43 +19,11 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from . import torchtune_model as tm
+from .generate_args import DEFAULT_CHAT, DEFAULT_MAX_SEQ_LEN, parse_args
+from .sampling import SamplingConfig, sample
 
 
 # ============================================================================ sampling and the loop
-@dataclass
-class SamplingConfig:
-    temperature: float = 0.0  # 0 = greedy
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-
-    def __post_init__(self):
-        if not (self.temperature >= 0):
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k} must be >= 1 or None")
-        if self.top_p is not None and not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1] or None")
-
-
-def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """logits (B, V) -> tokens (B, 1)."""
-    if cfg.temperature == 0:
-        return logits.argmax(-1, keepdim=True)
-    logits = logits.float() / cfg.temperature
-    if cfg.top_k is not None:
-        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p is not None and cfg.top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = torch.softmax(sorted_logits, -1)
-        # drop a token when the tokens before it already reach top_p (the first is always kept)
-        drop = (probs.cumsum(-1) - probs) >= cfg.top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(logits, -1)
-    return torch.multinomial(probs, 1, generator=generator)
-
-
 @dataclass
 class GenerationResult:
     tokens: List[List[int]]  # new tokens per row (stop token included when hit)
@@ -150,18 +117,11 @@ def generate_tokens(
     compile_prefill: on CUDA, prefill's per-layer work around attention runs compiled (tm.prefill).
     on_token(row, token): streaming callback, called as tokens are produced (not after a stop).
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     step_fn = step_fn or tm.decode_step
     device = state.next_pos.device
     prompts = _take_pending(state, prompts)
     tokens, lengths = pad_prompts(prompts, device)
-    budget = state.max_seq_len - int((state.next_pos + lengths).max())
-    if max_new_tokens > budget:
-        raise ValueError(
-            f"prompt plus max_new_tokens={max_new_tokens} exceeds max_seq_len={state.max_seq_len} "
-            f"(room for {max(budget, 0)} new tokens); shorten the prompt or max_new_tokens"
-        )
+    _check_budget(state, lengths, max_new_tokens)
     stop = torch.tensor(list(stop_tokens) or [-1], device=device)
     result = GenerationResult(
         tokens=[[] for _ in prompts], stopped=[False] * len(prompts), prompt_tokens=int(lengths.sum())
@@ -186,13 +146,7 @@ def generate_tokens(
         host = torch.cat([nxt[:, 0], done.long(), overflow]).tolist()
         if host[-1]:
             state.check_overflow()  # raises with the cache's message, before a token computed past it is returned
-        returned = [not s for s in result.stopped]  # this step's token of the row is part of its result
-        for row, tok in enumerate(host[:B]):
-            if returned[row]:
-                result.tokens[row].append(tok)
-                if on_token is not None:
-                    on_token(row, tok)
-        result.stopped = [bool(d) for d in host[B : 2 * B]]
+        returned = _take_step(result, host, B, on_token)
         if all(result.stopped) or step == max_new_tokens - 1:
             break
         logits = step_fn(model, nxt, state)
@@ -213,154 +167,36 @@ def generate_tokens(
     return result
 
 
+def _check_budget(state, lengths, max_new_tokens: int) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    budget = state.max_seq_len - int((state.next_pos + lengths).max())
+    if max_new_tokens > budget:
+        raise ValueError(
+            f"prompt plus max_new_tokens={max_new_tokens} exceeds max_seq_len={state.max_seq_len} "
+            f"(room for {max(budget, 0)} new tokens); shorten the prompt or max_new_tokens"
+        )
+
+
+def _take_step(result: GenerationResult, host: List[int], B: int, on_token) -> List[bool]:
+    """Record one step's tokens (host: B tokens, then B stop flags) for the rows still running;
+    returns which rows took their token (a stopped row's token is filler)."""
+    returned = [not s for s in result.stopped]
+    for row, tok in enumerate(host[:B]):
+        if returned[row]:
+            result.tokens[row].append(tok)
+            if on_token is not None:
+                on_token(row, tok)
+    result.stopped = [bool(d) for d in host[B : 2 * B]]
+    return returned
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 
 # ============================================================================ the command line
-DEFAULT_CHAT = "Write a short poem about memory."
-DEFAULT_MAX_SEQ_LEN = 4096
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="python -m dms_flex.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--checkpoint",
-        help="Hugging Face-format folder (config.json + safetensors) or torchtune-format "
-        "folder (config.json + one .pt state dict with torchtune names); default: "
-        "the embedded SmolLM2-135M-Instruct",
-    )
-    ad = p.add_mutually_exclusive_group()
-    ad.add_argument(
-        "--adapter",
-        help="a DMS adapter folder (dms_adapter.safetensors + dms_config.json, written by "
-        "`python -m dms_flex.pretrained export-adapter`) to apply to --checkpoint or to "
-        "the default model; its DMS settings replace the checkpoint's (default: the "
-        "packaged adapter for the default model, if any)",
-    )
-    ad.add_argument(
-        "--no-adapter",
-        action="store_true",
-        help="run the default model without the packaged adapter (untrained DMS decisions); no effect with "
-        "--checkpoint alone",
-    )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="raw text prompt (no chat template)")
-    src.add_argument("--chat", help=f"a user message, wrapped in the model's chat template (default: {DEFAULT_CHAT!r})")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--dms", dest="dms", action="store_true", default=True, help="evict with DMS (default)")
-    p.add_argument("--no-dms", dest="dms", action="store_false", help="dense cache, no eviction")
-    p.add_argument("--window", type=int, help="override the DMS window (tokens kept before eviction applies)")
-    p.add_argument("--cache-capacity", type=int, help="KV slots per row and head (default: max sequence length)")
-    p.add_argument(
-        "--kv",
-        choices=["model", "int8"],
-        default=None,
-        help="KV storage: the model dtype (default; bf16 on CUDA) or int8 with a scale per token and head "
-        "(default for a checkpoint whose config.json says dms_kv_dtype: int8)",
-    )
-    p.add_argument(
-        "--weight-quant",
-        choices=["none", "int8", "int4"],
-        default=None,
-        help="weight-only quantization of the linear layers through torchao (default: none, or the "
-        "checkpoint's dms_weight_quant when it is int8 or int4)",
-    )
-    p.add_argument(
-        "--max-seq-len",
-        type=int,
-        default=None,
-        help=f"longest sequence (prompt + new tokens) the cache holds (default: {DEFAULT_MAX_SEQ_LEN}, or the "
-        f"model's trained context when that is shorter)",
-    )
-    p.add_argument(
-        "--compile",
-        dest="compile",
-        action="store_true",
-        default=None,
-        help="torch.compile the decode step (default: on for CUDA)",
-    )
-    p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--heatmap", help="write a PNG heat map of kept fraction per layer and KV head here")
-    args = p.parse_args(argv)
-    check_args(p, args)
-    return args
-
-
-def check_args(p: argparse.ArgumentParser, args) -> None:
-    """Every value that can be checked before the model loads: p.error (one line, exit 2) otherwise."""
-    import math
-
-    for flag, text in (("--prompt", args.prompt), ("--chat", args.chat)):
-        if text is None:
-            continue
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            p.error(f"{flag} is not valid UTF-8 text (the shell passed bytes that do not decode)")
-        if not text.strip():
-            p.error(f"{flag} is empty: give the text to start from")
-    if args.max_new_tokens < 1:
-        p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.window is not None and args.window < 0:
-        p.error(f"--window must be >= 0, got {args.window}")
-    if args.max_seq_len is not None and args.max_seq_len < 2:
-        p.error(f"--max-seq-len must be >= 2 (one prompt token and one new token), got {args.max_seq_len}")
-    if args.cache_capacity is not None:
-        if args.cache_capacity < 1:
-            p.error(
-                f"--cache-capacity must be >= 1 KV slot per row and head, got {args.cache_capacity} "
-                f"(leave it out for the maximum sequence length, which never overflows)"
-            )
-        longest = args.max_seq_len or DEFAULT_MAX_SEQ_LEN
-        if args.max_seq_len is not None and args.cache_capacity > longest:
-            p.error(
-                f"--cache-capacity {args.cache_capacity} exceeds --max-seq-len {longest}: a sequence never holds "
-                f"more tokens than that"
-            )
-    if not (-(2**63) <= args.seed < 2**64):
-        p.error(f"--seed must fit in 64 bits, got {args.seed}")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        p.error(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        p.error(f"--top-k must be >= 1, got {args.top_k}")
-    if args.top_p is not None and not (0 < args.top_p <= 1):
-        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
-    try:
-        device = torch.device(args.device)
-    except (RuntimeError, ValueError):
-        p.error(f"--device {args.device!r} is not a device: use cpu or cuda (cuda:N for one GPU of several)")
-    if device.type not in ("cpu", "cuda"):
-        p.error(f"--device {args.device}: this script runs on cpu or cuda")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            p.error("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            p.error(f"--device {args.device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
-    if args.heatmap:
-        import importlib.util
-        import os
-
-        parent = os.path.dirname(os.path.abspath(args.heatmap))
-        if os.path.isdir(args.heatmap):
-            p.error(f"--heatmap {args.heatmap} is a folder: give the PNG file to write")
-        if not os.path.isdir(parent):
-            p.error(f"--heatmap {args.heatmap}: the folder {parent} does not exist")
-        if not os.access(parent, os.W_OK):
-            p.error(f"--heatmap {args.heatmap}: the folder {parent} is not writable")
-        if importlib.util.find_spec("matplotlib") is None:
-            p.error("--heatmap needs matplotlib (pip install matplotlib)")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from .cache import CacheOverflowError
