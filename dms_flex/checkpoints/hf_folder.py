@@ -308,64 +308,11 @@ def save_hf_checkpoint(
     rename (they appear together with the weights or not at all). ``carry_over``: keep the other files
     of a folder being replaced (tokenizer, generation config, ...). Returns the folder.
     """
-    if family not in FAMILY_TO_ARCH:
-        raise ValueError(f"unknown family {family!r}; supported: {', '.join(FAMILY_TO_ARCH)}")
-    if not isinstance(hf_config, dict):
-        raise ValueError(f"hf_config must be the config.json dict, got {type(hf_config).__name__}")
-    cfg_family = model_family(hf_config)
-    if cfg_family != family:
-        raise ValueError(
-            f"family {family!r} does not match hf_config, which describes a {cfg_family} "
-            f"model ({FAMILY_TO_ARCH[cfg_family]})"
-        )
-    tied = bool(hf_config.get("tie_word_embeddings", False))
-
-    sd = {clean_tune_key(k): v for k, v in model.state_dict().items()}
-    dms_sd = {k: v for k, v in sd.items() if is_extra_key(k)}
-    base = {k: v for k, v in sd.items() if not is_extra_key(k)}
-    if tied and "output.weight" in base:
-        if not torch.equal(base["output.weight"], base.get("tok_embeddings.weight", torch.empty(0))):
-            raise ValueError(
-                "hf_config says tie_word_embeddings=true but the model's output weight "
-                "differs from its token embeddings: set tie_word_embeddings to false"
-            )
-        base.pop("output.weight")
-    if not tied and "output.weight" not in base:
-        raise ValueError(
-            "the model's output projection is tied to its embeddings but hf_config says "
-            "tie_word_embeddings=false: set it to true"
-        )
-    try:
-        hf_sd = tune_to_hf(base, hf_config, family)
-    except Exception as e:  # torchtune raises a bare Exception for an unknown key
-        raise ValueError(
-            f"the model has parameters that a {family} Hugging Face checkpoint cannot "
-            f"hold ({e}); only names containing 'dms' may be added to the base model"
-        ) from e
-    expected = build_expected_hf_shapes(hf_config, family)
-    for name, shape in expected.items():
-        if name not in hf_sd:
-            raise ValueError(f"the model lacks {name} that hf_config describes")
-        if tuple(hf_sd[name].shape) != tuple(shape):
-            raise ValueError(
-                f"shape mismatch for {name}: the model has {tuple(hf_sd[name].shape)}, "
-                f"hf_config implies {tuple(shape)}; the model does not match hf_config"
-            )
-    for k, v in dms_sd.items():
-        hf_sd[tune_extra_name_to_hf(k)] = v
+    _check_family(hf_config, family)
+    hf_sd = _hf_state_dict(model, hf_config, family)
     for k, v in (extra_state or {}).items():
         hf_sd[k] = v
-
-    tensors: Dict[str, torch.Tensor] = {}
-    seen: set = set()
-    for k, v in hf_sd.items():
-        t = v.detach().to("cpu").contiguous()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if t.numel() and key in seen:  # safetensors refuses shared storage
-            t = t.clone()
-        seen.add((t.untyped_storage().data_ptr(), t.storage_offset()))
-        tensors[k] = t
-
+    tensors = _unshared_cpu_tensors(hf_sd)
     config = dict(hf_config)
     config["architectures"] = [FAMILY_TO_ARCH[family]]
     float_dtypes = {t.dtype for k, t in tensors.items() if t.is_floating_point() and not is_extra_key(k)}
@@ -395,3 +342,69 @@ def build_expected_hf_shapes(hf_config: Dict[str, Any], family: Optional[str] = 
     with torch.device("meta"):
         model = build_decoder(hf_config, max_seq_len=1, family=family)
     return {k: v.shape for k, v in tune_to_hf(model.state_dict(), hf_config, family).items()}
+
+
+def _check_family(hf_config, family: str) -> None:
+    if family not in FAMILY_TO_ARCH:
+        raise ValueError(f"unknown family {family!r}; supported: {', '.join(FAMILY_TO_ARCH)}")
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"hf_config must be the config.json dict, got {type(hf_config).__name__}")
+    cfg_family = model_family(hf_config)
+    if cfg_family != family:
+        raise ValueError(
+            f"family {family!r} does not match hf_config, which describes a {cfg_family} "
+            f"model ({FAMILY_TO_ARCH[cfg_family]})"
+        )
+
+
+def _hf_state_dict(model: nn.Module, hf_config: Dict[str, Any], family: str) -> Dict[str, torch.Tensor]:
+    """The model's tensors under Hugging Face names, checked against the shapes hf_config implies;
+    DMS tensors (names containing 'dms') under their Hugging Face module paths."""
+    tied = bool(hf_config.get("tie_word_embeddings", False))
+    sd = {clean_tune_key(k): v for k, v in model.state_dict().items()}
+    dms_sd = {k: v for k, v in sd.items() if is_extra_key(k)}
+    base = {k: v for k, v in sd.items() if not is_extra_key(k)}
+    if tied and "output.weight" in base:
+        if not torch.equal(base["output.weight"], base.get("tok_embeddings.weight", torch.empty(0))):
+            raise ValueError(
+                "hf_config says tie_word_embeddings=true but the model's output weight "
+                "differs from its token embeddings: set tie_word_embeddings to false"
+            )
+        base.pop("output.weight")
+    if not tied and "output.weight" not in base:
+        raise ValueError(
+            "the model's output projection is tied to its embeddings but hf_config says "
+            "tie_word_embeddings=false: set it to true"
+        )
+    try:
+        hf_sd = tune_to_hf(base, hf_config, family)
+    except Exception as e:  # torchtune raises a bare Exception for an unknown key
+        raise ValueError(
+            f"the model has parameters that a {family} Hugging Face checkpoint cannot "
+            f"hold ({e}); only names containing 'dms' may be added to the base model"
+        ) from e
+    for name, shape in build_expected_hf_shapes(hf_config, family).items():
+        if name not in hf_sd:
+            raise ValueError(f"the model lacks {name} that hf_config describes")
+        if tuple(hf_sd[name].shape) != tuple(shape):
+            raise ValueError(
+                f"shape mismatch for {name}: the model has {tuple(hf_sd[name].shape)}, "
+                f"hf_config implies {tuple(shape)}; the model does not match hf_config"
+            )
+    for k, v in dms_sd.items():
+        hf_sd[tune_extra_name_to_hf(k)] = v
+    return hf_sd
+
+
+def _unshared_cpu_tensors(hf_sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Contiguous CPU copies; tensors sharing storage are cloned (safetensors refuses shared storage)."""
+    tensors: Dict[str, torch.Tensor] = {}
+    seen: set = set()
+    for k, v in hf_sd.items():
+        t = v.detach().to("cpu").contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if t.numel() and key in seen:
+            t = t.clone()
+        seen.add((t.untyped_storage().data_ptr(), t.storage_offset()))
+        tensors[k] = t
+    return tensors
