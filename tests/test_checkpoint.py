@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import dms_flex.checkpoints as ckpt
 from dms_flex.checkpoints import (
@@ -17,50 +16,8 @@ from dms_flex.checkpoints import (
     tune_extra_name_to_hf,
 )
 
-TINY = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
-# original context 16 puts the 8 RoPE frequencies of head_dim 16 (theta 1e4) in all three
-# bands of Llama-3.1 scaling (kept, smoothed, divided by the factor).
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 16,
-}
-
-CASES = {
-    "llama_untied": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=False)),
-    "llama_tied": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=True)),
-    "llama_rope_llama3": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=False, rope_scaling=LLAMA3_ROPE)),
-    "llama_tied_rope_llama3": (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE)),
-    "qwen2_untied": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=False)),
-    "qwen2_tied": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
-}
-
-
-def _randomize(model):
-    """HF's init (std 0.02, zero biases, unit norms) gives near-zero logits that would hide errors."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.15)
-    return model
-
-
-def make_hf(case, **overrides):
-    cfg_cls, model_cls, kw = CASES[case]
-    cfg = cfg_cls(**{**TINY, **kw, **overrides})
-    return _randomize(model_cls(cfg)).eval()
+from .helpers import CASES, TINY, make_hf
+from .helpers import tiny_tokenizer as _tiny_tokenizer
 
 
 def hf_logits(model, tokens):
@@ -264,16 +221,6 @@ def test_save_maps_dms_modules_of_the_model(llama_dir, tmp_path, tokens):
     again = load_hf_checkpoint(tmp_path / "out")
     w = again.extra_state["model.layers.0.self_attn.dms_adapter.weight"]
     assert torch.equal(w, loaded.model.layers[0].attn.dms_adapter.weight)
-
-
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "hello": 1, "world": 2}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
 
 
 def test_tokenizer_loaded_saved_and_carried_over(llama_dir, tmp_path):

@@ -11,7 +11,7 @@ import torch
 from dms_flex import stats
 from dms_flex import torchtune_model as tm
 
-from .test_inference import teacher_forced, tiny_model
+from .helpers import teacher_forced, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 README = Path(__file__).resolve().parents[1] / "README.md"

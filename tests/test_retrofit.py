@@ -6,12 +6,10 @@ The runs are subprocesses started from a temporary folder, as a user runs them.
 
 import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,39 +18,9 @@ import torch
 from dms_flex import data as dms_data
 from dms_flex.stats import kept_fraction
 
+from .helpers import log_lines, run_recipe, weights
+
 HAVE_REASONING_GYM = importlib.util.find_spec("reasoning_gym") is not None
-
-
-def tune_cmd():
-    exe = shutil.which("tune")
-    return [exe] if exe else [sys.executable, "-m", "torchtune._cli.tune"]
-
-
-def run_recipe(cwd, *args, nproc=None, timeout=300):
-    cmd = tune_cmd() + ["run"] + (["--nproc_per_node", str(nproc)] if nproc else []) + ["dms_retrofit", *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    p.seconds = time.perf_counter() - t0
-    return p
-
-
-def log_lines(run_dir):
-    (log,) = sorted((Path(run_dir) / "logs").glob("log_*.txt"))
-    rows = []
-    for line in log.read_text().splitlines():
-        m = re.match(r"Step (\d+) \| (.*)", line)
-        if m:
-            vals = dict(kv.split(":", 1) for kv in m.group(2).split())
-            rows.append((int(m.group(1)), {k: float(v) for k, v in vals.items()}))
-    return rows
-
-
-def weights(folder):
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(folder) / "model.safetensors"))
-
 
 # ============================================================================ the tiny run
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from dms_flex import data as dms_data
 from dms_flex import quant, stats
 from dms_flex import torchtune_model as tm
 
-from .test_retrofit import log_lines, run_recipe, weights
+from .helpers import log_lines, run_recipe, weights
 
 
 @pytest.fixture(scope="module")
