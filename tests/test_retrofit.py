@@ -22,6 +22,7 @@ from .helpers import log_lines, run_recipe, weights
 
 HAVE_REASONING_GYM = importlib.util.find_spec("reasoning_gym") is not None
 
+
 # ============================================================================ the tiny run
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
