@@ -17,6 +17,7 @@ first token), the first token being the prefill's; timestamps come from the stre
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -38,6 +39,9 @@ def parse_args(argv=None):
         "--check-tokens",
         action="store_true",
         help="also report whether our greedy tokens equal transformers' (informative only)",
+    )
+    p.add_argument(
+        "--hf-inference-mode", action="store_true", help="run transformers' generate under torch.inference_mode"
     )
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -91,7 +95,7 @@ def run_ours(dm, ids, n, eviction, max_seq_len, step_fn=None):
     }, res.tokens[0]
 
 
-def run_hf(model, ids, n):
+def run_hf(model, ids, n, inference_mode=False):
     from transformers.generation.streamers import BaseStreamer
 
     clock = _Clock()
@@ -110,7 +114,8 @@ def run_hf(model, ids, n):
 
     x = torch.tensor([ids])
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    # transformers' generate as a user calls it (it runs under torch.no_grad); --hf-inference-mode wraps it
+    with torch.inference_mode() if inference_mode else contextlib.nullcontext():
         out = model.generate(
             x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, streamer=Streamer(), pad_token_id=0
         )
@@ -157,7 +162,7 @@ def main(argv=None) -> int:
         run_ours(dm, ids, min(n, 8), m == "dms", args.max_seq_len, step_fn)
         if args.compile and compile_s is None:
             compile_s = time.perf_counter() - t0
-    run_hf(hf, ids, min(n, 8))
+    run_hf(hf, ids, min(n, 8), args.hf_inference_mode)
 
     rows = {m: [] for m in modes}
     rows["transformers"] = []
@@ -166,7 +171,7 @@ def main(argv=None) -> int:
         order = modes + ["transformers"] if r % 2 == 0 else ["transformers"] + modes  # drift hits both alike
         for m in order:
             if m == "transformers":
-                res, toks = run_hf(hf, ids, n)
+                res, toks = run_hf(hf, ids, n, args.hf_inference_mode)
             else:
                 res, toks = run_ours(dm, ids, n, m == "dms", args.max_seq_len, step_fn)
             rows[m].append(res)

@@ -89,7 +89,7 @@ def _take_pending(state: tm.InferenceState, prompts: Sequence[Sequence[int]]) ->
     return [([t] if t is not None else []) + list(p) for t, p in zip(pending.tokens, prompts)]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_tokens(
     model,
     prompts: Sequence[Sequence[int]],

@@ -75,22 +75,30 @@ def _decode_attention_cpu(q: torch.Tensor, cache, scale: Optional[float] = None)
     """Eager CPU: the math above (bit for bit) over the used slot prefix only, in few ops: a decode
     step runs it once per layer, and on the CPU each op's dispatch costs microseconds. The mask and
     the NaN guard are applied only when some (row, KV head) holds fewer slots than the longest
-    (always, under DMS) or none at all."""
+    (always, under DMS) or none at all; conversions only where the dtypes differ."""
     B, Hq, _, D = q.shape
     H = cache.length.shape[1]
-    lengths = cache.length.view(-1).tolist()
+    lengths = [n for row in cache.length.tolist() for n in row]
     lo, n = min(lengths), max(max(lengths), 1)
-    k, v = cache._read(n, q.dtype)
-    k = k.reshape(B * H, n, D).float()
-    v = v.reshape(B * H, n, D).float()
+    if cache.quantized:
+        k, v = cache._read(n, q.dtype)
+        k, v = k.reshape(B * H, n, D), v.reshape(B * H, n, D)
+    else:  # _read without its copies: (B * H, n, D) views of the buffers
+        k, v = cache.k.view(B * H, -1, D)[:, :n], cache.v.view(B * H, -1, D)[:, :n]
+        if k.dtype != q.dtype:
+            k, v = k.to(q.dtype), v.to(q.dtype)
+    qg = q.reshape(B * H, Hq // H, D)
+    if q.dtype != torch.float32:
+        qg, k, v = qg.float(), k.float(), v.float()
     scale = D**-0.5 if scale is None else scale
-    scores = torch.bmm(q.reshape(B * H, Hq // H, D).float(), k.transpose(1, 2)).mul_(scale)
+    scores = torch.bmm(qg, k.transpose(1, 2)).mul_(scale)
     if lo < n:
         scores.masked_fill_(torch.arange(n, device=q.device) >= cache.length.view(B * H, 1, 1), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     if lo == 0:  # a (row, KV head) with no slots: its softmax row is NaN, its output 0
         probs = probs.nan_to_num(0.0)
-    return torch.bmm(probs, v).reshape(B, Hq, 1, D).to(q.dtype)
+    out = torch.bmm(probs, v).view(B, Hq, 1, D)
+    return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
 def check_decode_shapes(q, k_cache, v_cache, lengths, k_scale=None, v_scale=None):
