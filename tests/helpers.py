@@ -238,3 +238,17 @@ def weights(folder):
     from safetensors.torch import load_file
 
     return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def eval_batch():
+    """The recipes' eval batch of the tiny configs: two 256-token rows of packed stdlib sources."""
+    from dms_flex import data as dms_data
+
+    tok = dms_data.byte_tokenizer()
+    packed = dms_data.PackedDocuments(
+        dms_data.python_sources_dataset(tok, ["json", "textwrap", "bisect", "heapq"]),
+        256,
+        pad_id=tok.pad_id,
+        max_rows=16,
+    )
+    return torch.utils.data.default_collate([packed[0], packed[1]])

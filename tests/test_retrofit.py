@@ -85,14 +85,9 @@ def test_checkpoint_loads_and_reproduces_the_measured_cr(tiny_run):
     out, _ = tiny_run
     dm = load_dms_model(out / "final")
     assert dm.dms_trained and dm.dms.decision == "adapter" and dm.dms.window == 16 and dm.tokenizer is not None
-    tok = dms_data.byte_tokenizer()
-    packed = dms_data.PackedDocuments(
-        dms_data.python_sources_dataset(tok, ["json", "textwrap", "bisect", "heapq"]),
-        256,
-        pad_id=tok.pad_id,
-        max_rows=16,
-    )
-    batch = torch.utils.data.default_collate([packed[0], packed[1]])
+    from tests.helpers import eval_batch
+
+    batch = eval_batch()
     with torch.no_grad():
         evicted = forward_train(dm.model, batch["tokens"], doc_ids=batch["doc_ids"], training=False).evicted
     kept, seen = kept_tokens(evicted, batch["doc_ids"], batch["valid"], 16)

@@ -14,7 +14,6 @@ import sys
 import pytest
 import torch
 
-from dms_flex import data as dms_data
 from dms_flex import quant, stats
 from dms_flex import torchtune_model as tm
 
@@ -80,14 +79,9 @@ def test_quantized_base_saves_plain_full_precision_weights(runs):
 
 
 def _eval_batch():
-    tok = dms_data.byte_tokenizer()
-    packed = dms_data.PackedDocuments(
-        dms_data.python_sources_dataset(tok, ["json", "textwrap", "bisect", "heapq"]),
-        256,
-        pad_id=tok.pad_id,
-        max_rows=16,
-    )
-    return torch.utils.data.default_collate([packed[0], packed[1]])
+    from tests.helpers import eval_batch
+
+    return eval_batch()
 
 
 def _load(folder, weight_quant):
