@@ -5,9 +5,8 @@
     tune run dms_retrofit --config smollm2_135m max_steps=50             # key=value overrides
     tune run dms_retrofit --config ./my_retrofit.yaml                    # your own yaml
 
-Bare config names (llama3_8b, llama3_1_8b, llama3_2_1b, llama3_2_3b, qwen2_5_7b, smollm2_135m, tiny,
-smollm2_135m_qat_kv, llama3_8b_qat_kv)
-are the yaml files shipped in dms_flex/configs/; anything else is a path.
+Bare config names (llama3_8b, llama3_2_1b, smollm2_135m, smollm2_135m_lora, tiny, ...) are the yaml
+files shipped in dms_flex/configs/; anything else is a path.
 
 The student is the model with DMS (soft, noisy eviction decisions); the teacher is the same model
 with eviction off: the student itself when only the DMS adapter trains (the base is frozen, so the
@@ -20,6 +19,11 @@ with CR(step) rising linearly from dms.initial_cr to dms.final_cr over dms.final
 plain LM loss is only logged. Master weights and optimizer state are fp32; with dtype=bf16 the
 forward runs under bf16 autocast and the frozen teacher copy is held in bf16.
 
+Borrowed variant: zeroing_steps=N distillation-only steps (eviction off, no compression loss) first
+scale the borrowed query channel's weights from 1 to 0 (dms_flex/retrofit/zeroing.py); the CR schedule
+then starts, for max_steps more steps (step numbers count both). lora.enabled=true (adapter variant, train_adapter_only=true):
+torchtune LoRA on the frozen base trains with the adapter; the teacher is the base without it.
+
 quant: kv_int8 (true: the student's K and V go through the int8 cache's round trip, straight-through
 gradient; the teacher stays full precision) and base_weights (none|int8|nf4: the frozen base held
 quantized, adapter-only runs on one device; checkpoints keep the full-precision base). config.json
@@ -31,7 +35,7 @@ final/ (Hugging Face folder in save_dtype with the DMS keys in config.json, load
 head, hard decisions), logs/, and retrofit_run.json (what the recipe wrote there and the run started
 last). output_dir must hold nothing else (overwrite=true allows it). resume_from (a step folder, or
 latest: the newest intact one of the run started last) resumes only a checkpoint of the same run:
-same RESULT_KEYS settings, same packed data, step <= max_steps.
+same RESULT_KEYS settings, same packed data, step <= zeroing_steps + max_steps.
 
 The machinery (config checks, output_dir, run records and resume, checkpoint writing, models, metrics,
 memory) lives in dms_flex/retrofit/; this file is the recipe itself, to be read top to bottom.
@@ -49,17 +53,18 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 
-from dms_flex import data as dms_data
+from dms_flex.checkpoints.lora import apply_lora
 from dms_flex.config import DMSConfig, DMSConfigError
 from dms_flex.retrofit import models
 from dms_flex.retrofit.checkpointing import (
     checkpoint_hf_config,
     checkpoint_weights,
+    gather_state,
+    load_optimizer_state,
     restore_rng,
-    rng_state,
     write_checkpoint,
 )
 from dms_flex.retrofit.config_checks import (
@@ -67,17 +72,21 @@ from dms_flex.retrofit.config_checks import (
     check_distributed,
     check_weights_present,
     instantiate,
+    lora_settings,
     map_config_argument,
     resolve_device,
     resolve_paths,
     training_mode,
     validate_config,
+    zeroing_steps,
 )
+from dms_flex.retrofit.data_setup import build_training_data
 from dms_flex.retrofit.memory import capacity_estimate, peak_memory_message
 from dms_flex.retrofit.metrics import kept_tokens, save_heatmap, step_metrics
 from dms_flex.retrofit.output_dir import OutputDir
 from dms_flex.retrofit.run_record import check_resumed_state, choose_resume, make_record, result_settings
 from dms_flex.retrofit.step import RetrofitStep
+from dms_flex.retrofit.zeroing import NeuronZeroing, zeroing_scale
 from dms_flex.stats import CompressionReport
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -92,11 +101,13 @@ class DMSRetrofitRecipe:
         self.dms = DMSConfig.from_dict(OmegaConf.to_container(cfg.dms, resolve=True))
         self.adapter_only, self.kv_int8, self.base_weights = training_mode(cfg, self.dms)
         cfg.quant = {"kv_int8": self.kv_int8, "base_weights": self.base_weights}  # logged in full with the config
+        self.zeroing_steps = zeroing_steps(cfg, self.dms)  # phase 1 (borrowed variant only)
+        self.lora = lora_settings(cfg, self.dms, self.adapter_only, self.base_weights)
         check_weights_present(cfg)
         self.output_dir = Path(os.path.expanduser(str(cfg.output_dir))).absolute()
         self.overwrite = bool(cfg.get("overwrite", False))
         self.out = OutputDir(self.output_dir, self.overwrite)  # checked before anything is written
-        self.settings = result_settings(cfg, self.dms, self.kv_int8, self.base_weights)
+        self.settings = result_settings(cfg, self.dms, self.kv_int8, self.base_weights, self.zeroing_steps, self.lora)
         from torchtune import training, utils
 
         self.distributed = training.is_distributed()
@@ -111,7 +122,8 @@ class DMSRetrofitRecipe:
         self.is_rank_zero = self.rank == 0
         self.compute_dtype = _DTYPES[cfg.dtype]
         self.save_dtype = _DTYPES[cfg.get("save_dtype", "bf16")]
-        self.max_steps = int(cfg.max_steps)
+        self.max_steps = int(cfg.max_steps)  # the steps of the CR schedule; phase 1 comes before them
+        self.total_steps = self.zeroing_steps + self.max_steps
         self.grad_accum = int(cfg.gradient_accumulation_steps)
         self.batch_size = int(cfg.batch_size)
         self.clip = cfg.get("clip_grad_norm", None)
@@ -142,7 +154,7 @@ class DMSRetrofitRecipe:
         self.lr_scheduler = None
         if cfg.get("lr_scheduler", None) is not None:
             self.lr_scheduler = instantiate(
-                cfg.lr_scheduler, "lr_scheduler", self.optimizer, num_training_steps=self.max_steps
+                cfg.lr_scheduler, "lr_scheduler", self.optimizer, num_training_steps=self.total_steps
             )
         # the noise of the eviction relaxation has its own generator: its state is part of a checkpoint
         self.noise = torch.Generator(device=self.device).manual_seed(self.seed * 1000 + self.rank)
@@ -151,28 +163,38 @@ class DMSRetrofitRecipe:
         self.train_step = torch.compile(self.step) if cfg.get("compile", False) else self.step
         n_train = sum(p.numel() for p in trainable)
         n_all = sum(p.numel() for p in self.step.parameters())
+        lora = f", LoRA rank {self.lora.rank} on {'/'.join(self.lora.modules)}" if self.lora else ""
+        phase1 = f"{self.zeroing_steps} steps zeroing the borrowed channel, then " if self.zeroing_steps else ""
+        teacher = "the student with eviction off" + (" and LoRA disabled" if self.lora else "")
+        teacher = "frozen copy of the original" if self.teacher is not None else teacher
         self._log(
-            f"student: {n_all:,} parameters ({n_train:,} trained), DMS {self.dms.decision} "
-            f"window {self.dms.window}, CR {self.dms.initial_cr:g} -> {self.dms.final_cr:g} over "
-            f"{self.dms.final_step} steps; teacher: "
-            f"{'the student with eviction off' if self.teacher is None else 'frozen copy of the original'}; "
-            f"{self.world_size} rank(s) on {self.device.type}, {cfg.dtype}"
+            f"student: {n_all:,} parameters ({n_train:,} trained), DMS {self.dms.decision} window {self.dms.window}"
+            f"{lora}; {phase1}CR {self.dms.initial_cr:g} -> {self.dms.final_cr:g} over {self.dms.final_step} steps; "
+            f"teacher: {teacher}; {self.world_size} rank(s) on {self.device.type}, {cfg.dtype}"
         )
+        if cfg.get("zeroing_steps", 0) and not self.zeroing_steps:
+            self._log(f"zeroing_steps={cfg.zeroing_steps} ignored: dms.decision={self.dms.decision} borrows no channel")
 
     def _setup_models(self, cfg: DictConfig) -> None:
         """Student (fp32 master weights, DMS attached), teacher, and the checkpoint to resume if any."""
         self._resume = choose_resume(
-            cfg.get("resume_from", None), self.output_dir, self.out.run_id, self.settings, self.max_steps, self._log
+            cfg.get("resume_from", None), self.output_dir, self.out.run_id, self.settings, self.total_steps, self._log
         )
         source, self.hf_config, self.family = models.original_model(
             cfg, self.dms, self.tokenizer, self.seed, self.compute_dtype if self.distributed else torch.float32
         )
+        # phase 1 sets the borrowed rows from the original's (before the teacher copy is cast)
+        self.zeroing = NeuronZeroing.capture(source, self.zeroing_steps) if self.zeroing_steps else None
+        if self.lora is not None:  # the LoRA factors' initial values (rank 0's source feeds FSDP's shards)
+            apply_lora(source, self.lora, seed=self.seed)
         needs_teacher = not self.adapter_only
         teacher = source if needs_teacher else None  # every rank keeps its own copy of the original
         if self.distributed:  # a meta-device student, sharded below; its weights come from rank 0's copy
             student = models.meta_student(cfg, self.hf_config, self.family, self.dms)
+            if self.lora is not None:
+                apply_lora(student, self.lora)
         elif self._resume is not None:
-            student = models.model_from_folder(self._resume.folder, torch.float32, cfg, self.dms)
+            student = models.model_from_folder(self._resume.folder, torch.float32, cfg, self.dms, self.lora)
         else:
             student = copy.deepcopy(source) if needs_teacher else source
         if not self.distributed:
@@ -194,13 +216,14 @@ class DMSRetrofitRecipe:
             kd_temperature=float(cfg.get("kd_temperature", 1.0)),
             log_lm_loss=bool(cfg.get("log_lm_loss", True)),
             kv_int8=self.kv_int8,
+            lora=self.lora is not None,
         )
         if self.distributed:
             models.shard(self.step, self.device, self.world_size, bool(cfg.get("fsdp_reshard_after_forward", True)))
             full = None
             if self.is_rank_zero:
                 full = (
-                    models.model_from_folder(self._resume.folder, torch.float32, cfg, self.dms)
+                    models.model_from_folder(self._resume.folder, torch.float32, cfg, self.dms, self.lora)
                     if self._resume is not None
                     else source
                 )
@@ -208,61 +231,24 @@ class DMSRetrofitRecipe:
         self.step.train()
 
     def _setup_data(self, cfg: DictConfig) -> None:
-        from torch.utils.data import ConcatDataset
-        from torchdata.stateful_dataloader import StatefulDataLoader
-        from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
-
-        parts = cfg.dataset if isinstance(cfg.dataset, ListConfig) else [cfg.dataset]
-        datasets = []
-        for part in parts:
-            if part.get("packed", False):
-                raise RecipeError(
-                    "dataset.packed=true: leave packing to the recipe (it needs document ids); set "
-                    "packed: false and choose max_seq_len / split_across_rows at the top level"
-                )
-            datasets.append(instantiate(part, "dataset", self.tokenizer))
-        ds = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
-        rows_needed = self.max_steps * self.grad_accum * self.batch_size * self.world_size
-        self.packed = dms_data.PackedDocuments(
-            ds,
-            int(cfg.max_seq_len),
-            pad_id=self.tokenizer.pad_id,
-            split_across_rows=bool(cfg.get("split_across_rows", True)),
-            max_rows=rows_needed,
-            progress=self.is_rank_zero,
-        )
-        self.data_fingerprint = self.packed.fingerprint()
-        per_batch = self.batch_size * self.world_size
-        if len(self.packed) < per_batch:
-            raise RecipeError(
-                f"the data packs into {len(self.packed)} row(s) of {cfg.max_seq_len} tokens, fewer than "
-                f"one batch ({self.batch_size} x {self.world_size} rank(s)): add data or lower "
-                f"max_seq_len / batch_size"
-            )
-        self.sampler = StatefulDistributedSampler(
-            self.packed,
-            num_replicas=self.world_size,
+        d = build_training_data(
+            cfg,
+            self.tokenizer,
+            total_steps=self.total_steps,
+            grad_accum=self.grad_accum,
+            batch_size=self.batch_size,
+            world_size=self.world_size,
             rank=self.rank,
-            shuffle=bool(cfg.get("shuffle", True)),
             seed=self.seed,
-            drop_last=True,
+            log=self._log,
         )
-        self.dataloader = StatefulDataLoader(
-            self.packed, batch_size=self.batch_size, sampler=self.sampler, drop_last=True, num_workers=0
+        self.packed, self.sampler, self.dataloader, self.eval_batches = (
+            d.packed,
+            d.sampler,
+            d.dataloader,
+            d.eval_batches,
         )
-        # the same number of eval rows on every rank (FSDP runs every forward on all ranks together)
-        n_eval = min(int(cfg.get("eval_batches", 1)) * self.batch_size, len(self.packed) // self.world_size)
-        rows = [self.rank + self.world_size * k for k in range(n_eval)]
-        self.eval_batches = [
-            torch.utils.data.default_collate([self.packed[i] for i in rows[s : s + self.batch_size]])
-            for s in range(0, len(rows), self.batch_size)
-        ]
-        epochs = rows_needed / max(len(self.packed), 1)
-        self._log(
-            f"data: {self.packed.documents} documents, {self.packed.real_tokens} tokens in {len(self.packed)} "
-            f"rows of {cfg.max_seq_len}; {self.max_steps} steps x {self.grad_accum * self.batch_size} rows x "
-            f"{self.world_size} rank(s) = {max(epochs, 1.0):.1f} epoch(s)"
-        )
+        self.data_fingerprint = d.fingerprint
 
     def _batches(self):
         """Batches forever, epoch after epoch; resumes where the data loader's state says."""
@@ -282,17 +268,22 @@ class DMSRetrofitRecipe:
             self._log(f"before training (hard decisions): {before.format()}")
             self._log_dict({"eval_cr": before.ratio}, step=0)
         batches = self._batches()
-        pbar = tqdm(total=self.max_steps, initial=self.global_step, disable=not self.is_rank_zero, dynamic_ncols=True)
+        pbar = tqdm(total=self.total_steps, initial=self.global_step, disable=not self.is_rank_zero, dynamic_ncols=True)
         if self.device.type == "cuda":
             training.cleanup_before_training()
         self.optimizer.zero_grad(set_to_none=True)
-        while self.global_step < self.max_steps:
+        while self.global_step < self.total_steps:
             t0 = time.perf_counter()
-            sums, kept, seen, tokens = self._forward_backward(batches)
+            phase1 = self.zeroing is not None and self.zeroing.active(self.global_step)
+            if phase1:  # the borrowed channel's rows at this step's scale; distillation only
+                self.zeroing.set_weights(self.step.student, self.global_step)
+            sums, kept, seen, tokens = self._forward_backward(batches, eviction=not phase1)
+            if phase1:
+                self.zeroing.zero_grads(self.step.student)
             grad_norm = self._optimizer_step()
             self.global_step += 1
             self._report_step(sums, kept, seen, tokens, grad_norm, t0, pbar)
-            if self.save_every and self.global_step % int(self.save_every) == 0 and self.global_step < self.max_steps:
+            if self.save_every and self.global_step % int(self.save_every) == 0 and self.global_step < self.total_steps:
                 self.save_checkpoint(self.global_step, final=False)
         pbar.close()
         self._log(peak_memory_message(self.device))
@@ -303,11 +294,12 @@ class DMSRetrofitRecipe:
         if self.is_rank_zero:
             save_heatmap(after, self.output_dir, self.global_step, self.out.claim, self._log)
 
-    def _forward_backward(self, batches):
+    def _forward_backward(self, batches, eviction: bool = True):
         """One optimizer step's micro-batches: loss = KD + compression, gradients accumulated.
         Returns the summed (kd, compression, lm) losses, kept and seen tokens, and real tokens."""
-        # a tensor, not a float: a compiled step would otherwise recompile for every new value
-        alpha_target = torch.tensor(self.dms.alpha_target(self.global_step), device=self.device)
+        # a tensor, not a float: a compiled step would otherwise recompile for every new value; the CR
+        # schedule starts after phase 1
+        alpha_target = torch.tensor(self.dms.alpha_target(self.global_step - self.zeroing_steps), device=self.device)
         sums = torch.zeros(3, device=self.device)  # kd, compression, lm
         kept = seen = 0
         tokens = 0
@@ -315,7 +307,13 @@ class DMSRetrofitRecipe:
             batch = {k: v.to(self.device) for k, v in next(batches).items()}
             with self._autocast():
                 r = self.train_step(
-                    batch["tokens"], batch["targets"], batch["doc_ids"], batch["valid"], alpha_target, self.noise
+                    batch["tokens"],
+                    batch["targets"],
+                    batch["doc_ids"],
+                    batch["valid"],
+                    alpha_target,
+                    self.noise,
+                    eviction=eviction,
                 )
             ((r["kd"] + r["compression"]) / self.grad_accum).backward()
             sums += torch.stack([r["kd"].detach(), r["compression"].detach(), r["lm"].detach()]).float()
@@ -349,13 +347,17 @@ class DMSRetrofitRecipe:
             stats[:3] /= self.world_size
         kd, comp, lm = stats[:3].tolist()
         report = CompressionReport(per_layer_head=(stats[3:-2].view_as(kept) / stats[-2]).cpu())
-        target_cr = self.dms.target_cr(self.global_step - 1)
+        target_cr = self.dms.target_cr(self.global_step - 1 - self.zeroing_steps)
         pbar.update(1)
         pbar.set_postfix_str(f"kd {kd:.4f} comp {comp:.4f} CR {report.ratio:.2f} (target {target_cr:.2f})")
-        if self.global_step % self.log_every == 0 or self.global_step == self.max_steps:
+        if self.global_step % self.log_every == 0 or self.global_step == self.total_steps:
             dt = time.perf_counter() - t0
+            zeroing = {}
+            if self.zeroing is not None:
+                zeroing = {"zeroing_scale": zeroing_scale(self.global_step - 1, self.zeroing_steps)}
             self._log_dict(
-                step_metrics(
+                zeroing
+                | step_metrics(
                     kd,
                     comp,
                     lm,
@@ -403,7 +405,7 @@ class DMSRetrofitRecipe:
         if self.is_rank_zero:
             folder = self.output_dir / ("final" if final else f"step_{step:06d}")
             weights = checkpoint_weights(sd, self.save_dtype if final else torch.float32)
-            hf_config = checkpoint_hf_config(self.hf_config, self.dms, self.kv_int8, self.base_weights)
+            hf_config = checkpoint_hf_config(self.hf_config, self.dms, self.kv_int8, self.base_weights, self.lora)
             record = make_record(self.run_id, step, self.settings, self.data_fingerprint, self.world_size)
             state = None
             if not final:
@@ -428,41 +430,17 @@ class DMSRetrofitRecipe:
 
     def _gather_state(self, final: bool):
         """(model state dict, optimizer state (None for final/), every rank's RNG state), full on rank 0."""
-        if self.distributed:
-            from torchtune import training
-
-            sd = training.gather_cpu_state_dict(self.step, self.is_rank_zero, device=self.device)
-            opt = (
-                None
-                if final
-                else training.get_full_optimizer_state_dict(
-                    self.step, self.optimizer, self.is_rank_zero, device=self.device
-                )
-            )
-            rng = [None] * self.world_size
-            torch.distributed.all_gather_object(rng, rng_state(self.noise, self.device))
-            return sd, opt, rng
-        sd = self.step.state_dict()
-        # a quantized base is saved as the full-precision weights it was quantized from
-        sd = {k: self._base_originals[k] if k in self._base_originals else v for k, v in sd.items()}
-        return sd, (None if final else self.optimizer.state_dict()), [rng_state(self.noise, self.device)]
+        return gather_state(
+            self.step, self.optimizer, self.noise, self.device, self.distributed, self.is_rank_zero,
+            self.world_size, self._base_originals, with_optimizer=not final,
+        )  # fmt: skip
 
     def _load_recipe_state(self, folder: Path) -> None:
         """Continue the checkpoint's run: step, epoch, optimizer, schedule, data order, random states."""
         state = self._resume.state  # read (mmap: only rank 0 reads the optimizer tensors) when it was chosen
         check_resumed_state(folder, state, self.data_fingerprint, self.dms, self.world_size, self._log)
         self.global_step, self.epoch = int(state["step"]), int(state["epoch"])
-        if self.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(
-                self.step,
-                self.optimizer,
-                state["optimizer"] if self.is_rank_zero else {},
-                options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
-            )
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.step, self.optimizer, state["optimizer"], self.distributed, self.is_rank_zero)
         if self.lr_scheduler is not None and state["lr_scheduler"] is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.sampler.set_epoch(self.epoch)
@@ -470,7 +448,8 @@ class DMSRetrofitRecipe:
         rng = state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0]
         restore_rng(rng, self.noise, self.device)
         self._log(
-            f"resumed from {folder} at step {self.global_step} (target CR {self.dms.target_cr(self.global_step):.2f})"
+            f"resumed from {folder} at step {self.global_step} "
+            f"(target CR {self.dms.target_cr(self.global_step - self.zeroing_steps):.2f})"
         )
 
     # ------------------------------------------------------------------------ logging, cleanup

@@ -9,7 +9,10 @@ adapter alone, applied to the unmodified base, reproduces the whole retrofit.
   (``model.layers.{i}.self_attn.dms_adapter.{norm,linear}.weight``), dtype as trained;
 - ``dms_config.json``: the checkpoint's ``dms_*`` settings, plus provenance (``base_model``: the
   base's name and shape as config.json gives them; ``base_verified``: whether the base weights were
-  checked against the base folder at export).
+  checked against the base folder at export);
+- ``dms_lora.safetensors`` (a retrofit with ``lora.enabled=true`` only): the LoRA factors of the
+  frozen base (`lora`: Hugging Face names, fp32), with ``dms_lora_*`` in dms_config.json; loaders merge
+  them into the base weights (:func:`read_adapter_lora`).
 
 ``dms_flex.checkpoints.load_dms_model(base, adapter=folder)`` applies it. On the command line::
 
@@ -32,12 +35,14 @@ from .atomic import write_folder_atomically
 from .hf_config import build_decoder, default_dtype, model_family, read_hf_config, read_json_object
 from .hf_folder import read_weights, safetensors_errors, weight_files
 from .keys import is_extra_key, tune_extra_name_to_hf
+from .lora import LORA_WEIGHTS_NAME, LoRADelta, LoRASettings, check_lora, is_lora_key
 
 __all__ = [
     "ADAPTER_WEIGHTS_NAME",
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_FORMAT",
     "read_adapter",
+    "read_adapter_lora",
     "check_adapter_fits",
     "export_adapter",
 ]
@@ -115,6 +120,29 @@ def read_adapter(folder) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     return cfg, state
 
 
+def read_adapter_lora(folder, cfg: Dict[str, Any]) -> Optional[LoRADelta]:
+    """The LoRA of an adapter folder (None when it has none); `cfg` is its dms_config.json (read_adapter)."""
+    folder = Path(folder).expanduser()
+    settings = LoRASettings.from_hf(cfg, source=str(folder / ADAPTER_CONFIG_NAME))
+    path = folder / LORA_WEIGHTS_NAME
+    if settings is None:
+        if path.is_file():
+            raise ValueError(f"{folder} has {LORA_WEIGHTS_NAME} but no dms_lora_* keys in {ADAPTER_CONFIG_NAME}")
+        return None
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder / ADAPTER_CONFIG_NAME} names a LoRA (dms_lora_rank) but {path} is missing")
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+        raise ValueError(f"{path} cannot be read as safetensors ({e}): export the adapter again") from None
+    foreign = sorted(k for k in tensors if not is_lora_key(k))
+    if foreign or not tensors:
+        raise ValueError(f"{path} must hold only LoRA factors (*.lora_A/B.weight), found {foreign[:4] or 'none'}")
+    return LoRADelta(settings, tensors)
+
+
 def _expected_dms_shapes(model: nn.Module) -> Dict[str, Tuple[int, ...]]:
     return {tune_extra_name_to_hf(k): tuple(v.shape) for k, v in model.state_dict().items() if is_extra_key(k)}
 
@@ -190,7 +218,7 @@ def _weight_reader(folder: Path):
 
 
 def _base_names(names: Iterable[str], cfg: Dict[str, Any]) -> set:
-    out = {n for n in names if not is_extra_key(n) and "rotary_emb.inv_freq" not in n}
+    out = {n for n in names if not is_extra_key(n) and not is_lora_key(n) and "rotary_emb.inv_freq" not in n}
     if cfg.get("tie_word_embeddings", False):
         out.discard("lm_head.weight")  # ignored on load when tied
     return out
@@ -279,13 +307,21 @@ def export_adapter(checkpoint_folder, out_folder, *, base_folder=None) -> Path:
     with default_dtype(torch.float32), torch.device("meta"):
         skeleton = add_dms(build_decoder(cfg, max_seq_len=1, family=family), dms)
     with _weight_reader(ckpt_folder) as (names, get):
-        state = {n: get(n).contiguous() for n in names if is_extra_key(n)}
+        state = {n: get(n).contiguous() for n in names if is_extra_key(n) and not is_lora_key(n)}
+        lora_tensors = {n: get(n).contiguous() for n in names if is_lora_key(n)}
     if not state:
         raise ValueError(
             f"{ckpt_folder} says dms_decision=adapter but holds no DMS adapter parameters "
             f"(tensors named model.layers.N.self_attn.dms_adapter.*)"
         )
     check_adapter_fits(skeleton, state, adapter=ckpt_folder, model_folder=f"{ckpt_folder}'s config.json")
+    lora_settings = LoRASettings.from_hf(cfg, source=str(ckpt_folder / "config.json"))
+    if (lora_settings is None) != (not lora_tensors):
+        raise ValueError(f"{ckpt_folder}: LoRA factors and the dms_lora_* keys of config.json must come together")
+    if lora_settings is not None:
+        from .hf_folder import build_expected_hf_shapes
+
+        check_lora(LoRADelta(lora_settings, lora_tensors), build_expected_hf_shapes(cfg, family), str(ckpt_folder))
     base_cfg = _check_same_base(ckpt_folder, cfg, Path(base_folder).expanduser()) if base_folder is not None else {}
 
     name = next((c.get(k) for c in (cfg, base_cfg) for k in ("_name_or_path", "_model_name_or_path") if c.get(k)), None)
@@ -301,6 +337,8 @@ def export_adapter(checkpoint_folder, out_folder, *, base_folder=None) -> Path:
         from safetensors.torch import save_file
 
         save_file(state, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        if lora_tensors:
+            save_file(lora_tensors, str(tmp / LORA_WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(out_cfg, indent=2) + "\n")
 
     return _write_adapter_folder(Path(out_folder), fill)

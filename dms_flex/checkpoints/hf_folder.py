@@ -26,6 +26,7 @@ from torch import nn
 from .atomic import make_readable, write_folder_atomically  # noqa: F401 - make_readable: dms_flex.hf reads it here
 from .hf_config import FAMILY_TO_ARCH, CONFIG_NAME, build_decoder, default_dtype, model_family, read_hf_config
 from .keys import clean_tune_key, hf_to_tune, is_extra_key, tune_extra_name_to_hf, tune_to_hf
+from .lora import LoRADelta, LoRASettings, check_lora, is_lora_key, merge_lora
 
 __all__ = [
     "LoadedModel",
@@ -57,6 +58,10 @@ class LoadedModel:
     # Tensors that are not part of the base model (names containing "dms"), Hugging Face names,
     # dtype as stored in the checkpoint.
     extra_state: Dict[str, torch.Tensor] = field(default_factory=dict)
+    # LoRA factors (`lora`): those merged into the weights (lora="merge" or a LoRADelta), or the folder's
+    # own left unmerged (lora="keep": the retrofit resuming a checkpoint); None without LoRA.
+    lora: Optional[LoRADelta] = None
+    lora_merged: bool = False
 
 
 def load_extra_state(
@@ -223,7 +228,9 @@ def _load_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-def load_hf_checkpoint(folder, dtype: torch.dtype = torch.float32, max_seq_len: Optional[int] = None) -> LoadedModel:
+def load_hf_checkpoint(
+    folder, dtype: torch.dtype = torch.float32, max_seq_len: Optional[int] = None, *, lora="merge"
+) -> LoadedModel:
     """Load a Hugging Face Llama / Qwen2 checkpoint folder as a torchtune ``TransformerDecoder``.
 
     Args:
@@ -232,6 +239,9 @@ def load_hf_checkpoint(folder, dtype: torch.dtype = torch.float32, max_seq_len: 
         dtype: dtype of the model's parameters (weights are cast on load).
         max_seq_len: the decoder's maximum sequence length (RoPE cache size); default
             ``max_position_embeddings`` from config.json.
+        lora: the folder's own LoRA factors (`lora`), if any: "merge" them into the base weights (the
+            model as trained), "keep" them unmerged in ``LoadedModel.lora``, or "ignore" them; or a
+            `LoRADelta` (an adapter folder's) to merge instead.
 
     Raises:
         FileNotFoundError: folder, config.json or weights missing.
@@ -250,8 +260,11 @@ def load_hf_checkpoint(folder, dtype: torch.dtype = torch.float32, max_seq_len: 
     max_seq_len = int(model.max_seq_len)
 
     state = read_weights(folder, cfg, family)
-    extra = {k: v for k, v in state.items() if is_extra_key(k)}
-    base = {k: v for k, v in state.items() if not is_extra_key(k) and "rotary_emb.inv_freq" not in k}
+    own_lora = _own_lora(folder, cfg, {k: v for k, v in state.items() if is_lora_key(k)})
+    extra = {k: v for k, v in state.items() if is_extra_key(k) and not is_lora_key(k)}
+    base = {
+        k: v for k, v in state.items() if not is_extra_key(k) and not is_lora_key(k) and "rotary_emb.inv_freq" not in k
+    }
     tied = bool(cfg.get("tie_word_embeddings", False))
     if tied:
         # Hugging Face ignores a stored lm_head when the embeddings are tied; so do we.
@@ -260,6 +273,12 @@ def load_hf_checkpoint(folder, dtype: torch.dtype = torch.float32, max_seq_len: 
     meta_sd = {k: v for k, v in model.state_dict().items()}
     expected = {k: v.shape for k, v in tune_to_hf(meta_sd, cfg, family).items()}
     _check_hf_state(base, expected, folder, arch)
+    if lora not in ("merge", "keep", "ignore") and not isinstance(lora, LoRADelta):
+        raise ValueError(f"lora must be 'merge', 'keep', 'ignore' or a LoRADelta, got {lora!r}")
+    merged = own_lora if lora == "merge" else lora if isinstance(lora, LoRADelta) else None
+    if merged is not None:
+        check_lora(merged, expected, str(folder) if merged is own_lora else "the adapter")
+        merge_lora(base, merged)
 
     tune_sd = hf_to_tune(base, cfg, family)
     tune_sd = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tune_sd.items()}
@@ -282,7 +301,21 @@ def load_hf_checkpoint(folder, dtype: torch.dtype = torch.float32, max_seq_len: 
         family=family,
         max_seq_len=max_seq_len,
         extra_state=extra,
+        lora=merged if merged is not None else own_lora if lora == "keep" else None,
+        lora_merged=merged is not None,
     )
+
+
+def _own_lora(folder: Path, cfg: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> Optional[LoRADelta]:
+    """The folder's LoRA (settings from config.json, factors from its weights), checked to come together."""
+    settings = LoRASettings.from_hf(cfg, source=str(folder / CONFIG_NAME))
+    if (settings is None) != (not tensors):
+        raise ValueError(
+            f"{folder} has LoRA factors ({next(iter(tensors))}) but no dms_lora_* keys in config.json"
+            if tensors
+            else f"{folder / CONFIG_NAME} has dms_lora_* keys but the weights hold no LoRA factors"
+        )
+    return None if settings is None else LoRADelta(settings, tensors)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -315,7 +348,9 @@ def save_hf_checkpoint(
     tensors = _unshared_cpu_tensors(hf_sd)
     config = dict(hf_config)
     config["architectures"] = [FAMILY_TO_ARCH[family]]
-    float_dtypes = {t.dtype for k, t in tensors.items() if t.is_floating_point() and not is_extra_key(k)}
+    float_dtypes = {
+        t.dtype for k, t in tensors.items() if t.is_floating_point() and not is_extra_key(k) and not is_lora_key(k)
+    }
     if len(float_dtypes) == 1:
         name = _dtype_name(float_dtypes.pop())
         if "torch_dtype" in config:

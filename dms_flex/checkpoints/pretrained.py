@@ -1,7 +1,9 @@
 """Load a checkpoint folder as a DMS model: base weights, DMS settings and DMS parameters.
 
 ``load_dms_model(folder)`` takes a Hugging Face folder (a base model, a retrofit, or a released DMS
-checkpoint); ``load_dms_model(base, adapter=folder)`` applies an adapter folder (see `adapter`).
+checkpoint); ``load_dms_model(base, adapter=folder)`` applies an adapter folder (see `adapter`). LoRA
+factors (a retrofit with ``lora.enabled=true``, in the folder or the adapter) are merged into the base
+weights on load (`lora`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 
 from ..config import DMSConfig
 from ..torchtune_model import add_dms
-from .adapter import ADAPTER_CONFIG_NAME, check_adapter_fits, read_adapter
+from .adapter import ADAPTER_CONFIG_NAME, check_adapter_fits, read_adapter, read_adapter_lora
 from .hf_folder import load_extra_state, load_hf_checkpoint
 from .keys import hf_extra_name_to_tune, is_extra_key, tune_extra_name_to_hf
 
@@ -31,6 +33,7 @@ class DMSModel:
     family: str
     dms_trained: bool  # the checkpoint (or the adapter) carried DMS settings (a retrofit), not defaults
     adapter: Optional[Path] = None  # the adapter folder applied, if any
+    lora: Optional[Any] = None  # the LoRASettings merged into the base weights, if any
 
 
 def load_dms_model(
@@ -46,14 +49,17 @@ def load_dms_model(
     format), else the defaults of DMSConfig; `dms_overrides` (DMSConfig field names) win over both.
 
     `adapter`: a folder written by :func:`export_adapter`. Its dms_config.json then supplies the DMS
-    settings (`dms_overrides` still win) and its parameters are loaded into the model; `folder`'s own
-    DMS settings and parameters, if any, are ignored. Raises FileNotFoundError / ValueError when the
+    settings (`dms_overrides` still win) and its parameters are loaded into the model, its LoRA factors
+    (if any) merged into the base weights; `folder`'s own DMS settings, parameters and LoRA, if any, are
+    ignored. Raises FileNotFoundError / ValueError when the
     adapter folder is incomplete or does not fit the model."""
     adapter_cfg = adapter_state = None
+    lora = "merge"  # the folder's own LoRA, if any
     if adapter is not None:
         adapter = Path(adapter).expanduser()
         adapter_cfg, adapter_state = read_adapter(adapter)  # before the (larger) model: fail fast
-    loaded = load_hf_checkpoint(folder, dtype=dtype, max_seq_len=max_seq_len)
+        lora = read_adapter_lora(adapter, adapter_cfg) or "ignore"
+    loaded = load_hf_checkpoint(folder, dtype=dtype, max_seq_len=max_seq_len, lora=lora)
     hf_config = loaded.hf_config
     if adapter_cfg is not None:
         hf_config = {
@@ -88,6 +94,7 @@ def load_dms_model(
         family=loaded.family,
         dms_trained=trained,
         adapter=adapter,
+        lora=loaded.lora.settings if loaded.lora_merged else None,
     )
 
 

@@ -4,30 +4,36 @@
 released `nvidia/Qwen3-8B-DMS-8x` keys) plus this project's `dms_decision` etc. (`DMSConfig.to_hf` /
 `from_hf`, parsed by `dms_config_from_hf`). Adapter weights are stored as
 `model.layers.{i}.self_attn.dms_adapter.norm.weight` / `.linear.weight`, the names
-`dms_flex.checkpoints.keys` maps to torchtune's `layers.{i}.attn.dms_adapter.*`.
+`dms_flex.checkpoints.keys` maps to torchtune's `layers.{i}.attn.dms_adapter.*`. LoRA factors of a
+retrofit with `lora.enabled=true` (`*.lora_A.weight` / `*.lora_B.weight`, `dms_lora_*` keys) are merged
+into the base weights on load, as `dms_flex.checkpoints.lora` describes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..checkpoints import hf_folder as checkpoint
+from ..checkpoints.adapter import read_adapter, read_adapter_lora
+from ..checkpoints.lora import LoRADelta, LoRASettings, check_lora, is_lora_key, merge_lora
 from ..config import DMSConfig
 from .model import SUPPORTED_ARCHITECTURES, dms_config_from_hf, dms_config_of, enable_dms
 
 __all__ = ["from_pretrained", "save_pretrained"]
 
 
-def from_pretrained(folder, dms_config: Optional[DMSConfig] = None, **kwargs) -> nn.Module:
+def from_pretrained(folder, dms_config: Optional[DMSConfig] = None, *, adapter=None, **kwargs) -> nn.Module:
     """Load a local Hugging Face folder (Llama / Qwen2 / Qwen3) as a transformers model with DMS on.
 
     DMS settings come from config.json's `dms_*` keys (the released format); `dms_config` overrides
     them and is required when the folder has none. Adapter weights (`*.dms_adapter.*`) are loaded
-    from the folder's safetensors. Other keyword arguments go to transformers' `from_pretrained`
+    from the folder's safetensors, LoRA factors merged into the base weights. `adapter`: an adapter
+    folder (`python -m dms_flex.checkpoints export-adapter`) whose settings, adapter weights and LoRA
+    replace the folder's own. Other keyword arguments go to transformers' `from_pretrained`
     (dtype, device_map, ...). Returns the model in eval mode.
     """
     import transformers
@@ -42,14 +48,26 @@ def from_pretrained(folder, dms_config: Optional[DMSConfig] = None, **kwargs) ->
             f"unsupported architecture in {folder / 'config.json'}: {found}; supported architectures: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    cfg = dms_config if dms_config is not None else dms_config_from_hf(raw, source=str(folder / "config.json"))
+    if adapter is not None:
+        adapter = Path(adapter).expanduser()
+        adapter_cfg, extra = read_adapter(adapter)
+        lora = read_adapter_lora(adapter, adapter_cfg)
+        source = str(adapter / "dms_config.json")
+        raw_dms = {**{k: v for k, v in raw.items() if not k.startswith("dms_")}, **adapter_cfg}
+    else:
+        extra, lora_tensors = _read_extra_tensors(folder)
+        settings = LoRASettings.from_hf(raw, source=str(folder / "config.json"))
+        if (settings is None) != (not lora_tensors):
+            raise ValueError(f"{folder}: LoRA factors and the dms_lora_* keys of config.json must come together")
+        lora = None if settings is None else LoRADelta(settings, lora_tensors)
+        source, raw_dms = str(folder / "config.json"), raw
+    cfg = dms_config if dms_config is not None else dms_config_from_hf(raw_dms, source=source)
     cls = getattr(transformers, arch)
-    extra = _read_extra_tensors(folder)
     # the adapter tensors are loaded below, once the adapters exist: keep transformers' load report quiet
     # about them (the pattern is copied into the instance by post_init; the class is restored at once)
     had_own = "_keys_to_ignore_on_load_unexpected" in cls.__dict__
     old = cls.__dict__.get("_keys_to_ignore_on_load_unexpected")
-    cls._keys_to_ignore_on_load_unexpected = set(old or ()) | {r"\.dms_adapter\."}
+    cls._keys_to_ignore_on_load_unexpected = set(old or ()) | {r"\.dms_adapter\.", r"\.lora_[AB]\."}
     try:
         model = cls.from_pretrained(str(folder), **kwargs)
     finally:
@@ -57,9 +75,22 @@ def from_pretrained(folder, dms_config: Optional[DMSConfig] = None, **kwargs) ->
             cls._keys_to_ignore_on_load_unexpected = old
         else:
             del cls._keys_to_ignore_on_load_unexpected
+    if lora is not None:
+        _merge_lora_into(model, lora, str(adapter or folder))
     enable_dms(model, cfg)
-    checkpoint.load_extra_state(model, extra, str(folder), dms_config_of(model).decision)
+    checkpoint.load_extra_state(model, extra, str(adapter or folder), dms_config_of(model).decision)
     return model.eval()
+
+
+@torch.no_grad()
+def _merge_lora_into(model: nn.Module, lora: LoRADelta, source: str) -> None:
+    """W + (alpha / rank) * B @ A into the model's weights, as the torchtune loader merges them."""
+    params = dict(model.named_parameters())
+    check_lora(lora, {k: v.shape for k, v in params.items()}, source)
+    modules = {k[: -len(".lora_A.weight")] for k in lora.tensors if k.endswith(".lora_A.weight")}
+    merged = merge_lora({f"{m}.weight": params[f"{m}.weight"] for m in modules}, lora)
+    for name, value in merged.items():
+        params[name].copy_(value.to(params[name].dtype))
 
 
 def save_pretrained(model: nn.Module, folder, **kwargs) -> None:
@@ -79,14 +110,17 @@ def _weight_files(folder: Path) -> List[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def _read_extra_tensors(folder: Path) -> Dict[str, torch.Tensor]:
-    """The tensors whose name contains 'dms' (DMS parameters), without reading the base weights."""
+def _read_extra_tensors(folder: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """(DMS parameters: names containing 'dms'; LoRA factors), without reading the base weights."""
     from safetensors import safe_open
 
     out: Dict[str, torch.Tensor] = {}
+    lora: Dict[str, torch.Tensor] = {}
     for path in _weight_files(folder):
         with checkpoint.safetensors_errors(path), safe_open(str(path), "pt") as f:
             for name in f.keys():
-                if checkpoint.is_extra_key(name):
+                if is_lora_key(name):
+                    lora[name] = f.get_tensor(name)
+                elif checkpoint.is_extra_key(name):
                     out[name] = f.get_tensor(name)
-    return out
+    return out, lora

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 import dms_flex
 from dms_flex import data as dms_data
+from dms_flex.checkpoints.lora import LoRAError, LoRASettings
 from dms_flex.config import DMSConfig
 
 CONFIG_DIR = Path(dms_flex.__file__).resolve().parent / "configs"
@@ -52,6 +53,8 @@ KNOWN_KEYS = {
     "fsdp_reshard_after_forward",
     "quant",
     "overwrite",
+    "zeroing_steps",
+    "lora",
 }
 BASE_WEIGHT_QUANT = ("none", "int8", "nf4")
 
@@ -147,6 +150,57 @@ def training_mode(cfg: DictConfig, dms: DMSConfig) -> Tuple[bool, bool, str]:
             f"{str(adapter_only).lower()}, dms.decision={dms.decision})"
         )
     return adapter_only, kv_int8, base_weights
+
+
+def zeroing_steps(cfg: DictConfig, dms: DMSConfig) -> int:
+    """zeroing_steps (default 0): the distillation-only steps that scale the borrowed channel's weights
+    from 1 to 0 before the CR schedule (docs/design.md, "Losses and schedule"); 0 for the adapter
+    variant, which borrows no channel."""
+    n = cfg.get("zeroing_steps", 0)
+    n = 0 if n is None else n
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise RecipeError(f"zeroing_steps={n!r} is invalid: it must be an integer >= 0 (0: no zeroing phase)")
+    return n if dms.decision == "borrowed" else 0
+
+
+LORA_KEYS = ("enabled", "rank", "alpha", "modules", "dropout")
+
+
+def lora_settings(cfg: DictConfig, dms: DMSConfig, adapter_only: bool, base_weights: str) -> Optional[LoRASettings]:
+    """The `lora:` section (None: off): torchtune LoRA on the frozen base of an adapter-only run."""
+    node = cfg.get("lora", None)
+    if node is None:
+        return None
+    if not isinstance(node, DictConfig):
+        raise RecipeError(f"lora must be a mapping of {list(LORA_KEYS)}, got {node!r}")
+    unknown = sorted(set(node.keys()) - set(LORA_KEYS))
+    if unknown:
+        raise RecipeError(f"unknown key(s) lora.{', lora.'.join(unknown)}; lora takes {', '.join(LORA_KEYS)}")
+    enabled = node.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise RecipeError(f"lora.enabled={enabled!r} is invalid: it must be true or false")
+    if not enabled:
+        return None
+    if not (adapter_only and dms.decision == "adapter"):
+        raise RecipeError(
+            f"lora.enabled=true trains LoRA on a frozen base: it needs dms.decision=adapter and "
+            f"train_adapter_only=true (got dms.decision={dms.decision}, train_adapter_only={str(adapter_only).lower()})"
+        )
+    if base_weights != "none":
+        raise RecipeError(f"lora.enabled=true with quant.base_weights={base_weights} is not supported: use one")
+    modules = node.get("modules", None)
+    modules = tuple(OmegaConf.to_container(modules)) if modules is not None else LoRASettings.modules
+    try:
+        return LoRASettings(
+            rank=node.get("rank", LoRASettings.rank),
+            alpha=node.get("alpha", LoRASettings.alpha),
+            modules=modules,
+            dropout=node.get("dropout", 0.0),
+        )
+    except LoRAError as e:
+        raise RecipeError(str(e)) from None
+    except TypeError:
+        raise RecipeError(f"lora.modules={node.get('modules')!r} is invalid: it must be a list of names") from None
 
 
 def check_distributed(base_weights: str) -> None:

@@ -1,6 +1,6 @@
 """The student and the teacher: the original model (a Hugging Face folder or a randomly initialised
 `model` component), a retrofit checkpoint, the frozen base (adapter-only runs, optionally held
-quantized), and FSDP2 sharding over several ranks."""
+quantized or with torchtune LoRA on it), and FSDP2 sharding over several ranks."""
 
 from __future__ import annotations
 
@@ -15,28 +15,39 @@ from torch import nn
 
 from dms_flex import checkpoints as ckpt
 from dms_flex.checkpoints import pretrained
+from dms_flex.checkpoints.lora import LoRASettings, apply_lora, lora_to_tune
 from dms_flex.config import DMSConfig
 from dms_flex.torchtune_model import add_dms
 
 from .config_checks import RecipeError, missing_weights_message
 
 
-def load_folder(folder: Path, dtype, cfg: DictConfig, original: bool):
+def load_folder(folder: Path, dtype, cfg: DictConfig, original: bool, lora: str = "merge"):
     if original and not (folder / "config.json").is_file():
         raise RecipeError(missing_weights_message(cfg, folder))
     try:
-        return ckpt.load_hf_checkpoint(folder, dtype=dtype, max_seq_len=int(cfg.max_seq_len))
+        return ckpt.load_hf_checkpoint(folder, dtype=dtype, max_seq_len=int(cfg.max_seq_len), lora=lora)
     except FileNotFoundError as e:
         raise RecipeError(missing_weights_message(cfg, folder) if original else str(e)) from None
     except ValueError as e:
         raise RecipeError(f"cannot load {folder}: {e}") from None
 
 
-def model_from_folder(folder: Path, dtype, cfg: DictConfig, dms: DMSConfig) -> nn.Module:
-    """A retrofit checkpoint (ours): base weights plus DMS parameters."""
-    loaded = load_folder(folder, dtype, cfg, original=False)
+def model_from_folder(
+    folder: Path, dtype, cfg: DictConfig, dms: DMSConfig, lora: Optional[LoRASettings] = None
+) -> nn.Module:
+    """A retrofit checkpoint (ours): base weights plus DMS parameters, and the LoRA factors unmerged
+    (torchtune LoRALinear layers) when the run trains LoRA."""
+    loaded = load_folder(folder, dtype, cfg, original=False, lora="keep")
     model = add_dms(loaded.model, dms)
     pretrained.load_dms_state(model, loaded.extra_state, source=str(folder))
+    if lora is not None:
+        if loaded.lora is None or loaded.lora.settings != LoRASettings(lora.rank, lora.alpha, lora.modules):
+            raise RecipeError(f"{folder} does not hold the LoRA this run trains ({lora})")
+        apply_lora(model, lora)
+        factors = lora_to_tune(loaded.lora.tensors, loaded.hf_config, loaded.family)
+        result = model.load_state_dict({k: v.float() for k, v in factors.items()}, strict=False)
+        assert not result.unexpected_keys and not [k for k in result.missing_keys if ".lora_" in k], result
     return model
 
 
@@ -102,10 +113,12 @@ def hf_config_of(model: nn.Module, tokenizer) -> Dict[str, Any]:
 
 
 def freeze_base(student: nn.Module, distributed: bool, compute_dtype: torch.dtype) -> None:
-    """train_adapter_only: only the DMS parameters train; on one device the frozen weights drop to the
-    compute dtype (they need no fp32 master copy; FSDP wants one dtype per unit)."""
-    for name, p in student.named_parameters():
-        p.requires_grad_(ckpt.is_extra_key(name))
+    """train_adapter_only: only the DMS parameters (and LoRA factors, if any) train; on one device the
+    frozen weights drop to the compute dtype (they need no fp32 master copy; FSDP wants one dtype per unit)."""
+    from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+    dms = {name for name, _ in student.named_parameters() if ckpt.is_extra_key(name)}
+    set_trainable_params(student, dms | set(get_adapter_params(student)))
     if not distributed:
         for name, p in student.named_parameters():
             if not p.requires_grad:

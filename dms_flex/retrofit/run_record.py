@@ -68,15 +68,22 @@ class Resume(NamedTuple):
     record: Optional[Dict[str, Any]]
 
 
-def result_settings(cfg: DictConfig, dms: DMSConfig, kv_int8: bool, base_weights: str) -> Dict[str, Any]:
+def result_settings(
+    cfg: DictConfig, dms: DMSConfig, kv_int8: bool, base_weights: str, zeroing_steps: int = 0, lora=None
+) -> Dict[str, Any]:
     """The settings that change a run's result (RESULT_KEYS), as JSON values: recorded in every
-    checkpoint, and equal in a run that resumes it."""
+    checkpoint, and equal in a run that resumes it. The zeroing phase and LoRA are recorded when on
+    (`zeroing_steps`, `lora`: a LoRASettings), so that checkpoints of runs without them still resume."""
     out: Dict[str, Any] = {}
     for key in RESULT_KEYS:
         node = cfg.get(key, _RESULT_DEFAULTS.get(key))
         out[key] = OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
     out["dms"] = dms.to_dict()  # defaults filled in: an omitted field equals its default
     out["quant"] = {"kv_int8": kv_int8, "base_weights": base_weights}
+    if zeroing_steps:
+        out["zeroing_steps"] = zeroing_steps
+    if lora is not None:
+        out["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "modules": list(lora.modules), "dropout": lora.dropout}
     return json.loads(json.dumps(out, default=str))
 
 

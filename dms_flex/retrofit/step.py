@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -18,7 +19,9 @@ class RetrofitStep(nn.Module):
 
     FSDP2 gathers a module's parameters in its forward; the KD loss reads the output projection
     directly, so it must run inside the root module's forward. The teacher copy is deliberately
-    not a submodule: it is frozen and never sharded.
+    not a submodule: it is frozen and never sharded. Without a copy the teacher is the student with
+    eviction off and, with `lora`, its LoRA disabled (torchtune's disable_adapter): the frozen base.
+    `eviction=False` (phase 1 of the borrowed variant, `zeroing`): distillation only, nothing evicted.
     """
 
     def __init__(
@@ -31,8 +34,10 @@ class RetrofitStep(nn.Module):
         kd_temperature: float,
         log_lm_loss: bool,
         kv_int8: bool = False,
+        lora: bool = False,
     ):
         super().__init__()
+        self.lora = lora
         self.kv_int8 = kv_int8  # the student sees int8 K/V (straight-through); the teacher stays full precision
         self.student = student
         self._teacher = [teacher]  # a list keeps it out of the module tree
@@ -41,14 +46,22 @@ class RetrofitStep(nn.Module):
         self.kd_temperature = kd_temperature
         self.log_lm_loss = log_lm_loss
 
-    def forward(self, tokens, targets, doc_ids, valid, alpha_target: torch.Tensor, generator=None) -> Dict[str, Any]:
+    def forward(
+        self, tokens, targets, doc_ids, valid, alpha_target: torch.Tensor, generator=None, eviction: bool = True
+    ) -> Dict[str, Any]:
         teacher = self._teacher[0] or self.student
-        with torch.no_grad():
+        base_only = nullcontext()
+        if self.lora and teacher is self.student:
+            from torchtune.modules.peft import disable_adapter
+
+            base_only = disable_adapter(self.student)
+        with torch.no_grad(), base_only:
             t_hidden = forward_train(teacher, tokens, doc_ids=doc_ids, eviction=False, training=False).hidden
         out = forward_train(
             self.student,
             tokens,
             doc_ids=doc_ids,
+            eviction=eviction,
             training=True,
             generator=generator,
             activation_checkpointing=self.activation_checkpointing,
@@ -65,9 +78,17 @@ class RetrofitStep(nn.Module):
             temperature=self.kd_temperature,
             teacher_output_weight=dequantized(output_weight(teacher)) if teacher is not self.student else None,
         )
-        comp = compression_loss(out.alpha_st, alpha_target, valid)
+        if eviction:
+            comp, evicted = compression_loss(out.alpha_st, alpha_target, valid), out.evicted
+        else:  # distillation only: no loss to evict, and every token kept
+            comp = kd.new_zeros(())
+            B, T = tokens.shape
+            evicted = [
+                torch.zeros(B, L.attn.num_kv_heads, T, dtype=torch.bool, device=tokens.device)
+                for L in self.student.layers
+            ]
         lm = lm_loss(out.hidden, w, targets, self.kd_chunk_size) if self.log_lm_loss else kd.new_zeros(())
-        return {"kd": kd, "compression": comp, "lm": lm, "evicted": out.evicted}
+        return {"kd": kd, "compression": comp, "lm": lm, "evicted": evicted}
 
     @torch.no_grad()
     def measure(self, tokens, doc_ids) -> List[torch.Tensor]:

@@ -1,0 +1,84 @@
+"""The recipe's training data: the dataset components packed into rows with document ids, the
+resumable sampler and data loader of each rank, and the fixed evaluation rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List
+
+import torch
+from omegaconf import DictConfig, ListConfig
+
+from dms_flex import data as dms_data
+
+from .config_checks import RecipeError, instantiate
+
+
+@dataclass
+class TrainingData:
+    packed: Any  # dms_flex.data.PackedDocuments
+    sampler: Any  # StatefulDistributedSampler
+    dataloader: Any  # StatefulDataLoader
+    eval_batches: List[Dict[str, torch.Tensor]]
+    fingerprint: Dict[str, Any]
+
+
+def build_training_data(
+    cfg: DictConfig,
+    tokenizer,
+    *,
+    total_steps: int,
+    grad_accum: int,
+    batch_size: int,
+    world_size: int,
+    rank: int,
+    seed: int,
+    log: Callable[[str], None],
+) -> TrainingData:
+    from torch.utils.data import ConcatDataset
+    from torchdata.stateful_dataloader import StatefulDataLoader
+    from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+    parts = cfg.dataset if isinstance(cfg.dataset, ListConfig) else [cfg.dataset]
+    datasets = []
+    for part in parts:
+        if part.get("packed", False):
+            raise RecipeError(
+                "dataset.packed=true: leave packing to the recipe (it needs document ids); set "
+                "packed: false and choose max_seq_len / split_across_rows at the top level"
+            )
+        datasets.append(instantiate(part, "dataset", tokenizer))
+    ds = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
+    rows_needed = total_steps * grad_accum * batch_size * world_size
+    packed = dms_data.PackedDocuments(
+        ds,
+        int(cfg.max_seq_len),
+        pad_id=tokenizer.pad_id,
+        split_across_rows=bool(cfg.get("split_across_rows", True)),
+        max_rows=rows_needed,
+        progress=rank == 0,
+    )
+    per_batch = batch_size * world_size
+    if len(packed) < per_batch:
+        raise RecipeError(
+            f"the data packs into {len(packed)} row(s) of {cfg.max_seq_len} tokens, fewer than "
+            f"one batch ({batch_size} x {world_size} rank(s)): add data or lower max_seq_len / batch_size"
+        )
+    sampler = StatefulDistributedSampler(
+        packed, num_replicas=world_size, rank=rank, shuffle=bool(cfg.get("shuffle", True)), seed=seed, drop_last=True
+    )
+    dataloader = StatefulDataLoader(packed, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=0)
+    # the same number of eval rows on every rank (FSDP runs every forward on all ranks together)
+    n_eval = min(int(cfg.get("eval_batches", 1)) * batch_size, len(packed) // world_size)
+    rows = [rank + world_size * k for k in range(n_eval)]
+    eval_batches = [
+        torch.utils.data.default_collate([packed[i] for i in rows[s : s + batch_size]])
+        for s in range(0, len(rows), batch_size)
+    ]
+    epochs = rows_needed / max(len(packed), 1)
+    log(
+        f"data: {packed.documents} documents, {packed.real_tokens} tokens in {len(packed)} "
+        f"rows of {cfg.max_seq_len}; {total_steps} steps x {grad_accum * batch_size} rows x "
+        f"{world_size} rank(s) = {max(epochs, 1.0):.1f} epoch(s)"
+    )
+    return TrainingData(packed, sampler, dataloader, eval_batches, packed.fingerprint())
