@@ -22,13 +22,14 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from dms_flex import fusion
 from dms_flex import torchtune_model as tm
 from dms_flex.config import DMSConfig
 
 DEVICE = "cuda"
 
 
-def build_model(preset: str, max_seq_len: int):
+def build_model(preset: str, max_seq_len: int, fuse: bool = True):
     from torchtune.models.llama3 import llama3_8b
     from torchtune.models.llama3._component_builders import llama3
     from torchtune.models.llama3_2 import llama3_2_1b
@@ -69,7 +70,10 @@ def build_model(preset: str, max_seq_len: int):
             layer.attn.pos_embeddings.rope_init()
     m.max_seq_len = max_seq_len
     m.requires_grad_(False)
-    return tm.add_dms(m.eval(), DMSConfig(window=512))
+    m = tm.add_dms(m.eval(), DMSConfig(window=512))
+    if fuse:  # as `python -m dms_flex.generate` does (the gpt-fast-style loop reads the same fused weights)
+        fusion.fuse_projections(m)
+    return m
 
 
 def fill(state: tm.InferenceState, live: int, ctx: int) -> None:
@@ -245,6 +249,7 @@ def main():
         action="store_true",
         help="also profile one compiled step without CUDA graphs: kernel count and summed kernel time",
     )
+    p.add_argument("--no-fuse", dest="fuse", action="store_false", help="separate q/k/v and gate/up GEMMs (ablation)")
     p.add_argument("--out")
     a = p.parse_args()
     for kind in a.cache:
@@ -256,7 +261,7 @@ def main():
     global DEVICE
     DEVICE = a.device
     margin = 3 * a.steps + 64
-    model = build_model(a.preset, max(a.ctx) + margin)
+    model = build_model(a.preset, max(a.ctx) + margin, a.fuse)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
 

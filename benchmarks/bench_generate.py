@@ -175,6 +175,9 @@ def parse_args(argv=None):
         help="compile our decode step (default: on CUDA)",
     )
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument(
+        "--no-fuse", dest="fuse", action="store_false", help="keep q/k/v and gate/up as separate GEMMs (ablation)"
+    )
     p.add_argument("--check", action="store_true", help="first compare torchtune-path and dms-hf greedy tokens (B=2)")
     p.add_argument("--check-only", action="store_true", help="run --check and stop")
     p.add_argument("--check-steps", type=_positive_int, default=8)
@@ -306,6 +309,10 @@ class Models:
             self.encode = lambda s: tok(s, add_special_tokens=False)["input_ids"]
             self.source = f"{folder} + {'packaged ' if packaged else ''}adapter {adapter}"
         self.model = self.dm.model.requires_grad_(False)
+        if args.fuse:  # as `python -m dms_flex.generate` does: one GEMM for q/k/v and one for gate/up
+            from dms_flex import fusion
+
+            fusion.fuse_projections(self.model)
         self._hf: Dict[str, torch.nn.Module] = {}
 
     def hf(self, dms: bool):
@@ -728,6 +735,7 @@ def make_meta(args, device, dtype, models: Models, text_origin, compile_step):
         "dtype": str(dtype).replace("torch.", ""),
         "text": text_origin,
         "our_decode_step": "torch.compile(fullgraph=True, mode='reduce-overhead')" if compile_step else "eager",
+        "fused_projections": bool(args.fuse),
         "dms_capacity": args.dms_capacity,
         "new_tokens": args.new_tokens,
         "systems": args.systems,

@@ -18,6 +18,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from . import fusion
 from . import torchtune_model as tm
 from .generate_args import DEFAULT_CHAT, DEFAULT_MAX_SEQ_LEN, parse_args
 from .sampling import SamplingConfig, sample
@@ -43,8 +44,11 @@ class GenerationResult:
         return self.decode_steps * len(self.tokens) / max(self.decode_seconds, 1e-9)
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], device) -> tuple:
-    if not prompts or any(len(p) == 0 for p in prompts):
+def pad_prompts(prompts: Sequence[Sequence[int]], device, may_be_empty: Sequence[bool] = ()) -> tuple:
+    """Right-padded (B, n) token ids and the lengths (B,); a row may be empty only where
+    may_be_empty says so (a continuation that starts from a token the last call sampled)."""
+    allowed = list(may_be_empty) or [False] * len(prompts)
+    if not prompts or any(len(p) == 0 and not ok for p, ok in zip(prompts, allowed)):
         raise ValueError("every prompt needs at least one token")
     n = max(len(p) for p in prompts)
     tokens = torch.zeros(len(prompts), n, dtype=torch.long, device=device)
@@ -62,14 +66,19 @@ class PendingTokens:
     tokens: List[Optional[int]]
     filler: List[int]
     next_pos: torch.Tensor  # state.next_pos when they were left: a state moved on since cannot take them
+    # when the loop wrote every returned token (all rows stopped while the next step was already
+    # running): the token that step sampled after each row's last one, never returned; a row whose
+    # next prompt is empty continues from it (it is what feeding the stop token would have sampled)
+    lookahead: Optional[List[int]] = None
 
 
-def _take_pending(state: tm.InferenceState, prompts: Sequence[Sequence[int]]) -> List[List[int]]:
-    """The prompts with each row's pending token first (see PendingTokens); ValueError when the state
-    cannot continue every row's transcript exactly."""
+def _take_pending(state: tm.InferenceState, prompts: Sequence[Sequence[int]]):
+    """The prompts with each row's pending token first (see PendingTokens), and per row the token
+    to start from where its prompt is empty (None: the prompt's own logits); ValueError when the
+    state cannot continue every row's transcript exactly."""
     pending = getattr(state, "pending", None)
     if pending is None:
-        return [list(p) for p in prompts]
+        return [list(p) for p in prompts], [None] * len(prompts)
     if not torch.equal(pending.next_pos, state.next_pos):
         raise ValueError(
             "the state moved on (prefill/decode_step called directly) since generate_tokens left each "
@@ -86,7 +95,9 @@ def _take_pending(state: tm.InferenceState, prompts: Sequence[Sequence[int]]) ->
         )
     if len(prompts) != len(pending.tokens):
         raise ValueError(f"{len(prompts)} prompt(s) for a state of batch {len(pending.tokens)}")
-    return [([t] if t is not None else []) + list(p) for t, p in zip(pending.tokens, prompts)]
+    out = [([t] if t is not None else []) + list(p) for t, p in zip(pending.tokens, prompts)]
+    ahead = pending.lookahead or [None] * len(out)
+    return out, [a if not p else None for a, p in zip(ahead, out)]
 
 
 @torch.inference_mode()
@@ -119,8 +130,8 @@ def generate_tokens(
     """
     step_fn = step_fn or tm.decode_step
     device = state.next_pos.device
-    prompts = _take_pending(state, prompts)
-    tokens, lengths = pad_prompts(prompts, device)
+    prompts, start = _take_pending(state, prompts)
+    tokens, lengths = pad_prompts(prompts, device, [a is not None for a in start])
     _check_budget(state, lengths, max_new_tokens)
     stop = torch.tensor(list(stop_tokens) or [-1], device=device)
     result = GenerationResult(
@@ -128,9 +139,15 @@ def generate_tokens(
     )
     _sync(device)
     t0 = time.perf_counter()
-    logits = tm.prefill(model, tokens, state, lengths, compile=compile_prefill)
+    if tokens.shape[1]:
+        logits = tm.prefill(model, tokens, state, lengths, compile=compile_prefill)
+        nxt = sample(logits, sampling, generator)
+    else:  # every row continues from the token the last call sampled
+        nxt = torch.zeros(len(prompts), 1, dtype=torch.long, device=device)
+    if any(a is not None for a in start):
+        rows = [r for r, a in enumerate(start) if a is not None]
+        nxt[rows, 0] = torch.tensor([start[r] for r in rows], device=device)
     state.pending = None  # written now
-    nxt = sample(logits, sampling, generator)
     _sync(device)
     result.prefill_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -139,32 +156,79 @@ def generate_tokens(
     filler = [0] * len(prompts)  # tokens decoded into a row's cache after it stopped
     B = len(prompts)
     no_overflow = torch.zeros(1, dtype=torch.long, device=device)
+    to_host = _HostCopy(2 * B + 1, device)
+    wrote_last = False
     for step in range(max_new_tokens):
         # one device-to-host transfer per step: the tokens, the stop flags and the caches' overflow flag
         done |= torch.isin(nxt[:, 0], stop)
         overflow = state.overflow_flag().long().reshape(1) if step else no_overflow
-        host = torch.cat([nxt[:, 0], done.long(), overflow]).tolist()
+        to_host.start(torch.cat([nxt[:, 0], done.long(), overflow]))
+        # on CUDA the next step is launched before this step's tokens reach the host, so the GPU
+        # never waits for the host's bookkeeping (docs/design.md, "Decode"). If every row turns out
+        # to have stopped, that step has decoded each row's last token into its cache (written).
+        last = step == max_new_tokens - 1
+        ahead = None
+        if not last and to_host.overlaps:
+            ahead = sample(step_fn(model, nxt, state), sampling, generator)
+        host = to_host.wait()
         if host[-1]:
             state.check_overflow()  # raises with the cache's message, before a token computed past it is returned
         returned = _take_step(result, host, B, on_token)
-        if all(result.stopped) or step == max_new_tokens - 1:
+        stop_now = all(result.stopped) or last
+        if stop_now and ahead is None:
             break
-        logits = step_fn(model, nxt, state)
-        for row in range(len(prompts)):
+        if ahead is None:
+            ahead = sample(step_fn(model, nxt, state), sampling, generator)
+        for row in range(B):
             if returned[row]:
                 written[row] += 1
             else:
                 filler[row] += 1
         result.decode_steps += 1
-        nxt = sample(logits, sampling, generator)
+        nxt = ahead
+        if stop_now:
+            wrote_last = True
+            break
     state.pending = PendingTokens(
         tokens=[toks[-1] if len(toks) > n else None for toks, n in zip(result.tokens, written)],
         filler=filler,
         next_pos=state.next_pos.clone(),
+        lookahead=nxt[:, 0].tolist() if wrote_last else None,
     )
     _sync(device)
     result.decode_seconds = time.perf_counter() - t0
     return result
+
+
+# the loop launches the next step before reading this one's tokens (on CUDA always; on the CPU,
+# where nothing runs asynchronously, only when a test asks for it to check the bookkeeping)
+LOOKAHEAD_ON_CPU = False
+
+
+class _HostCopy:
+    """The loop's one device-to-host transfer: on CUDA an asynchronous copy into pinned memory,
+    waited for after the next step is launched (`overlaps`); elsewhere a plain copy."""
+
+    def __init__(self, n: int, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.overlaps = self.cuda or LOOKAHEAD_ON_CPU
+        if self.cuda:
+            self.buf = torch.empty(n, dtype=torch.long, pin_memory=True)
+            self.event = torch.cuda.Event()
+        self.pending = None
+
+    def start(self, values: torch.Tensor) -> None:
+        if self.cuda:
+            self.buf.copy_(values, non_blocking=True)
+            self.event.record()
+        else:
+            self.pending = values
+
+    def wait(self) -> List[int]:
+        if self.cuda:
+            self.event.synchronize()
+            return self.buf.tolist()
+        return self.pending.tolist()
 
 
 def _check_budget(state, lengths, max_new_tokens: int) -> None:
@@ -210,6 +274,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dtype = _apply_quantization(args, dm, device, dtype)
+    fusion.fuse_projections(dm.model)  # one GEMM for q/k/v and one for gate/up (plain weights only)
     if dm.tokenizer is None:
         print(f"error: {folder} has no tokenizer files; the generate script needs one", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import nn
 
-from . import attention, decisions, stats
+from . import attention, decisions, fusion, stats
 from .cache import DMSKVCache, default_decode_attention
 from .config import DMSConfig
 from .quant import fake_quantize_kv
@@ -73,9 +73,10 @@ def output_weight(model: nn.Module) -> torch.Tensor:
 # ============================================================================ per-layer pieces
 def _project(attn, h: torch.Tensor):
     B, T, _ = h.shape
-    q = attn.q_proj(h).view(B, T, attn.num_heads, attn.head_dim)
-    k = attn.k_proj(h).view(B, T, attn.num_kv_heads, attn.head_dim)
-    v = attn.v_proj(h).view(B, T, attn.num_kv_heads, attn.head_dim)
+    q, k, v = fusion.project_qkv(attn, h)  # one GEMM after fusion.fuse_projections
+    q = q.reshape(B, T, attn.num_heads, attn.head_dim)
+    k = k.reshape(B, T, attn.num_kv_heads, attn.head_dim)
+    v = v.reshape(B, T, attn.num_kv_heads, attn.head_dim)
     return q, k, v
 
 
@@ -126,7 +127,7 @@ def run_layers(
 def finish_layer(layer, x, attn_out):
     B, T = x.shape[:2]
     h = layer.sa_scale(layer.attn.output_proj(attn_out.transpose(1, 2).reshape(B, T, -1))) + x
-    return h + layer.mlp_scale(layer.mlp(layer.mlp_norm(h)))
+    return h + layer.mlp_scale(fusion.feed_forward(layer.mlp, layer.mlp_norm(h)))
 
 
 # ============================================================================ full sequences

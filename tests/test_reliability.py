@@ -26,7 +26,8 @@ def _assert_transcript_matches(m, transcript, generated_at, state):
     pred = logits[0].argmax(-1)
     for i in generated_at:
         assert int(pred[i - 1]) == transcript[i], f"token {i} of {len(transcript)}"
-    written = len(transcript) - 1
+    # the last token is pending unless the lookahead loop wrote it (every row stopped)
+    written = len(transcript) - (state.pending.tokens[0] is not None)
     assert int(state.next_pos[0]) == written
     _, evicted = teacher_forced(m, full[:, :written])
     for cache, ev in zip(state.caches, evicted):
@@ -34,8 +35,14 @@ def _assert_transcript_matches(m, transcript, generated_at, state):
         assert torch.equal(cache.length, kept.round().long())
 
 
-def test_chat_loop_of_20_turns_equals_one_teacher_forced_pass():
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_chat_loop_of_20_turns_equals_one_teacher_forced_pass(lookahead, monkeypatch):
+    """lookahead: the CUDA loop's order (the next step launched before this step's tokens are read;
+    when every row has stopped, that step has already written the last token) forced on the CPU."""
+    from dms_flex import generate as generation
     from dms_flex.generate import generate_tokens
+
+    monkeypatch.setattr(generation, "LOOKAHEAD_ON_CPU", lookahead)
 
     m = tiny_model(window=3, max_seq_len=256)
     state = tm.InferenceState(m, 1)
@@ -53,8 +60,34 @@ def test_chat_loop_of_20_turns_equals_one_teacher_forced_pass():
     _assert_transcript_matches(m, transcript, generated_at, state)
 
 
-def test_a_batch_row_that_stopped_early_is_not_continued_silently():
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_turns_that_end_on_a_stop_token_continue_exactly(lookahead, monkeypatch):
+    """Turns ending at a stop token before max_new_tokens, then more turns (with lookahead, that
+    turn's last token is already in the cache and nothing is pending)."""
+    from dms_flex import generate as generation
+
+    monkeypatch.setattr(generation, "LOOKAHEAD_ON_CPU", lookahead)
+    m = tiny_model(window=3, max_seq_len=256)
+    state = tm.InferenceState(m, 1)
+    transcript, generated_at, early = [], [], 0
+    for turn in range(10):
+        prompt = [1 + turn, 2, 3] if turn % 3 != 2 else []
+        stops = [5, 33, 42, 16] if turn % 2 else ()
+        res = generation.generate_tokens(m, [prompt], state, max_new_tokens=6, stop_tokens=stops)
+        early += res.stopped[0] and len(res.tokens[0]) < 6
+        transcript += prompt
+        generated_at += range(len(transcript), len(transcript) + len(res.tokens[0]))
+        transcript += res.tokens[0]
+        _assert_transcript_matches(m, transcript, generated_at, state)
+    assert early >= 3  # the path under test was taken
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_a_batch_row_that_stopped_early_is_not_continued_silently(lookahead, monkeypatch):
+    from dms_flex import generate as generation
     from dms_flex.generate import generate_tokens
+
+    monkeypatch.setattr(generation, "LOOKAHEAD_ON_CPU", lookahead)
 
     m = tiny_model(window=3, max_seq_len=128)
     state = tm.InferenceState(m, 2)

@@ -1,0 +1,130 @@
+"""Fused projections for inference: one GEMM for q/k/v and one for the MLP's gate/up.
+
+A decode step at small batch is bound by how many kernels it launches, not by its bytes
+(benchmarks/RESULTS.md, sections 19 and 20): five projections per layer where two GEMMs do the same
+work cost three launches (and three reads of the layer's input) per layer and step.
+
+`fuse_projections(model)` concatenates each layer's q/k/v weights (and biases) into one buffer and
+rebinds `q_proj.weight`, `k_proj.weight`, `v_proj.weight` as views of it, and likewise the MLP's
+`w1` / `w3`. Nothing is copied twice (the views share the buffer's storage), the module tree and
+the state-dict names stay torchtune's, and loading a state dict afterwards writes through the views
+into the fused buffer. `project_qkv` / `feed_forward` use the fused buffer when it is there and the
+modules otherwise, so every path (eager, compiled, CPU, CUDA) runs the same math.
+
+Call it last, once the model sits on its device in its final dtype and is no longer trained:
+moving the model (`.to()`), quantizing its weights or wrapping the projections (LoRA) afterwards
+replaces the parameters, which `fused_is_current` detects (the fused buffer is then ignored).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse q/k/v and gate/up of every layer whose projections are plain nn.Linear modules with
+    plain weights of one dtype and device. Returns how many layers were fused (0 = nothing to do,
+    e.g. quantized or LoRA-wrapped weights, which keep their own kernels)."""
+    fused = 0
+    for layer in model.layers:
+        attn, mlp = layer.attn, layer.mlp
+        ok = _fuse(attn, "dms_qkv", [attn.q_proj, attn.k_proj, attn.v_proj])
+        w3 = getattr(mlp, "w3", None)
+        if w3 is not None:
+            ok = _fuse(mlp, "dms_w13", [mlp.w1, w3]) and ok
+        fused += int(ok)
+    return fused
+
+
+def _plain(lin: nn.Module) -> bool:
+    return type(lin) is nn.Linear and type(lin.weight.data) is torch.Tensor and lin.weight.dim() == 2
+
+
+def _fuse(owner: nn.Module, name: str, linears) -> bool:
+    if not all(_plain(lin) for lin in linears):
+        return False
+    w0 = linears[0].weight
+    if any(lin.weight.dtype != w0.dtype or lin.weight.device != w0.device for lin in linears):
+        return False
+    with_bias = [lin.bias is not None for lin in linears]
+    if any(with_bias) and not all(with_bias):
+        return False
+    with torch.no_grad():
+        weight = torch.cat([lin.weight.detach() for lin in linears])
+        bias = torch.cat([lin.bias.detach() for lin in linears]) if all(with_bias) else None
+    sizes, row = [], 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = nn.Parameter(weight[row : row + n], requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[row : row + n], requires_grad=False)
+        sizes.append(n)
+        row += n
+    # non-persistent buffers: moved with the module's buffers, never saved (the views are)
+    owner.register_buffer(f"{name}_weight", weight, persistent=False)
+    owner.register_buffer(f"{name}_bias", bias, persistent=False)
+    setattr(owner, f"{name}_sizes", tuple(sizes))
+    return True
+
+
+def fused_is_current(owner: nn.Module, name: str, linears) -> bool:
+    """Do `linears` still read the fused buffer (no later `.to()`, quantization or re-wrap)?
+    A host-side check: callers make it once per model, not per step (`fused_weights`)."""
+    w = getattr(owner, f"{name}_weight", None)
+    if w is None:
+        return False
+    row = 0
+    for lin in linears:
+        if not _plain(lin) or lin.weight.data_ptr() != w[row:].data_ptr():
+            return False
+        row += lin.weight.shape[0]
+    return True
+
+
+def unfuse_stale(model: nn.Module) -> None:
+    """Drop fused buffers whose projections no longer view them (see module docstring)."""
+    for layer in model.layers:
+        attn, mlp = layer.attn, layer.mlp
+        if not fused_is_current(attn, "dms_qkv", [attn.q_proj, attn.k_proj, attn.v_proj]):
+            _drop(attn, "dms_qkv")
+        w3 = getattr(mlp, "w3", None)
+        if w3 is None or not fused_is_current(mlp, "dms_w13", [mlp.w1, w3]):
+            _drop(mlp, "dms_w13")
+
+
+def _drop(owner: nn.Module, name: str) -> None:
+    for suffix in ("_weight", "_bias"):
+        if f"{name}{suffix}" in owner._buffers:
+            del owner._buffers[f"{name}{suffix}"]
+    if hasattr(owner, f"{name}_sizes"):
+        delattr(owner, f"{name}_sizes")
+
+
+def _fused(owner: nn.Module, name: str):
+    w: Optional[torch.Tensor] = owner._buffers.get(f"{name}_weight")
+    if w is None:
+        return None
+    return w, owner._buffers.get(f"{name}_bias"), getattr(owner, f"{name}_sizes")
+
+
+def project_qkv(attn: nn.Module, h: torch.Tensor):
+    """q, k, v = q_proj(h), k_proj(h), v_proj(h), as one GEMM when the layer is fused."""
+    f = _fused(attn, "dms_qkv")
+    if f is None:
+        return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+    w, b, sizes = f
+    return F.linear(h, w, b).split(sizes, dim=-1)
+
+
+def feed_forward(mlp: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """torchtune's FeedForward (w2(activation(w1 h) * w3 h)), gate and up as one GEMM when fused."""
+    f = _fused(mlp, "dms_w13")
+    if f is None:
+        return mlp(h)
+    w, b, sizes = f
+    gate, up = F.linear(h, w, b).split(sizes, dim=-1)
+    return mlp.w2(mlp.activation(gate) * up)

@@ -1,0 +1,84 @@
+"""Fused q/k/v and gate/up projections (dms_flex/fusion.py) against the unfused modules."""
+
+import copy
+
+import pytest
+import torch
+
+from dms_flex import fusion
+from dms_flex import torchtune_model as tm
+
+from .helpers import greedy_cached, tiny_model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q/k/v biases
+@pytest.mark.parametrize("decision", ["borrowed", "adapter"])
+def test_fused_model_equals_the_unfused_one(family, decision):
+    m = tiny_model(family=family, decision=decision).double()
+    ref = copy.deepcopy(m)
+    sd_before = {k: v.clone() for k, v in m.state_dict().items()}
+    assert fusion.fuse_projections(m) == len(m.layers)
+    # the module tree, the state-dict names and values are torchtune's
+    sd = m.state_dict()
+    assert sd.keys() == sd_before.keys() and all(torch.equal(sd[k], sd_before[k]) for k in sd)
+    attn = m.layers[0].attn
+    assert attn.q_proj.weight.data_ptr() == attn.dms_qkv_weight.data_ptr()
+    tokens = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(0))
+    out = tm.forward_train(m, tokens, training=False)
+    want = tm.forward_train(ref, tokens, training=False)
+    torch.testing.assert_close(out.hidden, want.hidden, rtol=1e-12, atol=1e-12)
+    assert all(torch.equal(a, b) for a, b in zip(out.evicted, want.evicted))
+    # the cached path (prefill + decode steps) too
+    toks, logits, _ = greedy_cached(m, tokens[:1, :9], 8)
+    toks_ref, logits_ref, _ = greedy_cached(ref, tokens[:1, :9], 8)
+    assert torch.equal(toks, toks_ref)
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_loading_a_state_dict_writes_through_to_the_fused_buffer():
+    m = tiny_model()
+    other = tiny_model(seed=1)
+    fusion.fuse_projections(m)
+    m.load_state_dict(other.state_dict())
+    tokens = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(
+        tm.forward_train(m, tokens, training=False).hidden, tm.forward_train(other, tokens, training=False).hidden
+    )
+    w = m.layers[1].mlp.dms_w13_weight
+    assert torch.equal(w[: w.shape[0] // 2], other.layers[1].mlp.w1.weight)
+
+
+def test_replaced_weights_are_detected_and_not_fused():
+    m = tiny_model()
+    fusion.fuse_projections(m)
+    attn = m.layers[0].attn
+    assert fusion.fused_is_current(attn, "dms_qkv", [attn.q_proj, attn.k_proj, attn.v_proj])
+    m.to(torch.float64)  # a move copies parameters and buffers apart: the fused buffer goes stale
+    assert not fusion.fused_is_current(attn, "dms_qkv", [attn.q_proj, attn.k_proj, attn.v_proj])
+    fusion.unfuse_stale(m)
+    assert "dms_qkv_weight" not in attn._buffers and "dms_w13_weight" not in m.layers[0].mlp._buffers
+    ref = tiny_model().double()
+    tokens = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(
+        tm.forward_train(m, tokens, training=False).hidden, tm.forward_train(ref, tokens, training=False).hidden
+    )
+    # wrapped projections (e.g. LoRA) or mixed dtypes are left alone
+    m2 = tiny_model()
+    m2.layers[0].attn.k_proj.to(torch.float64)
+    m2.layers[0].attn.k_proj.__class__ = type("Wrapped", (torch.nn.Linear,), {})
+    assert fusion.fuse_projections(m2) == 1
+    assert "dms_qkv_weight" not in m2.layers[0].attn._buffers
+
+
+@torch.no_grad()
+def test_fused_decode_step_traces_whole_under_torch_compile():
+    """fullgraph=True: the fused lookup is traced, not a graph break (the CUDA-graph step needs that)."""
+    m = tiny_model(decision="adapter")
+    fusion.fuse_projections(m)
+    torch._dynamo.reset()
+    step = torch.compile(tm.decode_step, fullgraph=True, backend="aot_eager")
+    prompt = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    toks, logits, _ = greedy_cached(m, prompt, 5)
+    toks_c, logits_c, _ = greedy_cached(m, prompt, 5, step=step)
+    assert torch.equal(toks, toks_c)
+    torch.testing.assert_close(logits_c, logits, rtol=1e-5, atol=1e-5)
