@@ -13,6 +13,7 @@ import json
 import sys
 
 from .adapter import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, export_adapter
+from .lora import LORA_WEIGHTS_NAME
 
 
 def main(argv=None, prog: str = "python -m dms_flex.checkpoints") -> int:
@@ -46,9 +47,11 @@ def main(argv=None, prog: str = "python -m dms_flex.checkpoints") -> int:
         return 2
     cfg = json.loads((out / ADAPTER_CONFIG_NAME).read_text())
     size = (out / ADAPTER_WEIGHTS_NAME).stat().st_size
+    lora = out / LORA_WEIGHTS_NAME
     print(
         f"wrote {out}: {ADAPTER_WEIGHTS_NAME} ({size / 1024:.1f} KiB), {ADAPTER_CONFIG_NAME} "
         f"(trained CR {cfg.get('dms_cr', '?')}, window {cfg.get('dms_window_size')})"
+        + (f", {LORA_WEIGHTS_NAME} ({lora.stat().st_size / 2**20:.2f} MiB)" if lora.is_file() else "")
     )
     if args.base is None:
         print(
