@@ -1,0 +1,346 @@
+"""Tensor-parallel DMS inference (dms_flex/parallel.py) against the unsharded model.
+
+Two gloo ranks on the CPU run each check once (one spawn for the module, a file rendezvous, a
+collective timeout and a wall-clock limit so that a hang fails instead of blocking CI); every rank
+builds the same tiny model from its seed, keeps an unsharded copy as the reference (TP=1) and shards
+the other. Each test below asserts that its check passed on both ranks.
+
+Logit bound (float32): sharding changes only the order of summation (output_proj and w2 sum two
+partial products of K/2 terms through the all-reduce instead of one GEMM over K terms; the column-
+parallel GEMMs may block differently). Each reordering moves a layer's output by about sqrt(K) * eps
+relative (K <= 64, eps = 1.2e-7: ~1e-6); over two layers we allow 2e-5 of the logits' scale, 40x the
+~5e-7 measured, and far under the gaps between greedy choices. int8 K/V: a value that lands within
+that rounding of a quantization boundary takes the neighbouring code, so a stored code may differ by
+one (checked) and the logits by up to one quantization step, 1/127 of their scale (measured 8e-4). Decisions (`l > 0`) sit far from zero in
+these models (tests/helpers.py, tiny_model), so every eviction must be identical: the per-head live
+lengths are compared exactly.
+"""
+
+import copy
+import json
+import os
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dms_flex import parallel
+from dms_flex import torchtune_model as tm
+from tests.helpers import greedy_cached, tiny_model
+
+WORLD = 2
+TIMEOUT_S = 420  # the whole two-rank run, compile of the tiny step included (~1 minute on two busy cores)
+REL_BOUND = 2e-5
+INT8_REL_BOUND = 1 / 127
+STEPS = 10
+
+
+# ============================================================================ the checks (run on every rank)
+def _compare(name, model_kw, rank, kv_dtype=None, prefill_kw=None):
+    """Greedy decode of the sharded model against the unsharded one: collectives first, then asserts
+    (an assertion on one rank must not leave the other waiting in a collective)."""
+    ref = tiny_model(**model_kw)
+    ref.requires_grad_(False)
+    tp = parallel.shard_model(copy.deepcopy(ref))
+    prompt = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(len(name)))
+    B = prompt.shape[0]
+    with torch.no_grad():
+        ref_toks, ref_logits, ref_state = greedy_cached(
+            ref, prompt, STEPS, state=tm.InferenceState(ref, B, kv_dtype=kv_dtype), **(prefill_kw or {})
+        )
+        toks, logits, state = greedy_cached(
+            tp, prompt, STEPS, state=tm.InferenceState(tp, B, kv_dtype=kv_dtype), **(prefill_kw or {})
+        )
+    whole = parallel.compression(state)  # collective
+    totals = parallel.kv_bytes(state)  # collective
+
+    assert torch.equal(toks, ref_toks), f"greedy tokens differ:\n{toks}\n{ref_toks}"
+    scale = float(ref_logits.abs().max())
+    err = float((logits - ref_logits).abs().max())
+    bound = (INT8_REL_BOUND if kv_dtype == torch.int8 else REL_BOUND) * scale
+    assert err <= bound, f"logits differ by {err:.3g} (bound {bound:.3g})"
+    hkv = ref.layers[0].attn.num_kv_heads // WORLD
+    heads = slice(rank * hkv, (rank + 1) * hkv)
+    evicted = False
+    for c, rc in zip(state.caches, ref_state.caches):
+        assert c.k.shape[1] == hkv and c.length.shape == (B, hkv), "a rank holds only its own KV heads"
+        assert torch.equal(c.length, rc.length[:, heads]), f"lengths {c.length} vs {rc.length[:, heads]}"
+        assert torch.equal(c.slot_pos, rc.slot_pos[:, heads])
+        for b in range(B):
+            for h in range(hkv):
+                n = int(c.length[b, h])
+                for mine, theirs in ((c.k, rc.k), (c.v, rc.v)):
+                    a, r = mine[b, h, :n].float(), theirs[b, h + heads.start, :n].float()
+                    assert (a - r).abs().max() <= 1e-5 * max(1.0, float(r.abs().max())) + (1 if c.quantized else 0)
+        evicted |= bool((rc.length < ref_state.next_pos[:, None]).any())
+    assert evicted, "the reference evicted nothing: the check would not see a wrong eviction"
+    assert torch.allclose(whole.per_layer_head, ref_state.compression().per_layer_head)
+    assert totals == ref_state.kv_bytes()
+
+
+def check_borrowed(rank):
+    _compare("borrowed", dict(decision="borrowed", window=3), rank)
+
+
+def check_adapter_qwen2(rank):  # q/k/v biases, adapter rows
+    _compare("adapter_qwen2", dict(family="qwen2", decision="adapter", window=2, heads=(4, 2)), rank)
+
+
+def check_adapter_layer_scope(rank):  # every KV head follows global head 0's adapter row
+    _compare("adapter_layer_scope", dict(decision="adapter", scope="layer", window=3, heads=(8, 4)), rank)
+
+
+def check_int8_chunked(rank):  # int8 K/V, prompt appended in chunks of 8 positions
+    _compare("int8_chunked", dict(decision="borrowed", window=4), rank, torch.int8, dict(chunk_size=8))
+
+
+def check_generate_multiturn(rank):
+    """The real loop (generate_tokens), two turns on one state: the same tokens as the unsharded model."""
+    from dms_flex.generate import generate_tokens
+
+    ref = tiny_model(window=3)
+    tp = parallel.shard_model(copy.deepcopy(ref))
+    turns = [[[5, 9, 1, 33, 2, 7, 8, 41, 3]], [[12, 4, 4, 50]]]
+    out = {}
+    for name, m in (("ref", ref), ("tp", tp)):
+        state = tm.InferenceState(m, 1)
+        out[name] = [generate_tokens(m, t, state, max_new_tokens=8).tokens for t in turns]
+    assert out["tp"] == out["ref"], out
+
+
+def check_compiled(rank):
+    """torch.compile(decode_step, fullgraph=True): the functional all-reduce inside the traced graph."""
+    ref = tiny_model(window=3)
+    ref.requires_grad_(False)
+    tp = parallel.shard_model(copy.deepcopy(ref))
+    prompt = torch.randint(0, 64, (1, 13), generator=torch.Generator().manual_seed(3))
+    step = torch.compile(tm.decode_step, fullgraph=True)
+    with torch.no_grad():  # (a compiled step with autograd on is another matter: inference runs without)
+        ref_toks, ref_logits, ref_state = greedy_cached(ref, prompt, 6)
+        toks, logits, state = greedy_cached(tp, prompt, 6, step=step)
+    assert torch.equal(toks, ref_toks)
+    err = float((logits - ref_logits).abs().max())
+    assert err <= REL_BOUND * float(ref_logits.abs().max()), err
+    hkv = ref.layers[0].attn.num_kv_heads // WORLD
+    for c, rc in zip(state.caches, ref_state.caches):
+        assert torch.equal(c.length, rc.length[:, rank * hkv : (rank + 1) * hkv])
+
+
+def check_errors(rank):
+    """Clear errors on the real group: heads that do not divide, a decision only rank 0 could read,
+    weights that are no longer plain tensors."""
+    with pytest.raises(ValueError, match="KV heads of every layer to divide by 2; layer 0 has 1"):
+        parallel.shard_model(tiny_model(heads=(4, 1)))
+    with pytest.raises(ValueError, match="scope='layer' with the borrowed neuron"):
+        parallel.shard_model(tiny_model(scope="layer"))
+    m = tiny_model()
+    m.layers[1].attn.q_proj.weight = torch.nn.Parameter(_Marked(m.layers[1].attn.q_proj.weight.detach()))
+    with pytest.raises(ValueError, match="layer 1's attn.q_proj.weight is a _Marked .*shard the model first"):
+        parallel.shard_model(m)
+
+
+class _Marked(torch.Tensor):  # stands for a quantized (tensor-subclass) weight
+    pass
+
+
+CHECKS = {
+    f.__name__[len("check_") :]: f
+    for f in (
+        check_borrowed,
+        check_adapter_qwen2,
+        check_adapter_layer_scope,
+        check_int8_chunked,
+        check_generate_multiturn,
+        check_compiled,
+        check_errors,
+    )
+}
+
+
+def _rank_main(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
+    results = {}
+    try:
+        for name, check in CHECKS.items():
+            t0 = time.perf_counter()
+            try:
+                check(rank)
+                results[name] = None
+            except Exception:  # noqa: BLE001 - reported by the test of that check
+                results[name] = traceback.format_exc()
+            results[name + ".seconds"] = time.perf_counter() - t0
+            dist.barrier()
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+# ============================================================================ the two-rank run and the tests
+@pytest.fixture(scope="module")
+def rank_results():
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tmp, "inductor"))
+        ctx = mp.start_processes(
+            _rank_main,
+            args=(WORLD, os.path.join(tmp, "rendezvous"), tmp),
+            nprocs=WORLD,
+            join=False,
+            start_method="spawn",
+        )
+        deadline = time.monotonic() + TIMEOUT_S
+        try:
+            while not ctx.join(timeout=5):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the {WORLD}-rank run did not finish in {TIMEOUT_S} s (a collective hung?)")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+        results = []
+        for r in range(WORLD):
+            with open(os.path.join(tmp, f"rank{r}.json")) as f:
+                results.append(json.load(f))
+    return results
+
+
+@pytest.mark.parametrize("check", sorted(CHECKS))
+def test_two_ranks_equal_one(rank_results, check):
+    for rank, res in enumerate(rank_results):
+        assert check in res, f"rank {rank} never ran {check}"
+        assert res[check] is None, f"rank {rank}, {check}:\n{res[check]}"
+
+
+def test_divisibility_error_names_the_heads():
+    m = tiny_model(heads=(4, 2))
+    parallel.check_divisible(m, 2)
+    with pytest.raises(ValueError, match=r"query heads of every layer to divide by 3; layer 0 has 4 \(num_heads=4, "):
+        parallel.check_divisible(m, 3)
+    with pytest.raises(ValueError, match="KV heads of every layer to divide by 4; layer 0 has 2"):
+        parallel.check_divisible(m, 4)
+    with pytest.raises(ValueError, match="MLP hidden units of every layer to divide by 2; layer 0 has 63"):
+        parallel.check_divisible(_narrow_mlp(), 2)
+
+
+def _narrow_mlp():
+    m = tiny_model(heads=(4, 2))
+    for layer in m.layers:
+        layer.mlp.w1 = torch.nn.Linear(32, 63, bias=False)
+    return m
+
+
+def test_one_rank_is_a_no_op():
+    m = tiny_model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    assert parallel.shard_model(m) is m
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert not hasattr(m, "tp_group")
+
+
+# ============================================================================ two GPUs
+GPU_CASES = {  # name -> (model dtype, KV storage)
+    "float32": (torch.float32, None),  # exactness: decisions identical, logits to float32 reordering
+    "bf16_int8kv": (torch.bfloat16, torch.int8),  # what one deploys: bf16 weights, int8 K/V
+}
+
+
+def _gpu_rank_main(rank, world, init_file, out_dir):
+    """Head dim 64 (the Triton kernels), the compiled CUDA-graph step (mode="reduce-overhead") on
+    each rank against the unsharded model's eager step on the same GPU, over the same forced tokens."""
+    torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "nccl",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=180),
+        device_id=torch.device("cuda", rank),
+    )
+    err, res = None, {}
+    try:
+        for case, (dtype, kv) in GPU_CASES.items():
+            res[case] = _gpu_case(rank, world, dtype, kv)
+    except Exception:  # noqa: BLE001
+        err = traceback.format_exc()
+    with open(os.path.join(out_dir, f"gpu{rank}.json"), "w") as f:
+        json.dump({"error": err, "res": res}, f)
+    dist.destroy_process_group()
+
+
+def _gpu_case(rank, world, dtype, kv):
+    from torchtune.models.llama3._component_builders import llama3
+
+    from dms_flex.config import DMSConfig
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=512, num_layers=2, num_heads=8, num_kv_heads=4, embed_dim=512, max_seq_len=512)
+    ref = llama3(**kw, intermediate_dim=1024)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.05)
+    ref = tm.add_dms(ref.to("cuda", dtype).eval(), DMSConfig(window=16, alpha_scale=5.0, alpha_offset=0.0))
+    ref.requires_grad_(False)
+    tp = parallel.shard_model(copy.deepcopy(ref))
+    step = torch.compile(tm.decode_step, fullgraph=True, mode="reduce-overhead")
+    forced = torch.randint(0, 512, (4, 96), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    out = {}
+    for name, m, fn in (("ref", ref, tm.decode_step), ("tp", tp, step)):
+        state = tm.InferenceState(m, 4, max_seq_len=512, kv_dtype=kv)
+        with torch.inference_mode():
+            logits = [tm.prefill(m, forced[:, :64], state)]
+            for t in range(64, 96):
+                logits.append(fn(m, forced[:, t : t + 1], state).clone())  # a graph's output is reused
+        out[name] = (torch.stack(logits, 1).float(), [c.length.clone() for c in state.caches])
+    (got, lengths), (want, ref_lengths) = out["tp"], out["ref"]
+    heads = slice(rank * 2, rank * 2 + 2)
+    same = sum(int((a == b[:, heads]).sum()) for a, b in zip(lengths, ref_lengths))
+    return dict(
+        max_err=float((got - want).abs().max()),
+        scale=float(want.abs().max()),
+        mean_rel_err=float((got - want).abs().mean() / want.abs().mean()),
+        argmax_agree=float((got.argmax(-1) == want.argmax(-1)).float().mean()),
+        lengths_equal_fraction=same / sum(a.numel() for a in lengths),
+        evicted=sum(int(x.sum()) for x in ref_lengths) < 4 * 96 * 4 * len(ref_lengths),
+    )
+
+
+@pytest.mark.gpu
+def test_two_gpus_compiled_step_equals_one():
+    """float32: only the summation order differs (and cuBLAS's blocking per shape), so decisions are
+    identical and logits within 1e-3 of their scale (TF32 is off for matmuls by default; 1e-3 leaves
+    room for the kernels' fp32 accumulation order). bf16 + int8 K/V: every layer rounds its output to
+    bf16 (2^-8 relative) and the all-reduce sums two bf16 partials, so a decision logit within that
+    rounding of 0 can flip and move one head's length by a token; the bound is on the mean relative
+    logit error (3%), 97% argmax agreement and 95% of (layer, row, head) lengths identical."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.start_processes(
+            _gpu_rank_main, args=(2, os.path.join(tmp, "rendezvous"), tmp), nprocs=2, join=False, start_method="spawn"
+        )
+        deadline = time.monotonic() + 900
+        try:
+            while not ctx.join(timeout=5):
+                assert time.monotonic() < deadline, "the 2-GPU run hung"
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+        for r in range(2):
+            with open(os.path.join(tmp, f"gpu{r}.json")) as f:
+                got = json.load(f)
+            assert got["error"] is None, got["error"]
+            exact, bf16 = got["res"]["float32"], got["res"]["bf16_int8kv"]
+            assert exact["evicted"] and bf16["evicted"], got
+            assert exact["max_err"] <= 1e-3 * exact["scale"], (r, exact)
+            assert exact["lengths_equal_fraction"] == 1.0 and exact["argmax_agree"] >= 0.99, (r, exact)
+            assert bf16["mean_rel_err"] <= 0.03 and bf16["argmax_agree"] >= 0.97, (r, bf16)
+            assert bf16["lengths_equal_fraction"] >= 0.95, (r, bf16)
