@@ -223,8 +223,10 @@ def test_run_writes_json_table_and_plots_with_baselines_at_the_dms_cr(tmp_path, 
     dms = data["runs"][1]
     assert dms["setting"] == "alpha_offset 0" and dms["requested_cr"] == 2.0
     assert abs(dms["cr"] - dms["ppl"]["cr"]) < 1e-6  # measured on the perplexity windows
-    for r in data["runs"][2:]:  # the baselines run at the CR DMS achieved for the request
-        assert r["cr"] == dms["cr"] and abs(r["ppl"]["cr"] - dms["cr"]) < 0.2
+    for r in data["runs"][2:]:  # the baselines run, metric by metric, at the CR DMS achieved on those inputs
+        assert r["cr"] == pytest.approx(dms["cr"]) and abs(r["ppl"]["cr"] - dms["cr"]) < 0.2
+        assert r["cr_by_metric"] == pytest.approx({k: dms[k]["cr_slots"] for k in r["cr_by_metric"]})
+        assert set(r["cr_by_metric"]) >= {"ppl", "needle", "vartrack"}
     for r in data["runs"]:
         assert set(r) >= {"ppl", "needle", "vartrack"}
         assert r["ppl"]["ppl"] > 1 and r["ppl"]["tokens"] == 40
@@ -288,7 +290,7 @@ def test_dms_runs_per_requested_cr_and_baselines_follow_their_achieved_cr(tmp_pa
     assert abs(dms[2.0]["cr"] - 2.0) < 0.3 and abs(dms[3.0]["cr"] - 3.0) < 0.45
     for r in runs:
         if r["method"] == "h2o":
-            assert r["cr"] == dms[r["requested_cr"]]["cr"]
+            assert r["cr"] == pytest.approx(dms[r["requested_cr"]]["cr"])
 
 
 # ----------------------------------------------------------------------------- lm-eval adapter
@@ -366,19 +368,22 @@ def test_lm_eval_adapter_registers_with_lm_eval():
     del lm_eval
 
 
-@pytest.mark.skipif(
-    not __import__("os").environ.get("DMS_FLEX_LM_EVAL_E2E"),
-    reason="set DMS_FLEX_LM_EVAL_E2E=1: lm-eval's task index takes ~30 s to build",
-)
-def test_lm_eval_simple_evaluate_on_a_local_file_task(tmp_path):
+def test_lm_eval_simple_evaluate_on_a_local_file_task(tmp_path, monkeypatch):
+    """lm-eval's own evaluator, end to end, on a local multiple-choice task (skipped without lm-eval):
+    its accuracy is the share of items whose gold choice has the highest log-likelihood, checked against
+    the adapter's scores computed directly."""
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    docs = [
+        ("The road was", ["long", "blue"], 0),
+        ("It was a truth", ["rarely", "universally"], 1),
+        ("She said", ["nothing", "zebra"], 0),
+    ]
     data = tmp_path / "data.jsonl"
-    data.write_text(
-        '{"ctx": "The road was", "choices": [" long", " blue"], "gold": 0}\n'
-        '{"ctx": "It was a truth", "choices": [" universally", " rarely"], "gold": 0}\n'
-    )
+    data.write_text("".join(json.dumps({"ctx": c, "choices": ch, "gold": g}) + "\n" for c, ch, g in docs))
     (tmp_path / "task.yaml").write_text(
         "task: dms_flex_local_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f'    test: {data}\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{{{ctx}}}}"\n'
@@ -386,9 +391,16 @@ def test_lm_eval_simple_evaluate_on_a_local_file_task(tmp_path):
     )
     lm = lea.make_lm(model=byte_model(), tokenizer=ENC, method="h2o", cr=2.0, max_length=64)
     res = lm_eval.simple_evaluate(
-        model=lm, tasks=["dms_flex_local_mc"], task_manager=TaskManager(include_path=str(tmp_path))
+        model=lm,
+        tasks=["dms_flex_local_mc"],
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        bootstrap_iters=0,
     )
-    assert 0 <= res["results"]["dms_flex_local_mc"]["acc,none"] <= 1
+    want = 0
+    for ctx, choices, gold in docs:  # lm-eval's continuation: its target delimiter " ", then the choice
+        lps = [lm.loglikelihood([Req(ctx, " " + ch)])[0][0] for ch in choices]
+        want += max(range(len(choices)), key=lambda i: lps[i]) == gold
+    assert res["results"]["dms_flex_local_mc"]["acc,none"] == pytest.approx(want / len(docs))
 
 
 RETROFIT_KEYS = dict(dms_alpha_scale=5.0, dms_initial_alpha_offset=0.0, dms_window_size=2, dms_cr=2.0)
@@ -426,7 +438,7 @@ def test_dms_checkpoint_per_requested_cr_is_loaded_for_its_run(tmp_path):
     runs = ev.run(args, loaded=base, log=lambda s: None)["runs"]
     dms = next(r for r in runs if r["method"] == "dms")
     assert dms["setting"] == f"checkpoint {ckpt}" and dms["cr"] > 1.2  # the retrofit's settings evict
-    assert next(r for r in runs if r["method"] == "tova")["cr"] == dms["cr"]
+    assert next(r for r in runs if r["method"] == "tova")["cr"] == pytest.approx(dms["cr"])
 
 
 def test_text_sources_fall_back_to_plain_copies_and_then_to_python_sources(tmp_path, monkeypatch):
@@ -567,7 +579,7 @@ def test_one_dms_checkpoint_calibrated_at_two_crs_is_loaded_once(tmp_path, monke
         assert r["setting"].startswith(f"checkpoint {ckpt}: alpha_offset") and "calibrated" in r["setting"]
         assert abs(r["cr"] - cr) < 0.15 * cr and abs(r["ppl"]["cr"] - r["cr"]) < 1e-6
     assert dms[2.0]["setting"] != dms[3.0]["setting"]
-    assert [r["cr"] for r in runs if r["method"] == "tova"] == [dms[2.0]["cr"], dms[3.0]["cr"]]
+    assert [r["cr"] for r in runs if r["method"] == "tova"] == pytest.approx([dms[2.0]["cr"], dms[3.0]["cr"]])
     # without calibration: one run with the checkpoint's own settings; CR=DIR still wins for its CR
     loads.clear()
     args = run_args(

@@ -94,6 +94,12 @@ def _add_dms(p: argparse.ArgumentParser) -> None:
         help="run the baselines at the requested CR instead of DMS's achieved CR",
     )
     p.add_argument("--dms-cached", action="store_true", help="perplexity of vanilla/DMS through the cache too")
+    p.add_argument(
+        "--match-dms",
+        metavar="RESULTS_JSON",
+        help="run the baselines, metric by metric, at the CR the DMS runs of an earlier run (same inputs) "
+        "achieved on each metric's inputs: for baselines evaluated in their own process",
+    )
 
 
 def _add_baselines(p: argparse.ArgumentParser) -> None:
@@ -102,7 +108,16 @@ def _add_baselines(p: argparse.ArgumentParser) -> None:
 
 
 def _add_perplexity(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--texts", default=",".join(data.TEXT_SOURCES), help="text sources (kjv, austen, code)")
+    p.add_argument(
+        "--texts",
+        help=f"text sources, a comma list of {data.TEXT_SOURCES} (default: all of them, or none with --text-file)",
+    )
+    p.add_argument(
+        "--text-file",
+        metavar="PATH",
+        help="your own text for perplexity and the haystacks: a UTF-8 file, or a folder of .txt files (joined); "
+        "with --texts, evaluated next to those sources",
+    )
     p.add_argument("--ppl-windows", type=int, default=1, help="windows per text source")
     p.add_argument("--ppl-len", type=int, default=512)
     p.add_argument("--ppl-prefix", type=int, default=32, help="tokens of each window that are context only")
@@ -193,6 +208,11 @@ def parse_args(argv=None):
     args.cr = sorted(set(args.cr))
     if not (1 <= args.ppl_prefix < args.ppl_len):
         p.error("--ppl-prefix must be in [1, --ppl-len)")
+    if args.text_file:  # a missing, empty or non-UTF-8 text is a usage error, found before the model loads
+        try:
+            data.user_text(args.text_file)
+        except (OSError, ValueError) as e:
+            p.error(str(e))
     return args
 
 
@@ -227,6 +247,8 @@ def _parse_lists(p: argparse.ArgumentParser, args) -> None:
     """The comma lists: names checked against what is known, numbers finite and in range."""
     args.methods = _names(p, args.methods, METHODS, "method(s)")
     args.metrics = _names(p, args.metrics, METRICS, "metric(s)")
+    if args.texts is None:
+        args.texts = "" if args.text_file else ",".join(data.TEXT_SOURCES)
     args.texts = _names(p, args.texts, data.TEXT_SOURCES, "text source(s)")
     args.cr = _floats(p, args.cr, "--cr", lambda c: c >= 1, "finite compression ratios >= 1", empty_ok=True)
     if args.parallel_samples and float(args.parallel_samples) not in args.cr:

@@ -1,4 +1,5 @@
-"""Offline evaluation data: text for perplexity and haystacks, long-context probes, reasoning-gym.
+"""Offline evaluation text: perplexity windows and long-context haystacks (the probes built from it are in
+`dms_flex.eval.probes`, the reasoning-gym items in `dms_flex.eval.reasoning`; both re-exported here).
 
 Text sources (found if installed, else skipped with a message; Python's own sources always exist):
 - ``kjv``: the King James Bible from Debian's ``bible-kjv`` (the ``bible`` program prints it).
@@ -9,19 +10,12 @@ Text sources (found if installed, else skipped with a message; Python's own sour
   ``$DMS_FLEX_HOME/data``), or ``apt-get install r-cran-janeaustenr``; plus ``pip install rdata``.
 - ``code``: Python standard-library sources, from modules the retrofit data
   (``dms_flex.data.DEFAULT_PY_MODULES``) does not use, so they stay held out.
+- ``user``: the user's own text, ``python -m dms_flex.eval --text-file PATH``: one UTF-8 file, or a folder
+  whose ``.txt`` files (its subfolders too) are joined in path order, a blank line between two files.
 On a machine without the Debian packages (a GPU box without network), plain-text copies work:
 ``python -m dms_flex.eval.data --export DIR`` writes ``DIR/kjv.txt`` and ``DIR/austen.txt`` where the
 packages are installed; set ``DMS_FLEX_TEXT_DIR=DIR`` where they are not (default
 ``$DMS_FLEX_HOME/data``).
-
-Long-context probes are built from a haystack of that text:
-- needle in a haystack: "The secret number is 48213." at a depth (fraction of the context), then a
-  question at the end; scored by the first number in the answer;
-- variable tracking (RULER style): ``VAR ABCDE = 48213.`` followed by a chain of
-  ``VAR FGHIJ = VAR ABCDE.`` assignments spread from the depth to the end; the model lists the
-  variables holding the value; scored by recall of the chain's names.
-
-Tokenizers are passed as two plain functions, ``encode(text) -> ids`` and ``decode(ids) -> text``.
 
 ``python -m dms_flex.eval.data`` prints which sources are found.
 """
@@ -32,7 +26,6 @@ import argparse
 import gzip
 import importlib.util
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -40,12 +33,32 @@ import sys
 import sysconfig
 import tempfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-Encode = Callable[[str], List[int]]
-Decode = Callable[[Sequence[int]], str]
+from .probes import (  # noqa: F401  (re-exported: dms_flex.eval.data is where callers found them)
+    NEEDLE_QUESTION,
+    VAR_QUESTION,
+    Decode,
+    Encode,
+    ProbeItem,
+    needle_item,
+    probe_items,
+    score_needle,
+    score_probe,
+    score_vartrack,
+    vartrack_item,
+)
+from .reasoning import (  # noqa: F401
+    REASONING_GYM_HINT,
+    REASONING_INSTRUCTION,
+    REASONING_SEED,
+    ReasoningItem,
+    extract_answer,
+    reasoning_available,
+    reasoning_items,
+)
 
 TEXT_SOURCES = ("kjv", "austen", "code")
 # standard-library files not in the retrofit's DEFAULT_PY_MODULES (held out from training)
@@ -241,234 +254,59 @@ def text_windows(encode: Encode, text: str, n: int, length: int, chars_per_token
     return out
 
 
-# ============================================================================ long-context probes
-@dataclass
-class ProbeItem:
-    kind: str  # "needle" | "vartrack"
-    prompt: List[int]
-    answer: List[str]  # needle: [number]; vartrack: the chain's variable names
-    length: int  # prompt tokens
-    depth: float
-    max_new_tokens: int
-    info: Dict[str, object] = field(default_factory=dict)
+def user_text(path) -> TextSource:
+    """--text-file PATH: a UTF-8 text file, or a folder whose .txt files (subfolders included) are joined in
+    path order with a blank line between two files. Bad input raises FileNotFoundError / ValueError saying
+    what was wrong and what to do."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(
+            f"--text-file {path}: no such file or folder (give a UTF-8 text file or a folder of .txt files)"
+        )
+    files = sorted(f for f in root.rglob("*.txt") if f.is_file()) if root.is_dir() else [root]
+    if not files:
+        raise ValueError(
+            f"--text-file {path}: the folder holds no .txt file (put UTF-8 .txt files in it, or give one file)"
+        )
+    parts = []
+    for f in files:
+        raw = f.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"--text-file: {f} is not UTF-8 text (byte {e.start}: {e.reason}); convert it first, e.g. "
+                f"iconv -f latin1 -t utf-8 {f} > {f.with_suffix('.utf8.txt').name}"
+            ) from None
+        if text.strip():
+            parts.append(text)
+    if not parts:
+        raise ValueError(f"--text-file {path}: {'every .txt file is' if root.is_dir() else 'the file is'} empty")
+    what = f"{len(files)} .txt files under {root}" if root.is_dir() else str(root)
+    return TextSource("user", "\n\n".join(parts), f"--text-file {what}")
 
 
-NEEDLE_QUESTION = "\n\nQuestion: What is the secret number mentioned in the text above?\nAnswer: The secret number is"
-VAR_QUESTION = (
-    "\n\nQuestion: Which variables are assigned the value {value} in the text above? List them all.\n"
-    "Answer: The variables assigned the value {value} are: VAR"
-)
-_SENTENCE_END = (".", "!", "?", "\n", ";")
-
-
-def _haystack(encode: Encode, text: str, n_tokens: int, offset: int) -> List[int]:
-    ids: List[int] = []
-    span = n_tokens * 6 + 64
-    while len(ids) < n_tokens:
-        start = offset % max(len(text) - span, 1)
-        ids = encode(text[start : start + span])
-        span *= 2
-    return list(ids[:n_tokens])
-
-
-def _snap_to_sentence(decode: Decode, ids: List[int], cut: int, reach: int = 48) -> int:
-    """Move a cut back to just after a sentence end (within `reach` tokens), so inserts read naturally."""
-    for c in range(cut, max(cut - reach, 0), -1):
-        if decode(ids[c - 1 : c]).rstrip(" ").endswith(_SENTENCE_END):
-            return c
-    return cut
-
-
-def _insert(decode: Decode, hay: List[int], inserts: Sequence[tuple]) -> List[int]:
-    """inserts: (depth fraction, ids); inserted at sentence boundaries, in order."""
-    cuts = [_snap_to_sentence(decode, hay, round(d * len(hay))) for d, _ in inserts]
-    out, prev = [], 0
-    for c, (_, ids) in sorted(zip(cuts, inserts), key=lambda t: t[0]):
-        out += hay[prev:c] + list(ids)
-        prev = c
-    return out + hay[prev:]
-
-
-def needle_item(
-    encode: Encode,
-    decode: Decode,
-    haystack_text: str,
-    length: int,
-    depth: float,
-    number: int,
-    offset: int = 0,
-    max_new_tokens: int = 8,
-) -> ProbeItem:
-    """A `length`-token prompt: haystack with the needle at `depth`, then the question."""
-    needle = encode(f" The secret number is {number}. ")
-    question = encode(NEEDLE_QUESTION)
-    n_hay = length - len(needle) - len(question)
-    if n_hay < 8:
-        raise ValueError(f"length={length} leaves no room for a haystack")
-    hay = _haystack(encode, haystack_text, n_hay, offset)
-    prompt = _insert(decode, hay, [(depth, needle)]) + question
-    return ProbeItem("needle", prompt, [str(number)], len(prompt), depth, max_new_tokens, {"number": number})
-
-
-def _var_name(rng: random.Random) -> str:
-    return "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
-
-
-def vartrack_item(
-    encode: Encode,
-    decode: Decode,
-    haystack_text: str,
-    length: int,
-    depth: float,
-    value: int,
-    hops: int = 3,
-    seed: int = 0,
-    offset: int = 0,
-    max_new_tokens: Optional[int] = None,
-) -> ProbeItem:
-    """First assignment at `depth`, the chain's other links spread evenly between it and the end."""
-    rng = random.Random(seed)
-    names: List[str] = []
-    while len(names) < hops + 1:
-        n = _var_name(rng)
-        if n not in names:
-            names.append(n)
-    stmts = [f" VAR {names[0]} = {value}. "] + [f" VAR {names[i + 1]} = VAR {names[i]}. " for i in range(hops)]
-    ids = [encode(s) for s in stmts]
-    question = encode(VAR_QUESTION.format(value=value))
-    n_hay = length - sum(len(x) for x in ids) - len(question)
-    if n_hay < 8:
-        raise ValueError(f"length={length} leaves no room for a haystack")
-    hay = _haystack(encode, haystack_text, n_hay, offset)
-    depths = (
-        [depth + (0.95 - depth) * i / max(hops, 1) for i in range(hops + 1)] if depth < 0.95 else [depth] * (hops + 1)
-    )
-    prompt = _insert(decode, hay, list(zip(depths, ids))) + question
-    max_new = max_new_tokens or 6 * (hops + 1) + 4
-    return ProbeItem("vartrack", prompt, names, len(prompt), depth, max_new, {"value": value, "hops": hops})
-
-
-def probe_items(
-    kind: str,
-    encode: Encode,
-    decode: Decode,
-    haystack_text: str,
-    lengths: Sequence[int],
-    depths: Sequence[float],
-    trials: int = 1,
-    seed: int = 0,
-    hops: int = 3,
-) -> List[ProbeItem]:
-    """One item per (length, depth, trial), each with its own number and haystack place."""
-    rng = random.Random(seed)
-    items = []
-    for length in lengths:
-        for depth in depths:
-            for t in range(trials):
-                number = rng.randrange(10_000, 100_000)
-                offset = rng.randrange(0, 1 << 30)
-                if kind == "needle":
-                    items.append(needle_item(encode, decode, haystack_text, length, depth, number, offset))
-                elif kind == "vartrack":
-                    items.append(
-                        vartrack_item(
-                            encode,
-                            decode,
-                            haystack_text,
-                            length,
-                            depth,
-                            number,
-                            hops,
-                            seed=rng.randrange(1 << 30),
-                            offset=offset,
-                        )
-                    )
-                else:
-                    raise ValueError(f"unknown probe kind {kind!r}")
-    return items
-
-
-def score_needle(text: str, answer: Sequence[str]) -> float:
-    """1 if the first number in the generated text is the needle's number."""
-    m = re.search(r"\d[\d,]*", text)
-    return float(m is not None and m.group(0).replace(",", "") == answer[0])
-
-
-def score_vartrack(text: str, answer: Sequence[str]) -> float:
-    """Recall of the chain's names in the generated text."""
-    found = set(re.findall(r"[A-Z]{5}", text))
-    return sum(n in found for n in answer) / len(answer)
-
-
-def score_probe(item: ProbeItem, text: str) -> float:
-    return score_needle(text, item.answer) if item.kind == "needle" else score_vartrack(text, item.answer)
-
-
-# ============================================================================ reasoning-gym
-REASONING_GYM_HINT = "pip install reasoning-gym==0.1.25"
-REASONING_INSTRUCTION = "Give only the final answer, with no explanation."
-# held out from the retrofit's reasoning set (dms_flex.data builds it with seed 0)
-REASONING_SEED = 1234
-
-
-@dataclass
-class ReasoningItem:
-    task: str
-    question: str
-    entry: dict
-    dataset: object  # the reasoning-gym dataset that scores it
-    shots: List[tuple] = field(default_factory=list)  # (question, answer) worked examples shown first
-
-    def score(self, answer: Optional[str]) -> float:
-        return float(self.dataset.score_answer(answer=answer, entry=self.entry))
-
-
-def reasoning_available() -> Optional[str]:
-    """None if reasoning-gym imports, else why not."""
-    if importlib.util.find_spec("reasoning_gym") is None:
-        return f"reasoning-gym is not installed ({REASONING_GYM_HINT})"
-    try:
-        import reasoning_gym  # noqa: F401
-    except Exception as e:  # a broken install: say so and skip
-        return f"reasoning-gym does not import: {type(e).__name__}: {e}"
-    return None
-
-
-def reasoning_items(
-    tasks: Sequence[str],
-    per_task: int,
-    seed: int = REASONING_SEED,
-    task_kwargs: Optional[Dict[str, dict]] = None,
-    shots: int = 0,
-) -> List[ReasoningItem]:
-    """per_task problems of each task; `shots` solved examples per task (drawn with another seed)
-    go before each question: a small model follows the answer format from examples, not from rules."""
-    import reasoning_gym
-
-    unknown = sorted(set(tasks) - set(reasoning_gym.factory.DATASETS))
-    if unknown:
-        raise ValueError(f"unknown reasoning-gym task(s) {unknown}")
-    items = []
-    for task in tasks:
-        kw = (task_kwargs or {}).get(task, {})
-        ds = reasoning_gym.create_dataset(task, size=per_task, seed=seed, **kw)
-        examples = []
-        if shots:
-            ex = reasoning_gym.create_dataset(task, size=shots, seed=seed + 1, **kw)
-            examples = [(e["question"], str(e["answer"])) for e in ex]
-        items += [ReasoningItem(task, e["question"], e, ds, examples) for e in ds]
-    return items
-
-
-def extract_answer(text: str) -> str:
-    """The answer in <answer> tags if any (reasoning-gym's convention), else the first non-empty line
-    without a leading 'Answer:' and a trailing period."""
-    m = re.findall(r"<answer>\s?(.*?)\s?</answer>", text, flags=re.DOTALL)
-    if m:
-        return m[-1].strip()
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    line = re.sub(r"^(the )?(final )?answer( is)?\s*[:=]?\s*", "", line, flags=re.IGNORECASE)
-    return line.rstrip(".").strip()
+def windows_of(encode: Encode, source: TextSource, n: int, length: int) -> List[List[int]]:
+    """n perplexity windows of `length` tokens from a source: from evenly spaced slices of a long text
+    (`text_windows`), else from one tokenization of the whole text, cut into n windows that do not
+    overlap; a text with fewer than n * length tokens raises ValueError with the settings that fit."""
+    if len(source.text) > 4 * n * (length * 6 + 64):
+        return text_windows(encode, source.text, n, length)
+    ids = encode(source.text)
+    if len(ids) < n * length:
+        fit = len(ids) // length
+        how = (
+            f"--ppl-windows {fit} or --ppl-len {len(ids) // n}"
+            if fit >= 1
+            else f"--ppl-windows 1 --ppl-len {len(ids)} (with a --ppl-prefix below it)"
+        )
+        raise ValueError(
+            f"{source.name} text ({source.origin}) has {len(ids)} tokens: {n} window(s) of {length} tokens need "
+            f"{n * length}; use {how}, or a longer text"
+        )
+    gap = len(ids) - n * length
+    starts = [i * length + (i * gap) // max(n - 1, 1) for i in range(n)]
+    return [list(ids[s : s + length]) for s in starts]
 
 
 # ============================================================================ CLI

@@ -12,7 +12,10 @@ The harness asks a model three things; here each runs through dms_flex's model a
   temperature > 0), cut at the first ``until`` string.
 
 Methods are those of `python -m dms_flex.eval`: ``vanilla``, ``dms``, ``streaming``, ``h2o``, ``tova``
-(policies need ``cr``). Local-file tasks come from the harness's own ``--include_path``.
+(policies need ``cr``). Local-file tasks come from the harness's own ``--include_path``. Without
+``pretrained`` the model is the embedded SmolLM2-135M-Instruct with its packaged DMS adapter (``adapter=DIR``
+picks another adapter, ``no_adapter=true`` none), as ``python -m dms_flex.eval`` uses it. A recorded run on the
+local task ``benchmarks/lm_eval_task/arith_mc.yaml``: benchmarks/RESULTS.md, "lm-eval adapter: a real run".
 
     python -m dms_flex.eval.lm_eval --model dms_flex \\
         --model_args pretrained=DIR,method=dms,window=64 --tasks my_task --include_path my_tasks/
@@ -57,6 +60,8 @@ class DMSFlexLM:
         heavy_fraction: float = 0.5,
         model=None,
         tokenizer=None,
+        adapter: Optional[str] = None,
+        no_adapter: Any = False,
         **unused,
     ):
         super().__init__()
@@ -68,16 +73,18 @@ class DMSFlexLM:
             from ..checkpoints import pretrained as pt
 
             folder = pretrained
-            if folder is None:
-                from ..checkpoints.embedded import default_model_dir
+            if folder is None:  # the embedded SmolLM2 with its packaged DMS adapter, as python -m dms_flex.eval
+                from ..checkpoints.embedded import default_model
 
-                folder = default_model_dir()
+                folder, adapter, _ = default_model(adapter, str(no_adapter).lower() in ("1", "true", "yes"))
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             torch_dtype = (
                 getattr(torch, dtype) if dtype else (torch.bfloat16 if "cuda" in str(device) else torch.float32)
             )
             overrides = {k: v for k, v in (("window", window), ("alpha_offset", alpha_offset)) if v is not None}
-            dm = pt.load_dms_model(folder, dms_overrides=overrides or None, dtype=torch_dtype, device=device)
+            dm = pt.load_dms_model(
+                folder, dms_overrides=overrides or None, dtype=torch_dtype, device=device, adapter=adapter
+            )
             model, tokenizer = dm.model, dm.tokenizer
         if tokenizer is None:
             raise ValueError("the lm-eval adapter needs a tokenizer (the checkpoint folder has none)")

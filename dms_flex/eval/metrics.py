@@ -16,6 +16,7 @@ from .. import generate as generation, stats
 from .. import torchtune_model as tm
 from ..generate import SamplingConfig
 from . import data
+from .intervals import mean_interval
 from .methods import Method, _device_of
 
 
@@ -42,6 +43,7 @@ def perplexity(
     teacher = method.name in ("vanilla", "dms") and not cached
     nll_sum, kl_sum, count = 0.0, 0.0, 0
     kept: List[List[torch.Tensor]] = []  # per batch: per layer (B, H)
+    live_slots = 0.0  # (window, layer, KV head) slots held once each window's last input token is read
     window = method.dms_config.effective_window if method.dms_config is not None else None
     t0 = time.perf_counter()
     for i in range(0, N, batch_size):
@@ -57,9 +59,12 @@ def perplexity(
             logits, evicted = method.teacher_forced(x[:, :-1])
             logits = logits[:, prefix - 1 :]
             if method.name == "dms":
-                kept.append([stats.kept_fraction(ev, window) for ev in evicted])
+                fractions = [stats.kept_fraction(ev, window) for ev in evicted]  # per layer (B, H), of T - 1
+                live_slots += (T - 1) * sum(float(f.sum()) for f in fractions)
+                kept.append(fractions)
             else:
                 kept.append([torch.ones(B, 1)])
+                live_slots += (T - 1) * B * len(method.model.layers) * _kv_heads(method)
         else:
             state = method.new_state(B, T)
             steps = [method.prefill(x[:, :prefix], state)]
@@ -68,6 +73,7 @@ def perplexity(
             logits = torch.stack(steps, dim=1)
             seen = state.next_pos.clamp_min(1)[:, None].float()
             kept.append([c.length.float() / seen for c in state.caches])
+            live_slots += sum(float(c.length.sum()) for c in state.caches)
         lp = F.log_softmax(logits.float(), dim=-1)
         target = x[:, prefix:]
         nll_sum += float(-lp.gather(-1, target[..., None]).sum())
@@ -75,12 +81,16 @@ def perplexity(
         count += target.numel()
     report = stats.compression_report([torch.cat([k[layer].cpu() for k in kept]) for layer in range(len(kept[0]))])
     nll = nll_sum / count
+    seen_slots = N * (T - 1) * len(method.model.layers) * _kv_heads(method)
     return {
         "ppl": math.exp(nll),
         "nll": nll,
         "kl": kl_sum / count,
         "tokens": count,
         "cr": report.ratio,
+        "cr_slots": seen_slots / max(live_slots, 1e-12),
+        "kv_live_bytes": live_slots * slot_bytes(method),
+        "sequences": N,
         "path": "teacher-forced" if teacher else f"cached (prefill {prefix}, then token by token)",
         "kept_per_layer_head": [[round(float(v), 4) for v in row] for row in report.per_layer_head],
         "seconds": time.perf_counter() - t0,
@@ -118,11 +128,35 @@ def generate_rows(
     return out, state
 
 
+def _kv_heads(method: Method) -> int:
+    return int(method.model.layers[0].attn.num_kv_heads)
+
+
+def slot_bytes(method: Method) -> int:
+    """K and V bytes of one (sequence, layer, KV head, token) slot as the method's cache stores it: two
+    head_dim vectors in the model dtype, or int8 with one float32 scale each (`cache.SlotStore.bytes_per_slot`)."""
+    attn = method.model.layers[0].attn
+    if method.int8_kv:
+        return 2 * (attn.head_dim + 4)
+    return 2 * attn.head_dim * next(method.model.parameters()).element_size()
+
+
 def _state_numbers(states) -> Dict[str, float]:
+    """The caches' numbers once the last token was read: CR (1 / mean kept fraction, docs/design.md), the
+    token-weighted CR (tokens seen / slots held, over every layer and KV head: what equal memory matches on
+    inputs of unequal lengths), live and dense KV bytes, and the sequences they hold."""
     live = sum(s.kv_bytes()["live"] for s in states)
     dense = sum(s.kv_bytes()["dense"] for s in states)
     kept = torch.cat([s.compression().per_layer_head.mean()[None] for s in states]).mean()
-    return {"cr": 1.0 / max(float(kept), 1e-12), "kv_live_bytes": live, "kv_dense_bytes": dense}
+    slots = sum(float(c.length.sum()) for s in states for c in s.caches)
+    seen = sum(float(s.next_pos.sum()) * len(s.caches) * s.caches[0].k.shape[1] for s in states)
+    return {
+        "cr": 1.0 / max(float(kept), 1e-12),
+        "cr_slots": seen / max(slots, 1e-12),
+        "kv_live_bytes": live,
+        "kv_dense_bytes": dense,
+        "sequences": sum(s.batch_size for s in states),
+    }
 
 
 def _batches(seq: Sequence, size: int):
@@ -157,6 +191,8 @@ def probe_accuracy(
     return {
         "accuracy": sum(s for *_, s in scores) / max(len(scores), 1),
         "n": len(scores),
+        "scores": [s for *_, s in scores],  # per item, in the order of `items` (length by length)
+        "interval": mean_interval([s for *_, s in scores]) if scores else None,
         "by_length_depth": grid,
         **_state_numbers(states),
         "samples": samples,
@@ -175,20 +211,26 @@ def reasoning_accuracy(
 ) -> Dict[str, Any]:
     """Greedy answers scored by reasoning-gym's score_answer; per task and overall."""
     per_task: Dict[str, List[float]] = collections.defaultdict(list)
-    states, samples = [], []
-    for chunk in _batches(list(items), batch_size):
-        outs, state = generate_rows(method, [render(it) for it in chunk], max_new_tokens, stop_tokens=stop_tokens)
+    states, samples, allv = [], [], []
+    prompts = [render(it) for it in items]
+    for i, chunk in enumerate(_batches(list(items), batch_size)):
+        rows = prompts[i * batch_size : (i + 1) * batch_size]
+        outs, state = generate_rows(method, rows, max_new_tokens, stop_tokens=stop_tokens)
         states.append(state)
         for it, o in zip(chunk, outs):
             text = decode(o)
             ans = data.extract_answer(text)
             per_task[it.task].append(it.score(ans))
+            allv.append(per_task[it.task][-1])
             if len(samples) < 4:
                 samples.append({"question": it.question, "expected": it.entry["answer"], "output": text})
-    allv = [s for v in per_task.values() for s in v]
+    prompt_tokens = [len(p) for p in prompts]
     return {
         "accuracy": sum(allv) / max(len(allv), 1),
         "n": len(allv),
+        "scores": allv,  # per item, in the order of `items`
+        "interval": mean_interval(allv) if allv else None,
+        "prompt_tokens": {"min": min(prompt_tokens, default=0), "max": max(prompt_tokens, default=0)},
         "per_task": {t: sum(v) / len(v) for t, v in per_task.items()},
         **_state_numbers(states),
         "samples": samples,

@@ -12,30 +12,151 @@ from typing import Any, Callable, Dict, List, Sequence
 import torch
 
 from .. import stats
+from .intervals import format_interval, mean_interval, paired_interval
 from .methods import METHODS
 
 
+GROUPS = (("ppl", "ppl"), ("reasoning", "reason"), ("needle", "needle"), ("vartrack", "vartrk"))
+BYTES_TOLERANCE = 0.05  # a baseline cell whose KV bytes differ from DMS's by more than this is marked
+
+
+def _num(v, fmt):
+    return "-" if v is None else format(v, fmt)
+
+
+def memory(run: Dict[str, Any], group: str):
+    """(token-weighted CR, live KV bytes per sequence) of one run on one metric's inputs, or None (an older
+    results.json without them)."""
+    r = run.get(group) or {}
+    if "kv_live_bytes" not in r or not r.get("sequences"):
+        return None
+    return r.get("cr_slots"), r["kv_live_bytes"] / r["sequences"]
+
+
+def bytes_off(run: Dict[str, Any], group: str, runs: Sequence[Dict[str, Any]]):
+    """A baseline cell's KV bytes / those of the DMS run for the same requested CR on the same metric
+    (None when either is missing or the run is not a baseline)."""
+    if run["method"] in ("vanilla", "dms"):
+        return None
+    dms = next((r for r in runs if r["method"] == "dms" and r.get("requested_cr") == run.get("requested_cr")), None)
+    mine, ref = memory(run, group), dms and memory(dms, group)
+    if not mine or not ref or not ref[1]:
+        return None
+    return mine[1] / ref[1]
+
+
+def _memory_cell(run, group, runs) -> str:
+    mem = memory(run, group)
+    if mem is None:
+        return "-"
+    cr, per_seq = mem
+    ratio = bytes_off(run, group, runs)
+    mark = "!" if ratio is not None and abs(ratio - 1) > BYTES_TOLERANCE else ""
+    return f"{_num(cr, '.2f')}x {per_seq / 2**10:.0f}K{mark}"
+
+
+def _values(run) -> Dict[str, Any]:
+    ppl = run.get("ppl") or {}
+    return {
+        "ppl": ppl.get("ppl"),
+        "kl": ppl.get("kl"),
+        "reasoning": (run.get("reasoning") or {}).get("accuracy"),
+        "needle": (run.get("needle") or {}).get("accuracy"),
+        "vartrack": (run.get("vartrack") or {}).get("accuracy"),
+    }
+
+
 def print_table(runs: List[Dict[str, Any]], out=None) -> None:
+    """One row per run: each metric's value, then the CR it ran at on that metric's inputs and its live KV
+    bytes per sequence (K = KiB); '!' marks a baseline cell more than 5% away from DMS's bytes at the same
+    requested CR. Then the accuracies' 95% intervals and their paired differences to vanilla."""
     out = out or sys.stdout
-    cols = [("method", 9), ("req CR", 7), ("CR", 6), ("ppl", 8), ("KL", 8), ("reason", 7), ("needle", 7), ("vartrk", 7)]
+    present = [g for g, _ in GROUPS if any(g in r for r in runs)] or ["ppl"]
+    cols = [("method", 9), ("req CR", 7)]
+    for g, short in GROUPS:
+        if g in present:
+            cols += ([("ppl", 8), ("KL", 8)] if g == "ppl" else [(short, 7)]) + [(f"{short} mem", 14)]
     out.write(" ".join(f"{c:>{w}}" for c, w in cols) + "\n")
-
-    def num(v, fmt):
-        return "-" if v is None else format(v, fmt)
-
     for r in runs:
-        ppl = r.get("ppl") or {}
-        row = [
-            r["method"],
-            num(r.get("requested_cr"), ".2f"),
-            num(r.get("cr"), ".2f"),
-            num(ppl.get("ppl"), ".3f"),
-            num(ppl.get("kl"), ".4f"),
-            num((r.get("reasoning") or {}).get("accuracy"), ".3f"),
-            num((r.get("needle") or {}).get("accuracy"), ".3f"),
-            num((r.get("vartrack") or {}).get("accuracy"), ".3f"),
-        ]
-        out.write(" ".join(f"{v:>{w}}" for v, (_, w) in zip(row, cols)) + "\n")
+        v = _values(r)
+        row = [r["method"], _num(r.get("requested_cr"), ".2f")]
+        for g, _ in GROUPS:
+            if g in present:
+                row += [_num(v["ppl"], ".3f"), _num(v["kl"], ".4f")] if g == "ppl" else [_num(v[g], ".3f")]
+                row.append(_memory_cell(r, g, runs))
+        out.write(" ".join(f"{x:>{w}}" for x, (_, w) in zip(row, cols)) + "\n")
+    out.write(
+        "mem: the CR each cell ran at on that metric's own inputs (tokens seen / KV slots held) and its live KV "
+        "bytes per sequence; '!' = more than 5% away from DMS's bytes at the same requested CR\n"
+    )
+    for line in interval_lines(runs):
+        out.write(line + "\n")
+
+
+def interval_lines(runs: Sequence[Dict[str, Any]]) -> List[str]:
+    """Per accuracy metric with per-item scores: each run's mean with its 95% interval and, where vanilla
+    answered the same items, the paired difference to vanilla in points with its 95% interval."""
+    lines = []
+    for g, _ in GROUPS[1:]:
+        scored = [r for r in runs if (r.get(g) or {}).get("scores")]
+        if not scored:
+            continue
+        van = next((r[g]["scores"] for r in scored if r["method"] == "vanilla"), None)
+        lines.append(f"{g} (n = {len(scored[0][g]['scores'])}), mean [95% interval]; minus vanilla, points:")
+        for r in scored:
+            sc = r[g]["scores"]
+            mem = memory(r, g)
+            line = f"  {r['method']:<9} CR {_num(mem and mem[0], '.2f'):>6}  {format_interval(mean_interval(sc))}"
+            if van is not None and r["method"] != "vanilla" and len(van) == len(sc):
+                line += f"   {format_interval(paired_interval(sc, van), scale=100, digits=1)}"
+            lines.append(line)
+    return lines
+
+
+def markdown_table(runs: Sequence[Dict[str, Any]]) -> str:
+    """The table as Markdown for benchmarks/RESULTS.md: each cell 'value (CR, KiB per sequence)', the best
+    compressed method per requested CR and metric in bold, a marked cell (more than 5% away from DMS's
+    bytes) with a dagger."""
+    present = [g for g, _ in GROUPS if any(g in r for r in runs)] or ["ppl"]
+    heads = ["method", "req. CR"]
+    keys = []
+    for g, _ in GROUPS:
+        if g in present:
+            keys += [("ppl", "ppl", min), ("kl", "ppl", min)] if g == "ppl" else [(g, g, max)]
+    heads += [k if k != "reasoning" else "reasoning (95% int.)" for k, _, _ in keys]
+    best = {}
+    for key, _, pick in keys:
+        for cr in {r.get("requested_cr") for r in runs if r["method"] != "vanilla"}:
+            vals = [_values(r)[key] for r in runs if r["method"] != "vanilla" and r.get("requested_cr") == cr]
+            vals = [x for x in vals if x is not None]
+            if len(vals) > 1:
+                best[(key, cr)] = pick(vals)
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for r in runs:
+        cells = [r["method"], "-" if r.get("requested_cr") is None else f"{r['requested_cr']:g}"]
+        for key, group, _ in keys:
+            val = _values(r)[key]
+            if val is None:
+                cells.append("-")
+                continue
+            text = f"{val:.4f}" if key == "kl" else f"{val:.3f}"
+            if r["method"] != "vanilla" and best.get((key, r.get("requested_cr"))) == val:
+                text = f"**{text}**"
+            if key == "reasoning" and (r.get(group) or {}).get("scores"):
+                iv = mean_interval(r[group]["scores"])
+                text += f" [{iv['low']:.3f}, {iv['high']:.3f}]"
+            mem = memory(r, group)
+            if mem is not None and key != "kl":
+                ratio = bytes_off(r, group, runs)
+                mark = " †" if ratio is not None and abs(ratio - 1) > BYTES_TOLERANCE else ""
+                text += f" ({_num(mem[0], '.2f')}x, {mem[1] / 2**10:.0f} KiB{mark})"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(
+        "\nEach cell: value (the CR it ran at on that metric's own inputs = tokens seen / KV slots held; live KV "
+        "KiB per sequence). † = more than 5% away from DMS's bytes at the same requested CR."
+    )
+    return "\n".join(lines + [""] + interval_lines(runs)) + "\n"
 
 
 def plot_metrics(runs: List[Dict[str, Any]], out_dir: Path) -> List[str]:
@@ -54,7 +175,11 @@ def plot_metrics(runs: List[Dict[str, Any]], out_dir: Path) -> List[str]:
     ]
     paths = []
     for key, metric, ylabel in specs:
-        pts = [(r["method"], r.get("cr") or 1.0, (r.get(metric) or {}).get(key)) for r in runs]
+        # each point at the CR the run had on this metric's inputs (a baseline matched to DMS metric by metric)
+        pts = [
+            (r["method"], (memory(r, metric) or (None,))[0] or r.get("cr") or 1.0, (r.get(metric) or {}).get(key))
+            for r in runs
+        ]
         pts = [p for p in pts if p[2] is not None]
         if not pts:
             continue
@@ -166,6 +291,11 @@ def merge(paths: Sequence[str], out_dir: str) -> int:
             print(f"{path}: partial (the run stopped early): {len(res.get('runs') or [])} finished run(s) kept")
             merged.setdefault("partial_inputs", []).append(str(path))
             res.setdefault("parallel", parallel_rows(res.get("runs") or []))
+        mine, theirs = merged.get("inputs") or {}, res.get("inputs") or {}
+        differ = sorted(k for k in set(mine) & set(theirs) if mine[k] != theirs[k])
+        if differ:  # cells of one table must share their inputs
+            print(f"{path}: WARNING: its {', '.join(differ)} inputs differ from the first file's: not comparable")
+            merged.setdefault("inputs_differ", []).append(str(path))
         for k, v in res.items():
             if k not in ("runs", "parallel", "plots", "heatmaps", "partial"):
                 merged.setdefault(k, v)
@@ -190,6 +320,7 @@ def replot(path: str) -> int:
         print(f"setting: {format_setting(results['quantization'])}")
     print_table(results["runs"])
     print_parallel(results.get("parallel"))
+    (p.parent / "table.md").write_text(markdown_table(results["runs"]))
     results.update(draw(results, p.parent))
     p.write_text(json.dumps(results, indent=1, default=str))
     print(f"plots: {', '.join(results['plots'] + results['heatmaps'])}")
@@ -230,6 +361,7 @@ def write_final(path: Path, results: Dict[str, Any], log: Callable[[str], None] 
     print(f"setting: {format_setting(results['quantization'])}")
     print_table(results["runs"])
     print_parallel(results.get("parallel"))
+    (path.parent / "table.md").write_text(markdown_table(results["runs"]))
     results.update(draw(results, path.parent, log))
     path.write_text(json.dumps(results, indent=1, default=str))
     log(

@@ -132,10 +132,15 @@ def load_inputs(
         probes={},
         stops=[t for t in [tok.eos_token_id] if t is not None],
     )
-    texts = data.load_texts(args.texts, log=log)
+    text_file = getattr(args, "text_file", None)
+    texts = data.load_texts(args.texts, log=log) if args.texts or not text_file else {}
+    if text_file:
+        user = data.user_text(text_file)
+        texts[user.name] = user
+        log(f"data: {user.name}: {len(user.text) / 1e6:.2f} MB of text from {user.origin}")
     results["data"] = {s.name: s.origin for s in texts.values()}
     inputs.windows = torch.tensor(
-        [w for s in texts.values() for w in data.text_windows(inputs.encode, s.text, args.ppl_windows, args.ppl_len)]
+        [w for s in texts.values() for w in data.windows_of(inputs.encode, s, args.ppl_windows, args.ppl_len)]
     )
     log(
         f"perplexity: {inputs.windows.shape[0]} windows of {args.ppl_len} tokens from {list(texts)}; the first "
@@ -154,7 +159,7 @@ def load_inputs(
     haystack = (
         texts.get(args.haystack)
         if args.haystack
-        else next((texts[n] for n in ("austen", "kjv", "code") if n in texts), None)
+        else next((texts[n] for n in ("user", "austen", "kjv", "code") if n in texts), None)
     )
     if args.haystack and haystack is None:
         raise ValueError(f"--haystack {args.haystack} is not among the loaded texts {list(texts)}")
@@ -172,6 +177,7 @@ def load_inputs(
                 hops=args.hops,
             )
     check_context(base.model, args.ppl_len, [it for its in inputs.probes.values() for it in its])
+    results["inputs"] = input_digests(inputs)
     if inputs.probes:
         log(
             f"long context: haystack {haystack.name}; lengths {args.lengths}, depths {args.depths}, "
@@ -183,41 +189,103 @@ def load_inputs(
 def evaluate_all(
     args, base, inputs: Inputs, results: Dict[str, Any], path: Path, log: Callable[[str], None]
 ) -> List[Dict[str, Any]]:
-    """vanilla, each DMS run, then the baselines (at DMS's achieved CR for the same request unless
-    --no-match-dms-cr); results.json is rewritten (partial) after each."""
+    """vanilla, each DMS run, then the baselines, each metric at the CR DMS achieved on that metric's own
+    inputs for the same request (from this run's DMS, or from --match-dms FILE; --no-match-dms-cr: at the
+    requested CR); results.json is rewritten (partial) after each."""
     vanilla = Method("vanilla", base.model, kv_int8=args.kv == "int8", attention=args.attention)
     methods = build_methods(args, base)
     runs: List[Dict[str, Any]] = []
 
-    def record(m: Method) -> None:
-        runs.append(evaluate(m, args, inputs, log))
+    def record(m: Method, match: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+        runs.append(evaluate(m, args, inputs, log, match))
         report.write_partial(path, results, runs)
+        return runs[-1]
 
     log("evaluating:")
     if "vanilla" in args.methods:
         record(vanilla)
-    dms_cr: Dict[Optional[float], float] = {}
+    dms_cr: Dict[Optional[float], Dict[str, float]] = {}
+    if getattr(args, "match_dms", None) and args.match_dms_cr:
+        dms_cr = matched_crs(args.match_dms, results.get("inputs", {}))
+        log(f"baselines: each metric at the CR DMS achieved on it in {args.match_dms}: {dms_cr}")
     checkpoints = CheckpointLoader(args, base.model, log)
     dms_methods = [m for m in methods if m.name == "dms"]
     for i, m in enumerate(dms_methods):
         prepare_dms(m, args, base, inputs.windows, log, checkpoints)  # CR measured on the perplexity windows
-        record(m)
-        dms_cr[m.requested_cr] = m.cr
+        dms_cr[m.requested_cr] = metric_crs(record(m))
         if m.checkpoint is not None:  # free a checkpoint once no later DMS run needs it
             m.model = None
             if all(o.checkpoint != m.checkpoint for o in dms_methods[i + 1 :]):
                 checkpoints.release(m.checkpoint)
     for m in methods:
         if m.name in bl.POLICIES:
-            if args.match_dms_cr and m.requested_cr in dms_cr:
-                m.cr = dms_cr[m.requested_cr]
-                m.setting = f"at DMS's achieved CR for the request {m.requested_cr:g}"
-            record(m)
+            match = dms_cr.get(m.requested_cr) if args.match_dms_cr else None
+            if match:
+                m.cr = match.get("ppl", m.cr)
+                m.setting = f"each metric at DMS's achieved CR on its inputs for the request {m.requested_cr:g}"
+            record(m, match)
     return runs
 
 
-def evaluate(m: Method, args, inputs: Inputs, log: Callable[[str], None]) -> Dict[str, Any]:
-    """Every asked metric of one method: its record in results.json."""
+METRIC_NAMES = ("ppl", "reasoning", "needle", "vartrack")
+
+
+def metric_crs(rec: Dict[str, Any]) -> Dict[str, float]:
+    """A DMS run's token-weighted CR per metric (tokens seen / KV slots held, over every sequence, layer and KV
+    head of that metric's inputs): the CR a baseline needs to hold the same KV bytes on the same inputs."""
+    return {k: max(1.0, float(rec[k]["cr_slots"])) for k in METRIC_NAMES if isinstance(rec.get(k), dict)}
+
+
+def input_digests(inputs: Inputs) -> Dict[str, str]:
+    """A short hash of each metric's token ids: runs (or processes) compared cell by cell must share them."""
+    import hashlib
+
+    def h(seqs) -> str:
+        d = hashlib.sha256()
+        for s in seqs:
+            d.update(bytes(str(list(s)), "ascii") + b";")
+        return d.hexdigest()[:16]
+
+    out = {"ppl": h(inputs.windows.tolist())}
+    if inputs.items:
+        out["reasoning"] = h(inputs.render(it) for it in inputs.items)
+    for kind, its in inputs.probes.items():
+        out[kind] = h(it.prompt for it in its)
+    return out
+
+
+def matched_crs(path: str, digests: Dict[str, str]) -> Dict[Optional[float], Dict[str, float]]:
+    """{requested CR: {metric: CR}} of the DMS runs in an earlier results.json (--match-dms), refusing one
+    measured on other inputs than this run's."""
+    import json
+
+    try:
+        res = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"--match-dms {path}: no such file (run the DMS process first: --methods dms --out DIR, then "
+            f"--match-dms DIR/results.json)"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--match-dms {path}: not a results.json ({e})") from None
+    theirs = res.get("inputs") or {}
+    differ = sorted(k for k in set(theirs) & set(digests) if theirs[k] != digests[k])
+    if differ:
+        raise ValueError(
+            f"--match-dms {path}: its DMS runs were measured on other {', '.join(differ)} inputs than this run's "
+            f"(give both runs the same data, length, count and seed flags)"
+        )
+    out = {r.get("requested_cr"): metric_crs(r) for r in res.get("runs") or [] if r.get("method") == "dms"}
+    if not out:
+        raise ValueError(f"--match-dms {path}: it holds no DMS run")
+    return out
+
+
+def evaluate(
+    m: Method, args, inputs: Inputs, log: Callable[[str], None], match: Optional[Dict[str, float]] = None
+) -> Dict[str, Any]:
+    """Every asked metric of one method: its record in results.json. `match` ({metric: CR}) sets a policy's
+    CR metric by metric (a metric missing from it runs at m.cr)."""
     rec: Dict[str, Any] = {
         "method": m.name,
         "requested_cr": m.requested_cr,
@@ -226,9 +294,19 @@ def evaluate(m: Method, args, inputs: Inputs, log: Callable[[str], None]) -> Dic
         "kv": kv_label(m, inputs.dtype),
         "weights": args.weight_quant,
     }
+    if match:
+        rec["cr_by_metric"] = {}
+    default_cr = m.cr
+
+    def at(metric: str) -> None:
+        if match:
+            m.cr = match.get(metric, default_cr)
+            rec["cr_by_metric"][metric] = m.cr
+
     t = time.perf_counter()
     gen_kw = dict(max_new_tokens=args.reasoning_max_new, batch_size=args.batch_size, stop_tokens=inputs.stops)
     if "ppl" in args.metrics:
+        at("ppl")
         rec["ppl"] = metrics.perplexity(
             m,
             inputs.windows,
@@ -238,8 +316,10 @@ def evaluate(m: Method, args, inputs: Inputs, log: Callable[[str], None]) -> Dic
             cached=args.dms_cached,
         )
     if inputs.items and "reasoning" in args.metrics:
+        at("reasoning")
         rec["reasoning"] = metrics.reasoning_accuracy(m, inputs.items, inputs.render, inputs.decode, **gen_kw)
     for kind, its in inputs.probes.items():
+        at(kind)
         rec[kind] = metrics.probe_accuracy(m, its, inputs.decode, batch_size=args.batch_size, stop_tokens=inputs.stops)
     if (
         inputs.items
@@ -248,6 +328,7 @@ def evaluate(m: Method, args, inputs: Inputs, log: Callable[[str], None]) -> Dic
             not m.compressed or m.requested_cr == args.parallel_samples or (m.name == "dms" and m.requested_cr is None)
         )
     ):
+        at("reasoning")
         if m.compressed:
             rec["parallel"] = metrics.parallel_sampling(
                 m,
@@ -272,6 +353,7 @@ def evaluate(m: Method, args, inputs: Inputs, log: Callable[[str], None]) -> Dic
                 "kv_live_bytes_per_question": r["kv_live_bytes"] / max(r["n"], 1),
                 "cr": 1.0,
             }
+    m.cr = default_cr
     rec["seconds"] = time.perf_counter() - t
     log(
         f"  {m.label:<18} done in {rec['seconds']:.1f}s"
@@ -279,6 +361,11 @@ def evaluate(m: Method, args, inputs: Inputs, log: Callable[[str], None]) -> Dic
             f"  ppl {rec['ppl']['ppl']:.3f} KL {rec['ppl']['kl']:.4f} (CR {rec['ppl']['cr']:.2f})"
             if "ppl" in rec
             else ""
+        )
+        + "".join(
+            f"  {k} {rec[k]['accuracy']:.3f} (CR {rec[k]['cr_slots']:.2f})"
+            for k in ("reasoning", "needle", "vartrack")
+            if k in rec
         )
     )
     return rec
