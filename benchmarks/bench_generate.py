@@ -176,6 +176,11 @@ def parse_args(argv=None):
     )
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument(
+        "--reduce-overhead",
+        action="store_true",
+        help="our compiled step with torch.compile's mode='reduce-overhead' instead of one CUDA graph per step",
+    )
+    p.add_argument(
         "--no-fuse", dest="fuse", action="store_false", help="keep q/k/v and gate/up as separate GEMMs (ablation)"
     )
     p.add_argument("--check", action="store_true", help="first compare torchtune-path and dms-hf greedy tokens (B=2)")
@@ -290,6 +295,7 @@ class Models:
         from dms_flex.checkpoints import pretrained
 
         self.device, self.dtype = device, dtype
+        self.reduce_overhead = args.reduce_overhead
         if args.tiny:
             self.base_folder, dms_folder = make_tiny(tmp, max_len, args.seed)
             self.adapter = None
@@ -366,9 +372,12 @@ class TTSystem:
         self.kv_dtype = torch.int8 if name == "dms-int8" else None
         self.step = tm.decode_step
         self.compiled = compile_step  # our prefill's layer halves compile with the step (tm.prefill(compile=True))
+        # as `python -m dms_flex.generate` runs it: the compiled step and its sampling replayed from one
+        # CUDA graph (dms_flex/stepping.py); --reduce-overhead: torch.compile's own CUDA graphs instead
+        self.cuda_graph = compile_step and models.device.type == "cuda" and not models.reduce_overhead
         if compile_step:
-            mode = "reduce-overhead" if models.device.type == "cuda" else None
-            self.step = torch.compile(tm.decode_step, fullgraph=True, mode=mode)
+            ro = models.device.type == "cuda" and models.reduce_overhead
+            self.step = torch.compile(tm.decode_step, fullgraph=True, mode="reduce-overhead" if ro else None)
 
     def capacity(self, T, N, frac):
         return T + N if (frac == "full" or not self.eviction) else max(1, math.ceil(frac * (T + N)))
@@ -400,6 +409,7 @@ class TTSystem:
             stop_tokens=(),
             step_fn=step or self.step,
             compile_prefill=self.compiled,
+            cuda_graph=self.cuda_graph and step is None,
         )
         _sync(dev)
         return res, time.perf_counter() - t0
@@ -734,7 +744,15 @@ def make_meta(args, device, dtype, models: Models, text_origin, compile_step):
         "dms": {"window": models.dm.dms.window, "decision": models.dm.dms.decision},
         "dtype": str(dtype).replace("torch.", ""),
         "text": text_origin,
-        "our_decode_step": "torch.compile(fullgraph=True, mode='reduce-overhead')" if compile_step else "eager",
+        "our_decode_step": (
+            (
+                "torch.compile(fullgraph=True, mode='reduce-overhead')"
+                if args.reduce_overhead
+                else "torch.compile(fullgraph=True) + sampling, replayed from one CUDA graph (dms_flex/stepping.py)"
+            )
+            if compile_step
+            else "eager"
+        ),
         "fused_projections": bool(args.fuse),
         "dms_capacity": args.dms_capacity,
         "new_tokens": args.new_tokens,

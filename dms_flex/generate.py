@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from . import fusion
+from . import fusion, stepping
 from . import torchtune_model as tm
 from .generate_args import DEFAULT_CHAT, DEFAULT_MAX_SEQ_LEN, parse_args
 from .sampling import SamplingConfig, sample
@@ -113,6 +113,7 @@ def generate_tokens(
     on_token: Optional[Callable[[int, int], None]] = None,
     generator: Optional[torch.Generator] = None,
     compile_prefill: bool = False,
+    cuda_graph: bool = False,
 ) -> GenerationResult:
     """Prefill `prompts` (appended to whatever `state` already holds) and decode.
 
@@ -126,6 +127,10 @@ def generate_tokens(
 
     step_fn: the decode step (default tm.decode_step; pass a torch.compile'd one).
     compile_prefill: on CUDA, prefill's per-layer work around attention runs compiled (tm.prefill).
+    cuda_graph: on CUDA, each step - step_fn, sampling and the stop flags - is replayed from one
+    CUDA graph (dms_flex/stepping.py), kept on the state for later calls; step_fn must then not use
+    CUDA graphs itself (torch.compile's default mode, not "reduce-overhead"). Ignored with a
+    `generator` (sampling from it is not captured).
     on_token(row, token): streaming callback, called as tokens are produced (not after a stop).
     """
     step_fn = step_fn or tm.decode_step
@@ -133,7 +138,6 @@ def generate_tokens(
     prompts, start = _take_pending(state, prompts)
     tokens, lengths = pad_prompts(prompts, device, [a is not None for a in start])
     _check_budget(state, lengths, max_new_tokens)
-    stop = torch.tensor(list(stop_tokens) or [-1], device=device)
     result = GenerationResult(
         tokens=[[] for _ in prompts], stopped=[False] * len(prompts), prompt_tokens=int(lengths.sum())
     )
@@ -151,41 +155,38 @@ def generate_tokens(
     _sync(device)
     result.prefill_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     written = [0] * len(prompts)  # returned tokens of each row that are in the cache
     filler = [0] * len(prompts)  # tokens decoded into a row's cache after it stopped
     B = len(prompts)
-    no_overflow = torch.zeros(1, dtype=torch.long, device=device)
-    to_host = _HostCopy(2 * B + 1, device)
+    stepper = stepping.stepper_for(model, state, step_fn, sampling, generator, stop_tokens, cuda_graph)
+    stepper.begin(nxt)
+    to_host = stepping.HostCopy(2 * B + 1, device)
     wrote_last = False
     for step in range(max_new_tokens):
         # one device-to-host transfer per step: the tokens, the stop flags and the caches' overflow flag
-        done |= torch.isin(nxt[:, 0], stop)
-        overflow = state.overflow_flag().long().reshape(1) if step else no_overflow
-        to_host.start(torch.cat([nxt[:, 0], done.long(), overflow]))
+        to_host.start(stepper.flags())
         # on CUDA the next step is launched before this step's tokens reach the host, so the GPU
         # never waits for the host's bookkeeping (docs/design.md, "Decode"). If every row turns out
         # to have stopped, that step has decoded each row's last token into its cache (written).
         last = step == max_new_tokens - 1
-        ahead = None
-        if not last and to_host.overlaps:
-            ahead = sample(step_fn(model, nxt, state), sampling, generator)
+        launched = not last and to_host.overlaps
+        if launched:
+            stepper.advance()
         host = to_host.wait()
         if host[-1]:
             state.check_overflow()  # raises with the cache's message, before a token computed past it is returned
         returned = _take_step(result, host, B, on_token)
         stop_now = all(result.stopped) or last
-        if stop_now and ahead is None:
+        if stop_now and not launched:
             break
-        if ahead is None:
-            ahead = sample(step_fn(model, nxt, state), sampling, generator)
+        if not launched:
+            stepper.advance()
         for row in range(B):
             if returned[row]:
                 written[row] += 1
             else:
                 filler[row] += 1
         result.decode_steps += 1
-        nxt = ahead
         if stop_now:
             wrote_last = True
             break
@@ -193,42 +194,11 @@ def generate_tokens(
         tokens=[toks[-1] if len(toks) > n else None for toks, n in zip(result.tokens, written)],
         filler=filler,
         next_pos=state.next_pos.clone(),
-        lookahead=nxt[:, 0].tolist() if wrote_last else None,
+        lookahead=stepper.token[:, 0].tolist() if wrote_last else None,
     )
     _sync(device)
     result.decode_seconds = time.perf_counter() - t0
     return result
-
-
-# the loop launches the next step before reading this one's tokens (on CUDA always; on the CPU,
-# where nothing runs asynchronously, only when a test asks for it to check the bookkeeping)
-LOOKAHEAD_ON_CPU = False
-
-
-class _HostCopy:
-    """The loop's one device-to-host transfer: on CUDA an asynchronous copy into pinned memory,
-    waited for after the next step is launched (`overlaps`); elsewhere a plain copy."""
-
-    def __init__(self, n: int, device):
-        self.cuda = torch.device(device).type == "cuda"
-        self.overlaps = self.cuda or LOOKAHEAD_ON_CPU
-        if self.cuda:
-            self.buf = torch.empty(n, dtype=torch.long, pin_memory=True)
-            self.event = torch.cuda.Event()
-        self.pending = None
-
-    def start(self, values: torch.Tensor) -> None:
-        if self.cuda:
-            self.buf.copy_(values, non_blocking=True)
-            self.event.record()
-        else:
-            self.pending = values
-
-    def wait(self) -> List[int]:
-        if self.cuda:
-            self.event.synchronize()
-            return self.buf.tolist()
-        return self.pending.tolist()
 
 
 def _check_budget(state, lengths, max_new_tokens: int) -> None:
@@ -302,8 +272,9 @@ def main(argv=None) -> int:
         return 2
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     step = tm.decode_step
-    if use_compile:  # gpt-fast's one line; prefill's per-layer work compiles too (compile_prefill)
-        step = torch.compile(tm.decode_step, fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
+    if use_compile:  # prefill's per-layer work compiles too (compile_prefill); on CUDA each step is then
+        # replayed from one CUDA graph with its sampling (cuda_graph below, dms_flex/stepping.py)
+        step = torch.compile(tm.decode_step, fullgraph=True)
     try:
         res = generate_tokens(
             dm.model,
@@ -315,6 +286,7 @@ def main(argv=None) -> int:
             step_fn=step,
             on_token=_streamer(dm.tokenizer),
             compile_prefill=use_compile,
+            cuda_graph=use_compile,
         )
     except CacheOverflowError as e:
         print()

@@ -102,3 +102,37 @@ def test_compiled_prefill_equals_eager():
         assert torch.allclose(a, b, atol=1e-3, rtol=1e-3), float((a - b).abs().max())
         for c1, c2 in zip(eager.caches, comp.caches):
             assert torch.equal(c1.length, c2.length)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_graphed_generation_loop_equals_the_eager_loop_over_turns(fuse):
+    """generate_tokens(cuda_graph=True): the compiled step and its sampling replayed from one CUDA graph
+    (dms_flex/stepping.py), with the lookahead loop and fused projections, gives the eager loop's tokens
+    and caches over several turns (stop-ended turns and empty-prompt continuations included), and the
+    graph is captured once and reused by later calls."""
+    from dms_flex import fusion, stepping
+    from dms_flex import torchtune_model as tm
+    from dms_flex.generate import generate_tokens
+
+    from .helpers import tiny_model
+
+    m = tiny_model(window=3, max_seq_len=256).cuda()
+    ref = tiny_model(window=3, max_seq_len=256).cuda()
+    if fuse:
+        fusion.fuse_projections(m)
+    torch._dynamo.reset()
+    step = torch.compile(tm.decode_step, fullgraph=True)
+    g, e = tm.InferenceState(m, 1), tm.InferenceState(ref, 1)
+    graphs = set()
+    for turn in range(6):
+        prompt = [[1 + turn, 2, 3]] if turn % 3 != 2 else [[]]
+        stops = [5, 33, 42, 16] if turn % 2 else ()
+        a = generate_tokens(m, prompt, g, max_new_tokens=9, stop_tokens=stops, step_fn=step, cuda_graph=True)
+        b = generate_tokens(ref, prompt, e, max_new_tokens=9, stop_tokens=stops)
+        assert a.tokens == b.tokens and a.stopped == b.stopped, turn
+        assert torch.equal(g.next_pos, e.next_pos)
+        for cg, ce in zip(g.caches, e.caches):
+            assert torch.equal(cg.length, ce.length)
+        graphs |= {id(s.graph) for s in g.__dict__["_graphed_steppers"].values() if s.graph is not None}
+    assert len(graphs) == 2  # one per (sampling, stop tokens) configuration, reused across turns
+    assert isinstance(next(iter(g.__dict__["_graphed_steppers"].values())), stepping.GraphedStepper)

@@ -39,10 +39,10 @@ def _assert_transcript_matches(m, transcript, generated_at, state):
 def test_chat_loop_of_20_turns_equals_one_teacher_forced_pass(lookahead, monkeypatch):
     """lookahead: the CUDA loop's order (the next step launched before this step's tokens are read;
     when every row has stopped, that step has already written the last token) forced on the CPU."""
-    from dms_flex import generate as generation
+    from dms_flex import stepping
     from dms_flex.generate import generate_tokens
 
-    monkeypatch.setattr(generation, "LOOKAHEAD_ON_CPU", lookahead)
+    monkeypatch.setattr(stepping, "LOOKAHEAD_ON_CPU", lookahead)
 
     m = tiny_model(window=3, max_seq_len=256)
     state = tm.InferenceState(m, 1)
@@ -65,8 +65,9 @@ def test_turns_that_end_on_a_stop_token_continue_exactly(lookahead, monkeypatch)
     """Turns ending at a stop token before max_new_tokens, then more turns (with lookahead, that
     turn's last token is already in the cache and nothing is pending)."""
     from dms_flex import generate as generation
+    from dms_flex import stepping
 
-    monkeypatch.setattr(generation, "LOOKAHEAD_ON_CPU", lookahead)
+    monkeypatch.setattr(stepping, "LOOKAHEAD_ON_CPU", lookahead)
     m = tiny_model(window=3, max_seq_len=256)
     state = tm.InferenceState(m, 1)
     transcript, generated_at, early = [], [], 0
@@ -84,10 +85,10 @@ def test_turns_that_end_on_a_stop_token_continue_exactly(lookahead, monkeypatch)
 
 @pytest.mark.parametrize("lookahead", [False, True])
 def test_a_batch_row_that_stopped_early_is_not_continued_silently(lookahead, monkeypatch):
-    from dms_flex import generate as generation
+    from dms_flex import stepping
     from dms_flex.generate import generate_tokens
 
-    monkeypatch.setattr(generation, "LOOKAHEAD_ON_CPU", lookahead)
+    monkeypatch.setattr(stepping, "LOOKAHEAD_ON_CPU", lookahead)
 
     m = tiny_model(window=3, max_seq_len=128)
     state = tm.InferenceState(m, 2)
