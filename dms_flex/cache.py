@@ -19,7 +19,7 @@ error at the next host sync.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -144,6 +144,14 @@ class DMSKVCache(SlotStore):
         if fused.supported(k_new):
             fused.decode_update(self, k_new, v_new, evict_prev, pos)
             return
+        if k_new.device.type == "cpu" and not torch.compiler.is_compiling():
+            self._decode_update_eager(k_new, v_new, evict_prev, pos)
+            return
+        self._decode_update_indexed(k_new, v_new, evict_prev, pos)
+
+    def _decode_update_indexed(self, k_new, v_new, evict_prev, pos) -> None:
+        """decode_update in static-shape tensor ops (index_put_ through `_write`): the reference of
+        the fused kernel and of the eager CPU path below, and the compiled path."""
         B, H = self.length.shape
         W = self.window + 1
         C = self.capacity
@@ -179,6 +187,55 @@ class DMSKVCache(SlotStore):
         _write(self.slot_pos, row, slot, pos_bh)
         _write(self.slot_marked, row, slot, torch.zeros_like(pos_bh, dtype=torch.bool))
         _write(self.win_slot, row, ring_idx, slot)
+
+    def _decode_update_eager(self, k_new, v_new, evict_prev, pos) -> None:
+        """decode_update on the CPU, eager: the same steps as `_decode_update_indexed` (bit for bit,
+        tests/test_cache.py), in few ops, since a decode step runs this once per layer and each op's
+        dispatch costs microseconds there. Each buffer is read and written through flat indices, one
+        element per (row, KV head); the indices that depend only on the positions are built once per
+        step for all layers (`_step_index`), and what the host knows cheaply on the CPU (rows before
+        the first position or the window, the largest slot written) skips the ops it makes idle."""
+        B, H = self.length.shape
+        C, D = self.capacity, self.k.shape[-1]
+        ix = _step_index(pos, H, self.window + 1, C + 1)
+        marked, slot_pos, win = self.slot_marked.view(-1), self.slot_pos.view(-1), self.win_slot.view(-1)
+        length = self.length.view(-1)
+        # 1. the new token decides its predecessor
+        prev = win.take(ix.ring_prev).add_(ix.slot_base)
+        mark = evict_prev.reshape(-1)
+        if not ix.all_have_prev:
+            mark = torch.where(ix.has_prev, mark, marked.take(prev))
+        marked.put_(prev, mark)
+        # 2. the token leaving the window frees its slot if marked (only possible from position w+1 on)
+        if ix.any_past_window:
+            old = win.take(ix.ring_cur)
+            at = old + ix.slot_base
+            freed = masks.is_far(ix.pos_bh, slot_pos.take(at), self.window) & marked.take(at)
+            if not ix.all_past_window:
+                freed &= ix.past_window
+            slot = torch.where(freed, old, length)
+            grow = freed.logical_not()
+        else:
+            slot, grow = length.clone(), None
+        # a full cache writes to the scratch slot C and raises the sticky flag
+        if max(slot.tolist()) >= C:
+            self.overflow.fill_(True)
+            slot = slot.clamp(max=C)
+            length.add_(1 if grow is None else grow).clamp_(max=C)
+        else:  # no slot reached C, so no length passes it
+            length.add_(1 if grow is None else grow)
+        # 3. one K/V write and the bookkeeping of the new token
+        at = slot + ix.slot_base
+        k, v = k_new.reshape(B * H, D), v_new.reshape(B * H, D)
+        if self.quantized:
+            (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
+            self.k_scale.view(-1).put_(at, ks)
+            self.v_scale.view(-1).put_(at, vs)
+        for buf, val in ((self.k, k), (self.v, v)):
+            buf.view(-1, D).index_copy_(0, at, val if val.dtype == buf.dtype else val.to(buf.dtype))
+        slot_pos.put_(at, ix.pos_bh)
+        marked.put_(at, ix.no_mark)
+        win.put_(ix.ring_cur, slot)
 
     # ------------------------------------------------------------------ append (prefill / new turn)
     def append(
@@ -339,6 +396,54 @@ def _write(buf: torch.Tensor, bh: tuple, idx: torch.Tensor, val: torch.Tensor) -
         buf.put_(lin, val.reshape(-1))
     else:
         buf.view(-1, *buf.shape[3:]).index_copy_(0, lin, val.reshape(lin.numel(), *buf.shape[3:]))
+
+
+class _StepIndex(NamedTuple):
+    """What `DMSKVCache._decode_update_eager` needs of one step's positions, per (row, KV head) flat."""
+
+    pos_bh: torch.Tensor  # (B*H,) each row's position
+    ring_prev: torch.Tensor  # flat win_slot index of ring entry (pos - 1) % W
+    ring_cur: torch.Tensor  # flat win_slot index of ring entry pos % W
+    slot_base: torch.Tensor  # flat index of slot 0 in the slot buffers
+    has_prev: torch.Tensor  # pos >= 1
+    past_window: torch.Tensor  # pos >= W
+    no_mark: torch.Tensor  # False
+    all_have_prev: bool
+    any_past_window: bool
+    all_past_window: bool
+
+
+_LAST_STEP: list = [None, None]  # (key, _StepIndex) of the latest step: every layer of a step shares it
+
+
+def _step_index(pos: torch.Tensor, H: int, W: int, S: int) -> _StepIndex:
+    """The indices of one decode step for caches of H KV heads, ring size W and S slots (scratch
+    included): built from the host's copy of pos (free on the CPU) on the first layer of a step and
+    reused by the others. Never written to."""
+    p = pos.tolist()
+    key = (tuple(p), H, W, S, pos.device, torch.is_inference_mode_enabled())
+    if _LAST_STEP[0] == key:
+        return _LAST_STEP[1]
+    p_bh = [x for x in p for _ in range(H)]
+    bh = range(len(p_bh))
+
+    def t(values, dtype=torch.long):
+        return torch.tensor(values, dtype=dtype, device=pos.device)
+
+    ix = _StepIndex(
+        pos_bh=t(p_bh),
+        ring_prev=t([i * W + (x - 1) % W for i, x in zip(bh, p_bh)]),
+        ring_cur=t([i * W + x % W for i, x in zip(bh, p_bh)]),
+        slot_base=t([i * S for i in bh]),
+        has_prev=t([x >= 1 for x in p_bh], torch.bool),
+        past_window=t([x >= W for x in p_bh], torch.bool),
+        no_mark=t([False] * len(p_bh), torch.bool),
+        all_have_prev=all(x >= 1 for x in p),
+        any_past_window=any(x >= W for x in p),
+        all_past_window=all(x >= W for x in p),
+    )
+    _LAST_STEP[:] = [key, ix]
+    return ix
 
 
 def decode_attention_kernel(q: torch.Tensor, cache: DMSKVCache, scale: Optional[float] = None) -> torch.Tensor:

@@ -126,6 +126,50 @@ def test_decode_updates_keep_what_the_rule_keeps(B, H, window, T, p_mark, capaci
         cache.check_overflow()
 
 
+@FEW
+@given(
+    B=st.integers(1, 3),
+    H=st.integers(1, 3),
+    window=st.integers(0, 4),
+    first_max=st.integers(0, 6),
+    T=st.integers(1, 14),
+    C=st.integers(1, 20),
+    store=st.sampled_from(["float32", "bfloat16", "int8"]),
+    seed=st.integers(0, 2**16),
+)
+def test_eager_decode_update_is_bit_identical_to_the_indexed_one(B, H, window, first_max, T, C, store, seed):
+    """The CPU's eager decode_update (flat indices shared by the layers of a step) leaves every buffer
+    exactly as the static-shape indexed body (the fused kernel's reference) does: after an append of
+    ragged rows (so rows decode at different positions, some from position 0), through window
+    exits, overflow and every storage (float32 K/V into a bf16 cache are converted), with two layers
+    stepping on one in-place-advanced position tensor."""
+    g = torch.Generator().manual_seed(seed)
+    kv_dtype = torch.int8 if store == "int8" else None
+    dtype = torch.bfloat16 if store == "bfloat16" else torch.float32
+    first = torch.randint(0, first_max + 1, (B,), generator=g)
+    layers = [DMSKVCache(B, H, D, C, window, dtype=dtype, kv_dtype=kv_dtype) for _ in range(2)]
+    if first_max > 0:
+        for c in layers:
+            q, k, v = torch.randn(3, B, H, first_max, D, generator=g).to(dtype)
+            lg = torch.randn(B, H, first_max, generator=g)
+            try:
+                c.append(q, k, v, lg, torch.zeros_like(first), first)
+            except CacheOverflowError:
+                return
+    pairs = [(c, copy.deepcopy(c)) for c in layers]
+    pos = first.clone()
+    for _ in range(T):
+        for eager, indexed in pairs:  # the layers of one step: the second reuses the first's indices
+            kv = torch.randn(2, B, 1, H, D, generator=g).transpose(2, 3)  # (B, H, 1, D) views, as the model's
+            evict_prev = torch.rand(B, H, generator=g) < 0.6
+            eager._decode_update_eager(kv[0], kv[1], evict_prev, pos)
+            indexed._decode_update_indexed(kv[0], kv[1], evict_prev, pos)
+            for name, buf in indexed.named_buffers():
+                assert torch.equal(getattr(eager, name), buf), name
+        pos.add_(1)
+    event("overflowed" if any(bool(c.overflow) for c, _ in pairs) else "fits")
+
+
 # ----------------------------------------------------------------------------- (b) append
 @FEW
 @given(data=st.data())
