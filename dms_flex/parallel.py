@@ -23,8 +23,10 @@ collectives (`torch.distributed._functional_collectives.all_reduce`) while torch
 inductor schedules and `mode="reduce-overhead"` captures; the same choice gpt-fast makes.
 
 Order of set-up: load (full weights on every rank) -> `add_dms` -> `shard_model` -> quantize weights
-(torchao) -> `fusion.fuse_projections`. Sharding slices plain weights: it refuses quantized weights
-and fused projections (fuse after sharding; the fused buffer then holds the local q/k/v).
+(torchao) -> `fusion.fuse_projections`. Sharding slices plain weights and refuses quantized ones. A
+model whose projections are already fused is sharded through its q/k/v and w1/w3 views and fused
+again afterwards (the fused buffers then hold the rank's slices); fusing after sharding saves the
+transient copy of the full fused buffers.
 """
 
 from __future__ import annotations
@@ -37,11 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import stats
+from . import fusion, stats
 from .torchtune_model import dms_config_of
-
-# buffers dms_flex/fusion.py registers on a fused layer: their presence means sharding came too late
-_FUSED_BUFFERS = ("dms_qkv_weight", "dms_w13_weight")
 
 
 # ============================================================================ process groups
@@ -98,6 +97,7 @@ def shard_model(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> 
     _check_plain(model)
     if world == 1:
         return model
+    fused = _is_fused(model)
     if cfg.scope == "layer" and cfg.decision == "borrowed":
         raise ValueError(
             "scope='layer' with the borrowed neuron reads every KV head's decision from query head 0, which "
@@ -123,16 +123,23 @@ def shard_model(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> 
             _keep_rows(mlp.w3, rank * width, width)
         _keep_cols(mlp.w2, rank, world, group)
     model.tp_group, model.tp_rank, model.tp_world_size = group, rank, world
+    if fused:  # the old buffers hold the full weights, no longer viewed: drop them, fuse the slices
+        fusion.unfuse_stale(model)
+        fusion.fuse_projections(model)
     return model
+
+
+def _is_fused(model: nn.Module) -> bool:
+    """Fused buffers present (current or not: a deepcopy's parameters no longer view them)."""
+    return any(
+        getattr(owner, name, None) is not None
+        for layer in model.layers
+        for owner, name in ((layer.attn, "dms_qkv_weight"), (layer.mlp, "dms_w13_weight"))
+    )
 
 
 def _check_plain(model: nn.Module) -> None:
     for i, layer in enumerate(model.layers):
-        for owner in (layer.attn, layer.mlp):
-            if any(owner._buffers.get(name) is not None for name in _FUSED_BUFFERS):
-                raise ValueError(
-                    f"layer {i} has fused projections (fusion.fuse_projections): shard the model first, then fuse"
-                )
         for name, p in layer.named_parameters():
             if type(p.data) is not torch.Tensor:
                 raise ValueError(

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dms_flex import parallel
+from dms_flex import fusion, parallel
 from dms_flex import torchtune_model as tm
 from tests.helpers import greedy_cached, tiny_model
 
@@ -41,11 +41,14 @@ STEPS = 10
 
 
 # ============================================================================ the checks (run on every rank)
-def _compare(name, model_kw, rank, kv_dtype=None, prefill_kw=None):
+def _compare(name, model_kw, rank, kv_dtype=None, prefill_kw=None, fuse=False):
     """Greedy decode of the sharded model against the unsharded one: collectives first, then asserts
-    (an assertion on one rank must not leave the other waiting in a collective)."""
+    (an assertion on one rank must not leave the other waiting in a collective). fuse: both models'
+    projections fused (fusion.fuse_projections) before sharding."""
     ref = tiny_model(**model_kw)
     ref.requires_grad_(False)
+    if fuse:
+        assert fusion.fuse_projections(ref) == len(ref.layers)
     tp = parallel.shard_model(copy.deepcopy(ref))
     prompt = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(len(name)))
     B = prompt.shape[0]
@@ -79,12 +82,21 @@ def _compare(name, model_kw, rank, kv_dtype=None, prefill_kw=None):
                     assert (a - r).abs().max() <= 1e-5 * max(1.0, float(r.abs().max())) + (1 if c.quantized else 0)
         evicted |= bool((rc.length < ref_state.next_pos[:, None]).any())
     assert evicted, "the reference evicted nothing: the check would not see a wrong eviction"
+    for layer in tp.layers if fuse else ():  # fused again, over the rank's slices
+        a = layer.attn
+        assert fusion.fused_is_current(a, "dms_qkv", [a.q_proj, a.k_proj, a.v_proj])
+        assert a.dms_qkv_weight.shape[0] == (a.num_heads + 2 * a.num_kv_heads) * a.head_dim
+        assert fusion.fused_is_current(layer.mlp, "dms_w13", [layer.mlp.w1, layer.mlp.w3])
     assert torch.allclose(whole.per_layer_head, ref_state.compression().per_layer_head)
     assert totals == ref_state.kv_bytes()
 
 
 def check_borrowed(rank):
     _compare("borrowed", dict(decision="borrowed", window=3), rank)
+
+
+def check_fused_qwen2(rank):  # sharded through the fused views (biases included), fused again
+    _compare("fused_qwen2", dict(family="qwen2", decision="borrowed", window=3), rank, fuse=True)
 
 
 def check_adapter_qwen2(rank):  # q/k/v biases, adapter rows
@@ -153,6 +165,7 @@ CHECKS = {
     for f in (
         check_borrowed,
         check_adapter_qwen2,
+        check_fused_qwen2,
         check_adapter_layer_scope,
         check_int8_chunked,
         check_generate_multiturn,
@@ -344,3 +357,65 @@ def test_two_gpus_compiled_step_equals_one():
             assert exact["lengths_equal_fraction"] == 1.0 and exact["argmax_agree"] >= 0.99, (r, exact)
             assert bf16["mean_rel_err"] <= 0.03 and bf16["argmax_agree"] >= 0.97, (r, bf16)
             assert bf16["lengths_equal_fraction"] >= 0.95, (r, bf16)
+
+
+# ============================================================================ the benchmark (benchmarks/bench_tp_decode.py)
+def _bench():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_tp_decode
+
+    return bench_tp_decode
+
+
+def test_bench_head_lengths_and_fill():
+    """Per-head lengths: the asked mean, in [window + 1, ctx], seeded; the synthetic cache holds them as
+    a decode would have left it (slots [0, n) hold the last n positions, the ring the newest w + 1)."""
+    b = _bench()
+    n = b.head_lengths("smollm2", 4, 3, 8, 4096, 8, 63, seed=1)
+    assert n.shape == (4, 3, 8) and torch.equal(n, b.head_lengths("smollm2", 4, 3, 8, 4096, 8, 63, seed=1))
+    assert abs(float(n.float().mean()) / 4096 - 1 / 8) < 0.01 and int(n.min()) >= 64 and int(n.max()) <= 4096
+    assert float(n.float().std() / n.float().mean()) > 0.5  # heads differ (the profile's spread)
+    assert torch.equal(b.head_lengths("uniform", 2, 1, 2, 4096, 8, 63), torch.full((2, 1, 2), 512))
+    m = tiny_model(window=7, max_seq_len=512)
+    state = tm.InferenceState(m, 3, capacity=450, max_seq_len=512)
+    live = b.head_lengths("smollm2", 2, 3, 2, 400, 4, 7, seed=2)
+    b.bds.DEVICE = "cpu"
+    b.fill_heads(state, live, 400)
+    assert int(state.next_pos[0]) == 400
+    for c, lv in zip(state.caches, live):
+        assert torch.equal(c.length, lv)
+        for bb in range(3):
+            for h in range(2):
+                k = int(lv[bb, h])
+                assert c.slot_pos[bb, h, :k].tolist() == list(range(400 - k, 400))
+                assert (c.slot_pos[bb, h, k:] == -1).all()
+                ring = c.win_slot[bb, h]
+                assert sorted(c.slot_pos[bb, h, ring].tolist()) == list(range(400 - 8, 400))
+                assert all(int(c.slot_pos[bb, h, ring[p % 8]]) == p for p in range(392, 400))
+
+
+def test_bench_tp_decode_cpu_smoke(tmp_path):
+    """`torchrun --nproc_per_node 2 benchmarks/bench_tp_decode.py` on the CPU (gloo, tiny preset): TP=1
+    and TP=2 rows for every case, per-rank attention times, the summary of the issue's targets."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "tp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["benchmarks/bench_tp_decode.py", "--device", "cpu", "--preset", "tiny", "--ctx", "1024"]
+    cmd += ["--batch", "1", "2", "--steps", "2", "--draws", "2", "--out", str(out)]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(out.read_text())
+    rows = {(r["tp"], r["batch"], r["cache"]): r for r in got["rows"]}
+    assert set(rows) == {(tp, B, c) for tp in (1, 2) for B in (1, 2) for c in ("1", "8")}
+    assert all("error" not in r and r["step_ms"] > 0 for r in rows.values())
+    assert len(rows[2, 2, "8"]["attn_ms_per_rank"]) == 2 and rows[2, 2, "8"]["draws"] == 2
+    assert len(rows[1, 2, "8"]["attn_ms_per_rank"]) == 1
+    assert set(got["summary"]["step_tpN_over_tp1"]) == {f"ctx1024_B{B}_cr{c}" for B in (1, 2) for c in ("1", "8")}
+    assert set(got["summary"]["step_tpN_at_N_x_batch_over_tp1"]) == {"ctx1024_B1->2_cr1", "ctx1024_B1->2_cr8"}
