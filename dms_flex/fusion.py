@@ -12,8 +12,9 @@ into the fused buffer. `project_qkv` / `feed_forward` use the fused buffer when 
 modules otherwise, so every path (eager, compiled, CPU, CUDA) runs the same math.
 
 Call it last, once the model sits on its device in its final dtype and is no longer trained:
-moving the model (`.to()`), quantizing its weights or wrapping the projections (LoRA) afterwards
-replaces the parameters, which `fused_is_current` detects (the fused buffer is then ignored).
+moving or copying the model (`.to()`, deepcopy), quantizing its weights or wrapping the projections
+(LoRA) afterwards replaces the parameters. `fused_is_current` detects that; every new InferenceState
+calls `refresh`, which fuses such layers again (or leaves them unfused when they can no longer be).
 """
 
 from __future__ import annotations
@@ -94,6 +95,23 @@ def unfuse_stale(model: nn.Module) -> None:
         w3 = getattr(mlp, "w3", None)
         if w3 is None or not fused_is_current(mlp, "dms_w13", [mlp.w1, w3]):
             _drop(mlp, "dms_w13")
+
+
+def refresh(model: nn.Module) -> None:
+    """Fuse again the layers whose fused buffers went stale (a deepcopy or `.to()` after fusing copies
+    the parameters apart from the buffer); layers never fused stay as they are. Host-side, once per
+    InferenceState."""
+    for layer in model.layers:
+        attn, mlp = layer.attn, layer.mlp
+        if "dms_qkv_weight" in attn._buffers and not fused_is_current(
+            attn, "dms_qkv", [attn.q_proj, attn.k_proj, attn.v_proj]
+        ):
+            _drop(attn, "dms_qkv")
+            _fuse(attn, "dms_qkv", [attn.q_proj, attn.k_proj, attn.v_proj])
+        w3 = getattr(mlp, "w3", None)
+        if "dms_w13_weight" in mlp._buffers and not fused_is_current(mlp, "dms_w13", [mlp.w1, w3]):
+            _drop(mlp, "dms_w13")
+            _fuse(mlp, "dms_w13", [mlp.w1, w3])
 
 
 def _drop(owner: nn.Module, name: str) -> None:

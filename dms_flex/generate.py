@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from . import fusion, stepping
+from . import fusion, parallel, stepping
 from . import torchtune_model as tm
 from .generate_args import DEFAULT_CHAT, DEFAULT_MAX_SEQ_LEN, parse_args
 from .sampling import SamplingConfig, sample
@@ -235,20 +235,32 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from .cache import CacheOverflowError
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same on every rank: sampled tokens agree without a broadcast
     device = torch.device(args.device)
+    group = None
+    if args.tp > 1:  # torchrun --nproc_per_node N: one process per GPU, this rank's device
+        group, rank_device = parallel.init_from_env(device.type)
+        device = torch.device(rank_device)
+        args.device = rank_device
+    lead = parallel.world_of(group)[0] == 0  # prints the text and the report
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         dm, folder, packaged = _load(args, device, dtype)
     except _LoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:  # before quantization and fusion: each rank keeps its heads' slices (dms_flex/parallel.py)
+        parallel.shard_model(dm.model, group)
+    except ValueError as e:
+        print(f"error: --tp {args.tp}: {e}", file=sys.stderr)
+        return 2
     dtype = _apply_quantization(args, dm, device, dtype)
     fusion.fuse_projections(dm.model)  # one GEMM for q/k/v and one for gate/up (plain weights only)
     if dm.tokenizer is None:
         print(f"error: {folder} has no tokenizer files; the generate script needs one", file=sys.stderr)
         return 2
-    _describe(args, dm, folder, packaged, dtype, device)
+    if lead:
+        _describe(args, dm, folder, packaged, dtype, device)
     ids = _prompt_ids(args, dm.tokenizer)
     if len(ids) + args.max_new_tokens > args.max_seq_len:
         print(
@@ -284,7 +296,7 @@ def main(argv=None) -> int:
             sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
             stop_tokens=sorted(i for i in [dm.tokenizer.eos_token_id] if i is not None),
             step_fn=step,
-            on_token=_streamer(dm.tokenizer),
+            on_token=_streamer(dm.tokenizer) if lead else None,
             compile_prefill=use_compile,
             cuda_graph=use_compile,
         )
@@ -292,8 +304,10 @@ def main(argv=None) -> int:
         print()
         print(f"error: {e} (--cache-capacity {args.cache_capacity})", file=sys.stderr)
         return 2
-    print()
-    _report(args, res, state, dm, dtype, use_compile)
+    kv, rep = parallel.kv_bytes(state, group), parallel.compression(state, group)  # all ranks' KV heads
+    if lead:
+        print()
+        _report(args, res, state, dm, dtype, use_compile, kv, rep)
     return 0
 
 
@@ -403,9 +417,9 @@ def _streamer(tok):
     return stream
 
 
-def _report(args, res, state, dm, dtype, use_compile) -> None:
-    kv = state.kv_bytes()
-    rep = state.compression()
+def _report(args, res, state, dm, dtype, use_compile, kv, rep) -> None:
+    """kv, rep: the whole model's KV bytes and compression report (parallel.kv_bytes / compression sum
+    over the tensor-parallel ranks)."""
     print("-" * 60)
     print(
         f"prompt {res.prompt_tokens} tokens: prefill {res.prefill_tokens_per_s:.1f} tok/s; "
@@ -418,6 +432,11 @@ def _report(args, res, state, dm, dtype, use_compile) -> None:
         f"{str(dtype).replace('torch.', '')} cache of the same tokens ({kv['dense'] / max(kv['live'], 1):.2f}x less; "
         f"{kv['allocated'] / 2**20:.1f} MiB allocated for capacity {state.caches[0].capacity}); "
         f"weights {_weight_bytes(dm.model) / 2**20:.1f} MiB ({args.weight_quant} weight quantization)"
+        + (
+            f"; tensor-parallel over {args.tp} ranks (KV summed over the ranks; the weights of this rank)"
+            if args.tp > 1
+            else ""
+        )
     )
     mode = f"DMS window {state.window}" if args.dms else "DMS off (dense)"
     print(f"{mode}: {rep.format()}")

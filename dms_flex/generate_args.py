@@ -86,6 +86,14 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=None,
+        help="tensor-parallel size: launch with `torchrun --nproc_per_node N -m dms_flex.generate --tp N` (one GPU "
+        "per rank; query and KV heads split over the ranks, each rank caching its own KV heads). Default: the "
+        "number of torchrun processes, else 1",
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--heatmap", help="write a PNG heat map of kept fraction per layer and KV head here")
     args = p.parse_args(argv)
@@ -131,6 +139,7 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         p.error(f"--top-k must be >= 1, got {args.top_k}")
     if args.top_p is not None and not (0 < args.top_p <= 1):
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    _check_tp(p, args)
     try:
         device = torch.device(args.device)
     except (RuntimeError, ValueError):
@@ -142,6 +151,8 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
             p.error("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             p.error(f"--device {args.device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if args.tp > 1 and device.type == "cuda" and torch.cuda.device_count() < args.tp:
+        p.error(f"--tp {args.tp} needs {args.tp} CUDA devices, torch sees {torch.cuda.device_count()}")
     if args.heatmap:
         import importlib.util
         import os
@@ -155,3 +166,20 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
             p.error(f"--heatmap {args.heatmap}: the folder {parent} is not writable")
         if importlib.util.find_spec("matplotlib") is None:
             p.error("--heatmap needs matplotlib (pip install matplotlib)")
+
+
+def _check_tp(p: argparse.ArgumentParser, args) -> None:
+    """--tp against the torchrun launch (WORLD_SIZE): one process per rank, the same N."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    args.tp = world if args.tp is None else args.tp
+    if args.tp < 1:
+        p.error(f"--tp must be >= 1, got {args.tp}")
+    if args.tp != world:
+        p.error(
+            f"--tp {args.tp} runs one process per rank: launch it as `torchrun --nproc_per_node {args.tp} -m "
+            f"dms_flex.generate --tp {args.tp} ...` (this launch has {world} process(es))"
+        )
+    if args.tp > 1 and ":" in args.device:
+        p.error(f"--device {args.device}: under --tp each rank takes the GPU of its LOCAL_RANK; pass --device cuda")

@@ -279,6 +279,7 @@ class InferenceState(CacheState):
         kv_dtype=None,
     ):
         cfg = dms_config_of(model)
+        fusion.refresh(model)  # a fused model copied or moved since: fused again (dms_flex/fusion.py)
         p = next(model.parameters())
         dtype = dtype or p.dtype
         device = device or p.device
@@ -428,6 +429,7 @@ def _compiled_layer_halves():
     )
 
 
+@torch.no_grad()  # an inference step: with autograd on, a compiled step's in-place cache writes went wrong
 def decode_step(
     model: nn.Module, token: torch.Tensor, state: InferenceState, attend: Optional[Callable] = None
 ) -> torch.Tensor:

@@ -70,9 +70,9 @@ def test_replaced_weights_are_detected_and_not_fused():
     assert "dms_qkv_weight" not in m2.layers[0].attn._buffers
 
 
-@torch.no_grad()
 def test_fused_decode_step_traces_whole_under_torch_compile():
-    """fullgraph=True: the fused lookup is traced, not a graph break (the CUDA-graph step needs that)."""
+    """fullgraph=True: the fused lookup is traced, not a graph break (the CUDA-graph step needs that).
+    Autograd is left on here: the compiled step once returned wrong logits unless called under no_grad."""
     m = tiny_model(decision="adapter")
     fusion.fuse_projections(m)
     torch._dynamo.reset()
@@ -82,3 +82,25 @@ def test_fused_decode_step_traces_whole_under_torch_compile():
     toks_c, logits_c, _ = greedy_cached(m, prompt, 5, step=step)
     assert torch.equal(toks, toks_c)
     torch.testing.assert_close(logits_c, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_copied_or_moved_fused_model_is_fused_again_by_the_next_state():
+    """deepcopy / .to() copy parameters apart from the fused buffer; InferenceState re-fuses, so later
+    edits of the parameters are what the step computes with."""
+    m = tiny_model()
+    fusion.fuse_projections(m)
+    c = copy.deepcopy(m)
+    with torch.no_grad():
+        c.layers[0].attn.k_proj.weight.mul_(2.0)
+        c.layers[1].mlp.w3.weight.zero_()
+    ref = copy.deepcopy(c)
+    fusion.unfuse_stale(ref)  # plain modules: the reference
+    assert "dms_qkv_weight" not in ref.layers[0].attn._buffers
+    tm.InferenceState(c, 1)
+    attn = c.layers[0].attn
+    assert fusion.fused_is_current(attn, "dms_qkv", [attn.q_proj, attn.k_proj, attn.v_proj])
+    prompt = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(4))
+    toks, logits, _ = greedy_cached(c, prompt, 4)
+    toks_ref, logits_ref, _ = greedy_cached(ref, prompt, 4)
+    assert torch.equal(toks, toks_ref)
+    torch.testing.assert_close(logits, logits_ref)

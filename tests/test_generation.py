@@ -159,3 +159,16 @@ def test_generate_cli_quantized_kv_and_weights(tiny_hf_folder, capsys, extra):
     assert f"KV cache ({kv})" in out
     wq = extra[extra.index("--weight-quant") + 1] if "--weight-quant" in extra else "none"
     assert f"({wq} weight quantization)" in out
+
+
+def test_generate_cli_tensor_parallel_flags_are_checked(monkeypatch, capsys):
+    """--tp N needs N torchrun processes (one per rank); a plain launch gets the command to use."""
+    from dms_flex.generate import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit):
+        main(["--tp", "2", "--prompt", "x", "--device", "cpu"])
+    assert "torchrun --nproc_per_node 2 -m dms_flex.generate --tp 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--tp", "0", "--prompt", "x", "--device", "cpu"])
+    assert "--tp must be >= 1" in capsys.readouterr().err
