@@ -365,6 +365,13 @@ def test_lm_eval_adapter_registers_with_lm_eval():
     out = lm.loglikelihood(reqs)
     assert len(out) == 2 and all(isinstance(lp, float) and lp < 0 for lp, _ in out)
     assert lm.generate_until([Instance("generate_until", {}, ("ab", {"until": ["x"], "max_gen_toks": 3}), 0)])
+    # the harness's own settings join --model_args; a key in both (lm-eval 0.4.13 passes device twice) is taken
+    # from --model_args
+    kw = dict(model=byte_model(), tokenizer=ENC, method="h2o", cr="2", device="cpu")
+    made = cls.create_from_arg_obj(kw, {"device": "cuda:7", "batch_size": 4, "max_batch_size": None})
+    assert made.batch_size == 4 and made.method.cr == 2.0
+    made = cls.create_from_arg_string("method=vanilla,max_length=32", {"model": byte_model(), "tokenizer": ENC})
+    assert made.method.name == "vanilla" and made.max_length == 32
     del lm_eval
 
 

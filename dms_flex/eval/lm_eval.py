@@ -236,13 +236,19 @@ def register():
         raise ImportError(f"the lm-eval adapter needs lm-eval: pip install lm-eval ({e})") from e
 
     class DMSFlexHarnessLM(DMSFlexLM, LM):
+        # lm-eval builds the model from --model_args (a string or, since 0.4.9, a dict) plus its own settings
+        # (batch_size, device, ...); a key given in --model_args wins over the harness's (lm-eval 0.4.13 passes
+        # device both ways)
+        @classmethod
+        def create_from_arg_obj(cls, arg_dict: dict, additional_config: Optional[dict] = None):
+            extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+            return cls(**{**extra, **dict(arg_dict or {})})
+
         @classmethod
         def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None):
             from lm_eval.utils import simple_parse_args_string
 
-            args = simple_parse_args_string(arg_string)
-            extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
-            return cls(**{**args, **extra})
+            return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     DMSFlexHarnessLM.__name__ = "DMSFlexHarnessLM"
     register_model(MODEL_NAME)(DMSFlexHarnessLM)
