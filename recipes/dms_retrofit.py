@@ -37,8 +37,12 @@ last). output_dir must hold nothing else (overwrite=true allows it). resume_from
 latest: the newest intact one of the run started last) resumes only a checkpoint of the same run:
 same RESULT_KEYS settings, same packed data, step <= zeroing_steps + max_steps.
 
+Benchmarks (dms_flex/retrofit/random_init.py, benchmarks/bench_retrofit.py): benchmark=true saves nothing and writes
+benchmark.json (tokens/s per GPU, step-time split, peak memory per rank); random_init=true checkpoint_dir=null
+gives the config's architecture random weights and synthetic packed rows, no files needed.
+
 The machinery (config checks, output_dir, run records and resume, checkpoint writing, models, metrics,
-memory) lives in dms_flex/retrofit/; this file is the recipe itself, to be read top to bottom.
+memory, timing) lives in dms_flex/retrofit/; this file is the recipe itself, to be read top to bottom.
 """
 
 from __future__ import annotations
@@ -81,8 +85,11 @@ from dms_flex.retrofit.config_checks import (
     zeroing_steps,
 )
 from dms_flex.retrofit.data_setup import build_training_data
-from dms_flex.retrofit.memory import capacity_estimate, peak_memory_message
-from dms_flex.retrofit.metrics import kept_tokens, save_heatmap, step_metrics
+from dms_flex.retrofit import timing
+from dms_flex.retrofit.memory import peak_memory_message
+from dms_flex.retrofit.memory_fit import memory_message
+from dms_flex.retrofit.metrics import describe_run, kept_tokens, reduce_step, save_heatmap, step_metrics
+from dms_flex.retrofit.random_init import benchmark_settings, benchmark_summary, make_tokenizer
 from dms_flex.retrofit.output_dir import OutputDir
 from dms_flex.retrofit.run_record import check_resumed_state, choose_resume, make_record, result_settings
 from dms_flex.retrofit.step import RetrofitStep
@@ -98,11 +105,13 @@ class DMSRetrofitRecipe:
 
     def __init__(self, cfg: DictConfig) -> None:
         validate_config(cfg)
+        self.bench = benchmark_settings(cfg)  # benchmark=true, random_init, synthetic data, timing
         self.dms = DMSConfig.from_dict(OmegaConf.to_container(cfg.dms, resolve=True))
         self.adapter_only, self.kv_int8, self.base_weights = training_mode(cfg, self.dms)
         cfg.quant = {"kv_int8": self.kv_int8, "base_weights": self.base_weights}  # logged in full with the config
         self.zeroing_steps = zeroing_steps(cfg, self.dms)  # phase 1 (borrowed variant only)
         self.lora = lora_settings(cfg, self.dms, self.adapter_only, self.base_weights)
+        self.bench_summary = benchmark_summary(cfg, self.adapter_only, self.base_weights, self.lora)
         check_weights_present(cfg)
         self.output_dir = Path(os.path.expanduser(str(cfg.output_dir))).absolute()
         self.overwrite = bool(cfg.get("overwrite", False))
@@ -127,7 +136,7 @@ class DMSRetrofitRecipe:
         self.grad_accum = int(cfg.gradient_accumulation_steps)
         self.batch_size = int(cfg.batch_size)
         self.clip = cfg.get("clip_grad_norm", None)
-        self.save_every = cfg.get("save_every_n_steps", None)
+        self.save_every = None if self.bench.enabled else cfg.get("save_every_n_steps", None)  # saves none
         self.log_every = int(cfg.get("log_every_n_steps", 1))
         self.seed = int(cfg.seed)
         self.global_step = 0
@@ -142,7 +151,7 @@ class DMSRetrofitRecipe:
             self.metric_logger.log_config(cfg)
         if self.distributed:
             torch.distributed.barrier()  # leftovers of an interrupted save are gone before any rank looks
-        self.tokenizer = instantiate(cfg.tokenizer, "tokenizer")
+        self.tokenizer = make_tokenizer(cfg, self.bench)  # synthetic data: a stand-in that needs no files
         self._setup_models(cfg)
         # a resumed run continues the run id of its checkpoint; a new run gets its own
         self.run_id = ((self._resume.record or {}) if self._resume else {}).get("run_id") or uuid.uuid4().hex[:12]
@@ -161,16 +170,11 @@ class DMSRetrofitRecipe:
         if self._resume is not None:
             self._load_recipe_state(self._resume.folder)
         self.train_step = torch.compile(self.step) if cfg.get("compile", False) else self.step
-        n_train = sum(p.numel() for p in trainable)
-        n_all = sum(p.numel() for p in self.step.parameters())
-        lora = f", LoRA rank {self.lora.rank} on {'/'.join(self.lora.modules)}" if self.lora else ""
-        phase1 = f"{self.zeroing_steps} steps zeroing the borrowed channel, then " if self.zeroing_steps else ""
-        teacher = "the student with eviction off" + (" and LoRA disabled" if self.lora else "")
-        teacher = "frozen copy of the original" if self.teacher is not None else teacher
+        self.timer = timing.make_timer(self.bench, self.device, self.step, compiled=bool(cfg.get("compile", False)))
+        n_train, n_all = sum(p.numel() for p in trainable), sum(p.numel() for p in self.step.parameters())
+        where = f"{self.world_size} rank(s) on {self.device.type}, {cfg.dtype}"
         self._log(
-            f"student: {n_all:,} parameters ({n_train:,} trained), DMS {self.dms.decision} window {self.dms.window}"
-            f"{lora}; {phase1}CR {self.dms.initial_cr:g} -> {self.dms.final_cr:g} over {self.dms.final_step} steps; "
-            f"teacher: {teacher}; {self.world_size} rank(s) on {self.device.type}, {cfg.dtype}"
+            describe_run(n_all, n_train, self.dms, self.lora, self.zeroing_steps, self.teacher is not None, where)
         )
         if cfg.get("zeroing_steps", 0) and not self.zeroing_steps:
             self._log(f"zeroing_steps={cfg.zeroing_steps} ignored: dms.decision={self.dms.decision} borrows no channel")
@@ -180,8 +184,9 @@ class DMSRetrofitRecipe:
         self._resume = choose_resume(
             cfg.get("resume_from", None), self.output_dir, self.out.run_id, self.settings, self.total_steps, self._log
         )
+        dtype = self.compute_dtype if self.distributed else torch.float32  # random_init builds on self.device
         source, self.hf_config, self.family = models.original_model(
-            cfg, self.dms, self.tokenizer, self.seed, self.compute_dtype if self.distributed else torch.float32
+            cfg, self.dms, self.tokenizer, self.seed, dtype, self.device
         )
         # phase 1 sets the borrowed rows from the original's (before the teacher copy is cast)
         self.zeroing = NeuronZeroing.capture(source, self.zeroing_steps) if self.zeroing_steps else None
@@ -203,10 +208,12 @@ class DMSRetrofitRecipe:
             teacher.to(device=self.device, dtype=self.compute_dtype).eval().requires_grad_(False)
         if self.adapter_only:
             models.freeze_base(student, self.distributed, self.compute_dtype)
+        self._log(memory_message(self.hf_config, cfg, self.dms, self.adapter_only, self.base_weights, self.world_size))
         self._base_originals = {}  # a quantized base: the full-precision weights checkpoints save
         if self.base_weights != "none":
-            self._log(capacity_estimate(self.hf_config, self.base_weights, self.dms, cfg))
-            self._base_originals = models.quantize_base(student, self.base_weights, self.compute_dtype, self._log)
+            self._base_originals = models.quantize_base(
+                student, self.base_weights, self.compute_dtype, self._log, keep=not self.bench.enabled
+            )
         self.teacher = teacher
         self.step = RetrofitStep(
             student,
@@ -241,6 +248,7 @@ class DMSRetrofitRecipe:
             rank=self.rank,
             seed=self.seed,
             log=self._log,
+            synthetic=self.bench if self.bench.synthetic else None,
         )
         self.packed, self.sampler, self.dataloader, self.eval_batches = (
             d.packed,
@@ -263,7 +271,7 @@ class DMSRetrofitRecipe:
         from torchtune import training
         from tqdm import tqdm
 
-        if self.global_step == 0:
+        if self.global_step == 0 and not self.bench.enabled:
             before = self.measure_compression()
             self._log(f"before training (hard decisions): {before.format()}")
             self._log_dict({"eval_cr": before.ratio}, step=0)
@@ -274,6 +282,7 @@ class DMSRetrofitRecipe:
         self.optimizer.zero_grad(set_to_none=True)
         while self.global_step < self.total_steps:
             t0 = time.perf_counter()
+            self.timer.start_step()
             phase1 = self.zeroing is not None and self.zeroing.active(self.global_step)
             if phase1:  # the borrowed channel's rows at this step's scale; distillation only
                 self.zeroing.set_weights(self.step.student, self.global_step)
@@ -283,10 +292,16 @@ class DMSRetrofitRecipe:
             grad_norm = self._optimizer_step()
             self.global_step += 1
             self._report_step(sums, kept, seen, tokens, grad_norm, t0, pbar)
+            self.timer.mark("report")
+            self.timer.end_step(tokens, measured=self.global_step > self.bench.warmup_steps)
             if self.save_every and self.global_step % int(self.save_every) == 0 and self.global_step < self.total_steps:
                 self.save_checkpoint(self.global_step, final=False)
         pbar.close()
         self._log(peak_memory_message(self.device))
+        if self.timer.enabled:  # benchmark.json: tokens/s per GPU, the step-time split, every rank's peak memory
+            timing.write_benchmark(self.timer, self.device, self.distributed, self.bench_summary, self.out, self._log)
+        if self.bench.enabled:
+            return  # a benchmark saves nothing that could pass for a trained model
         after = self.measure_compression()
         self._log(f"after {self.global_step} steps (hard decisions): {after.format()}")
         self._log_dict({"eval_cr": after.ratio}, step=self.global_step)
@@ -305,6 +320,7 @@ class DMSRetrofitRecipe:
         tokens = 0
         for _ in range(self.grad_accum):
             batch = {k: v.to(self.device) for k, v in next(batches).items()}
+            self.timer.mark("data")
             with self._autocast():
                 r = self.train_step(
                     batch["tokens"],
@@ -315,11 +331,14 @@ class DMSRetrofitRecipe:
                     self.noise,
                     eviction=eviction,
                 )
+            self.timer.mark("forward")
             ((r["kd"] + r["compression"]) / self.grad_accum).backward()
+            self.timer.mark("backward")
             sums += torch.stack([r["kd"].detach(), r["compression"].detach(), r["lm"].detach()]).float()
             k, n = kept_tokens(r["evicted"], batch["doc_ids"], batch["valid"], self.dms.effective_window)
             kept, seen = kept + k, seen + n
             tokens += int(batch["valid"].sum())
+            self.timer.mark("bookkeeping")
         return sums, kept, seen, tokens
 
     def _optimizer_step(self) -> Optional[torch.Tensor]:
@@ -335,18 +354,12 @@ class DMSRetrofitRecipe:
         self.optimizer.zero_grad(set_to_none=True)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
+        self.timer.mark("optimizer")
         return grad_norm
 
     def _report_step(self, sums, kept, seen, tokens: int, grad_norm, t0: float, pbar) -> None:
         """Losses and achieved CR over all ranks: the progress bar, and every log_every_n_steps the metrics."""
-        stats = torch.cat(
-            [sums / self.grad_accum, kept.flatten(), seen.view(1), torch.tensor([float(tokens)], device=self.device)]
-        )
-        if self.distributed:
-            torch.distributed.all_reduce(stats)
-            stats[:3] /= self.world_size
-        kd, comp, lm = stats[:3].tolist()
-        report = CompressionReport(per_layer_head=(stats[3:-2].view_as(kept) / stats[-2]).cpu())
+        kd, comp, lm, report, all_tokens = reduce_step(sums / self.grad_accum, kept, seen, tokens, self.distributed)
         target_cr = self.dms.target_cr(self.global_step - 1 - self.zeroing_steps)
         pbar.update(1)
         pbar.set_postfix_str(f"kd {kd:.4f} comp {comp:.4f} CR {report.ratio:.2f} (target {target_cr:.2f})")
@@ -364,7 +377,7 @@ class DMSRetrofitRecipe:
                     target_cr=target_cr,
                     report=report,
                     lr=self.optimizer.param_groups[0]["lr"],
-                    tokens_per_second=stats[-1].item() / dt,
+                    tokens_per_second=all_tokens / dt,
                     grad_norm=grad_norm,
                     device=self.device,
                 ),
@@ -400,40 +413,27 @@ class DMSRetrofitRecipe:
     def save_checkpoint(self, step: int, final: bool) -> Optional[Path]:
         """step_NNNNNN/: fp32 weights + recipe_state.pt (exact resume); final/: weights in save_dtype.
         Both are Hugging Face folders with the DMS settings in config.json (written atomically)."""
-        sd, opt, rng = self._gather_state(final)
+        sd, opt, rng = gather_state(  # full on rank 0; the optimizer state for step folders only
+            self.step, self.optimizer, self.noise, self.device, self.distributed, self.is_rank_zero,
+            self.world_size, self._base_originals, with_optimizer=not final,
+        )  # fmt: skip
         folder = None
         if self.is_rank_zero:
             folder = self.output_dir / ("final" if final else f"step_{step:06d}")
             weights = checkpoint_weights(sd, self.save_dtype if final else torch.float32)
             hf_config = checkpoint_hf_config(self.hf_config, self.dms, self.kv_int8, self.base_weights, self.lora)
             record = make_record(self.run_id, step, self.settings, self.data_fingerprint, self.world_size)
-            state = None
-            if not final:
-                state = {
-                    "step": step,
-                    "epoch": self.epoch,
-                    "dataloader": self.dataloader.state_dict(),
-                    "optimizer": opt,
-                    "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
-                    "rng": rng,
-                    "world_size": self.world_size,
-                    "seed": self.seed,
-                    "dms": self.dms.to_dict(),
-                    "run": record,
-                }
+            state = None if final else dict(  # recipe_state.pt
+                step=step, epoch=self.epoch, dataloader=self.dataloader.state_dict(), optimizer=opt, rng=rng,
+                lr_scheduler=self.lr_scheduler.state_dict() if self.lr_scheduler else None,
+                world_size=self.world_size, seed=self.seed, dms=self.dms.to_dict(), run=record,
+            )  # fmt: skip
             self.out.claim(folder.name)
             write_checkpoint(folder, weights, hf_config, self.family, self.tokenizer.hf, state, record, final)
             self._log(f"saved {'final model' if final else 'checkpoint'} to {folder}")
         if self.distributed:
             torch.distributed.barrier()
         return folder
-
-    def _gather_state(self, final: bool):
-        """(model state dict, optimizer state (None for final/), every rank's RNG state), full on rank 0."""
-        return gather_state(
-            self.step, self.optimizer, self.noise, self.device, self.distributed, self.is_rank_zero,
-            self.world_size, self._base_originals, with_optimizer=not final,
-        )  # fmt: skip
 
     def _load_recipe_state(self, folder: Path) -> None:
         """Continue the checkpoint's run: step, epoch, optimizer, schedule, data order, random states."""

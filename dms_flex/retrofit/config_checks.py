@@ -55,6 +55,13 @@ KNOWN_KEYS = {
     "overwrite",
     "zeroing_steps",
     "lora",
+    # benchmarks (dms_flex/retrofit/random_init.py, timing.py)
+    "benchmark",
+    "benchmark_warmup_steps",
+    "timing",
+    "random_init",
+    "random_init_config",
+    "synthetic_data",
 }
 BASE_WEIGHT_QUANT = ("none", "int8", "nf4")
 

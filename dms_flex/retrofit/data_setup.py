@@ -34,13 +34,22 @@ def build_training_data(
     rank: int,
     seed: int,
     log: Callable[[str], None],
+    synthetic=None,
 ) -> TrainingData:
+    """`synthetic`: the recipe's BenchmarkSettings when its data are synthetic (dms_flex/retrofit/random_init.py):
+    random documents replace cfg.dataset; they are packed the same way."""
     from torch.utils.data import ConcatDataset
     from torchdata.stateful_dataloader import StatefulDataLoader
     from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
+    rows_needed = total_steps * grad_accum * batch_size * world_size
     parts = cfg.dataset if isinstance(cfg.dataset, ListConfig) else [cfg.dataset]
     datasets = []
+    if synthetic is not None:
+        from .random_init import synthetic_dataset
+
+        parts = []
+        datasets.append(synthetic_dataset(cfg, synthetic, tokenizer.vocab_size, rows_needed, seed))
     for part in parts:
         if part.get("packed", False):
             raise RecipeError(
@@ -49,7 +58,6 @@ def build_training_data(
             )
         datasets.append(instantiate(part, "dataset", tokenizer))
     ds = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
-    rows_needed = total_steps * grad_accum * batch_size * world_size
     packed = dms_data.PackedDocuments(
         ds,
         int(cfg.max_seq_len),

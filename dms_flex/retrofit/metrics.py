@@ -39,6 +39,31 @@ def kept_tokens(
     return torch.stack(kept).float(), n.sum().float()
 
 
+def reduce_step(sums: torch.Tensor, kept: torch.Tensor, seen: torch.Tensor, tokens: int, distributed: bool):
+    """(kd, compression, lm, CompressionReport, tokens) of an optimizer step over all ranks: the mean
+    losses (`sums`: this rank's, already divided by the micro-batches), kept / seen summed, tokens summed."""
+    stats = torch.cat([sums, kept.flatten(), seen.view(1), torch.tensor([float(tokens)], device=sums.device)])
+    if distributed:
+        torch.distributed.all_reduce(stats)
+        stats[:3] /= torch.distributed.get_world_size()
+    kd, comp, lm = stats[:3].tolist()
+    report = CompressionReport(per_layer_head=(stats[3:-2].view_as(kept) / stats[-2]).cpu())
+    return kd, comp, lm, report, stats[-1].item()
+
+
+def describe_run(n_all: int, n_train: int, dms, lora, zeroing_steps: int, teacher_copy: bool, where: str) -> str:
+    """The start-up line: parameters, DMS settings and schedule, the teacher, ranks and device."""
+    lora_text = f", LoRA rank {lora.rank} on {'/'.join(lora.modules)}" if lora else ""
+    phase1 = f"{zeroing_steps} steps zeroing the borrowed channel, then " if zeroing_steps else ""
+    teacher = "the student with eviction off" + (" and LoRA disabled" if lora else "")
+    teacher = "frozen copy of the original" if teacher_copy else teacher
+    return (
+        f"student: {n_all:,} parameters ({n_train:,} trained), DMS {dms.decision} window {dms.window}"
+        f"{lora_text}; {phase1}CR {dms.initial_cr:g} -> {dms.final_cr:g} over {dms.final_step} steps; "
+        f"teacher: {teacher}; {where}"
+    )
+
+
 def step_metrics(
     kd: float,
     comp: float,

@@ -52,10 +52,17 @@ def model_from_folder(
 
 
 def original_model(
-    cfg: DictConfig, dms: DMSConfig, tokenizer, seed: int, dtype: torch.dtype
+    cfg: DictConfig, dms: DMSConfig, tokenizer, seed: int, dtype: torch.dtype, device: Optional[torch.device] = None
 ) -> Tuple[nn.Module, Dict[str, Any], str]:
     """(model, config.json, family): the model before retrofit, on CPU, DMS attached: from
-    checkpoint_dir (loaded in `dtype`), or random init from the `model` component (checkpoint_dir: null)."""
+    checkpoint_dir (loaded in `dtype`), or random init from the `model` component (checkpoint_dir: null).
+    random_init=true (a benchmark, dms_flex/retrofit/random_init.py): hf_repo's architecture with random
+    weights, built in `dtype` on `device`."""
+    if cfg.get("random_init", False):
+        from .random_init import build_random_model
+
+        model, hf_config, family = build_random_model(cfg, seed, dtype, device or torch.device("cpu"))
+        return add_dms(model, dms), hf_config, family
     if cfg.get("checkpoint_dir", None) is None:
         from torchtune import config
 
@@ -126,21 +133,25 @@ def freeze_base(student: nn.Module, distributed: bool, compute_dtype: torch.dtyp
 
 
 def quantize_base(
-    student: nn.Module, base_weights: str, compute_dtype: torch.dtype, log: Callable[[str], None]
+    student: nn.Module, base_weights: str, compute_dtype: torch.dtype, log: Callable[[str], None], keep: bool = True
 ) -> Dict[str, torch.Tensor]:
     """quant.base_weights: the frozen base's linear layers held quantized (torchao int8 weight-only,
     or NF4 as torchtune's QLoRA recipes hold theirs); the DMS adapter stays full precision. The
     student with eviction off is also the teacher, so both see the same quantized base.
     Returns the full-precision weights that were quantized (on CPU): checkpoints save those, so
     they stay plain Hugging Face folders and `generate --weight-quant` re-derives the same
-    quantized values."""
+    quantized values. keep=False (a benchmark, which saves nothing): none are kept."""
     from dms_flex import quant
 
-    plain = {
-        f"{n}.weight": m.weight.detach().to("cpu", copy=True)
-        for n, m in student.named_modules()
-        if isinstance(m, nn.Linear) and "dms_adapter" not in n
-    }
+    plain = (
+        {}
+        if not keep
+        else {
+            f"{n}.weight": m.weight.detach().to("cpu", copy=True)
+            for n, m in student.named_modules()
+            if isinstance(m, nn.Linear) and "dms_adapter" not in n
+        }
+    )
     if base_weights == "int8":
         quant.quantize_weights(student, "int8")
         skipped = []
@@ -151,14 +162,14 @@ def quantize_base(
         f"quant.base_weights={base_weights}: {len(names)} linear weights quantized"
         + (f"; left in {compute_dtype} (size not NF4-blockable): {', '.join(skipped)}" if skipped else "")
     )
-    return {f"student.{n}": plain[n] for n in names}
+    return {f"student.{n}": plain[n] for n in names if n in plain}
 
 
 # ---- FSDP2 -------------------------------------------------------------------------------------------
 def meta_student(cfg: DictConfig, hf_config: Dict[str, Any], family: str, dms: DMSConfig) -> nn.Module:
     """A meta-device student (fp32) to shard; its weights arrive in load_full_state."""
     with torch.device("meta"):
-        if cfg.get("checkpoint_dir", None) is None:
+        if cfg.get("checkpoint_dir", None) is None and not cfg.get("random_init", False):
             from torchtune import config
 
             model_cfg = OmegaConf.merge(cfg.model, {"vocab_size": hf_config["vocab_size"]})

@@ -22,7 +22,11 @@ class RetrofitStep(nn.Module):
     not a submodule: it is frozen and never sharded. Without a copy the teacher is the student with
     eviction off and, with `lora`, its LoRA disabled (torchtune's disable_adapter): the frozen base.
     `eviction=False` (phase 1 of the borrowed variant, `zeroing`): distillation only, nothing evicted.
+    `timer` (None: off; the recipe sets it for an eager step only, dms_flex/retrofit/timing.py): marks between
+    teacher, student, distillation and the logged LM loss, and where backward leaves the distillation.
     """
+
+    timer = None
 
     def __init__(
         self,
@@ -57,6 +61,9 @@ class RetrofitStep(nn.Module):
             base_only = disable_adapter(self.student)
         with torch.no_grad(), base_only:
             t_hidden = forward_train(teacher, tokens, doc_ids=doc_ids, eviction=False, training=False).hidden
+        timer = self.timer
+        if timer is not None:
+            timer.mark("teacher_forward")
         out = forward_train(
             self.student,
             tokens,
@@ -67,6 +74,9 @@ class RetrofitStep(nn.Module):
             activation_checkpointing=self.activation_checkpointing,
             kv_int8=self.kv_int8,
         )
+        if timer is not None:
+            timer.mark("student_forward")
+            timer.mark_on_grad(out.hidden, "distillation_backward")
         w = dequantized(output_weight(self.student))  # a quantized frozen base: the values it stands for
         mask = distillation_mask(targets)
         kd = chunked_kd_loss(
@@ -87,7 +97,11 @@ class RetrofitStep(nn.Module):
                 torch.zeros(B, L.attn.num_kv_heads, T, dtype=torch.bool, device=tokens.device)
                 for L in self.student.layers
             ]
+        if timer is not None:
+            timer.mark("distillation_forward")
         lm = lm_loss(out.hidden, w, targets, self.kd_chunk_size) if self.log_lm_loss else kd.new_zeros(())
+        if timer is not None:
+            timer.mark("lm_loss_log")
         return {"kd": kd, "compression": comp, "lm": lm, "evicted": evicted}
 
     @torch.no_grad()
