@@ -8,10 +8,14 @@ the ratio ours / transformers is reported per repeat and as a median.
 
 Decode tok/s is measured identically for both: (tokens - 1) / (time of the last token - time of the
 first token), the first token being the prefill's; timestamps come from the streaming callbacks.
+The same span is also measured in CPU time of the generating thread ("cpu" ratios): with
+--threads 1 that is the decode's own cost whatever else shares the cores, the steadier measure on
+a busy machine (with more threads it leaves out the other threads' share of each GEMM).
 
     python3 benchmarks/bench_cpu_generate.py                   # DMS (the demo's default) and dense
     python3 benchmarks/bench_cpu_generate.py --repeats 5 --out results/cpu_generate.json
     python3 benchmarks/bench_cpu_generate.py --modes dms --compile   # our decode step torch.compile'd
+    python3 benchmarks/bench_cpu_generate.py --threads 1 --repeats 5  # CPU-time ratios on a busy machine
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument(
+        "--no-fuse", dest="fuse", action="store_false", help="keep q/k/v and gate/up as separate GEMMs (ablation)"
+    )
+    p.add_argument(
         "--check-tokens",
         action="store_true",
         help="also report whether our greedy tokens equal transformers' (informative only)",
@@ -51,16 +58,23 @@ def parse_args(argv=None):
 
 
 class _Clock:
-    """Timestamps of every generated token."""
+    """Timestamps of every generated token: wall clock, and the CPU time of the generating thread."""
 
     def __init__(self):
         self.times = []
+        self.cpu = []
 
     def tick(self, *_):
         self.times.append(time.perf_counter())
+        self.cpu.append(time.thread_time())
 
     def decode_tps(self) -> float:
         return (len(self.times) - 1) / (self.times[-1] - self.times[0])
+
+    def cpu_tps(self) -> float:
+        """Tokens per second of the generating thread's CPU time: with --threads 1, what the decode
+        costs regardless of how many other processes share the cores (a noisy machine's measure)."""
+        return (len(self.cpu) - 1) / (self.cpu[-1] - self.cpu[0])
 
     def median_step_tps(self) -> float:
         """1 / the median time between tokens: less sensitive to bursts of load from other processes."""
@@ -89,6 +103,7 @@ def run_ours(dm, ids, n, eviction, max_seq_len, step_fn=None):
     return {
         "decode_tok_s": clock.decode_tps(),
         "median_step_tok_s": clock.median_step_tps(),
+        "cpu_tok_s": clock.cpu_tps(),
         "wall_s": wall,
         "prefill_s": res.prefill_seconds,
         "loop_decode_tok_s": res.decode_tokens_per_s,
@@ -122,7 +137,12 @@ def run_hf(model, ids, n, inference_mode=False):
     wall = time.perf_counter() - t0
     new = out[0, len(ids) :].tolist()
     assert len(new) == n, len(new)
-    return {"decode_tok_s": clock.decode_tps(), "median_step_tok_s": clock.median_step_tps(), "wall_s": wall}, new
+    return {
+        "decode_tok_s": clock.decode_tps(),
+        "median_step_tok_s": clock.median_step_tps(),
+        "cpu_tok_s": clock.cpu_tps(),
+        "wall_s": wall,
+    }, new
 
 
 def main(argv=None) -> int:
@@ -131,6 +151,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from transformers import LlamaForCausalLM
 
+    from dms_flex import fusion
     from dms_flex import generate as cli
     from dms_flex import torchtune_model as tm
     from dms_flex.checkpoints.embedded import default_model_dir
@@ -141,6 +162,8 @@ def main(argv=None) -> int:
         + (["--chat", args.chat] if args.chat else [])
     )
     dm, _, _ = cli._load(cli_args, torch.device("cpu"), torch.float32)
+    if args.fuse:  # as the CLI does: one GEMM for q/k/v and one for gate/up
+        fusion.fuse_projections(dm.model)
     ids = cli._prompt_ids(cli_args, dm.tokenizer)
     hf = LlamaForCausalLM.from_pretrained(str(default_model_dir()), dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None  # exactly n tokens, like ours with stop_tokens=()
@@ -152,7 +175,7 @@ def main(argv=None) -> int:
         step_fn = torch.compile(tm.decode_step, fullgraph=True)
     print(
         f"prompt {len(ids)} tokens, {n} new tokens, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"modes {modes}{', compiled' if args.compile else ''}",
+        f"modes {modes}{', compiled' if args.compile else ''}{'' if args.fuse else ', unfused'}",
         file=sys.stderr,
     )
 
@@ -178,7 +201,11 @@ def main(argv=None) -> int:
             tokens[m] = toks
         res = rows["transformers"][-1]
         line = "  ".join(f"{k} {v[-1]['decode_tok_s']:.1f}" for k, v in rows.items())
-        ratios = "  ".join(f"{m}/hf {rows[m][-1]['decode_tok_s'] / res['decode_tok_s']:.2f}" for m in modes)
+        ratios = "  ".join(
+            f"{m}/hf {rows[m][-1]['decode_tok_s'] / res['decode_tok_s']:.2f} "
+            f"(cpu {rows[m][-1]['cpu_tok_s'] / res['cpu_tok_s']:.2f})"
+            for m in modes
+        )
         print(f"repeat {r}: decode tok/s  {line}   ratio  {ratios}", flush=True)
 
     summary = {}
@@ -186,21 +213,25 @@ def main(argv=None) -> int:
         summary[k] = {
             "decode_tok_s_median": statistics.median(x["decode_tok_s"] for x in v),
             "median_step_tok_s_median": statistics.median(x["median_step_tok_s"] for x in v),
+            "cpu_tok_s_median": statistics.median(x["cpu_tok_s"] for x in v),
             "wall_s_median": statistics.median(x["wall_s"] for x in v),
         }
     for m in modes:
         for key, name in (
             ("decode_tok_s", "ratio_vs_transformers"),
             ("median_step_tok_s", "step_ratio_vs_transformers"),
+            ("cpu_tok_s", "cpu_ratio_vs_transformers"),
         ):
             per = [a[key] / b[key] for a, b in zip(rows[m], rows["transformers"])]
             summary[m][f"{name}_per_repeat"] = per
             summary[m][f"{name}_median"] = statistics.median(per)
     print("median decode tok/s: " + "  ".join(f"{k} {v['decode_tok_s_median']:.1f}" for k, v in summary.items()))
     print(
-        "median ratio vs transformers (decode tok/s; in brackets: from the median time per token): "
+        "median ratio vs transformers (decode tok/s; in brackets: from the median time per token, from the "
+        "generating thread's CPU time): "
         + "  ".join(
-            f"{m} {summary[m]['ratio_vs_transformers_median']:.2f}x ({summary[m]['step_ratio_vs_transformers_median']:.2f}x)"
+            f"{m} {summary[m]['ratio_vs_transformers_median']:.2f}x ({summary[m]['step_ratio_vs_transformers_median']:.2f}x, "
+            f"cpu {summary[m]['cpu_ratio_vs_transformers_median']:.2f}x)"
             for m in modes
         )
     )
@@ -219,6 +250,7 @@ def main(argv=None) -> int:
                     "threads": torch.get_num_threads(),
                     "torch": torch.__version__,
                     "compile": args.compile,
+                    "fuse": args.fuse,
                     "compile_s": compile_s,
                     "summary": summary,
                     "runs": rows,

@@ -215,17 +215,19 @@ class DMSKVCache(SlotStore):
                 freed &= ix.past_window
             slot = torch.where(freed, old, length)
             grow = freed.logical_not()
-        else:
-            slot, grow = length.clone(), None
+        else:  # slot is `length` itself: read (below) before length grows
+            slot, grow = length, None
         # a full cache writes to the scratch slot C and raises the sticky flag
-        if max(slot.tolist()) >= C:
+        full = max(slot.tolist()) >= C
+        if full:
             self.overflow.fill_(True)
             slot = slot.clamp(max=C)
-            length.add_(1 if grow is None else grow).clamp_(max=C)
-        else:  # no slot reached C, so no length passes it
-            length.add_(1 if grow is None else grow)
-        # 3. one K/V write and the bookkeeping of the new token
         at = slot + ix.slot_base
+        win.put_(ix.ring_cur, slot)
+        length.add_(1 if grow is None else grow)
+        if full:  # else no slot reached C, so no length passes it
+            length.clamp_(max=C)
+        # 3. one K/V write and the bookkeeping of the new token
         k, v = k_new.reshape(B * H, D), v_new.reshape(B * H, D)
         if self.quantized:
             (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
@@ -235,7 +237,6 @@ class DMSKVCache(SlotStore):
             buf.view(-1, D).index_copy_(0, at, val if val.dtype == buf.dtype else val.to(buf.dtype))
         slot_pos.put_(at, ix.pos_bh)
         marked.put_(at, ix.no_mark)
-        win.put_(ix.ring_cur, slot)
 
     # ------------------------------------------------------------------ append (prefill / new turn)
     def append(

@@ -54,8 +54,15 @@ class DMSAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, cfg: DMSConfig) -> torch.Tensor:
         """x: (B, T, hidden) -> logits (B, Hkv, T) float32."""
-        h = self.linear(self.norm(x.float()).to(self.linear.weight.dtype))
-        return h.float().transpose(1, 2) * cfg.alpha_scale - cfg.alpha_offset
+        # conversions only where the dtypes differ: a decode step runs this once per layer, and on the
+        # CPU each call's dispatch costs microseconds (no-op .float() / .to() calls included)
+        h = self.norm(_as(x, torch.float32))
+        h = self.linear(_as(h, self.linear.weight.dtype))
+        return _as(h, torch.float32).transpose(1, 2) * cfg.alpha_scale - cfg.alpha_offset
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def sync_adapter(attn: nn.Module, cfg: DMSConfig, hidden_dim: int, num_kv_heads: int, device) -> None:

@@ -83,8 +83,8 @@ def _decode_attention_cpu(q: torch.Tensor, cache, scale: Optional[float] = None)
     if cache.quantized:
         k, v = cache._read(n, q.dtype)
         k, v = k.reshape(B * H, n, D), v.reshape(B * H, n, D)
-    else:  # _read without its copies: (B * H, n, D) views of the buffers
-        k, v = cache.k.view(B * H, -1, D)[:, :n], cache.v.view(B * H, -1, D)[:, :n]
+    else:  # _read without its copies: (B * H, n, D) views of the (contiguous) buffers, one op each
+        k, v = (_prefix(buf, B * H, n, D) for buf in (cache.k, cache.v))
         if k.dtype != q.dtype:
             k, v = k.to(q.dtype), v.to(q.dtype)
     qg = q.reshape(B * H, Hq // H, D)
@@ -99,6 +99,13 @@ def _decode_attention_cpu(q: torch.Tensor, cache, scale: Optional[float] = None)
         probs = probs.nan_to_num(0.0)
     out = torch.bmm(probs, v).view(B, Hq, 1, D)
     return out if out.dtype == q.dtype else out.to(q.dtype)
+
+
+def _prefix(buf: torch.Tensor, rows: int, n: int, D: int) -> torch.Tensor:
+    """buf (B, H, S, D) -> the (B * H, n, D) view of each (row, KV head)'s first n slots."""
+    if not buf.is_contiguous():
+        return buf.reshape(rows, -1, D)[:, :n]
+    return buf.as_strided((rows, n, D), (buf.shape[2] * D, D, 1), buf.storage_offset())
 
 
 def check_decode_shapes(q, k_cache, v_cache, lengths, k_scale=None, v_scale=None):
