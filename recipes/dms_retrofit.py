@@ -111,7 +111,7 @@ class DMSRetrofitRecipe:
         cfg.quant = {"kv_int8": self.kv_int8, "base_weights": self.base_weights}  # logged in full with the config
         self.zeroing_steps = zeroing_steps(cfg, self.dms)  # phase 1 (borrowed variant only)
         self.lora = lora_settings(cfg, self.dms, self.adapter_only, self.base_weights)
-        self.bench_summary = benchmark_summary(cfg, self.adapter_only, self.base_weights, self.lora)
+        self.bench_summary = benchmark_summary(cfg, self.adapter_only, self.base_weights, self.lora, self.bench)
         check_weights_present(cfg)
         self.output_dir = Path(os.path.expanduser(str(cfg.output_dir))).absolute()
         self.overwrite = bool(cfg.get("overwrite", False))

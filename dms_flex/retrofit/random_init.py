@@ -325,17 +325,23 @@ def variant_name(adapter_only: bool, base_weights: str, lora) -> str:
     return "adapter" + ("" if base_weights == "none" else f"_{base_weights}") + ("_lora" if lora else "")
 
 
-def benchmark_summary(cfg: DictConfig, adapter_only: bool, base_weights: str, lora) -> Dict[str, Any]:
+def benchmark_summary(
+    cfg: DictConfig, adapter_only: bool, base_weights: str, lora, settings: Optional[BenchmarkSettings] = None
+) -> Dict[str, Any]:
     """What a benchmark ran, as benchmark.json records it, with the model's shape and the prior memory
-    model's coefficients (dms_flex/retrofit/memory_fit.py: the fit keeps the prior's slope for a single size)."""
+    model's coefficients (dms_flex/retrofit/memory_fit.py: the fit keeps the prior's slope for a single size).
+    Empty when `settings` say neither benchmark nor timing."""
     from . import memory_fit
+
+    if settings is not None and not (settings.enabled or settings.timing):
+        return {}
 
     synthetic = cfg.get("synthetic_data", None)
     variant = variant_name(adapter_only, base_weights, lora)
     hf = None
     if cfg.get("random_init", False):
         hf = architecture(cfg)
-    elif cfg.get("checkpoint_dir", None) is not None:
+    elif cfg.get("checkpoint_dir", None) is not None and (Path(cfg.checkpoint_dir) / "config.json").is_file():
         from dms_flex.checkpoints.hf_config import read_hf_config
 
         hf = read_hf_config(Path(cfg.checkpoint_dir))
