@@ -1,5 +1,6 @@
-"""Memory: the labelled ESTIMATE of an adapter-only retrofit on a quantized base (logged at start-up),
-and the MEASURED peak (logged with each step's metrics and at the end)."""
+"""Memory: the labelled ESTIMATE of an adapter-only retrofit on a quantized base (the formula behind the prior of
+dms_flex/retrofit/memory_fit.py, whose message the recipe now logs at start-up for every variant), and the
+MEASURED peak (logged with each step's metrics and at the end)."""
 
 from __future__ import annotations
 
