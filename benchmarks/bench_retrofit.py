@@ -133,12 +133,19 @@ def tune_cmd() -> List[str]:
     return [exe] if exe else [sys.executable, "-m", "torchtune._cli.tune"]
 
 
-def run_subprocess(model: str, args: List[str], nproc: int, gpu: Optional[int], timeout: float, log: Path):
+def run_subprocess(
+    model: str, args: List[str], nproc: int, gpu: Optional[int], timeout: float, log: Path, expandable: bool = False
+):
     """(returncode, out-of-memory?) of `tune run dms_retrofit --config MODEL ARGS`, output to `log`."""
     cmd = tune_cmd() + ["run"] + (["--nproc_per_node", str(nproc)] if nproc > 1 else [])
     cmd += ["dms_retrofit", "--config", model, *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    # the repository and recipes/ importable without `pip install -e .` (the GPU machines' bare image)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "recipes"), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
+    if expandable:  # as NVIDIA's launch scripts set it; off by default: the recipe as users run it
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     with open(log, "w") as f:
@@ -196,7 +203,7 @@ class Runner:
         else:
             out_dir.parent.mkdir(parents=True, exist_ok=True)
             log = self.work / f"{name}.log"
-            rc, oom = run_subprocess(model, args, nproc, gpu, self.args.timeout, log)
+            rc, oom = run_subprocess(model, args, nproc, gpu, self.args.timeout, log, self.args.expandable_segments)
         record: Dict[str, Any] = {}
         if rc == 0 and (out_dir / "benchmark.json").is_file():
             record = json.loads((out_dir / "benchmark.json").read_text())
@@ -400,6 +407,9 @@ def parse(argv=None):
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per point")
     ap.add_argument("--out", default=None, help="JSON of every record (rewritten after each point)")
     ap.add_argument("--work", default=None, help="folder of the runs' output_dirs and logs (default: a temp dir)")
+    ap.add_argument(
+        "--expandable-segments", action="store_true", help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
+    )
     ap.add_argument("--override", action="append", default=[], help="extra key=value for every run")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke: tiny models, 128-token rows (one rank: in process)")
     ap.add_argument("--in-process", action="store_true", help="run the recipe in this process (1 rank; --tiny)")
