@@ -414,17 +414,19 @@ class _StepIndex(NamedTuple):
     all_past_window: bool
 
 
-_LAST_STEP: list = [None, None]  # (key, _StepIndex) of the latest step: every layer of a step shares it
+_LAST_STEP: tuple = (None, None)  # (key, _StepIndex) of the latest step: every layer of a step shares it
 
 
 def _step_index(pos: torch.Tensor, H: int, W: int, S: int) -> _StepIndex:
     """The indices of one decode step for caches of H KV heads, ring size W and S slots (scratch
     included): built from the host's copy of pos (free on the CPU) on the first layer of a step and
     reused by the others. Never written to."""
+    global _LAST_STEP
     p = pos.tolist()
     key = (tuple(p), H, W, S, pos.device, torch.is_inference_mode_enabled())
-    if _LAST_STEP[0] == key:
-        return _LAST_STEP[1]
+    last_key, last_ix = _LAST_STEP  # one read: another thread may replace the pair at any time
+    if last_key == key:
+        return last_ix
     p_bh = [x for x in p for _ in range(H)]
     bh = range(len(p_bh))
 
@@ -443,7 +445,7 @@ def _step_index(pos: torch.Tensor, H: int, W: int, S: int) -> _StepIndex:
         any_past_window=any(x >= W for x in p),
         all_past_window=all(x >= W for x in p),
     )
-    _LAST_STEP[:] = [key, ix]
+    _LAST_STEP = (key, ix)  # replaced whole (atomic), never mutated
     return ix
 
 

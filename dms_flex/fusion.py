@@ -14,7 +14,8 @@ modules otherwise, so every path (eager, compiled, CPU, CUDA) runs the same math
 Call it last, once the model sits on its device in its final dtype and is no longer trained:
 moving or copying the model (`.to()`, deepcopy), quantizing its weights or wrapping the projections
 (LoRA) afterwards replaces the parameters. `fused_is_current` detects that; every new InferenceState
-calls `refresh`, which fuses such layers again (or leaves them unfused when they can no longer be).
+and every `forward_train` call `refresh`, which fuses such layers again (or leaves them unfused when
+they can no longer be, e.g. quantized or LoRA-wrapped weights).
 """
 
 from __future__ import annotations
@@ -99,8 +100,8 @@ def unfuse_stale(model: nn.Module) -> None:
 
 def refresh(model: nn.Module) -> None:
     """Fuse again the layers whose fused buffers went stale (a deepcopy or `.to()` after fusing copies
-    the parameters apart from the buffer); layers never fused stay as they are. Host-side, once per
-    InferenceState."""
+    the parameters apart from the buffer; quantizing or wrapping replaces them); layers never fused stay
+    as they are. Host-side, once per InferenceState and per forward_train call."""
     for layer in model.layers:
         attn, mlp = layer.attn, layer.mlp
         if "dms_qkv_weight" in attn._buffers and not fused_is_current(

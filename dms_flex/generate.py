@@ -11,6 +11,7 @@ compression ratio overall and per layer.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -133,6 +134,37 @@ def generate_tokens(
     `generator` (sampling from it is not captured).
     on_token(row, token): streaming callback, called as tokens are produced (not after a stop).
     """
+    device = state.next_pos.device
+    # on a CUDA device other than the current one, streams, events and graph capture follow the state's
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return _generate(
+            model,
+            prompts,
+            state,
+            max_new_tokens,
+            sampling,
+            stop_tokens,
+            step_fn,
+            on_token,
+            generator,
+            compile_prefill,
+            cuda_graph,
+        )
+
+
+def _generate(
+    model,
+    prompts,
+    state,
+    max_new_tokens,
+    sampling,
+    stop_tokens,
+    step_fn,
+    on_token,
+    generator,
+    compile_prefill,
+    cuda_graph,
+) -> GenerationResult:
     step_fn = step_fn or tm.decode_step
     device = state.next_pos.device
     prompts, start = _take_pending(state, prompts)
@@ -190,11 +222,15 @@ def generate_tokens(
         if stop_now:
             wrote_last = True
             break
+    if wrote_last and bool(state.overflow_flag()):  # the step launched ahead overflowed: say so now
+        state.check_overflow()
+    # no loop at all (max_new_tokens=0): the sampled next token is kept the same way
+    keep_ahead = wrote_last or max_new_tokens == 0
     state.pending = PendingTokens(
         tokens=[toks[-1] if len(toks) > n else None for toks, n in zip(result.tokens, written)],
         filler=filler,
         next_pos=state.next_pos.clone(),
-        lookahead=stepper.token[:, 0].tolist() if wrote_last else None,
+        lookahead=stepper.token[:, 0].tolist() if keep_ahead else None,
     )
     _sync(device)
     result.decode_seconds = time.perf_counter() - t0

@@ -161,6 +161,7 @@ def forward_train(
     training (default model.training): soft decisions with logistic noise; else the hard rule.
     """
     cfg = dms_config_of(model) if eviction else None
+    fusion.refresh(model)  # a fused model copied, moved or re-wrapped since: fused again or not at all
     training = model.training if training is None else training
     B, T = tokens.shape
     if input_pos is None:

@@ -222,6 +222,16 @@ def test_match_dms_reads_another_processes_dms_crs_and_refuses_other_inputs(tmp_
         quiet(other, loaded)
     with pytest.raises(FileNotFoundError, match="run the DMS process first"):
         quiet(run_args(tmp_path / "y", *common, "--methods", "h2o", "--match-dms", str(tmp_path / "no.json")), loaded)
+    # a DMS process that did not measure one of this run's metrics (or an older file without digests)
+    only_ppl = ("--cr", "2", "--dms-alpha-offset", "2=0", "--metrics", "ppl", "--lengths", "160")
+    quiet(run_args(tmp_path / "dms_ppl", *only_ppl, "--methods", "dms"), loaded)
+    with pytest.raises(ValueError, match="records no DMS measurement on this run's needle inputs"):
+        quiet(
+            run_args(
+                tmp_path / "z", *common, "--methods", "h2o", "--match-dms", str(tmp_path / "dms_ppl" / "results.json")
+            ),
+            loaded,
+        )
     # the merged table compares the two processes' bytes cell by cell
     assert ev.main(["--merge", path, str(tmp_path / "h2o" / "results.json"), "--out", str(tmp_path / "m")]) == 0
     merged = json.loads((tmp_path / "m" / "results.json").read_text())

@@ -104,3 +104,18 @@ def test_a_copied_or_moved_fused_model_is_fused_again_by_the_next_state():
     toks_ref, logits_ref, _ = greedy_cached(ref, prompt, 4)
     assert torch.equal(toks, toks_ref)
     torch.testing.assert_close(logits, logits_ref)
+
+
+def test_forward_train_stops_using_a_fused_buffer_whose_projection_was_replaced():
+    """A projection swapped after fusing (as quantization or a LoRA wrap does) is what runs next."""
+    m = tiny_model()
+    fusion.fuse_projections(m)
+    new = torch.nn.Linear(32, m.layers[0].attn.k_proj.weight.shape[0], bias=False)
+    torch.nn.init.normal_(new.weight, 0, 0.3)
+    m.layers[0].attn.k_proj = new
+    ref = tiny_model()
+    ref.layers[0].attn.k_proj = copy.deepcopy(new)
+    tokens = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(
+        tm.forward_train(m, tokens, training=False).hidden, tm.forward_train(ref, tokens, training=False).hidden
+    )

@@ -81,6 +81,14 @@ def test_turns_that_end_on_a_stop_token_continue_exactly(lookahead, monkeypatch)
         transcript += res.tokens[0]
         _assert_transcript_matches(m, transcript, generated_at, state)
     assert early >= 3  # the path under test was taken
+    # max_new_tokens=0 keeps the sampled next token too: an empty prompt continues from it
+    res0 = generation.generate_tokens(m, [[9, 8, 7]], state, max_new_tokens=0)
+    assert res0.tokens == [[]]
+    transcript += [9, 8, 7]
+    res = generation.generate_tokens(m, [[]], state, max_new_tokens=3)
+    generated_at += range(len(transcript), len(transcript) + 3)
+    transcript += res.tokens[0]
+    _assert_transcript_matches(m, transcript, generated_at, state)
 
 
 @pytest.mark.parametrize("lookahead", [False, True])

@@ -7,7 +7,9 @@ gives the teacher the base without them. Outside training the factors are never 
 loader (`load_hf_checkpoint`, hence `load_dms_model`, `python -m dms_flex.generate` and
 `python -m dms_flex.eval`; and `dms_flex.hf.from_pretrained`) merges them into the base weights on load,
 `W + (alpha / rank) * B @ A` in fp32 with torchtune's `get_merged_lora_ckpt`, on the Hugging Face layout,
-so both integrations compute the same merged weights bit for bit.
+so both integrations compute the same merged weights bit for bit when the model is loaded in the
+checkpoint's stored dtype (the Hugging Face path merges into weights already cast to the requested
+dtype, so an fp32 checkpoint loaded in bf16 may differ in the last bit).
 
 Stored form (checkpoint folders and adapter folders alike): the factors under Hugging Face module names
 in PEFT's spelling, `model.layers.{i}.self_attn.q_proj.lora_A.weight` (rank, in) and `...lora_B.weight`

@@ -269,6 +269,13 @@ def matched_crs(path: str, digests: Dict[str, str]) -> Dict[Optional[float], Dic
     except json.JSONDecodeError as e:
         raise ValueError(f"--match-dms {path}: not a results.json ({e})") from None
     theirs = res.get("inputs") or {}
+    missing = sorted(k for k in digests if k not in theirs)
+    if missing:
+        raise ValueError(
+            f"--match-dms {path}: it records no DMS measurement on this run's {', '.join(missing)} inputs (an older "
+            f"results.json, or a DMS process run with other --metrics); run the DMS process again with this "
+            f"run's --metrics"
+        )
     differ = sorted(k for k in set(theirs) & set(digests) if theirs[k] != digests[k])
     if differ:
         raise ValueError(
@@ -285,7 +292,7 @@ def evaluate(
     m: Method, args, inputs: Inputs, log: Callable[[str], None], match: Optional[Dict[str, float]] = None
 ) -> Dict[str, Any]:
     """Every asked metric of one method: its record in results.json. `match` ({metric: CR}) sets a policy's
-    CR metric by metric (a metric missing from it runs at m.cr)."""
+    CR metric by metric (a metric missing from it is an error)."""
     rec: Dict[str, Any] = {
         "method": m.name,
         "requested_cr": m.requested_cr,
@@ -300,7 +307,12 @@ def evaluate(
 
     def at(metric: str) -> None:
         if match:
-            m.cr = match.get(metric, default_cr)
+            if metric not in match:  # never silently at another CR than DMS's on these inputs
+                raise ValueError(
+                    f"{m.name}: no DMS CR was measured on the {metric} inputs to match; evaluate DMS on the same "
+                    f"--metrics first"
+                )
+            m.cr = match[metric]
             rec["cr_by_metric"][metric] = m.cr
 
     t = time.perf_counter()
