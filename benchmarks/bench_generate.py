@@ -77,6 +77,7 @@ import contextlib
 import datetime
 import gc
 import inspect
+import json
 import math
 import sys
 import tempfile
@@ -175,6 +176,12 @@ def parse_args(argv=None):
         help="compile our decode step (default: on CUDA)",
     )
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument(
+        "--profile-decode",
+        action="store_true",
+        help=f"after each timed call of ours: the step's GPU time on the real caches (graph replays), a kernel "
+        f"table of one step and the live-length spread ({PROFILE_STEPS} extra positions of room per row)",
+    )
     p.add_argument(
         "--reduce-overhead",
         action="store_true",
@@ -296,6 +303,7 @@ class Models:
 
         self.device, self.dtype = device, dtype
         self.reduce_overhead = args.reduce_overhead
+        self.profile_decode = args.profile_decode
         if args.tiny:
             self.base_folder, dms_folder = make_tiny(tmp, max_len, args.seed)
             self.adapter = None
@@ -380,7 +388,13 @@ class TTSystem:
             self.step = torch.compile(tm.decode_step, fullgraph=True, mode="reduce-overhead" if ro else None)
 
     def capacity(self, T, N, frac):
+        N += self.extra
         return T + N if (frac == "full" or not self.eviction) else max(1, math.ceil(frac * (T + N)))
+
+    @property
+    def extra(self) -> int:
+        """--profile-decode: room for the profiled steps after the timed call."""
+        return PROFILE_STEPS if self.models.profile_decode else 0
 
     def make(self, B, T, N, frac):
         from dms_flex import torchtune_model as tm
@@ -389,7 +403,7 @@ class TTSystem:
             self.models.model,
             B,
             capacity=self.capacity(T, N, frac),
-            max_seq_len=T + N,
+            max_seq_len=T + N + self.extra,
             eviction=self.eviction,
             dtype=self.models.dtype,
             kv_dtype=self.kv_dtype,
@@ -437,7 +451,9 @@ class TTSystem:
         kv = state.kv_bytes()
         rep = state.compression()
         max_live = max(int(c.length.max()) for c in state.caches)
+        profiled = profile_decode(self, state, B) if self.models.profile_decode else {}
         return dict(
+            **profiled,
             wall_s=wall,
             ttft_s=res.prefill_seconds,
             decode_s=res.decode_seconds,
@@ -537,6 +553,59 @@ class HFSystem:
             alloc = B * (T + N) * self.bytes_per_token if self.static else held
             row.update(kv_live_bytes=held, kv_allocated_bytes=alloc, kv_dense_bytes=held, cr=1.0)
         return row
+
+
+PROFILE_STEPS = 16  # --profile-decode: steps decoded after the timed call (the state is made with room)
+
+
+def profile_decode(system: "TTSystem", state, B: int) -> dict:
+    """--profile-decode, on the real caches the timed call left (skewed per-head lengths, the real
+    capacity): the captured step's graph replayed back to back (GPU time per step, no host), one step of
+    the compiled step without a graph under the profiler (kernel table), and the live-length spread."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = system.models.device
+    out = {}
+    lengths = torch.stack([c.length for c in state.caches]).flatten().float()
+    out["live_slots"] = {
+        "mean": float(lengths.mean()),
+        "p90": float(lengths.quantile(0.9)),
+        "max": int(lengths.max()),
+        "capacity": state.caches[0].capacity,
+    }
+    steppers = state.__dict__.get("_graphed_steppers", {})
+    st = next((s for s in steppers.values() if s.graph is not None), None)
+    if st is not None:
+        n = PROFILE_STEPS // 2
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            st.graph.replay()
+        end.record()
+        torch.cuda.synchronize(dev)
+        out["graph_step_ms_real_caches"] = start.elapsed_time(end) / n
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    tok = torch.zeros(B, 1, dtype=torch.long, device=dev)
+    system.step(system.models.model, tok, state)  # warm (compiled without a graph on first use)
+    _sync(dev)
+    with profile(activities=acts) as prof:
+        system.step(system.models.model, tok, state)
+        _sync(dev)
+    on_gpu = dev.type == "cuda"
+    events = [e for e in prof.events() if (e.device_type.name == "CUDA") == on_gpu]
+    by_name: Dict[str, list] = {}
+    for e in events:
+        t = e.device_time if on_gpu else e.self_cpu_time_total
+        n_t = by_name.setdefault(e.name, [0, 0.0])
+        n_t[0], n_t[1] = n_t[0] + 1, n_t[1] + t
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:15]
+    out["profile"] = {
+        "kernels" if on_gpu else "ops": len(events),
+        "summed_ms": sum(t for _, (_, t) in by_name.items()) / 1e3,
+        "top": [(name[:120], n, t / 1e3) for name, (n, t) in top],
+    }
+    log(f"  {system.name} decode on the real caches: {json.dumps(out)[:2000]}")
+    return out
 
 
 def _dms_capacity(T, N, frac):
@@ -754,6 +823,7 @@ def make_meta(args, device, dtype, models: Models, text_origin, compile_step):
             else "eager"
         ),
         "fused_projections": bool(args.fuse),
+        "profile_decode": bool(args.profile_decode),
         "dms_capacity": args.dms_capacity,
         "new_tokens": args.new_tokens,
         "systems": args.systems,

@@ -183,3 +183,19 @@ def test_usage_error_exit_code_one_line(script, args, message):
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     errors = [line for line in p.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], p.stderr
+
+
+def test_generate_profile_decode_on_the_real_caches_cpu(tmp_path):
+    """--profile-decode: the live-length spread equals the caches' own lengths after the timed call plus
+    the profiled steps, and a table of the step's ops (CPU here; kernels on CUDA)."""
+    out = tmp_path / "gen.json"
+    args = ["--device", "cpu", "--tiny", "--threads", "1", "--batch", "2", "--prompt-len", "40"]
+    p = run_script(
+        "bench_generate.py", *args, "--new-tokens", "3", "--systems", "dms", "--profile-decode", "--out", str(out)
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    row = json.loads(out.read_text())["rows"][0]
+    spread = row["live_slots"]
+    assert 0 < spread["mean"] <= spread["p90"] <= spread["max"] <= spread["capacity"]
+    assert spread["capacity"] == 40 + 3 + 16  # full capacity, with room for the profiled steps
+    assert row["profile"]["ops"] > 0 and row["profile"]["top"] and "graph_step_ms_real_caches" not in row
