@@ -12,6 +12,7 @@ compression ratio overall and per layer.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -101,6 +102,22 @@ def _take_pending(state: tm.InferenceState, prompts: Sequence[Sequence[int]]):
     return out, [a if not p else None for a, p in zip(ahead, out)]
 
 
+def _on_the_states_device(fn):
+    """Run fn with the state's CUDA device current: streams, events, graph capture and our Triton
+    kernels launch on the current device, which need not be the state's (e.g. --device cuda:1)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kw):
+        state = kw["state"] if "state" in kw else args[2] if len(args) > 2 else None
+        device = getattr(getattr(state, "next_pos", None), "device", None)
+        on_cuda = device is not None and device.type == "cuda"
+        with torch.cuda.device(device) if on_cuda else contextlib.nullcontext():
+            return fn(*args, **kw)
+
+    return run
+
+
+@_on_the_states_device
 @torch.inference_mode()
 def generate_tokens(
     model,
@@ -134,37 +151,6 @@ def generate_tokens(
     `generator` (sampling from it is not captured).
     on_token(row, token): streaming callback, called as tokens are produced (not after a stop).
     """
-    device = state.next_pos.device
-    # on a CUDA device other than the current one, streams, events and graph capture follow the state's
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        return _generate(
-            model,
-            prompts,
-            state,
-            max_new_tokens,
-            sampling,
-            stop_tokens,
-            step_fn,
-            on_token,
-            generator,
-            compile_prefill,
-            cuda_graph,
-        )
-
-
-def _generate(
-    model,
-    prompts,
-    state,
-    max_new_tokens,
-    sampling,
-    stop_tokens,
-    step_fn,
-    on_token,
-    generator,
-    compile_prefill,
-    cuda_graph,
-) -> GenerationResult:
     step_fn = step_fn or tm.decode_step
     device = state.next_pos.device
     prompts, start = _take_pending(state, prompts)
