@@ -33,13 +33,17 @@ def fuse_projections(model: nn.Module) -> int:
     e.g. quantized or LoRA-wrapped weights, which keep their own kernels)."""
     fused = 0
     for layer in model.layers:
-        attn, mlp = layer.attn, layer.mlp
-        ok = _fuse(attn, "dms_qkv", [attn.q_proj, attn.k_proj, attn.v_proj])
-        w3 = getattr(mlp, "w3", None)
-        if w3 is not None:
-            ok = _fuse(mlp, "dms_w13", [mlp.w1, w3]) and ok
-        fused += int(ok)
+        fused += int(all([_fuse(*group) for group in _groups(layer)]))  # a list: every group is tried
     return fused
+
+
+def _groups(layer: nn.Module):
+    """(owner, name, linears) of the projections one layer can fuse: q/k/v, and gate/up when gated."""
+    attn, mlp = layer.attn, layer.mlp
+    yield attn, "dms_qkv", [attn.q_proj, attn.k_proj, attn.v_proj]
+    w3 = getattr(mlp, "w3", None)
+    if w3 is not None:
+        yield mlp, "dms_w13", [mlp.w1, w3]
 
 
 def _plain(lin: nn.Module) -> bool:
@@ -75,7 +79,7 @@ def _fuse(owner: nn.Module, name: str, linears) -> bool:
 
 def fused_is_current(owner: nn.Module, name: str, linears) -> bool:
     """Do `linears` still read the fused buffer (no later `.to()`, quantization or re-wrap)?
-    A host-side check: callers make it once per model, not per step (`fused_weights`)."""
+    A host-side check: callers make it once per model or call, not per step (`refresh`)."""
     w = getattr(owner, f"{name}_weight", None)
     if w is None:
         return False
@@ -90,12 +94,9 @@ def fused_is_current(owner: nn.Module, name: str, linears) -> bool:
 def unfuse_stale(model: nn.Module) -> None:
     """Drop fused buffers whose projections no longer view them (see module docstring)."""
     for layer in model.layers:
-        attn, mlp = layer.attn, layer.mlp
-        if not fused_is_current(attn, "dms_qkv", [attn.q_proj, attn.k_proj, attn.v_proj]):
-            _drop(attn, "dms_qkv")
-        w3 = getattr(mlp, "w3", None)
-        if w3 is None or not fused_is_current(mlp, "dms_w13", [mlp.w1, w3]):
-            _drop(mlp, "dms_w13")
+        for owner, name, linears in _groups(layer):
+            if not fused_is_current(owner, name, linears):
+                _drop(owner, name)
 
 
 def refresh(model: nn.Module) -> None:
@@ -103,16 +104,10 @@ def refresh(model: nn.Module) -> None:
     the parameters apart from the buffer; quantizing or wrapping replaces them); layers never fused stay
     as they are. Host-side, once per InferenceState and per forward_train call."""
     for layer in model.layers:
-        attn, mlp = layer.attn, layer.mlp
-        if "dms_qkv_weight" in attn._buffers and not fused_is_current(
-            attn, "dms_qkv", [attn.q_proj, attn.k_proj, attn.v_proj]
-        ):
-            _drop(attn, "dms_qkv")
-            _fuse(attn, "dms_qkv", [attn.q_proj, attn.k_proj, attn.v_proj])
-        w3 = getattr(mlp, "w3", None)
-        if "dms_w13_weight" in mlp._buffers and not fused_is_current(mlp, "dms_w13", [mlp.w1, w3]):
-            _drop(mlp, "dms_w13")
-            _fuse(mlp, "dms_w13", [mlp.w1, w3])
+        for owner, name, linears in _groups(layer):
+            if f"{name}_weight" in owner._buffers and not fused_is_current(owner, name, linears):
+                _drop(owner, name)
+                _fuse(owner, name, linears)
 
 
 def _drop(owner: nn.Module, name: str) -> None:
