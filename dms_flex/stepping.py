@@ -95,6 +95,8 @@ class GraphedStepper(Stepper):
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.warm = 0
 
+    # token and done live in static buffers (the graph reads and writes them): Stepper's code assigns
+    # them, these setters copy in place
     @property
     def token(self) -> torch.Tensor:
         return self._token
@@ -103,24 +105,24 @@ class GraphedStepper(Stepper):
     def token(self, value: torch.Tensor) -> None:
         self._token.copy_(value)
 
-    def begin(self, token: torch.Tensor) -> None:
-        self._token.copy_(token)
-        self._done.copy_(_hits(token, self.stop))
-        self._pack()
+    @property
+    def done(self) -> torch.Tensor:
+        return self._done
 
-    def _pack(self) -> None:
-        overflow = self.state.overflow_flag().long().reshape(1)
-        self._flags.copy_(torch.cat([self._token[:, 0], self._done.long(), overflow]))
+    @done.setter
+    def done(self, value: torch.Tensor) -> None:
+        self._done.copy_(value)
+
+    def begin(self, token: torch.Tensor) -> None:
+        super().begin(token)
+        self._flags.copy_(super().flags())
 
     def flags(self) -> torch.Tensor:
         return self._flags
 
     def _body(self) -> None:
-        logits = self.step_fn(self.model, self._token, self.state)
-        nxt = sample(logits, self.sampling, self.generator)
-        self._done |= _hits(nxt, self.stop)
-        self._token.copy_(nxt)
-        self._pack()
+        super().advance()
+        self._flags.copy_(super().flags())
 
     def advance(self) -> None:
         if self.graph is not None:

@@ -172,3 +172,24 @@ def test_generate_cli_tensor_parallel_flags_are_checked(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["--tp", "0", "--prompt", "x", "--device", "cpu"])
     assert "--tp must be >= 1" in capsys.readouterr().err
+
+
+def test_the_graphed_steppers_body_is_the_steppers_step():
+    """What the CUDA graph captures (GraphedStepper._body, on its static buffers) decodes, samples and
+    packs the flags as Stepper does, step by step (run here without a graph, on the CPU)."""
+    from dms_flex import stepping
+
+    m = tiny_model(window=2)
+    prompt = torch.tensor([[5, 6, 7, 8], [11, 12, 13, 14]])
+    states = [tm.InferenceState(m, 2), tm.InferenceState(m, 2)]
+    first = [tm.prefill(m, prompt, s).argmax(-1, keepdim=True) for s in states]
+    stop = torch.tensor([int(first[0][0, 0]) + 1, 3])
+    plain = stepping.Stepper(m, states[0], tm.decode_step, SamplingConfig(), None, stop)
+    graphed = stepping.GraphedStepper(m, states[1], tm.decode_step, SamplingConfig(), None, stop)
+    plain.begin(first[0])
+    graphed.begin(first[1])
+    for _ in range(6):
+        assert torch.equal(plain.flags(), graphed.flags())
+        plain.advance()
+        graphed._body()
+    assert torch.equal(plain.flags(), graphed.flags()) and torch.equal(states[0].next_pos, states[1].next_pos)
