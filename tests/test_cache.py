@@ -199,7 +199,10 @@ def test_append_keeps_what_token_by_token_decoding_keeps(data):
         return torch.tensor([[len(rule_kept(dec[b, h], int(upto[b]) - 1, window)) for h in range(H)] for b in range(B)])
 
     need = int(counts(end).max())  # the chunk fits exactly; one slot fewer must raise
-    C = {"loose": T + 1, "exact": need, "short": max(1, need - 1)}[draw(st.sampled_from(["loose", "exact", "short"]))]
+    # a cache has at least one slot: with nothing to keep (need 0), "exact" is that one slot
+    C = {"loose": T + 1, "exact": max(1, need), "short": max(1, need - 1)}[
+        draw(st.sampled_from(["loose", "exact", "short"]))
+    ]
     assume(int(counts(pos0).max()) <= C)  # the history itself fits
     kv_dtype = torch.int8 if int8 else None
 
