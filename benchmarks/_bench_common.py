@@ -201,7 +201,12 @@ def finish_aot(report, describe: Callable[[dict], str]) -> int:
 
 
 def git(*cmd) -> Optional[str]:
-    """`git CMD` in the repository (None where git or the repository is missing): runs record their commit."""
+    """`git CMD` in the repository (None where git or the repository is missing): runs record their commit.
+
+    ``$DMS_FLEX_COMMIT`` overrides ``rev-parse HEAD``: a copied work tree (the lent GPU machines) can carry
+    a stale ``.git`` whose HEAD is not the commit that actually ran."""
+    if cmd == ("rev-parse", "HEAD") and os.environ.get("DMS_FLEX_COMMIT"):
+        return os.environ["DMS_FLEX_COMMIT"]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         p = subprocess.run(["git", *cmd], cwd=repo, capture_output=True, text=True, timeout=20)
