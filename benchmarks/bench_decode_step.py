@@ -29,7 +29,7 @@ from dms_flex.config import DMSConfig
 DEVICE = "cuda"
 
 
-def build_model(preset: str, max_seq_len: int, fuse: bool = True):
+def build_model(preset: str, max_seq_len: int, fuse: bool = True, decision: str = "borrowed"):
     from torchtune.models.llama3 import llama3_8b
     from torchtune.models.llama3._component_builders import llama3
     from torchtune.models.llama3_2 import llama3_2_1b
@@ -70,7 +70,11 @@ def build_model(preset: str, max_seq_len: int, fuse: bool = True):
             layer.attn.pos_embeddings.rope_init()
     m.max_seq_len = max_seq_len
     m.requires_grad_(False)
-    m = tm.add_dms(m.eval(), DMSConfig(window=512))
+    m = tm.add_dms(m.eval(), DMSConfig(window=512, decision=decision))
+    if decision == "adapter":  # float32 adapters as trained ones are (zero-initialised: give them weights)
+        with torch.no_grad():
+            for layer in m.layers:
+                layer.attn.dms_adapter.linear.weight.normal_(0, 0.02)
     if fuse:  # as `python -m dms_flex.generate` does (the gpt-fast-style loop reads the same fused weights)
         fusion.fuse_projections(m)
     return m
@@ -259,8 +263,24 @@ def main():
         help="also profile one compiled step without CUDA graphs: kernel count and summed kernel time",
     )
     p.add_argument("--no-fuse", dest="fuse", action="store_false", help="separate q/k/v and gate/up GEMMs (ablation)")
+    p.add_argument(
+        "--decision",
+        choices=["borrowed", "adapter"],
+        default="borrowed",
+        help="decision source: the borrowed query channel, or the adapter (norm + float32 linear per layer, as the "
+        "embedded SmolLM2's packaged adapter)",
+    )
+    p.add_argument(
+        "--adapter-two-module",
+        action="store_true",
+        help="ablation: compiled steps run the adapter as norm + GEMM instead of its one-token reduction",
+    )
     p.add_argument("--out")
     a = p.parse_args()
+    if a.adapter_two_module:
+        from dms_flex import decisions
+
+        decisions.DMSAdapter.compiled_one_token = False
     for kind in a.cache:
         if kind != "gptfast":
             try:
@@ -270,7 +290,7 @@ def main():
     global DEVICE
     DEVICE = a.device
     margin = 3 * a.steps + 64
-    model = build_model(a.preset, max(a.ctx) + margin, a.fuse)
+    model = build_model(a.preset, max(a.ctx) + margin, a.fuse, a.decision)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
 
@@ -281,6 +301,7 @@ def main():
             "batch": B,
             "cache": kind,
             "mode": a.mode,
+            "decision": a.decision + (" (two-module)" if a.adapter_two_module else ""),
             "step_ms": ms,
             "tokens_per_s": B * 1000 / ms,
             "kv_allocated_GiB": kv / 2**30,

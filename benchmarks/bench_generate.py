@@ -944,7 +944,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     compile_step = args.compile if args.compile is not None else device.type == "cuda"
-    max_len = max(args.prompt_len) + args.new_tokens
+    # the model's RoPE table covers every position a case decodes (--profile-decode: its extra steps too)
+    max_len = max(args.prompt_len) + args.new_tokens + (PROFILE_STEPS if args.profile_decode else 0)
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -46,6 +46,8 @@ class DMSAdapter(nn.Module):
     """Adapter variant: l = Linear(RMSNorm(x)) * alpha_scale - alpha_offset, x = the residual stream
     entering the layer. Zero-initialised, so a fresh retrofit starts as the unmodified model."""
 
+    compiled_one_token = True  # False: compiled decode steps keep the two-module form (benchmark ablation)
+
     def __init__(self, hidden_dim: int, num_kv_heads: int, eps: float = 1e-6):
         super().__init__()
         self.norm = nn.RMSNorm(hidden_dim, eps=eps)
@@ -54,11 +56,30 @@ class DMSAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, cfg: DMSConfig) -> torch.Tensor:
         """x: (B, T, hidden) -> logits (B, Hkv, T) float32."""
-        # conversions only where the dtypes differ: a decode step runs this once per layer, and on the
-        # CPU each call's dispatch costs microseconds (no-op .float() / .to() calls included)
-        h = self.norm(_as(x, torch.float32))
-        h = self.linear(_as(h, self.linear.weight.dtype))
+        if (
+            self.compiled_one_token
+            and x.shape[1] == 1
+            and self.linear.weight.dtype == torch.float32
+            and torch.compiler.is_compiling()
+        ):
+            h = self.one_token(x)
+        else:
+            # conversions only where the dtypes differ: a decode step runs this once per layer, and on the
+            # CPU each call's dispatch costs microseconds (no-op .float() / .to() calls included)
+            h = self.norm(_as(x, torch.float32))
+            h = self.linear(_as(h, self.linear.weight.dtype))
         return _as(h, torch.float32).transpose(1, 2) * cfg.alpha_scale - cfg.alpha_offset
+
+    def one_token(self, x: torch.Tensor) -> torch.Tensor:
+        """linear(norm(x)) as one reduction over the hidden dimension: rsqrt(mean(x^2) + eps) * (x . w_j)
+        with the norm's scale folded into the rows w_j (float32 adapter). A compiled decode step makes
+        this one kernel instead of a norm kernel, a float32 GEMM and its split-K reduction per layer
+        (benchmarks/RESULTS.md, section 23); the same math as the two-module form up to summation order."""
+        xf = _as(x, torch.float32)
+        w = self.linear.weight if self.norm.weight is None else self.linear.weight * self.norm.weight
+        eps = self.norm.eps if self.norm.eps is not None else torch.finfo(torch.float32).eps
+        dot = (xf.unsqueeze(-2) * w.float()).sum(-1)  # (B, T, Hkv)
+        return dot * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
 
 
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

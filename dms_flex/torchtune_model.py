@@ -285,6 +285,13 @@ class InferenceState(CacheState):
         dtype = dtype or p.dtype
         device = device or p.device
         max_seq_len = max_seq_len or model.max_seq_len
+        if model.max_seq_len is not None and max_seq_len > model.max_seq_len:
+            # positions past the model's RoPE table would index out of it (a device-side assert on CUDA)
+            raise ValueError(
+                f"max_seq_len={max_seq_len} exceeds the model's max_seq_len={model.max_seq_len} (the length its "
+                "rotary embeddings were built for); load the model with a larger max_seq_len "
+                "(load_dms_model(..., max_seq_len=N)) or ask for fewer positions"
+            )
         capacity = capacity or max_seq_len
         if capacity > max_seq_len:
             raise ValueError(f"cache capacity={capacity} exceeds max_seq_len={max_seq_len}")

@@ -52,6 +52,29 @@ def test_adapter_starts_at_minus_offset_and_learns():
         assert torch.allclose(ad(x, cfg), ref.transpose(1, 2) * 100 - 5, atol=1e-3)
 
 
+def test_adapter_one_token_form_matches_float64_reference_eager_and_compiled():
+    # a compiled decode step takes DMSAdapter.one_token (one reduction, norm scale folded into the rows)
+    cfg = DMSConfig(decision="adapter", alpha_offset=0.5)
+    torch.manual_seed(0)
+    ad = decisions.DMSAdapter(48, 3)
+    with torch.no_grad():
+        ad.linear.weight.normal_(0, 0.1)
+        ad.norm.weight.uniform_(0.2, 2.0)
+    x = torch.randn(5, 1, 48, dtype=torch.bfloat16) * 3
+    x64, w64, g64 = x.double(), ad.linear.weight.double(), ad.norm.weight.double()
+    ref = (x64 / x64.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * g64) @ w64.t()  # (B, 1, Hkv)
+    ref = ref.transpose(1, 2) * 100 - 0.5
+    with torch.no_grad():
+        direct = ad.one_token(x).transpose(1, 2) * 100 - 0.5
+        compiled = torch.compile(lambda t: ad(t, cfg), backend="aot_eager", fullgraph=True)(x)
+        eager = ad(x, cfg)  # the two-module form
+    for got in (direct, compiled, eager):
+        assert got.dtype == torch.float32 and got.shape == (5, 3, 1)
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-4)
+    # the compiled form is the one-token form (same summation), not the two-module one
+    torch.testing.assert_close(compiled, direct, rtol=0, atol=1e-6)
+
+
 def test_shift_next_token_decides_and_documents_end_with_keep():
     l = torch.arange(10.0).reshape(1, 1, 10) - 4  # positive from position 5 on
     s = decisions.shift_to_decided_token(l)

@@ -615,3 +615,15 @@ def test_resume_checks_the_data(tmp_path, monkeypatch, capsys):
     (tmp_path / "corpus.txt").write_text("some text about MEMORY and what it keeps. " * 40)
     rc, out, err = _recipe(tmp_path, monkeypatch, capsys, *data, "resume_from=latest")
     assert rc == 2 and "its run trained on other data" in err
+
+
+def test_a_state_longer_than_the_models_rope_table_is_refused():
+    """Positions past the model's max_seq_len would index past its RoPE table (a device-side assert on
+    CUDA, found by benchmarks/bench_generate.py --profile-decode): the state refuses such a length at once."""
+    m = tiny_model(max_seq_len=96)
+    with pytest.raises(ValueError, match=r"max_seq_len=97 exceeds the model's max_seq_len=96.*load_dms_model"):
+        tm.InferenceState(m, 1, max_seq_len=97)
+    state = tm.InferenceState(m, 1, max_seq_len=96)  # the model's own length is fine
+    logits = tm.prefill(m, torch.randint(0, 64, (1, 95)), state)
+    assert logits.shape == (1, 64) and torch.isfinite(logits).all()  # the last position's logits
+    tm.decode_step(m, torch.zeros(1, 1, dtype=torch.long), state)  # position 95: the table's last row

@@ -28,9 +28,35 @@ KiB = 2**10
 VARIANTS = ("all", "adapter", "adapter_int8", "adapter_nf4", "adapter_lora")
 
 # (shape, variant, world_size, activation_checkpointing, compile) -> (fixed GiB, per-token KiB, source).
-# Filled from the H200 measurements of `benchmarks/bench_retrofit.py --fit` (printed by its --fit-report);
-# empty until they exist: every run gets the prior.
-COEFFICIENTS: Dict[Tuple[str, str, int, bool, bool], Tuple[float, float, str]] = {}
+# Filled from the H200 measurements of `benchmarks/bench_retrofit.py` (printed by its --fit-report). So far
+# each key was measured at one row length only (32,768 tokens, batch 1: benchmarks/RESULTS.md section 23), so
+# the fixed part is calibrated to that peak and the per-token slope is still the prior's; `--fit` (several
+# lengths and batches per key) replaces them with least-squares fits. Other keys get the prior.
+_ONE_POINT = (
+    "measured once on an H200 at 32,768 tokens x 1 (2026-11-30; prior predicted {:.1f} GiB); slope from the prior"
+)
+COEFFICIENTS: Dict[Tuple[str, str, int, bool, bool], Tuple[float, float, str]] = {
+    ("llama-L32-d4096-h32/8-ff14336-V128256-untied", "all", 2, True, False): (
+        115.064,
+        386.000,
+        _ONE_POINT.format(94.0),
+    ),
+    ("llama-L32-d4096-h32/8-ff14336-V128256-untied", "adapter", 2, True, False): (
+        47.742,
+        386.000,
+        _ONE_POINT.format(34.2),
+    ),
+    ("llama-L32-d4096-h32/8-ff14336-V128256-untied", "adapter_nf4", 1, True, False): (
+        13.467,
+        386.000,
+        _ONE_POINT.format(19.6),
+    ),
+    ("qwen2-L28-d3584-h28/4-ff18944-V152064-untied", "adapter", 1, True, False): (
+        21.592,
+        344.875,
+        _ONE_POINT.format(27.3),
+    ),
+}
 
 
 @dataclass(frozen=True)
