@@ -393,8 +393,7 @@ class TTSystem:
 
     @property
     def extra(self) -> int:
-        """--profile-decode: room for the profiled steps after the timed call."""
-        return PROFILE_STEPS if self.models.profile_decode else 0
+        return profile_room(self.models.profile_decode)
 
     def make(self, B, T, N, frac):
         from dms_flex import torchtune_model as tm
@@ -556,6 +555,12 @@ class HFSystem:
 
 
 PROFILE_STEPS = 16  # --profile-decode: steps decoded after the timed call (the state is made with room)
+
+
+def profile_room(profile_decode: bool) -> int:
+    """Positions past prompt + new tokens that a case needs: room for --profile-decode's steps (in the
+    state's capacity and length, and in the model's RoPE table)."""
+    return PROFILE_STEPS if profile_decode else 0
 
 
 def profile_decode(system: "TTSystem", state, B: int) -> dict:
@@ -944,8 +949,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     compile_step = args.compile if args.compile is not None else device.type == "cuda"
-    # the model's RoPE table covers every position a case decodes (--profile-decode: its extra steps too)
-    max_len = max(args.prompt_len) + args.new_tokens + (PROFILE_STEPS if args.profile_decode else 0)
+    max_len = max(args.prompt_len) + args.new_tokens + profile_room(args.profile_decode)
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
