@@ -32,30 +32,20 @@ VARIANTS = ("all", "adapter", "adapter_int8", "adapter_nf4", "adapter_lora")
 # each key was measured at one row length only (32,768 tokens, batch 1: benchmarks/RESULTS.md section 23), so
 # the fixed part is calibrated to that peak and the per-token slope is still the prior's; `--fit` (several
 # lengths and batches per key) replaces them with least-squares fits. Other keys get the prior.
-_ONE_POINT = (
-    "measured once on an H200 at 32,768 tokens x 1 (2026-11-30; prior predicted {:.1f} GiB); slope from the prior"
-)
+
+
+def _one_point(fixed_gib: float, per_token_kib: float, prior_gib: float) -> Tuple[float, float, str]:
+    """An entry calibrated by one H200 peak at 32,768 tokens x 1 (the prior's slope kept)."""
+    source = f"measured once on an H200 at 32,768 tokens x 1 (2026-11-30; prior predicted {prior_gib:.1f} GiB)"
+    return fixed_gib, per_token_kib, source + "; slope from the prior"
+
+
+_LLAMA3_8B = "llama-L32-d4096-h32/8-ff14336-V128256-untied"
 COEFFICIENTS: Dict[Tuple[str, str, int, bool, bool], Tuple[float, float, str]] = {
-    ("llama-L32-d4096-h32/8-ff14336-V128256-untied", "all", 2, True, False): (
-        115.064,
-        386.000,
-        _ONE_POINT.format(94.0),
-    ),
-    ("llama-L32-d4096-h32/8-ff14336-V128256-untied", "adapter", 2, True, False): (
-        47.742,
-        386.000,
-        _ONE_POINT.format(34.2),
-    ),
-    ("llama-L32-d4096-h32/8-ff14336-V128256-untied", "adapter_nf4", 1, True, False): (
-        13.467,
-        386.000,
-        _ONE_POINT.format(19.6),
-    ),
-    ("qwen2-L28-d3584-h28/4-ff18944-V152064-untied", "adapter", 1, True, False): (
-        21.592,
-        344.875,
-        _ONE_POINT.format(27.3),
-    ),
+    (_LLAMA3_8B, "all", 2, True, False): _one_point(115.064, 386.000, 94.0),
+    (_LLAMA3_8B, "adapter", 2, True, False): _one_point(47.742, 386.000, 34.2),
+    (_LLAMA3_8B, "adapter_nf4", 1, True, False): _one_point(13.467, 386.000, 19.6),
+    ("qwen2-L28-d3584-h28/4-ff18944-V152064-untied", "adapter", 1, True, False): _one_point(21.592, 344.875, 27.3),
 }
 
 
