@@ -365,12 +365,20 @@ def fit_limits(args, runner: Runner) -> None:
             batch = limit_search(lambda b: probe(B, b), 1, guess(lambda t: t // B), 1, None, args.fit_probes)
         summary.append(
             f"{model} {variant} ckpt={'on' if ckpt else 'off'} compile={'on' if compile else 'off'}: longest row "
-            f"at batch 1: {longest:,} tokens (to {args.fit_granularity}); largest micro-batch of {B:,}-token rows: "
-            f"{batch}"
+            f"at batch 1: {longest:,} tokens{_bracket(group, longest, 'seq_len', 1)}; largest micro-batch of "
+            f"{B:,}-token rows: {batch}{_bracket(group, batch, 'batch_size', B)}"
         )
     report_fit(runner.records, args)
     print("\n".join(summary))
     runner.save({"limits": summary})
+
+
+def _bracket(group: List[Dict[str, Any]], found: int, field: str, fixed: int) -> str:
+    """What bounds a search's answer: the smallest probe above it that ran out of memory, or that none did
+    (the probes ran out first, so `found` is a lower bound of the limit)."""
+    other = "batch_size" if field == "seq_len" else "seq_len"
+    above = [r[field] for r in group if r.get("oom") and r[other] == fixed and r[field] > found]
+    return f" ({min(above):,} did not fit)" if above else " (a lower bound: no larger probe ran out of memory)"
 
 
 def capacity_bytes(records: List[Dict[str, Any]], args) -> Optional[float]:

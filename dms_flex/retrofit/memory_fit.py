@@ -28,24 +28,40 @@ KiB = 2**10
 VARIANTS = ("all", "adapter", "adapter_int8", "adapter_nf4", "adapter_lora")
 
 # (shape, variant, world_size, activation_checkpointing, compile) -> (fixed GiB, per-token KiB, source).
-# Filled from the H200 measurements of `benchmarks/bench_retrofit.py` (printed by its --fit-report). So far
-# each key was measured at one row length only (32,768 tokens, batch 1: benchmarks/RESULTS.md section 23), so
-# the fixed part is calibrated to that peak and the per-token slope is still the prior's; `--fit` (several
-# lengths and batches per key) replaces them with least-squares fits. Other keys get the prior.
+# Filled from the H200 measurements of `benchmarks/bench_retrofit.py` (benchmarks/RESULTS.md sections 23b and
+# 24b; raw JSON in benchmarks/results/h200_2026-11-30_evening/ and h200_2026-11-30_night/). Keys measured at
+# four sizes (`--fit`: rows of 32K-213K tokens and micro-batches of 32K-token rows, least squares) hold their
+# fit. Keys measured at one size (32,768 tokens x 1) take the per-token slope measured on the same shape's
+# 1-GPU adapter fit (activations per rank do not depend on FSDP2's sharding of the weights) and calibrate the
+# fixed part to their one peak. Other keys get the prior.
+_MEASURED_SLOPE_KIB = 578.277  # Llama-3-8B shapes, adapter, 1 GPU, checkpointing on (the fit below)
+_PRIOR_SLOPE_KIB = 386.000  # the prior's per-token KiB for the same key
 
 
-def _one_point(fixed_gib: float, per_token_kib: float, prior_gib: float) -> Tuple[float, float, str]:
-    """An entry calibrated by one H200 peak at 32,768 tokens x 1 (the prior's slope kept)."""
-    source = f"measured once on an H200 at 32,768 tokens x 1 (2026-11-30; prior predicted {prior_gib:.1f} GiB)"
-    return fixed_gib, per_token_kib, source + "; slope from the prior"
+def _one_point(peak_gib: float, per_token_kib: float, slope_note: str) -> Tuple[float, float, str]:
+    """An entry calibrated by one H200 peak at 32,768 tokens x 1, with the given per-token slope."""
+    fixed = peak_gib - per_token_kib * 32768 * KiB / GiB
+    return (
+        round(fixed, 3),
+        per_token_kib,
+        f"measured once on an H200 at 32,768 tokens x 1 ({peak_gib} GiB); {slope_note}",
+    )
 
 
 _LLAMA3_8B = "llama-L32-d4096-h32/8-ff14336-V128256-untied"
+_QWEN25_7B = "qwen2-L28-d3584-h28/4-ff18944-V152064-untied"
+_SLOPE_8B = "slope of the 1-GPU adapter fit"
 COEFFICIENTS: Dict[Tuple[str, str, int, bool, bool], Tuple[float, float, str]] = {
-    (_LLAMA3_8B, "all", 2, True, False): _one_point(115.064, 386.000, 94.0),
-    (_LLAMA3_8B, "adapter", 2, True, False): _one_point(47.742, 386.000, 34.2),
-    (_LLAMA3_8B, "adapter_nf4", 1, True, False): _one_point(13.467, 386.000, 19.6),
-    ("qwen2-L28-d3584-h28/4-ff18944-V152064-untied", "adapter", 1, True, False): _one_point(21.592, 344.875, 27.3),
+    (_LLAMA3_8B, "adapter", 1, True, False): (15.198, 578.277, "fitted to 4 runs at 4 sizes, max error 0.1%"),
+    (_LLAMA3_8B, "adapter_int8", 1, True, False): (8.877, 605.743, "fitted to 4 runs at 4 sizes, max error 0.4%"),
+    (_LLAMA3_8B, "adapter_nf4", 1, True, False): (6.659, 586.690, "fitted to 5 runs at 4 sizes, max error 2.1%"),
+    (_LLAMA3_8B, "adapter", 1, True, True): _one_point(34.535, _MEASURED_SLOPE_KIB, _SLOPE_8B + " (eager)"),
+    (_LLAMA3_8B, "all", 2, True, False): _one_point(127.126, _MEASURED_SLOPE_KIB, _SLOPE_8B),
+    (_LLAMA3_8B, "adapter", 2, True, False): _one_point(59.801, _MEASURED_SLOPE_KIB, _SLOPE_8B),
+    # Qwen2.5-7B: its prior slope scaled by the measured / prior slope ratio of the Llama-3-8B adapter fit
+    (_QWEN25_7B, "adapter", 1, True, False): _one_point(
+        32.370, round(344.875 * _MEASURED_SLOPE_KIB / _PRIOR_SLOPE_KIB, 3), "slope: prior x (Llama-3-8B fit / prior)"
+    ),
 }
 
 
