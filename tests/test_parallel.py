@@ -268,7 +268,14 @@ GPU_CASES = {  # name -> (model dtype, KV storage)
 
 def _gpu_rank_main(rank, world, init_file, out_dir):
     """Head dim 64 (the Triton kernels), the compiled CUDA-graph step (mode="reduce-overhead") on
-    each rank against the unsharded model's eager step on the same GPU, over the same forced tokens."""
+    each rank against the unsharded model's eager step on the same GPU, over the same forced tokens.
+    Each rank logs its phases with times (gpu{rank}.progress) and dumps every thread's stack after
+    GPU_STACK_DUMP_S (gpu{rank}.stacks): a run that outlasts the test's deadline shows where it was."""
+    import faulthandler
+
+    stacks = open(os.path.join(out_dir, f"gpu{rank}.stacks"), "w")
+    faulthandler.dump_traceback_later(GPU_STACK_DUMP_S, repeat=True, file=stacks)
+    _progress(out_dir, rank, "start")
     torch.cuda.set_device(rank)
     dist.init_process_group(
         "nccl",
@@ -281,7 +288,7 @@ def _gpu_rank_main(rank, world, init_file, out_dir):
     err, res = None, {}
     try:
         for case, (dtype, kv) in GPU_CASES.items():
-            res[case] = _gpu_case(rank, world, dtype, kv)
+            res[case] = _gpu_case(rank, world, dtype, kv, lambda what: _progress(out_dir, rank, f"{case}: {what}"))
     except Exception:  # noqa: BLE001
         err = traceback.format_exc()
     with open(os.path.join(out_dir, f"gpu{rank}.json"), "w") as f:
@@ -289,7 +296,16 @@ def _gpu_rank_main(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
-def _gpu_case(rank, world, dtype, kv):
+GPU_STACK_DUMP_S = 240
+_T0 = time.monotonic()
+
+
+def _progress(out_dir, rank, what):
+    with open(os.path.join(out_dir, f"gpu{rank}.progress"), "a") as f:
+        f.write(f"{time.monotonic() - _T0:7.1f} s  {what}\n")
+
+
+def _gpu_case(rank, world, dtype, kv, progress=lambda what: None):
     from torchtune.models.llama3._component_builders import llama3
 
     from dms_flex.config import DMSConfig
@@ -310,8 +326,11 @@ def _gpu_case(rank, world, dtype, kv):
         state = tm.InferenceState(m, 4, max_seq_len=512, kv_dtype=kv)
         with torch.inference_mode():
             logits = [tm.prefill(m, forced[:, :64], state)]
+            progress(f"{name} prefilled")
             for t in range(64, 96):
                 logits.append(fn(m, forced[:, t : t + 1], state).clone())  # a graph's output is reused
+                if t < 68:
+                    progress(f"{name} step {t}")
         out[name] = (torch.stack(logits, 1).float(), [c.length.clone() for c in state.caches])
     (got, lengths), (want, ref_lengths) = out["tp"], out["ref"]
     heads = slice(rank * 2, rank * 2 + 2)
@@ -343,11 +362,12 @@ def test_two_gpus_compiled_step_equals_one():
         deadline = time.monotonic() + 900
         try:
             while not ctx.join(timeout=5):
-                assert time.monotonic() < deadline, "the 2-GPU run hung"
+                assert time.monotonic() < deadline, "the 2-GPU run hung:\n" + _gpu_logs(tmp)
         finally:
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
+        print(_gpu_logs(tmp))  # the phases' times (shown with -rA or on failure)
         for r in range(2):
             with open(os.path.join(tmp, f"gpu{r}.json")) as f:
                 got = json.load(f)
@@ -358,6 +378,18 @@ def test_two_gpus_compiled_step_equals_one():
             assert exact["lengths_equal_fraction"] == 1.0 and exact["argmax_agree"] >= 0.99, (r, exact)
             assert bf16["mean_rel_err"] <= 0.03 and bf16["argmax_agree"] >= 0.97, (r, bf16)
             assert bf16["lengths_equal_fraction"] >= 0.95, (r, bf16)
+
+
+def _gpu_logs(tmp) -> str:
+    """Each rank's phase log and, where it was written, its stack dump."""
+    out = []
+    for r in range(2):
+        for kind in ("progress", "stacks"):
+            path = os.path.join(tmp, f"gpu{r}.{kind}")
+            if os.path.exists(path):
+                with open(path) as f:
+                    out.append(f"--- rank {r} {kind}\n{f.read()[-6000:]}")
+    return "\n".join(out)
 
 
 # ============================================================================ the benchmark (benchmarks/bench_tp_decode.py)
