@@ -72,6 +72,25 @@ def add_triton_version(info: dict) -> dict:
 
 
 # ================================================================================ the timer
+def kernel_table(events, on_gpu: bool = True, top: int = 15, sequence: int = 48) -> dict:
+    """One profiled step's kernels (or CPU ops when not on_gpu) from torch.profiler events: their count and
+    summed time, the `top` names by time (name, calls, ms), every name (`all`), and the first `sequence`
+    names in launch order (a layer's kernels, in order: what a fusion would merge)."""
+    by_name: dict = {}
+    for e in events:
+        t = e.device_time if on_gpu else e.self_cpu_time_total
+        n_t = by_name.setdefault(e.name, [0, 0.0])
+        n_t[0], n_t[1] = n_t[0] + 1, n_t[1] + t
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])
+    return {
+        "kernels" if on_gpu else "ops": len(events),
+        "summed_ms": sum(t for _, (_, t) in by_name.items()) / 1e3,
+        "top": [(name[:160], n, t / 1e3) for name, (n, t) in ranked[:top]],
+        "all": [(name[:200], n, t / 1e3) for name, (n, t) in ranked],
+        "sequence": [e.name[:200] for e in events[:sequence]],
+    }
+
+
 def call_ms(fn: Callable, device, sync: bool = False) -> float:
     """Milliseconds of one fn() call: CUDA events on CUDA (sync: synchronize the device first), the
     host clock elsewhere."""

@@ -196,7 +196,12 @@ def make_case(model, kind, B, ctx, margin, mode):
 def profile_step(state, model, B):
     """Kernels one decode step launches (compiled, no CUDA graphs) and their summed GPU time: the
     gap to the graph-replayed step time is launch/dependency overhead."""
+    import os
+
     from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/, when imported from elsewhere
+    from _bench_common import kernel_table
 
     tok = torch.randint(0, 200, (B, 1), device=DEVICE)
     step = torch.compile(tm.decode_step, fullgraph=True)
@@ -207,19 +212,17 @@ def profile_step(state, model, B):
         step(model, tok, state)
         torch.cuda.synchronize()
     events = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    by_name = {}
-    for e in events:
-        n, t = by_name.get(e.name, (0, 0.0))
-        by_name[e.name] = (n + 1, t + e.device_time)
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:15]
-    total = sum(e.device_time for e in events) / 1e3
+    table = kernel_table(events)
+    total = table["summed_ms"]
     print(f"  profile: {len(events)} kernels/step, summed kernel time {total:.3f} ms", flush=True)
-    for name, (n, t) in top:
-        print(f"    {t / 1e3:7.3f} ms  x{n:4d}  {name[:110]}", flush=True)
+    for name, n, ms in table["top"]:
+        print(f"    {ms:7.3f} ms  x{n:4d}  {name[:110]}", flush=True)
     return {
         "kernels_per_step": len(events),
         "kernel_ms": total,
-        "top_kernels": [(name[:160], n, t / 1e3) for name, (n, t) in top],
+        "top_kernels": table["top"],
+        "all_kernels": table["all"],
+        "kernel_sequence": table["sequence"],
     }
 
 

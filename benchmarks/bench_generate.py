@@ -91,7 +91,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "benchmarks") not in sys.path:
     sys.path.insert(0, str(REPO / "benchmarks"))
-from _bench_common import git, log, raise_recompile_limits, write_json  # noqa: E402
+from _bench_common import git, kernel_table, log, raise_recompile_limits, write_json  # noqa: E402
 
 SYSTEMS = ("dense", "dms", "dms-int8", "hf-dynamic", "hf-static", "dms-hf")
 TT_SYSTEMS = ("dense", "dms", "dms-int8")
@@ -598,18 +598,9 @@ def profile_decode(system: "TTSystem", state, B: int) -> dict:
         _sync(dev)
     on_gpu = dev.type == "cuda"
     events = [e for e in prof.events() if (e.device_type.name == "CUDA") == on_gpu]
-    by_name: Dict[str, list] = {}
-    for e in events:
-        t = e.device_time if on_gpu else e.self_cpu_time_total
-        n_t = by_name.setdefault(e.name, [0, 0.0])
-        n_t[0], n_t[1] = n_t[0] + 1, n_t[1] + t
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:15]
-    out["profile"] = {
-        "kernels" if on_gpu else "ops": len(events),
-        "summed_ms": sum(t for _, (_, t) in by_name.items()) / 1e3,
-        "top": [(name[:120], n, t / 1e3) for name, (n, t) in top],
-    }
-    log(f"  {system.name} decode on the real caches: {json.dumps(out)[:2000]}")
+    out["profile"] = kernel_table(events, on_gpu)
+    short = {**out, "profile": {k: v for k, v in out["profile"].items() if k not in ("all", "sequence")}}
+    log(f"  {system.name} decode on the real caches: {json.dumps(short)[:2000]}")
     return out
 
 

@@ -199,3 +199,23 @@ def test_generate_profile_decode_on_the_real_caches_cpu(tmp_path):
     assert 0 < spread["mean"] <= spread["p90"] <= spread["max"] <= spread["capacity"]
     assert spread["capacity"] == 40 + 3 + 16  # full capacity, with room for the profiled steps
     assert row["profile"]["ops"] > 0 and row["profile"]["top"] and "graph_step_ms_real_caches" not in row
+    prof = row["profile"]
+    assert sum(n for _, n, _ in prof["all"]) == prof["ops"] and prof["top"] == prof["all"][: len(prof["top"])]
+    assert 0 < len(prof["sequence"]) <= 48 and set(prof["sequence"]) <= {name for name, _, _ in prof["all"]}
+
+
+def test_kernel_table_counts_times_and_order():
+    """benchmarks/_bench_common.kernel_table against hand-made profiler events."""
+    import sys
+    from types import SimpleNamespace as E
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from _bench_common import kernel_table
+
+    ev = [E(name=n, device_time=t, self_cpu_time_total=2 * t) for n, t in [("a", 5.0), ("b", 1.0), ("a", 7.0)]]
+    t = kernel_table(ev, on_gpu=True, top=1, sequence=2)
+    assert t["kernels"] == 3 and t["summed_ms"] == pytest.approx(0.013)
+    assert t["top"] == [("a", 2, 0.012)] and t["all"] == [("a", 2, 0.012), ("b", 1, 0.001)]
+    assert t["sequence"] == ["a", "b"]
+    cpu = kernel_table(ev, on_gpu=False)
+    assert cpu["ops"] == 3 and cpu["summed_ms"] == pytest.approx(0.026)
