@@ -195,8 +195,8 @@ class DMSKVCache(SlotStore):
         element per (row, KV head); the indices that depend only on the positions are built once per
         step for all layers (`_step_index`), and what the host knows cheaply on the CPU (rows before
         the first position or the window, the largest slot written) skips the ops it makes idle."""
-        B, H = self.length.shape
-        C, D = self.capacity, self.k.shape[-1]
+        H = self.length.shape[1]
+        C = self.capacity
         ix = _step_index(pos, H, self.window + 1, C + 1)
         marked, slot_pos, win = self.slot_marked.view(-1), self.slot_pos.view(-1), self.win_slot.view(-1)
         length = self.length.view(-1)
@@ -228,6 +228,14 @@ class DMSKVCache(SlotStore):
         if full:  # else no slot reached C, so no length passes it
             length.clamp_(max=C)
         # 3. one K/V write and the bookkeeping of the new token
+        self._write_rows(k_new, v_new, at)
+        slot_pos.put_(at, ix.pos_bh)
+        marked.put_(at, ix.no_mark)
+
+    def _write_rows(self, k_new, v_new, at) -> None:
+        """K/V (B, H, 1, D) of the new token into the flat slots `at` (B*H,) of this layer's buffers
+        (eager CPU decode: `_decode_update_eager` and `decode_stacked_begin`'s steps)."""
+        B, H, _, D = k_new.shape
         k, v = k_new.reshape(B * H, D), v_new.reshape(B * H, D)
         if self.quantized:
             (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
@@ -235,8 +243,6 @@ class DMSKVCache(SlotStore):
             self.v_scale.view(-1).put_(at, vs)
         for buf, val in ((self.k, k), (self.v, v)):
             buf.view(-1, D).index_copy_(0, at, val if val.dtype == buf.dtype else val.to(buf.dtype))
-        slot_pos.put_(at, ix.pos_bh)
-        marked.put_(at, ix.no_mark)
 
     # ------------------------------------------------------------------ append (prefill / new turn)
     def append(
@@ -447,6 +453,138 @@ def _step_index(pos: torch.Tensor, H: int, W: int, S: int) -> _StepIndex:
     )
     _LAST_STEP = (key, ix)  # replaced whole (atomic), never mutated
     return ix
+
+
+class StackedBookkeeping(NamedTuple):
+    """The bookkeeping buffers of every layer's DMSKVCache as one tensor each, leading dimension the layer:
+    each cache's own buffers are views of these (`stack_bookkeeping`), so a decode step can free and
+    assign the slots of all layers in one set of ops (`decode_stacked_begin`) instead of one per layer."""
+
+    length: torch.Tensor  # (L, B, H)
+    slot_pos: torch.Tensor  # (L, B, H, S), S = capacity + 1
+    slot_marked: torch.Tensor  # (L, B, H, S)
+    win_slot: torch.Tensor  # (L, B, H, W), W = window + 1
+    views: tuple  # per layer, the view objects each cache's buffers must still be (see `current`)
+
+    _NAMES = ("length", "slot_pos", "slot_marked", "win_slot")
+
+    def current(self, caches) -> bool:
+        """Do the caches still hold these views? (A `.to()` or deepcopy of one cache, or a buffer assigned
+        anew, replaces them: the step then takes the per-layer path.)"""
+        if len(caches) != len(self.views):
+            return False
+        for c, views in zip(caches, self.views):
+            b = c._buffers
+            if any(b[name] is not view for name, view in zip(self._NAMES, views)):
+                return False
+        return True
+
+
+def stack_bookkeeping(caches) -> Optional[StackedBookkeeping]:
+    """Move the bookkeeping buffers (length, slot_pos, slot_marked, win_slot) of DMS caches of one shape,
+    window and device into stacked tensors and make each cache's buffers views of them, values kept.
+    Returns None (nothing changed) when the caches differ in any of those."""
+    if not caches or not all(isinstance(c, DMSKVCache) for c in caches):
+        return None
+    c0 = caches[0]
+    key = (c0.window, c0.capacity, c0.win_slot.shape, c0.slot_pos.shape, c0.length.device)
+    if any((c.window, c.capacity, c.win_slot.shape, c.slot_pos.shape, c.length.device) != key for c in caches):
+        return None
+    stacked = [torch.stack([getattr(c, name) for c in caches]) for name in StackedBookkeeping._NAMES]
+    views = []
+    for i, c in enumerate(caches):
+        mine = tuple(t[i] for t in stacked)
+        for name, view in zip(StackedBookkeeping._NAMES, mine):
+            c._buffers[name] = view
+        views.append(mine)
+    return StackedBookkeeping(*stacked, views=tuple(views))
+
+
+class StackedStep(NamedTuple):
+    """What `decode_stacked_begin` leaves for the rest of one decode step, per layer i."""
+
+    kv_rows: tuple  # kv_rows[i] (B*H,): the slot of the new token as a row of layer i's (B*H*S, D) K/V
+    lengths: list  # lengths[i]: the B*H lengths of layer i after the write (host)
+    dead: tuple  # dead[i] (B*H, 1, n): True at the slots of layer i past each length, n the longest of any layer
+    prev: torch.Tensor  # (L*B*H,) flat slot_marked index of each predecessor (position pos - 1)
+
+
+class _StackedIndex(NamedTuple):
+    """The position-independent flat indices of `decode_stacked_begin`, per (layer, row, KV head)."""
+
+    ring_base: torch.Tensor  # index of ring entry 0 in the flat win_slot
+    slot_base: torch.Tensor  # index of slot 0 in the flat slot buffers
+    kv_base: torch.Tensor  # index of slot 0 in one layer's flat K/V rows
+    row: torch.Tensor  # the batch row
+    no_mark: torch.Tensor  # False
+
+
+@functools.lru_cache(maxsize=8)
+def _stacked_index(L: int, B: int, H: int, W: int, S: int, device, inference: bool) -> _StackedIndex:
+    n = torch.arange(L * B * H, device=device)
+    return _StackedIndex(
+        n * W, n * S, n % (B * H) * S, n // H % B, torch.zeros(L * B * H, dtype=torch.bool, device=device)
+    )
+
+
+def decode_stacked_begin(stack: StackedBookkeeping, window: int, pos: torch.Tensor) -> Optional[StackedStep]:
+    """The bookkeeping of one decode step for every layer at once, on the CPU: the token at position pos (B,)
+    frees the slot of the token leaving the window if that one is marked, else takes slot `length`; its
+    slot, position, cleared mark and ring entry are written for all layers. Left to the caller: each
+    layer's K/V into `kv_rows[i]` (`DMSKVCache._write_rows`), and after the layer loop the marks of the
+    predecessors (`decode_stacked_end`). The same updates as `DMSKVCache._decode_update_indexed` per layer
+    (tests/test_cache.py holds them bit-identical): none of them depends on the layer loop, since with
+    window >= 1 the token leaving the window is not the predecessor this step marks, and the predecessor's
+    live slot is neither the freed one nor slot `length`.
+
+    Returns None, having written nothing, where that argument needs more (window 0, a row at position 0,
+    a predecessor in the scratch slot after an overflow) or the step would overflow: the caller then runs
+    the per-layer `decode_update`, which handles those.
+    """
+    L, B, H = stack.length.shape
+    S, W = stack.slot_pos.shape[-1], stack.win_slot.shape[-1]
+    C = S - 1
+    p = pos.tolist()
+    if window < 1 or min(p) < 1:
+        return None
+    ix = _stacked_index(L, B, H, W, S, pos.device, torch.is_inference_mode_enabled())
+    per_row = torch.tensor([(x - 1) % W for x in p] + [x % W for x in p] + p, device=pos.device)
+    ring_prev = per_row.take(ix.row).add_(ix.ring_base)
+    ring_cur = per_row.take(ix.row + B).add_(ix.ring_base)
+    pos_n = per_row.take(ix.row + 2 * B)
+    win, slot_pos, marked = stack.win_slot.view(-1), stack.slot_pos.view(-1), stack.slot_marked.view(-1)
+    length = stack.length.view(-1)
+    prev_slot = win.take(ring_prev)
+    old = win.take(ring_cur)
+    at_old = old + ix.slot_base
+    freed = masks.is_far(pos_n, slot_pos.take(at_old), window) & marked.take(at_old)
+    if min(p) < W:
+        freed &= pos_n >= W
+    slot = torch.where(freed, old, length)
+    if max(torch.cat([prev_slot, slot]).tolist()) >= C:
+        return None  # a predecessor in the scratch slot, or this step overflows
+    at = slot + ix.slot_base
+    win.put_(ring_cur, slot)
+    length.add_(freed.logical_not())
+    slot_pos.put_(at, pos_n)
+    marked.put_(at, ix.no_mark)
+    lengths = stack.length.view(L, B * H).tolist()
+    n = max(1, max(max(row) for row in lengths))
+    return StackedStep(
+        kv_rows=slot.add_(ix.kv_base).view(L, B * H).unbind(0),
+        lengths=lengths,
+        dead=(torch.arange(n, device=pos.device) >= stack.length.view(L, B * H, 1, 1)).unbind(0),
+        prev=prev_slot.add_(ix.slot_base),
+    )
+
+
+def decode_stacked_end(stack: StackedBookkeeping, step: StackedStep, evict_prev: Optional[torch.Tensor]) -> None:
+    """The predecessors' marks of a step begun by `decode_stacked_begin`: evict_prev (L, B, H) bool, each
+    layer's decision about the token at pos - 1 (None: eviction off, nothing marked)."""
+    marked = stack.slot_marked.view(-1)
+    if evict_prev is None:
+        evict_prev = torch.zeros(step.prev.shape, dtype=torch.bool, device=step.prev.device)
+    marked.put_(step.prev, evict_prev.reshape(-1))
 
 
 def decode_attention_kernel(q: torch.Tensor, cache: DMSKVCache, scale: Optional[float] = None) -> torch.Tensor:

@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import attention, decisions, fusion, stats
-from .cache import DMSKVCache, default_decode_attention
+from .cache import DMSKVCache, decode_stacked_begin, decode_stacked_end, default_decode_attention, stack_bookkeeping
+from .kernels.reference import decode_attention_prefix
 from .config import DMSConfig
 from .quant import fake_quantize_kv
 
@@ -80,11 +82,14 @@ def _project(attn, h: torch.Tensor):
     return q, k, v
 
 
-def _decisions_and_rope(attn, q, k, x, pos, cfg: Optional[DMSConfig]):
+def _decisions_and_rope(attn, q, k, x, pos, cfg: Optional[DMSConfig], rope_at=None):
     """q, k (B, T, H, D) from `_project` -> q, k (B, H, T, D) after RoPE and the decision logits
-    (B, Hkv, T) (None without DMS): decisions.decide_and_rope with torchtune's RoPE."""
+    (B, Hkv, T) (None without DMS): decisions.decide_and_rope with torchtune's RoPE, or with
+    rope_at(attn, q, k) (a `_DecodeRoPE`: the same rotation at one position per row)."""
 
     def rope(q, k):
+        if rope_at is not None:
+            return rope_at(attn, q, k)
         # one call over the query and key heads side by side (RoPE acts on each head alone): half the
         # ops of two calls, which a CPU decode step pays per layer; bit-identical
         qk = attn.pos_embeddings(torch.cat([q, k], dim=1).transpose(1, 2), input_pos=pos).transpose(1, 2)
@@ -101,13 +106,81 @@ def _decisions_and_rope(attn, q, k, x, pos, cfg: Optional[DMSConfig]):
     )
 
 
-def attention_inputs(layer, x: torch.Tensor, input_pos: torch.Tensor, cfg: Optional[DMSConfig]):
+def attention_inputs(layer, x: torch.Tensor, input_pos: torch.Tensor, cfg: Optional[DMSConfig], rope_at=None):
     """norm -> project -> decide + RoPE for one layer: q (B, Hq, T, D), k, v (B, Hkv, T, D), decision
-    logits (B, Hkv, T) (None without DMS). The first half of every layer loop below."""
-    h = layer.sa_norm(x)
+    logits (B, Hkv, T) (None without DMS). The first half of every layer loop below. rope_at: see
+    `_decisions_and_rope`."""
+    h = _norm(layer.sa_norm, x)
     q, k, v = _project(layer.attn, h)
-    q, k, logits = _decisions_and_rope(layer.attn, q, k, x, input_pos, cfg)
+    q, k, logits = _decisions_and_rope(layer.attn, q, k, x, input_pos, cfg, rope_at)
     return q, k, v.transpose(1, 2), logits
+
+
+class _DecodeRoPE:
+    """torchtune's RoPE (`RotaryPositionalEmbeddings`, `Llama3ScaledRoPE`: x_{2i} cos - x_{2i+1} sin,
+    x_{2i+1} cos + x_{2i} sin, in float32) at one position per row, for an eager decode step: each
+    rotary module's cos and sin at `pos` (B,) are read once per step, interleaved as (c, c) and
+    (-s, s) per pair, and q and k of a layer are rotated together as x * cos + swap(x) * sin: three
+    elementwise ops where the module spends ~20 per layer on the CPU. Bit-identical to the module
+    (x * -s is -(x * s) exactly, a + -b is a - b; tests/test_inference.py). Other rotary modules
+    (Qwen2's) are called as they are."""
+
+    def __init__(self, pos: torch.Tensor):
+        self.pos = pos
+        self.tables = {}
+
+    def _table(self, pe):
+        if type(pe) not in _torchtune_types()[1:] or pe.cache.dim() != 3:
+            return None
+        c, s = pe.cache[self.pos].unbind(-1)  # (B, D/2) each
+        B = c.shape[0]
+        return torch.stack([c, c], -1).view(B, 1, 1, -1), torch.stack([-s, s], -1).view(B, 1, 1, -1)
+
+    def __call__(self, attn, q: torch.Tensor, k: torch.Tensor):
+        """q (B, Hq, 1, D), k (B, Hkv, 1, D) -> both rotated, same layout."""
+        pe = attn.pos_embeddings
+        key = id(pe)
+        if key not in self.tables:
+            self.tables[key] = (pe, self._table(pe))  # pe kept: its id stays its own for the step
+        table = self.tables[key][1]
+        qk = torch.cat([q, k], dim=1)
+        if table is None:
+            qk = pe(qk.transpose(1, 2), input_pos=self.pos[:, None]).transpose(1, 2)
+        else:
+            cos, sin = table
+            x = qk if qk.dtype == torch.float32 else qk.float()
+            rot = x * cos
+            rot += x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * sin
+            qk = rot if rot.dtype == qk.dtype else rot.to(qk.dtype)
+        return qk.split([q.shape[1], k.shape[1]], dim=1)
+
+
+_TORCHTUNE_TYPES: tuple = ()
+
+
+def _torchtune_types() -> tuple:
+    """(RMSNorm, RotaryPositionalEmbeddings, Llama3ScaledRoPE), imported once (torchtune is imported lazily;
+    a module global, not functools.lru_cache, which dynamo warns about inside compiled steps)."""
+    global _TORCHTUNE_TYPES
+    if not _TORCHTUNE_TYPES:
+        from torchtune.models.llama3_1 import Llama3ScaledRoPE
+        from torchtune.modules import RMSNorm, RotaryPositionalEmbeddings
+
+        _TORCHTUNE_TYPES = (RMSNorm, RotaryPositionalEmbeddings, Llama3ScaledRoPE)
+    return _TORCHTUNE_TYPES
+
+
+def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """norm(x); torchtune's RMSNorm on float32 x as its one F.rms_norm call (its float() and to() are
+    no-ops there, each still a dispatched op per call on the CPU)."""
+    if type(norm) is _torchtune_types()[0] and x.dtype == torch.float32:
+        return F.rms_norm(x, norm.normalized_shape, norm.scale, norm.eps)
+    return norm(x)
+
+
+def _scaled(scale: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A layer's sa_scale / mlp_scale (nn.Identity unless configured) applied to x."""
+    return x if type(scale) is nn.Identity else scale(x)
 
 
 def run_layers(
@@ -126,8 +199,8 @@ def run_layers(
 
 def finish_layer(layer, x, attn_out):
     B, T = x.shape[:2]
-    h = layer.sa_scale(layer.attn.output_proj(attn_out.transpose(1, 2).reshape(B, T, -1))) + x
-    return h + layer.mlp_scale(fusion.feed_forward(layer.mlp, layer.mlp_norm(h)))
+    h = _scaled(layer.sa_scale, layer.attn.output_proj(attn_out.transpose(1, 2).reshape(B, T, -1))) + x
+    return h + _scaled(layer.mlp_scale, fusion.feed_forward(layer.mlp, _norm(layer.mlp_norm, h)))
 
 
 # ============================================================================ full sequences
@@ -303,6 +376,9 @@ class InferenceState(CacheState):
             for _ in model.layers
         ]
         super().__init__(caches, batch_size, max_seq_len, dtype, device, eviction, window)
+        # on the CPU the caches' bookkeeping buffers are views of stacked tensors, so that an eager decode
+        # step does the bookkeeping of all layers at once (_decode_step_stacked)
+        self.stacked = stack_bookkeeping(caches) if torch.device(device).type == "cpu" else None
 
 
 def _check_dms_state(state) -> None:
@@ -447,6 +523,10 @@ def decode_step(
     mode="reduce-overhead") to run it as one CUDA graph.
     """
     _check_dms_state(state)
+    if attend is None and token.device.type == "cpu" and not torch.compiler.is_compiling():
+        logits = _decode_step_stacked(model, token, state)
+        if logits is not None:
+            return logits
     cfg = dms_config_of(model) if state.eviction else None
     read = attend or default_decode_attention(token.device)
     pos = state.next_pos
@@ -462,5 +542,37 @@ def decode_step(
         return read(q, cache)
 
     x = run_layers(model, model.tok_embeddings(token), pos[:, None], cfg, step)
+    state.next_pos.add_(1)
+    return model.output(model.norm(x))[:, -1]
+
+
+def _decode_step_stacked(model: nn.Module, token: torch.Tensor, state: InferenceState) -> Optional[torch.Tensor]:
+    """decode_step on the CPU, eager, in fewer dispatched ops (each costs microseconds there, and a step
+    pays them per layer): the cache bookkeeping of all layers at once before the layer loop
+    (`cache.decode_stacked_begin`) and the predecessors' marks of all layers after it, one RoPE table
+    per step (`_DecodeRoPE`), attention over lengths read once per step. The same results as the
+    per-layer step, bit for bit (tests/test_inference.py). Returns None, having changed nothing, when
+    it does not apply (int8 cache, caches not stacked, or a step `decode_stacked_begin` leaves to the
+    per-layer `decode_update`)."""
+    stack = getattr(state, "stacked", None)
+    if stack is None or state.caches[0].quantized or not stack.current(state.caches):
+        return None
+    pos = state.next_pos
+    step = decode_stacked_begin(stack, state.caches[0].window, pos)
+    if step is None:
+        return None
+    cfg = dms_config_of(model) if state.eviction else None
+    decided = []
+
+    def attend(i, q, k, v, logits):
+        cache = state.caches[i]
+        cache._write_rows(k, v, step.kv_rows[i])
+        if logits is not None:
+            decided.append(logits[..., 0])
+        return decode_attention_prefix(q, cache, step.lengths[i], step.dead[i])
+
+    before = functools.partial(attention_inputs, rope_at=_DecodeRoPE(pos))
+    x = run_layers(model, model.tok_embeddings(token), pos[:, None], cfg, attend, (before, finish_layer))
+    decode_stacked_end(stack, step, decisions.hard_evict(torch.stack(decided)) if decided else None)
     state.next_pos.add_(1)
     return model.output(model.norm(x))[:, -1]

@@ -13,7 +13,13 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from dms_flex import masks
-from dms_flex.cache import CacheOverflowError, DMSKVCache
+from dms_flex.cache import (
+    CacheOverflowError,
+    DMSKVCache,
+    decode_stacked_begin,
+    decode_stacked_end,
+    stack_bookkeeping,
+)
 from dms_flex.quant import dequantize_kv, quantize_kv
 
 D = 4
@@ -168,6 +174,93 @@ def test_eager_decode_update_is_bit_identical_to_the_indexed_one(B, H, window, f
                 assert torch.equal(getattr(eager, name), buf), name
         pos.add_(1)
     event("overflowed" if any(bool(c.overflow) for c, _ in pairs) else "fits")
+
+
+@FEW
+@given(
+    L=st.integers(1, 3),
+    B=st.integers(1, 3),
+    H=st.integers(1, 3),
+    window=st.integers(0, 4),
+    first_max=st.integers(0, 6),
+    T=st.integers(1, 14),
+    C=st.integers(1, 20),
+    store=st.sampled_from(["float32", "bfloat16", "int8"]),
+    seed=st.integers(0, 2**16),
+)
+def test_stacked_decode_bookkeeping_is_bit_identical_to_the_indexed_one(L, B, H, window, first_max, T, C, store, seed):
+    """The bookkeeping of all layers at once on stacked buffers (decode_stacked_begin, each layer's K/V
+    through _write_rows, decode_stacked_end with every layer's decisions) leaves every buffer of every
+    layer exactly as one _decode_update_indexed per layer does, after ragged appends (rows at different
+    positions, some at 0), through window exits and up to overflow. A step it declines (window 0, a row
+    at position 0, a predecessor in the scratch slot, an overflow) has written nothing, and the
+    per-layer decode_update then runs, as the model's decode step does."""
+    g = torch.Generator().manual_seed(seed)
+    kv_dtype = torch.int8 if store == "int8" else None
+    dtype = torch.bfloat16 if store == "bfloat16" else torch.float32
+    first = torch.randint(0, first_max + 1, (B,), generator=g)
+    layers = [DMSKVCache(B, H, D, C, window, dtype=dtype, kv_dtype=kv_dtype) for _ in range(L)]
+    if first_max > 0:
+        for c in layers:
+            q, k, v = torch.randn(3, B, H, first_max, D, generator=g).to(dtype)
+            try:
+                c.append(q, k, v, torch.randn(B, H, first_max, generator=g), torch.zeros_like(first), first)
+            except CacheOverflowError:
+                return
+    refs = [copy.deepcopy(c) for c in layers]
+    stack = stack_bookkeeping(layers)
+    assert stack is not None and stack.current(layers)
+    for c, ref in zip(layers, refs):  # stacking kept the values; the buffers are views of the stack now
+        for name, buf in ref.named_buffers():
+            assert torch.equal(getattr(c, name), buf), name
+        assert c.length.data_ptr() == stack.length[layers.index(c)].data_ptr()
+    pos = first.clone()
+    ran = 0
+    for _ in range(T):
+        kvs = [torch.randn(2, B, 1, H, D, generator=g).transpose(2, 3) for _ in range(L)]
+        evict = torch.rand(L, B, H, generator=g) < 0.6
+        before = [{n: b.clone() for n, b in c.named_buffers()} for c in layers]
+        step = decode_stacked_begin(stack, window, pos)
+        if step is None:
+            for c, was in zip(layers, before):
+                for name, buf in c.named_buffers():
+                    assert torch.equal(buf, was[name]), name  # declined before writing anything
+            for i, c in enumerate(layers):
+                c.decode_update(kvs[i][0], kvs[i][1], evict[i], pos)
+        else:
+            ran += 1
+            for i, c in enumerate(layers):
+                assert step.lengths[i] == c.length.view(-1).tolist()
+                n = step.dead[i].shape[-1]
+                assert torch.equal(step.dead[i], torch.arange(n) >= c.length.view(-1, 1, 1))
+                c._write_rows(kvs[i][0], kvs[i][1], step.kv_rows[i])
+            decode_stacked_end(stack, step, evict)
+        for i, ref in enumerate(refs):
+            ref._decode_update_indexed(kvs[i][0], kvs[i][1], evict[i], pos)
+            for name, buf in ref.named_buffers():
+                assert torch.equal(getattr(layers[i], name), buf), (i, name)
+        pos.add_(1)
+    event(f"stacked steps: {'some' if ran else 'none'}")
+    event("overflowed" if any(bool(c.overflow) for c in layers) else "fits")
+
+
+def test_stacked_bookkeeping_steps_aside_for_caches_it_no_longer_holds():
+    """`current` is False once a cache's buffer is replaced (a deepcopy or `.to()` of one cache, a buffer
+    assigned anew), and stacking refuses caches of different shapes; a deepcopy of all of them together
+    keeps them views of the copied stack."""
+    layers = [DMSKVCache(2, 2, D, 8, 3, dtype=torch.float32) for _ in range(3)]
+    assert stack_bookkeeping(layers[:1] + [DMSKVCache(2, 2, D, 9, 3, dtype=torch.float32)]) is None
+    stack = stack_bookkeeping(layers)
+    both = copy.deepcopy((stack, layers))
+    assert both[0].current(both[1])
+    both[1][1].win_slot.fill_(0)
+    assert (both[0].win_slot[1] == 0).all() and (stack.win_slot[1] == 8).all()
+    layers[2] = copy.deepcopy(layers[2])
+    assert not stack.current(layers)
+    layers = [DMSKVCache(2, 2, D, 8, 3, dtype=torch.float32) for _ in range(2)]
+    stack = stack_bookkeeping(layers)
+    layers[0].length = torch.zeros(2, 2, dtype=torch.long)
+    assert not stack.current(layers)
 
 
 # ----------------------------------------------------------------------------- (b) append

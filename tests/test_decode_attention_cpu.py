@@ -64,3 +64,32 @@ def test_prefix_views_of_contiguous_and_strided_buffers():
     assert torch.equal(got, want) and got.data_ptr() == buf.data_ptr()  # a view, no copy
     strided = torch.randn(2, 9, 3, 4).transpose(1, 2)  # (2, 3, 9, 4), not contiguous
     assert torch.equal(reference._prefix(strided, 6, 5, 4), strided.reshape(6, 9, 4)[:, :5])
+
+
+@pytest.mark.parametrize("case", ["ragged", "equal", "some empty"])
+def test_prefix_attention_with_a_wider_dead_mask_is_the_cpu_branch_and_a_float64_softmax(case):
+    """decode_attention_prefix given the lengths and a dead-slot mask built for more slots than this cache
+    uses (a stacked decode step builds one mask for the longest cache of all layers): bit for bit the
+    per-cache CPU branch, and a float64 softmax over each (row, KV head)'s live slots."""
+    g = torch.Generator().manual_seed(len(case))
+    B, H, G, D, C = 2, 3, 2, 8, 12
+    lengths = {
+        "ragged": torch.tensor([[3, 9, 1], [12, 4, 7]]),
+        "equal": torch.full((B, H), 5),
+        "some empty": torch.tensor([[0, 5, 2], [3, 0, 1]]),
+    }[case]
+    cache, _ = filled_cache(g, B, H, D, C, lengths, "float32")
+    q = torch.randn(B, H * G, 1, D, generator=g)
+    wide = torch.arange(C + 5) >= lengths.view(-1, 1, 1)  # (B*H, 1, C + 5)
+    got = reference.decode_attention_prefix(q, cache, lengths.view(-1).tolist(), wide, scale=0.3)
+    assert torch.equal(got, decode_attention_dense(q, cache, scale=0.3))
+    want = torch.zeros(B, H * G, D, dtype=torch.float64)
+    for b in range(B):
+        for hq in range(H * G):
+            n = int(lengths[b, hq // G])
+            if n == 0:
+                continue  # no slots: output 0
+            k, v = cache.k[b, hq // G, :n].double(), cache.v[b, hq // G, :n].double()
+            p = torch.softmax(k @ q[b, hq, 0].double() * 0.3, dim=0)
+            want[b, hq] = p @ v
+    torch.testing.assert_close(got[:, :, 0].double(), want, atol=1e-5, rtol=1e-5)

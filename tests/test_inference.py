@@ -1,8 +1,10 @@
 """Compact-cache inference against teacher-forced full-sequence forwards with the same hard mask."""
 
+import copy
+
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from dms_flex import stats
@@ -211,3 +213,116 @@ def test_compiled_prefill_halves_trace_and_match_eager(monkeypatch):
     assert tm._PREFILL_COMPILE["ok"]
     for c1_, c2_ in zip(eager.caches, comp.caches):
         assert torch.equal(c1_.length, c2_.length)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    family=st.sampled_from(["llama", "qwen2"]),
+    decision=st.sampled_from(["borrowed", "adapter"]),
+    window=st.sampled_from([0, 1, 3]),
+    scope=st.sampled_from(["head", "layer"]),
+    eviction=st.booleans(),
+    kv=st.sampled_from([None, "int8"]),
+    steps=st.integers(1, 12),
+)
+def test_stacked_cpu_decode_step_is_bit_identical_to_the_per_layer_step(
+    seed, family, decision, window, scope, eviction, kv, steps
+):
+    """The eager CPU decode step over stacked caches (bookkeeping of all layers at once, one RoPE table per
+    step, one dead-slot mask per step) gives the same logits and leaves the same caches, bit for bit, as
+    the per-layer step (state.stacked = None), for ragged rows, every decision source and scope, eviction
+    on and off, and where it steps aside (window 0, int8, Qwen2's RoPE through the module)."""
+    m = tiny_model(family, seed=seed % 5, decision=decision, window=window, scope=scope)
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, 64, (3, 9), generator=gen)
+    lengths = torch.randint(1, 10, (3,), generator=gen)
+    kv_dtype = torch.int8 if kv else None
+    fast = tm.InferenceState(m, 3, eviction=eviction, kv_dtype=kv_dtype)
+    slow = tm.InferenceState(m, 3, eviction=eviction, kv_dtype=kv_dtype)
+    assert fast.stacked is not None and fast.stacked.current(fast.caches)
+    slow.stacked = None
+    a, b = tm.prefill(m, prompt, fast, lengths), tm.prefill(m, prompt, slow, lengths)
+    assert torch.equal(a, b)
+    took = 0
+    for _ in range(steps):
+        tok = a.argmax(-1, keepdim=True)
+        took += tm._decode_step_stacked(m, tok, copy.deepcopy(fast)) is not None
+        a, b = tm.decode_step(m, tok, fast), tm.decode_step(m, tok, slow)
+        assert torch.equal(a, b)
+        for c1, c2 in zip(fast.caches, slow.caches):
+            for name, buf in c2.named_buffers():
+                assert torch.equal(getattr(c1, name), buf), name
+    assert torch.equal(fast.next_pos, slow.next_pos)
+    assert (took > 0) == (window > 0 and kv is None or not eviction and kv is None)
+    event("stacked" if took else "per layer")
+
+
+def test_stacked_cpu_decode_runs_for_the_main_jobs_model_shape(monkeypatch):
+    """On a Llama-3.2 shaped tiny model (Llama3ScaledRoPE, adapter, window 2) the stacked step is what
+    decode_step runs, the cached generation still equals the teacher-forced forward, and a state copied
+    with deepcopy keeps its stacked views."""
+    from torchtune.models.llama3_2 import llama3_2
+
+    torch.manual_seed(0)
+    m = llama3_2(
+        vocab_size=64, num_layers=3, num_heads=4, num_kv_heads=2, embed_dim=32, max_seq_len=64, intermediate_dim=64
+    ).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    tm.add_dms(m, DMSConfig(window=2, decision="adapter", alpha_scale=5.0, alpha_offset=0.0))
+    with torch.no_grad():
+        for layer in m.layers:
+            layer.attn.dms_adapter.linear.weight.normal_(0, 0.5)
+    calls = []
+    real = tm._decode_step_stacked
+
+    def spy(*args):
+        out = real(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(tm, "_decode_step_stacked", spy)
+    prompt = torch.randint(0, 64, (2, 7))
+    full, logits, state = greedy_cached(m, prompt, 10)
+    monkeypatch.undo()
+    assert calls and all(calls)
+    assert_matches_reference(m, full, logits, 7, state)
+    twin = copy.deepcopy(state)
+    assert twin.stacked.current(twin.caches) and not twin.stacked.current(state.caches)
+
+
+@pytest.mark.parametrize("kind", ["rotary", "llama3_scaled", "qwen2"])
+def test_decode_rope_is_the_rotary_module_bit_for_bit_and_a_float64_rotation(kind):
+    """_DecodeRoPE (the table of one position per row, q and k rotated together) equals the torchtune
+    module it stands for bit for bit, and (interleaved pairs) a float64 rotation of each pair by
+    position * theta_i, computed here from the module's frequencies."""
+    from types import SimpleNamespace
+
+    from torchtune.models.llama3_1 import Llama3ScaledRoPE
+    from torchtune.models.qwen2._positional_embeddings import Qwen2RotaryPositionalEmbeddings
+    from torchtune.modules import RotaryPositionalEmbeddings
+
+    D, S = 16, 200
+    module = {
+        "rotary": lambda: RotaryPositionalEmbeddings(D, S),
+        "llama3_scaled": lambda: Llama3ScaledRoPE(D, S, scale_factor=8),
+        "qwen2": lambda: Qwen2RotaryPositionalEmbeddings(D, S),
+    }[kind]()
+    g = torch.Generator().manual_seed(1)
+    pos = torch.tensor([0, 7, 199])
+    q, k = torch.randn(3, 4, 1, D, generator=g) * 3, torch.randn(3, 2, 1, D, generator=g) * 3
+    rq, rk = tm._DecodeRoPE(pos)(SimpleNamespace(pos_embeddings=module), q, k)
+    assert rq.shape == q.shape and rk.shape == k.shape
+    got = torch.cat([rq, rk], dim=1)
+    want = module(torch.cat([q, k], dim=1).transpose(1, 2), input_pos=pos[:, None]).transpose(1, 2)
+    assert torch.equal(got, want)
+    if kind == "qwen2":
+        return  # rotate-half layout, left to the module
+    angle = pos.double()[:, None] * module.theta.double()[None]  # (B, D/2)
+    c, s = angle.cos()[:, None, None], angle.sin()[:, None, None]
+    x = torch.cat([q, k], dim=1).double()
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    ref = torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], dim=-1).flatten(-2)
+    torch.testing.assert_close(got.double(), ref, atol=2e-4, rtol=1e-5)

@@ -76,9 +76,21 @@ def _decode_attention_cpu(q: torch.Tensor, cache, scale: Optional[float] = None)
     step runs it once per layer, and on the CPU each op's dispatch costs microseconds. The mask and
     the NaN guard are applied only when some (row, KV head) holds fewer slots than the longest
     (always, under DMS) or none at all; conversions only where the dtypes differ."""
+    lengths = [n for row in cache.length.tolist() for n in row]
+    lo, n = min(lengths), max(max(lengths), 1)
+    dead = torch.arange(n, device=q.device) >= cache.length.view(-1, 1, 1) if lo < n else None
+    return decode_attention_prefix(q, cache, lengths, dead, scale)
+
+
+def decode_attention_prefix(
+    q: torch.Tensor, cache, lengths: list, dead: Optional[torch.Tensor], scale: Optional[float] = None
+) -> torch.Tensor:
+    """`_decode_attention_cpu` with the cache's lengths given: `lengths` the B*H lengths on the host,
+    `dead` (B*H, 1, >= max(lengths)) bool, True at each (row, KV head)'s slots past its length (read
+    only where the lengths differ). A decode step over stacked caches builds both once for all layers
+    (torchtune_model._decode_step_stacked)."""
     B, Hq, _, D = q.shape
     H = cache.length.shape[1]
-    lengths = [n for row in cache.length.tolist() for n in row]
     lo, n = min(lengths), max(max(lengths), 1)
     if cache.quantized:
         k, v = cache._read(n, q.dtype)
@@ -93,7 +105,7 @@ def _decode_attention_cpu(q: torch.Tensor, cache, scale: Optional[float] = None)
     scale = D**-0.5 if scale is None else scale
     scores = torch.bmm(qg, k.transpose(1, 2)).mul_(scale)
     if lo < n:
-        scores.masked_fill_(torch.arange(n, device=q.device) >= cache.length.view(B * H, 1, 1), float("-inf"))
+        scores.masked_fill_(dead[..., :n], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     if lo == 0:  # a (row, KV head) with no slots: its softmax row is NaN, its output 0
         probs = probs.nan_to_num(0.0)
