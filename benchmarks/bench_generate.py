@@ -126,12 +126,12 @@ def parse_batch(text: str):
 
 def parse_capacity(text: str):
     """'full', a fraction in (0, 1] of T+N slots per row and KV head, or 'layers[:HEADROOM]' (per layer,
-    calibrated on the case's first prompt: dms_flex.torchtune_model.layer_capacities; headroom 1.25)."""
+    calibrated on the case's first 8 prompts: dms_flex.torchtune_model.layer_capacities; headroom 1.5)."""
     if text == "full":
         return "full"
     if text == "layers" or text.startswith("layers:"):
         try:
-            headroom = float(text.partition(":")[2] or 1.25)
+            headroom = float(text.partition(":")[2] or 1.5)
         except ValueError:
             headroom = 0.0
         if not headroom >= 1:
@@ -175,7 +175,7 @@ def parse_args(argv=None):
         type=parse_capacity,
         default="full",
         help="KV slots per row and KV head of dms / dms-int8 / dms-hf: 'full' (T+N), a fraction of T+N, or "
-        "'layers[:H]': per layer, sized from the case's first prompt with headroom H (default 1.25; dms and "
+        "'layers[:H]': per layer, sized from the case's first 8 prompts with headroom H (default 1.5; dms and "
         "dms-int8; dms-hf keeps full)",
     )
     p.add_argument("--max-batch-limit", type=_positive_int, default=4096, help="upper bound of the 'max' search")
@@ -401,7 +401,7 @@ class TTSystem:
 
     def capacity(self, T, N, frac, sample=None):
         """Slots per row and KV head: one number, or one per layer for 'layers' (calibrated once per (T, N)
-        on `sample`, the case's first prompt)."""
+        on `sample`, the case's first prompts: its own rows, so no overflow is tested on unseen text)."""
         N += self.extra
         if frac == "full" or not self.eviction:
             return T + N
@@ -410,7 +410,7 @@ class TTSystem:
 
             key = (T, N, frac)
             if key not in self._layer_caps:
-                ids = torch.tensor([sample], dtype=torch.long, device=self.models.device)
+                ids = torch.tensor(sample, dtype=torch.long, device=self.models.device)
                 self._layer_caps[key] = tm.layer_capacities(self.models.model, ids, T + N, headroom=frac[1])
                 log(f"  {self.name}: per-layer capacities for T={T}: {self._layer_caps[key]}")
             return self._layer_caps[key]
@@ -426,7 +426,7 @@ class TTSystem:
         return tm.InferenceState(
             self.models.model,
             B,
-            capacity=self.capacity(T, N, frac, prompts[0]),
+            capacity=self.capacity(T, N, frac, prompts[:8]),
             max_seq_len=T + N + self.extra,
             eviction=self.eviction,
             dtype=self.models.dtype,

@@ -325,14 +325,16 @@ def _per_layer_capacities(capacity, max_seq_len: int, n_layers: int) -> List[int
 
 
 @torch.no_grad()
-def layer_capacities(model: nn.Module, tokens: torch.Tensor, max_seq_len: int, headroom: float = 1.25) -> List[int]:
+def layer_capacities(model: nn.Module, tokens: torch.Tensor, max_seq_len: int, headroom: float = 1.5) -> List[int]:
     """Slots per (row, KV head) for each layer of a compact cache of `max_seq_len` positions, sized from
     what DMS keeps of sample text. `tokens` (B, T) are prefilled into a full cache; in each layer the
     (row, KV head) that keeps the most tokens keeps the window w (always) and a fraction f of the T - w
     older tokens, so the layer gets min(max_seq_len, w + ceil(headroom x f x (max_seq_len - w))) slots:
     layers whose heads keep every token get max_seq_len, and so does every layer when T <= w (nothing
-    measured). Other text can need more than the sample did: a step that finds no free slot raises
-    CacheOverflowError (nothing is overwritten), so calibrate on text like the workload's and keep headroom."""
+    measured). What a head keeps varies from text to text: calibrate on several samples like the workload
+    (rows of `tokens`; benchmarks/RESULTS.md section 24f: 8 windows of 2,048 tokens, headroom 1.5, held 8
+    other windows of the same text; 1.25 did not). A step that finds no free slot raises CacheOverflowError
+    (nothing is overwritten)."""
     if not headroom >= 1.0:
         raise ValueError(f"headroom={headroom} must be >= 1 (a multiple of the sample's largest need)")
     if tokens.dim() != 2 or tokens.shape[1] < 1:
@@ -340,6 +342,12 @@ def layer_capacities(model: nn.Module, tokens: torch.Tensor, max_seq_len: int, h
     T = tokens.shape[1]
     state = InferenceState(model, tokens.shape[0], max_seq_len=T)
     prefill(model, tokens, state)
+    return capacities_from_state(state, max_seq_len, headroom)
+
+
+def capacities_from_state(state: "InferenceState", max_seq_len: int, headroom: float = 1.5) -> List[int]:
+    """`layer_capacities`' rule applied to a state whose every row has seen the same number of tokens."""
+    T = int(state.next_pos.max())
     w = min(state.window, T)
     caps = []
     for c in state.caches:

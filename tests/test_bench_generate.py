@@ -223,7 +223,7 @@ def test_kernel_table_counts_times_and_order():
 
 def test_capacity_setting_parses():
     assert bg.parse_capacity("full") == "full" and bg.parse_capacity("0.5") == 0.5
-    assert bg.parse_capacity("layers") == ("layers", 1.25) and bg.parse_capacity("layers:1.5") == ("layers", 1.5)
+    assert bg.parse_capacity("layers") == ("layers", 1.5) and bg.parse_capacity("layers:2") == ("layers", 2.0)
     for bad in ("layers:0.5", "layers:x", "0", "1.5", "half"):
         with pytest.raises(bg.argparse.ArgumentTypeError):
             bg.parse_capacity(bad)
