@@ -125,15 +125,24 @@ def parse_batch(text: str):
 
 
 def parse_capacity(text: str):
-    """'full' or a fraction in (0, 1] of T+N slots per row and KV head."""
+    """'full', a fraction in (0, 1] of T+N slots per row and KV head, or 'layers[:HEADROOM]' (per layer,
+    calibrated on the case's first 8 prompts: dms_flex.torchtune_model.layer_capacities; headroom 1.5)."""
     if text == "full":
         return "full"
+    if text == "layers" or text.startswith("layers:"):
+        try:
+            headroom = float(text.partition(":")[2] or 1.5)
+        except ValueError:
+            headroom = 0.0
+        if not headroom >= 1:
+            raise argparse.ArgumentTypeError(f"expected 'layers' or 'layers:H' with a headroom H >= 1, got {text!r}")
+        return ("layers", headroom)
     try:
         value = float(text)
     except ValueError:
         value = 0.0
     if not (0 < value <= 1):
-        raise argparse.ArgumentTypeError(f"expected 'full' or a fraction in (0, 1], got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected 'full', a fraction in (0, 1] or 'layers[:H]', got {text!r}")
     return value
 
 
@@ -165,7 +174,9 @@ def parse_args(argv=None):
         "--dms-capacity",
         type=parse_capacity,
         default="full",
-        help="KV slots per row and KV head of dms / dms-int8 / dms-hf: 'full' (T+N) or a fraction of T+N",
+        help="KV slots per row and KV head of dms / dms-int8 / dms-hf: 'full' (T+N), a fraction of T+N, or "
+        "'layers[:H]': per layer, sized from the case's first 8 prompts with headroom H (default 1.5; dms and "
+        "dms-int8; dms-hf keeps full)",
     )
     p.add_argument("--max-batch-limit", type=_positive_int, default=4096, help="upper bound of the 'max' search")
     p.add_argument(
@@ -380,6 +391,7 @@ class TTSystem:
         self.kv_dtype = torch.int8 if name == "dms-int8" else None
         self.step = tm.decode_step
         self.compiled = compile_step  # our prefill's layer halves compile with the step (tm.prefill(compile=True))
+        self._layer_caps = {}  # --dms-capacity layers: (T, N, setting) -> per-layer capacities
         # as `python -m dms_flex.generate` runs it: the compiled step and its sampling replayed from one
         # CUDA graph (dms_flex/stepping.py); --reduce-overhead: torch.compile's own CUDA graphs instead
         self.cuda_graph = compile_step and models.device.type == "cuda" and not models.reduce_overhead
@@ -387,21 +399,34 @@ class TTSystem:
             ro = models.device.type == "cuda" and models.reduce_overhead
             self.step = torch.compile(tm.decode_step, fullgraph=True, mode="reduce-overhead" if ro else None)
 
-    def capacity(self, T, N, frac):
+    def capacity(self, T, N, frac, sample=None):
+        """Slots per row and KV head: one number, or one per layer for 'layers' (calibrated once per (T, N)
+        on `sample`, the case's first prompts: its own rows, so no overflow is tested on unseen text)."""
         N += self.extra
-        return T + N if (frac == "full" or not self.eviction) else max(1, math.ceil(frac * (T + N)))
+        if frac == "full" or not self.eviction:
+            return T + N
+        if isinstance(frac, tuple):
+            from dms_flex import torchtune_model as tm
+
+            key = (T, N, frac)
+            if key not in self._layer_caps:
+                ids = torch.tensor(sample, dtype=torch.long, device=self.models.device)
+                self._layer_caps[key] = tm.layer_capacities(self.models.model, ids, T + N, headroom=frac[1])
+                log(f"  {self.name}: per-layer capacities for T={T}: {self._layer_caps[key]}")
+            return self._layer_caps[key]
+        return max(1, math.ceil(frac * (T + N)))
 
     @property
     def extra(self) -> int:
         return profile_room(self.models.profile_decode)
 
-    def make(self, B, T, N, frac):
+    def make(self, B, T, N, frac, prompts):
         from dms_flex import torchtune_model as tm
 
         return tm.InferenceState(
             self.models.model,
             B,
-            capacity=self.capacity(T, N, frac),
+            capacity=self.capacity(T, N, frac, prompts[:8]),
             max_seq_len=T + N + self.extra,
             eviction=self.eviction,
             dtype=self.models.dtype,
@@ -431,14 +456,14 @@ class TTSystem:
         """The max-batch search's trial: the full-size cache, prefill and 2 eager decode steps."""
         from dms_flex import torchtune_model as tm
 
-        state = self.make(B, T, N, frac)
+        state = self.make(B, T, N, frac, prompts)
         self.generate(state, prompts, min(N, 3), step=tm.decode_step)
 
     def run_case(self, B, prompts, T, N, frac):
         """Warm-up then the timed call; returns the row's measurements."""
         dev = self.models.device
         resident = _allocated(dev)  # the weights of every loaded system
-        state = self.make(B, T, N, frac)
+        state = self.make(B, T, N, frac, prompts)
         t0 = time.perf_counter()
         self.generate(state, prompts, N)  # warm-up: compile, CUDA graphs, autotuning
         warmup = time.perf_counter() - t0
@@ -462,7 +487,7 @@ class TTSystem:
             kv_dense_bytes=kv["dense"],
             cr=rep.ratio,
             max_live_slots=max_live,
-            capacity=state.caches[0].capacity,
+            capacity=_capacity_of(state.caches),
             peak_bytes=peak,
             peak_case_bytes=None if peak is None else peak - resident,
             first_tokens=res.tokens[0][:8],
@@ -576,7 +601,7 @@ def profile_decode(system: "TTSystem", state, B: int) -> dict:
         "mean": float(lengths.mean()),
         "p90": float(lengths.quantile(0.9)),
         "max": int(lengths.max()),
-        "capacity": state.caches[0].capacity,
+        "capacity": _capacity_of(state.caches),
     }
     steppers = state.__dict__.get("_graphed_steppers", {})
     st = next((s for s in steppers.values() if s.graph is not None), None)
@@ -605,7 +630,14 @@ def profile_decode(system: "TTSystem", state, B: int) -> dict:
 
 
 def _dms_capacity(T, N, frac):
-    return T + N if frac == "full" else max(1, math.ceil(frac * (T + N)))
+    """dms-hf's capacity: 'layers' is not offered there (DMSCache has one capacity), so it keeps T+N."""
+    return T + N if frac == "full" or isinstance(frac, tuple) else max(1, math.ceil(frac * (T + N)))
+
+
+def _capacity_of(caches):
+    """A row's capacity: one number, or the per-layer list where the layers differ."""
+    caps = [c.capacity for c in caches]
+    return caps[0] if len(set(caps)) == 1 else caps
 
 
 def _allocated(device) -> int:

