@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from dms_flex import stats
@@ -151,6 +151,7 @@ def test_compiled_decode_has_no_recompiles():
     decision=st.sampled_from(["borrowed", "adapter"]),
     kv=st.sampled_from([None, "int8"]),
 )
+@example(seed=26, window=0, n_prompt=26, chunk=1, decision="adapter", kv="int8")  # a code flip: 0.0096 of 1.29
 def test_chunked_prefill_equals_one_pass(seed, window, n_prompt, chunk, decision, kv):
     """A prompt appended in chunks (each a later turn of the one before) gives the same logits, the same
     cache contents and the same continuation as one pass; rows of different lengths included."""
@@ -163,9 +164,11 @@ def test_chunked_prefill_equals_one_pass(seed, window, n_prompt, chunk, decision
     many = tm.InferenceState(m, 3, kv_dtype=kv_dtype)
     a = tm.prefill(m, prompt, one, lengths)
     b = tm.prefill(m, prompt, many, lengths, chunk_size=chunk)
-    # int8: float rounding of a different summation order can move a K/V code by one step
-    tol = 3e-3 if kv else 1e-4
-    assert torch.allclose(a, b, atol=tol, rtol=tol), float((a - b).abs().max())
+    # int8: float rounding of a different summation order can move a K/V code by one step, which moves the
+    # logits by up to one quantization step, 1/127 of their scale (as tests/test_parallel.py bounds it; seed
+    # 26, window 0, chunk 1 measured 0.0096 at a scale of 1.29, over the 3e-3 this test allowed before)
+    tol = float(a.abs().max()) / 127 if kv else 1e-4
+    assert torch.allclose(a, b, atol=tol, rtol=0 if kv else tol), float((a - b).abs().max())
     for c1, c2 in zip(one.caches, many.caches):
         assert torch.equal(c1.length, c2.length)
         for b_ in range(3):
