@@ -132,6 +132,25 @@ def test_decode_updates_keep_what_the_rule_keeps(B, H, window, T, p_mark, capaci
         cache.check_overflow()
 
 
+def _ragged_layers(n, B, H, C, window, store, first_max, g):
+    """n caches (float32 / bfloat16 / int8 storage) each given one append of ragged rows (row b holds the
+    first `first[b]` of first_max random tokens, so rows decode from different positions, some from 0):
+    (caches, first), or None when that append already overflows."""
+    kv_dtype = torch.int8 if store == "int8" else None
+    dtype = torch.bfloat16 if store == "bfloat16" else torch.float32
+    first = torch.randint(0, first_max + 1, (B,), generator=g)
+    layers = [DMSKVCache(B, H, D, C, window, dtype=dtype, kv_dtype=kv_dtype) for _ in range(n)]
+    if first_max > 0:
+        for c in layers:
+            q, k, v = torch.randn(3, B, H, first_max, D, generator=g).to(dtype)
+            lg = torch.randn(B, H, first_max, generator=g)
+            try:
+                c.append(q, k, v, lg, torch.zeros_like(first), first)
+            except CacheOverflowError:
+                return None
+    return layers, first
+
+
 @FEW
 @given(
     B=st.integers(1, 3),
@@ -150,18 +169,10 @@ def test_eager_decode_update_is_bit_identical_to_the_indexed_one(B, H, window, f
     exits, overflow and every storage (float32 K/V into a bf16 cache are converted), with two layers
     stepping on one in-place-advanced position tensor."""
     g = torch.Generator().manual_seed(seed)
-    kv_dtype = torch.int8 if store == "int8" else None
-    dtype = torch.bfloat16 if store == "bfloat16" else torch.float32
-    first = torch.randint(0, first_max + 1, (B,), generator=g)
-    layers = [DMSKVCache(B, H, D, C, window, dtype=dtype, kv_dtype=kv_dtype) for _ in range(2)]
-    if first_max > 0:
-        for c in layers:
-            q, k, v = torch.randn(3, B, H, first_max, D, generator=g).to(dtype)
-            lg = torch.randn(B, H, first_max, generator=g)
-            try:
-                c.append(q, k, v, lg, torch.zeros_like(first), first)
-            except CacheOverflowError:
-                return
+    made = _ragged_layers(2, B, H, C, window, store, first_max, g)
+    if made is None:
+        return
+    layers, first = made
     pairs = [(c, copy.deepcopy(c)) for c in layers]
     pos = first.clone()
     for _ in range(T):
@@ -196,17 +207,10 @@ def test_stacked_decode_bookkeeping_is_bit_identical_to_the_indexed_one(L, B, H,
     at position 0, a predecessor in the scratch slot, an overflow) has written nothing, and the
     per-layer decode_update then runs, as the model's decode step does."""
     g = torch.Generator().manual_seed(seed)
-    kv_dtype = torch.int8 if store == "int8" else None
-    dtype = torch.bfloat16 if store == "bfloat16" else torch.float32
-    first = torch.randint(0, first_max + 1, (B,), generator=g)
-    layers = [DMSKVCache(B, H, D, C, window, dtype=dtype, kv_dtype=kv_dtype) for _ in range(L)]
-    if first_max > 0:
-        for c in layers:
-            q, k, v = torch.randn(3, B, H, first_max, D, generator=g).to(dtype)
-            try:
-                c.append(q, k, v, torch.randn(B, H, first_max, generator=g), torch.zeros_like(first), first)
-            except CacheOverflowError:
-                return
+    made = _ragged_layers(L, B, H, C, window, store, first_max, g)
+    if made is None:
+        return
+    layers, first = made
     refs = [copy.deepcopy(c) for c in layers]
     stack = stack_bookkeeping(layers)
     assert stack is not None and stack.current(layers)
