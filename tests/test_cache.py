@@ -132,6 +132,19 @@ def test_decode_updates_keep_what_the_rule_keeps(B, H, window, T, p_mark, capaci
         cache.check_overflow()
 
 
+# the draws of the decode-update equivalence tests below (their caches: `_ragged_layers`)
+RAGGED = dict(
+    B=st.integers(1, 3),
+    H=st.integers(1, 3),
+    window=st.integers(0, 4),
+    first_max=st.integers(0, 6),
+    T=st.integers(1, 14),
+    C=st.integers(1, 20),
+    store=st.sampled_from(["float32", "bfloat16", "int8"]),
+    seed=st.integers(0, 2**16),
+)
+
+
 def _ragged_layers(n, B, H, C, window, store, first_max, g):
     """n caches (float32 / bfloat16 / int8 storage) each given one append of ragged rows (row b holds the
     first `first[b]` of first_max random tokens, so rows decode from different positions, some from 0):
@@ -152,16 +165,7 @@ def _ragged_layers(n, B, H, C, window, store, first_max, g):
 
 
 @FEW
-@given(
-    B=st.integers(1, 3),
-    H=st.integers(1, 3),
-    window=st.integers(0, 4),
-    first_max=st.integers(0, 6),
-    T=st.integers(1, 14),
-    C=st.integers(1, 20),
-    store=st.sampled_from(["float32", "bfloat16", "int8"]),
-    seed=st.integers(0, 2**16),
-)
+@given(**RAGGED)
 def test_eager_decode_update_is_bit_identical_to_the_indexed_one(B, H, window, first_max, T, C, store, seed):
     """The CPU's eager decode_update (flat indices shared by the layers of a step) leaves every buffer
     exactly as the static-shape indexed body (the fused kernel's reference) does: after an append of
@@ -188,17 +192,7 @@ def test_eager_decode_update_is_bit_identical_to_the_indexed_one(B, H, window, f
 
 
 @FEW
-@given(
-    L=st.integers(1, 3),
-    B=st.integers(1, 3),
-    H=st.integers(1, 3),
-    window=st.integers(0, 4),
-    first_max=st.integers(0, 6),
-    T=st.integers(1, 14),
-    C=st.integers(1, 20),
-    store=st.sampled_from(["float32", "bfloat16", "int8"]),
-    seed=st.integers(0, 2**16),
-)
+@given(L=st.integers(1, 3), **RAGGED)
 def test_stacked_decode_bookkeeping_is_bit_identical_to_the_indexed_one(L, B, H, window, first_max, T, C, store, seed):
     """The bookkeeping of all layers at once on stacked buffers (decode_stacked_begin, each layer's K/V
     through _write_rows, decode_stacked_end with every layer's decisions) leaves every buffer of every
