@@ -56,6 +56,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict, Optional
 
+import yaml
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config
@@ -492,6 +493,14 @@ def main() -> None:
         recipe_main()
     except (RecipeError, DMSConfigError, OmegaConfBaseException) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except yaml.YAMLError as e:  # a key=value override that is not YAML (torchtune parses each value as YAML)
+        where = " ".join(str(e).split())
+        print(
+            f"error: a key=value override is not valid YAML ({where}). Inside a list, quote each interpolation: "
+            + '\'dataset=["${reasoning}","${code}","${prose}"]\'',
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 

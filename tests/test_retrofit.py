@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from dms_flex import data as dms_data
+from dms_flex.data import reasoning as reasoning_mod
 from dms_flex.stats import kept_fraction
 
 from .helpers import log_lines, run_recipe, weights
@@ -200,6 +201,7 @@ def test_missing_weights_say_where_and_how(tmp_path):
         (["train_adapter_only=true", "dms.decision=borrowed"], "train_adapter_only=true needs dms.decision=adapter"),
         (["resume_from=nowhere"], "holds no recipe_state.pt"),
         (["optimizer._component_=torch.optim.Adamm"], "cannot build optimizer"),
+        (["dataset=[${code},${prose}]"], "not valid YAML (while parsing a flow sequence"),
     ],
 )
 def test_bad_config_values_are_one_clear_message(args, message, tmp_path, monkeypatch, capsys):
@@ -354,6 +356,30 @@ def test_reasoning_set_is_built_by_the_teacher_once(tiny_run, tmp_path):
     assert len(ds) == 3 and all(t != -100 for t in ds[0]["labels"])  # train_on_input: every token distilled
     with pytest.raises(ValueError, match="unknown reasoning-gym task"):
         dms_data.build_reasoning_set(out / "final", **{**kw, "tasks": ["no_such_task"]})
+
+
+@pytest.mark.skipif(not HAVE_REASONING_GYM, reason=f"reasoning-gym is not installed ({dms_data.REASONING_GYM_HINT})")
+def test_a_reasoning_set_built_elsewhere_is_adopted_without_generating(tiny_run, tmp_path, monkeypatch):
+    out, _ = tiny_run
+    kw = dict(num_problems=5, problems_per_conversation=2, max_new_tokens=4, batch_size=2, tasks=["chain_sum"])
+    built = dms_data.build_reasoning_set(out / "final", path=tmp_path / "elsewhere.jsonl", **kw)
+
+    def no_teacher(*a, **k):
+        raise AssertionError("an adopted set must not be generated")
+
+    monkeypatch.setattr(reasoning_mod, "_answer_conversations", no_teacher)
+    here = dms_data.build_reasoning_set(out / "final", path=tmp_path / "here.jsonl", adopt=str(built), **kw)
+    assert here.read_text() == built.read_text()
+    assert dms_data.build_reasoning_set(out / "final", path=tmp_path / "here.jsonl", **kw) == here  # cached now
+    with pytest.raises(ValueError, match="3 conversations do not match these settings .7 problems"):
+        dms_data.build_reasoning_set(
+            out / "final", path=tmp_path / "x.jsonl", adopt=str(built), **{**kw, "num_problems": 7}
+        )
+    (tmp_path / "bad.jsonl").write_text('{"messages": []}\n')
+    with pytest.raises(ValueError, match="line 1 is not a reasoning-set conversation"):
+        dms_data.build_reasoning_set(out / "final", path=tmp_path / "y.jsonl", adopt=str(tmp_path / "bad.jsonl"), **kw)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        dms_data.build_reasoning_set(out / "final", path=tmp_path / "z.jsonl", adopt=str(tmp_path / "none"), **kw)
 
 
 def test_torchtune_datasets_over_local_files_pack(tmp_path):

@@ -12,7 +12,8 @@ Modules: `tokenizers`, `packing`, `sources`, `reasoning`; the public names are e
   where nothing is predicted: padding, a document's last token, masked prompt tokens) and ``valid``
   (False on padding).
 - Offline sources: `python_sources_dataset` (standard-library source files: long documents, always
-  present), `synthetic_dataset` (random tokens, no tokenizer), and `reasoning_dataset`: conversations
+  present), `prose_dataset` (KJV and Austen without the evaluation's perplexity windows),
+  `synthetic_dataset` (random tokens, no tokenizer), and `reasoning_dataset`: conversations
   of reasoning-gym problems answered greedily by the teacher itself (eviction off), cached as a chat
   jsonl that torchtune's ``chat_dataset`` reads, so a retrofit needs no network.
 
@@ -21,7 +22,7 @@ Modules: `tokenizers`, `packing`, `sources`, `reasoning`; the public names are e
 
 from .packing import IGNORE_INDEX, PackedDocuments
 from .reasoning import DEFAULT_INSTRUCTION, DEFAULT_TASKS, REASONING_GYM_HINT, build_reasoning_set, reasoning_dataset
-from .sources import DEFAULT_PY_MODULES, DocumentList, python_sources_dataset, synthetic_dataset
+from .sources import DEFAULT_PY_MODULES, DocumentList, prose_dataset, python_sources_dataset, synthetic_dataset
 from .tokenizers import SMOLLM2, HFTokenizer, byte_tokenizer, hf_tokenizer, resolve_model_dir
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "DEFAULT_PY_MODULES",
     "DocumentList",
     "python_sources_dataset",
+    "prose_dataset",
     "synthetic_dataset",
     "SMOLLM2",
     "HFTokenizer",

@@ -25,6 +25,11 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--max-new-tokens", type=int, default=512)
     r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument(
+        "--adopt",
+        metavar="JSONL",
+        help="install a set built elsewhere (another machine) by the same teacher and settings instead of building",
+    )
     args = p.parse_args(None if argv is None else list(argv))
     try:
         out = build_reasoning_set(
@@ -36,6 +41,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
             seed=args.seed,
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
+            adopt=args.adopt,
         )
     except (FileNotFoundError, ModuleNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

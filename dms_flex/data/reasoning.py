@@ -115,6 +115,7 @@ def build_reasoning_set(
     instruction: str = DEFAULT_INSTRUCTION,
     device=None,
     dtype=None,
+    adopt: Optional[str] = None,
 ) -> Path:
     """Write (once) a chat jsonl of reasoning-gym problems answered greedily by the model in
     `checkpoint_dir` with eviction off; return its path.
@@ -128,6 +129,10 @@ def build_reasoning_set(
     other settings rebuild it. The default path lives under $DMS_FLEX_HOME/reasoning/. Processes
     that ask at the same time wait for the one that builds (a file lock), so every rank of a
     distributed run can call this.
+
+    `adopt`: a jsonl this function wrote elsewhere (another machine, another home folder) for the same
+    teacher and settings; it is checked (one conversation per line, as many conversations as the settings
+    make, only the settings' tasks) and installed as this machine's cached set instead of generating one.
     """
     if importlib.util.find_spec("reasoning_gym") is None:
         raise ModuleNotFoundError(
@@ -159,9 +164,13 @@ def build_reasoning_set(
     if current():
         return path
     with file_lock(path.with_name(f".{path.name}.lock")):
-        if current():
+        if current() and adopt is None:
             return path
-        rows = _answer_conversations(settings, batch_size, device, dtype)
+        rows = (
+            _adopted(adopt, settings)
+            if adopt is not None
+            else _answer_conversations(settings, batch_size, device, dtype)
+        )
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         with open(tmp, "w") as f:
             for r in rows:
@@ -171,6 +180,35 @@ def build_reasoning_set(
         tmp_meta.write_text(json.dumps(settings, indent=1, sort_keys=True))
         os.replace(tmp_meta, meta_path)
     return path
+
+
+def _adopted(src, settings: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The rows of a reasoning set built elsewhere, checked against the settings it must have been built with."""
+    src = Path(os.path.expanduser(str(src)))
+    if not src.is_file():
+        raise FileNotFoundError(f"--adopt {src}: no such file (a jsonl written by `python -m dms_flex.data reasoning`)")
+    rows = []
+    for i, line in enumerate(src.read_text().splitlines()):
+        try:
+            r = json.loads(line)
+            ok = isinstance(r, dict) and all(k in r for k in ("messages", "tasks", "references", "scores"))
+        except json.JSONDecodeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"--adopt {src}: line {i + 1} is not a reasoning-set conversation (messages, tasks, ...)")
+        rows.append(r)
+    per, n = settings["problems_per_conversation"], settings["num_problems"]
+    want = math.ceil(n / per)
+    unknown = sorted({t for r in rows for t in r["tasks"]} - set(settings["tasks"]))
+    if len(rows) != want or unknown or any(len(r["tasks"]) > per for r in rows):
+        raise ValueError(
+            f"--adopt {src}: {len(rows)} conversations"
+            + (f" with tasks {unknown}" if unknown else "")
+            + f" do not match these settings ({n} problems, {per} per conversation = {want} conversations, "
+            f"tasks {settings['tasks']}): build it with the same --num-problems, --problems-per-conversation "
+            f"and --tasks"
+        )
+    return rows
 
 
 def _problems(tasks: Sequence[str], num_problems: int, seed: int) -> List[Tuple[str, Any, Any]]:

@@ -1,5 +1,6 @@
 """Offline training-data sources: `python_sources_dataset` (standard-library source files: long
-documents, always present) and `synthetic_dataset` (random tokens, no tokenizer), as `DocumentList`s
+documents, always present), `prose_dataset` (the evaluation's prose sources minus every perplexity window
+the evaluation takes from them) and `synthetic_dataset` (random tokens, no tokenizer), as `DocumentList`s
 of already-tokenized documents."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch.utils.data import Dataset
 
 from .tokenizers import HFTokenizer
 
-__all__ = ["DocumentList", "DEFAULT_PY_MODULES", "python_sources_dataset", "synthetic_dataset"]
+__all__ = ["DocumentList", "DEFAULT_PY_MODULES", "python_sources_dataset", "prose_dataset", "synthetic_dataset"]
 
 
 class DocumentList(Dataset):
@@ -74,6 +75,69 @@ def python_sources_dataset(
         ids = tokenizer.encode(text, add_bos=True, add_eos=True)
         docs.append({"tokens": ids, "labels": list(ids)})
     return DocumentList(docs)
+
+
+def prose_dataset(
+    tokenizer: HFTokenizer,
+    sources: Sequence[str] = ("kjv", "austen"),
+    doc_chars: int = 32_000,
+    held_out: Optional[Sequence[Sequence[int]]] = None,
+    max_docs: Optional[int] = None,
+) -> DocumentList:
+    """English prose for the retrofit: the evaluation's prose sources (`dms_flex.eval.data`: the King James
+    Bible, Jane Austen's novels; the same text the evaluation reads) with every perplexity window of the
+    `held_out` (n windows, length) settings cut out (default `HELD_OUT_WINDOW_SETTINGS`: every setting the
+    README and the benchmarks use), so a retrofit trained on it is still measured on unseen windows. The
+    rest is cut at line ends into documents of at most `doc_chars` characters. A missing source raises
+    ValueError saying how to install it."""
+    from ..eval import data as evdata
+
+    if doc_chars < 1000:
+        raise ValueError(f"prose_dataset: doc_chars={doc_chars} is too small: use 1000 or more")
+    settings = evdata.HELD_OUT_WINDOW_SETTINGS if held_out is None else tuple(tuple(x) for x in held_out)
+    unknown = [n for n in sources if n not in ("kjv", "austen")]
+    if unknown:
+        raise ValueError(f"prose_dataset: unknown source(s) {unknown}; known: kjv, austen")
+    notes: List[str] = []
+    texts = evdata.load_texts([n for n in sources], log=notes.append)
+    missing = [n for n in sources if n not in texts]
+    if missing:
+        raise ValueError(
+            f"prose_dataset: source(s) {missing} not found on this machine: "
+            + "; ".join(m for m in notes if "not found" in m)
+            + " (or train without them: dataset=[${reasoning},${code}])"
+        )
+
+    def encode(text: str) -> List[int]:
+        return tokenizer.encode(text, add_bos=False, add_eos=False)
+
+    docs = []
+    for name in sources:
+        src = texts[name]
+        text = src.text
+        holes = evdata.held_out_spans(encode, tokenizer.decode, src, settings)
+        kept, prev = [], 0
+        for a, b in holes + [(len(text), len(text))]:
+            if a > prev:
+                kept.append((prev, a))
+            prev = max(prev, b)
+        used = 0
+        for a, b in kept:
+            while b - a >= 200:  # a sliver between two windows is not worth a document
+                end = (
+                    b
+                    if b - a <= doc_chars
+                    else (text.rfind("\n", a + doc_chars // 2, a + doc_chars) + 1 or a + doc_chars)
+                )
+                ids = tokenizer.encode(text[a:end], add_bos=True, add_eos=True)
+                docs.append({"tokens": ids, "labels": list(ids)})
+                used += end - a
+                a = end
+        print(
+            f"dms_flex: prose {name}: {used / 1e6:.2f} of {len(text) / 1e6:.2f} MB used, "
+            f"{sum(b - a for a, b in holes) / 1e6:.2f} MB held out ({len(holes)} spans of the evaluation's windows)"
+        )
+    return DocumentList(docs[:max_docs])
 
 
 def synthetic_dataset(

@@ -230,9 +230,9 @@ def load_texts(names: Sequence[str] = TEXT_SOURCES, log: Callable[[str], None] =
     return found
 
 
-def text_windows(encode: Encode, text: str, n: int, length: int, chars_per_token: float = 6.0) -> List[List[int]]:
-    """n windows of exactly `length` tokens, starting at evenly spaced places of the text (each
-    window is one tokenization of a slice, so no window straddles a cut-up token)."""
+def _text_window_slices(encode: Encode, text: str, n: int, length: int, chars_per_token: float = 6.0):
+    """(first character, end character, token ids) of the n windows `text_windows` takes: each window is
+    the first `length` tokens of text[first:end]."""
     span = int(length * chars_per_token) + 64
     if len(text) < span:
         raise ValueError(f"text of {len(text)} characters is too short for {length}-token windows")
@@ -250,8 +250,14 @@ def text_windows(encode: Encode, text: str, n: int, length: int, chars_per_token
             chunk_len *= 2
         if len(ids) < length:
             raise ValueError(f"could not get {length} tokens from the text at offset {s}")
-        out.append(list(ids[:length]))
+        out.append((s, min(s + chunk_len, len(text)), list(ids[:length])))
     return out
+
+
+def text_windows(encode: Encode, text: str, n: int, length: int, chars_per_token: float = 6.0) -> List[List[int]]:
+    """n windows of exactly `length` tokens, starting at evenly spaced places of the text (each
+    window is one tokenization of a slice, so no window straddles a cut-up token)."""
+    return [ids for _, _, ids in _text_window_slices(encode, text, n, length, chars_per_token)]
 
 
 def user_text(path) -> TextSource:
@@ -286,12 +292,11 @@ def user_text(path) -> TextSource:
     return TextSource("user", "\n\n".join(parts), f"--text-file {what}")
 
 
-def windows_of(encode: Encode, source: TextSource, n: int, length: int) -> List[List[int]]:
-    """n perplexity windows of `length` tokens from a source: from evenly spaced slices of a long text
-    (`text_windows`), else from one tokenization of the whole text, cut into n windows that do not
-    overlap; a text with fewer than n * length tokens raises ValueError with the settings that fit."""
+def _window_plan(encode: Encode, source: TextSource, n: int, length: int):
+    """The rule behind `windows_of` and `window_spans`: ("slices", [(first char, end char, ids)]) for a long
+    text, else ("tokens", (ids of the whole text, token starts))."""
     if len(source.text) > 4 * n * (length * 6 + 64):
-        return text_windows(encode, source.text, n, length)
+        return "slices", _text_window_slices(encode, source.text, n, length)
     ids = encode(source.text)
     if len(ids) < n * length:
         fit = len(ids) // length
@@ -305,8 +310,55 @@ def windows_of(encode: Encode, source: TextSource, n: int, length: int) -> List[
             f"{n * length}; use {how}, or a longer text"
         )
     gap = len(ids) - n * length
-    starts = [i * length + (i * gap) // max(n - 1, 1) for i in range(n)]
+    return "tokens", (ids, [i * length + (i * gap) // max(n - 1, 1) for i in range(n)])
+
+
+def windows_of(encode: Encode, source: TextSource, n: int, length: int) -> List[List[int]]:
+    """n perplexity windows of `length` tokens from a source: from evenly spaced slices of a long text
+    (`text_windows`), else from one tokenization of the whole text, cut into n windows that do not
+    overlap; a text with fewer than n * length tokens raises ValueError with the settings that fit."""
+    kind, plan = _window_plan(encode, source, n, length)
+    if kind == "slices":
+        return [ids for _, _, ids in plan]
+    ids, starts = plan
     return [list(ids[s : s + length]) for s in starts]
+
+
+# The perplexity-window settings (--ppl-windows, --ppl-len) whose windows of the prose sources the retrofit's
+# prose data (`dms_flex.data.prose_dataset`) leaves out: every setting the README, the benchmarks and the
+# evaluation's defaults use, so their perplexity is measured on text no retrofit trained on.
+HELD_OUT_WINDOW_SETTINGS = tuple((n, length) for n in (1, 2, 4, 8, 16) for length in (512, 1024, 2048, 4096))
+
+
+def window_spans(encode: Encode, decode: Decode, source: TextSource, n: int, length: int) -> List[tuple]:
+    """(first character, end character) of each window `windows_of` takes from the source: a window's tokens
+    all come from text[first:end]. Short texts (cut from one tokenization) map token starts to characters
+    through `decode` of the prefix."""
+    kind, plan = _window_plan(encode, source, n, length)
+    if kind == "slices":
+        return [(a, b) for a, b, _ in plan]
+    ids, starts = plan
+    return [(len(decode(ids[:s])), min(len(decode(ids[: s + length])) + 1, len(source.text))) for s in starts]
+
+
+def held_out_spans(
+    encode: Encode, decode: Decode, source: TextSource, settings=HELD_OUT_WINDOW_SETTINGS
+) -> List[tuple]:
+    """The merged character spans of every window that the given (n, length) settings take from the
+    source; a setting the text is too short for takes nothing."""
+    spans = []
+    for n, length in settings:
+        try:
+            spans += window_spans(encode, decode, source, n, length)
+        except ValueError:
+            continue
+    merged: List[list] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return [tuple(m) for m in merged]
 
 
 # ============================================================================ CLI
