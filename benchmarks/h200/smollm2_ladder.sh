@@ -10,7 +10,7 @@
 # Then each, and the packaged adapter, is evaluated twice: the table's settings (table_eval.sh: perplexity/KL on
 # 4 x 1,024-token windows, reasoning, needle, variable tracking at CR 2/4/8), and the perplexity target
 # (8 held-out windows of 2,048 tokens per prose/code source at CR 4 and 8). The small artifacts are exported.
-#   bash benchmarks/h200/smollm2_ladder.sh OUT        (after setup_smollm2.sh; the reasoning set built or adopted)
+#   bash benchmarks/h200/smollm2_ladder.sh OUT        (after setup_smollm2.sh)
 set -u
 O=${1:?output folder}
 R=${RUNS:-/tmp/ladder}
@@ -46,7 +46,11 @@ evaluate() {  # name gpu [--dms-checkpoint DIR]
   echo "ppl2k $name rc=$? $(( $(date +%s) - s )) s" >> "$O/status.txt"
 }
 t0=$(date +%s)
-evaluate packaged 1 &
+evaluate packaged 0 &
+# the teacher-answered reasoning set of the config (a no-op when it is cached): 125 conversations in one batch
+CUDA_VISIBLE_DEVICES=1 python3 -m dms_flex.data reasoning --num-problems 1000 --problems-per-conversation 8 \
+  --max-new-tokens 384 --batch-size 128 > "$O/reasoning_set.log" 2>&1
+echo "reasoning set rc=$? $(( $(date +%s) - t0 )) s" >> "$O/status.txt"
 train adapter 0 smollm2_135m dms.decision=adapter train_adapter_only=true &
 train borrowed 0 smollm2_135m zeroing_steps=$ZEROING optimizer.lr=$BORROWED_LR &
 train lora_attn 1 smollm2_135m_lora &
