@@ -289,8 +289,10 @@ def main(argv=None):
         log("summary:", out["summary"])
         if args.out:
             write_json(args.out, out)
-    if group is not None:
-        dist.destroy_process_group()
+    if group is not None and not parallel.shutdown():  # dms_flex/parallel.py `shutdown`: results are written
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

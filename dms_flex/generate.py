@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -255,15 +256,26 @@ def _sync(device) -> None:
 # ============================================================================ the command line
 def main(argv=None) -> int:
     args = parse_args(argv)
+    group = None
+    device = torch.device(args.device)
+    if args.tp > 1:  # torchrun --nproc_per_node N: one process per GPU, this rank's device
+        group, rank_device = parallel.init_from_env(device.type)
+        args.device = rank_device
+    rc = _run(args, group)
+    if group is not None and not parallel.shutdown():
+        # the process group did not come down (CUDA graphs holding NCCL work, dms_flex/parallel.py `shutdown`):
+        # everything is printed, so leave without the interpreter's own teardown of the communicators
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+def _run(args, group) -> int:
     from .cache import CacheOverflowError
 
     torch.manual_seed(args.seed)  # the same on every rank: sampled tokens agree without a broadcast
     device = torch.device(args.device)
-    group = None
-    if args.tp > 1:  # torchrun --nproc_per_node N: one process per GPU, this rank's device
-        group, rank_device = parallel.init_from_env(device.type)
-        device = torch.device(rank_device)
-        args.device = rank_device
     lead = parallel.world_of(group)[0] == 0  # prints the text and the report
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:

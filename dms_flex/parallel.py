@@ -32,6 +32,7 @@ transient copy of the full fused buffers.
 from __future__ import annotations
 
 import os
+import threading
 from datetime import timedelta
 from typing import List, Optional, Tuple
 
@@ -67,6 +68,35 @@ def init_from_env(device_type: Optional[str] = None, timeout_s: float = 600.0) -
         kw = {"device_id": torch.device(device)} if device_type == "cuda" else {}
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kw)
     return dist.group.WORLD, device
+
+
+def shutdown(timeout_s: float = 60.0) -> bool:
+    """End the default process group after a run; True when it was destroyed (or none was running).
+
+    A run that replayed a compiled CUDA-graph step (`mode="reduce-overhead"`) holds NCCL kernels inside
+    the graphs: on 2 H200s (torch 2.11) `dist.destroy_process_group()` then never returned, although
+    every result had been written (benchmarks/RESULTS.md, section 25). So: wait for the GPU, drop
+    torch.compile's CUDA graphs, then destroy the group on a helper thread and give up after `timeout_s`.
+    On False the group is left to process exit; a script should then leave with `os._exit(code)` (after
+    flushing its output) rather than wait for the interpreter's own teardown of the communicators."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    try:  # the graphs own the captured collectives' kernels and their memory pool
+        from torch._inductor import cudagraph_trees
+
+        cudagraph_trees.reset_cudagraph_trees()
+    except Exception:  # noqa: BLE001  (an older or newer torch without that entry point: nothing to drop)
+        pass
+    done = threading.Event()
+
+    def destroy():
+        dist.destroy_process_group()
+        done.set()
+
+    threading.Thread(target=destroy, name="dms_flex-destroy-process-group", daemon=True).start()
+    return done.wait(timeout_s)
 
 
 # ============================================================================ sharding
