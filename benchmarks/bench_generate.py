@@ -125,10 +125,11 @@ def parse_batch(text: str):
 
 
 def parse_capacity(text: str):
-    """'full', a fraction in (0, 1] of T+N slots per row and KV head, or 'layers[:HEADROOM]' (per layer,
-    calibrated on the case's first 8 prompts: dms_flex.torchtune_model.layer_capacities; headroom 1.5)."""
-    if text == "full":
-        return "full"
+    """'full', a fraction in (0, 1] of T+N slots per row and KV head, 'layers[:HEADROOM]' (per layer,
+    calibrated on the case's first 8 prompts: dms_flex.torchtune_model.layer_capacities; headroom 1.5), or
+    'auto' (InferenceState(capacity="auto"): grown in prefill to what the prompts keep, plus N)."""
+    if text in ("full", "auto"):
+        return text
     if text == "layers" or text.startswith("layers:"):
         try:
             headroom = float(text.partition(":")[2] or 1.5)
@@ -142,7 +143,7 @@ def parse_capacity(text: str):
     except ValueError:
         value = 0.0
     if not (0 < value <= 1):
-        raise argparse.ArgumentTypeError(f"expected 'full', a fraction in (0, 1] or 'layers[:H]', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected 'full', 'auto', a fraction in (0, 1] or 'layers[:H]', got {text!r}")
     return value
 
 
@@ -175,8 +176,8 @@ def parse_args(argv=None):
         type=parse_capacity,
         default="full",
         help="KV slots per row and KV head of dms / dms-int8 / dms-hf: 'full' (T+N), a fraction of T+N, or "
-        "'layers[:H]': per layer, sized from the case's first 8 prompts with headroom H (default 1.5; dms and "
-        "dms-int8; dms-hf keeps full)",
+        "'layers[:H]': per layer, sized from the case's first 8 prompts with headroom H (default 1.5), or 'auto': "
+        "grown during prefill to what the prompts keep, plus N (dms and dms-int8; dms-hf keeps full)",
     )
     p.add_argument("--max-batch-limit", type=_positive_int, default=4096, help="upper bound of the 'max' search")
     p.add_argument(
@@ -405,6 +406,8 @@ class TTSystem:
         N += self.extra
         if frac == "full" or not self.eviction:
             return T + N
+        if frac == "auto":
+            return "auto"
         if isinstance(frac, tuple):
             from dms_flex import torchtune_model as tm
 
@@ -630,8 +633,8 @@ def profile_decode(system: "TTSystem", state, B: int) -> dict:
 
 
 def _dms_capacity(T, N, frac):
-    """dms-hf's capacity: 'layers' is not offered there (DMSCache has one capacity), so it keeps T+N."""
-    return T + N if frac == "full" or isinstance(frac, tuple) else max(1, math.ceil(frac * (T + N)))
+    """dms-hf's capacity: 'layers' and 'auto' are not offered there (DMSCache has one capacity): it keeps T+N."""
+    return T + N if frac in ("full", "auto") or isinstance(frac, tuple) else max(1, math.ceil(frac * (T + N)))
 
 
 def _capacity_of(caches):

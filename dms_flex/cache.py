@@ -19,6 +19,7 @@ error at the next host sync.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -126,11 +127,44 @@ class DMSKVCache(SlotStore):
         B, H, C, W = batch_size, num_kv_heads, capacity, window + 1
         self.register_buffer("slot_marked", torch.zeros(B, H, C + 1, dtype=torch.bool, device=device), persistent=False)
         self.register_buffer("win_slot", torch.full((B, H, W), C, dtype=torch.long, device=device), persistent=False)
+        # growth during prefill (InferenceState(capacity="auto")): up to this many slots, else fixed
+        self.max_capacity: Optional[int] = None
 
     def reset(self) -> None:
         super().reset()
         self.slot_marked.zero_()
         self.win_slot.fill_(self.capacity)
+
+    def resize(self, capacity: int) -> None:
+        """Re-allocate every buffer for `capacity` slots per (row, KV head), keeping every live slot (live
+        slots are always [0, length): prefill packs them, a decode step refills the slot it frees). Never
+        while a captured CUDA graph will still replay on the old buffers (generate_tokens re-captures)."""
+        C = self.capacity
+        need = int(self.length.max()) if self.length.numel() else 0
+        if capacity < max(need, 1):
+            raise ValueError(f"cache capacity={capacity} cannot hold the {need} live slots of a (row, KV head)")
+        if capacity == C:
+            return
+        keep = min(C, capacity)
+        # normal tensors even when called under torch.inference_mode (prefill): the cache is updated in place
+        # outside it too (reset, an eager step)
+        with torch.inference_mode(False), torch.no_grad():
+            self._resize(C, capacity, keep)
+
+    def _resize(self, C: int, capacity: int, keep: int) -> None:
+        def resized(buf, fill):
+            new = buf.new_full(buf.shape[:2] + (capacity + 1,) + buf.shape[3:], fill)
+            new[:, :, :keep].copy_(buf[:, :, :keep])
+            return new
+
+        self.k, self.v = resized(self.k, 0), resized(self.v, 0)
+        if self.quantized:
+            self.k_scale, self.v_scale = resized(self.k_scale, 0), resized(self.v_scale, 0)
+        self.slot_pos = resized(self.slot_pos, -1)
+        self.slot_marked = resized(self.slot_marked, False)
+        # the ring's empty entries point at the scratch slot, which moves from C to the new capacity
+        self.win_slot = torch.where(self.win_slot == C, torch.full_like(self.win_slot, capacity), self.win_slot)
+        self.capacity = capacity
 
     # ------------------------------------------------------------------ decode
     def decode_update(
@@ -289,6 +323,10 @@ class DMSKVCache(SlotStore):
         # the only host syncs: L above, and this check where an overflow is possible at all; the rest
         # (attention, pack) is queued without waiting
         if L + n > C and bool((count > C).any()):
+            need = int(count.max())
+            if self.max_capacity is not None and need <= self.max_capacity:  # capacity="auto": grow, in steps
+                self.resize(min(self.max_capacity, max(need, math.ceil(1.25 * C))))  # of 1.25x at least
+                return self.append(q, k, v, logits, pos, n_valid, attend=attend, scale=scale)
             raise CacheOverflowError(
                 f"this input needs {int(count.max())} KV slots but the DMS cache holds {C} per batch row and KV "
                 f"head; nothing was written. Create the cache with a larger capacity (the default, max_seq_len, "

@@ -171,6 +171,8 @@ def generate_tokens(
         rows = [r for r, a in enumerate(start) if a is not None]
         nxt[rows, 0] = torch.tensor([start[r] for r in rows], device=device)
     state.pending = None  # written now
+    if getattr(state, "growable", False):  # capacity="auto": room for every step this call may decode
+        state.reserve(max_new_tokens + 1)
     _sync(device)
     result.prefill_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -364,7 +366,7 @@ def _load(args, device, dtype):
             folder, adapter, packaged = default_model(adapter, args.no_adapter)
         trained = _trained_context(folder)
         max_seq_len = args.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, trained or DEFAULT_MAX_SEQ_LEN)
-        if args.cache_capacity is not None and args.cache_capacity > max_seq_len:
+        if args.cache_capacity not in (None, "auto") and args.cache_capacity > max_seq_len:
             raise ValueError(
                 f"--cache-capacity {args.cache_capacity} exceeds the maximum sequence length {max_seq_len}"
                 f" (--max-seq-len): a sequence never holds more tokens than that"

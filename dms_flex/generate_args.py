@@ -20,6 +20,16 @@ DEFAULT_CHAT = "Write a short poem about memory."
 DEFAULT_MAX_SEQ_LEN = 4096
 
 
+def _capacity_arg(text: str):
+    """--cache-capacity: a whole number of slots, or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of KV slots or 'auto', got {text!r}") from None
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m dms_flex.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -51,7 +61,12 @@ def parse_args(argv=None):
     p.add_argument("--dms", dest="dms", action="store_true", default=True, help="evict with DMS (default)")
     p.add_argument("--no-dms", dest="dms", action="store_false", help="dense cache, no eviction")
     p.add_argument("--window", type=int, help="override the DMS window (tokens kept before eviction applies)")
-    p.add_argument("--cache-capacity", type=int, help="KV slots per row and head (default: max sequence length)")
+    p.add_argument(
+        "--cache-capacity",
+        type=_capacity_arg,
+        help="KV slots per row and head (default: max sequence length), or 'auto': grown while the prompt is "
+        "prefilled to what DMS keeps, plus the new tokens",
+    )
     p.add_argument(
         "--kv",
         choices=["model", "int8"],
@@ -119,7 +134,7 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         p.error(f"--window must be >= 0, got {args.window}")
     if args.max_seq_len is not None and args.max_seq_len < 2:
         p.error(f"--max-seq-len must be >= 2 (one prompt token and one new token), got {args.max_seq_len}")
-    if args.cache_capacity is not None:
+    if args.cache_capacity is not None and args.cache_capacity != "auto":
         if args.cache_capacity < 1:
             p.error(
                 f"--cache-capacity must be >= 1 KV slot per row and head, got {args.cache_capacity} "

@@ -354,7 +354,10 @@ class InferenceState(CacheState):
         kv_dtype=None,
     ):
         """capacity: KV slots per (row, KV head), one number for every layer or one per layer (e.g. from
-        `layer_capacities`); default max_seq_len, which never overflows."""
+        `layer_capacities`); default max_seq_len, which never overflows. "auto": each layer starts small and
+        grows while prompts are prefilled to what its fullest (row, KV head) keeps (never beyond
+        max_seq_len), and `reserve(n)` (which `generate_tokens` calls) then sizes it to that plus n decode
+        steps: the allocation follows the prompts actually given, with no calibration."""
         cfg = dms_config_of(model)
         fusion.refresh(model)  # a fused model copied or moved since: fused again (dms_flex/fusion.py)
         p = next(model.parameters())
@@ -368,7 +371,10 @@ class InferenceState(CacheState):
                 "rotary embeddings were built for); load the model with a larger max_seq_len "
                 "(load_dms_model(..., max_seq_len=N)) or ask for fewer positions"
             )
-        capacities = _per_layer_capacities(capacity, max_seq_len, len(model.layers))
+        auto = isinstance(capacity, str) and capacity == "auto"
+        capacities = _per_layer_capacities(
+            min(max_seq_len, AUTO_INITIAL_CAPACITY) if auto else capacity, max_seq_len, len(model.layers)
+        )
         # without eviction the window covers everything: the cache is a plain dense cache
         window = cfg.effective_window if eviction else max_seq_len
         attn0 = model.layers[0].attn
@@ -376,10 +382,37 @@ class InferenceState(CacheState):
             DMSKVCache(batch_size, attn0.num_kv_heads, attn0.head_dim, c, window, dtype, device, kv_dtype)
             for c in capacities
         ]
+        for c in caches if auto else ():
+            c.max_capacity = max_seq_len
         super().__init__(caches, batch_size, max_seq_len, dtype, device, eviction, window)
         # on the CPU the caches' bookkeeping buffers are views of stacked tensors, so that an eager decode
         # step does the bookkeeping of all layers at once (_decode_step_stacked)
         self.stacked = stack_bookkeeping(caches) if torch.device(device).type == "cpu" else None
+
+    @property
+    def growable(self) -> bool:
+        """Made with capacity="auto": prefill grows the caches, `reserve` sizes them for decoding."""
+        return any(c.max_capacity is not None for c in self.caches)
+
+    def reserve(self, n: int) -> bool:
+        """capacity="auto": size every layer's cache to its fullest (row, KV head) plus n more tokens (one
+        host sync), growing or shrinking it; True when a buffer was re-allocated (a captured decode graph
+        must then be captured again). Fixed capacities: nothing to do, False."""
+        if not self.growable:
+            return False
+        changed = False
+        for c in self.caches:
+            want = min(self.max_seq_len, max(int(c.length.max()) + int(n), 1))
+            if want != c.capacity:
+                c.resize(want)
+                changed = True
+        if changed and self.stacked is not None:
+            with torch.inference_mode(False):  # equal capacities stack again (else per layer), as normal tensors
+                self.stacked = stack_bookkeeping(self.caches)
+        return changed
+
+
+AUTO_INITIAL_CAPACITY = 256  # slots per (row, KV head) a capacity="auto" cache starts with
 
 
 def _per_layer_capacities(capacity, max_seq_len: int, n_layers: int) -> List[int]:
@@ -387,7 +420,7 @@ def _per_layer_capacities(capacity, max_seq_len: int, n_layers: int) -> List[int
     if capacity is None:
         return [max_seq_len] * n_layers
     if isinstance(capacity, (bool, str, bytes)) or not isinstance(capacity, (int, Sequence)):
-        raise TypeError(f"capacity must be an int or one int per layer, got {type(capacity).__name__}")
+        raise TypeError(f"capacity must be an int, one int per layer or 'auto', got {capacity!r}")
     caps = [capacity] * n_layers if isinstance(capacity, int) else list(capacity)
     if len(caps) != n_layers:
         raise ValueError(f"capacity has {len(caps)} entries; the model has {n_layers} layers (give one per layer)")

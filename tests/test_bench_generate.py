@@ -142,7 +142,7 @@ def test_max_batch_search():
         (bg, ["--systems", "dense", "vllm"], "invalid choice: 'vllm'"),
         (bg, ["--prompt-len", "-5"], "expected an integer >= 1"),
         (bg, ["--new-tokens", "0"], "expected an integer >= 1"),
-        (bg, ["--dms-capacity", "2"], "expected 'full', a fraction in (0, 1] or 'layers[:H]'"),
+        (bg, ["--dms-capacity", "2"], "expected 'full', 'auto', a fraction in (0, 1] or 'layers[:H]'"),
         (bg, ["--text-file", "/no/such/file.txt"], "no such file"),
         (bp, ["--shapes", "16by7000"], "expected BxT"),
         (bp, ["--shapes", "0x128"], "expected BxT"),

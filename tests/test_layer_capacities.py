@@ -81,7 +81,8 @@ def test_a_layer_too_small_raises_the_cache_error():
         ([80, 81], "layer 1's cache capacity=81 exceeds max_seq_len=80"),
         ([80, 2.5], "layer 1's cache capacity=2.5"),
         (81, "cache capacity=81 exceeds max_seq_len=80"),
-        ("80", "capacity must be an int or one int per layer"),
+        ("80", "capacity must be an int, one int per layer or 'auto', got '80'"),
+        ("Auto", "capacity must be an int, one int per layer or 'auto', got 'Auto'"),
     ],
 )
 def test_bad_capacities_are_one_clear_error(capacity, message):
@@ -119,3 +120,101 @@ def test_capacity_check_script_on_the_embedded_model(tmp_path):
     for row in res["rows"]:
         assert len(row["caps"]) == 30 and all(1 <= c <= 80 for c in row["caps"])
         assert row["layers_over"] == [i for i, (n, c) in enumerate(zip(res["heldout_need"], row["caps"])) if n > c]
+
+
+# ----------------------------------------------------------------------------- capacity="auto"
+def _as3(logits):
+    return logits if logits.dim() == 3 else logits[:, None]
+
+
+def _auto_vs_full(model, tokens, monkeypatch, cuts, steps, kv_dtype=None, eviction=True):
+    """Prefill tokens in turns (cuts), reserve, teacher-force `steps` tokens, then one more turn: logits of a
+    capacity="auto" state against a full-capacity one, and the auto state."""
+    monkeypatch.setattr(tm, "AUTO_INITIAL_CAPACITY", 6)  # tiny shapes must grow several times
+    B, T = tokens.shape
+    outs = {}
+    for cap in (None, "auto"):
+        state = tm.InferenceState(model, B, capacity=cap, max_seq_len=T, kv_dtype=kv_dtype, eviction=eviction)
+        got, prev = [], 0
+        with torch.no_grad():
+            for cut in cuts:
+                got.append(_as3(tm.prefill(model, tokens[:, prev:cut], state)))
+                prev = cut
+            if cap == "auto":
+                assert state.reserve(steps) and state.reserve(steps) is False  # sized once, then nothing to do
+                for c in state.caches:
+                    assert c.capacity == min(T, int(c.length.max()) + steps)
+            for t in range(prev, prev + steps):
+                got.append(_as3(tm.decode_step(model, tokens[:, t : t + 1], state)))
+            got.append(_as3(tm.prefill(model, tokens[:, prev + steps :], state)))  # a later turn grows again
+        outs[cap] = (torch.cat(got, 1), state)
+    return outs
+
+
+@pytest.mark.parametrize("kv_dtype", [None, torch.int8])
+def test_auto_capacity_grows_in_prefill_and_matches_the_full_cache(monkeypatch, kv_dtype):
+    torch.manual_seed(1)
+    model = tiny_model(window=4, offset=0.0, max_seq_len=96)
+    tokens = torch.randint(0, 64, (3, 90))
+    outs = _auto_vs_full(model, tokens, monkeypatch, cuts=(5, 23, 60), steps=10, kv_dtype=kv_dtype)
+    (full, full_state), (got, state) = outs[None], outs["auto"]
+    torch.testing.assert_close(got, full, rtol=0, atol=0)
+    for a, b in zip(state.caches, full_state.caches):
+        assert torch.equal(a.length, b.length)
+        assert int(a.length.max()) <= a.capacity < b.capacity  # grown to what it holds, below the full size
+    assert state.kv_bytes()["allocated"] < full_state.kv_bytes()["allocated"]
+
+
+def test_auto_capacity_without_eviction_is_a_growing_dense_cache(monkeypatch):
+    torch.manual_seed(2)
+    model = tiny_model(window=4, offset=0.0, max_seq_len=96)
+    tokens = torch.randint(0, 64, (2, 70))
+    outs = _auto_vs_full(model, tokens, monkeypatch, cuts=(30, 50), steps=8, eviction=False)
+    torch.testing.assert_close(outs["auto"][0], outs[None][0], rtol=0, atol=0)
+    assert [c.capacity for c in outs["auto"][1].caches] == [70, 70]  # every token kept: grown to all 70
+
+
+def test_generate_tokens_reserves_an_auto_cache_and_greedy_text_is_unchanged(monkeypatch):
+    from dms_flex.generate import generate_tokens
+
+    monkeypatch.setattr(tm, "AUTO_INITIAL_CAPACITY", 6)
+    torch.manual_seed(3)
+    model = tiny_model(window=4, offset=0.0, max_seq_len=96)
+    prompts = [torch.randint(0, 64, (n,)).tolist() for n in (40, 25)]
+    res = {}
+    for cap in (None, "auto"):
+        state = tm.InferenceState(model, 2, capacity=cap, max_seq_len=96)
+        first = generate_tokens(model, prompts, state, max_new_tokens=12, stop_tokens=())
+        second = generate_tokens(model, [[5, 6, 7], [8]], state, max_new_tokens=9, stop_tokens=())
+        res[cap] = (first.tokens, second.tokens, state)
+    assert res["auto"][:2] == res[None][:2]
+    state = res["auto"][2]
+    assert all(int(c.length.max()) <= c.capacity < 96 for c in state.caches)
+
+
+def test_reserve_and_resize_refuse_what_they_cannot_do():
+    model = tiny_model(window=4, offset=0.0, max_seq_len=96)
+    fixed = tm.InferenceState(model, 1, capacity=40, max_seq_len=80)
+    assert fixed.growable is False and fixed.reserve(10) is False and fixed.caches[0].capacity == 40
+    with torch.no_grad():
+        tm.prefill(model, torch.randint(0, 64, (1, 30)), fixed)
+    need = int(fixed.caches[0].length.max())
+    with pytest.raises(ValueError, match=f"cannot hold the {need} live slots"):
+        fixed.caches[0].resize(need - 1)
+
+
+def test_an_auto_cache_grown_under_inference_mode_is_reset_and_reused_outside_it(monkeypatch):
+    monkeypatch.setattr(tm, "AUTO_INITIAL_CAPACITY", 6)
+    torch.manual_seed(4)
+    model = tiny_model(window=4, offset=0.0, max_seq_len=96)
+    tokens = torch.randint(0, 64, (2, 40))
+    state = tm.InferenceState(model, 2, capacity="auto", max_seq_len=96)
+    with torch.inference_mode():
+        first = tm.prefill(model, tokens, state)
+        state.reserve(4)
+    state.reset()  # in place, outside inference mode
+    with torch.no_grad():
+        again = tm.prefill(model, tokens, state)
+        state.reserve(4)
+        tm.decode_step(model, tokens[:, :1], state)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)

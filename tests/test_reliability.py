@@ -168,6 +168,7 @@ def _generate(argv, capsys):
         (["--prompt", " "], "--prompt is empty"),
         (["--prompt", "caf\udce9"], "--prompt is not valid UTF-8"),  # bytes b"caf\xe9" from the shell
         (["--prompt", "x", "--cache-capacity", "0"], "--cache-capacity must be >= 1"),  # became 4,096
+        (["--prompt", "x", "--cache-capacity", "big"], "expected a whole number of KV slots or 'auto', got 'big'"),
         (["--prompt", "x", "--temperature", "-1"], "--temperature must be a finite number >= 0"),
         (["--prompt", "x", "--top-p", "2"], "--top-p must be in (0, 1]"),  # even when greedy
         (["--prompt", "x", "--top-k", "0"], "--top-k must be >= 1"),
@@ -196,6 +197,8 @@ def test_generate_cache_overflow_and_a_context_beyond_training_are_one_line(tiny
     assert re.search(
         r"^error: .*(ran out of slots \(capacity 10|holds 10 per batch row).*--cache-capacity 10\)$", err, re.M
     )
+    rc, out, err = _generate(common + ["--cache-capacity", "auto", "--max-seq-len", "128"], capsys)  # grows: no error
+    assert rc == 0 and "Traceback" not in err
     rc, out, err = _generate(common + ["--max-seq-len", "1024"], capsys)  # the folder's model: 512 positions
     assert rc == 0 and "warning: --max-seq-len 1024 is beyond the 512 tokens" in err
     rc, out, err = _generate(common, capsys)  # the default: 4,096, or the trained context when shorter
