@@ -410,3 +410,29 @@ def test_torchtune_datasets_over_local_files_pack(tmp_path):
         == "first document\n\nstill the first\n<|im_end|>" + "<|im_start|>assistant\n4<|im_end|>\n"
     )
     assert row["doc_ids"][row["valid"]].unique().tolist() == [0, 1, 2] and bool(row["valid"].all())
+
+
+def test_dataset_repeat_weights_the_parts_of_the_mix():
+    from omegaconf import OmegaConf
+
+    from dms_flex.retrofit.config_checks import RecipeError
+    from dms_flex.retrofit.data_setup import build_training_data
+
+    tok = dms_data.byte_tokenizer()
+    base = dict(
+        dataset=[
+            {"_component_": "dms_flex.data.python_sources_dataset", "modules": ["bisect"]},
+            {"_component_": "dms_flex.data.python_sources_dataset", "modules": ["heapq"]},
+        ],
+        max_seq_len=512,
+        eval_batches=1,
+    )
+    kw = dict(total_steps=1000, grad_accum=1, batch_size=1, world_size=1, rank=0, seed=0, log=lambda m: None)
+    one = build_training_data(OmegaConf.create(base), tok, **kw).packed
+    heavy = build_training_data(OmegaConf.create({**base, "dataset_repeat": [3, 1]}), tok, **kw).packed
+    bisect_tokens = len(dms_data.python_sources_dataset(tok, ["bisect"])[0]["tokens"])
+    assert one.documents == 2 and heavy.documents == 4
+    assert heavy.real_tokens == one.real_tokens + 2 * bisect_tokens
+    for bad in ([3], [0, 1], [1.5, 1], "x"):
+        with pytest.raises(RecipeError, match="dataset_repeat=.* is invalid: give one whole number >= 1 per"):
+            build_training_data(OmegaConf.create({**base, "dataset_repeat": bad}), tok, **kw)

@@ -24,8 +24,10 @@ mkdir -p "$O" "$R"
 . "$(dirname "$0")/table_eval.sh"
 PPL2K="python3 -m dms_flex.eval --device cuda --dtype bfloat16 --metrics ppl --ppl-windows 8 --ppl-len 2048
   --ppl-prefix 64 --batch-size 8 --dms-calibrate --cr 4,8"
+# EXTRA: more overrides for every run, split at spaces (e.g. EXTRA="dataset_repeat=[4,1,1]": the reasoning
+# conversations four times over)
 COMMON=(compile=true 'dataset=["${reasoning}","${code}","${prose}"]' max_steps=$STEPS dms.final_step=$RAMP
-  save_every_n_steps=100000)
+  save_every_n_steps=100000 ${EXTRA:-})
 train() {  # name gpu config overrides...
   local name=$1 gpu=$2 cfg=$3; shift 3
   local s=$(date +%s)

@@ -54,6 +54,7 @@ KNOWN_KEYS = {
     "quant",
     "overwrite",
     "zeroing_steps",
+    "dataset_repeat",
     "lora",
     # benchmarks (dms_flex/retrofit/random_init.py, timing.py)
     "benchmark",

@@ -23,6 +23,22 @@ class TrainingData:
     fingerprint: Dict[str, Any]
 
 
+def dataset_repeats(cfg: DictConfig, n_parts: int) -> List[int]:
+    """`dataset_repeat`: how many times each part of `dataset` contributes its documents (one integer >= 1 per
+    part, in the order of the list; default 1 each): a part's weight in the mix without duplicating its
+    config. RecipeError, saying what is expected, on anything else."""
+    value = cfg.get("dataset_repeat", None)
+    if value is None:
+        return [1] * n_parts
+    items = list(value) if isinstance(value, (ListConfig, list, tuple)) else [value]
+    if len(items) != n_parts or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in items):
+        raise RecipeError(
+            f"dataset_repeat={items} is invalid: give one whole number >= 1 per dataset part ({n_parts} part(s)), "
+            f"e.g. dataset_repeat=[{', '.join(['1'] * n_parts)}]"
+        )
+    return items
+
+
 def build_training_data(
     cfg: DictConfig,
     tokenizer,
@@ -50,13 +66,14 @@ def build_training_data(
 
         parts = []
         datasets.append(synthetic_dataset(cfg, synthetic, tokenizer.vocab_size, rows_needed, seed))
-    for part in parts:
+    repeats = dataset_repeats(cfg, len(parts))
+    for part, times in zip(parts, repeats):
         if part.get("packed", False):
             raise RecipeError(
                 "dataset.packed=true: leave packing to the recipe (it needs document ids); set "
                 "packed: false and choose max_seq_len / split_across_rows at the top level"
             )
-        datasets.append(instantiate(part, "dataset", tokenizer))
+        datasets += [instantiate(part, "dataset", tokenizer)] * times  # the same documents `times` over
     ds = datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
     packed = dms_data.PackedDocuments(
         ds,
