@@ -397,12 +397,16 @@ class InferenceState(CacheState):
     def reserve(self, n: int) -> bool:
         """capacity="auto": size every layer's cache to its fullest (row, KV head) plus n more tokens (one
         host sync), growing or shrinking it; True when a buffer was re-allocated (a captured decode graph
-        must then be captured again). Fixed capacities: nothing to do, False."""
+        must then be captured again). On the CPU every layer gets the largest of those sizes, so the eager
+        step keeps its stacked bookkeeping (`stack_bookkeeping` needs one shape). Fixed capacities: nothing
+        to do, False."""
         if not self.growable:
             return False
         changed = False
-        for c in self.caches:
-            want = min(self.max_seq_len, max(int(c.length.max()) + int(n), 1))
+        wants = [min(self.max_seq_len, max(int(c.length.max()) + int(n), 1)) for c in self.caches]
+        if self.stacked is not None:  # CPU: one capacity for all layers keeps the stacked eager step
+            wants = [max(wants)] * len(wants)
+        for c, want in zip(self.caches, wants):
             if want != c.capacity:
                 c.resize(want)
                 changed = True

@@ -142,8 +142,10 @@ def _auto_vs_full(model, tokens, monkeypatch, cuts, steps, kv_dtype=None, evicti
                 prev = cut
             if cap == "auto":
                 assert state.reserve(steps) and state.reserve(steps) is False  # sized once, then nothing to do
-                for c in state.caches:
-                    assert c.capacity == min(T, int(c.length.max()) + steps)
+                # on the CPU one size for all layers: the largest need, so the eager step stays stacked
+                want = min(T, max(int(c.length.max()) for c in state.caches) + steps)
+                assert [c.capacity for c in state.caches] == [want] * len(state.caches)
+                assert state.stacked is not None and state.stacked.current(state.caches)
             for t in range(prev, prev + steps):
                 got.append(_as3(tm.decode_step(model, tokens[:, t : t + 1], state)))
             got.append(_as3(tm.prefill(model, tokens[:, prev + steps :], state)))  # a later turn grows again
@@ -218,3 +220,25 @@ def test_an_auto_cache_grown_under_inference_mode_is_reset_and_reused_outside_it
         state.reserve(4)
         tm.decode_step(model, tokens[:, :1], state)
     torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+def test_reserve_sizes_each_layer_to_its_own_need_where_the_step_is_not_stacked(monkeypatch):
+    """The CUDA path (no stacked bookkeeping): every layer gets its fullest head plus n, and decoding on it
+    gives the full cache's logits."""
+    monkeypatch.setattr(tm, "AUTO_INITIAL_CAPACITY", 6)
+    torch.manual_seed(5)
+    model = tiny_model(window=4, offset=0.0, max_seq_len=96)
+    tokens = torch.randint(0, 64, (3, 70))
+    out = {}
+    for cap in (None, "auto"):
+        state = tm.InferenceState(model, 3, capacity=cap, max_seq_len=96)
+        state.stacked = None  # as on CUDA
+        with torch.no_grad():
+            got = [_as3(tm.prefill(model, tokens[:, :60], state))]
+            if cap == "auto":
+                state.reserve(10)
+                needs = [int(c.length.max()) + 10 for c in state.caches]
+                assert [c.capacity for c in state.caches] == needs and len(set(needs)) > 1, needs
+            got += [_as3(tm.decode_step(model, tokens[:, t : t + 1], state)) for t in range(60, 70)]
+        out[cap] = torch.cat(got, 1)
+    torch.testing.assert_close(out["auto"], out[None], rtol=0, atol=0)
