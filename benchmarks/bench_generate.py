@@ -426,7 +426,7 @@ class TTSystem:
     def make(self, B, T, N, frac, prompts):
         from dms_flex import torchtune_model as tm
 
-        return tm.InferenceState(
+        state = tm.InferenceState(
             self.models.model,
             B,
             capacity=self.capacity(T, N, frac, prompts[:8]),
@@ -435,6 +435,8 @@ class TTSystem:
             dtype=self.models.dtype,
             kv_dtype=self.kv_dtype,
         )
+        state.reserve_extra = self.extra  # 'auto': --profile-decode steps past the N tokens on the same cache
+        return state
 
     def generate(self, state, prompts, N, step=None):
         from dms_flex import generate as generation

@@ -19,7 +19,6 @@ error at the next host sync.
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -33,6 +32,18 @@ from .quant import dequantize_kv, quantize_kv
 
 class CacheOverflowError(RuntimeError):
     pass
+
+
+def capacity_bucket(n: int, base: int = 256) -> int:
+    """The size a growing cache (capacity="auto") takes for n slots: the smallest of base x (1, 1.5, 2, 3, 4,
+    6, 8, ...) that holds n (256, 384, 512, 768, 1024, ... for the default base). Few distinct sizes, because
+    every new size is a new shape for a compiled decode step (a recompile, and torch.compile stops
+    recompiling a function after 8 by default); at most a third of a size is unused for lack of need."""
+    size, step = max(1, int(base)), 0
+    while size < n:
+        size = size * 3 // 2 if step % 2 == 0 else size * 4 // 3
+        step += 1
+    return size
 
 
 class SlotStore(nn.Module):
@@ -129,6 +140,8 @@ class DMSKVCache(SlotStore):
         self.register_buffer("win_slot", torch.full((B, H, W), C, dtype=torch.long, device=device), persistent=False)
         # growth during prefill (InferenceState(capacity="auto")): up to this many slots, else fixed
         self.max_capacity: Optional[int] = None
+        self.bucket_base = capacity  # capacity="auto": the sizes it grows through (`capacity_bucket`)
+        self.resizes = 0  # how many times the buffers were re-allocated (a captured graph keys on it)
 
     def reset(self) -> None:
         super().reset()
@@ -165,6 +178,7 @@ class DMSKVCache(SlotStore):
         # the ring's empty entries point at the scratch slot, which moves from C to the new capacity
         self.win_slot = torch.where(self.win_slot == C, torch.full_like(self.win_slot, capacity), self.win_slot)
         self.capacity = capacity
+        self.resizes += 1
 
     # ------------------------------------------------------------------ decode
     def decode_update(
@@ -325,7 +339,7 @@ class DMSKVCache(SlotStore):
         if L + n > C and bool((count > C).any()):
             need = int(count.max())
             if self.max_capacity is not None and need <= self.max_capacity:  # capacity="auto": grow, in steps
-                self.resize(min(self.max_capacity, max(need, math.ceil(1.25 * C))))  # of 1.25x at least
+                self.resize(min(self.max_capacity, capacity_bucket(max(need, C + 1), self.bucket_base)))
                 return self.append(q, k, v, logits, pos, n_valid, attend=attend, scale=scale)
             raise CacheOverflowError(
                 f"this input needs {int(count.max())} KV slots but the DMS cache holds {C} per batch row and KV "

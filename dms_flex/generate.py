@@ -263,7 +263,12 @@ def main(argv=None) -> int:
     if args.tp > 1:  # torchrun --nproc_per_node N: one process per GPU, this rank's device
         group, rank_device = parallel.init_from_env(device.type)
         args.device = rank_device
-    rc = _run(args, group)
+    try:
+        rc = _run(args, group)
+    except BaseException:
+        if group is not None:
+            parallel.shutdown(timeout_s=10)
+        raise
     if group is not None and not parallel.shutdown():
         # the process group did not come down (CUDA graphs holding NCCL work, dms_flex/parallel.py `shutdown`):
         # everything is printed, so leave without the interpreter's own teardown of the communicators

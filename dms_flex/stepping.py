@@ -153,7 +153,7 @@ def stepper_for(model, state, step_fn, sampling, generator, stop_tokens, cuda_gr
     key = (id(model), step_fn, sampling.temperature, sampling.top_k, sampling.top_p, tuple(stop.tolist()))
     kept = state.__dict__.setdefault("_graphed_steppers", {})
     # a graph replays on the buffers it captured: caches re-allocated since (capacity="auto") need new graphs
-    layout = tuple((c.k.data_ptr(), c.capacity) for c in getattr(state, "caches", ()))
+    layout = tuple((id(c), getattr(c, "resizes", 0), c.k.data_ptr(), c.capacity) for c in getattr(state, "caches", ()))
     if state.__dict__.get("_graphed_layout") != layout:
         kept.clear()
         state.__dict__["_graphed_layout"] = layout

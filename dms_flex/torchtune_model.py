@@ -22,7 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import attention, decisions, fusion, stats
-from .cache import DMSKVCache, decode_stacked_begin, decode_stacked_end, default_decode_attention, stack_bookkeeping
+from .cache import (
+    DMSKVCache,
+    capacity_bucket,
+    decode_stacked_begin,
+    decode_stacked_end,
+    default_decode_attention,
+    stack_bookkeeping,
+)
 from .kernels.reference import decode_attention_prefix
 from .config import DMSConfig
 from .quant import fake_quantize_kv
@@ -395,22 +402,26 @@ class InferenceState(CacheState):
         return any(c.max_capacity is not None for c in self.caches)
 
     def reserve(self, n: int) -> bool:
-        """capacity="auto": size every layer's cache to its fullest (row, KV head) plus n more tokens (one
-        host sync), growing or shrinking it; True when a buffer was re-allocated (a captured decode graph
-        must then be captured again). On the CPU every layer gets the largest of those sizes, so the eager
-        step keeps its stacked bookkeeping (`stack_bookkeeping` needs one shape). Fixed capacities: nothing
-        to do, False."""
+        """capacity="auto": make room in every layer's cache for its fullest (row, KV head) plus n more tokens
+        (one host sync). Sizes come from `capacity_bucket` (256, 384, 512, 768, ... from the starting size): a cache grows to the
+        bucket of what it needs and shrinks only when it holds twice that, so a conversation changes the
+        shapes a compiled step sees a few times, not every turn. On the CPU every layer gets the largest size,
+        so the eager step keeps its stacked bookkeeping (`stack_bookkeeping` needs one shape). Returns True
+        when a buffer was re-allocated (a captured decode graph must then be captured again). Fixed
+        capacities: nothing to do, False. `reserve_extra` slots are added to n (benchmarks that step further)."""
         if not self.growable:
             return False
+        n = int(n) + int(getattr(self, "reserve_extra", 0))
+        wants = [min(self.max_seq_len, capacity_bucket(int(c.length.max()) + n, c.bucket_base)) for c in self.caches]
+        stacked = self.stacked is not None
+        if stacked:  # one size for all layers (the eager CPU step is not compiled: no shapes to keep)
+            wants = [max(wants + [c.capacity for c in self.caches if c.capacity < 2 * max(wants)])] * len(wants)
         changed = False
-        wants = [min(self.max_seq_len, max(int(c.length.max()) + int(n), 1)) for c in self.caches]
-        if self.stacked is not None:  # CPU: one capacity for all layers keeps the stacked eager step
-            wants = [max(wants)] * len(wants)
         for c, want in zip(self.caches, wants):
-            if want != c.capacity:
+            if c.capacity < want or c.capacity >= 2 * want or (stacked and c.capacity != want):
                 c.resize(want)
                 changed = True
-        if changed and self.stacked is not None:
+        if self.stacked is not None and not self.stacked.current(self.caches):
             with torch.inference_mode(False):  # equal capacities stack again (else per layer), as normal tensors
                 self.stacked = stack_bookkeeping(self.caches)
         return changed

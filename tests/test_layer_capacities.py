@@ -8,7 +8,7 @@ import torch
 
 from dms_flex import layer_capacities
 from dms_flex import torchtune_model as tm
-from dms_flex.cache import CacheOverflowError
+from dms_flex.cache import CacheOverflowError, capacity_bucket
 from tests.helpers import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -141,9 +141,11 @@ def _auto_vs_full(model, tokens, monkeypatch, cuts, steps, kv_dtype=None, evicti
                 got.append(_as3(tm.prefill(model, tokens[:, prev:cut], state)))
                 prev = cut
             if cap == "auto":
-                assert state.reserve(steps) and state.reserve(steps) is False  # sized once, then nothing to do
+                state.reserve(steps)
+                assert state.reserve(steps) is False  # sized once, then nothing to do
                 # on the CPU one size for all layers: the largest need, so the eager step stays stacked
-                want = min(T, max(int(c.length.max()) for c in state.caches) + steps)
+                need = max(int(c.length.max()) for c in state.caches) + steps
+                want = min(T, capacity_bucket(need, base=6))
                 assert [c.capacity for c in state.caches] == [want] * len(state.caches)
                 assert state.stacked is not None and state.stacked.current(state.caches)
             for t in range(prev, prev + steps):
@@ -237,8 +239,53 @@ def test_reserve_sizes_each_layer_to_its_own_need_where_the_step_is_not_stacked(
             got = [_as3(tm.prefill(model, tokens[:, :60], state))]
             if cap == "auto":
                 state.reserve(10)
-                needs = [int(c.length.max()) + 10 for c in state.caches]
+                needs = [min(96, capacity_bucket(int(c.length.max()) + 10, base=6)) for c in state.caches]
                 assert [c.capacity for c in state.caches] == needs and len(set(needs)) > 1, needs
             got += [_as3(tm.decode_step(model, tokens[:, t : t + 1], state)) for t in range(60, 70)]
         out[cap] = torch.cat(got, 1)
     torch.testing.assert_close(out["auto"], out[None], rtol=0, atol=0)
+
+
+def test_capacity_buckets_and_when_reserve_resizes(monkeypatch):
+    assert [capacity_bucket(n) for n in (1, 256, 257, 385, 513, 769, 1025, 1537, 7129)] == [
+        256,
+        256,
+        384,
+        512,
+        768,
+        1024,
+        1536,
+        2048,
+        8192,
+    ]
+    assert [capacity_bucket(n, base=6) for n in (5, 7, 10, 13, 20, 40, 90)] == [6, 9, 12, 18, 24, 48, 96]
+    model = tiny_model(window=4, offset=0.0, max_seq_len=4096)
+    state = tm.InferenceState(model, 1, capacity="auto", max_seq_len=4096, eviction=False)
+    state.stacked = None  # per layer, as on CUDA
+    with torch.no_grad():
+        tm.prefill(model, torch.randint(0, 64, (1, 1000)), state)
+        assert [c.capacity for c in state.caches] == [1024, 1024]  # grown through 384, 512, 768 in prefill
+        assert state.reserve(10) is False
+        assert state.reserve(30) and [c.capacity for c in state.caches] == [1536, 1536]
+        state.reset()
+        tm.prefill(model, torch.randint(0, 64, (1, 800)), state)
+        assert state.reserve(10) is False and state.caches[0].capacity == 1536  # 1024 would do: not worth a shape
+        state.reset()
+        tm.prefill(model, torch.randint(0, 64, (1, 100)), state)
+        assert state.reserve(10) and state.caches[0].capacity == 256  # six times too large: shrunk
+
+
+def test_a_compiled_step_does_not_recompile_every_turn_of_an_auto_cache():
+    """Each turn grows the need a little; bucketed sizes keep the shapes a compiled step sees (backend
+    "eager": the guards and the recompile limit are torch.compile's, without inductor's compile time)."""
+    from dms_flex.generate import generate_tokens
+
+    torch._dynamo.reset()
+    torch.manual_seed(6)
+    model = tiny_model(window=4, offset=0.0, max_seq_len=512)
+    state = tm.InferenceState(model, 1, capacity="auto", max_seq_len=512)
+    step = torch.compile(tm.decode_step, fullgraph=True, backend="eager")
+    for _ in range(12):
+        generate_tokens(model, [torch.randint(0, 64, (5,)).tolist()], state, max_new_tokens=4, step_fn=step)
+    assert {c.capacity for c in state.caches} == {256}
+    torch._dynamo.reset()

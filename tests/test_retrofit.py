@@ -371,10 +371,20 @@ def test_a_reasoning_set_built_elsewhere_is_adopted_without_generating(tiny_run,
     here = dms_data.build_reasoning_set(out / "final", path=tmp_path / "here.jsonl", adopt=str(built), **kw)
     assert here.read_text() == built.read_text()
     assert dms_data.build_reasoning_set(out / "final", path=tmp_path / "here.jsonl", **kw) == here  # cached now
-    with pytest.raises(ValueError, match="3 conversations do not match these settings .7 problems"):
+    with pytest.raises(ValueError, match=r"built with other settings \(num_problems=5; here: num_problems=7\)"):
         dms_data.build_reasoning_set(
             out / "final", path=tmp_path / "x.jsonl", adopt=str(built), **{**kw, "num_problems": 7}
         )
+    bare = tmp_path / "bare.jsonl"  # no meta file beside it: the rows themselves are checked
+    bare.write_text(built.read_text())
+    with pytest.raises(ValueError, match="3 conversations do not match these settings .7 problems"):
+        dms_data.build_reasoning_set(
+            out / "final", path=tmp_path / "x.jsonl", adopt=str(bare), **{**kw, "num_problems": 7}
+        )
+    lines = built.read_text().splitlines()  # adopting over a current set replaces it
+    bare.write_text("\n".join(lines[1:] + lines[:1]) + "\n")
+    again = dms_data.build_reasoning_set(out / "final", path=tmp_path / "here.jsonl", adopt=str(bare), **kw)
+    assert again.read_text() == bare.read_text() != built.read_text()
     (tmp_path / "bad.jsonl").write_text('{"messages": []}\n')
     with pytest.raises(ValueError, match="line 1 is not a reasoning-set conversation"):
         dms_data.build_reasoning_set(out / "final", path=tmp_path / "y.jsonl", adopt=str(tmp_path / "bad.jsonl"), **kw)

@@ -161,7 +161,7 @@ def build_reasoning_set(
     def current() -> bool:
         return path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == settings
 
-    if current():
+    if current() and adopt is None:
         return path
     with file_lock(path.with_name(f".{path.name}.lock")):
         if current() and adopt is None:
@@ -187,6 +187,16 @@ def _adopted(src, settings: Dict[str, Any]) -> List[Dict[str, Any]]:
     src = Path(os.path.expanduser(str(src)))
     if not src.is_file():
         raise FileNotFoundError(f"--adopt {src}: no such file (a jsonl written by `python -m dms_flex.data reasoning`)")
+    src_meta = src.with_name(src.name + ".meta.json")
+    if src_meta.is_file():  # written beside it by the machine that built it: the settings must agree
+        theirs = json.loads(src_meta.read_text())
+        same = ("tasks", "num_problems", "problems_per_conversation", "seed", "max_new_tokens", "instruction", "format")
+        differ = [k for k in same if theirs.get(k) != settings.get(k)]
+        if differ:
+            raise ValueError(
+                f"--adopt {src}: it was built with other settings ({', '.join(f'{k}={theirs.get(k)!r}' for k in differ)};"
+                f" here: {', '.join(f'{k}={settings.get(k)!r}' for k in differ)}): build it with the same ones"
+            )
     rows = []
     for i, line in enumerate(src.read_text().splitlines()):
         try:

@@ -66,7 +66,7 @@ def build_training_data(
 
         parts = []
         datasets.append(synthetic_dataset(cfg, synthetic, tokenizer.vocab_size, rows_needed, seed))
-    repeats = dataset_repeats(cfg, len(parts))
+    repeats = dataset_repeats(cfg, len(parts)) if parts else []
     for part, times in zip(parts, repeats):
         if part.get("packed", False):
             raise RecipeError(
