@@ -159,24 +159,22 @@ class DMSKVCache(SlotStore):
         if capacity == C:
             return
         keep = min(C, capacity)
-        # normal tensors even when called under torch.inference_mode (prefill): the cache is updated in place
-        # outside it too (reset, an eager step)
-        with torch.inference_mode(False), torch.no_grad():
-            self._resize(C, capacity, keep)
 
-    def _resize(self, C: int, capacity: int, keep: int) -> None:
         def resized(buf, fill):
             new = buf.new_full(buf.shape[:2] + (capacity + 1,) + buf.shape[3:], fill)
             new[:, :, :keep].copy_(buf[:, :, :keep])
             return new
 
-        self.k, self.v = resized(self.k, 0), resized(self.v, 0)
-        if self.quantized:
-            self.k_scale, self.v_scale = resized(self.k_scale, 0), resized(self.v_scale, 0)
-        self.slot_pos = resized(self.slot_pos, -1)
-        self.slot_marked = resized(self.slot_marked, False)
-        # the ring's empty entries point at the scratch slot, which moves from C to the new capacity
-        self.win_slot = torch.where(self.win_slot == C, torch.full_like(self.win_slot, capacity), self.win_slot)
+        # normal tensors even when called under torch.inference_mode (prefill): the cache is updated in place
+        # outside it too (reset, an eager step)
+        with torch.inference_mode(False), torch.no_grad():
+            self.k, self.v = resized(self.k, 0), resized(self.v, 0)
+            if self.quantized:
+                self.k_scale, self.v_scale = resized(self.k_scale, 0), resized(self.v_scale, 0)
+            self.slot_pos = resized(self.slot_pos, -1)
+            self.slot_marked = resized(self.slot_marked, False)
+            # the ring's empty entries point at the scratch slot, which moves from C to the new capacity
+            self.win_slot = torch.where(self.win_slot == C, torch.full_like(self.win_slot, capacity), self.win_slot)
         self.capacity = capacity
         self.resizes += 1
 

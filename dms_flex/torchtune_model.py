@@ -391,6 +391,7 @@ class InferenceState(CacheState):
         ]
         for c in caches if auto else ():
             c.max_capacity = max_seq_len
+        self.reserve_extra = 0  # slots `reserve` adds to what it is asked for (benchmarks that step further)
         super().__init__(caches, batch_size, max_seq_len, dtype, device, eviction, window)
         # on the CPU the caches' bookkeeping buffers are views of stacked tensors, so that an eager decode
         # step does the bookkeeping of all layers at once (_decode_step_stacked)
@@ -408,18 +409,20 @@ class InferenceState(CacheState):
         shapes a compiled step sees a few times, not every turn. On the CPU every layer gets the largest size,
         so the eager step keeps its stacked bookkeeping (`stack_bookkeeping` needs one shape). Returns True
         when a buffer was re-allocated (a captured decode graph must then be captured again). Fixed
-        capacities: nothing to do, False. `reserve_extra` slots are added to n (benchmarks that step further)."""
+        capacities: nothing to do, False. `reserve_extra` slots are added to n."""
         if not self.growable:
             return False
-        n = int(n) + int(getattr(self, "reserve_extra", 0))
-        wants = [min(self.max_seq_len, capacity_bucket(int(c.length.max()) + n, c.bucket_base)) for c in self.caches]
-        stacked = self.stacked is not None
-        if stacked:  # one size for all layers (the eager CPU step is not compiled: no shapes to keep)
-            wants = [max(wants + [c.capacity for c in self.caches if c.capacity < 2 * max(wants)])] * len(wants)
+        n = int(n) + self.reserve_extra
+        sizes = []
+        for c in self.caches:
+            want = min(self.max_seq_len, capacity_bucket(int(c.length.max()) + n, c.bucket_base))
+            sizes.append(c.capacity if want <= c.capacity < 2 * want else want)
+        if self.stacked is not None:  # one size for all layers
+            sizes = [max(sizes)] * len(sizes)
         changed = False
-        for c, want in zip(self.caches, wants):
-            if c.capacity < want or c.capacity >= 2 * want or (stacked and c.capacity != want):
-                c.resize(want)
+        for c, size in zip(self.caches, sizes):
+            if size != c.capacity:
+                c.resize(size)
                 changed = True
         if self.stacked is not None and not self.stacked.current(self.caches):
             with torch.inference_mode(False):  # equal capacities stack again (else per layer), as normal tensors
