@@ -92,7 +92,7 @@ def test_documents_are_cut_at_line_ends(texts):
 
 def test_missing_or_unknown_sources_are_messages(texts, tmp_path):
     (tmp_path / "austen.txt").unlink()
-    with pytest.raises(ValueError, match=r"\['austen'\] not found.*fetch-austen"):
+    with pytest.raises(ValueError, match=r"\['austen'\] not found.*fetch-austen.*'dataset=\[\"\$\{reasoning\}\","):
         prose_dataset(TOK)
     with pytest.raises(ValueError, match="unknown source"):
         prose_dataset(TOK, sources=("wiki",))

@@ -99,13 +99,13 @@ def prose_dataset(
     if unknown:
         raise ValueError(f"prose_dataset: unknown source(s) {unknown}; known: kjv, austen")
     notes: List[str] = []
-    texts = evdata.load_texts([n for n in sources], log=notes.append)
+    texts = evdata.load_texts(list(sources), log=notes.append)
     missing = [n for n in sources if n not in texts]
     if missing:
         raise ValueError(
             f"prose_dataset: source(s) {missing} not found on this machine: "
             + "; ".join(m for m in notes if "not found" in m)
-            + " (or train without them: dataset=[${reasoning},${code}])"
+            + ' (or train without them: \'dataset=["${reasoning}","${code}"]\')'
         )
 
     def encode(text: str) -> List[int]:
