@@ -148,7 +148,7 @@ def run_case(model, B, ctx, kind, args, rank, group):
     return dict(step_ms=step_ms, attn_ms=attn_ms, live_slots=slots, kv_allocated_GiB=kv)
 
 
-def measure(model, args, tp: int, rank: int, group, rows: list) -> None:
+def measure(model, args, tp: int, rank: int, group, rows: list, all_reduce: str = "nccl") -> None:
     """Every case at tensor-parallel size tp (group None: rank 0 alone); rows get one entry per case."""
     for ctx in args.ctx:
         for B in args.batch:
@@ -161,7 +161,7 @@ def measure(model, args, tp: int, rank: int, group, rows: list) -> None:
                 _free()
                 per_rank = _gather(res, err, group)
                 if rank == 0:
-                    rows.append(_row(args, tp, ctx, B, kind, per_rank))
+                    rows.append(_row(args, tp, ctx, B, kind, per_rank, all_reduce))
                     _print(rows[-1])
 
 
@@ -179,8 +179,10 @@ def _gather(res: dict, err, group):
     return out
 
 
-def _row(args, tp, ctx, B, kind, per_rank):
+def _row(args, tp, ctx, B, kind, per_rank, all_reduce="nccl"):
     row = dict(preset=args.preset, lengths=args.lengths, mode=args.mode, tp=tp, ctx=ctx, batch=B, cache=kind)
+    if tp > 1:
+        row["all_reduce"] = all_reduce
     errors = [r["error"] for r in per_rank if r["error"]]
     if errors:
         return dict(row, error=errors[0])
@@ -210,7 +212,8 @@ def excess_of(attn_per_rank, step_ms: float) -> float:
 
 
 def _print(r):
-    head = f"TP={r['tp']} ctx={r['ctx']:6d} B={r['batch']:3d} cache {r['cache']:>6s}:"
+    ar = f" ({r['all_reduce']})" if r.get("all_reduce", "nccl") != "nccl" else ""
+    head = f"TP={r['tp']}{ar} ctx={r['ctx']:6d} B={r['batch']:3d} cache {r['cache']:>6s}:"
     if "error" in r:
         log(f"{head} {r['error']}")
         return
@@ -226,18 +229,23 @@ def _print(r):
 def summary(rows, tp: int) -> dict:
     """The issue's three targets from the rows: TP=N / TP=1 step per case, the dense case at N times
     the batch against TP=1 at the batch, and the worst DMS imbalance."""
-    ok = {(r["tp"], r["ctx"], r["batch"], r["cache"]): r for r in rows if "error" not in r}
+
+    def key(r):  # TP=1 rows have no all-reduce; a TP=N row names its kind when it is not NCCL's
+        return (r["tp"], r["ctx"], r["batch"], r["cache"], r.get("all_reduce", "nccl"))
+
+    ok = {key(r): r for r in rows if "error" not in r}
     ratio = {}
-    for (t, ctx, B, kind), r in ok.items():
-        base = ok.get((1, ctx, B, kind))
+    for (t, ctx, B, kind, ar), r in ok.items():
+        base = ok.get((1, ctx, B, kind, "nccl"))
         if t == tp and base is not None and tp > 1:
-            ratio[f"ctx{ctx}_B{B}_cr{kind}"] = r["step_ms"] / base["step_ms"]
+            ratio[f"ctx{ctx}_B{B}_cr{kind}" + ("" if ar == "nccl" else f"_{ar}")] = r["step_ms"] / base["step_ms"]
     scaled = {}
-    for (t, ctx, B, kind), r in ok.items():
-        base = ok.get((1, ctx, B // tp, kind)) if B % tp == 0 else None
+    for (t, ctx, B, kind, ar), r in ok.items():
+        base = ok.get((1, ctx, B // tp, kind, "nccl")) if B % tp == 0 else None
         if t == tp and tp > 1 and base is not None:
-            scaled[f"ctx{ctx}_B{B // tp}->{B}_cr{kind}"] = r["step_ms"] / base["step_ms"]
-    dms = [r["imbalance_of_step_median"] for (t, *_, kind), r in ok.items() if t == tp and kind != "1"]
+            name = f"ctx{ctx}_B{B // tp}->{B}_cr{kind}" + ("" if ar == "nccl" else f"_{ar}")
+            scaled[name] = r["step_ms"] / base["step_ms"]
+    dms = [r["imbalance_of_step_median"] for (t, *_, kind, ar), r in ok.items() if t == tp and kind != "1"]
     return {
         "step_tpN_over_tp1": ratio,
         "step_tpN_at_N_x_batch_over_tp1": scaled,
@@ -258,6 +266,14 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="the first draw of per-head lengths (weights: always 0)")
     p.add_argument("--draws", type=int, default=16, help="draws of per-head lengths whose attention is timed")
     p.add_argument("--skip-tp1", action="store_true", help="under torchrun: measure TP=N only")
+    p.add_argument(
+        "--all-reduce",
+        nargs="+",
+        choices=["nccl", "one-shot"],
+        default=["nccl"],
+        help="TP=N's all-reduces, each measured in turn: NCCL's, or (--mode compile) PyTorch's one-shot kernel over "
+        "symmetric memory (dms_flex/parallel.py use_one_shot_all_reduce)",
+    )
     p.add_argument("--device", default="cuda", help="cuda; cpu smoke-tests the script (gloo, --preset tiny)")
     p.add_argument("--out")
     args = p.parse_args(argv)
@@ -266,6 +282,8 @@ def main(argv=None):
             bds.parse_kind(kind)
         except ValueError as e:
             p.error(str(e))
+    if "one-shot" in args.all_reduce and args.mode != "compile":
+        p.error("--all-reduce one-shot needs --mode compile (inductor lowers the all-reduce; eager steps use NCCL)")
     group, device = parallel.init_from_env(args.device)
     rank, world = parallel.world_of(group)
     bds.DEVICE = "cuda" if args.device == "cuda" else "cpu"  # the current device (set_device(LOCAL_RANK))
@@ -281,7 +299,13 @@ def main(argv=None):
     if world > 1:
         parallel.shard_model(model, group)
         _free()
-        measure(model, args, world, rank, group, rows)
+        for ar in args.all_reduce:
+            if ar == "one-shot":
+                if not parallel.use_one_shot_all_reduce(group):
+                    log("one-shot all-reduce unavailable here (no NCCL group or no symmetric memory): skipped")
+                    continue
+                torch._dynamo.reset()  # the steps compiled so far keep NCCL's all-reduce
+            measure(model, args, world, rank, group, rows, ar)
     if rank == 0:
         name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
         meta = {"torch": torch.__version__, "device": name, "world": world, "commit": git("rev-parse", "HEAD")}

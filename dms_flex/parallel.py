@@ -228,6 +228,36 @@ def all_reduce(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> to
     return x
 
 
+def use_one_shot_all_reduce(group: Optional[dist.ProcessGroup] = None, max_bytes: int = 1 << 20) -> bool:
+    """Lower every compiled all-reduce of at most `max_bytes` to PyTorch's one-shot kernel over symmetric
+    memory (`torch.ops.symm_mem.one_shot_all_reduce`): each rank's row-parallel GEMM writes its partial
+    sum into a buffer its peers can read over NVLink, and one kernel reads the peers' partials and adds
+    them. A decode step's all-reduces are tiny (B x hidden: 8 KiB at B=1 for Llama-3-8B), so NCCL's
+    launch and protocol latency, not bandwidth, is their cost: 64 of them took about 1 ms of a 4.4 ms
+    TP=2 step (benchmarks/RESULTS.md, section 25b).
+
+    Applies to steps compiled after the call (inductor decides at lowering time; eager steps keep
+    NCCL). True when it was switched on; False (and nothing changed) where this torch, the device or the
+    group cannot (CPU / gloo, no symmetric-memory support): the NCCL path then stays, which is exact too.
+    NVLink multicast is not used: the one-shot kernel reads peers with plain loads."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return False
+    if dist.get_backend(group) != "nccl" or not torch.cuda.is_available():
+        return False
+    try:
+        import torch._inductor.config as inductor_config
+        from torch.distributed import _symmetric_memory as symm_mem
+
+        torch.ops.symm_mem.one_shot_all_reduce  # noqa: B018  (the op exists in this build)
+        collective = inductor_config._collective
+        symm_mem.enable_symm_mem_for_group((group or dist.group.WORLD).group_name)
+    except (ImportError, AttributeError, RuntimeError):
+        return False
+    collective.auto_select = True
+    collective.one_shot_all_reduce_threshold_bytes = int(max_bytes)
+    return True
+
+
 # ============================================================================ the whole model's view of the caches
 def gather_lengths(state, group: Optional[dist.ProcessGroup] = None) -> List[torch.Tensor]:
     """Each layer's live lengths over all KV heads, (B, Hkv) in global head order (rank 0's heads

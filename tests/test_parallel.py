@@ -156,6 +156,13 @@ def check_errors(rank):
     m.layers[1].attn.q_proj.weight = torch.nn.Parameter(_Marked(m.layers[1].attn.q_proj.weight.detach()))
     with pytest.raises(ValueError, match="layer 1's attn.q_proj.weight is a _Marked .*shard the model first"):
         parallel.shard_model(m)
+    # the one-shot all-reduce needs NCCL and symmetric memory: on gloo it declines and changes nothing
+    import torch._inductor.config as inductor_config
+
+    before = (inductor_config._collective.auto_select, inductor_config._collective.one_shot_all_reduce_threshold_bytes)
+    assert parallel.use_one_shot_all_reduce() is False
+    after = (inductor_config._collective.auto_select, inductor_config._collective.one_shot_all_reduce_threshold_bytes)
+    assert after == before == (False, 128 * 1024)
 
 
 class _Marked(torch.Tensor):  # stands for a quantized (tensor-subclass) weight
@@ -287,9 +294,11 @@ def test_one_rank_is_a_no_op():
 
 
 # ============================================================================ two GPUs
-GPU_CASES = {  # name -> (model dtype, KV storage)
-    "float32": (torch.float32, None),  # exactness: decisions identical, logits to float32 reordering
-    "bf16_int8kv": (torch.bfloat16, torch.int8),  # what one deploys: bf16 weights, int8 K/V
+GPU_CASES = {  # name -> (model dtype, KV storage, all-reduce)
+    "float32": (torch.float32, None, "nccl"),  # exactness: decisions identical, logits to float32 reordering
+    "bf16_int8kv": (torch.bfloat16, torch.int8, "nccl"),  # what one deploys: bf16 weights, int8 K/V
+    # last: it switches inductor's lowering for the rest of the process (parallel.use_one_shot_all_reduce)
+    "float32_one_shot": (torch.float32, None, "one-shot"),
 }
 
 
@@ -314,8 +323,10 @@ def _gpu_rank_main(rank, world, init_file, out_dir):
     )
     err, res = None, {}
     try:
-        for case, (dtype, kv) in GPU_CASES.items():
-            res[case] = _gpu_case(rank, world, dtype, kv, lambda what: _progress(out_dir, rank, f"{case}: {what}"))
+        for case, (dtype, kv, ar) in GPU_CASES.items():
+            res[case] = _gpu_case(
+                rank, world, dtype, kv, lambda what: _progress(out_dir, rank, f"{case}: {what}"), all_reduce=ar
+            )
     except Exception:  # noqa: BLE001
         err = traceback.format_exc()
     with open(os.path.join(out_dir, f"gpu{rank}.json"), "w") as f:
@@ -338,7 +349,8 @@ def _progress(out_dir, rank, what):
         f.write(f"{time.monotonic() - _T0:7.1f} s  {what}\n")
 
 
-def _gpu_case(rank, world, dtype, kv, progress=lambda what: None):
+def _gpu_case(rank, world, dtype, kv, progress=lambda what: None, all_reduce="nccl"):
+    from torch._inductor.utils import run_and_get_code
     from torchtune.models.llama3._component_builders import llama3
 
     from dms_flex.config import DMSConfig
@@ -352,15 +364,24 @@ def _gpu_case(rank, world, dtype, kv, progress=lambda what: None):
     ref = tm.add_dms(ref.to("cuda", dtype).eval(), DMSConfig(window=16, alpha_scale=5.0, alpha_offset=0.0))
     ref.requires_grad_(False)
     tp = parallel.shard_model(copy.deepcopy(ref))
+    one_shot = None
+    if all_reduce == "one-shot":
+        one_shot = parallel.use_one_shot_all_reduce()
+        torch._dynamo.reset()
     step = torch.compile(tm.decode_step, fullgraph=True, mode="reduce-overhead")
     forced = torch.randint(0, 512, (4, 96), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
-    out = {}
+    out, code = {}, ""
     for name, m, fn in (("ref", ref, tm.decode_step), ("tp", tp, step)):
         state = tm.InferenceState(m, 4, max_seq_len=512, kv_dtype=kv)
         with torch.inference_mode():
             logits = [tm.prefill(m, forced[:, :64], state)]
             progress(f"{name} prefilled")
             for t in range(64, 96):
+                if name == "tp" and t == 64:  # the first call compiles: keep inductor's code to see the collective
+                    y, codes = run_and_get_code(fn, m, forced[:, t : t + 1], state)
+                    logits.append(y.clone())
+                    code = "\n".join(codes)
+                    continue
                 logits.append(fn(m, forced[:, t : t + 1], state).clone())  # a graph's output is reused
                 if t < 68:
                     progress(f"{name} step {t}")
@@ -375,6 +396,9 @@ def _gpu_case(rank, world, dtype, kv, progress=lambda what: None):
         argmax_agree=float((got.argmax(-1) == want.argmax(-1)).float().mean()),
         lengths_equal_fraction=same / sum(a.numel() for a in lengths),
         evicted=sum(int(x.sum()) for x in ref_lengths) < 4 * 96 * 4 * len(ref_lengths),
+        one_shot_enabled=one_shot,
+        one_shot_kernels=code.count("symm_mem.one_shot_all_reduce"),
+        nccl_all_reduces=code.count("all_reduce_.default"),
     )
 
 
@@ -411,6 +435,12 @@ def test_two_gpus_compiled_step_equals_one():
             assert exact["lengths_equal_fraction"] == 1.0 and exact["argmax_agree"] >= 0.99, (r, exact)
             assert bf16["mean_rel_err"] <= 0.03 and bf16["argmax_agree"] >= 0.97, (r, bf16)
             assert bf16["lengths_equal_fraction"] >= 0.95, (r, bf16)
+            # the one-shot kernel over symmetric memory (parallel.use_one_shot_all_reduce): every all-reduce of
+            # the step lowered to it (2 layers x 2), and the same float32 exactness as NCCL's sum
+            shot = got["res"]["float32_one_shot"]
+            assert shot["one_shot_enabled"] and shot["one_shot_kernels"] >= 4, (r, shot)
+            assert shot["nccl_all_reduces"] == 0 and exact["nccl_all_reduces"] >= 4, (r, shot, exact)
+            assert shot["max_err"] <= 1e-3 * shot["scale"] and shot["lengths_equal_fraction"] == 1.0, (r, shot)
 
 
 def _gpu_logs(tmp) -> str:
@@ -434,6 +464,19 @@ def _bench():
     import bench_tp_decode
 
     return bench_tp_decode
+
+
+def test_bench_summary_names_each_all_reduce_against_tp1():
+    """bench_tp_decode's summary: each TP=N row (NCCL's all-reduce or the one-shot kernel) over the TP=1 row
+    of the same case; a one-shot row is named as such; `--all-reduce one-shot` needs --mode compile."""
+    b = _bench()
+    base = dict(ctx=64, batch=1, cache="8", imbalance_of_step_median=0.01)
+    rows = [dict(base, tp=1, step_ms=4.0), dict(base, tp=2, all_reduce="nccl", step_ms=3.0)]
+    rows.append(dict(base, tp=2, all_reduce="one-shot", step_ms=2.0))
+    got = b.summary(rows, 2)["step_tpN_over_tp1"]
+    assert got == {"ctx64_B1_cr8": 0.75, "ctx64_B1_cr8_one-shot": 0.5}
+    with pytest.raises(SystemExit):
+        b.main(["--device", "cpu", "--preset", "tiny", "--mode", "graph", "--all-reduce", "one-shot"])
 
 
 def test_bench_head_lengths_and_fill():

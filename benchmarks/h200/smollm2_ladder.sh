@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# Issue 16's SmolLM2 retrofit ladder: four compiled retrofits of the embedded SmolLM2-135M-Instruct on one data mix
+# Issue 16's SmolLM2 retrofit ladder: compiled retrofits of the embedded SmolLM2-135M-Instruct on one data mix
 # (teacher-answered reasoning conversations + Python sources + prose without the evaluation's windows:
-# docs/design.md, "Retrofit data"), 100 steps per unit of CR (CR 1 -> 8 over 700 steps, then 100 at CR 8), two
-# runs per GPU side by side:
+# docs/design.md, "Retrofit data"), 100 steps per unit of CR (CR 1 -> 8 over 700 steps, then 100 at CR 8). The runs:
 #   adapter       the DMS adapter alone on the frozen base (the packaged adapter's variant)
 #   lora_attn     adapter + torchtune LoRA (rank 8) on q/k/v/output projections (smollm2_135m_lora)
 #   lora_all      adapter + LoRA on the attention and the MLP (w1, w2, w3)
 #   borrowed      all weights, the borrowed neuron, ZEROING steps of gradual zeroing first, lr BORROWED_LR
-# Then each, and the packaged adapter, is evaluated twice: the table's settings (table_eval.sh: perplexity/KL on
-# 4 x 1,024-token windows, reasoning, needle, variable tracking at CR 2/4/8), and the issue's perplexity target
-# (8 held-out windows of 2,048 tokens per prose/code source at CR 4 and 8). The small artifacts are exported.
+#   lora_all_long lora_all at 200 steps per unit of CR (2 x STEPS, 2 x RAMP)
+#   lora_all_cr10 lora_all trained on to CR 10 (100 steps per unit), used at CR 8
+#   lora_all_cr10_r  the same with the reasoning conversations four times over (dataset_repeat=[4,1,1])
+#   lora_all_r16  lora_all with LoRA rank 16 (alpha 32)
+# GPU0 / GPU1 name the runs of each GPU (default: adapter borrowed / lora_attn lora_all); the runs of one GPU train
+# side by side, each then evaluated on that GPU. WAIT0=FILE: GPU 0's runs start once FILE exists (GPU 0 busy
+# with other work until then). Each run is evaluated twice: the table's settings (table_eval.sh: perplexity/KL on
+# 4 x 1,024-token windows, reasoning, needle, variable tracking at CR 2/4/8; TABLE=0 skips it), and the issue's
+# perplexity target (8 held-out windows of 2,048 tokens per prose/code source at CR 4 and 8). The packaged adapter
+# is evaluated too (PACKAGED=0 skips it). The small artifacts are exported.
 #   bash benchmarks/h200/smollm2_ladder.sh OUT        (after setup_smollm2.sh)
 set -u
 O=${1:?output folder}
@@ -39,33 +45,60 @@ train() {  # name gpu config overrides...
 evaluate() {  # name gpu [--dms-checkpoint DIR]
   local name=$1 gpu=$2; shift 2
   local s=$(date +%s)
-  CUDA_VISIBLE_DEVICES=$gpu timeout ${EVAL_LIMIT:-300} $TABLE_EVAL --methods vanilla,dms "$@" --out "$O/table_$name" \
-    > "$O/table_$name.log" 2>&1
-  echo "table $name rc=$? $(( $(date +%s) - s )) s" >> "$O/status.txt"
+  if [ "${TABLE:-1}" != 0 ]; then
+    CUDA_VISIBLE_DEVICES=$gpu timeout ${EVAL_LIMIT:-300} $TABLE_EVAL --methods vanilla,dms "$@" --out "$O/table_$name" \
+      > "$O/table_$name.log" 2>&1
+    echo "table $name rc=$? $(( $(date +%s) - s )) s" >> "$O/status.txt"
+  fi
   s=$(date +%s)
   CUDA_VISIBLE_DEVICES=$gpu timeout ${EVAL_LIMIT:-300} $PPL2K --methods vanilla,dms "$@" --out "$O/ppl2k_$name" \
     > "$O/ppl2k_$name.log" 2>&1
   echo "ppl2k $name rc=$? $(( $(date +%s) - s )) s" >> "$O/status.txt"
 }
+recipe() {  # name -> config and overrides (no spaces inside an override; globbing is off)
+  local all='lora.modules=[q_proj,k_proj,v_proj,output_proj,w1,w2,w3]'
+  case $1 in
+    adapter) echo smollm2_135m dms.decision=adapter train_adapter_only=true ;;
+    borrowed) echo smollm2_135m zeroing_steps=$ZEROING optimizer.lr=$BORROWED_LR ;;
+    lora_attn) echo smollm2_135m_lora ;;
+    lora_all) echo smollm2_135m_lora $all ;;
+    lora_all_long) echo smollm2_135m_lora $all max_steps=$((2 * STEPS)) dms.final_step=$((2 * RAMP)) ;;
+    lora_all_cr10) echo smollm2_135m_lora $all dms.final_cr=10 max_steps=$((STEPS + 3 * (STEPS - RAMP))) \
+      dms.final_step=$((RAMP + 2 * (STEPS - RAMP))) ;;
+    lora_all_cr10_r) echo $(recipe lora_all_cr10) 'dataset_repeat=[4,1,1]' ;;
+    lora_all_r16) echo smollm2_135m_lora $all lora.rank=16 lora.alpha=32 ;;
+    *) echo "unknown run '$1' (adapter borrowed lora_attn lora_all lora_all_long lora_all_cr10 lora_all_cr10_r lora_all_r16)" >&2
+      return 1 ;;
+  esac
+}
+lane() {  # gpu runs...: train side by side on the GPU, then evaluate each
+  local gpu=$1; shift
+  local name
+  for name in "$@"; do train $name $gpu $(recipe $name) & done
+  wait
+  for name in "$@"; do evaluate $name $gpu --dms-checkpoint $R/$name/final & done
+  wait
+}
+set -f
+GPU0=${GPU0-adapter borrowed}
+GPU1=${GPU1-lora_attn lora_all}
+for name in $GPU0 $GPU1; do recipe $name > /dev/null || exit 2; done
 t0=$(date +%s)
-evaluate packaged 0 &
+[ "${PACKAGED:-1}" != 0 ] && evaluate packaged ${PACKAGED_GPU:-1} &
 # the teacher-answered reasoning set of the config (a no-op when it is cached): 125 conversations in one batch
 CUDA_VISIBLE_DEVICES=1 python3 -m dms_flex.data reasoning --num-problems 1000 --problems-per-conversation 8 \
   --max-new-tokens 384 --batch-size 128 > "$O/reasoning_set.log" 2>&1
 echo "reasoning set rc=$? $(( $(date +%s) - t0 )) s" >> "$O/status.txt"
-train adapter 0 smollm2_135m dms.decision=adapter train_adapter_only=true &
-train borrowed 0 smollm2_135m zeroing_steps=$ZEROING optimizer.lr=$BORROWED_LR &
-train lora_attn 1 smollm2_135m_lora &
-train lora_all 1 smollm2_135m_lora 'lora.modules=[q_proj,k_proj,v_proj,output_proj,w1,w2,w3]' &
+(
+  if [ -n "${WAIT0:-}" ]; then while [ ! -e "$WAIT0" ]; do sleep 5; done; fi
+  lane 0 $GPU0
+) &
+lane 1 $GPU1 &
 wait
-echo "training wall $(( $(date +%s) - t0 )) s" >> "$O/status.txt"
-evaluate adapter 0 --dms-checkpoint $R/adapter/final &
-evaluate borrowed 0 --dms-checkpoint $R/borrowed/final &
-evaluate lora_attn 1 --dms-checkpoint $R/lora_attn/final &
-evaluate lora_all 1 --dms-checkpoint $R/lora_all/final &
-wait
+echo "training and evaluation wall $(( $(date +%s) - t0 )) s" >> "$O/status.txt"
 BASE=$(python3 -m dms_flex.checkpoints embedded 2>/dev/null)
-for name in adapter lora_attn lora_all; do
+for name in $GPU0 $GPU1; do
+  [ "$name" = borrowed ] && continue  # all weights: no small artifact
   python3 -m dms_flex.checkpoints export-adapter "$R/$name/final" "$O/artifact_$name" --base "$BASE" \
     > "$O/export_$name.log" 2>&1
   echo "export $name rc=$?" >> "$O/status.txt"
