@@ -131,6 +131,8 @@ def run_case(model, B, ctx, kind, args, rank, group):
 
         def run():
             step(model, tok, state)
+    elif args.mode == "compile-graph":  # the generate loop's way (dms_flex/stepping.py): a default-mode compiled
+        run = bds.graphed(torch.compile(tm.decode_step, fullgraph=True), model, tok, state)  # step in one graph
     else:
         run = bds.graphed(tm.decode_step, model, tok, state)
     if group is not None:
@@ -261,7 +263,13 @@ def main(argv=None):
     p.add_argument("--ctx", type=int, nargs="+", default=[32768])
     p.add_argument("--cache", nargs="+", default=["1", "8"], help="CRs (1 = dense, eviction off); CR-int8 for int8 K/V")
     p.add_argument("--lengths", choices=["smollm2", "uniform"], default="smollm2", help="per-head live lengths")
-    p.add_argument("--mode", choices=["graph", "compile"], default="graph")
+    p.add_argument(
+        "--mode",
+        choices=["graph", "compile", "compile-graph"],
+        default="graph",
+        help="graph: the eager step in one CUDA graph; compile: torch.compile(mode='reduce-overhead'); compile-graph: "
+        "a default-mode compiled step captured in one CUDA graph (what generate's loop replays)",
+    )
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0, help="the first draw of per-head lengths (weights: always 0)")
     p.add_argument("--draws", type=int, default=16, help="draws of per-head lengths whose attention is timed")
@@ -271,8 +279,8 @@ def main(argv=None):
         nargs="+",
         choices=["nccl", "one-shot"],
         default=["nccl"],
-        help="TP=N's all-reduces, each measured in turn: NCCL's, or (--mode compile) PyTorch's one-shot kernel over "
-        "symmetric memory (dms_flex/parallel.py use_one_shot_all_reduce)",
+        help="TP=N's all-reduces, each measured in turn: NCCL's, or (--mode compile-graph) PyTorch's one-shot kernel "
+        "over symmetric memory (dms_flex/parallel.py use_one_shot_all_reduce)",
     )
     p.add_argument("--device", default="cuda", help="cuda; cpu smoke-tests the script (gloo, --preset tiny)")
     p.add_argument("--out")
@@ -282,8 +290,10 @@ def main(argv=None):
             bds.parse_kind(kind)
         except ValueError as e:
             p.error(str(e))
-    if "one-shot" in args.all_reduce and args.mode != "compile":
-        p.error("--all-reduce one-shot needs --mode compile (inductor lowers the all-reduce; eager steps use NCCL)")
+    if "one-shot" in args.all_reduce and args.mode != "compile-graph":
+        # inductor lowers the all-reduce (an eager step keeps NCCL's); under mode="reduce-overhead" its symmetric
+        # buffers are allocated inside torch.compile's graph pool, which torch 2.11 refuses (RESULTS.md, 26)
+        p.error("--all-reduce one-shot needs --mode compile-graph")
     group, device = parallel.init_from_env(args.device)
     rank, world = parallel.world_of(group)
     bds.DEVICE = "cuda" if args.device == "cuda" else "cpu"  # the current device (set_device(LOCAL_RANK))
