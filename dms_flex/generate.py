@@ -295,6 +295,8 @@ def _run(args, group) -> int:
     except ValueError as e:
         print(f"error: --tp {args.tp}: {e}", file=sys.stderr)
         return 2
+    if args.tp_all_reduce == "one-shot" and not parallel.use_one_shot_all_reduce(group) and lead:
+        print("note: --tp-all-reduce one-shot is not available here (symmetric memory); NCCL's all-reduce runs")
     dtype = _apply_quantization(args, dm, device, dtype)
     fusion.fuse_projections(dm.model)  # one GEMM for q/k/v and one for gate/up (plain weights only)
     if dm.tokenizer is None:

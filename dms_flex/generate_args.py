@@ -109,6 +109,13 @@ def parse_args(argv=None):
         "per rank; query and KV heads split over the ranks, each rank caching its own KV heads). Default: the "
         "number of torchrun processes, else 1",
     )
+    p.add_argument(
+        "--tp-all-reduce",
+        choices=["nccl", "one-shot"],
+        default="nccl",
+        help="under --tp N on CUDA with the compiled step: NCCL's all-reduce, or PyTorch's one-shot kernel over "
+        "symmetric memory (lower latency for a decode step's small sums: benchmarks/RESULTS.md, section 26)",
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--heatmap", help="write a PNG heat map of kept fraction per layer and KV head here")
     args = p.parse_args(argv)
@@ -198,3 +205,10 @@ def _check_tp(p: argparse.ArgumentParser, args) -> None:
         )
     if args.tp > 1 and ":" in args.device:
         p.error(f"--device {args.device}: under --tp each rank takes the GPU of its LOCAL_RANK; pass --device cuda")
+    if args.tp_all_reduce == "one-shot":
+        if args.tp == 1:
+            p.error("--tp-all-reduce one-shot sums over tensor-parallel ranks: it needs --tp N with N > 1")
+        if not args.device.startswith("cuda") or args.compile is False:
+            p.error(
+                "--tp-all-reduce one-shot is lowered by torch.compile on CUDA: use --device cuda without --no-compile"
+            )

@@ -172,6 +172,13 @@ def test_generate_cli_tensor_parallel_flags_are_checked(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["--tp", "0", "--prompt", "x", "--device", "cpu"])
     assert "--tp must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--tp-all-reduce", "one-shot", "--prompt", "x", "--device", "cpu"])
+    assert "it needs --tp N with N > 1" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        main(["--tp", "2", "--tp-all-reduce", "one-shot", "--prompt", "x", "--device", "cpu"])
+    assert "lowered by torch.compile on CUDA" in capsys.readouterr().err
 
 
 def test_the_graphed_steppers_body_is_the_steppers_step():
