@@ -100,7 +100,7 @@ def attention_replay(state, model, B: int):
     return bds.graphed(run)
 
 
-def run_case(model, B, ctx, kind, args, rank, group):
+def run_case(model, B, ctx, kind, args, rank, group, options=None):
     """One (batch, context, cache) case on the ranks of `group` (None: this process alone): the step
     time, then this rank's attention time for each of --draws draws of per-head lengths (draw 0 is the
     one the step ran with)."""
@@ -132,7 +132,8 @@ def run_case(model, B, ctx, kind, args, rank, group):
         def run():
             step(model, tok, state)
     elif args.mode == "compile-graph":  # the generate loop's way (dms_flex/stepping.py): a default-mode compiled
-        run = bds.graphed(torch.compile(tm.decode_step, fullgraph=True), model, tok, state)  # step in one graph
+        step = torch.compile(tm.decode_step, fullgraph=True, options=options)  # step in one graph
+        run = bds.graphed(step, model, tok, state)
     else:
         run = bds.graphed(tm.decode_step, model, tok, state)
     if group is not None:
@@ -150,14 +151,15 @@ def run_case(model, B, ctx, kind, args, rank, group):
     return dict(step_ms=step_ms, attn_ms=attn_ms, live_slots=slots, kv_allocated_GiB=kv)
 
 
-def measure(model, args, tp: int, rank: int, group, rows: list, all_reduce: str = "nccl") -> None:
-    """Every case at tensor-parallel size tp (group None: rank 0 alone); rows get one entry per case."""
+def measure(model, args, tp: int, rank: int, group, rows: list, all_reduce: str = "nccl", options=None) -> None:
+    """Every case at tensor-parallel size tp (group None: rank 0 alone); rows get one entry per case.
+    options: torch.compile options of the step (parallel.one_shot_all_reduce_options for the one-shot kind)."""
     for ctx in args.ctx:
         for B in args.batch:
             for kind in args.cache:
                 err = None
                 try:
-                    res = run_case(model, B, ctx, kind, args, rank, group)
+                    res = run_case(model, B, ctx, kind, args, rank, group, options)
                 except torch.OutOfMemoryError:
                     err, res = "out of memory", {}
                 _free()
@@ -280,7 +282,7 @@ def main(argv=None):
         choices=["nccl", "one-shot"],
         default=["nccl"],
         help="TP=N's all-reduces, each measured in turn: NCCL's, or (--mode compile-graph) PyTorch's one-shot kernel "
-        "over symmetric memory (dms_flex/parallel.py use_one_shot_all_reduce)",
+        "over symmetric memory (dms_flex/parallel.py one_shot_all_reduce_options)",
     )
     p.add_argument("--device", default="cuda", help="cuda; cpu smoke-tests the script (gloo, --preset tiny)")
     p.add_argument("--out")
@@ -290,6 +292,8 @@ def main(argv=None):
             bds.parse_kind(kind)
         except ValueError as e:
             p.error(str(e))
+    if len(set(args.all_reduce)) != len(args.all_reduce):
+        p.error(f"--all-reduce {' '.join(args.all_reduce)}: name each kind once")
     if "one-shot" in args.all_reduce and args.mode != "compile-graph":
         # inductor lowers the all-reduce (an eager step keeps NCCL's); under mode="reduce-overhead" its symmetric
         # buffers are allocated inside torch.compile's graph pool, which torch 2.11 refuses (RESULTS.md, 26)
@@ -300,7 +304,7 @@ def main(argv=None):
     torch.manual_seed(0)  # the same full weights on every rank
     model = bds.build_model(args.preset, max(args.ctx) + 3 * args.steps + 64)
     parallel.check_divisible(model, world)
-    rows = []
+    rows, skipped = [], []
     if world == 1 or not args.skip_tp1:
         if rank == 0:
             measure(model, args, 1, 0, None, rows)
@@ -310,15 +314,19 @@ def main(argv=None):
         parallel.shard_model(model, group)
         _free()
         for ar in args.all_reduce:
+            options = None
             if ar == "one-shot":
-                if not parallel.use_one_shot_all_reduce(group):
+                options = parallel.one_shot_all_reduce_options(group)
+                if options is None:
                     log("one-shot all-reduce unavailable here (no NCCL group or no symmetric memory): skipped")
+                    skipped.append(ar)
                     continue
-                torch._dynamo.reset()  # the steps compiled so far keep NCCL's all-reduce
-            measure(model, args, world, rank, group, rows, ar)
+            measure(model, args, world, rank, group, rows, ar, options)
     if rank == 0:
         name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
         meta = {"torch": torch.__version__, "device": name, "world": world, "commit": git("rev-parse", "HEAD")}
+        if skipped:
+            meta["all_reduce_skipped"] = skipped  # asked for, not available on this machine
         out = {"meta": meta, "summary": summary(rows, world), "rows": rows}
         log("summary:", out["summary"])
         if args.out:

@@ -295,8 +295,15 @@ def _run(args, group) -> int:
     except ValueError as e:
         print(f"error: --tp {args.tp}: {e}", file=sys.stderr)
         return 2
-    if args.tp_all_reduce == "one-shot" and not parallel.use_one_shot_all_reduce(group) and lead:
-        print("note: --tp-all-reduce one-shot is not available here (symmetric memory); NCCL's all-reduce runs")
+    step_options = None
+    if args.tp_all_reduce == "one-shot":
+        step_options = parallel.one_shot_all_reduce_options(group)
+        if step_options is None and lead:
+            print(
+                "note: --tp-all-reduce one-shot is unavailable here (it needs an NCCL group, torch.ops.symm_mem and "
+                "a symmetric-memory rendezvous of every rank); NCCL's all-reduce runs instead",
+                file=sys.stderr,
+            )
     dtype = _apply_quantization(args, dm, device, dtype)
     fusion.fuse_projections(dm.model)  # one GEMM for q/k/v and one for gate/up (plain weights only)
     if dm.tokenizer is None:
@@ -329,7 +336,7 @@ def _run(args, group) -> int:
     step = tm.decode_step
     if use_compile:  # prefill's per-layer work compiles too (compile_prefill); on CUDA each step is then
         # replayed from one CUDA graph with its sampling (cuda_graph below, dms_flex/stepping.py)
-        step = torch.compile(tm.decode_step, fullgraph=True)
+        step = torch.compile(tm.decode_step, fullgraph=True, options=step_options)  # options: only this step
     try:
         res = generate_tokens(
             dm.model,

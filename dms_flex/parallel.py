@@ -228,34 +228,59 @@ def all_reduce(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> to
     return x
 
 
-def use_one_shot_all_reduce(group: Optional[dist.ProcessGroup] = None, max_bytes: int = 1 << 20) -> bool:
-    """Lower every compiled all-reduce of at most `max_bytes` to PyTorch's one-shot kernel over symmetric
-    memory (`torch.ops.symm_mem.one_shot_all_reduce`): each rank's row-parallel GEMM writes its partial
-    sum into a buffer its peers can read over NVLink, and one kernel reads the peers' partials and adds
-    them. A decode step's all-reduces are tiny (B x hidden: 8 KiB at B=1 for Llama-3-8B), so NCCL's
-    launch and protocol latency, not bandwidth, is their cost: 64 of them took about 1 ms of a 4.4 ms
-    TP=2 step (benchmarks/RESULTS.md, section 25b).
+def one_shot_all_reduce_options(group: Optional[dist.ProcessGroup] = None, max_bytes: int = 1 << 20) -> Optional[dict]:
+    """torch.compile options that lower each all-reduce of at most `max_bytes` in the compiled function to
+    PyTorch's one-shot kernel over symmetric memory (`torch.ops.symm_mem.one_shot_all_reduce`): each rank's
+    row-parallel GEMM writes its partial sum into a buffer its peers read over NVLink, and one kernel adds
+    the partials. A decode step's all-reduces are tiny (B x hidden: 8 KiB at B=1 for Llama-3-8B), so NCCL's
+    launch and protocol latency is their cost: 64 of them took ~1 ms of a 4.4 ms TP=2 step; one-shot saves
+    ~6 us each (benchmarks/RESULTS.md, sections 25b and 26b).
 
-    Applies to steps compiled after the call (inductor decides at lowering time; eager steps keep
-    NCCL). True when it was switched on; False (and nothing changed) where this torch, the device or the
-    group cannot (CPU / gloo, no symmetric-memory support): the NCCL path then stays, which is exact too.
-    NVLink multicast is not used: the one-shot kernel reads peers with plain loads."""
+        step = torch.compile(tm.decode_step, fullgraph=True, options=opts)   # opts from this function
+
+    The options apply to that one compiled function (inductor's config is patched while it compiles), so
+    other compiles in the process (prefill, torch.compile(mode="reduce-overhead")) keep NCCL. Capture the
+    compiled step in a CUDA graph after two real calls (dms_flex/stepping.py does): under
+    mode="reduce-overhead" torch 2.11 refuses the symmetric buffers inside its graph pool.
+
+    Registers symmetric memory for the group and checks that a symmetric buffer can be allocated and
+    exchanged; None (use NCCL, also exact) where this torch, the device or the group cannot: CPU / gloo,
+    no symm_mem ops, no rendezvous on some rank (every rank gets the same answer). No NVLink multicast."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return False
+        return None
     if dist.get_backend(group) != "nccl" or not torch.cuda.is_available():
-        return False
-    try:
+        return None
+    name = (group or dist.group.WORLD).group_name
+    device = torch.device("cuda", torch.cuda.current_device())
+
+    def everyone(ok: bool) -> bool:  # the same answer on every rank (a rank alone on NCCL would hang)
+        flag = torch.tensor([int(ok)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+        return bool(int(flag))
+
+    try:  # local checks first: nothing collective happens unless every rank can go on
         import torch._inductor.config as inductor_config
         from torch.distributed import _symmetric_memory as symm_mem
 
         torch.ops.symm_mem.one_shot_all_reduce  # noqa: B018  (the op exists in this build)
-        collective = inductor_config._collective
-        symm_mem.enable_symm_mem_for_group((group or dist.group.WORLD).group_name)
+        capable = "_collective.auto_select" in inductor_config.get_config_copy()
     except (ImportError, AttributeError, RuntimeError):
-        return False
-    collective.auto_select = True
-    collective.one_shot_all_reduce_threshold_bytes = int(max_bytes)
-    return True
+        capable = False
+    if not everyone(capable):
+        return None
+    try:  # register the group (inductor's check reads this registry) and exchange one buffer
+        import warnings
+
+        with warnings.catch_warnings():  # "deprecated" in torch 2.11, yet still what inductor's check reads
+            warnings.simplefilter("ignore", FutureWarning)
+            symm_mem.enable_symm_mem_for_group(name)
+        symm_mem.rendezvous(symm_mem.empty(16, dtype=torch.uint8, device=device), name)
+        ok = True
+    except Exception:  # noqa: BLE001  (any failure: the NCCL path stays)
+        ok = False
+    if not everyone(ok):
+        return None
+    return {"_collective.auto_select": True, "_collective.one_shot_all_reduce_threshold_bytes": int(max_bytes)}
 
 
 # ============================================================================ the whole model's view of the caches

@@ -156,13 +156,8 @@ def check_errors(rank):
     m.layers[1].attn.q_proj.weight = torch.nn.Parameter(_Marked(m.layers[1].attn.q_proj.weight.detach()))
     with pytest.raises(ValueError, match="layer 1's attn.q_proj.weight is a _Marked .*shard the model first"):
         parallel.shard_model(m)
-    # the one-shot all-reduce needs NCCL and symmetric memory: on gloo it declines and changes nothing
-    import torch._inductor.config as inductor_config
-
-    before = (inductor_config._collective.auto_select, inductor_config._collective.one_shot_all_reduce_threshold_bytes)
-    assert parallel.use_one_shot_all_reduce() is False
-    after = (inductor_config._collective.auto_select, inductor_config._collective.one_shot_all_reduce_threshold_bytes)
-    assert after == before == (False, 128 * 1024)
+    # the one-shot all-reduce needs an NCCL group (and symmetric memory): a gloo group gets None (NCCL's path)
+    assert parallel.one_shot_all_reduce_options() is None
 
 
 class _Marked(torch.Tensor):  # stands for a quantized (tensor-subclass) weight
@@ -297,7 +292,7 @@ def test_one_rank_is_a_no_op():
 GPU_CASES = {  # name -> (model dtype, KV storage, all-reduce)
     "float32": (torch.float32, None, "nccl"),  # exactness: decisions identical, logits to float32 reordering
     "bf16_int8kv": (torch.bfloat16, torch.int8, "nccl"),  # what one deploys: bf16 weights, int8 K/V
-    # last: it switches inductor's lowering for the rest of the process (parallel.use_one_shot_all_reduce)
+    # the step compiled with parallel.one_shot_all_reduce_options, in one CUDA graph
     "float32_one_shot": (torch.float32, None, "one-shot"),
 }
 
@@ -396,9 +391,9 @@ def _gpu_case(rank, world, dtype, kv, progress=lambda what: None, all_reduce="nc
     tp = parallel.shard_model(copy.deepcopy(ref))
     one_shot = None
     if all_reduce == "one-shot":  # default-mode compile in one CUDA graph per step, as generate's loop runs it
-        one_shot = parallel.use_one_shot_all_reduce()
-        torch._dynamo.reset()
-        step = _OneGraph(torch.compile(tm.decode_step, fullgraph=True))
+        options = parallel.one_shot_all_reduce_options()
+        one_shot = options is not None
+        step = _OneGraph(torch.compile(tm.decode_step, fullgraph=True, options=options))
     else:
         step = torch.compile(tm.decode_step, fullgraph=True, mode="reduce-overhead")
     forced = torch.randint(0, 512, (4, 96), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
@@ -470,10 +465,10 @@ def test_two_gpus_compiled_step_equals_one():
             assert bf16["mean_rel_err"] <= 0.03 and bf16["argmax_agree"] >= 0.95, (r, bf16)
             # 16 (layer, row, head) lengths per rank: a flip moves one of them by a token (seen: 1 of 16 on an H200)
             assert bf16["lengths_equal_fraction"] >= 0.8 and bf16["max_length_diff"] <= 2, (r, bf16)
-            # the one-shot kernel over symmetric memory (parallel.use_one_shot_all_reduce): every all-reduce of
-            # the step lowered to it (2 layers x 2), and the same float32 exactness as NCCL's sum
+            # the one-shot kernel over symmetric memory (parallel.one_shot_all_reduce_options): every all-reduce
+            # of the step lowered to it (2 layers x 2), and the same float32 exactness as NCCL's sum
             shot = got["res"]["float32_one_shot"]
-            assert shot["one_shot_enabled"] and shot["one_shot_kernels"] >= 4, (r, shot)
+            assert shot["evicted"] and shot["one_shot_enabled"] and shot["one_shot_kernels"] >= 4, (r, shot)
             assert shot["nccl_all_reduces"] == 0 and exact["nccl_all_reduces"] >= 4, (r, shot, exact)
             assert shot["max_err"] <= 1e-3 * shot["scale"] and shot["lengths_equal_fraction"] == 1.0, (r, shot)
 
@@ -501,9 +496,9 @@ def _bench():
     return bench_tp_decode
 
 
-def test_bench_summary_names_each_all_reduce_against_tp1():
+def test_bench_summary_names_each_all_reduce_against_tp1(capsys):
     """bench_tp_decode's summary: each TP=N row (NCCL's all-reduce or the one-shot kernel) over the TP=1 row
-    of the same case; a one-shot row is named as such; `--all-reduce one-shot` needs --mode compile."""
+    of the same case; a one-shot row is named as such; `--all-reduce one-shot` needs --mode compile-graph."""
     b = _bench()
     base = dict(ctx=64, batch=1, cache="8", imbalance_of_step_median=0.01)
     rows = [dict(base, tp=1, step_ms=4.0), dict(base, tp=2, all_reduce="nccl", step_ms=3.0)]
@@ -512,6 +507,10 @@ def test_bench_summary_names_each_all_reduce_against_tp1():
     assert got == {"ctx64_B1_cr8": 0.75, "ctx64_B1_cr8_one-shot": 0.5}
     with pytest.raises(SystemExit):
         b.main(["--device", "cpu", "--preset", "tiny", "--mode", "graph", "--all-reduce", "one-shot"])
+    assert "needs --mode compile-graph" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        b.main(["--device", "cpu", "--preset", "tiny", "--all-reduce", "nccl", "nccl"])
+    assert "name each kind once" in capsys.readouterr().err
 
 
 def test_bench_head_lengths_and_fill():

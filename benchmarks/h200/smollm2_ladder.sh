@@ -10,12 +10,15 @@
 #   lora_all_cr10 lora_all trained on to CR 10 (100 steps per unit), used at CR 8
 #   lora_all_cr10_r  the same with the reasoning conversations four times over (dataset_repeat=[4,1,1])
 #   lora_all_r16  lora_all with LoRA rank 16 (alpha 32)
-# GPU0 / GPU1 name the runs of each GPU (default: adapter borrowed / lora_attn lora_all); the runs of one GPU train
-# side by side, each then evaluated on that GPU. WAIT0=FILE: GPU 0's runs start once FILE exists (GPU 0 busy
-# with other work until then). Each run is evaluated twice: the table's settings (table_eval.sh: perplexity/KL on
-# 4 x 1,024-token windows, reasoning, needle, variable tracking at CR 2/4/8; TABLE=0 skips it), and the issue's
-# perplexity target (8 held-out windows of 2,048 tokens per prose/code source at CR 4 and 8). The packaged adapter
-# is evaluated too (PACKAGED=0 skips it). The small artifacts are exported.
+# (lora_all_cr10: CR 1 -> 10 at 100 steps per unit, then 2 x (STEPS - RAMP) steps at CR 10.)
+# GPU0 / GPU1 name the runs of each GPU (default: adapter borrowed / lora_attn lora_all; each name once); the runs
+# of one GPU train side by side (TRAIN_LIMIT s each, default 900: two long runs side by side need it), each then
+# evaluated on that GPU. WAIT0=FILE: GPU 0's runs start once FILE exists (GPU 0 busy with other work until then;
+# WAIT0_LIMIT s at most, default 3600). Each run is evaluated twice: the table's settings (table_eval.sh:
+# perplexity/KL on 4 x 1,024-token windows, reasoning, needle, variable tracking at CR 2/4/8; TABLE=0 skips it),
+# and the issue's perplexity target (8 held-out windows of 2,048 tokens per prose/code source at CR 4 and 8). The
+# packaged adapter is evaluated too, on PACKAGED_GPU (default 0; PACKAGED=0 skips it). The small artifacts are
+# exported. The exit status is 1 when any training, evaluation or export failed (status.txt says which).
 #   bash benchmarks/h200/smollm2_ladder.sh OUT        (after setup_smollm2.sh)
 set -u
 O=${1:?output folder}
@@ -37,7 +40,7 @@ COMMON=(compile=true 'dataset=["${reasoning}","${code}","${prose}"]' max_steps=$
 train() {  # name gpu config overrides...
   local name=$1 gpu=$2 cfg=$3; shift 3
   local s=$(date +%s)
-  CUDA_VISIBLE_DEVICES=$gpu timeout ${TRAIN_LIMIT:-600} $TUNE run dms_retrofit --config $cfg "${COMMON[@]}" \
+  CUDA_VISIBLE_DEVICES=$gpu timeout ${TRAIN_LIMIT:-900} $TUNE run dms_retrofit --config $cfg "${COMMON[@]}" \
     output_dir=$R/$name "$@" > "$O/train_$name.log" 2>&1
   echo "train $name rc=$? $(( $(date +%s) - s )) s" >> "$O/status.txt"
   cat "$R/$name"/logs/*.txt > "$O/metrics_$name.txt" 2>/dev/null
@@ -55,7 +58,7 @@ evaluate() {  # name gpu [--dms-checkpoint DIR]
     > "$O/ppl2k_$name.log" 2>&1
   echo "ppl2k $name rc=$? $(( $(date +%s) - s )) s" >> "$O/status.txt"
 }
-recipe() {  # name -> config and overrides (no spaces inside an override; globbing is off)
+recipe() {  # name -> config and overrides (no spaces inside an override)
   local all='lora.modules=[q_proj,k_proj,v_proj,output_proj,w1,w2,w3]'
   case $1 in
     adapter) echo smollm2_135m dms.decision=adapter train_adapter_only=true ;;
@@ -73,24 +76,35 @@ recipe() {  # name -> config and overrides (no spaces inside an override; globbi
 }
 lane() {  # gpu runs...: train side by side on the GPU, then evaluate each
   local gpu=$1; shift
-  local name
-  for name in "$@"; do train $name $gpu $(recipe $name) & done
+  local name words
+  for name in "$@"; do
+    read -r -a words <<< "$(recipe $name)"  # split at spaces, no globbing of the [..] overrides
+    train $name $gpu "${words[@]}" &
+  done
   wait
   for name in "$@"; do evaluate $name $gpu --dms-checkpoint $R/$name/final & done
   wait
 }
-set -f
 GPU0=${GPU0-adapter borrowed}
 GPU1=${GPU1-lora_attn lora_all}
 for name in $GPU0 $GPU1; do recipe $name > /dev/null || exit 2; done
+dup=$(printf '%s\n' $GPU0 $GPU1 | sort | uniq -d)
+[ -n "$dup" ] && { echo "run(s) named twice in GPU0/GPU1: $dup (each trains into \$RUNS/NAME)" >&2; exit 2; }
 t0=$(date +%s)
-[ "${PACKAGED:-1}" != 0 ] && evaluate packaged ${PACKAGED_GPU:-1} &
+[ "${PACKAGED:-1}" != 0 ] && evaluate packaged ${PACKAGED_GPU:-0} &
 # the teacher-answered reasoning set of the config (a no-op when it is cached): 125 conversations in one batch
 CUDA_VISIBLE_DEVICES=1 python3 -m dms_flex.data reasoning --num-problems 1000 --problems-per-conversation 8 \
   --max-new-tokens 384 --batch-size 128 > "$O/reasoning_set.log" 2>&1
 echo "reasoning set rc=$? $(( $(date +%s) - t0 )) s" >> "$O/status.txt"
 (
-  if [ -n "${WAIT0:-}" ]; then while [ ! -e "$WAIT0" ]; do sleep 5; done; fi
+  w0=$(date +%s)
+  while [ -n "${WAIT0:-}" ] && [ ! -e "$WAIT0" ]; do
+    if [ $(( $(date +%s) - w0 )) -gt ${WAIT0_LIMIT:-3600} ]; then
+      echo "GPU 0 lane: $WAIT0 did not appear in ${WAIT0_LIMIT:-3600} s; its runs were not started" >> "$O/status.txt"
+      exit 0
+    fi
+    sleep 5
+  done
   lane 0 $GPU0
 ) &
 lane 1 $GPU1 &
@@ -105,3 +119,4 @@ for name in $GPU0 $GPU1; do
 done
 echo "all $(( $(date +%s) - t0 )) s" >> "$O/status.txt"
 cat "$O/status.txt"
+! grep -q "rc=[1-9]\|not started" "$O/status.txt"
