@@ -259,3 +259,29 @@ def test_recipe_trains_lora_on_a_frozen_base_and_resumes_exactly(tmp_path):
 )
 def test_bad_lora_values_are_one_clear_message(args, message, tmp_path, monkeypatch, capsys):
     assert_one_clear_message(args, message, tmp_path, monkeypatch, capsys)
+
+
+def test_evaluation_reference_of_a_lora_student_is_the_base_before_the_retrofit(tmp_path):
+    """python -m dms_flex.eval on a LoRA student (its final folder, or base + exported adapter): KL and the
+    reference perplexity are against the model before the retrofit (the distillation's teacher), not the
+    student itself; an adapter without LoRA keeps --model as the reference."""
+    from argparse import Namespace
+
+    from dms_flex.eval.quantization import load_reference
+
+    lora_retrofit(tmp_path, "llama_untied")
+    adapter = checkpoints.export_adapter(tmp_path / "final", tmp_path / "adapter", base_folder=tmp_path / "base")
+    plain = checkpoints.load_dms_model(tmp_path / "base", dms_overrides={"decision": "adapter", "window": 3})
+    base_weights = {k: v for k, v in plain.model.state_dict().items() if "dms_adapter" not in k}
+    args = Namespace(reference=None, weight_quant="none")
+    for folder, kw in ((tmp_path / "final", {}), (tmp_path / "base", {"adapter": adapter})):
+        student = checkpoints.load_dms_model(folder, **kw)
+        logs = []
+        ref, name = load_reference(args, student, folder, logs.append)
+        assert ref is not student.model and "without the LoRA" in name and "before the retrofit" in logs[0]
+        got, merged = ref.state_dict(), student.model.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in base_weights.items())  # the base weights, bit for bit
+        assert not torch.equal(merged["layers.0.attn.q_proj.weight"], base_weights["layers.0.attn.q_proj.weight"])
+    no_lora = checkpoints.load_dms_model(tmp_path / "base", dms_overrides={"decision": "adapter", "window": 3})
+    ref, name = load_reference(args, no_lora, tmp_path / "base", lambda s: None)
+    assert ref is no_lora.model and name == str(tmp_path / "base")

@@ -44,6 +44,7 @@ def load_dms_model(
     device="cpu",
     max_seq_len: Optional[int] = None,
     adapter=None,
+    merge_lora: bool = True,
 ) -> DMSModel:
     """DMS settings come from config.json's `dms_*` keys when present (a retrofit or the released
     format), else the defaults of DMSConfig; `dms_overrides` (DMSConfig field names) win over both.
@@ -52,13 +53,16 @@ def load_dms_model(
     settings (`dms_overrides` still win) and its parameters are loaded into the model, its LoRA factors
     (if any) merged into the base weights; `folder`'s own DMS settings, parameters and LoRA, if any, are
     ignored. Raises FileNotFoundError / ValueError when the
-    adapter folder is incomplete or does not fit the model."""
+    adapter folder is incomplete or does not fit the model.
+
+    `merge_lora=False`: LoRA factors (the folder's or the adapter's) are left out: the base weights as they
+    were before the retrofit (what an evaluation compares a LoRA student against)."""
     adapter_cfg = adapter_state = None
-    lora = "merge"  # the folder's own LoRA, if any
+    lora = "merge" if merge_lora else "ignore"  # the folder's own LoRA, if any
     if adapter is not None:
         adapter = Path(adapter).expanduser()
         adapter_cfg, adapter_state = read_adapter(adapter)  # before the (larger) model: fail fast
-        lora = read_adapter_lora(adapter, adapter_cfg) or "ignore"
+        lora = (read_adapter_lora(adapter, adapter_cfg) if merge_lora else None) or "ignore"
     loaded = load_hf_checkpoint(folder, dtype=dtype, max_seq_len=max_seq_len, lora=lora)
     hf_config = loaded.hf_config
     if adapter_cfg is not None:

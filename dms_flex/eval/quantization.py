@@ -64,7 +64,9 @@ def quantize_model(model: nn.Module, mode: str, log: Callable[[str], None] = pri
 
 
 def load_reference(args, base, folder, log: Callable[[str], None] = print):
-    """The KL/PPL reference: --reference DIR, else --model itself (the same module when its weights stay
+    """The KL/PPL reference: --reference DIR; else, when LoRA factors were merged into --model's weights (a
+    LoRA retrofit folder, or an --adapter with LoRA), the same folder without them: the model before the
+    retrofit, as the distillation's teacher was; else --model itself (the same module when its weights stay
     unquantized, else an unquantized copy). Returns (model, name)."""
     from ..checkpoints import pretrained
 
@@ -82,6 +84,15 @@ def load_reference(args, base, folder, log: Callable[[str], None] = print):
             )
         log(f"reference: {args.reference} loaded in {time.perf_counter() - t:.1f}s")
         return ref, str(args.reference)
+    if getattr(base, "lora", None) is not None and folder is not None:
+        t = time.perf_counter()
+        ref = pretrained.load_dms_model(folder, dtype=p.dtype, device=p.device, merge_lora=False).model
+        merged_from = base.adapter if getattr(base, "adapter", None) is not None else folder
+        log(
+            f"reference: {folder} without the LoRA merged from {merged_from} (the model before the retrofit), "
+            f"loaded in {time.perf_counter() - t:.1f}s; vanilla below is the LoRA student with a dense cache"
+        )
+        return ref, f"{folder} (without the LoRA of {merged_from})"
     if args.weight_quant != "none":
         # memory: one more copy of the weights in the model dtype (e.g. 16 GB for an 8B model in bf16), held
         # for the whole run; the quantized model is the smaller of the two
