@@ -9,6 +9,7 @@
 """
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -211,10 +212,16 @@ def test_lora_folders_that_do_not_fit_are_clear_errors(tmp_path):
 
 # ============================================================================ the recipe
 LORA_RUN = ["--config", "tiny", "train_adapter_only=true", "lora.enabled=true", "max_steps=3", "save_every_n_steps=2"]
+# a decaying lr (torchtune's cosine schedule over the run), as benchmarks/h200/smollm2_ladder.sh's *_cos runs use
+COSINE = [
+    "lr_scheduler._component_=torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup",
+    "lr_scheduler.num_warmup_steps=0",
+]
 
 
 def test_recipe_trains_lora_on_a_frozen_base_and_resumes_exactly(tmp_path):
-    a = run_recipe(tmp_path, *LORA_RUN, "output_dir=straight")
+    """...with the cosine lr schedule: the lr decays step by step, and a resumed run restores it."""
+    a = run_recipe(tmp_path, *LORA_RUN, *COSINE, "output_dir=straight")
     assert a.returncode == 0, a.stdout[-3000:] + a.stderr[-3000:]
     assert "LoRA rank 8 on q_proj/k_proj/v_proj/output_proj" in a.stdout and "and LoRA disabled" in a.stdout
     final = weights(tmp_path / "straight" / "final")
@@ -236,8 +243,12 @@ def test_recipe_trains_lora_on_a_frozen_base_and_resumes_exactly(tmp_path):
     for k, v in base.items():
         assert torch.equal(final[k], v), k
     assert [v["kd_loss"] for _, v in log_lines(tmp_path / "straight") if "kd_loss" in v][-1] > 0
+    lrs = [v["lr"] for _, v in log_lines(tmp_path / "straight") if "lr" in v]
+    assert (
+        len(lrs) == 3 and lrs[0] == pytest.approx(1e-3 * (1 + math.cos(math.pi / 3)) / 2) and lrs[0] > lrs[1] > lrs[2]
+    )
 
-    b = run_recipe(tmp_path, *LORA_RUN, "output_dir=resumed", "resume_from=straight/step_000002")
+    b = run_recipe(tmp_path, *LORA_RUN, *COSINE, "output_dir=resumed", "resume_from=straight/step_000002")
     assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
     resumed = weights(tmp_path / "resumed" / "final")
     assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k]) for k in final)

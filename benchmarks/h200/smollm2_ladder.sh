@@ -9,6 +9,7 @@
 #   lora_all_long lora_all at 200 steps per unit of CR (2 x STEPS, 2 x RAMP)
 #   lora_all_cr10 lora_all trained on to CR 10 (100 steps per unit), used at CR 8
 #   lora_all_cr10_r  the same with the reasoning conversations four times over (dataset_repeat=[4,1,1])
+#   lora_all_cr10_cos  lora_all_cr10 with the lr decaying over the run (torchtune's cosine schedule)
 #   lora_all_r16  lora_all with LoRA rank 16 (alpha 32)
 # (lora_all_cr10: CR 1 -> 10 at 100 steps per unit, then 2 x (STEPS - RAMP) steps at CR 10.)
 # GPU0 / GPU1 name the runs of each GPU (default: adapter borrowed / lora_attn lora_all; each name once); the runs
@@ -60,6 +61,8 @@ evaluate() {  # name gpu [--dms-checkpoint DIR]
 }
 recipe() {  # name -> config and overrides (no spaces inside an override)
   local all='lora.modules=[q_proj,k_proj,v_proj,output_proj,w1,w2,w3]'
+  local cosine="lr_scheduler._component_=torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup
+    lr_scheduler.num_warmup_steps=0"
   case $1 in
     adapter) echo smollm2_135m dms.decision=adapter train_adapter_only=true ;;
     borrowed) echo smollm2_135m zeroing_steps=$ZEROING optimizer.lr=$BORROWED_LR ;;
@@ -69,8 +72,10 @@ recipe() {  # name -> config and overrides (no spaces inside an override)
     lora_all_cr10) echo smollm2_135m_lora $all dms.final_cr=10 max_steps=$((STEPS + 3 * (STEPS - RAMP))) \
       dms.final_step=$((RAMP + 2 * (STEPS - RAMP))) ;;
     lora_all_cr10_r) echo $(recipe lora_all_cr10) 'dataset_repeat=[4,1,1]' ;;
+    lora_all_cr10_cos) echo $(recipe lora_all_cr10) $cosine ;;
     lora_all_r16) echo smollm2_135m_lora $all lora.rank=16 lora.alpha=32 ;;
-    *) echo "unknown run '$1' (adapter borrowed lora_attn lora_all lora_all_long lora_all_cr10 lora_all_cr10_r lora_all_r16)" >&2
+    *) echo "unknown run '$1' (adapter borrowed lora_attn lora_all lora_all_long lora_all_cr10 lora_all_cr10_r lora_all_cr10_cos
+      lora_all_r16)" >&2
       return 1 ;;
   esac
 }
