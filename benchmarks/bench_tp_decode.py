@@ -132,8 +132,10 @@ def run_case(model, B, ctx, kind, args, rank, group, options=None):
         def run():
             step(model, tok, state)
     elif args.mode == "compile-graph":  # the generate loop's way (dms_flex/stepping.py): a default-mode compiled
-        step = torch.compile(tm.decode_step, fullgraph=True, options=options)  # step in one graph
-        run = bds.graphed(step, model, tok, state)
+        # static shapes: each case compiles for its own; a dynamic batch would leave the one-shot lowering a
+        # symbolic message size, which inductor cannot compare with its threshold
+        step = torch.compile(tm.decode_step, fullgraph=True, dynamic=False, options=options)
+        run = bds.graphed(step, model, tok, state)  # the compiled step in one CUDA graph
     else:
         run = bds.graphed(tm.decode_step, model, tok, state)
     if group is not None:
