@@ -20,7 +20,9 @@
 
 Collectives: `dist.all_reduce` in place in eager mode (CUDA-graph capturable with NCCL), functional
 collectives (`torch.distributed._functional_collectives.all_reduce`) while torch.compile traces, which
-inductor schedules and `mode="reduce-overhead"` captures; the same choice gpt-fast makes.
+inductor schedules and `mode="reduce-overhead"` captures; the same choice gpt-fast makes. A compiled decode
+step can instead sum with PyTorch's one-shot kernel over symmetric memory (`one_shot_all_reduce_options`:
+lower latency for a step's small messages; `generate --tp-all-reduce one-shot`).
 
 Order of set-up: load (full weights on every rank) -> `add_dms` -> `shard_model` -> quantize weights
 (torchao) -> `fusion.fuse_projections`. Sharding slices plain weights and refuses quantized ones. A
