@@ -136,6 +136,17 @@ def gptfast_step(model, token, cache: GptFastCache):
     return model.output(model.norm(x))[:, -1]
 
 
+def add_mode_argument(p) -> None:
+    """--mode, as this script and bench_tp_decode.py take it."""
+    p.add_argument(
+        "--mode",
+        choices=["graph", "compile", "compile-graph"],
+        default="graph",
+        help="graph: the eager step in one CUDA graph; compile: torch.compile(mode='reduce-overhead'); "
+        "compile-graph: a default-mode compiled step captured in one CUDA graph (what generate's loop replays)",
+    )
+
+
 def graphed(fn, *args):
     """Warm up, capture one call in a CUDA graph, return a replay function."""
     if DEVICE == "cpu":
@@ -250,13 +261,7 @@ def main():
         default=["gptfast", "1", "8"],
         help="gptfast and/or CR values; CR-int8 (e.g. 8-int8) stores K/V as int8",
     )
-    p.add_argument(
-        "--mode",
-        choices=["graph", "compile", "compile-graph"],
-        default="graph",
-        help="graph: the eager step in one CUDA graph; compile: torch.compile(mode='reduce-overhead'); "
-        "compile-graph: torch.compile'd step in one CUDA graph (what generate runs)",
-    )
+    add_mode_argument(p)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--max-batch", action="store_true", help="also find the largest batch that fits (per cache)")
     p.add_argument("--device", default="cuda", help="cuda; cpu only smoke-tests the script (--preset tiny)")

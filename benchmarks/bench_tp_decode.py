@@ -267,13 +267,7 @@ def main(argv=None):
     p.add_argument("--ctx", type=int, nargs="+", default=[32768])
     p.add_argument("--cache", nargs="+", default=["1", "8"], help="CRs (1 = dense, eviction off); CR-int8 for int8 K/V")
     p.add_argument("--lengths", choices=["smollm2", "uniform"], default="smollm2", help="per-head live lengths")
-    p.add_argument(
-        "--mode",
-        choices=["graph", "compile", "compile-graph"],
-        default="graph",
-        help="graph: the eager step in one CUDA graph; compile: torch.compile(mode='reduce-overhead'); compile-graph: "
-        "a default-mode compiled step captured in one CUDA graph (what generate's loop replays)",
-    )
+    bds.add_mode_argument(p)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0, help="the first draw of per-head lengths (weights: always 0)")
     p.add_argument("--draws", type=int, default=16, help="draws of per-head lengths whose attention is timed")
