@@ -404,18 +404,19 @@ class InferenceState(CacheState):
 
     def reserve(self, n: int) -> bool:
         """capacity="auto": make room in every layer's cache for its fullest (row, KV head) plus n more tokens
-        (one host sync). Sizes come from `capacity_bucket` (256, 384, 512, 768, ... from the starting size): a cache grows to the
-        bucket of what it needs and shrinks only when it holds twice that, so a conversation changes the
-        shapes a compiled step sees a few times, not every turn. On the CPU every layer gets the largest size,
+        (one host sync). Sizes come from `capacity_bucket` (256, 384, 512, 768, ... from the starting size): a
+        cache grows to the bucket of what it needs and shrinks only when it holds twice that, so a conversation
+        changes the shapes a compiled step sees a few times, not every turn. On the CPU every layer gets the largest size,
         so the eager step keeps its stacked bookkeeping (`stack_bookkeeping` needs one shape). Returns True
         when a buffer was re-allocated (a captured decode graph must then be captured again). Fixed
         capacities: nothing to do, False. `reserve_extra` slots are added to n."""
         if not self.growable:
             return False
         n = int(n) + self.reserve_extra
+        fullest = torch.stack([c.length.max() for c in self.caches]).tolist()  # every layer's, in one host sync
         sizes = []
-        for c in self.caches:
-            want = min(self.max_seq_len, capacity_bucket(int(c.length.max()) + n, c.bucket_base))
+        for c, live in zip(self.caches, fullest):
+            want = min(self.max_seq_len, capacity_bucket(int(live) + n, c.bucket_base))
             sizes.append(c.capacity if want <= c.capacity < 2 * want else want)
         if self.stacked is not None:  # one size for all layers
             sizes = [max(sizes)] * len(sizes)
