@@ -179,6 +179,9 @@ def test_generate_cli_tensor_parallel_flags_are_checked(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["--tp", "2", "--tp-all-reduce", "one-shot", "--prompt", "x", "--device", "cpu"])
     assert "lowered by torch.compile on CUDA" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # checked before the device: the same message on a machine without CUDA
+        main(["--tp", "2", "--tp-all-reduce", "one-shot", "--prompt", "x", "--device", "cuda", "--no-compile"])
+    assert "without --no-compile" in capsys.readouterr().err
 
 
 def test_the_graphed_steppers_body_is_the_steppers_step():
