@@ -60,6 +60,7 @@ import torch.nn.functional as F  # noqa: E402
 MODELS = {"llama3-8b": dict(Hq=32, Hkv=8, D=128), "llama3.2-1b": dict(Hq=32, Hkv=8, D=64)}
 SHAPES = [(8, 32768), (64, 8192), (1, 131072)]  # (B, ctx)
 CRS = [1, 2, 4, 8]
+SWEEP_MODELS = {**MODELS, "smollm2-135m": dict(Hq=9, Hkv=3, D=64)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,6 +106,7 @@ def _aot_configs(quick: bool):
         ("bfloat16", 128, 4, 64, 256, False, "single split (no merge)"),
         ("float32", 128, 4, 2, 2048, False, "fp32 (ieee dot)"),
         ("bfloat16", 128, 4, 8, 4096, True, "int8 cache, bf16 q"),
+        ("bfloat16", 64, 3, 16, 7168, False, "merge in split (counter)"),
     ]
     if not quick:
         configs += [
@@ -142,7 +144,8 @@ def _aot_compile(dk, configs, report):
         q, k, v, L, ks, vs = _aot_inputs(getattr(torch, dtype_name), D, G, B, C, quant)
         n0 = len(compiled)
         t0 = time.perf_counter()
-        dk._launch(q, k, v, L, None, None, ks, vs, wrap=Recorder, sm_count=132, interpret=False)
+        counter = torch.zeros(L.numel(), dtype=torch.int32) if "counter" in note else None
+        dk._launch(q, k, v, L, None, None, ks, vs, wrap=Recorder, sm_count=132, interpret=False, counter=counter)
         dt = time.perf_counter() - t0
         for kern, grid, _kw, ck, _dt in compiled[n0:]:
             name = "split" if kern is dk._decode_split_kernel else "merge"
@@ -732,7 +735,7 @@ def _sweep_grid(trial, D, esz, B, Hkv, cap, sm, results):
     """Block size x warps x stages at the auto split; then the split size around the best of them."""
     from dms_flex.kernels import decode as dk
 
-    for block_n in (32, 64, 128):
+    for block_n in (32, 64, 128, 256) if esz == 1 else (32, 64, 128):
         for nw in (4, 8):
             for ns in (2, 3, 4):
                 if block_n * D * esz * 2 * ns > 200_000:
@@ -740,6 +743,8 @@ def _sweep_grid(trial, D, esz, B, Hkv, cap, sm, results):
                 trial(block_n=block_n, num_warps=nw, num_stages=ns)
     best = _best(results)
     if best is not None:
+        # the merge inside the split kernel (one launch), at the best config and at the default
+        trial(block_n=best["block_n"], num_warps=best["num_warps"], num_stages=best["num_stages"], fused=True)
         bn = best["block_n"]
         auto_split, _ = dk.choose_split(B, Hkv, cap, bn, sm)
         for mult in (0.25, 0.5, 2.0, 4.0):
@@ -751,21 +756,35 @@ def _sweep_grid(trial, D, esz, B, Hkv, cap, sm, results):
 def _sweep_case(mname, B, ctx, cr, dtype, device, sm, bw, args):
     from dms_flex.kernels import decode as dk
 
-    m = MODELS[mname]
+    m = SWEEP_MODELS[mname]
     Hkv, D, G = m["Hkv"], m["D"], m["Hq"] // m["Hkv"]
     cap = ctx // cr
     esz = torch.empty((), dtype=dtype).element_size()
-    live_bytes = 2 * B * Hkv * cap * D * esz
+    int8 = bool(getattr(args, "int8", False))
+    live_bytes = 2 * B * Hkv * cap * (D + 4 if int8 else D * esz)
     sets = make_sets(B, Hkv, G, D, cap, cap, dtype, device, False, _rotations(live_bytes, device), seed=7)
-    ref = dk.decode_attention_reference(*sets[0])
-    base_cfg = dk._config(D, G, esz)
+    if int8:  # int8 K/V with a float32 scale per token, as the cache stores them
+        from dms_flex.quant import quantize_kv
+
+        sets = [(q_, *quantize_kv(k_), *quantize_kv(v_), L_) for q_, k_, v_, L_ in sets]
+        sets = [(q_, (kq, ks), (vq, vs), L_) for q_, kq, ks, vq, vs, L_ in sets]
+        q0, (k0, ks0), (v0, vs0), L0 = sets[0]
+        ref = dk.decode_attention_reference(q0, k0, v0, L0, k_scale=ks0, v_scale=vs0)
+    else:
+        ref = dk.decode_attention_reference(*sets[0])
+    base_cfg = dk._launch_config(D, G, esz, int8)
     results = []
+    counter = torch.zeros(B * Hkv, dtype=torch.int32, device=device)
 
     def trial(**kw):
         split = kw.get("split_size")
-        lk = {kk: vv for kk, vv in kw.items() if kk != "split_size"}
+        lk = {kk: vv for kk, vv in kw.items() if kk not in ("split_size", "fused")}
+        if kw.get("fused"):
+            lk["counter"] = counter
 
         def builder(q, k, v, L):
+            if int8:
+                return (lambda: dk._launch(q, k[0], v[0], L, None, split, k[1], v[1], sm_count=sm, **lk)), (lambda o: o)
             return (lambda: dk._launch(q, k, v, L, None, split, sm_count=sm, **lk)), (lambda o: o)
 
         r = run_method(str(kw), builder, sets, device, ref, max(10, args.reps // 2))
@@ -780,8 +799,9 @@ def _sweep_case(mname, B, ctx, cr, dtype, device, sm, bw, args):
         )
 
     log(f"[{mname} B={B} ctx={ctx} CR={cr}] default cfg {base_cfg}")
-    _sweep_grid(trial, D, esz, B, Hkv, cap, sm, results)
+    _sweep_grid(trial, D, 1 if int8 else esz, B, Hkv, cap, sm, results)
     case = dict(
+        int8=int8,
         model=mname,
         B=B,
         ctx=ctx,
@@ -826,7 +846,10 @@ def sweep_main(args):
     sm = torch.cuda.get_device_properties(device).multi_processor_count
     bw, _, _ = copy_bandwidth(device)
     out = dict(copy_bw_TBps=bw / 1e12, sm_count=sm, cases=[])
-    for mname, B, ctx, cr in SWEEP_CASES:
+    cases = SWEEP_CASES
+    if args.sweep_cases:
+        cases = [(m, int(b), int(c), int(r)) for m, b, c, r in (x.split(":") for x in args.sweep_cases.split(","))]
+    for mname, B, ctx, cr in cases:
         out["cases"].append(_sweep_case(mname, B, ctx, cr, dtype, device, sm, bw, args))
     _print_sweep(out, bw)
     emit_json(out, args.out)
@@ -874,6 +897,11 @@ def main(argv=None):
     )
     ap.add_argument("--crs", type=parse_crs, default=None, help="comma list of CRs (default 1,2,4,8; --quick 1,8)")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument(
+        "--sweep-cases",
+        default="",
+        help="comma list of MODEL:B:CTX:CR for --sweep (default: the built-in list); with --int8 the sweep runs on int8 K/V",
+    )
     ap.add_argument("--aot", action="store_true", help="offline sm_90 compile report (no GPU needed)")
     ap.add_argument("--aot-quick", action="store_true")
     ap.add_argument("--cpu-smoke", action="store_true")

@@ -199,9 +199,12 @@ def make_case(model, kind, B, ctx, margin, mode):
         step = torch.compile(tm.decode_step, fullgraph=True, mode="reduce-overhead")
         return (lambda: step(model, tok, state)), state.kv_bytes()["allocated"], state
     if mode == "compile-graph":  # as generate runs it: the compiled step captured in one CUDA graph
-        step = torch.compile(tm.decode_step, fullgraph=True)
+        step = torch.compile(tm.decode_step, fullgraph=True, options=STEP_OPTIONS)
         return graphed(step, model, tok, state), state.kv_bytes()["allocated"], state
     return graphed(tm.decode_step, model, tok, state), state.kv_bytes()["allocated"], state
+
+
+STEP_OPTIONS = None  # --step-options: torch.compile options of the compiled step (compile-graph, --profile)
 
 
 def profile_step(state, model, B):
@@ -215,7 +218,7 @@ def profile_step(state, model, B):
     from _bench_common import kernel_table
 
     tok = torch.randint(0, 200, (B, 1), device=DEVICE)
-    step = torch.compile(tm.decode_step, fullgraph=True)
+    step = torch.compile(tm.decode_step, fullgraph=True, options=STEP_OPTIONS)
     for _ in range(3):
         step(model, tok, state)
     torch.cuda.synchronize()
@@ -283,8 +286,18 @@ def main():
         action="store_true",
         help="ablation: compiled steps run the adapter as norm + GEMM instead of its one-token reduction",
     )
+    p.add_argument(
+        "--step-options",
+        type=json.loads,
+        default=None,
+        help="torch.compile options of the compiled step as JSON, e.g. '{\"max_autotune\": true}' (not with --mode compile)",
+    )
     p.add_argument("--out")
     a = p.parse_args()
+    if a.step_options is not None and (a.mode == "compile" or not isinstance(a.step_options, dict)):
+        p.error("--step-options takes a JSON object of torch.compile options, and not with --mode compile")
+    global STEP_OPTIONS
+    STEP_OPTIONS = a.step_options
     if a.adapter_two_module:
         from dms_flex import decisions
 
@@ -309,6 +322,7 @@ def main():
             "batch": B,
             "cache": kind,
             "mode": a.mode,
+            "step_options": a.step_options,
             "decision": a.decision + (" (two-module)" if a.adapter_two_module else ""),
             "step_ms": ms,
             "tokens_per_s": B * 1000 / ms,

@@ -200,6 +200,12 @@ def parse_args(argv=None):
         help="our compiled step with torch.compile's mode='reduce-overhead' instead of one CUDA graph per step",
     )
     p.add_argument(
+        "--step-options",
+        type=json.loads,
+        default=None,
+        help="torch.compile options of our decode step as JSON, e.g. '{\"max_autotune\": true}' (not with --reduce-overhead)",
+    )
+    p.add_argument(
         "--no-fuse", dest="fuse", action="store_false", help="keep q/k/v and gate/up as separate GEMMs (ablation)"
     )
     p.add_argument("--check", action="store_true", help="first compare torchtune-path and dms-hf greedy tokens (B=2)")
@@ -211,6 +217,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda asked for, but torch sees no CUDA device; use --device cpu (with --tiny)")
+    if args.step_options is not None and (args.reduce_overhead or not isinstance(args.step_options, dict)):
+        p.error("--step-options takes a JSON object of torch.compile options, and not with --reduce-overhead")
     if args.text_file and not Path(args.text_file).is_file():
         p.error(f"--text-file {args.text_file}: no such file")
     if args.check_only:
@@ -315,6 +323,7 @@ class Models:
 
         self.device, self.dtype = device, dtype
         self.reduce_overhead = args.reduce_overhead
+        self.step_options = args.step_options
         self.profile_decode = args.profile_decode
         if args.tiny:
             self.base_folder, dms_folder = make_tiny(tmp, max_len, args.seed)
@@ -398,7 +407,10 @@ class TTSystem:
         self.cuda_graph = compile_step and models.device.type == "cuda" and not models.reduce_overhead
         if compile_step:
             ro = models.device.type == "cuda" and models.reduce_overhead
-            self.step = torch.compile(tm.decode_step, fullgraph=True, mode="reduce-overhead" if ro else None)
+            if ro:
+                self.step = torch.compile(tm.decode_step, fullgraph=True, mode="reduce-overhead")
+            else:
+                self.step = torch.compile(tm.decode_step, fullgraph=True, options=models.step_options)
 
     def capacity(self, T, N, frac, sample=None):
         """Slots per row and KV head: one number, or one per layer for 'layers' (calibrated once per (T, N)
@@ -855,6 +867,7 @@ def make_meta(args, device, dtype, models: Models, text_origin, compile_step):
             if compile_step
             else "eager"
         ),
+        "step_options": args.step_options,
         "fused_projections": bool(args.fuse),
         "profile_decode": bool(args.profile_decode),
         "dms_capacity": args.dms_capacity,
