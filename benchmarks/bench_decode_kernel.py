@@ -106,7 +106,6 @@ def _aot_configs(quick: bool):
         ("bfloat16", 128, 4, 64, 256, False, "single split (no merge)"),
         ("float32", 128, 4, 2, 2048, False, "fp32 (ieee dot)"),
         ("bfloat16", 128, 4, 8, 4096, True, "int8 cache, bf16 q"),
-        ("bfloat16", 64, 3, 16, 7168, False, "merge in split (counter)"),
     ]
     if not quick:
         configs += [
@@ -144,8 +143,7 @@ def _aot_compile(dk, configs, report):
         q, k, v, L, ks, vs = _aot_inputs(getattr(torch, dtype_name), D, G, B, C, quant)
         n0 = len(compiled)
         t0 = time.perf_counter()
-        counter = torch.zeros(L.numel(), dtype=torch.int32) if "counter" in note else None
-        dk._launch(q, k, v, L, None, None, ks, vs, wrap=Recorder, sm_count=132, interpret=False, counter=counter)
+        dk._launch(q, k, v, L, None, None, ks, vs, wrap=Recorder, sm_count=132, interpret=False)
         dt = time.perf_counter() - t0
         for kern, grid, _kw, ck, _dt in compiled[n0:]:
             name = "split" if kern is dk._decode_split_kernel else "merge"
@@ -743,8 +741,6 @@ def _sweep_grid(trial, D, esz, B, Hkv, cap, sm, results):
                 trial(block_n=block_n, num_warps=nw, num_stages=ns)
     best = _best(results)
     if best is not None:
-        # the merge inside the split kernel (one launch), at the best config and at the default
-        trial(block_n=best["block_n"], num_warps=best["num_warps"], num_stages=best["num_stages"], fused=True)
         bn = best["block_n"]
         auto_split, _ = dk.choose_split(B, Hkv, cap, bn, sm)
         for mult in (0.25, 0.5, 2.0, 4.0):
@@ -774,13 +770,10 @@ def _sweep_case(mname, B, ctx, cr, dtype, device, sm, bw, args):
         ref = dk.decode_attention_reference(*sets[0])
     base_cfg = dk._launch_config(D, G, esz, int8)
     results = []
-    counter = torch.zeros(B * Hkv, dtype=torch.int32, device=device)
 
     def trial(**kw):
         split = kw.get("split_size")
-        lk = {kk: vv for kk, vv in kw.items() if kk not in ("split_size", "fused")}
-        if kw.get("fused"):
-            lk["counter"] = counter
+        lk = {kk: vv for kk, vv in kw.items() if kk != "split_size"}
 
         def builder(q, k, v, L):
             if int8:

@@ -80,8 +80,6 @@ class SlotStore(nn.Module):
             "slot_pos", torch.full((B, H, C + 1), -1, dtype=torch.long, device=device), persistent=False
         )
         self.register_buffer("overflow", torch.zeros((), dtype=torch.bool, device=device), persistent=False)
-        # the decode kernel's per-(row, KV head) split counter (kernels/decode.py): zero between calls
-        self.register_buffer("split_count", torch.zeros(B, H, dtype=torch.int32, device=device), persistent=False)
 
     @property
     def quantized(self) -> bool:
@@ -646,14 +644,7 @@ def decode_attention_kernel(q: torch.Tensor, cache: DMSKVCache, scale: Optional[
     # the whole buffers (scratch slot included), not a slice: lengths never exceed the capacity,
     # and a contiguous argument spares the compiled graph any layout copy of the cache
     out = decode_attention(
-        q[:, :, 0],
-        cache.k,
-        cache.v,
-        cache.length,
-        scale,
-        k_scale=cache.k_scale,
-        v_scale=cache.v_scale,
-        counter=getattr(cache, "split_count", None),
+        q[:, :, 0], cache.k, cache.v, cache.length, scale, k_scale=cache.k_scale, v_scale=cache.v_scale
     )
     return out[:, :, None]
 

@@ -243,7 +243,6 @@ def _interp_cases():
         p.setdefault("scale", None)
         p.setdefault("noncontig_q", False)
         p.setdefault("len_dtype", "int64")
-        p.setdefault("fused", False)
         cid = "-".join(f"{k}={v}" for k, v in sorted(p.items()))
         cases.append((cid, p))
 
@@ -271,14 +270,6 @@ def _interp_cases():
     for dtype in ("float32", "float16", "bfloat16"):
         add(G=4, dtype=dtype, quant=True, C=50, split_size=16)
     add(G=1, dtype="float16", quant=True, C=50, split_size=None)
-    # the merge inside the split kernel (a counter): many splits, edge lengths, int8, strided q
-    add(G=2, dtype="float32", B=1, Hkv=2, C=150, split_size=2, fused=True)
-    add(G=4, dtype="bfloat16", D=128, C=70, split_size=32, len_dtype="int32", fused=True)
-    add(G=3, dtype="float16", C=61, split_size=16, cap_extra=9, noncontig_q=True, fused=True)
-    for lk in ("zero", "one", "full"):
-        add(G=4, dtype="float16", lengths=lk, split_size=16, fused=True)
-    add(G=4, dtype="bfloat16", quant=True, C=50, split_size=16, fused=True)
-    add(G=4, dtype="float32", C=40, split_size=None, fused=True)  # one split: nothing to merge, counter unused
     return cases
 
 
@@ -306,15 +297,6 @@ def _run_interp_case(p):
     if p["len_dtype"] == "int32":
         L = L.t().contiguous().t()  # non-contiguous lengths too
     out = dk._launch(q, k, v, L, p["scale"], p["split_size"], ks, vs, poison=True)
-    fused = {}
-    if p["fused"]:
-        # the same launch with the merge inside the split kernel: bit-identical, counter left zero,
-        # and a second call on the same counter is right too
-        counter = torch.zeros(L.shape[0] * L.shape[1], dtype=torch.int32)
-        for call in range(2):
-            out2 = dk._launch(q, k, v, L, p["scale"], p["split_size"], ks, vs, poison=True, counter=counter)
-            fused[f"same_{call}"] = bool(torch.equal(out2, out))
-        fused["counter_zero"] = bool((counter == 0).all())
     ref = decode_attention_reference(q, k, v, L, p["scale"], k_scale=ks, v_scale=vs)
     want = naive_f64(q, k, v, L, p["scale"], ks, vs)
     zero_rows_ok = True
@@ -329,7 +311,6 @@ def _run_interp_case(p):
         finite=bool(torch.isfinite(out).all()),
         dtype_ok=out.dtype == q.dtype and tuple(out.shape) == tuple(q.shape),
         zero_rows_ok=zero_rows_ok,
-        fused=fused,
     )
 
 
@@ -352,8 +333,6 @@ def test_triton_kernel_interpreter(cid, params):
     assert r["finite"], "NaN/inf in the output: unwritten element, stale partial or poisoned slot read"
     assert r["dtype_ok"]
     assert r["zero_rows_ok"]
-    if params["fused"]:
-        assert r["fused"] == {"same_0": True, "same_1": True, "counter_zero": True}, r["fused"]
     if params["dtype"] == "float32":
         tol = 1e-5 if not params["quant"] else 1e-4
     elif params["dtype"] == "float16":
@@ -515,53 +494,6 @@ def test_gpu_compile_fullgraph_and_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         _check_vs_reference(static_out, q, k, v, L)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    "B,Hkv,G,D,C,quant",
-    [
-        (16, 3, 3, 64, 7168, False),
-        (1, 8, 4, 128, 32768, False),
-        (16, 8, 4, 128, 4096, True),
-        (2, 8, 4, 128, 777, False),
-    ],
-)
-def test_gpu_merge_inside_the_split_kernel(B, Hkv, G, D, C, quant):
-    """The counted launch (the caches' path) equals the two-launch one bit for bit, call after call
-    (a partial read before its program stored it would differ), eager, compiled and replayed in a
-    CUDA graph, and leaves its counter zero."""
-    from dms_flex.kernels import decode as dk
-
-    q, k, v, L, ks, vs = _cuda_inputs(B, Hkv, G, D, C, torch.bfloat16, seed=11, quant=quant)
-    assert dk.choose_split(B, Hkv, C, dk._launch_config(D, G, 2, quant)["BLOCK_N"], 132)[1] > 1
-    want = decode_attention(q, k, v, L, k_scale=ks, v_scale=vs)
-    counter = torch.zeros(B * Hkv, dtype=torch.int32, device="cuda")
-    for _ in range(50):
-        got = decode_attention(q, k, v, L, k_scale=ks, v_scale=vs, counter=counter)
-        assert torch.equal(got, want)
-    assert (counter == 0).all()
-    _check_vs_reference(got, q, k, v, L, ks, vs)
-
-    compiled = torch.compile(
-        lambda q, L: decode_attention(q * 1.0, k, v, L, k_scale=ks, v_scale=vs, counter=counter), fullgraph=True
-    )
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            compiled(q, L)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = compiled(q, L)
-    for i in range(20):
-        q.copy_(torch.randn_like(q))
-        L.copy_(torch.randint(0, C + 1, L.shape, device="cuda"))
-        graph.replay()
-        want = decode_attention(q, k, v, L, k_scale=ks, v_scale=vs)
-        assert torch.equal(static_out, want), i
-    assert (counter == 0).all()
 
 
 @pytest.mark.gpu

@@ -28,11 +28,6 @@ output (fp32) and its log-sum-exp (log2 units) to a workspace.
 Stage 2 (``_decode_merge_kernel``), grid (B*Hq,): merges the active splits of each query head
 (split index < cdiv(length, split_size)) with log-sum-exp weights; no active split -> zeros.
 When a shape needs one split only, stage 1 writes the final output directly (no stage 2).
-With a ``counter`` (int32, one zeroed entry per (row, kv head); the caches hold one: ``split_count``
-in cache.py) stage 2 runs inside stage 1 instead: each program counts itself in with an atomic
-add after its partial is stored, and the last of a (row, kv head)'s programs merges the G heads
-(the same ``_merge_one`` as stage 2, so the output is bit-identical) and sets the entry back to 0.
-One launch per layer instead of two: a decode step is latency-bound (benchmarks/RESULTS.md).
 
 Why tl.dot with G padded to 16 rows rather than a broadcast multiply-reduce: decode is
 memory-bound, and the padded MMA costs 2*16 flops per K/V element, far under the tensor cores'
@@ -130,8 +125,14 @@ def _config(D: int, G: int, elem_bytes: int):
 
 def _launch_config(D: int, G: int, elem_bytes: int, quant: bool):
     """The launch's block sizes: `_config` in the dtype the tiles are computed in (an int8 tile is
-    converted to q's dtype, elem_bytes = q's element size)."""
-    return _config(D, G, elem_bytes)
+    converted to q's dtype: elem_bytes = q's element size). int8 K/V: 128-slot tiles, 2 stages (the
+    same bytes in flight per stage as a bf16 tile of 64; 2 stages of the 3 the converted tiles' registers
+    leave room for): 58.2 vs 65.2 us at Llama-3-8B heads, B=16, 4,096 live slots, and 11.7 vs 12.1 us at
+    SmolLM2's (benchmarks/RESULTS.md, section 27)."""
+    cfg = _config(D, G, elem_bytes)
+    if quant:
+        cfg.update(BLOCK_N=max(cfg["BLOCK_N"], 128), num_stages=2)
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,7 +148,6 @@ def _decode_split_kernel_fn(
     O_PART,
     LSE_PART,
     OUT,
-    CNT,
     stride_qb,
     stride_qh,
     stride_kb,
@@ -180,8 +180,6 @@ def _decode_split_kernel_fn(
     QUANT: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
-    FUSED: tl.constexpr,
-    MERGE_BS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -264,65 +262,6 @@ def _decode_split_kernel_fn(
         p_ptrs = O_PART + (row * G + offs_g)[:, None] * D + offs_d[None, :]
         tl.store(p_ptrs, out, mask=gd_mask & active)
         tl.store(LSE_PART + row * G + offs_g, lse, mask=g_mask & active)
-        if FUSED:
-            # every thread's partial stores happen before the (cumulative) release of the atomic add
-            tl.debug_barrier()
-            done = tl.atomic_add(CNT + pid_bh, 1, sem="acq_rel", scope="gpu")
-            if done == num_splits - 1:  # the last program of this (row, kv head): merge here
-                tl.debug_barrier()
-                n_active = tl.minimum((length + split_size - 1) // split_size, num_splits)
-                row0 = pid_bh.to(tl.int64) * num_splits
-                for g in tl.static_range(G):
-                    o = _merge_one(O_PART, LSE_PART, row0, g, n_active, G, D, BLOCK_D, MERGE_BS)
-                    o_ptrs = OUT + b64 * stride_ob + (h * G + g) * stride_oh + offs_d
-                    tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=d_mask)
-                tl.store(CNT + pid_bh, 0)  # every other program of the group has counted: reset for the next call
-
-
-def _merge_one_fn(
-    O_PART, LSE_PART, row0, g, n_active, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr
-):
-    """The merged output (BLOCK_D,) fp32 of query head g of one (row, kv head) group whose split
-    partials start at workspace row row0: log-sum-exp weights over the n_active splits, zeros when
-    none is active. Loads bypass L1 (.cg): under the fused merge other SMs wrote the partials."""
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
-
-    # pass 1: max log-sum-exp over the active splits
-    m_vec = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
-    for s0 in range(0, n_active, BLOCK_S):
-        s_idx = s0 + offs_s
-        s_mask = s_idx < n_active
-        lse = tl.load(LSE_PART + (row0 + s_idx) * G + g, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
-        m_vec = tl.maximum(m_vec, lse)
-    m = tl.max(m_vec, 0)
-    m = tl.where(n_active > 0, m, 0.0)
-
-    # pass 2: weighted sum of the partial outputs
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    w_vec = tl.zeros([BLOCK_S], dtype=tl.float32)
-    for s0 in range(0, n_active, BLOCK_S):
-        s_idx = s0 + offs_s
-        s_mask = s_idx < n_active
-        lse = tl.load(LSE_PART + (row0 + s_idx) * G + g, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
-        w = tl.exp2(lse - m)
-        w = tl.where(s_mask, w, 0.0)
-        o = tl.load(
-            O_PART + ((row0 + s_idx) * G + g)[:, None] * D + offs_d[None, :],
-            mask=s_mask[:, None] & d_mask[None, :],
-            other=0.0,
-            cache_modifier=".cg",
-        )
-        acc += tl.sum(o * w[:, None], 0)
-        w_vec += w
-    w_sum = tl.sum(w_vec, 0)
-    out = acc / tl.where(w_sum > 0.0, w_sum, 1.0)
-    return tl.where(w_sum > 0.0, out, 0.0)
-
-
-# a jit helper under its own module-level name (inductor re-emits helpers by name)
-_merge_one = triton.jit(_merge_one_fn) if HAS_TRITON else _merge_one_fn
 
 
 def _decode_merge_kernel_fn(
@@ -351,10 +290,43 @@ def _decode_merge_kernel_fn(
     length = tl.load(LEN + b * stride_lb + h * stride_lh).to(tl.int32)
     length = tl.minimum(tl.maximum(length, 0), C)
     n_active = tl.minimum((length + split_size - 1) // split_size, num_splits)
-    out = _merge_one(O_PART, LSE_PART, bh.to(tl.int64) * num_splits, g, n_active, G, D, BLOCK_D, BLOCK_S)
+
+    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    row0 = bh.to(tl.int64) * num_splits
+
+    # pass 1: max log-sum-exp over the active splits
+    m_vec = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, n_active, BLOCK_S):
+        s_idx = s0 + offs_s
+        s_mask = s_idx < n_active
+        lse = tl.load(LSE_PART + (row0 + s_idx) * G + g, mask=s_mask, other=float("-inf"))
+        m_vec = tl.maximum(m_vec, lse)
+    m = tl.max(m_vec, 0)
+    m = tl.where(n_active > 0, m, 0.0)
+
+    # pass 2: weighted sum of the partial outputs
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    w_vec = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for s0 in range(0, n_active, BLOCK_S):
+        s_idx = s0 + offs_s
+        s_mask = s_idx < n_active
+        lse = tl.load(LSE_PART + (row0 + s_idx) * G + g, mask=s_mask, other=float("-inf"))
+        w = tl.exp2(lse - m)
+        w = tl.where(s_mask, w, 0.0)
+        o = tl.load(
+            O_PART + ((row0 + s_idx) * G + g)[:, None] * D + offs_d[None, :],
+            mask=s_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        acc += tl.sum(o * w[:, None], 0)
+        w_vec += w
+    w_sum = tl.sum(w_vec, 0)
+    out = acc / tl.where(w_sum > 0.0, w_sum, 1.0)
+    out = tl.where(w_sum > 0.0, out, 0.0)
     o_ptrs = OUT + b.to(tl.int64) * stride_ob + (h * G + g) * stride_oh + offs_d
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_d < D)
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=d_mask)
 
 
 if HAS_TRITON:
@@ -391,15 +363,13 @@ def _launch(
     sm_count: Optional[int] = None,
     out: Optional[Tensor] = None,
     poison: bool = False,
-    counter: Optional[Tensor] = None,
 ) -> Tensor:
     """Run the two Triton kernels. Under TRITON_INTERPRET=1 (set before triton is imported) they
     run in Triton's CPU interpreter on CPU tensors (tests); ``wrap`` is ``torch.library.wrap_triton`` inside the triton_op.
     block_n / num_warps / num_stages / sm_count override the defaults (benchmark sweeps).
     Tests: ``out`` is a preallocated (B, Hq, D) output; ``poison`` fills output and workspace
     with NaN first, so an element the kernels fail to write (or a stale partial the merge
-    wrongly reads) shows up as NaN. ``counter``: int32, B*Hkv zeros (left zero): the merge runs
-    inside the split kernel (see the module docstring); None: a second launch merges."""
+    wrongly reads) shows up as NaN."""
     B, Hq, D, Hkv, C = check_decode_shapes(q, k_cache, v_cache, lengths, k_scale, v_scale)
     G = Hq // Hkv
     if scale is None:
@@ -471,11 +441,6 @@ def _launch(
         split_size = _cdiv(_cdiv(C, 65535), BLOCK_N) * BLOCK_N
         num_splits = _cdiv(C, split_size)
     single = num_splits == 1
-    if counter is not None and (
-        counter.dtype != torch.int32 or counter.numel() < B * Hkv or not counter.is_contiguous()
-    ):
-        raise ValueError(f"counter must be a contiguous int32 tensor of >= B*Hkv = {B * Hkv} zeros")
-    fused = counter is not None and not single
 
     dummy = torch.empty((1,), dtype=torch.float32, device=q.device)
     if quant:
@@ -494,7 +459,6 @@ def _launch(
             o_part.fill_(float("nan"))
             lse_part.fill_(float("nan"))
 
-    merge_bs = min(64, triton.next_power_of_2(num_splits))
     split_k[(B * Hkv, num_splits)](
         q,
         k_cache,
@@ -505,7 +469,6 @@ def _launch(
         o_part,
         lse_part,
         out,
-        counter if fused else dummy,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -538,12 +501,10 @@ def _launch(
         QUANT=quant,
         UPCAST=upcast,
         IEEE=ieee,
-        FUSED=fused,
-        MERGE_BS=merge_bs,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
-    if not single and not fused:
+    if not single:
         merge_k[(B * Hkv * G,)](
             o_part,
             lse_part,
@@ -560,7 +521,7 @@ def _launch(
             G=G,
             D=D,
             BLOCK_D=cfg["BLOCK_D"],
-            BLOCK_S=merge_bs,
+            BLOCK_S=min(64, triton.next_power_of_2(num_splits)),
             num_warps=4,
             num_stages=1,
         )
@@ -570,7 +531,7 @@ def _launch(
 # ----------------------------------------------------------------------------------------------
 # Custom op + public API
 # ----------------------------------------------------------------------------------------------
-_OP = _OP_COUNTED = None
+_OP = None
 if HAS_TRITON and hasattr(torch.library, "triton_op"):
 
     @torch.library.triton_op("dms_flex::decode_attention", mutates_args=())
@@ -599,37 +560,7 @@ if HAS_TRITON and hasattr(torch.library, "triton_op"):
             wrap=torch.library.wrap_triton,
         )
 
-    @torch.library.triton_op("dms_flex::decode_attention_counted", mutates_args=("counter",))
-    def _decode_attention_counted_op(
-        q: Tensor,
-        k_cache: Tensor,
-        v_cache: Tensor,
-        lengths: Tensor,
-        scale: float,
-        split_size: int,
-        counter: Tensor,
-        k_scale: Optional[Tensor] = None,
-        v_scale: Optional[Tensor] = None,
-    ) -> Tensor:
-        """decode_attention with the merge inside the split kernel; counter is written and left zero."""
-        if q.device.type != "cuda":
-            return decode_attention_reference(q, k_cache, v_cache, lengths, scale, k_scale=k_scale, v_scale=v_scale)
-        return _launch(
-            q,
-            k_cache,
-            v_cache,
-            lengths,
-            scale,
-            split_size if split_size > 0 else None,
-            k_scale,
-            v_scale,
-            interpret=False,
-            wrap=torch.library.wrap_triton,
-            counter=counter,
-        )
-
     _OP = torch.ops.dms_flex.decode_attention
-    _OP_COUNTED = torch.ops.dms_flex.decode_attention_counted
 
 
 def decode_attention(
@@ -642,21 +573,17 @@ def decode_attention(
     split_size: Optional[int] = None,
     k_scale: Optional[Tensor] = None,
     v_scale: Optional[Tensor] = None,
-    counter: Optional[Tensor] = None,
 ) -> Tensor:
     """Decode attention over a compact per-(row, kv head) cache. See the module docstring.
 
     CUDA tensors run the Triton split-KV kernel (a ``torch.library.triton_op``: capturable in
     CUDA graphs, traceable by torch.compile(fullgraph=True)); other devices use
     :func:`decode_attention_reference`. ``split_size`` (slots per split, best a multiple of the
-    kernel's BLOCK_N) overrides the shape-based heuristic. ``counter`` (int32, B*Hkv zeros, left
-    zero; e.g. a cache's ``split_count``) merges the splits inside the one kernel launch.
+    kernel's BLOCK_N) overrides the shape-based heuristic.
     """
     check_decode_shapes(q, k_cache, v_cache, lengths, k_scale, v_scale)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if q.device.type == "cuda" and counter is not None and _OP_COUNTED is not None:
-        return _OP_COUNTED(q, k_cache, v_cache, lengths, float(scale), int(split_size or 0), counter, k_scale, v_scale)
     if q.device.type == "cuda" and _OP is not None:
         return _OP(q, k_cache, v_cache, lengths, float(scale), int(split_size or 0), k_scale, v_scale)
     return decode_attention_reference(q, k_cache, v_cache, lengths, scale, k_scale=k_scale, v_scale=v_scale)
