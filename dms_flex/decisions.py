@@ -113,20 +113,35 @@ def decide_and_rope(
     the adapter reads x, the layer's input. Returns q, k after RoPE and the raw decision logits
     (B, Hkv, T) float32 (None without cfg), per-layer scope applied (docs/design.md, "Decision sources").
     """
-    logits = None
-    if cfg is not None:
-        if cfg.decision == "borrowed":
-            logits = borrowed_logits(q, num_kv_heads, cfg)
-            q = zero_borrowed_channel(q, num_kv_heads)
-        else:
-            if adapter is None or x is None:
-                raise RuntimeError("the adapter variant needs the layer's dms_adapter and its input x")
-            logits = adapter(x, cfg)
-        logits = apply_scope(logits, cfg)
+    logits = decide(q, cfg, num_kv_heads, adapter=adapter, x=x)
+    if cfg is not None and cfg.decision == "borrowed":
+        q = zero_borrowed_channel(q, num_kv_heads)
     q, k = rope(q, k)
     if cfg is not None and cfg.decision == "borrowed":
         q = zero_borrowed_channel(q, num_kv_heads)  # RoPE mixed the partner channel back in
     return q, k, logits
+
+
+def decide(
+    q: torch.Tensor,
+    cfg: Optional[DMSConfig],
+    num_kv_heads: int,
+    *,
+    adapter: Optional[nn.Module] = None,
+    x: Optional[torch.Tensor] = None,
+) -> Optional[torch.Tensor]:
+    """The decision logits (B, Hkv, T) float32 of `decide_and_rope` (None without cfg), q before RoPE.
+    A caller that rotates q itself must zero the borrowed channel before and after RoPE as
+    `decide_and_rope` does (the fused decode kernel does: kernels/decode_update.py)."""
+    if cfg is None:
+        return None
+    if cfg.decision == "borrowed":
+        logits = borrowed_logits(q, num_kv_heads, cfg)
+    else:
+        if adapter is None or x is None:
+            raise RuntimeError("the adapter variant needs the layer's dms_adapter and its input x")
+        logits = adapter(x, cfg)
+    return apply_scope(logits, cfg)
 
 
 def apply_scope(logits: torch.Tensor, cfg: DMSConfig) -> torch.Tensor:

@@ -634,6 +634,8 @@ def decode_step(
     cfg = dms_config_of(model) if state.eviction else None
     read = attend or default_decode_attention(token.device)
     pos = state.next_pos
+    if attend is None and _rope_in_update(model, token):
+        return _decode_step_rope_in_update(model, token, state, cfg, read)
 
     def step(i, q, k, v, logits):
         cache = state.caches[i]
@@ -646,6 +648,58 @@ def decode_step(
         return read(q, cache)
 
     x = run_layers(model, model.tok_embeddings(token), pos[:, None], cfg, step)
+    state.next_pos.add_(1)
+    return model.output(model.norm(x))[:, -1]
+
+
+def _rope_in_update(model: nn.Module, token: torch.Tensor) -> bool:
+    """Whether decode_step rotates q and k inside the fused cache update (kernels/decode_update.py,
+    `decode_rope_update`): on CUDA (or the Triton interpreter), with torchtune's interleaved RoPE tables
+    and a power-of-two head dim; other rotary modules keep the separate RoPE."""
+    from .kernels import decode_update as du
+
+    if token.device.type != "cuda" and not du.ta.interpreting():
+        return False
+    for layer in model.layers:
+        pe = layer.attn.pos_embeddings
+        if type(pe) not in _torchtune_types()[1:] or not du.rope_supported(
+            token.new_empty((1, 1, layer.attn.head_dim), dtype=torch.bfloat16), getattr(pe, "cache", None)
+        ):
+            return False
+    return True
+
+
+def _decode_inputs_before_rope(layer, x: torch.Tensor, input_pos: torch.Tensor, cfg: Optional[DMSConfig]):
+    """`attention_inputs` without the RoPE (and without the borrowed channel's zeroing): q (B, Hq, 1, D),
+    k, v (B, Hkv, 1, D) as the projection gives them, and the decision logits."""
+    h = _norm(layer.sa_norm, x)
+    q, k, v = _project(layer.attn, h)
+    q = q.transpose(1, 2)
+    logits = decisions.decide(q, cfg, layer.attn.num_kv_heads, adapter=getattr(layer.attn, "dms_adapter", None), x=x)
+    return q, k.transpose(1, 2), v.transpose(1, 2), logits
+
+
+def _decode_step_rope_in_update(model, token, state, cfg, read) -> torch.Tensor:
+    """decode_step with each layer's RoPE of q and k, the borrowed channel's zeroing and the cache update
+    in one kernel (`decode_rope_update`): three fewer kernels per layer than inductor's RoPE, its float32
+    intermediate and the copies of q and k it makes for the two ops (benchmarks/RESULTS.md, section 27)."""
+    from .kernels.decode_update import decode_rope_update
+
+    pos = state.next_pos
+    borrowed = cfg is not None and cfg.decision == "borrowed"
+
+    def step(i, q, k, v, logits):
+        cache = state.caches[i]
+        evict_prev = (
+            decisions.hard_evict(logits[..., 0])
+            if logits is not None
+            else torch.zeros(k.shape[:2], dtype=torch.bool, device=k.device)
+        )
+        table = model.layers[i].attn.pos_embeddings.cache
+        return read(decode_rope_update(cache, q, k, v, table, evict_prev, pos, borrowed), cache)
+
+    halves = (_decode_inputs_before_rope, finish_layer)
+    x = run_layers(model, model.tok_embeddings(token), pos[:, None], cfg, step, halves)
     state.next_pos.add_(1)
     return model.output(model.norm(x))[:, -1]
 

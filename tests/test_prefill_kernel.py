@@ -50,6 +50,16 @@ def _cases():
     add("cache", B=2, Hq=4, Hkv=2, D=16, window=1000, n1=24, steps=4, n2=19, store="float32", off=True)
     # decode into a full cache: the scratch slot and the overflow flag, never a live slot
     add("cache", B=2, Hq=2, Hkv=2, D=16, window=50, n1=10, steps=8, n2=0, store="int8", cap=13)
+    # RoPE of q and k inside the update (decode_rope_update) vs torchtune's rotary module + the reference update
+    add("rope", B=2, Hq=6, Hkv=2, D=16, window=3, steps=12, store="float32", rope="plain", borrowed=False)
+    add("rope", B=3, Hq=9, Hkv=3, D=64, window=4, steps=10, store="bfloat16", rope="plain", borrowed=True)
+    add("rope", B=2, Hq=4, Hkv=1, D=32, window=2, steps=9, store="bfloat16", rope="llama3", borrowed=False)
+    add("rope", B=2, Hq=4, Hkv=2, D=16, window=3, steps=10, store="int8", rope="plain", borrowed=True)
+    add("rope", B=2, Hq=2, Hkv=2, D=16, window=50, steps=8, store="bfloat16", rope="plain", borrowed=False, cap=10)
+    # decode_step with the RoPE in the update (the compiled GPU step's path) on a tiny model
+    for decision, scope in (("borrowed", "head"), ("adapter", "head"), ("borrowed", "layer")):
+        add("model", decision=decision, scope=scope, eviction=True)
+    add("model", decision="adapter", scope="head", eviction=False)
     return cases
 
 
@@ -182,8 +192,157 @@ def _run_cache(p, gen):
     }
 
 
+def _rotary(kind, D, max_len):
+    from torchtune.models.llama3_1 import Llama3ScaledRoPE
+    from torchtune.modules import RotaryPositionalEmbeddings
+
+    if kind == "llama3":
+        return Llama3ScaledRoPE(D, max_seq_len=max_len, base=500000.0)
+    return RotaryPositionalEmbeddings(D, max_seq_len=max_len)
+
+
+def _bf16_ulps(a, b):
+    """Largest |a - b| in units of b's bf16 spacing (Triton's interpreter rounds float32 -> bfloat16 by
+    truncation where the GPU rounds to nearest even: a bf16 result may be one unit off there)."""
+    a, b = a.float(), b.float()
+    ulp = torch.ldexp(torch.ones_like(b), torch.frexp(b)[1] - 8)
+    return float(((a - b).abs() / ulp).max())
+
+
+def _run_rope(p, gen):
+    """A first prefill (rows of different lengths), then decode steps through decode_rope_update (kernel)
+    and through torchtune's rotary module, the borrowed channel's zeroing and the reference update (kernel
+    off): q after RoPE and the cache state after every step equal (bf16: within one unit, see _bf16_ulps)."""
+    from dms_flex import decisions
+    from dms_flex.cache import DMSKVCache
+    from dms_flex.kernels import decode_update as du
+
+    B, Hq, Hkv, D, w, steps = p["B"], p["Hq"], p["Hkv"], p["D"], p["window"], p["steps"]
+    store = p["store"]
+    dtype = torch.bfloat16 if store == "bfloat16" else torch.float32
+    kv_dtype = torch.int8 if store == "int8" else None
+    n1 = 7
+    C = p.get("cap", n1 + steps + 4)
+    pe = _rotary(p["rope"], D, 64)
+    n_valid = torch.tensor([n1, 3, 5, 1][:B])  # rows at different positions
+    first = [torch.randn(B, H, n1, D, generator=gen).to(dtype) for H in (Hq, Hkv, Hkv)]
+    first_logits = torch.randn(B, Hkv, n1, generator=gen)
+    steps_in = [
+        (
+            torch.randn(B, Hq, 1, D, generator=gen).to(dtype),
+            torch.randn(B, Hkv, 1, D, generator=gen).to(dtype),
+            torch.randn(B, Hkv, 1, D, generator=gen).to(dtype),
+            torch.rand(B, Hkv, generator=gen) < 0.6,
+        )
+        for _ in range(steps)
+    ]
+    if not du.rope_supported(steps_in[0][0][:, :, 0], pe.cache):
+        return {"error": "rope_supported is False for a torchtune table"}
+
+    def drive(use_kernel):
+        saved = du.supported
+        if not use_kernel:
+            du.supported = lambda q: False
+        try:
+            cache = DMSKVCache(B, Hkv, D, C, w, dtype=dtype, kv_dtype=kv_dtype)
+            cache.append(*first, first_logits, torch.zeros(B, dtype=torch.long), n_valid)
+            pos = n_valid.clone()
+            qs, states = [], []
+            for q, k, v, ev in steps_in:
+                if use_kernel:
+                    qr = du.decode_rope_update(cache, q, k, v, pe.cache, ev, pos, p["borrowed"])
+                else:
+                    if p["borrowed"]:
+                        q = decisions.zero_borrowed_channel(q, Hkv)
+                    qk = pe(torch.cat([q, k], 1).transpose(1, 2), input_pos=pos[:, None]).transpose(1, 2)
+                    qr, kr = qk.split([Hq, Hkv], 1)
+                    if p["borrowed"]:
+                        qr = decisions.zero_borrowed_channel(qr, Hkv)
+                    cache.decode_update(kr, v, ev, pos)
+                qs.append(qr.clone())
+                states.append({n: t.clone() for n, t in cache.named_buffers() if t is not None})
+                pos = pos + 1
+            return qs, states
+        finally:
+            du.supported = saved
+
+    got_q, got_states = drive(True)
+    ref_q, ref_states = drive(False)
+    rounded = {"k"} if dtype == torch.bfloat16 else set()  # K rows written after RoPE; V rows are copied
+    same = all(
+        set(s1) == set(s2) and all(n in rounded or torch.equal(s1[n], s2[n]) for n in s1)
+        for s1, s2 in zip(got_states, ref_states)
+    )
+    k_ulps = max(_bf16_ulps(s1["k"], s2["k"]) for s1, s2 in zip(got_states, ref_states)) if rounded else 0.0
+    if dtype == torch.bfloat16:
+        q_ulps = max(_bf16_ulps(a, b) for a, b in zip(got_q, ref_q))
+    else:
+        q_ulps = 0.0 if all(torch.equal(a, b) for a, b in zip(got_q, ref_q)) else float("inf")
+    return {
+        "q_ulps": q_ulps,
+        "k_ulps": k_ulps,
+        "q_shape_ok": all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(got_q, ref_q)),
+        "state_equal": same,
+        "finite": all(bool(torch.isfinite(a.float()).all()) for a in got_q),
+        "evicted_some": bool((got_states[-1]["length"] < (n_valid + steps)[:, None]).any()),
+        "overflow": bool(got_states[-1]["overflow"]),
+    }
+
+
+def _run_model(p):
+    """Greedy decoding through decode_step with the RoPE inside the update kernel, against the same steps
+    with the separate RoPE (`_rope_in_update` off): logits and cache state bit-identical (float32), and
+    both equal the teacher-forced full-sequence forward with the same hard rule (tests/helpers.py)."""
+    from dms_flex import torchtune_model as tm
+    from tests import helpers
+
+    m = helpers.tiny_model(decision=p["decision"], scope=p["scope"], heads=(2, 1), window=3, seed=4)
+    prompt = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for fused in (True, False):
+        saved = tm._rope_in_update
+        if not fused:
+            tm._rope_in_update = lambda model, token: False
+        took = []
+        inner = tm._decode_step_rope_in_update
+
+        def spy(*a, **k):
+            took.append(1)
+            return inner(*a, **k)
+
+        tm._decode_step_rope_in_update = spy
+        try:
+            state = tm.InferenceState(m, 2, eviction=p["eviction"])
+            state.stacked = None  # the per-layer step (the compiled GPU one), not the CPU's stacked step
+            full, logits, state = helpers.greedy_cached(m, prompt, 12, state=state)
+        finally:
+            tm._rope_in_update = saved
+            tm._decode_step_rope_in_update = inner
+        runs[fused] = (full, logits, {n: t.clone() for n, t in state.named_buffers()}, state, len(took))
+    (f1, l1, s1, state, n1), (f0, l0, s0, _, n0) = runs[True], runs[False]
+    ref_ok = True
+    if p["eviction"]:
+        try:
+            helpers.assert_matches_reference(m, f1, l1, prompt.shape[1], state)
+        except AssertionError as e:
+            ref_ok = repr(e)[:300]
+    return {
+        "finite": bool(torch.isfinite(l1).all()),
+        "fused_steps": n1,
+        "reference_steps_fused": n0,
+        "logits_equal": bool(torch.equal(l1, l0)),
+        "tokens_equal": bool(torch.equal(f1, f0)),
+        "state_equal": set(s1) == set(s0) and all(torch.equal(s1[n], s0[n]) for n in s1),
+        "teacher_forced": ref_ok,
+    }
+
+
 def _run_case(p):
     gen = torch.Generator().manual_seed(zlib.crc32(json.dumps(p, sort_keys=True).encode()))
+    if p["kind"] == "model":
+        return _run_model(p)
+    if p["kind"] == "rope":
+        return _run_rope(p, gen)
     return _run_first(p, gen) if p["kind"] == "first" else _run_cache(p, gen)
 
 
@@ -200,6 +359,20 @@ def test_prefill_kernel_interpreter(cid, p):
     r = _results()[cid]
     assert "error" not in r, r.get("error")
     assert r["finite"]
+    if p["kind"] == "model":
+        assert r["fused_steps"] == 12 and r["reference_steps_fused"] == 0, r
+        assert r["logits_equal"] and r["tokens_equal"] and r["state_equal"], r
+        assert r["teacher_forced"] is True, r
+        return
+    if p["kind"] == "rope":
+        assert r["q_shape_ok"], r
+        assert r["q_ulps"] <= (1.0 if p["store"] == "bfloat16" else 0.0), r  # float32: bit-identical
+        assert r["k_ulps"] <= 1.0 and r["state_equal"], r
+        if p.get("cap"):
+            assert r["overflow"]
+        else:
+            assert r["evicted_some"]
+        return
     if p["kind"] == "first":
         tol = 2e-2 if p["dtype"] == "bfloat16" else 1e-5
         assert r["dtype_ok"]

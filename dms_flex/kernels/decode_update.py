@@ -62,6 +62,41 @@ def _write_row(x, base, scale_ptr, offs_d, dmask, QUANT: tl.constexpr, ROUND_SCA
 
 
 @_jit
+def _new_token_slot(EV, POS, LEN, SP, SM, WIN, OVF, pid, b, C, window):
+    """Steps 1, 2 and 4 of the module docstring for program pid = (row b, KV head): returns the slot
+    (int64) the new K/V row goes to and the row's base index; the caller writes K/V there."""
+    W = window + 1
+    pos = tl.load(POS + b)
+    row = pid.to(tl.int64)
+    win_base = WIN + row * W
+    sp_base = SP + row * (C + 1)
+    sm_base = SM + row * (C + 1)
+    evict = tl.load(EV + pid) != 0
+    # 1. the predecessor's slot and 2. the slot of the token leaving the window
+    prev_slot = tl.load(win_base + (pos + W - 1) % W)
+    ring = pos % W
+    old_slot = tl.load(win_base + ring)
+    old_pos = tl.load(sp_base + old_slot)
+    old_mark = tl.load(sm_base + old_slot) != 0
+    # with window 0 the leaving token is the predecessor itself: its mark is the one made now
+    old_mark = tl.where((pos >= 1) & (old_slot == prev_slot), evict, old_mark)
+    freed = (pos >= W) & _is_far(pos, old_pos, window) & old_mark
+    length = tl.load(LEN + pid)
+    new_slot = tl.where(freed, old_slot, length)
+    tl.store(OVF, new_slot >= C, mask=new_slot >= C)
+    slot = tl.minimum(new_slot, C)
+    tl.store(LEN + pid, tl.minimum(length + tl.where(freed, 0, 1), C))
+    # the predecessor's mark (unless its slot is the one being reused right now)
+    tl.store(sm_base + prev_slot, evict, mask=(pos >= 1) & (prev_slot != slot))
+    slot64 = slot.to(tl.int64)
+    # 4. bookkeeping of the new token
+    tl.store(sp_base + slot64, pos)
+    tl.store(sm_base + slot64, pos < 0)  # False
+    tl.store(win_base + ring, slot)
+    return slot64, row
+
+
+@_jit
 def _decode_update_kernel(
     KN,
     VN,
@@ -91,42 +126,95 @@ def _decode_update_kernel(
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
-    W = window + 1
-    pos = tl.load(POS + b)
-    row = pid.to(tl.int64)
-    win_base = WIN + row * W
-    sp_base = SP + row * (C + 1)
-    sm_base = SM + row * (C + 1)
-    evict = tl.load(EV + pid) != 0
-    # 1. the predecessor's slot and 2. the slot of the token leaving the window
-    prev_slot = tl.load(win_base + (pos + W - 1) % W)
-    ring = pos % W
-    old_slot = tl.load(win_base + ring)
-    old_pos = tl.load(sp_base + old_slot)
-    old_mark = tl.load(sm_base + old_slot) != 0
-    # with window 0 the leaving token is the predecessor itself: its mark is the one made now
-    old_mark = tl.where((pos >= 1) & (old_slot == prev_slot), evict, old_mark)
-    freed = (pos >= W) & _is_far(pos, old_pos, window) & old_mark
-    length = tl.load(LEN + pid)
-    new_slot = tl.where(freed, old_slot, length)
-    tl.store(OVF, new_slot >= C, mask=new_slot >= C)
-    slot = tl.minimum(new_slot, C)
-    tl.store(LEN + pid, tl.minimum(length + tl.where(freed, 0, 1), C))
-    # the predecessor's mark (unless its slot is the one being reused right now)
-    tl.store(sm_base + prev_slot, evict, mask=(pos >= 1) & (prev_slot != slot))
+    slot64, row = _new_token_slot(EV, POS, LEN, SP, SM, WIN, OVF, pid, b, C, window)
     # 3. the K/V row
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    slot64 = slot.to(tl.int64)
     k = tl.load(KN + b.to(tl.int64) * stride_knb + h * stride_knh + offs_d, mask=dmask, other=0.0)
     v = tl.load(VN + b.to(tl.int64) * stride_vnb + h * stride_vnh + offs_d, mask=dmask, other=0.0)
     kv_off = (row * (C + 1) + slot64) * D
     _write_row(k, KC + kv_off, KS + row * (C + 1) + slot64, offs_d, dmask, QUANT, ROUND_SCALE)
     _write_row(v, VC + kv_off, VS + row * (C + 1) + slot64, offs_d, dmask, QUANT, ROUND_SCALE)
-    # 4. bookkeeping of the new token
-    tl.store(sp_base + slot64, pos)
-    tl.store(sm_base + slot64, pos < 0)  # False
-    tl.store(win_base + ring, slot)
+
+
+@_jit
+def _rope_row(base, cos, sin, offs_p, HALF: tl.constexpr, ZERO_LAST: tl.constexpr):
+    """torchtune's RoPE of one row of D = 2 * D/2 channels in float32: for each pair (x_{2i}, x_{2i+1}),
+    (x_{2i} c_i - x_{2i+1} s_i, x_{2i+1} c_i + x_{2i} s_i); ZERO_LAST: channel D-1 set to 0 before and
+    after (the borrowed decision channel, decisions.zero_borrowed_channel). Returns (even, odd) halves."""
+    x0 = tl.load(base + 2 * offs_p).to(tl.float32)
+    x1 = tl.load(base + 2 * offs_p + 1).to(tl.float32)
+    if ZERO_LAST:
+        x1 = tl.where(offs_p == HALF - 1, 0.0, x1)
+    a = x0 * cos
+    bb = x1 * sin
+    even = a - bb
+    c = x1 * cos
+    d = x0 * sin
+    odd = c + d
+    if ZERO_LAST:
+        odd = tl.where(offs_p == HALF - 1, 0.0, odd)
+    return even, odd
+
+
+@_jit
+def _decode_rope_update_kernel(
+    QN,
+    KN,
+    VN,
+    ROPE,
+    QOUT,
+    EV,
+    POS,
+    KC,
+    VC,
+    KS,
+    VS,
+    LEN,
+    SP,
+    SM,
+    WIN,
+    OVF,
+    stride_qnb,
+    stride_qnh,
+    stride_knb,
+    stride_knh,
+    stride_vnb,
+    stride_vnh,
+    stride_rope,
+    H,
+    C,
+    window,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    QUANT: tl.constexpr,
+    ROUND_SCALE: tl.constexpr,
+    ZERO_BORROWED: tl.constexpr,
+):
+    """`_decode_update_kernel` with the RoPE of the new token's k (before its row is written) and of
+    the G query heads of the group (written to QOUT, (B, H*G, D) contiguous) at the row's position."""
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    b64 = b.to(tl.int64)
+    offs_p = tl.arange(0, D // 2)
+    pos = tl.load(POS + b)
+    cos = tl.load(ROPE + pos.to(tl.int64) * stride_rope + 2 * offs_p)
+    sin = tl.load(ROPE + pos.to(tl.int64) * stride_rope + 2 * offs_p + 1)
+    slot64, row = _new_token_slot(EV, POS, LEN, SP, SM, WIN, OVF, pid, b, C, window)
+    ke, ko = _rope_row(KN + b64 * stride_knb + h * stride_knh, cos, sin, offs_p, D // 2, False)
+    k = tl.reshape(tl.join(ke, ko), [D]).to(KN.dtype.element_ty)  # as torchtune: type_as the input
+    offs_d = tl.arange(0, D)
+    dmask = offs_d < D
+    v = tl.load(VN + b64 * stride_vnb + h * stride_vnh + offs_d)
+    kv_off = (row * (C + 1) + slot64) * D
+    _write_row(k, KC + kv_off, KS + row * (C + 1) + slot64, offs_d, dmask, QUANT, ROUND_SCALE)
+    _write_row(v, VC + kv_off, VS + row * (C + 1) + slot64, offs_d, dmask, QUANT, ROUND_SCALE)
+    for g in tl.static_range(G):
+        hq = h * G + g
+        qe, qo = _rope_row(QN + b64 * stride_qnb + hq * stride_qnh, cos, sin, offs_p, D // 2, ZERO_BORROWED and g == 0)
+        q = tl.reshape(tl.join(qe, qo), [D]).to(QOUT.dtype.element_ty)
+        tl.store(QOUT + (b64 * H * G + hq) * D + offs_d, q)
 
 
 def _launch(
@@ -254,6 +342,177 @@ if HAS_TRITON and hasattr(torch.library, "triton_op"):
 
     _OP = torch.ops.dms_flex.decode_update
     _OP_INT8 = torch.ops.dms_flex.decode_update_int8
+
+
+def _launch_rope(q_new, k_new, v_new, rope, evict, pos, cache, zero_borrowed: bool, wrap=None) -> Tensor:
+    """q_new (B, Hq, D), k_new, v_new (B, H, D) before RoPE (last dims contiguous); rope (max_seq, D/2, 2)
+    float32 (cos, sin) per position and pair. Returns q after RoPE, (B, Hq, D) contiguous."""
+    B, H, C1, D = cache.k.shape
+    Hq = q_new.shape[1]
+    q_out = torch.empty((B, Hq, D), dtype=q_new.dtype, device=q_new.device)
+    interpret, (kern,) = ta._resolve(None, wrap, (_decode_rope_update_kernel,))
+    quant = cache.k_scale is not None
+    ks = cache.k_scale if quant else cache.length
+    vs = cache.v_scale if quant else cache.length
+    kern[(B * H,)](
+        q_new,
+        k_new,
+        v_new,
+        rope,
+        q_out,
+        evict,
+        pos,
+        cache.k,
+        cache.v,
+        ks,
+        vs,
+        cache.length,
+        cache.slot_pos,
+        cache.slot_marked,
+        cache.win_slot,
+        cache.overflow,
+        q_new.stride(0),
+        q_new.stride(1),
+        k_new.stride(0),
+        k_new.stride(1),
+        v_new.stride(0),
+        v_new.stride(1),
+        rope.stride(0),
+        H,
+        C1 - 1,
+        int(cache.window),
+        G=Hq // H,
+        D=D,
+        QUANT=quant,
+        ROUND_SCALE=quant and k_new.dtype != torch.float32,
+        ZERO_BORROWED=bool(zero_borrowed),
+        num_warps=1,
+    )
+    return q_out
+
+
+class _CacheArgs:
+    """The cache tensors by name, as `_launch_rope` reads them (the ops below get them one by one)."""
+
+    def __init__(self, k, v, k_scale, v_scale, length, slot_pos, slot_marked, win_slot, overflow, window):
+        self.k, self.v, self.k_scale, self.v_scale = k, v, k_scale, v_scale
+        self.length, self.slot_pos, self.slot_marked, self.win_slot = length, slot_pos, slot_marked, win_slot
+        self.overflow, self.window = overflow, window
+
+
+_ROPE_OP = _ROPE_OP_INT8 = None
+if HAS_TRITON and hasattr(torch.library, "triton_op"):
+
+    @torch.library.triton_op("dms_flex::decode_rope_update", mutates_args=_MUT)
+    def _rope_op(
+        q_new: Tensor,
+        k_new: Tensor,
+        v_new: Tensor,
+        rope: Tensor,
+        evict: Tensor,
+        pos: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        length: Tensor,
+        slot_pos: Tensor,
+        slot_marked: Tensor,
+        win_slot: Tensor,
+        overflow: Tensor,
+        window: int,
+        zero_borrowed: bool,
+    ) -> Tensor:
+        c = _CacheArgs(k_cache, v_cache, None, None, length, slot_pos, slot_marked, win_slot, overflow, window)
+        return _launch_rope(q_new, k_new, v_new, rope, evict, pos, c, zero_borrowed, wrap=torch.library.wrap_triton)
+
+    @torch.library.triton_op("dms_flex::decode_rope_update_int8", mutates_args=_MUT + ("k_scale", "v_scale"))
+    def _rope_op_int8(
+        q_new: Tensor,
+        k_new: Tensor,
+        v_new: Tensor,
+        rope: Tensor,
+        evict: Tensor,
+        pos: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        k_scale: Tensor,
+        v_scale: Tensor,
+        length: Tensor,
+        slot_pos: Tensor,
+        slot_marked: Tensor,
+        win_slot: Tensor,
+        overflow: Tensor,
+        window: int,
+        zero_borrowed: bool,
+    ) -> Tensor:
+        c = _CacheArgs(k_cache, v_cache, k_scale, v_scale, length, slot_pos, slot_marked, win_slot, overflow, window)
+        return _launch_rope(q_new, k_new, v_new, rope, evict, pos, c, zero_borrowed, wrap=torch.library.wrap_triton)
+
+    _ROPE_OP = torch.ops.dms_flex.decode_rope_update
+    _ROPE_OP_INT8 = torch.ops.dms_flex.decode_rope_update_int8
+
+
+def rope_supported(q_new: Tensor, rope_table) -> bool:
+    """Where `decode_rope_update` runs: the fused kernel's device (CUDA, or CPU under the interpreter), a
+    (max_seq, D/2, 2) float32 table of torchtune's interleaved RoPE, and a power-of-two head dim >= 16."""
+    D = q_new.shape[-1]
+    return (
+        supported(q_new)
+        and rope_table is not None
+        and rope_table.dim() == 3
+        and rope_table.shape[1:] == (D // 2, 2)
+        and rope_table.dtype == torch.float32
+        and rope_table.stride(-1) == 1
+        and rope_table.stride(-2) == 2
+        and D >= 16
+        and D & (D - 1) == 0
+    )
+
+
+def decode_rope_update(
+    cache,
+    q_new: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    rope: Tensor,
+    evict_prev: Tensor,
+    pos: Tensor,
+    zero_borrowed: bool,
+) -> Tensor:
+    """RoPE of the new token's q and k at `pos` and `DMSKVCache.decode_update` in one kernel: q_new
+    (B, Hq, 1, D), k_new, v_new (B, H, 1, D) before RoPE (any strides with a contiguous last dim), rope
+    (max_seq, D/2, 2) the rotary module's (cos, sin) table, evict_prev (B, H) bool, pos (B,) int64;
+    zero_borrowed: channel D-1 of each group's first query head is zeroed before and after RoPE (the
+    borrowed decision channel). Returns q after RoPE (B, Hq, 1, D). See `rope_supported`."""
+    q_new, k_new, v_new = q_new[:, :, 0], k_new[:, :, 0], v_new[:, :, 0]
+    if q_new.stride(-1) != 1:
+        q_new = q_new.contiguous()
+    if k_new.stride(-1) != 1:
+        k_new = k_new.contiguous()
+    if v_new.stride(-1) != 1:
+        v_new = v_new.contiguous()
+    evict_prev = evict_prev.contiguous()
+    if q_new.device.type == "cuda" and _ROPE_OP is not None and not ta.interpreting():
+        args = (cache.length, cache.slot_pos, cache.slot_marked, cache.win_slot, cache.overflow, cache.window)
+        if cache.quantized:
+            q = _ROPE_OP_INT8(
+                q_new,
+                k_new,
+                v_new,
+                rope,
+                evict_prev,
+                pos,
+                cache.k,
+                cache.v,
+                cache.k_scale,
+                cache.v_scale,
+                *args,
+                bool(zero_borrowed),
+            )
+        else:
+            q = _ROPE_OP(q_new, k_new, v_new, rope, evict_prev, pos, cache.k, cache.v, *args, bool(zero_borrowed))
+    else:
+        q = _launch_rope(q_new, k_new, v_new, rope, evict_prev, pos, cache, zero_borrowed)
+    return q[:, :, None]
 
 
 def supported(k_new: Tensor) -> bool:
