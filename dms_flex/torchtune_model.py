@@ -669,34 +669,66 @@ def _rope_in_update(model: nn.Module, token: torch.Tensor) -> bool:
     return True
 
 
+def _decision_in_kernel(layer, x: torch.Tensor, cfg: DMSConfig):
+    """The `Decision` with which the fused kernel computes the layer's decisions itself (the borrowed
+    channel; the float32 adapter's one-token form, `DMSAdapter.one_token`), or None (decide outside)."""
+    from .kernels.decode_update import Decision
+
+    layer_scope = cfg.scope == "layer"
+    if cfg.decision == "borrowed":
+        return Decision("borrowed", cfg.alpha_scale, cfg.alpha_offset, layer_scope)
+    adapter = getattr(layer.attn, "dms_adapter", None)
+    if (
+        adapter is None
+        or not decisions.DMSAdapter.compiled_one_token
+        or adapter.linear.weight.dtype != torch.float32
+        or (adapter.norm.weight is not None and adapter.norm.weight.dtype != torch.float32)
+    ):
+        return None
+    eps = adapter.norm.eps if adapter.norm.eps is not None else torch.finfo(torch.float32).eps
+    return Decision(
+        "adapter", cfg.alpha_scale, cfg.alpha_offset, layer_scope, x, adapter.linear.weight, adapter.norm.weight, eps
+    )
+
+
 def _decode_inputs_before_rope(layer, x: torch.Tensor, input_pos: torch.Tensor, cfg: Optional[DMSConfig]):
     """`attention_inputs` without the RoPE (and without the borrowed channel's zeroing): q (B, Hq, 1, D),
-    k, v (B, Hkv, 1, D) as the projection gives them, and the decision logits."""
+    k, v (B, Hkv, 1, D) as the projection gives them, and the decisions: a `Decision` the fused kernel
+    computes them from, the logits where it cannot (decisions.decide), or None without DMS."""
     h = _norm(layer.sa_norm, x)
     q, k, v = _project(layer.attn, h)
     q = q.transpose(1, 2)
-    logits = decisions.decide(q, cfg, layer.attn.num_kv_heads, adapter=getattr(layer.attn, "dms_adapter", None), x=x)
-    return q, k.transpose(1, 2), v.transpose(1, 2), logits
+    decided = _decision_in_kernel(layer, x, cfg) if cfg is not None else None
+    if decided is None:
+        decided = decisions.decide(
+            q, cfg, layer.attn.num_kv_heads, adapter=getattr(layer.attn, "dms_adapter", None), x=x
+        )
+    return q, k.transpose(1, 2), v.transpose(1, 2), decided
 
 
 def _decode_step_rope_in_update(model, token, state, cfg, read) -> torch.Tensor:
-    """decode_step with each layer's RoPE of q and k, the borrowed channel's zeroing and the cache update
-    in one kernel (`decode_rope_update`): three fewer kernels per layer than inductor's RoPE, its float32
-    intermediate and the copies of q and k it makes for the two ops (benchmarks/RESULTS.md, section 27)."""
-    from .kernels.decode_update import decode_rope_update
+    """decode_step with each layer's decisions, RoPE of q and k, the borrowed channel's zeroing and the cache
+    update in one kernel (`decode_rope_update`): four fewer kernels per layer than the decision kernel,
+    inductor's RoPE, its float32 intermediate and the copies of q and k it makes for the two ops
+    (benchmarks/RESULTS.md, section 27)."""
+    from .kernels.decode_update import Decision, decode_rope_update
 
     pos = state.next_pos
     borrowed = cfg is not None and cfg.decision == "borrowed"
 
-    def step(i, q, k, v, logits):
+    def step(i, q, k, v, decided):
         cache = state.caches[i]
-        evict_prev = (
-            decisions.hard_evict(logits[..., 0])
-            if logits is not None
-            else torch.zeros(k.shape[:2], dtype=torch.bool, device=k.device)
-        )
         table = model.layers[i].attn.pos_embeddings.cache
-        return read(decode_rope_update(cache, q, k, v, table, evict_prev, pos, borrowed), cache)
+        if isinstance(decided, Decision):
+            q = decode_rope_update(cache, q, k, v, table, None, pos, borrowed, decided)
+        else:
+            evict_prev = (
+                decisions.hard_evict(decided[..., 0])
+                if decided is not None
+                else torch.zeros(k.shape[:2], dtype=torch.bool, device=k.device)
+            )
+            q = decode_rope_update(cache, q, k, v, table, evict_prev, pos, borrowed)
+        return read(q, cache)
 
     halves = (_decode_inputs_before_rope, finish_layer)
     x = run_layers(model, model.tok_embeddings(token), pos[:, None], cfg, step, halves)

@@ -56,6 +56,61 @@ def _cases():
     add("rope", B=2, Hq=4, Hkv=1, D=32, window=2, steps=9, store="bfloat16", rope="llama3", borrowed=False)
     add("rope", B=2, Hq=4, Hkv=2, D=16, window=3, steps=10, store="int8", rope="plain", borrowed=True)
     add("rope", B=2, Hq=2, Hkv=2, D=16, window=50, steps=8, store="bfloat16", rope="plain", borrowed=False, cap=10)
+    # the decisions computed inside the kernel: borrowed channel, float32 adapter (one-token form), both scopes
+    add(
+        "rope",
+        B=3,
+        Hq=6,
+        Hkv=3,
+        D=16,
+        window=3,
+        steps=10,
+        store="float32",
+        rope="plain",
+        borrowed=True,
+        decide="borrowed",
+    )
+    add(
+        "rope",
+        B=2,
+        Hq=4,
+        Hkv=2,
+        D=16,
+        window=2,
+        steps=9,
+        store="bfloat16",
+        rope="plain",
+        borrowed=True,
+        decide="borrowed",
+        scope="layer",
+    )
+    add(
+        "rope",
+        B=3,
+        Hq=6,
+        Hkv=3,
+        D=16,
+        window=3,
+        steps=10,
+        store="float32",
+        rope="plain",
+        borrowed=False,
+        decide="adapter",
+    )
+    add(
+        "rope",
+        B=2,
+        Hq=4,
+        Hkv=2,
+        D=32,
+        window=2,
+        steps=9,
+        store="int8",
+        rope="llama3",
+        borrowed=False,
+        decide="adapter",
+        scope="layer",
+    )
     # decode_step with the RoPE in the update (the compiled GPU step's path) on a tiny model
     for decision, scope in (("borrowed", "head"), ("adapter", "head"), ("borrowed", "layer")):
         add("model", decision=decision, scope=scope, eviction=True)
@@ -233,11 +288,31 @@ def _run_rope(p, gen):
             torch.randn(B, Hkv, 1, D, generator=gen).to(dtype),
             torch.randn(B, Hkv, 1, D, generator=gen).to(dtype),
             torch.rand(B, Hkv, generator=gen) < 0.6,
+            torch.randn(B, 1, 40, generator=gen).to(dtype),  # the layer input x (adapter decisions)
         )
         for _ in range(steps)
     ]
     if not du.rope_supported(steps_in[0][0][:, :, 0], pe.cache):
         return {"error": "rope_supported is False for a torchtune table"}
+    decide, layer_scope = p.get("decide", "input"), p.get("scope") == "layer"
+    scale, offset = 5.0, 0.2
+    adapter = decisions.DMSAdapter(40, Hkv)
+    with torch.no_grad():
+        adapter.linear.weight.normal_(0, 0.5, generator=gen)
+        adapter.norm.weight.uniform_(0.5, 1.5, generator=gen)
+
+    def evict_of(q, x, ev):
+        """The reference decisions: decisions.py's borrowed logits / the adapter's one-token form, the
+        scope, hard_evict."""
+        if decide == "input":
+            return ev
+        if decide == "borrowed":
+            logits = decisions.borrowed_logits(q, Hkv, type("C", (), {"alpha_scale": scale, "alpha_offset": offset}))
+        else:
+            logits = adapter.one_token(x).transpose(1, 2) * scale - offset
+        if layer_scope:
+            logits = logits[:, :1].expand_as(logits)
+        return decisions.hard_evict(logits[..., 0])
 
     def drive(use_kernel):
         saved = du.supported
@@ -248,10 +323,14 @@ def _run_rope(p, gen):
             cache.append(*first, first_logits, torch.zeros(B, dtype=torch.long), n_valid)
             pos = n_valid.clone()
             qs, states = [], []
-            for q, k, v, ev in steps_in:
-                if use_kernel:
+            for q, k, v, ev, x in steps_in:
+                if use_kernel and decide != "input":
+                    d = du.Decision(decide, scale, offset, layer_scope, x, adapter.linear.weight, adapter.norm.weight)
+                    qr = du.decode_rope_update(cache, q, k, v, pe.cache, None, pos, p["borrowed"], d)
+                elif use_kernel:
                     qr = du.decode_rope_update(cache, q, k, v, pe.cache, ev, pos, p["borrowed"])
                 else:
+                    ev = evict_of(q, x, ev)
                     if p["borrowed"]:
                         q = decisions.zero_borrowed_channel(q, Hkv)
                     qk = pe(torch.cat([q, k], 1).transpose(1, 2), input_pos=pos[:, None]).transpose(1, 2)

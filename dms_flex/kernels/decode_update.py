@@ -18,6 +18,8 @@ captured in CUDA graphs.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -62,16 +64,16 @@ def _write_row(x, base, scale_ptr, offs_d, dmask, QUANT: tl.constexpr, ROUND_SCA
 
 
 @_jit
-def _new_token_slot(EV, POS, LEN, SP, SM, WIN, OVF, pid, b, C, window):
-    """Steps 1, 2 and 4 of the module docstring for program pid = (row b, KV head): returns the slot
-    (int64) the new K/V row goes to and the row's base index; the caller writes K/V there."""
+def _new_token_slot(evict, POS, LEN, SP, SM, WIN, OVF, pid, b, C, window):
+    """Steps 1, 2 and 4 of the module docstring for program pid = (row b, KV head), evict the new token's
+    decision about its predecessor: returns the slot (int64) the new K/V row goes to and the row's base
+    index; the caller writes K/V there."""
     W = window + 1
     pos = tl.load(POS + b)
     row = pid.to(tl.int64)
     win_base = WIN + row * W
     sp_base = SP + row * (C + 1)
     sm_base = SM + row * (C + 1)
-    evict = tl.load(EV + pid) != 0
     # 1. the predecessor's slot and 2. the slot of the token leaving the window
     prev_slot = tl.load(win_base + (pos + W - 1) % W)
     ring = pos % W
@@ -126,7 +128,7 @@ def _decode_update_kernel(
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
-    slot64, row = _new_token_slot(EV, POS, LEN, SP, SM, WIN, OVF, pid, b, C, window)
+    slot64, row = _new_token_slot(tl.load(EV + pid) != 0, POS, LEN, SP, SM, WIN, OVF, pid, b, C, window)
     # 3. the K/V row
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
@@ -165,6 +167,9 @@ def _decode_rope_update_kernel(
     ROPE,
     QOUT,
     EV,
+    X,
+    AW,
+    AG,
     POS,
     KC,
     VC,
@@ -182,6 +187,10 @@ def _decode_rope_update_kernel(
     stride_vnb,
     stride_vnh,
     stride_rope,
+    stride_xb,
+    alpha_scale,
+    alpha_offset,
+    eps,
     H,
     C,
     window,
@@ -190,6 +199,11 @@ def _decode_rope_update_kernel(
     QUANT: tl.constexpr,
     ROUND_SCALE: tl.constexpr,
     ZERO_BORROWED: tl.constexpr,
+    DECIDE: tl.constexpr,
+    LAYER_SCOPE: tl.constexpr,
+    HIDDEN: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HAS_G: tl.constexpr,
 ):
     """`_decode_update_kernel` with the RoPE of the new token's k (before its row is written) and of
     the G query heads of the group (written to QOUT, (B, H*G, D) contiguous) at the row's position."""
@@ -201,7 +215,24 @@ def _decode_rope_update_kernel(
     pos = tl.load(POS + b)
     cos = tl.load(ROPE + pos.to(tl.int64) * stride_rope + 2 * offs_p)
     sin = tl.load(ROPE + pos.to(tl.int64) * stride_rope + 2 * offs_p + 1)
-    slot64, row = _new_token_slot(EV, POS, LEN, SP, SM, WIN, OVF, pid, b, C, window)
+    # the new token's decision about its predecessor (decisions.decide, then hard_evict: logit > 0)
+    hd = h * (1 - LAYER_SCOPE)  # per-layer scope: KV head 0's decision for every head
+    if DECIDE == 1:  # borrowed: the last channel of the group's first query head, before RoPE
+        raw = tl.load(QN + b64 * stride_qnb + hd * G * stride_qnh + D - 1).to(tl.float32)
+        evict = (raw * alpha_scale - alpha_offset) > 0.0
+    elif DECIDE == 2:  # adapter, one-token form: rsqrt(mean(x^2) + eps) * (x . (w_h * g))
+        offs_x = tl.arange(0, BLOCK_H)
+        xm = offs_x < HIDDEN
+        xf = tl.load(X + b64 * stride_xb + offs_x, mask=xm, other=0.0).to(tl.float32)
+        w = tl.load(AW + hd * HIDDEN + offs_x, mask=xm, other=0.0)
+        if HAS_G:
+            w = w * tl.load(AG + offs_x, mask=xm, other=0.0)
+        dot = tl.sum(xf * w, 0)
+        ms = tl.sum(xf * xf, 0) / HIDDEN
+        evict = (dot * (1.0 / tl.sqrt_rn(ms + eps)) * alpha_scale - alpha_offset) > 0.0
+    else:
+        evict = tl.load(EV + pid) != 0
+    slot64, row = _new_token_slot(evict, POS, LEN, SP, SM, WIN, OVF, pid, b, C, window)
     ke, ko = _rope_row(KN + b64 * stride_knb + h * stride_knh, cos, sin, offs_p, D // 2, False)
     k = tl.reshape(tl.join(ke, ko), [D]).to(KN.dtype.element_ty)  # as torchtune: type_as the input
     offs_d = tl.arange(0, D)
@@ -344,9 +375,28 @@ if HAS_TRITON and hasattr(torch.library, "triton_op"):
     _OP_INT8 = torch.ops.dms_flex.decode_update_int8
 
 
-def _launch_rope(q_new, k_new, v_new, rope, evict, pos, cache, zero_borrowed: bool, wrap=None) -> Tensor:
+class Decision:
+    """Where `decode_rope_update` takes the new token's decision from. kind "input": the evict tensor;
+    "borrowed": q's borrowed channel; "adapter": the adapter's one-token form over x, the layer's input
+    (B, hidden), with weight (Hkv, hidden) float32 and the norm's scale g (hidden,) float32 or None.
+    alpha_scale, alpha_offset: the DMS config's; layer_scope: KV head 0's decision for all heads."""
+
+    KINDS = {"input": 0, "borrowed": 1, "adapter": 2}
+
+    def __init__(
+        self, kind="input", alpha_scale=1.0, alpha_offset=0.0, layer_scope=False, x=None, weight=None, g=None, eps=1e-6
+    ):
+        if kind not in self.KINDS:
+            raise ValueError(f"decision kind {kind!r}: expected one of {sorted(self.KINDS)}")
+        self.kind, self.alpha_scale, self.alpha_offset, self.layer_scope = kind, alpha_scale, alpha_offset, layer_scope
+        self.x, self.weight, self.g, self.eps = x, weight, g, eps
+
+
+def _launch_rope(q_new, k_new, v_new, rope, evict, pos, cache, zero_borrowed: bool, decision=None, wrap=None) -> Tensor:
     """q_new (B, Hq, D), k_new, v_new (B, H, D) before RoPE (last dims contiguous); rope (max_seq, D/2, 2)
-    float32 (cos, sin) per position and pair. Returns q after RoPE, (B, Hq, D) contiguous."""
+    float32 (cos, sin) per position and pair; decision: a `Decision` (None: the evict tensor). Returns q
+    after RoPE, (B, Hq, D) contiguous."""
+    decision = decision or Decision()
     B, H, C1, D = cache.k.shape
     Hq = q_new.shape[1]
     q_out = torch.empty((B, Hq, D), dtype=q_new.dtype, device=q_new.device)
@@ -354,6 +404,8 @@ def _launch_rope(q_new, k_new, v_new, rope, evict, pos, cache, zero_borrowed: bo
     quant = cache.k_scale is not None
     ks = cache.k_scale if quant else cache.length
     vs = cache.v_scale if quant else cache.length
+    x, w, g = decision.x, decision.weight, decision.g
+    hidden = x.shape[-1] if x is not None else 1
     kern[(B * H,)](
         q_new,
         k_new,
@@ -361,6 +413,9 @@ def _launch_rope(q_new, k_new, v_new, rope, evict, pos, cache, zero_borrowed: bo
         rope,
         q_out,
         evict,
+        x if x is not None else evict,
+        w if w is not None else q_out,
+        g if g is not None else q_out,
         pos,
         cache.k,
         cache.v,
@@ -378,6 +433,10 @@ def _launch_rope(q_new, k_new, v_new, rope, evict, pos, cache, zero_borrowed: bo
         v_new.stride(0),
         v_new.stride(1),
         rope.stride(0),
+        x.stride(0) if x is not None else 0,
+        float(decision.alpha_scale),
+        float(decision.alpha_offset),
+        float(decision.eps),
         H,
         C1 - 1,
         int(cache.window),
@@ -386,6 +445,11 @@ def _launch_rope(q_new, k_new, v_new, rope, evict, pos, cache, zero_borrowed: bo
         QUANT=quant,
         ROUND_SCALE=quant and k_new.dtype != torch.float32,
         ZERO_BORROWED=bool(zero_borrowed),
+        DECIDE=Decision.KINDS[decision.kind],
+        LAYER_SCOPE=int(bool(decision.layer_scope)),
+        HIDDEN=hidden,
+        BLOCK_H=triton.next_power_of_2(hidden),
+        HAS_G=g is not None,
         num_warps=1,
     )
     return q_out
@@ -402,6 +466,10 @@ class _CacheArgs:
 
 _ROPE_OP = _ROPE_OP_INT8 = None
 if HAS_TRITON and hasattr(torch.library, "triton_op"):
+
+    def _decision_of(decide, x, adapter_w, adapter_g, alpha_scale, alpha_offset, eps, layer_scope):
+        kind = {v: k for k, v in Decision.KINDS.items()}[decide]
+        return Decision(kind, alpha_scale, alpha_offset, layer_scope, x, adapter_w, adapter_g, eps)
 
     @torch.library.triton_op("dms_flex::decode_rope_update", mutates_args=_MUT)
     def _rope_op(
@@ -420,9 +488,18 @@ if HAS_TRITON and hasattr(torch.library, "triton_op"):
         overflow: Tensor,
         window: int,
         zero_borrowed: bool,
+        decide: int,
+        x: Optional[Tensor],
+        adapter_w: Optional[Tensor],
+        adapter_g: Optional[Tensor],
+        alpha_scale: float,
+        alpha_offset: float,
+        eps: float,
+        layer_scope: bool,
     ) -> Tensor:
         c = _CacheArgs(k_cache, v_cache, None, None, length, slot_pos, slot_marked, win_slot, overflow, window)
-        return _launch_rope(q_new, k_new, v_new, rope, evict, pos, c, zero_borrowed, wrap=torch.library.wrap_triton)
+        d = _decision_of(decide, x, adapter_w, adapter_g, alpha_scale, alpha_offset, eps, layer_scope)
+        return _launch_rope(q_new, k_new, v_new, rope, evict, pos, c, zero_borrowed, d, wrap=torch.library.wrap_triton)
 
     @torch.library.triton_op("dms_flex::decode_rope_update_int8", mutates_args=_MUT + ("k_scale", "v_scale"))
     def _rope_op_int8(
@@ -443,9 +520,18 @@ if HAS_TRITON and hasattr(torch.library, "triton_op"):
         overflow: Tensor,
         window: int,
         zero_borrowed: bool,
+        decide: int,
+        x: Optional[Tensor],
+        adapter_w: Optional[Tensor],
+        adapter_g: Optional[Tensor],
+        alpha_scale: float,
+        alpha_offset: float,
+        eps: float,
+        layer_scope: bool,
     ) -> Tensor:
         c = _CacheArgs(k_cache, v_cache, k_scale, v_scale, length, slot_pos, slot_marked, win_slot, overflow, window)
-        return _launch_rope(q_new, k_new, v_new, rope, evict, pos, c, zero_borrowed, wrap=torch.library.wrap_triton)
+        d = _decision_of(decide, x, adapter_w, adapter_g, alpha_scale, alpha_offset, eps, layer_scope)
+        return _launch_rope(q_new, k_new, v_new, rope, evict, pos, c, zero_borrowed, d, wrap=torch.library.wrap_triton)
 
     _ROPE_OP = torch.ops.dms_flex.decode_rope_update
     _ROPE_OP_INT8 = torch.ops.dms_flex.decode_rope_update_int8
@@ -474,15 +560,20 @@ def decode_rope_update(
     k_new: Tensor,
     v_new: Tensor,
     rope: Tensor,
-    evict_prev: Tensor,
+    evict_prev: Optional[Tensor],
     pos: Tensor,
     zero_borrowed: bool,
+    decision: Optional[Decision] = None,
 ) -> Tensor:
     """RoPE of the new token's q and k at `pos` and `DMSKVCache.decode_update` in one kernel: q_new
     (B, Hq, 1, D), k_new, v_new (B, H, 1, D) before RoPE (any strides with a contiguous last dim), rope
-    (max_seq, D/2, 2) the rotary module's (cos, sin) table, evict_prev (B, H) bool, pos (B,) int64;
-    zero_borrowed: channel D-1 of each group's first query head is zeroed before and after RoPE (the
-    borrowed decision channel). Returns q after RoPE (B, Hq, 1, D). See `rope_supported`."""
+    (max_seq, D/2, 2) the rotary module's (cos, sin) table, pos (B,) int64; evict_prev (B, H) bool, the
+    decisions, or None with a `Decision` that the kernel computes them from; zero_borrowed: channel D-1 of
+    each group's first query head is zeroed before and after RoPE (the borrowed decision channel).
+    Returns q after RoPE (B, Hq, 1, D). See `rope_supported`."""
+    decision = decision or Decision()
+    if decision.kind == "input" and evict_prev is None:
+        raise ValueError("decode_rope_update needs evict_prev, or a Decision that computes it")
     q_new, k_new, v_new = q_new[:, :, 0], k_new[:, :, 0], v_new[:, :, 0]
     if q_new.stride(-1) != 1:
         q_new = q_new.contiguous()
@@ -490,28 +581,44 @@ def decode_rope_update(
         k_new = k_new.contiguous()
     if v_new.stride(-1) != 1:
         v_new = v_new.contiguous()
-    evict_prev = evict_prev.contiguous()
+    x = decision.x
+    if x is not None:
+        x = x.reshape(x.shape[0], x.shape[-1])  # (B, 1, hidden) -> (B, hidden)
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        decision = Decision(
+            decision.kind,
+            decision.alpha_scale,
+            decision.alpha_offset,
+            decision.layer_scope,
+            x,
+            decision.weight,
+            decision.g,
+            decision.eps,
+        )
+    evict = evict_prev.contiguous() if evict_prev is not None else pos
     if q_new.device.type == "cuda" and _ROPE_OP is not None and not ta.interpreting():
         args = (cache.length, cache.slot_pos, cache.slot_marked, cache.win_slot, cache.overflow, cache.window)
+        d = decision
+        dargs = (
+            bool(zero_borrowed),
+            Decision.KINDS[d.kind],
+            d.x,
+            d.weight,
+            d.g,
+            float(d.alpha_scale),
+            float(d.alpha_offset),
+            float(d.eps),
+            bool(d.layer_scope),
+        )
         if cache.quantized:
             q = _ROPE_OP_INT8(
-                q_new,
-                k_new,
-                v_new,
-                rope,
-                evict_prev,
-                pos,
-                cache.k,
-                cache.v,
-                cache.k_scale,
-                cache.v_scale,
-                *args,
-                bool(zero_borrowed),
+                q_new, k_new, v_new, rope, evict, pos, cache.k, cache.v, cache.k_scale, cache.v_scale, *args, *dargs
             )
         else:
-            q = _ROPE_OP(q_new, k_new, v_new, rope, evict_prev, pos, cache.k, cache.v, *args, bool(zero_borrowed))
+            q = _ROPE_OP(q_new, k_new, v_new, rope, evict, pos, cache.k, cache.v, *args, *dargs)
     else:
-        q = _launch_rope(q_new, k_new, v_new, rope, evict_prev, pos, cache, zero_borrowed)
+        q = _launch_rope(q_new, k_new, v_new, rope, evict, pos, cache, zero_borrowed, decision)
     return q[:, :, None]
 
 
