@@ -217,9 +217,12 @@ def _decode_rope_update_kernel(
     sin = tl.load(ROPE + pos.to(tl.int64) * stride_rope + 2 * offs_p + 1)
     # the new token's decision about its predecessor (decisions.decide, then hard_evict: logit > 0)
     hd = h * (1 - LAYER_SCOPE)  # per-layer scope: KV head 0's decision for every head
+    # float32 as torch computes a float32 tensor with Python scalars (inductor may pass the scalars as fp64)
+    a_scale = tl.full([], alpha_scale, tl.float32)
+    a_offset = tl.full([], alpha_offset, tl.float32)
     if DECIDE == 1:  # borrowed: the last channel of the group's first query head, before RoPE
         raw = tl.load(QN + b64 * stride_qnb + hd * G * stride_qnh + D - 1).to(tl.float32)
-        evict = (raw * alpha_scale - alpha_offset) > 0.0
+        evict = (raw * a_scale - a_offset) > 0.0
     elif DECIDE == 2:  # adapter, one-token form: rsqrt(mean(x^2) + eps) * (x . (w_h * g))
         offs_x = tl.arange(0, BLOCK_H)
         xm = offs_x < HIDDEN
@@ -229,7 +232,7 @@ def _decode_rope_update_kernel(
             w = w * tl.load(AG + offs_x, mask=xm, other=0.0)
         dot = tl.sum(xf * w, 0)
         ms = tl.sum(xf * xf, 0) / HIDDEN
-        evict = (dot * (1.0 / tl.sqrt_rn(ms + eps)) * alpha_scale - alpha_offset) > 0.0
+        evict = (dot * (1.0 / tl.sqrt_rn(ms + tl.full([], eps, tl.float32))) * a_scale - a_offset) > 0.0
     else:
         evict = tl.load(EV + pid) != 0
     slot64, row = _new_token_slot(evict, POS, LEN, SP, SM, WIN, OVF, pid, b, C, window)
