@@ -290,12 +290,12 @@ def main():
         "--step-options",
         type=json.loads,
         default=None,
-        help="torch.compile options of the compiled step as JSON, e.g. '{\"max_autotune\": true}' (not with --mode compile)",
+        help="torch.compile options of the compiled step as JSON, e.g. '{\"max_autotune\": true}' (with --mode compile-graph; --profile uses them too)",
     )
     p.add_argument("--out")
     a = p.parse_args()
-    if a.step_options is not None and (a.mode == "compile" or not isinstance(a.step_options, dict)):
-        p.error("--step-options takes a JSON object of torch.compile options, and not with --mode compile")
+    if a.step_options is not None and (a.mode != "compile-graph" or not isinstance(a.step_options, dict)):
+        p.error("--step-options takes a JSON object of torch.compile options, with --mode compile-graph")
     global STEP_OPTIONS
     STEP_OPTIONS = a.step_options
     if a.adapter_two_module:

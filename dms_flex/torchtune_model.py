@@ -634,7 +634,7 @@ def decode_step(
     cfg = dms_config_of(model) if state.eviction else None
     read = attend or default_decode_attention(token.device)
     pos = state.next_pos
-    if attend is None and _rope_in_update(model, token):
+    if attend is None and _rope_in_update(model, token, state.max_seq_len):
         return _decode_step_rope_in_update(model, token, state, cfg, read)
 
     def step(i, q, k, v, logits):
@@ -652,18 +652,20 @@ def decode_step(
     return model.output(model.norm(x))[:, -1]
 
 
-def _rope_in_update(model: nn.Module, token: torch.Tensor) -> bool:
+def _rope_in_update(model: nn.Module, token: torch.Tensor, positions: int = 0) -> bool:
     """Whether decode_step rotates q and k inside the fused cache update (kernels/decode_update.py,
-    `decode_rope_update`): on CUDA (or the Triton interpreter), with torchtune's interleaved RoPE tables
-    and a power-of-two head dim; other rotary modules keep the separate RoPE."""
+    `decode_rope_update`): on CUDA (or the Triton interpreter), with torchtune's interleaved RoPE tables in
+    float32 covering `positions` positions (the state's max_seq_len) and a power-of-two head dim >= 16
+    (`rope_table_fits`); other rotary modules, and a model cast to bf16 (its table too), keep the separate
+    RoPE."""
     from .kernels import decode_update as du
 
     if token.device.type != "cuda" and not du.ta.interpreting():
         return False
     for layer in model.layers:
         pe = layer.attn.pos_embeddings
-        if type(pe) not in _torchtune_types()[1:] or not du.rope_supported(
-            token.new_empty((1, 1, layer.attn.head_dim), dtype=torch.bfloat16), getattr(pe, "cache", None)
+        if type(pe) not in _torchtune_types()[1:] or not du.rope_table_fits(
+            layer.attn.head_dim, getattr(pe, "cache", None), positions
         ):
             return False
     return True

@@ -33,8 +33,9 @@ def tiny_model(
     heads=(4, 2),
     max_seq_len=96,
     vocab_size=64,
+    embed_dim=32,
 ):
-    """A 2-layer torchtune Llama-3 (or Qwen2) of width 32 with DMS (alpha_scale 5, alpha_offset `offset`),
+    """A 2-layer torchtune Llama-3 (or Qwen2) of width embed_dim (32) with DMS (alpha_scale 5, alpha_offset `offset`),
     weights N(0, 0.3) so that decisions and logits are far from zero; adapters random when used."""
     from torchtune.models.llama3._component_builders import llama3
     from torchtune.models.qwen2._component_builders import qwen2
@@ -45,9 +46,9 @@ def tiny_model(
         num_layers=2,
         num_heads=heads[0],
         num_kv_heads=heads[1],
-        embed_dim=32,
+        embed_dim=embed_dim,
         max_seq_len=max_seq_len,
-        intermediate_dim=64,
+        intermediate_dim=2 * embed_dim,
     )
     m = (llama3(**kw) if family == "llama" else qwen2(**kw, rope_base=10000)).eval()
     with torch.no_grad():

@@ -56,22 +56,23 @@ def test_flex_matches_dense_reference_forward_backward_bf16(window):
 
 
 @pytest.mark.parametrize(
-    "decision,heads,scope,fused",
+    "decision,heads,embed,scope,fused",
     [
-        ("borrowed", (4, 2), "head", False),  # head dim 8: the separate RoPE and update
-        ("borrowed", (2, 1), "head", True),  # head dim 16: decisions, RoPE and update in one kernel
-        ("adapter", (2, 1), "head", True),
-        ("adapter", (4, 1), "layer", False),
+        ("borrowed", (4, 2), 32, "head", False),  # head dim 8: the separate RoPE and update
+        ("borrowed", (4, 2), 64, "head", True),  # head dim 16: decisions, RoPE and update in one kernel
+        ("adapter", (4, 2), 64, "head", True),
+        ("adapter", (4, 2), 64, "layer", True),
+        ("adapter", (4, 1), 32, "layer", False),
     ],
 )
-def test_cuda_graph_generation_matches_teacher_forced(decision, heads, scope, fused):
+def test_cuda_graph_generation_matches_teacher_forced(decision, heads, embed, scope, fused):
     from dms_flex import torchtune_model as tm
 
     from .helpers import assert_matches_reference, greedy_cached, tiny_model
 
-    m = tiny_model(window=3, max_seq_len=256, decision=decision, heads=heads, scope=scope).cuda()
+    m = tiny_model(window=3, max_seq_len=256, decision=decision, heads=heads, embed_dim=embed, scope=scope).cuda()
     prompt = torch.randint(0, 64, (2, 30), device="cuda")
-    assert tm._rope_in_update(m, prompt[:, :1]) == fused
+    assert tm._rope_in_update(m, prompt[:, :1], 256) == fused
     state = tm.InferenceState(m, 2)
     compiled = torch.compile(tm.decode_step, fullgraph=True, mode="reduce-overhead")
     with torch.no_grad():

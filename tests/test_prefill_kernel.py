@@ -12,6 +12,7 @@ All cases run in ONE subprocess with TRITON_INTERPRET=1 (tests/_interp.py):
 from __future__ import annotations
 
 import functools
+import re
 import importlib.util
 import json
 import sys
@@ -112,9 +113,40 @@ def _cases():
         scope="layer",
     )
     # decode_step with the RoPE in the update (the compiled GPU step's path) on a tiny model
-    for decision, scope in (("borrowed", "head"), ("adapter", "head"), ("borrowed", "layer")):
-        add("model", decision=decision, scope=scope, eviction=True)
+    for decision, scope in (("borrowed", "head"), ("adapter", "head"), ("adapter", "layer")):
+        add("model", decision=decision, scope=scope, eviction=True)  # 4 query / 2 KV heads of 16 channels
     add("model", decision="adapter", scope="head", eviction=False)
+    add("fallback")  # where decode_step keeps the separate RoPE
+    # bf16 K/V quantized to int8 after the rotation; q, k, v as slices of one fused projection (strided rows)
+    add(
+        "rope",
+        B=2,
+        Hq=4,
+        Hkv=2,
+        D=16,
+        window=3,
+        steps=10,
+        store="int8",
+        rope="plain",
+        borrowed=True,
+        decide="borrowed",
+        model_dtype="bfloat16",
+        strided=True,
+    )
+    add(
+        "rope",
+        B=3,
+        Hq=6,
+        Hkv=3,
+        D=32,
+        window=2,
+        steps=9,
+        store="float32",
+        rope="llama3",
+        borrowed=False,
+        decide="adapter",
+        strided=True,
+    )
     return cases
 
 
@@ -274,9 +306,18 @@ def _run_rope(p, gen):
 
     B, Hq, Hkv, D, w, steps = p["B"], p["Hq"], p["Hkv"], p["D"], p["window"], p["steps"]
     store = p["store"]
-    dtype = torch.bfloat16 if store == "bfloat16" else torch.float32
+    dtype = torch.bfloat16 if "bfloat16" in (store, p.get("model_dtype")) else torch.float32
     kv_dtype = torch.int8 if store == "int8" else None
     n1 = 7
+
+    def new_qkv():
+        """q, k, v (B, H, 1, D): contiguous, or (strided) slices of one (B, 1, (Hq + 2 Hkv) * D) projection."""
+        if not p.get("strided"):
+            return [torch.randn(B, H, 1, D, generator=gen).to(dtype) for H in (Hq, Hkv, Hkv)]
+        fused = torch.randn(B, 1, (Hq + 2 * Hkv) * D, generator=gen).to(dtype)
+        q, k, v = fused.split([Hq * D, Hkv * D, Hkv * D], -1)
+        return [t.reshape(B, 1, -1, D).transpose(1, 2) for t in (q, k, v)]
+
     C = p.get("cap", n1 + steps + 4)
     pe = _rotary(p["rope"], D, 64)
     n_valid = torch.tensor([n1, 3, 5, 1][:B])  # rows at different positions
@@ -284,9 +325,7 @@ def _run_rope(p, gen):
     first_logits = torch.randn(B, Hkv, n1, generator=gen)
     steps_in = [
         (
-            torch.randn(B, Hq, 1, D, generator=gen).to(dtype),
-            torch.randn(B, Hkv, 1, D, generator=gen).to(dtype),
-            torch.randn(B, Hkv, 1, D, generator=gen).to(dtype),
+            *new_qkv(),
             torch.rand(B, Hkv, generator=gen) < 0.6,
             torch.randn(B, 1, 40, generator=gen).to(dtype),  # the layer input x (adapter decisions)
         )
@@ -347,17 +386,39 @@ def _run_rope(p, gen):
 
     got_q, got_states = drive(True)
     ref_q, ref_states = drive(False)
-    rounded = {"k"} if dtype == torch.bfloat16 else set()  # K rows written after RoPE; V rows are copied
+    # K rows are written after RoPE (bf16 there: see _bf16_ulps); V rows are copied, but an int8 row's bf16
+    # scale is rounded in the interpreter too
+    rounded = (
+        set() if dtype != torch.bfloat16 else ({"k", "k_scale", "v", "v_scale"} if kv_dtype is not None else {"k"})
+    )
     same = all(
         set(s1) == set(s2) and all(n in rounded or torch.equal(s1[n], s2[n]) for n in s1)
         for s1, s2 in zip(got_states, ref_states)
     )
-    k_ulps = max(_bf16_ulps(s1["k"], s2["k"]) for s1, s2 in zip(got_states, ref_states)) if rounded else 0.0
+    if not rounded:
+        k_ulps = 0.0
+    elif kv_dtype is None:
+        k_ulps = max(_bf16_ulps(s1["k"], s2["k"]) for s1, s2 in zip(got_states, ref_states))
+    else:  # int8 codes of a bf16 row one unit apart: the dequantized rows within about one code step
+        k_ulps = max(
+            float(
+                (
+                    (s1[n].float() * s1[n + "_scale"][..., None] - s2[n].float() * s2[n + "_scale"][..., None]).abs()
+                ).max()
+                / s2[n + "_scale"].max()
+            )
+            for s1, s2 in zip(got_states, ref_states)
+            for n in ("k", "v")
+        )
     if dtype == torch.bfloat16:
         q_ulps = max(_bf16_ulps(a, b) for a, b in zip(got_q, ref_q))
     else:
         q_ulps = 0.0 if all(torch.equal(a, b) for a, b in zip(got_q, ref_q)) else float("inf")
+    differs = sorted(
+        {n for s1, s2 in zip(got_states, ref_states) for n in s1 if n not in rounded and not torch.equal(s1[n], s2[n])}
+    )
     return {
+        "differs": differs,
         "q_ulps": q_ulps,
         "k_ulps": k_ulps,
         "q_shape_ok": all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(got_q, ref_q)),
@@ -375,13 +436,13 @@ def _run_model(p):
     from dms_flex import torchtune_model as tm
     from tests import helpers
 
-    m = helpers.tiny_model(decision=p["decision"], scope=p["scope"], heads=(2, 1), window=3, seed=4)
+    m = helpers.tiny_model(decision=p["decision"], scope=p["scope"], heads=(4, 2), embed_dim=64, window=3, seed=4)
     prompt = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     runs = {}
     for fused in (True, False):
         saved = tm._rope_in_update
         if not fused:
-            tm._rope_in_update = lambda model, token: False
+            tm._rope_in_update = lambda model, token, positions=0: False
         took = []
         inner = tm._decode_step_rope_in_update
 
@@ -416,8 +477,29 @@ def _run_model(p):
     }
 
 
+def _run_fallback(p):
+    """`_rope_in_update` under the interpreter: True for torchtune's Llama RoPE in float32; False for a bf16 model
+    (its table too), positions past the table, Qwen2's rotary module and head dims under 16."""
+    from dms_flex import torchtune_model as tm
+    from tests import helpers
+
+    tok = torch.zeros(1, 1, dtype=torch.long)
+    m = helpers.tiny_model(heads=(4, 2), embed_dim=64)
+    n = m.layers[0].attn.pos_embeddings.cache.shape[0]
+    return {
+        "llama": tm._rope_in_update(m, tok, n),
+        "past_table": tm._rope_in_update(m, tok, n + 1),
+        "bf16": tm._rope_in_update(helpers.tiny_model(heads=(4, 2), embed_dim=64).to(torch.bfloat16), tok),
+        "qwen2": tm._rope_in_update(helpers.tiny_model(family="qwen2", heads=(4, 2), embed_dim=64), tok),
+        "head_dim_8": tm._rope_in_update(helpers.tiny_model(), tok),
+        "finite": True,
+    }
+
+
 def _run_case(p):
     gen = torch.Generator().manual_seed(zlib.crc32(json.dumps(p, sort_keys=True).encode()))
+    if p["kind"] == "fallback":
+        return _run_fallback(p)
     if p["kind"] == "model":
         return _run_model(p)
     if p["kind"] == "rope":
@@ -438,6 +520,10 @@ def test_prefill_kernel_interpreter(cid, p):
     r = _results()[cid]
     assert "error" not in r, r.get("error")
     assert r["finite"]
+    if p["kind"] == "fallback":
+        want = {"llama": True, "past_table": False, "bf16": False, "qwen2": False, "head_dim_8": False}
+        assert {k: r[k] for k in want} == want, r
+        return
     if p["kind"] == "model":
         assert r["fused_steps"] == 12 and r["reference_steps_fused"] == 0, r
         assert r["logits_equal"] and r["tokens_equal"] and r["state_equal"], r
@@ -445,8 +531,10 @@ def test_prefill_kernel_interpreter(cid, p):
         return
     if p["kind"] == "rope":
         assert r["q_shape_ok"], r
-        assert r["q_ulps"] <= (1.0 if p["store"] == "bfloat16" else 0.0), r  # float32: bit-identical
-        assert r["k_ulps"] <= 1.0 and r["state_equal"], r
+        bf16 = "bfloat16" in (p["store"], p.get("model_dtype"))
+        assert r["q_ulps"] <= (1.0 if bf16 else 0.0), r  # float32: bit-identical
+        # bf16 rows one unit apart; quantized to int8, that moves a code and the row's scale by about one step
+        assert r["k_ulps"] <= (2.0 if bf16 and p["store"] == "int8" else 1.0) and r["state_equal"], r
         if p.get("cap"):
             assert r["overflow"]
         else:
@@ -521,3 +609,35 @@ def test_rope_update_kernel_compiles_for_sm90_with_float64_scalars():
     assert proc.returncode == 0, proc.stderr[-3000:]
     done = json.loads(proc.stdout.split("@@AOT@@", 1)[1])
     assert len(done) == 6 and all(ok for _, _, ok in done)
+
+
+def test_decode_rope_update_refuses_bad_inputs():
+    """Shapes and dtypes the fused kernel relies on are checked on the host, with what to pass instead."""
+    from dms_flex.cache import DMSKVCache
+    from dms_flex.kernels import decode_update as du
+    from tests.test_prefill_kernel import _rotary
+
+    B, Hq, H, D = 2, 4, 2, 16
+    cache = DMSKVCache(B, H, D, 8, 2, dtype=torch.float32)
+    table = _rotary("plain", D, 32).cache
+    q, k, v = torch.zeros(B, Hq, 1, D), torch.zeros(B, H, 1, D), torch.zeros(B, H, 1, D)
+    pos, ev = torch.zeros(B, dtype=torch.long), torch.zeros(B, H, dtype=torch.bool)
+    cases = [
+        (dict(q=torch.zeros(B, 3, 1, D)), "Hq a multiple of H=2"),
+        (dict(k=torch.zeros(B, 3, 1, D)), "k_new, v_new must be (B, H, 1, D)"),
+        (dict(table=table.to(torch.bfloat16)), "float32 table"),
+        (dict(pos=torch.zeros(B + 1, dtype=torch.long)), "pos must be (B,)"),
+        (dict(decision=du.Decision("adapter")), "needs x (the layer's input) and the adapter's weight"),
+        (
+            dict(decision=du.Decision("adapter", x=torch.zeros(B, 1, 8), weight=torch.zeros(3, 8))),
+            "contiguous float32 (2, 8)",
+        ),
+        (dict(ev=None), "needs evict_prev"),
+    ]
+    for change, message in cases:
+        a = dict(q=q, k=k, v=v, table=table, ev=ev, pos=pos, decision=None)
+        a.update(change)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            du.decode_rope_update(cache, a["q"], a["k"], a["v"], a["table"], a["ev"], a["pos"], False, a["decision"])
+    with pytest.raises(ValueError, match="decision kind 'learned'"):
+        du.Decision("learned")

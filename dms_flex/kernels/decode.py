@@ -125,13 +125,13 @@ def _config(D: int, G: int, elem_bytes: int):
 
 def _launch_config(D: int, G: int, elem_bytes: int, quant: bool):
     """The launch's block sizes: `_config` in the dtype the tiles are computed in (an int8 tile is
-    converted to q's dtype: elem_bytes = q's element size). int8 K/V: 128-slot tiles, 2 stages (the
-    same bytes in flight per stage as a bf16 tile of 64; 2 stages of the 3 the converted tiles' registers
-    leave room for): 58.2 vs 65.2 us at Llama-3-8B heads, B=16, 4,096 live slots, and 11.7 vs 12.1 us at
+    converted to q's dtype: elem_bytes = q's element size). int8 K/V: twice the slots of that tile, at most
+    128, and 2 stages (at D=128 and a bf16 q: 128 slots, the int8 bytes in flight of the bf16 rule's tile of
+    64; 2 stages of the 3 the converted tiles' registers leave room for): 58.2 vs 65.2 us at Llama-3-8B heads, B=16, 4,096 live slots, and 11.7 vs 12.1 us at
     SmolLM2's (benchmarks/RESULTS.md, section 27)."""
     cfg = _config(D, G, elem_bytes)
-    if quant:
-        cfg.update(BLOCK_N=max(cfg["BLOCK_N"], 128), num_stages=2)
+    if quant:  # twice the slots of the bf16 rule's tile, at most 128: the int8 bytes in flight of a bf16 tile
+        cfg.update(BLOCK_N=min(128, 2 * cfg["BLOCK_N"]), num_stages=2)
     return cfg
 
 

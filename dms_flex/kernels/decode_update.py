@@ -66,8 +66,8 @@ def _write_row(x, base, scale_ptr, offs_d, dmask, QUANT: tl.constexpr, ROUND_SCA
 @_jit
 def _new_token_slot(evict, POS, LEN, SP, SM, WIN, OVF, pid, b, C, window):
     """Steps 1, 2 and 4 of the module docstring for program pid = (row b, KV head), evict the new token's
-    decision about its predecessor: returns the slot (int64) the new K/V row goes to and the row's base
-    index; the caller writes K/V there."""
+    decision about its predecessor: returns the slot (int64) the new K/V row goes to and pid as int64 (the
+    (row, KV head) index of the cache buffers); the caller writes K/V there."""
     W = window + 1
     pos = tl.load(POS + b)
     row = pid.to(tl.int64)
@@ -206,7 +206,14 @@ def _decode_rope_update_kernel(
     HAS_G: tl.constexpr,
 ):
     """`_decode_update_kernel` with the RoPE of the new token's k (before its row is written) and of
-    the G query heads of the group (written to QOUT, (B, H*G, D) contiguous) at the row's position."""
+    the G query heads of the group (written to QOUT, (B, H*G, D) contiguous) at the row's position, and
+    the decision computed here (DECIDE 1, 2) or read from EV (0).
+
+    Exactness: in Triton's interpreter the float32 products and sums round as torch's separate ops do
+    (tests/test_prefill_kernel.py checks bit equality there); compiled for a GPU, Triton may contract a
+    product and a sum into one FMA, so a rotated value or a decision logit can differ from the eager
+    module's in the last float32 bit (the GPU tests compare with tolerances). The adapter branch holds the
+    whole hidden vector in one warp's registers (no spill up to hidden 4096; a small one at 8192)."""
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
@@ -382,7 +389,10 @@ class Decision:
     """Where `decode_rope_update` takes the new token's decision from. kind "input": the evict tensor;
     "borrowed": q's borrowed channel; "adapter": the adapter's one-token form over x, the layer's input
     (B, hidden), with weight (Hkv, hidden) float32 and the norm's scale g (hidden,) float32 or None.
-    alpha_scale, alpha_offset: the DMS config's; layer_scope: KV head 0's decision for all heads."""
+    alpha_scale, alpha_offset: the DMS config's; layer_scope: KV head 0's decision for all heads; eps: the
+    adapter norm's eps (the default is DMSAdapter's). The adapter form is `DMSAdapter.one_token` also where
+    an eager step would run the norm + linear form: the two differ by summation order, so a decision can
+    differ only for a logit within rounding of 0."""
 
     KINDS = {"input": 0, "borrowed": 1, "adapter": 2}
 
@@ -540,21 +550,50 @@ if HAS_TRITON and hasattr(torch.library, "triton_op"):
     _ROPE_OP_INT8 = torch.ops.dms_flex.decode_rope_update_int8
 
 
-def rope_supported(q_new: Tensor, rope_table) -> bool:
-    """Where `decode_rope_update` runs: the fused kernel's device (CUDA, or CPU under the interpreter), a
-    (max_seq, D/2, 2) float32 table of torchtune's interleaved RoPE, and a power-of-two head dim >= 16."""
-    D = q_new.shape[-1]
+def rope_table_fits(head_dim: int, rope_table, positions: int) -> bool:
+    """Whether `decode_rope_update` can rotate with `rope_table`: a (max_seq, D/2, 2) float32 table of
+    torchtune's interleaved RoPE (a model cast to bf16 has a bf16 table: the separate path then), covering
+    `positions` positions, and a power-of-two head dim D >= 16."""
+    D = int(head_dim)
     return (
-        supported(q_new)
-        and rope_table is not None
+        rope_table is not None
         and rope_table.dim() == 3
-        and rope_table.shape[1:] == (D // 2, 2)
+        and tuple(rope_table.shape[1:]) == (D // 2, 2)
+        and rope_table.shape[0] >= positions
         and rope_table.dtype == torch.float32
         and rope_table.stride(-1) == 1
         and rope_table.stride(-2) == 2
         and D >= 16
         and D & (D - 1) == 0
     )
+
+
+def rope_supported(q_new: Tensor, rope_table) -> bool:
+    """Where `decode_rope_update` runs: the fused kernel's device (CUDA, or CPU under the interpreter) and a
+    table `rope_table_fits` takes."""
+    return supported(q_new) and rope_table_fits(q_new.shape[-1], rope_table, 0)
+
+
+def _check_rope_inputs(cache, q_new, k_new, v_new, rope, pos, decision) -> None:
+    """Shapes and dtypes `decode_rope_update` relies on (host-side, static: no sync)."""
+    B, H, _, D = cache.k.shape
+    if tuple(k_new.shape) != (B, H, D) or tuple(v_new.shape) != (B, H, D):
+        raise ValueError(f"k_new, v_new must be (B, H, 1, D) = ({B}, {H}, 1, {D}), got {tuple(k_new.shape)}")
+    if q_new.dim() != 3 or q_new.shape[0] != B or q_new.shape[2] != D or q_new.shape[1] % H:
+        raise ValueError(f"q_new must be (B, Hq, 1, D) with Hq a multiple of H={H}, got {tuple(q_new.shape)}")
+    if not rope_table_fits(D, rope, 0):
+        raise ValueError("rope must be a (max_seq, D/2, 2) float32 table (torchtune's RoPE cache); see rope_table_fits")
+    if tuple(pos.shape) != (B,):
+        raise ValueError(f"pos must be (B,) = ({B},), got {tuple(pos.shape)}")
+    if decision.kind == "adapter":
+        x, w, g = decision.x, decision.weight, decision.g
+        if x is None or w is None:
+            raise ValueError("an adapter Decision needs x (the layer's input) and the adapter's weight")
+        n = x.shape[-1]
+        if w.dtype != torch.float32 or tuple(w.shape) != (H, n) or not w.is_contiguous():
+            raise ValueError(f"the adapter weight must be a contiguous float32 ({H}, {n}), got {tuple(w.shape)}")
+        if g is not None and (g.dtype != torch.float32 or tuple(g.shape) != (n,) or not g.is_contiguous()):
+            raise ValueError(f"the adapter's norm weight must be a contiguous float32 ({n},)")
 
 
 def decode_rope_update(
@@ -578,6 +617,7 @@ def decode_rope_update(
     if decision.kind == "input" and evict_prev is None:
         raise ValueError("decode_rope_update needs evict_prev, or a Decision that computes it")
     q_new, k_new, v_new = q_new[:, :, 0], k_new[:, :, 0], v_new[:, :, 0]
+    _check_rope_inputs(cache, q_new, k_new, v_new, rope, pos, decision)
     if q_new.stride(-1) != 1:
         q_new = q_new.contiguous()
     if k_new.stride(-1) != 1:
