@@ -51,102 +51,42 @@ def _cases():
     add("cache", B=2, Hq=4, Hkv=2, D=16, window=1000, n1=24, steps=4, n2=19, store="float32", off=True)
     # decode into a full cache: the scratch slot and the overflow flag, never a live slot
     add("cache", B=2, Hq=2, Hkv=2, D=16, window=50, n1=10, steps=8, n2=0, store="int8", cap=13)
-    # RoPE of q and k inside the update (decode_rope_update) vs torchtune's rotary module + the reference update
-    add("rope", B=2, Hq=6, Hkv=2, D=16, window=3, steps=12, store="float32", rope="plain", borrowed=False)
-    add("rope", B=3, Hq=9, Hkv=3, D=64, window=4, steps=10, store="bfloat16", rope="plain", borrowed=True)
-    add("rope", B=2, Hq=4, Hkv=1, D=32, window=2, steps=9, store="bfloat16", rope="llama3", borrowed=False)
-    add("rope", B=2, Hq=4, Hkv=2, D=16, window=3, steps=10, store="int8", rope="plain", borrowed=True)
-    add("rope", B=2, Hq=2, Hkv=2, D=16, window=50, steps=8, store="bfloat16", rope="plain", borrowed=False, cap=10)
+
+    # RoPE of q and k inside the update (decode_rope_update) vs torchtune's rotary module + the reference update;
+    # rope(B, Hq, Hkv, D, window, steps, store, table, borrowed channel zeroed, **more)
+    def rope(B, Hq, Hkv, D, window, steps, store, table, borrowed, **kw):
+        add(
+            "rope",
+            B=B,
+            Hq=Hq,
+            Hkv=Hkv,
+            D=D,
+            window=window,
+            steps=steps,
+            store=store,
+            rope=table,
+            borrowed=borrowed,
+            **kw,
+        )
+
+    rope(2, 6, 2, 16, 3, 12, "float32", "plain", False)
+    rope(3, 9, 3, 64, 4, 10, "bfloat16", "plain", True)
+    rope(2, 4, 1, 32, 2, 9, "bfloat16", "llama3", False)
+    rope(2, 4, 2, 16, 3, 10, "int8", "plain", True)
+    rope(2, 2, 2, 16, 50, 8, "bfloat16", "plain", False, cap=10)
     # the decisions computed inside the kernel: borrowed channel, float32 adapter (one-token form), both scopes
-    add(
-        "rope",
-        B=3,
-        Hq=6,
-        Hkv=3,
-        D=16,
-        window=3,
-        steps=10,
-        store="float32",
-        rope="plain",
-        borrowed=True,
-        decide="borrowed",
-    )
-    add(
-        "rope",
-        B=2,
-        Hq=4,
-        Hkv=2,
-        D=16,
-        window=2,
-        steps=9,
-        store="bfloat16",
-        rope="plain",
-        borrowed=True,
-        decide="borrowed",
-        scope="layer",
-    )
-    add(
-        "rope",
-        B=3,
-        Hq=6,
-        Hkv=3,
-        D=16,
-        window=3,
-        steps=10,
-        store="float32",
-        rope="plain",
-        borrowed=False,
-        decide="adapter",
-    )
-    add(
-        "rope",
-        B=2,
-        Hq=4,
-        Hkv=2,
-        D=32,
-        window=2,
-        steps=9,
-        store="int8",
-        rope="llama3",
-        borrowed=False,
-        decide="adapter",
-        scope="layer",
-    )
+    rope(3, 6, 3, 16, 3, 10, "float32", "plain", True, decide="borrowed")
+    rope(2, 4, 2, 16, 2, 9, "bfloat16", "plain", True, decide="borrowed", scope="layer")
+    rope(3, 6, 3, 16, 3, 10, "float32", "plain", False, decide="adapter")
+    rope(2, 4, 2, 32, 2, 9, "int8", "llama3", False, decide="adapter", scope="layer")
     # decode_step with the RoPE in the update (the compiled GPU step's path) on a tiny model
     for decision, scope in (("borrowed", "head"), ("adapter", "head"), ("adapter", "layer")):
         add("model", decision=decision, scope=scope, eviction=True)  # 4 query / 2 KV heads of 16 channels
     add("model", decision="adapter", scope="head", eviction=False)
     add("fallback")  # where decode_step keeps the separate RoPE
     # bf16 K/V quantized to int8 after the rotation; q, k, v as slices of one fused projection (strided rows)
-    add(
-        "rope",
-        B=2,
-        Hq=4,
-        Hkv=2,
-        D=16,
-        window=3,
-        steps=10,
-        store="int8",
-        rope="plain",
-        borrowed=True,
-        decide="borrowed",
-        model_dtype="bfloat16",
-        strided=True,
-    )
-    add(
-        "rope",
-        B=3,
-        Hq=6,
-        Hkv=3,
-        D=32,
-        window=2,
-        steps=9,
-        store="float32",
-        rope="llama3",
-        borrowed=False,
-        decide="adapter",
-        strided=True,
-    )
+    rope(2, 4, 2, 16, 3, 10, "int8", "plain", True, decide="borrowed", model_dtype="bfloat16", strided=True)
+    rope(3, 6, 3, 32, 2, 9, "float32", "llama3", False, decide="adapter", strided=True)
     return cases
 
 
