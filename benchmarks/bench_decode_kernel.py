@@ -743,8 +743,8 @@ def _sweep_grid(trial, D, esz, B, Hkv, cap, sm, results):
     if best is not None:
         bn = best["block_n"]
         auto_split, _ = dk.choose_split(B, Hkv, cap, bn, sm)
-        for mult in (0.25, 0.5, 2.0, 4.0):
-            split = max(bn, int(round(auto_split * mult / bn)) * bn)
+        one = -(-cap // bn) * bn  # one split per (row, KV head): no merge launch, no partials
+        for split in sorted({max(bn, int(round(auto_split * m / bn)) * bn) for m in (0.25, 0.5, 2.0, 4.0)} | {one}):
             if split != auto_split:
                 trial(block_n=bn, num_warps=best["num_warps"], num_stages=best["num_stages"], split_size=split)
 
