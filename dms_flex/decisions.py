@@ -77,9 +77,13 @@ class DMSAdapter(nn.Module):
         (benchmarks/RESULTS.md, section 23); the same math as the two-module form up to summation order."""
         xf = _as(x, torch.float32)
         w = self.linear.weight if self.norm.weight is None else self.linear.weight * self.norm.weight
-        eps = self.norm.eps if self.norm.eps is not None else torch.finfo(torch.float32).eps
         dot = (xf.unsqueeze(-2) * w.float()).sum(-1)  # (B, T, Hkv)
-        return dot * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+        return dot * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.one_token_eps)
+
+    @property
+    def one_token_eps(self) -> float:
+        """The norm's eps as `one_token` (and the fused decode kernel, kernels/decode_update.py) add it."""
+        return self.norm.eps if self.norm.eps is not None else torch.finfo(torch.float32).eps
 
 
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -639,17 +639,20 @@ def decode_step(
 
     def step(i, q, k, v, logits):
         cache = state.caches[i]
-        evict_prev = (
-            decisions.hard_evict(logits[..., 0])
-            if logits is not None
-            else torch.zeros(k.shape[:2], dtype=torch.bool, device=k.device)
-        )
-        cache.decode_update(k, v, evict_prev, pos)
+        cache.decode_update(k, v, _evict_prev(logits, k), pos)
         return read(q, cache)
 
     x = run_layers(model, model.tok_embeddings(token), pos[:, None], cfg, step)
     state.next_pos.add_(1)
     return model.output(model.norm(x))[:, -1]
+
+
+def _evict_prev(logits: Optional[torch.Tensor], k: torch.Tensor) -> torch.Tensor:
+    """A decode step's decisions about each row's previous token, (B, Hkv) bool, from the layer's decision
+    logits (B, Hkv, 1); nothing is evicted without them (eviction off)."""
+    if logits is None:
+        return torch.zeros(k.shape[:2], dtype=torch.bool, device=k.device)
+    return decisions.hard_evict(logits[..., 0])
 
 
 def _rope_in_update(model: nn.Module, token: torch.Tensor, positions: int = 0) -> bool:
@@ -687,9 +690,15 @@ def _decision_in_kernel(layer, x: torch.Tensor, cfg: DMSConfig):
         or (adapter.norm.weight is not None and adapter.norm.weight.dtype != torch.float32)
     ):
         return None
-    eps = adapter.norm.eps if adapter.norm.eps is not None else torch.finfo(torch.float32).eps
     return Decision(
-        "adapter", cfg.alpha_scale, cfg.alpha_offset, layer_scope, x, adapter.linear.weight, adapter.norm.weight, eps
+        "adapter",
+        cfg.alpha_scale,
+        cfg.alpha_offset,
+        layer_scope,
+        x,
+        adapter.linear.weight,
+        adapter.norm.weight,
+        adapter.one_token_eps,
     )
 
 
@@ -724,12 +733,7 @@ def _decode_step_rope_in_update(model, token, state, cfg, read) -> torch.Tensor:
         if isinstance(decided, Decision):
             q = decode_rope_update(cache, q, k, v, table, None, pos, borrowed, decided)
         else:
-            evict_prev = (
-                decisions.hard_evict(decided[..., 0])
-                if decided is not None
-                else torch.zeros(k.shape[:2], dtype=torch.bool, device=k.device)
-            )
-            q = decode_rope_update(cache, q, k, v, table, evict_prev, pos, borrowed)
+            q = decode_rope_update(cache, q, k, v, table, _evict_prev(decided, k), pos, borrowed)
         return read(q, cache)
 
     halves = (_decode_inputs_before_rope, finish_layer)
