@@ -749,6 +749,22 @@ def _sweep_grid(trial, D, esz, B, Hkv, cap, sm, results):
                 trial(block_n=bn, num_warps=best["num_warps"], num_stages=best["num_stages"], split_size=split)
 
 
+def _sweep_grid_full(trial, D, esz, B, Hkv, cap, sm, results):
+    """--sweep-full: every block config at 1, 2 and 4 splits per (row, KV head) and at the auto split (a
+    compact cache's splits are short, so fewer, longer programs may stream better; no merge at one split)."""
+    from dms_flex.kernels import decode as dk
+
+    for block_n in (64, 128, 256) if esz == 1 else (64, 128):
+        _, auto_n = dk.choose_split(B, Hkv, cap, block_n, sm)
+        for n in sorted({1, 2, 4, auto_n}):
+            split = -(-(-(-cap // n)) // block_n) * block_n
+            for nw in (4, 8):
+                for ns in (2, 3, 4):
+                    if block_n * D * esz * 2 * ns > 200_000:
+                        continue  # shared memory
+                    trial(block_n=block_n, num_warps=nw, num_stages=ns, split_size=split, num_splits=-(-cap // split))
+
+
 def _sweep_case(mname, B, ctx, cr, dtype, device, sm, bw, args):
     from dms_flex.kernels import decode as dk
 
@@ -773,7 +789,7 @@ def _sweep_case(mname, B, ctx, cr, dtype, device, sm, bw, args):
 
     def trial(**kw):
         split = kw.get("split_size")
-        lk = {kk: vv for kk, vv in kw.items() if kk != "split_size"}
+        lk = {kk: vv for kk, vv in kw.items() if kk not in ("split_size", "num_splits")}
 
         def builder(q, k, v, L):
             if int8:
@@ -792,7 +808,8 @@ def _sweep_case(mname, B, ctx, cr, dtype, device, sm, bw, args):
         )
 
     log(f"[{mname} B={B} ctx={ctx} CR={cr}] default cfg {base_cfg}")
-    _sweep_grid(trial, D, 1 if int8 else esz, B, Hkv, cap, sm, results)
+    grid = _sweep_grid_full if getattr(args, "sweep_full", False) else _sweep_grid
+    grid(trial, D, 1 if int8 else esz, B, Hkv, cap, sm, results)
     case = dict(
         int8=int8,
         model=mname,
@@ -890,6 +907,11 @@ def main(argv=None):
     )
     ap.add_argument("--crs", type=parse_crs, default=None, help="comma list of CRs (default 1,2,4,8; --quick 1,8)")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument(
+        "--sweep-full",
+        action="store_true",
+        help="with --sweep: every block config at 1, 2, 4 and the auto number of splits (instead of splits around the best)",
+    )
     ap.add_argument(
         "--sweep-cases",
         default="",

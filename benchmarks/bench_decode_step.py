@@ -189,6 +189,8 @@ def make_case(model, kind, B, ctx, margin, mode):
     if kind == "gptfast":
         cache = GptFastCache(model, B, ctx + margin, ctx)
         return graphed(gptfast_step, model, tok, cache), cache.bytes(), cache
+    kind, _, config = kind.partition("@")
+    _set_decode_config(DECODE_CONFIGS[config] if config else {})
     cr, kv_dtype = parse_kind(kind)
     live = int(ctx / cr)
     state = tm.InferenceState(
@@ -205,6 +207,35 @@ def make_case(model, kind, B, ctx, margin, mode):
 
 
 STEP_OPTIONS = None  # --step-options: torch.compile options of the compiled step (compile-graph, --profile)
+DECODE_CONFIGS: dict = {}  # --decode-config NAME=...: decode-attention launch settings, used by cache kinds KIND@NAME
+
+
+def _set_decode_config(cfg: dict) -> None:
+    """Install decode-attention launch settings (dms_flex/kernels/decode.py `_LAUNCH_OVERRIDE`); they are read when
+    a step is traced, so a change drops dynamo's compiled steps (the same shapes would reuse the old graph)."""
+    from dms_flex.kernels import decode as dk
+
+    if cfg != dk._LAUNCH_OVERRIDE:
+        dk._LAUNCH_OVERRIDE.clear()
+        dk._LAUNCH_OVERRIDE.update(cfg)
+        torch._dynamo.reset()
+
+
+def parse_decode_config(text: str) -> tuple[str, dict]:
+    """NAME=JSON (keys block_n, num_warps, num_stages, num_splits) or NAME=best:PATH (the first case's best trial
+    of a `bench_decode_kernel.py --sweep` JSON)."""
+    name, sep, spec = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"--decode-config {text!r}: expected NAME=JSON or NAME=best:PATH")
+    if spec.startswith("best:"):
+        best = json.load(open(spec[5:]))["cases"][0]["best"]
+        cfg = {k: best[k] for k in ("block_n", "num_warps", "num_stages", "num_splits") if best.get(k) is not None}
+    else:
+        cfg = json.loads(spec)
+    allowed = {"block_n", "num_warps", "num_stages", "num_splits"}
+    if not isinstance(cfg, dict) or not set(cfg) <= allowed:
+        raise argparse.ArgumentTypeError(f"--decode-config {text!r}: a JSON object with keys among {sorted(allowed)}")
+    return name, {k: int(v) for k, v in cfg.items()}
 
 
 def profile_step(state, model, B):
@@ -292,8 +323,17 @@ def main():
         default=None,
         help="torch.compile options of the compiled step as JSON, e.g. '{\"max_autotune\": true}' (with --mode compile-graph; --profile uses them too)",
     )
+    p.add_argument(
+        "--decode-config",
+        type=parse_decode_config,
+        action="append",
+        default=[],
+        help="NAME=JSON or NAME=best:SWEEP.json: decode-attention launch settings for cache kinds written KIND@NAME "
+        "(e.g. --cache 8 8@one --decode-config 'one={\"num_splits\": 1}')",
+    )
     p.add_argument("--out")
     a = p.parse_args()
+    DECODE_CONFIGS.update(dict(a.decode_config))
     if a.step_options is not None and (a.mode != "compile-graph" or not isinstance(a.step_options, dict)):
         p.error("--step-options takes a JSON object of torch.compile options, with --mode compile-graph")
     global STEP_OPTIONS
@@ -304,6 +344,9 @@ def main():
         decisions.DMSAdapter.compiled_one_token = False
     for kind in a.cache:
         if kind != "gptfast":
+            kind, _, config = kind.partition("@")
+            if config and config not in DECODE_CONFIGS:
+                p.error(f"--cache {kind}@{config}: no --decode-config {config}=...")
             try:
                 parse_kind(kind)
             except ValueError as e:
@@ -323,6 +366,7 @@ def main():
             "cache": kind,
             "mode": a.mode,
             "step_options": a.step_options,
+            "decode_config": DECODE_CONFIGS.get(kind.partition("@")[2]),
             "decision": a.decision + (" (two-module)" if a.adapter_two_module else ""),
             "step_ms": ms,
             "tokens_per_s": B * 1000 / ms,

@@ -243,6 +243,7 @@ def _interp_cases():
         p.setdefault("scale", None)
         p.setdefault("noncontig_q", False)
         p.setdefault("len_dtype", "int64")
+        p.setdefault("override", "")  # "SPLITS/BLOCK_N": the benchmarks' launch override (decode._LAUNCH_OVERRIDE)
         cid = "-".join(f"{k}={v}" for k, v in sorted(p.items()))
         cases.append((cid, p))
 
@@ -270,6 +271,10 @@ def _interp_cases():
     for dtype in ("float32", "float16", "bfloat16"):
         add(G=4, dtype=dtype, quant=True, C=50, split_size=16)
     add(G=1, dtype="float16", quant=True, C=50, split_size=None)
+    # the benchmarks' launch override: a number of splits (one: no merge) and a block size
+    add(G=4, dtype="float16", C=50, override="1/16")
+    add(G=4, dtype="bfloat16", C=50, override="3/16", lengths="full")
+    add(G=2, dtype="float32", C=50, quant=True, override="2/32")
     return cases
 
 
@@ -296,7 +301,20 @@ def _run_interp_case(p):
     L = L.to(getattr(torch, p["len_dtype"]))
     if p["len_dtype"] == "int32":
         L = L.t().contiguous().t()  # non-contiguous lengths too
-    out = dk._launch(q, k, v, L, p["scale"], p["split_size"], ks, vs, poison=True)
+    if p["override"]:
+        splits, block_n = (int(x) for x in p["override"].split("/"))
+        dk._LAUNCH_OVERRIDE.update(num_splits=splits, block_n=block_n)
+    rule = dk.choose_split
+
+    def no_rule(*a, **k):  # the override's number of splits replaces the shape rule
+        raise AssertionError("choose_split called under a num_splits override")
+
+    dk.choose_split = no_rule if p["override"] else rule
+    try:
+        out = dk._launch(q, k, v, L, p["scale"], p["split_size"], ks, vs, poison=True)
+    finally:
+        dk._LAUNCH_OVERRIDE.clear()
+        dk.choose_split = rule
     ref = decode_attention_reference(q, k, v, L, p["scale"], k_scale=ks, v_scale=vs)
     want = naive_f64(q, k, v, L, p["scale"], ks, vs)
     zero_rows_ok = True

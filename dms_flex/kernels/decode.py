@@ -82,6 +82,11 @@ _PROGRAMS_PER_SM = 8
 _MIN_SPLIT = 256
 _DEFAULT_SM_COUNT = 132  # H100/H200 SXM
 
+# Benchmarks only (`benchmarks/bench_decode_step.py --decode-config`): launch settings that replace the
+# shape rule's in every launch that does not pass its own, read when a compiled step is traced. Keys:
+# block_n, num_warps, num_stages, num_splits. Empty in normal use.
+_LAUNCH_OVERRIDE: dict = {}
+
 
 # ----------------------------------------------------------------------------------------------
 # Reference
@@ -422,6 +427,11 @@ def _launch(
     ieee = q.dtype == torch.float32 or upcast
 
     cfg = _launch_config(D, G, q.element_size() if quant else k_cache.element_size(), quant)
+    override = _LAUNCH_OVERRIDE
+    if override:
+        block_n = override.get("block_n") if block_n is None else block_n
+        num_warps = override.get("num_warps") if num_warps is None else num_warps
+        num_stages = override.get("num_stages") if num_stages is None else num_stages
     if block_n is not None:
         cfg["BLOCK_N"] = int(block_n)
     if num_warps is not None:
@@ -430,6 +440,8 @@ def _launch(
         cfg["num_stages"] = int(num_stages)
     BLOCK_N = cfg["BLOCK_N"]
 
+    if (split_size is None or split_size <= 0) and override.get("num_splits"):
+        split_size = _cdiv(_cdiv(C, int(override["num_splits"])), BLOCK_N) * BLOCK_N
     if split_size is None or split_size <= 0:
         if sm_count is None:
             sm_count = _sm_count(q.device.index or 0) if q.device.type == "cuda" else _DEFAULT_SM_COUNT
