@@ -334,6 +334,8 @@ def main():
     p.add_argument("--out")
     a = p.parse_args()
     DECODE_CONFIGS.update(dict(a.decode_config))
+    if DECODE_CONFIGS:  # inductor's caches key on the traced graph, not on the launch settings the kernels take
+        torch._inductor.config.force_disable_caches = True
     if a.step_options is not None and (a.mode != "compile-graph" or not isinstance(a.step_options, dict)):
         p.error("--step-options takes a JSON object of torch.compile options, with --mode compile-graph")
     global STEP_OPTIONS

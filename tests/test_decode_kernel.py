@@ -210,16 +210,29 @@ def test_choose_split_shapes_only():
         (1, 1, 1),
         (3, 5, 1000),
         (1, 8, 16384),
+        (16, 8, 4220),
+        (16, 3, 7128),
     ]:
-        for block_n in (32, 64, 128):
-            split, n = choose_split(B, Hkv, C, block_n, 132)
-            assert split % block_n == 0 and split >= block_n
-            assert n == -(-C // split)  # splits cover the capacity exactly
-            assert (n - 1) * split < C
-            if split >= 256 and n > 1:
-                # either the grid is ~filled (rounding splits up to whole blocks may lose a few
-                # programs) or splits hit the minimum size
-                assert B * Hkv * n >= 0.75 * 8 * 132 or split <= 256 + block_n
+        for quant, stream in ((False, 4096), (True, 2048)):
+            for block_n in (32, 64, 128):
+                split, n = choose_split(B, Hkv, C, block_n, 132, quant)
+                assert split % block_n == 0 and split >= block_n
+                assert n == -(-C // split)  # splits cover the capacity exactly
+                assert (n - 1) * split < C
+                if B * Hkv * max(1, C // stream) >= 0.9 * 132:
+                    # long streams fill the GPU: every program streams >= `stream` slots (rounding up to
+                    # whole blocks may leave a short last one)
+                    assert n <= max(1, C // stream) and split >= min(C, stream)
+                elif split >= 256 and n > 1:
+                    # either the grid is ~filled (rounding splits up to whole blocks may lose a few
+                    # programs) or splits hit the minimum size
+                    assert B * Hkv * n >= 0.75 * 8 * 132 or split <= 256 + block_n
+    # the measured cases: Llama-3-8B heads at B=16 over a 4,096-slot compact cache run one program per
+    # (row, KV head) (bf16) or two (int8); B=1 and SmolLM2's 3 KV heads still split for parallelism
+    assert choose_split(16, 8, 4220, 128, 132) == (4224, 1)
+    assert choose_split(16, 8, 4220, 128, 132, quant=True)[1] == 2
+    assert choose_split(1, 8, 4096, 64, 132)[1] == 16
+    assert choose_split(16, 3, 1750, 128, 132)[1] == 7
     # the heuristic is a pure function of Python ints
     assert choose_split(8, 8, 4096, 64, 132) == choose_split(8, 8, 4096, 64, 132)
 
@@ -243,6 +256,7 @@ def _interp_cases():
         p.setdefault("scale", None)
         p.setdefault("noncontig_q", False)
         p.setdefault("len_dtype", "int64")
+        p.setdefault("sm_count", None)  # a small count makes these shapes "fill the GPU": the long-stream rule
         p.setdefault("override", "")  # "SPLITS/BLOCK_N": the benchmarks' launch override (decode._LAUNCH_OVERRIDE)
         cid = "-".join(f"{k}={v}" for k, v in sorted(p.items()))
         cases.append((cid, p))
@@ -272,6 +286,10 @@ def _interp_cases():
         add(G=4, dtype=dtype, quant=True, C=50, split_size=16)
     add(G=1, dtype="float16", quant=True, C=50, split_size=None)
     # the benchmarks' launch override: a number of splits (one: no merge) and a block size
+    # the long-stream rule (one program per row and KV head, or two for int8) with its block settings
+    add(G=4, dtype="bfloat16", C=50, sm_count=4)
+    add(G=4, dtype="float16", C=50, sm_count=4, lengths="full")
+    add(G=2, dtype="float32", C=50, quant=True, sm_count=4)
     add(G=4, dtype="float16", C=50, override="1/16")
     add(G=4, dtype="bfloat16", C=50, override="3/16", lengths="full")
     add(G=2, dtype="float32", C=50, quant=True, override="2/32")
@@ -311,7 +329,7 @@ def _run_interp_case(p):
 
     dk.choose_split = no_rule if p["override"] else rule
     try:
-        out = dk._launch(q, k, v, L, p["scale"], p["split_size"], ks, vs, poison=True)
+        out = dk._launch(q, k, v, L, p["scale"], p["split_size"], ks, vs, poison=True, sm_count=p["sm_count"])
     finally:
         dk._LAUNCH_OVERRIDE.clear()
         dk.choose_split = rule
@@ -460,6 +478,9 @@ def test_gpu_bf16_realistic(split_size):
         (torch.bfloat16, 64, 3, 2, 777),
         (torch.bfloat16, 128, 4, 64, 512),  # single-split path
         (torch.bfloat16, 128, 4, 1, 65536),  # many splits
+        (torch.bfloat16, 128, 4, 16, 4224),  # long streams: one program per (row, KV head), 128-slot tiles
+        (torch.float16, 64, 3, 48, 4100),  # the same at D=64
+        (torch.float32, 128, 4, 16, 4224),  # the same in float32 (64-slot tiles, 3 stages)
     ],
 )
 def test_gpu_dtypes_and_shapes(dtype, D, G, B, C):
@@ -473,8 +494,9 @@ def test_gpu_dtypes_and_shapes(dtype, D, G, B, C):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_gpu_int8_cache(dtype):
-    q, k, v, L, ks, vs = _cuda_inputs(4, 8, 4, 128, 2048, dtype, seed=3, quant=True)
+@pytest.mark.parametrize("B,C", [(4, 2048), (16, 4224)])  # (16, 4224): the long-stream rule, two splits
+def test_gpu_int8_cache(dtype, B, C):
+    q, k, v, L, ks, vs = _cuda_inputs(B, 8, 4, 128, C, dtype, seed=3, quant=True)
     out = decode_attention(q, k, v, L, k_scale=ks, v_scale=vs)
     torch.cuda.synchronize()
     _check_vs_reference(out, q, k, v, L, ks, vs)

@@ -38,8 +38,15 @@ element plus cross-lane reductions, which at G=8 approaches the FMA rate needed 
 
 Block sizes (``_config``): BLOCK_N = 16 KB / (D * element size) capped to [16, 128] (bf16 D=128:
 64, D=64: 128), BLOCK_G = max(16, next_pow2(G)), BLOCK_D = next_pow2(D), 4 warps, 3 stages.
-Split heuristic (``choose_split``): at least 8 programs per SM (B*Hkv*num_splits >= 8*SMs),
-splits >= 256 slots and a whole number of BLOCK_N blocks; from Python ints only.
+Split heuristic (``choose_split``): long streams first. A program streams at least 4,096 slots (int8:
+2,048) when such programs still fill the GPU (B*Hkv*num_splits >= 0.9*SMs): a compact cache of 4,096
+slots at B=16 x 8 KV heads runs one program per (row, KV head), with no merge launch. Where they would
+not fill it, at least 8 programs per SM (B*Hkv*num_splits >= 8*SMs) with splits >= 256 slots. Splits
+are a whole number of BLOCK_N blocks; from Python ints only. One split over a filled grid (bf16/fp16)
+takes twice the rule's tile, at most 128 slots, with 3 stages: one program per SM needs the bytes in
+flight. Measured at Llama-3-8B heads, B=16, 4,096 live slots (benchmarks/RESULTS.md, section 28):
+one split of 128-slot tiles 65.2 us (0.97x copy) against 72.9 us for 8 splits of 64 and the merge;
+int8, 2 splits with 3 stages 55.5 us against 58.1 us for 8 splits with 2.
 
 num_splits is a function of shapes only (B, Hkv, C and the SM count): no host syncs, no
 data-dependent Python control flow, so the op can be captured in CUDA graphs and traced by
@@ -80,6 +87,11 @@ _LN2 = 0.6931471805599453
 # shrink the tail of the last wave. Minimum slots per split keeps per-program overhead small.
 _PROGRAMS_PER_SM = 8
 _MIN_SPLIT = 256
+# Slots a program streams before another split pays for itself, when such programs fill the GPU
+# (see the module docstring); int8 tiles are converted in registers, so two programs per SM help.
+_LONG_STREAM = 4096
+_LONG_STREAM_INT8 = 2048
+_FILLED = 0.9  # programs per SM that count as a filled grid
 _DEFAULT_SM_COUNT = 132  # H100/H200 SXM
 
 # Benchmarks only (`benchmarks/bench_decode_step.py --decode-config`): launch settings that replace the
@@ -103,18 +115,40 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def choose_split(B: int, Hkv: int, C: int, block_n: int, sm_count: int = _DEFAULT_SM_COUNT) -> tuple[int, int]:
-    """Return (split_size, num_splits) from shapes only.
-
-    Aim for at least ``_PROGRAMS_PER_SM * sm_count`` stage-1 programs (B*Hkv*num_splits), with
-    splits of at least ``_MIN_SPLIT`` slots and a whole number of BLOCK_N blocks.
-    """
+def _num_splits(B: int, Hkv: int, C: int, sm_count: int, quant: bool) -> tuple[int, bool]:
+    """(number of splits, whether they are long streams that fill the GPU)."""
     C = max(int(C), 1)
     bh = max(int(B) * int(Hkv), 1)
+    long_splits = max(1, C // (_LONG_STREAM_INT8 if quant else _LONG_STREAM))
+    if bh * long_splits >= _FILLED * sm_count:
+        return long_splits, True
     want = _cdiv(_PROGRAMS_PER_SM * sm_count, bh)
-    splits = max(1, min(want, _cdiv(C, _MIN_SPLIT)))
-    split_size = _cdiv(_cdiv(C, splits), block_n) * block_n
-    return split_size, _cdiv(C, split_size)
+    return max(1, min(want, _cdiv(C, _MIN_SPLIT))), False
+
+
+def choose_split(
+    B: int, Hkv: int, C: int, block_n: int, sm_count: int = _DEFAULT_SM_COUNT, quant: bool = False
+) -> tuple[int, int]:
+    """Return (split_size, num_splits) from shapes only.
+
+    Programs of at least ``_LONG_STREAM`` slots (int8: ``_LONG_STREAM_INT8``) where they fill the GPU
+    (B*Hkv*num_splits >= 0.9*SMs); otherwise at least ``_PROGRAMS_PER_SM * sm_count`` programs with
+    splits of at least ``_MIN_SPLIT`` slots. Splits are a whole number of BLOCK_N blocks.
+    """
+    splits, _ = _num_splits(B, Hkv, C, sm_count, quant)
+    split_size = _cdiv(_cdiv(max(int(C), 1), splits), block_n) * block_n
+    return split_size, _cdiv(max(int(C), 1), split_size)
+
+
+def _long_stream_config(cfg: dict, splits: int, quant: bool) -> dict:
+    """Block sizes for long streams over a filled grid (`choose_split`): one bf16/fp16/fp32 program per
+    (row, KV head) takes twice the rule's tile (at most 128 slots) with 3 stages, the bytes in flight of one
+    program per SM; int8 at one or two splits keeps its tile and takes 3 stages. Otherwise cfg unchanged."""
+    if quant and splits <= 2:
+        return dict(cfg, num_stages=3)
+    if not quant and splits == 1:
+        return dict(cfg, BLOCK_N=min(128, 2 * cfg["BLOCK_N"]), num_stages=3)
+    return cfg
 
 
 def _config(D: int, G: int, elem_bytes: int):
@@ -445,7 +479,15 @@ def _launch(
     if split_size is None or split_size <= 0:
         if sm_count is None:
             sm_count = _sm_count(q.device.index or 0) if q.device.type == "cuda" else _DEFAULT_SM_COUNT
-        split_size, num_splits = choose_split(B, Hkv, C, BLOCK_N, sm_count)
+        splits, long = _num_splits(B, Hkv, C, sm_count, quant)
+        if long:  # deeper pipelines for long streams (explicit block settings win)
+            long_cfg = _long_stream_config(cfg, splits, quant)
+            if block_n is None:
+                cfg["BLOCK_N"] = long_cfg["BLOCK_N"]
+            if num_stages is None:
+                cfg["num_stages"] = long_cfg["num_stages"]
+            BLOCK_N = cfg["BLOCK_N"]
+        split_size, num_splits = choose_split(B, Hkv, C, BLOCK_N, sm_count, quant)
     else:
         split_size = int(split_size)
         num_splits = _cdiv(C, split_size)
