@@ -38,15 +38,17 @@ element plus cross-lane reductions, which at G=8 approaches the FMA rate needed 
 
 Block sizes (``_config``): BLOCK_N = 16 KB / (D * element size) capped to [16, 128] (bf16 D=128:
 64, D=64: 128), BLOCK_G = max(16, next_pow2(G)), BLOCK_D = next_pow2(D), 4 warps, 3 stages.
-Split heuristic (``choose_split``): long streams first. A program streams at least 4,096 slots (int8:
-2,048) when such programs still fill the GPU (B*Hkv*num_splits >= 0.9*SMs): a compact cache of 4,096
-slots at B=16 x 8 KV heads runs one program per (row, KV head), with no merge launch. Where they would
-not fill it, at least 8 programs per SM (B*Hkv*num_splits >= 8*SMs) with splits >= 256 slots. Splits
-are a whole number of BLOCK_N blocks; from Python ints only. One split over a filled grid (bf16/fp16)
-takes twice the rule's tile, at most 128 slots, with 3 stages: one program per SM needs the bytes in
-flight. Measured at Llama-3-8B heads, B=16, 4,096 live slots (benchmarks/RESULTS.md, section 28):
-one split of 128-slot tiles 65.2 us (0.97x copy) against 72.9 us for 8 splits of 64 and the merge;
-int8, 2 splits with 3 stages 55.5 us against 58.1 us for 8 splits with 2.
+Split heuristic (``choose_split``): long streams first, for short caches. Where one or two programs per
+(row, KV head) of at least 4,096 slots (int8: 2,048) fill the GPU (B*Hkv*num_splits >= 0.9*SMs), that
+is the split: a compact cache of ~4,096 slots at B=16 x 8 KV heads runs one program per (row, KV head),
+with no merge launch. Otherwise at least 8 programs per SM (B*Hkv*num_splits >= 8*SMs) with splits >=
+256 slots (a long dense cache streams fastest with several programs per SM: 8 splits of 4,096 slots
+were 1.8% slower than this rule's 9 at B=16 x 32K). Splits are a whole number of BLOCK_N blocks; from
+Python ints only. One bf16/fp16 program per (row, KV head) takes twice the rule's tile, at most 128
+slots, with 3 stages: one program per SM needs the bytes in flight. Measured at Llama-3-8B heads, B=16,
+4,096 live slots (benchmarks/RESULTS.md, section 28): one split of 128-slot tiles 65.2 us (0.97x copy)
+against 72.9 us for 9 splits of 64 and the merge; int8, 2 splits with 3 stages 55.5 us against 58.1 us
+for 9 splits with 2.
 
 num_splits is a function of shapes only (B, Hkv, C and the SM count): no host syncs, no
 data-dependent Python control flow, so the op can be captured in CUDA graphs and traced by
@@ -120,7 +122,7 @@ def _num_splits(B: int, Hkv: int, C: int, sm_count: int, quant: bool) -> tuple[i
     C = max(int(C), 1)
     bh = max(int(B) * int(Hkv), 1)
     long_splits = max(1, C // (_LONG_STREAM_INT8 if quant else _LONG_STREAM))
-    if bh * long_splits >= _FILLED * sm_count:
+    if long_splits <= 2 and bh * long_splits >= _FILLED * sm_count:
         return long_splits, True
     want = _cdiv(_PROGRAMS_PER_SM * sm_count, bh)
     return max(1, min(want, _cdiv(C, _MIN_SPLIT))), False
@@ -131,8 +133,8 @@ def choose_split(
 ) -> tuple[int, int]:
     """Return (split_size, num_splits) from shapes only.
 
-    Programs of at least ``_LONG_STREAM`` slots (int8: ``_LONG_STREAM_INT8``) where they fill the GPU
-    (B*Hkv*num_splits >= 0.9*SMs); otherwise at least ``_PROGRAMS_PER_SM * sm_count`` programs with
+    One or two programs per (row, KV head) of at least ``_LONG_STREAM`` slots (int8: ``_LONG_STREAM_INT8``)
+    where they fill the GPU (B*Hkv*num_splits >= 0.9*SMs); otherwise at least ``_PROGRAMS_PER_SM * sm_count`` programs with
     splits of at least ``_MIN_SPLIT`` slots. Splits are a whole number of BLOCK_N blocks.
     """
     splits, _ = _num_splits(B, Hkv, C, sm_count, quant)
