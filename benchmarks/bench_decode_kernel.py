@@ -84,6 +84,8 @@ def _kernel_report(ck):
         cp_async=len(re.findall(r"cp\.async\.c[ag]\.shared\.global", ptx)),
         vec_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.", ptx)),
         scalar_b16_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.[bu]16\b", ptx)),
+        # one byte at a time from shared memory: an int8 tile converted after its move into the dot's layout
+        byte_shared_loads=len(re.findall(r"ld\.shared(?:\.\w+)*\.[bsu]8\b", ptx)),
     )
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -99,13 +101,14 @@ def _kernel_report(ck):
 
 
 def _aot_configs(quick: bool):
-    """(dtype, D, G, B, C, quant, note); C chosen so the auto split gives the intended path."""
+    """(dtype, D, G, B, C, quant, note[, launch kwargs]); C chosen so the auto split gives the intended path."""
     configs = [
         ("bfloat16", 128, 4, 8, 4096, False, "8B heads, multi-split"),
         ("bfloat16", 64, 4, 8, 4096, False, "1B heads, multi-split"),
         ("bfloat16", 128, 4, 64, 256, False, "single split (no merge)"),
         ("float32", 128, 4, 2, 2048, False, "fp32 (ieee dot)"),
         ("bfloat16", 128, 4, 8, 4096, True, "int8 cache, bf16 q"),
+        ("bfloat16", 128, 4, 16, 4224, True, "int8, long streams, fp16 dots", dict(f16=True)),
     ]
     if not quick:
         configs += [
@@ -139,11 +142,12 @@ def _aot_compile(dk, configs, report):
     """Compile the split (and merge) kernels of each config offline; one report row per kernel."""
     compiled = []
     Recorder = make_recorder(compiled)
-    for dtype_name, D, G, B, C, quant, note in configs:
+    for dtype_name, D, G, B, C, quant, note, *extra in configs:
+        kw = extra[0] if extra else {}
         q, k, v, L, ks, vs = _aot_inputs(getattr(torch, dtype_name), D, G, B, C, quant)
         n0 = len(compiled)
         t0 = time.perf_counter()
-        dk._launch(q, k, v, L, None, None, ks, vs, wrap=Recorder, sm_count=132, interpret=False)
+        dk._launch(q, k, v, L, None, None, ks, vs, wrap=Recorder, sm_count=132, interpret=False, **kw)
         dt = time.perf_counter() - t0
         for kern, grid, _kw, ck, _dt in compiled[n0:]:
             name = "split" if kern is dk._decode_split_kernel else "merge"
@@ -156,6 +160,7 @@ def _aot_compile(dk, configs, report):
                 B=B,
                 C=C,
                 quant=quant,
+                launch=kw,
                 grid=list(grid),
                 compile_s=round(dt, 2),
             )
@@ -193,7 +198,7 @@ def _aot_describe(row) -> str:
     return (
         f"{row['kernel']:5s} {row['config']:28s} grid={row['grid']} regs={row['regs']} local={row['local_bytes']} "
         f"smem={row['shared']} mma={row['mma']} cp.async={row['cp_async']} v-loads={row['vec_loads']} "
-        f"b16-loads={row['scalar_b16_loads']}"
+        f"b16-loads={row['scalar_b16_loads']} shared-b8-loads={row['byte_shared_loads']}"
     )
 
 
@@ -763,6 +768,15 @@ def _sweep_grid_full(trial, D, esz, B, Hkv, cap, sm, results):
                     if block_n * D * esz * 2 * ns > 200_000:
                         continue  # shared memory
                     trial(block_n=block_n, num_warps=nw, num_stages=ns, split_size=split, num_splits=-(-cap // split))
+                    if esz == 1:  # int8: also fp16 dots on the codes (converted before the dot's layout change)
+                        trial(
+                            block_n=block_n,
+                            num_warps=nw,
+                            num_stages=ns,
+                            split_size=split,
+                            num_splits=-(-cap // split),
+                            f16=True,
+                        )
 
 
 def _sweep_case(mname, B, ctx, cr, dtype, device, sm, bw, args):
@@ -844,6 +858,7 @@ def _print_sweep(out, bw):
             f"{c['model']:12s} B={c['B']:3d} ctx={c['ctx']:6d} CR={c['CR']}: default {_fmt(dt)} us, best "
             f"{_fmt(b.get('time_us'))} us ({_fmt(b.get('frac_copy_bw'), '{:.2f}')}x copy) with "
             f"block_n={b.get('block_n')} warps={b.get('num_warps')} stages={b.get('num_stages')} split={b.get('split_size', 'auto')}"
+            + (" f16" if b.get("f16") else "")
         )
 
 

@@ -222,17 +222,18 @@ def _set_decode_config(cfg: dict) -> None:
 
 
 def parse_decode_config(text: str) -> tuple[str, dict]:
-    """NAME=JSON (keys block_n, num_warps, num_stages, num_splits) or NAME=best:PATH (the first case's best trial
+    """NAME=JSON (keys block_n, num_warps, num_stages, num_splits, f16) or NAME=best:PATH (the first case's best trial
     of a `bench_decode_kernel.py --sweep` JSON)."""
     name, sep, spec = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"--decode-config {text!r}: expected NAME=JSON or NAME=best:PATH")
     if spec.startswith("best:"):
         best = json.load(open(spec[5:]))["cases"][0]["best"]
-        cfg = {k: best[k] for k in ("block_n", "num_warps", "num_stages", "num_splits") if best.get(k) is not None}
+        keys = ("block_n", "num_warps", "num_stages", "num_splits", "f16")
+        cfg = {k: best[k] for k in keys if best.get(k) is not None}
     else:
         cfg = json.loads(spec)
-    allowed = {"block_n", "num_warps", "num_stages", "num_splits"}
+    allowed = {"block_n", "num_warps", "num_stages", "num_splits", "f16"}
     if not isinstance(cfg, dict) or not set(cfg) <= allowed:
         raise argparse.ArgumentTypeError(f"--decode-config {text!r}: a JSON object with keys among {sorted(allowed)}")
     return name, {k: int(v) for k, v in cfg.items()}

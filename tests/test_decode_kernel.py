@@ -239,6 +239,47 @@ def test_choose_split_shapes_only():
     assert choose_split(8, 8, 4096, 64, 132) == choose_split(8, 8, 4096, 64, 132)
 
 
+def test_int8_to_fp16_ptx_arithmetic():
+    """The PTX of `_i8_to_f16` (xor, two byte permutes, an fp16x2 subtraction), emulated with its own constants
+    on every int8 code and every position in the packed word: each code comes back exactly, in order."""
+    import inspect
+    import re
+
+    import numpy as np
+
+    from dms_flex.kernels import decode as dk
+
+    src = inspect.getsource(dk._i8_to_f16_fn)
+    xor = int(re.search(r"xor\.b32 t, \$2, (0x[0-9a-f]+)", src).group(1), 16)
+    prmts = re.findall(r"prmt\.b32 \$(\d), t, (0x[0-9a-f]+), (0x[0-9a-f]+)", src)
+    sub = int(re.search(r"mov\.b32 m, (0x[0-9a-f]+)", src).group(1), 16)
+    assert len(prmts) == 2 and "sub.f16x2 $0, $0, m" in src and "sub.f16x2 $1, $1, m" in src
+
+    def prmt(a, b, sel):  # PTX prmt.b32 (default mode): result byte i = byte sel_i of {b, a}
+        pool = a.to_bytes(4, "little") + b.to_bytes(4, "little")
+        return int.from_bytes(bytes(pool[(sel >> (4 * i)) & 7] for i in range(4)), "little")
+
+    def half(bits):
+        return np.array([bits], dtype=np.uint16).view(np.float16)[0]
+
+    codes = np.arange(-128, 128, dtype=np.int64)
+    for pos in range(4):
+        for c in codes:
+            word = [(int(c) + 37 * j) % 256 for j in range(4)]  # other bytes vary too
+            word[pos] = int(c) & 0xFF
+            x = int.from_bytes(bytes(word), "little")
+            t = x ^ xor
+            out = {int(r): prmt(t, int(bval, 16), int(sel, 16)) for r, bval, sel in prmts}
+            vals = []
+            for r in (0, 1):  # $0 holds elements 0, 1; $1 elements 2, 3 (low half first)
+                for h in (0, 1):
+                    a = half((out[r] >> (16 * h)) & 0xFFFF)
+                    m = half((sub >> (16 * h)) & 0xFFFF)
+                    vals.append(np.float16(a - m))
+            want = [b - 256 if b > 127 else b for b in word]
+            assert [float(v) for v in vals] == [float(w) for w in want], (pos, c, vals, want)
+
+
 # ----------------------------------------------------------------------------------------------
 # Triton kernels in the CPU interpreter (one subprocess for all cases)
 # ----------------------------------------------------------------------------------------------
@@ -258,6 +299,7 @@ def _interp_cases():
         p.setdefault("scale", None)
         p.setdefault("noncontig_q", False)
         p.setdefault("len_dtype", "int64")
+        p.setdefault("f16", False)  # int8: fp16 dots on the codes (the benchmarks' option)
         p.setdefault("sm_count", None)  # a small count makes these shapes "fill the GPU": the long-stream rule
         p.setdefault("override", "")  # "SPLITS/BLOCK_N": the benchmarks' launch override (decode._LAUNCH_OVERRIDE)
         cid = "-".join(f"{k}={v}" for k, v in sorted(p.items()))
@@ -292,6 +334,10 @@ def _interp_cases():
     add(G=4, dtype="bfloat16", C=50, sm_count=4)
     add(G=4, dtype="float16", C=50, sm_count=4, lengths="full")
     add(G=2, dtype="float32", C=50, quant=True, sm_count=4)
+    # int8 with fp16 dots (q scaled and rounded to fp16), both split paths
+    for dtype in ("float32", "float16", "bfloat16"):
+        add(G=4, dtype=dtype, quant=True, C=50, split_size=16, f16=True)
+    add(G=2, dtype="bfloat16", quant=True, C=50, f16=True, sm_count=4, lengths="full")
     add(G=4, dtype="float16", C=50, override="1/16")
     add(G=4, dtype="bfloat16", C=50, override="3/16", lengths="full")
     add(G=2, dtype="float32", C=50, quant=True, override="2/32")
@@ -331,7 +377,9 @@ def _run_interp_case(p):
 
     dk.choose_split = no_rule if p["override"] else rule
     try:
-        out = dk._launch(q, k, v, L, p["scale"], p["split_size"], ks, vs, poison=True, sm_count=p["sm_count"])
+        out = dk._launch(
+            q, k, v, L, p["scale"], p["split_size"], ks, vs, poison=True, sm_count=p["sm_count"], f16=p["f16"]
+        )
     finally:
         dk._LAUNCH_OVERRIDE.clear()
         dk.choose_split = rule
@@ -371,7 +419,9 @@ def test_triton_kernel_interpreter(cid, params):
     assert r["finite"], "NaN/inf in the output: unwritten element, stale partial or poisoned slot read"
     assert r["dtype_ok"]
     assert r["zero_rows_ok"]
-    if params["dtype"] == "float32":
+    if params["f16"]:
+        tol = 1e-2 if params["dtype"] == "bfloat16" else 2e-3  # q and p rounded to fp16; a bf16 output
+    elif params["dtype"] == "float32":
         tol = 1e-5 if not params["quant"] else 1e-4
     elif params["dtype"] == "float16":
         tol = 2e-3
@@ -408,6 +458,11 @@ def test_aot_compile_sm90_and_triton_op_trace():
                 assert row["mma"] > 0, row  # tensor-core dot
             assert row["cp_async"] > 0 or row["vec_loads"] > 0, row  # pipelined / 16-byte loads
             assert row["scalar_b16_loads"] == 0, row
+            if row["launch"].get("f16"):
+                # fp16 dots on int8 codes: the codes are converted where they are loaded (16-byte shared loads),
+                # not gathered a byte at a time into the dot's layout as the bf16 conversion is (128 loads a tile)
+                assert row["byte_shared_loads"] == 0, row
+    assert any(r["launch"].get("f16") for r in rep["kernels"])
     assert rep["trace"]["ok"], rep["trace"]
     assert rep["trace"]["triton_calls"] >= 1
 
@@ -498,10 +553,16 @@ def test_gpu_dtypes_and_shapes(dtype, D, G, B, C):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("B,C", [(4, 2048), (16, 4224)])  # (16, 4224): the long-stream rule, two splits
 def test_gpu_int8_cache(dtype, B, C):
+    from dms_flex.kernels import decode as dk
+
     q, k, v, L, ks, vs = _cuda_inputs(B, 8, 4, 128, C, dtype, seed=3, quant=True)
     out = decode_attention(q, k, v, L, k_scale=ks, v_scale=vs)
     torch.cuda.synchronize()
     _check_vs_reference(out, q, k, v, L, ks, vs)
+    # fp16 dots on the codes (the PTX conversion): every element written, within fp16 rounding of q and p
+    out16 = dk._launch(q, k, v, L, None, None, ks, vs, poison=True, f16=True)
+    torch.cuda.synchronize()
+    _check_vs_reference(out16, q, k, v, L, ks, vs)
 
 
 @pytest.mark.gpu

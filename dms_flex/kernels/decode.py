@@ -98,7 +98,7 @@ _DEFAULT_SM_COUNT = 132  # H100/H200 SXM
 
 # Benchmarks only (`benchmarks/bench_decode_step.py --decode-config`): launch settings that replace the
 # shape rule's in every launch that does not pass its own, read when a compiled step is traced. Keys:
-# block_n, num_warps, num_stages, num_splits. Empty in normal use.
+# block_n, num_warps, num_stages, num_splits, f16 (int8: fp16 dots on the codes). Empty in normal use.
 _LAUNCH_OVERRIDE: dict = {}
 
 
@@ -179,6 +179,25 @@ def _launch_config(D: int, G: int, elem_bytes: int, quant: bool):
 # ----------------------------------------------------------------------------------------------
 # Triton kernels (plain functions; decorated below, or run by the interpreter on request)
 # ----------------------------------------------------------------------------------------------
+# int8 codes -> fp16, four at a time, exactly: the byte plus 128 becomes the low mantissa byte of 1024.0
+# (0x64xx), and 1152.0 (0x6480) is subtracted. 5 instructions per 4 codes, where a cvt per code is a
+# low-throughput conversion and Triton's bf16 path takes 8 (test_decode_kernel.py checks the arithmetic).
+# (The PTX is a literal inside the helper: inductor re-emits a user kernel's jit helpers, not other globals.)
+def _i8_to_f16_fn(x, ASM: tl.constexpr):
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{.reg .b32 t, m; xor.b32 t, $2, 0x80808080; prmt.b32 $0, t, 0x64646464, 0x4140; "
+            "prmt.b32 $1, t, 0x64646464, 0x4342; mov.b32 m, 0x64806480; sub.f16x2 $0, $0, m; sub.f16x2 $1, $1, m;}",
+            "=r,=r,r",
+            [x],
+            dtype=tl.float16,
+            is_pure=False,
+            pack=4,
+        )
+    else:
+        return x.to(tl.float16)
+
+
 def _decode_split_kernel_fn(
     Q,
     K,
@@ -221,7 +240,12 @@ def _decode_split_kernel_fn(
     QUANT: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
+    F16: tl.constexpr = False,
+    F16_ASM: tl.constexpr = False,
 ):
+    """F16 (int8 only): fp16 dots on the int8 codes (exact in fp16) with q pre-scaled by qk_scale and rounded to
+    fp16 (clamped to fp16's range), and p * v_scale in fp16; F16_ASM converts the codes with `_i8_to_f16`'s
+    PTX (not in the interpreter)."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bh // Hkv
@@ -244,6 +268,11 @@ def _decode_split_kernel_fn(
     q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
+    if F16:  # the softmax scale goes into q once; the scores then need only the keys' scales
+        q = (q.to(tl.float32) * qk_scale).to(tl.float32)
+        q = tl.minimum(tl.maximum(q, -65504.0), 65504.0).to(tl.float16)
+        if UPCAST:  # the interpreter: fp16 values, float32 products and sums (as the tensor cores accumulate)
+            q = q.to(tl.float32)
 
     k_base = K + b64 * stride_kb + h64 * stride_kh
     v_base = V + b64 * stride_vb + h64 * stride_vh
@@ -260,7 +289,13 @@ def _decode_split_kernel_fn(
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + offs[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        if QUANT:
+        if F16:
+            k = _i8_to_f16(k, F16_ASM)
+            v = _i8_to_f16(v, F16_ASM)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+        elif QUANT:
             k = k.to(q.dtype)
             v = v.to(q.dtype)
         elif UPCAST:
@@ -273,7 +308,8 @@ def _decode_split_kernel_fn(
         if QUANT:
             k_sc = tl.load(ks_base + offs * stride_ksn, mask=n_mask, other=0.0).to(tl.float32)
             s = s * k_sc[None, :]
-        s = (s * qk_scale).to(tl.float32)  # inductor may pass the scale as fp64
+        if not F16:
+            s = (s * qk_scale).to(tl.float32)  # inductor may pass the scale as fp64
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -282,6 +318,8 @@ def _decode_split_kernel_fn(
         if QUANT:
             v_sc = tl.load(vs_base + offs * stride_vsn, mask=n_mask, other=0.0).to(tl.float32)
             p = p * v_sc[None, :]
+        if F16:
+            p = p.to(tl.float16)
         if IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -371,6 +409,7 @@ def _decode_merge_kernel_fn(
 
 
 if HAS_TRITON:
+    _i8_to_f16 = triton.jit(_i8_to_f16_fn)
     _decode_split_kernel = triton.jit(_decode_split_kernel_fn)
     _decode_merge_kernel = triton.jit(_decode_merge_kernel_fn)
 else:  # pragma: no cover
@@ -404,6 +443,7 @@ def _launch(
     sm_count: Optional[int] = None,
     out: Optional[Tensor] = None,
     poison: bool = False,
+    f16: Optional[bool] = None,
 ) -> Tensor:
     """Run the two Triton kernels. Under TRITON_INTERPRET=1 (set before triton is imported) they
     run in Triton's CPU interpreter on CPU tensors (tests); ``wrap`` is ``torch.library.wrap_triton`` inside the triton_op.
@@ -468,6 +508,9 @@ def _launch(
         block_n = override.get("block_n") if block_n is None else block_n
         num_warps = override.get("num_warps") if num_warps is None else num_warps
         num_stages = override.get("num_stages") if num_stages is None else num_stages
+        f16 = override.get("f16") if f16 is None else f16
+    # fp16 dots on int8 codes: a benchmark option until measured (RESULTS.md section 28e)
+    f16 = bool(f16) and quant
     if block_n is not None:
         cfg["BLOCK_N"] = int(block_n)
     if num_warps is not None:
@@ -556,7 +599,9 @@ def _launch(
         SINGLE=single,
         QUANT=quant,
         UPCAST=upcast,
-        IEEE=ieee,
+        IEEE=ieee and not (f16 and not interpret),
+        F16=f16,
+        F16_ASM=f16 and not interpret,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
