@@ -738,45 +738,48 @@ def _sweep_grid(trial, D, esz, B, Hkv, cap, sm, results):
     """Block size x warps x stages at the auto split; then the split size around the best of them."""
     from dms_flex.kernels import decode as dk
 
-    for block_n in (32, 64, 128, 256) if esz == 1 else (32, 64, 128):
+    int8 = esz == 1
+    for block_n in (32, 64, 128, 256) if int8 else (32, 64, 128):
         for nw in (4, 8):
             for ns in (2, 3, 4):
                 if block_n * D * esz * 2 * ns > 200_000:
                     continue  # shared memory
                 trial(block_n=block_n, num_warps=nw, num_stages=ns)
-    best = _best(results)
+    best = _best([r for r in results if not r.get("default")])
     if best is not None:
         bn = best["block_n"]
-        auto_split, _ = dk.choose_split(B, Hkv, cap, bn, sm)
-        one = -(-cap // bn) * bn  # one split per (row, KV head): no merge launch, no partials
+        auto_split, _ = dk.choose_split(B, Hkv, cap, bn, sm, int8)
+        one = dk._split_size(cap, 1, bn)  # one split per (row, KV head): no merge launch, no partials
         for split in sorted({max(bn, int(round(auto_split * m / bn)) * bn) for m in (0.25, 0.5, 2.0, 4.0)} | {one}):
             if split != auto_split:
-                trial(block_n=bn, num_warps=best["num_warps"], num_stages=best["num_stages"], split_size=split)
+                trial(
+                    block_n=bn,
+                    num_warps=best["num_warps"],
+                    num_stages=best["num_stages"],
+                    split_size=split,
+                    num_splits=-(-cap // split),
+                )
 
 
 def _sweep_grid_full(trial, D, esz, B, Hkv, cap, sm, results):
     """--sweep-full: every block config at 1, 2 and 4 splits per (row, KV head) and at the auto split (a
-    compact cache's splits are short, so fewer, longer programs may stream better; no merge at one split)."""
+    compact cache's splits are short, so fewer, longer programs may stream better; no merge at one split);
+    int8 also with fp16 dots on the codes (`f16`, converted where loaded: one more fp16 tile per stage)."""
     from dms_flex.kernels import decode as dk
 
-    for block_n in (64, 128, 256) if esz == 1 else (64, 128):
-        _, auto_n = dk.choose_split(B, Hkv, cap, block_n, sm)
+    int8 = esz == 1
+    for block_n in (64, 128, 256) if int8 else (64, 128):
+        _, auto_n = dk.choose_split(B, Hkv, cap, block_n, sm, int8)
         for n in sorted({1, 2, 4, auto_n}):
-            split = -(-(-(-cap // n)) // block_n) * block_n
+            split = dk._split_size(cap, n, block_n)
             for nw in (4, 8):
                 for ns in (2, 3, 4):
-                    if block_n * D * esz * 2 * ns > 200_000:
-                        continue  # shared memory
-                    trial(block_n=block_n, num_warps=nw, num_stages=ns, split_size=split, num_splits=-(-cap // split))
-                    if esz == 1:  # int8: also fp16 dots on the codes (converted before the dot's layout change)
-                        trial(
-                            block_n=block_n,
-                            num_warps=nw,
-                            num_stages=ns,
-                            split_size=split,
-                            num_splits=-(-cap // split),
-                            f16=True,
-                        )
+                    for f16 in (False, True) if int8 else (False,):
+                        smem = block_n * D * (2 * esz * ns + (2 if f16 else 0))  # the f16 tile: offline compiles
+                        if smem > 200_000:
+                            continue  # shared memory
+                        kw = dict(block_n=block_n, num_warps=nw, num_stages=ns, split_size=split)
+                        trial(**kw, num_splits=-(-cap // split), **({"f16": True} if f16 else {}))
 
 
 def _sweep_case(mname, B, ctx, cr, dtype, device, sm, bw, args):
@@ -798,12 +801,12 @@ def _sweep_case(mname, B, ctx, cr, dtype, device, sm, bw, args):
         ref = dk.decode_attention_reference(q0, k0, v0, L0, k_scale=ks0, v_scale=vs0)
     else:
         ref = dk.decode_attention_reference(*sets[0])
-    base_cfg = dk._launch_config(D, G, esz, int8)
+    base_cfg, *default_split = dk.launch_settings(B, Hkv, cap, D, G, esz, int8, sm)
     results = []
 
     def trial(**kw):
         split = kw.get("split_size")
-        lk = {kk: vv for kk, vv in kw.items() if kk not in ("split_size", "num_splits")}
+        lk = {kk: vv for kk, vv in kw.items() if kk not in ("split_size", "num_splits", "default")}
 
         def builder(q, k, v, L):
             if int8:
@@ -821,7 +824,16 @@ def _sweep_case(mname, B, ctx, cr, dtype, device, sm, bw, args):
             f"err={r.get('rel_err')}"
         )
 
-    log(f"[{mname} B={B} ctx={ctx} CR={cr}] default cfg {base_cfg}")
+    log(f"[{mname} B={B} ctx={ctx} CR={cr}] default: cfg {base_cfg}, split {default_split}")
+    # the launch as the rule makes it (no settings given), timed first
+    trial(
+        default=True,
+        block_n=base_cfg["BLOCK_N"],
+        num_warps=base_cfg["num_warps"],
+        num_stages=base_cfg["num_stages"],
+        split_size=default_split[0],
+        num_splits=default_split[1],
+    )
     grid = _sweep_grid_full if getattr(args, "sweep_full", False) else _sweep_grid
     grid(trial, D, 1 if int8 else esz, B, Hkv, cap, sm, results)
     case = dict(
@@ -832,7 +844,7 @@ def _sweep_case(mname, B, ctx, cr, dtype, device, sm, bw, args):
         CR=cr,
         live_kv_bytes=live_bytes,
         default_cfg=base_cfg,
-        default_split=dk.choose_split(B, Hkv, cap, base_cfg["BLOCK_N"], sm),
+        default_split=default_split,
         trials=results,
         best=_best(results),
     )
@@ -845,20 +857,13 @@ def _print_sweep(out, bw):
     print(f"# sweep, copy {bw / 1e12:.3f} TB/s")
     for c in out["cases"]:
         b = c["best"] or {}
-        d = [
-            r
-            for r in c["trials"]
-            if r.get("block_n") == c["default_cfg"]["BLOCK_N"]
-            and r.get("num_warps") == c["default_cfg"]["num_warps"]
-            and r.get("num_stages") == c["default_cfg"]["num_stages"]
-            and "split_size" not in r
-        ]
+        d = [r for r in c["trials"] if r.get("default")]
         dt = d[0].get("time_us") if d else None
         print(
             f"{c['model']:12s} B={c['B']:3d} ctx={c['ctx']:6d} CR={c['CR']}: default {_fmt(dt)} us, best "
             f"{_fmt(b.get('time_us'))} us ({_fmt(b.get('frac_copy_bw'), '{:.2f}')}x copy) with "
-            f"block_n={b.get('block_n')} warps={b.get('num_warps')} stages={b.get('num_stages')} split={b.get('split_size', 'auto')}"
-            + (" f16" if b.get("f16") else "")
+            f"block_n={b.get('block_n')} warps={b.get('num_warps')} stages={b.get('num_stages')} "
+            f"splits={b.get('num_splits', 'auto')}" + (" f16" if b.get("f16") else "")
         )
 
 

@@ -221,21 +221,26 @@ def _set_decode_config(cfg: dict) -> None:
         torch._dynamo.reset()
 
 
+DECODE_CONFIG_KEYS = ("block_n", "num_warps", "num_stages", "num_splits", "f16")
+
+
 def parse_decode_config(text: str) -> tuple[str, dict]:
-    """NAME=JSON (keys block_n, num_warps, num_stages, num_splits, f16) or NAME=best:PATH (the first case's best trial
-    of a `bench_decode_kernel.py --sweep` JSON)."""
+    """NAME=JSON (keys: DECODE_CONFIG_KEYS) or NAME=best:PATH (the first case's best trial of a
+    `bench_decode_kernel.py --sweep` JSON)."""
     name, sep, spec = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"--decode-config {text!r}: expected NAME=JSON or NAME=best:PATH")
     if spec.startswith("best:"):
         best = json.load(open(spec[5:]))["cases"][0]["best"]
-        keys = ("block_n", "num_warps", "num_stages", "num_splits", "f16")
-        cfg = {k: best[k] for k in keys if best.get(k) is not None}
+        if not best:
+            raise argparse.ArgumentTypeError(f"--decode-config {text!r}: the sweep has no successful trial")
+        cfg = {k: best[k] for k in DECODE_CONFIG_KEYS if best.get(k) is not None}
     else:
         cfg = json.loads(spec)
-    allowed = {"block_n", "num_warps", "num_stages", "num_splits", "f16"}
-    if not isinstance(cfg, dict) or not set(cfg) <= allowed:
-        raise argparse.ArgumentTypeError(f"--decode-config {text!r}: a JSON object with keys among {sorted(allowed)}")
+    if not isinstance(cfg, dict) or not set(cfg) <= set(DECODE_CONFIG_KEYS):
+        raise argparse.ArgumentTypeError(
+            f"--decode-config {text!r}: a JSON object with keys among {DECODE_CONFIG_KEYS}"
+        )
     return name, {k: int(v) for k, v in cfg.items()}
 
 

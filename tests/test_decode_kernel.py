@@ -239,6 +239,59 @@ def test_choose_split_shapes_only():
     assert choose_split(8, 8, 4096, 64, 132) == choose_split(8, 8, 4096, 64, 132)
 
 
+@needs_triton
+def test_launch_settings_long_streams_and_explicit_settings():
+    """The block settings a launch takes (Llama-3-8B heads: D=128, G=4, bf16 2-byte elements, 132 SMs)."""
+    from dms_flex.kernels.decode import launch_settings
+
+    def run(B, C, quant=False, **kw):
+        cfg, split, n = launch_settings(B, 8, C, 128, 4, 2, quant, 132, **kw)
+        return cfg["BLOCK_N"], cfg["num_stages"], split, n
+
+    # one program per (row, KV head), ~one per SM: 128-slot tiles, 3 stages, no merge (section 28a)
+    assert run(16, 4224) == (128, 3, 4224, 1)
+    # int8: two programs per (row, KV head), 3 stages, its 128-slot tile
+    assert run(16, 4224, quant=True) == (128, 3, 2176, 2)
+    # one split but ~4 programs per SM: the rule's smaller tile, which lets them share an SM
+    assert run(64, 2048)[:2] == (64, 3) and run(64, 2048)[3] == 1
+    # a long dense cache and a small batch keep the 8-programs-per-SM rule and its tile
+    assert run(16, 32892) == (64, 3, 3712, 9)
+    assert run(1, 4224)[:2] == (64, 3) and run(1, 4224)[3] == 17
+    # explicit settings win and replace only what they name; the long streams' settings are not mixed in
+    assert run(16, 4224, block_n=64) == (64, 3, 4224, 1)
+    assert run(16, 4224, num_stages=2) == (64, 2, 4224, 1)
+    assert run(16, 4224, quant=True, num_stages=4) == (128, 4, 2176, 2)
+    # a given number of splits or split size replaces the rule (and its long-stream settings)
+    assert run(16, 4224, num_splits=9) == (64, 3, 512, 9)
+    assert run(16, 4224, split_size=1000) == (64, 3, 1000, 5)
+
+
+@needs_triton
+def test_inductor_reemits_the_kernel_with_its_helper(tmp_path):
+    """torch.compile re-emits a user Triton kernel and its jit helpers from their source: the helper the
+    kernel calls must be defined there under the name it is called by (a helper defined as `f_fn` and
+    bound to `f` fails with a NameError in compiled steps only)."""
+    import importlib.util
+    import re
+
+    from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code
+
+    from dms_flex.kernels import decode as dk
+
+    src = user_defined_triton_kernel_transitive_closure_source_code(dk._decode_split_kernel)
+    called = set(re.findall(r"\b(_\w+)\(", src.split("def _decode_split_kernel_fn", 1)[1]))
+    defined = set(re.findall(r"^def (\w+)\(", src, re.M))
+    assert "_i8_to_f16" in called and "_i8_to_f16" in defined
+    helpers = {name for name in called if callable(getattr(dk, name, None))}
+    assert helpers <= defined, helpers - defined
+    path = tmp_path / "reemitted.py"
+    path.write_text("import triton\nimport triton.language as tl\n" + src)
+    spec = importlib.util.spec_from_file_location("reemitted", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # every name resolves and the jit decorators accept the source
+    assert hasattr(mod, "_i8_to_f16")
+
+
 def test_int8_to_fp16_ptx_arithmetic():
     """The PTX of `_i8_to_f16` (xor, two byte permutes, an fp16x2 subtraction), emulated with its own constants
     on every int8 code and every position in the packed word: each code comes back exactly, in order."""
@@ -254,6 +307,9 @@ def test_int8_to_fp16_ptx_arithmetic():
     prmts = re.findall(r"prmt\.b32 \$(\d), t, (0x[0-9a-f]+), (0x[0-9a-f]+)", src)
     sub = int(re.search(r"mov\.b32 m, (0x[0-9a-f]+)", src).group(1), 16)
     assert len(prmts) == 2 and "sub.f16x2 $0, $0, m" in src and "sub.f16x2 $1, $1, m" in src
+
+    for _, _, sel in prmts:  # no sign-replicate bit (bit 3 of a selector nibble): plain byte moves
+        assert all((int(sel, 16) >> (4 * i + 3)) & 1 == 0 for i in range(4)), sel
 
     def prmt(a, b, sel):  # PTX prmt.b32 (default mode): result byte i = byte sel_i of {b, a}
         pool = a.to_bytes(4, "little") + b.to_bytes(4, "little")
@@ -299,7 +355,10 @@ def _interp_cases():
         p.setdefault("scale", None)
         p.setdefault("noncontig_q", False)
         p.setdefault("len_dtype", "int64")
-        p.setdefault("f16", False)  # int8: fp16 dots on the codes (the benchmarks' option)
+        p.setdefault("f16", False)
+        p.setdefault(
+            "small", ""
+        )  # "v": V's scales times 1e-4; "q": q times 1e-6, K's scales times 1e6  # int8: fp16 dots on the codes (the benchmarks' option)
         p.setdefault("sm_count", None)  # a small count makes these shapes "fill the GPU": the long-stream rule
         p.setdefault("override", "")  # "SPLITS/BLOCK_N": the benchmarks' launch override (decode._LAUNCH_OVERRIDE)
         cid = "-".join(f"{k}={v}" for k, v in sorted(p.items()))
@@ -329,17 +388,21 @@ def _interp_cases():
     for dtype in ("float32", "float16", "bfloat16"):
         add(G=4, dtype=dtype, quant=True, C=50, split_size=16)
     add(G=1, dtype="float16", quant=True, C=50, split_size=None)
-    # the benchmarks' launch override: a number of splits (one: no merge) and a block size
-    # the long-stream rule (one program per row and KV head, or two for int8) with its block settings
+    # the long-stream rule (one program per row and KV head, or two for int8 from 4,096 slots) with its block
+    # settings; a small SM count makes these shapes fill the GPU
     add(G=4, dtype="bfloat16", C=50, sm_count=4)
     add(G=4, dtype="float16", C=50, sm_count=4, lengths="full")
     add(G=2, dtype="float32", C=50, quant=True, sm_count=4)
-    # int8 with fp16 dots (q scaled and rounded to fp16), both split paths
+    add(G=1, B=1, Hkv=1, D=16, dtype="float16", C=4100, quant=True, sm_count=1, lengths="full")  # two splits
+    # int8 with fp16 dots (q / max|q| and p * scale / max scale rounded to fp16), both split paths
     for dtype in ("float32", "float16", "bfloat16"):
         add(G=4, dtype=dtype, quant=True, C=50, split_size=16, f16=True)
     add(G=2, dtype="bfloat16", quant=True, C=50, f16=True, sm_count=4, lengths="full")
+    add(G=4, dtype="float16", quant=True, C=50, split_size=16, f16=True, small="v")  # V scales ~1e-6
+    add(G=4, dtype="float32", quant=True, C=50, split_size=16, f16=True, small="q")  # q ~1e-6
+    # the benchmarks' launch override: a number of splits (one: no merge) and a block size
     add(G=4, dtype="float16", C=50, override="1/16")
-    add(G=4, dtype="bfloat16", C=50, override="3/16", lengths="full")
+    add(G=4, dtype="bfloat16", C=50, override="4/16", lengths="full")
     add(G=2, dtype="float32", C=50, quant=True, override="2/32")
     return cases
 
@@ -360,6 +423,10 @@ def _run_interp_case(p):
         quant=p["quant"],
         cap_extra=p["cap_extra"],
     )
+    if p["small"] == "v":
+        vs = vs * 1e-4
+    elif p["small"] == "q":  # scores of order one from a q in fp16's subnormal range
+        q, ks = q * 1e-6, ks * 1e6
     if p["noncontig_q"]:
         # same values, (B, Hq, D) view of a (Hq, B, D) buffer
         q = q.transpose(0, 1).contiguous().transpose(0, 1)

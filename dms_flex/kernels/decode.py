@@ -38,17 +38,22 @@ element plus cross-lane reductions, which at G=8 approaches the FMA rate needed 
 
 Block sizes (``_config``): BLOCK_N = 16 KB / (D * element size) capped to [16, 128] (bf16 D=128:
 64, D=64: 128), BLOCK_G = max(16, next_pow2(G)), BLOCK_D = next_pow2(D), 4 warps, 3 stages.
-Split heuristic (``choose_split``): long streams first, for short caches. Where one or two programs per
-(row, KV head) of at least 4,096 slots (int8: 2,048) fill the GPU (B*Hkv*num_splits >= 0.9*SMs), that
-is the split: a compact cache of ~4,096 slots at B=16 x 8 KV heads runs one program per (row, KV head),
-with no merge launch. Otherwise at least 8 programs per SM (B*Hkv*num_splits >= 8*SMs) with splits >=
-256 slots (a long dense cache streams fastest with several programs per SM: 8 splits of 4,096 slots
-were 1.8% slower than this rule's 9 at B=16 x 32K). Splits are a whole number of BLOCK_N blocks; from
-Python ints only. One bf16/fp16 program per (row, KV head) takes twice the rule's tile, at most 128
-slots, with 3 stages: one program per SM needs the bytes in flight. Measured at Llama-3-8B heads, B=16,
-4,096 live slots (benchmarks/RESULTS.md, section 28): one split of 128-slot tiles 65.2 us (0.97x copy)
-against 72.9 us for 9 splits of 64 and the merge; int8, 2 splits with 3 stages 55.5 us against 58.1 us
-for 9 splits with 2.
+Split heuristic (``choose_split``, with the block settings in ``launch_settings``): long streams first,
+for short caches. Where C // 4,096 splits (int8: C // 2,048; at least one, so a shorter cache streams
+whole), if that is one or two, fill the GPU (B*Hkv*num_splits >= 0.9*SMs), that is the split: a compact
+cache of ~4,096 slots at B=16 x 8 KV heads runs one program per (row, KV head), with no merge launch.
+Otherwise at least 8 programs per SM (B*Hkv*num_splits >= 8*SMs) with splits >= 256 slots (a long dense
+cache streams fastest with several programs per SM: 8 splits of 4,096 slots were 1.8% slower than this
+rule's 9 at B=16 x 32K). Splits are a whole number of BLOCK_N blocks; from Python ints only. Where the
+long streams leave about one program per SM, one program per (row, KV head) (bf16, fp16, fp32) takes
+twice the rule's tile, at most 128 slots, with 3 stages: one program per SM needs the bytes in flight;
+int8 at two programs per SM takes 3 stages. Measured at Llama-3-8B heads, B=16, 4,096 live slots
+(benchmarks/RESULTS.md, section 28): one split of 128-slot tiles 65.2 us (0.97x copy) against 72.9 us
+for 9 splits of 64 and the merge; int8, 2 splits with 3 stages 55.5 us against 58.1 us for 9 splits
+with 2.
+
+int8 K/V are converted to q's dtype for the tensor-core dots; the ``f16`` launch option (off by default
+until measured on a GPU) instead converts the codes to fp16 where they are loaded (RESULTS.md 28e).
 
 num_splits is a function of shapes only (B, Hkv, C and the SM count): no host syncs, no
 data-dependent Python control flow, so the op can be captured in CUDA graphs and traced by
@@ -118,7 +123,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _num_splits(B: int, Hkv: int, C: int, sm_count: int, quant: bool) -> tuple[int, bool]:
-    """(number of splits, whether they are long streams that fill the GPU)."""
+    """(number of splits, whether they are long streams that fill the GPU): see `choose_split`."""
     C = max(int(C), 1)
     bh = max(int(B) * int(Hkv), 1)
     long_splits = max(1, C // (_LONG_STREAM_INT8 if quant else _LONG_STREAM))
@@ -128,29 +133,77 @@ def _num_splits(B: int, Hkv: int, C: int, sm_count: int, quant: bool) -> tuple[i
     return max(1, min(want, _cdiv(C, _MIN_SPLIT))), False
 
 
+def _split_size(C: int, splits: int, block_n: int) -> int:
+    """Slots per split for `splits` splits of C slots: a whole number of BLOCK_N blocks."""
+    return _cdiv(_cdiv(max(int(C), 1), max(int(splits), 1)), block_n) * block_n
+
+
 def choose_split(
     B: int, Hkv: int, C: int, block_n: int, sm_count: int = _DEFAULT_SM_COUNT, quant: bool = False
 ) -> tuple[int, int]:
     """Return (split_size, num_splits) from shapes only.
 
-    One or two programs per (row, KV head) of at least ``_LONG_STREAM`` slots (int8: ``_LONG_STREAM_INT8``)
-    where they fill the GPU (B*Hkv*num_splits >= 0.9*SMs); otherwise at least ``_PROGRAMS_PER_SM * sm_count`` programs with
-    splits of at least ``_MIN_SPLIT`` slots. Splits are a whole number of BLOCK_N blocks.
+    Long streams, for short caches: where one or two programs per (row, KV head) fill the GPU
+    (B*Hkv*num_splits >= 0.9*SMs) with C // ``_LONG_STREAM`` (int8: ``_LONG_STREAM_INT8``) splits, at least
+    one (so a cache shorter than that streams whole), that is the split. Otherwise at least
+    ``_PROGRAMS_PER_SM * sm_count`` programs with splits of at least ``_MIN_SPLIT`` slots. Splits are a whole
+    number of BLOCK_N blocks.
     """
     splits, _ = _num_splits(B, Hkv, C, sm_count, quant)
-    split_size = _cdiv(_cdiv(max(int(C), 1), splits), block_n) * block_n
+    split_size = _split_size(C, splits, block_n)
     return split_size, _cdiv(max(int(C), 1), split_size)
 
 
-def _long_stream_config(cfg: dict, splits: int, quant: bool) -> dict:
-    """Block sizes for long streams over a filled grid (`choose_split`): one bf16/fp16/fp32 program per
-    (row, KV head) takes twice the rule's tile (at most 128 slots) with 3 stages, the bytes in flight of one
-    program per SM; int8 at one or two splits keeps its tile and takes 3 stages. Otherwise cfg unchanged."""
-    if quant and splits <= 2:
+def _long_stream_config(cfg: dict, splits: int, quant: bool, programs: int, sm_count: int) -> dict:
+    """Block sizes for the long streams of `choose_split` where each SM holds about one program (bf16/fp16/
+    fp32, one split: twice the rule's tile, at most 128 slots, with 3 stages, the bytes in flight of one
+    program per SM) or two (int8 at one or two splits: 3 stages). Otherwise (more programs per SM, which
+    the smaller tiles let share an SM) cfg unchanged."""
+    if quant and splits <= 2 and programs <= 2 * sm_count:
         return dict(cfg, num_stages=3)
-    if not quant and splits == 1:
+    if not quant and splits == 1 and programs <= sm_count:
         return dict(cfg, BLOCK_N=min(128, 2 * cfg["BLOCK_N"]), num_stages=3)
     return cfg
+
+
+def launch_settings(
+    B: int,
+    Hkv: int,
+    C: int,
+    D: int,
+    G: int,
+    elem_bytes: int,
+    quant: bool,
+    sm_count: int = _DEFAULT_SM_COUNT,
+    *,
+    block_n: Optional[int] = None,
+    num_warps: Optional[int] = None,
+    num_stages: Optional[int] = None,
+    split_size: Optional[int] = None,
+    num_splits: Optional[int] = None,
+) -> tuple[dict, int, int]:
+    """(block config, split_size, num_splits) of a launch, from Python ints only: `_launch_config`, the split
+    of `choose_split` (or `num_splits` / `split_size` given) and, for its long streams, `_long_stream_config`
+    unless block settings are given (explicit settings win, and replace only what they name)."""
+    cfg = _launch_config(D, G, elem_bytes, quant)
+    if split_size is None or split_size <= 0:
+        if num_splits:
+            n, long = int(num_splits), False
+        else:
+            n, long = _num_splits(B, Hkv, C, sm_count, quant)
+        if long and block_n is None and num_stages is None:
+            cfg = _long_stream_config(cfg, n, quant, max(B * Hkv, 1) * n, sm_count)
+    for key, value in (("BLOCK_N", block_n), ("num_warps", num_warps), ("num_stages", num_stages)):
+        if value is not None:
+            cfg[key] = int(value)
+    if split_size is None or split_size <= 0:
+        split_size = _split_size(C, n, cfg["BLOCK_N"])
+    split_size = int(split_size)
+    splits = _cdiv(C, split_size)
+    if splits > 65535:  # CUDA grid y limit
+        split_size = _split_size(C, 65535, cfg["BLOCK_N"])
+        splits = _cdiv(C, split_size)
+    return cfg, split_size, splits
 
 
 def _config(D: int, G: int, elem_bytes: int):
@@ -182,8 +235,10 @@ def _launch_config(D: int, G: int, elem_bytes: int, quant: bool):
 # int8 codes -> fp16, four at a time, exactly: the byte plus 128 becomes the low mantissa byte of 1024.0
 # (0x64xx), and 1152.0 (0x6480) is subtracted. 5 instructions per 4 codes, where a cvt per code is a
 # low-throughput conversion and Triton's bf16 path takes 8 (test_decode_kernel.py checks the arithmetic).
-# (The PTX is a literal inside the helper: inductor re-emits a user kernel's jit helpers, not other globals.)
-def _i8_to_f16_fn(x, ASM: tl.constexpr):
+# is_pure=False keeps Triton from moving the conversion past the tile's move into the dot's operand layout,
+# which for V gathers the codes a byte at a time (benchmarks/RESULTS.md, section 28e). The function is
+# defined under the name the kernel calls: inductor re-emits a user kernel's helpers from their source.
+def _i8_to_f16(x, ASM: tl.constexpr):
     if ASM:
         return tl.inline_asm_elementwise(
             "{.reg .b32 t, m; xor.b32 t, $2, 0x80808080; prmt.b32 $0, t, 0x64646464, 0x4140; "
@@ -196,6 +251,9 @@ def _i8_to_f16_fn(x, ASM: tl.constexpr):
         )
     else:
         return x.to(tl.float16)
+
+
+_i8_to_f16_fn = _i8_to_f16  # the plain function (decorated below, or run by the interpreter)
 
 
 def _decode_split_kernel_fn(
@@ -243,9 +301,9 @@ def _decode_split_kernel_fn(
     F16: tl.constexpr = False,
     F16_ASM: tl.constexpr = False,
 ):
-    """F16 (int8 only): fp16 dots on the int8 codes (exact in fp16) with q pre-scaled by qk_scale and rounded to
-    fp16 (clamped to fp16's range), and p * v_scale in fp16; F16_ASM converts the codes with `_i8_to_f16`'s
-    PTX (not in the interpreter)."""
+    """F16 (int8 only): fp16 dots on the int8 codes (exact in fp16), with q / max|q| and p * v_scale / (the
+    split's largest v_scale) rounded to fp16, the two maxima multiplied back in float32; F16_ASM converts the
+    codes with `_i8_to_f16`'s PTX (not in the interpreter)."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bh // Hkv
@@ -268,9 +326,13 @@ def _decode_split_kernel_fn(
     q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    if F16:  # the softmax scale goes into q once; the scores then need only the keys' scales
-        q = (q.to(tl.float32) * qk_scale).to(tl.float32)
-        q = tl.minimum(tl.maximum(q, -65504.0), 65504.0).to(tl.float16)
+    if F16:  # q / max|q| in fp16 (no overflow, no subnormals at the top of the range); max|q| * scale comes back
+        # on the scores with the keys' scales
+        q = q.to(tl.float32)
+        q_max = tl.max(tl.max(tl.abs(q), 1), 0)
+        q_max = tl.where(q_max > 0.0, q_max, 1.0)
+        q = (q / q_max).to(tl.float16)
+        s_scale = (q_max * qk_scale).to(tl.float32)
         if UPCAST:  # the interpreter: fp16 values, float32 products and sums (as the tensor cores accumulate)
             q = q.to(tl.float32)
 
@@ -278,6 +340,15 @@ def _decode_split_kernel_fn(
     v_base = V + b64 * stride_vb + h64 * stride_vh
     ks_base = KS + b64 * stride_ksb + h64 * stride_ksh
     vs_base = VS + b64 * stride_vsb + h64 * stride_vsh
+
+    if F16:  # the largest V scale of the split (its scales are 1/D of its codes' bytes), multiplied back at the end
+        v_max = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            offs = n0 + offs_n
+            v_max = tl.maximum(v_max, tl.load(vs_base + offs * stride_vsn, mask=offs < end, other=0.0))
+        v_top = tl.max(v_max, 0)
+        v_top = tl.where(v_top > 0.0, v_top, 1.0)
+        v_inv = 1.0 / v_top
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -308,7 +379,9 @@ def _decode_split_kernel_fn(
         if QUANT:
             k_sc = tl.load(ks_base + offs * stride_ksn, mask=n_mask, other=0.0).to(tl.float32)
             s = s * k_sc[None, :]
-        if not F16:
+        if F16:
+            s = s * s_scale
+        else:
             s = (s * qk_scale).to(tl.float32)  # inductor may pass the scale as fp64
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -317,6 +390,8 @@ def _decode_split_kernel_fn(
         l_i = l_i * alpha + tl.sum(p, 1)
         if QUANT:
             v_sc = tl.load(vs_base + offs * stride_vsn, mask=n_mask, other=0.0).to(tl.float32)
+            if F16:  # relative to the split's largest: a small V does not fall into fp16's subnormals
+                v_sc = v_sc * v_inv
             p = p * v_sc[None, :]
         if F16:
             p = p.to(tl.float16)
@@ -327,6 +402,8 @@ def _decode_split_kernel_fn(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
+    if F16:
+        acc = acc * v_top
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     out = tl.where(has[:, None], out, 0.0)
@@ -447,7 +524,8 @@ def _launch(
 ) -> Tensor:
     """Run the two Triton kernels. Under TRITON_INTERPRET=1 (set before triton is imported) they
     run in Triton's CPU interpreter on CPU tensors (tests); ``wrap`` is ``torch.library.wrap_triton`` inside the triton_op.
-    block_n / num_warps / num_stages / sm_count override the defaults (benchmark sweeps).
+    block_n / num_warps / num_stages / sm_count override the defaults (benchmark sweeps), as does
+    `_LAUNCH_OVERRIDE` where they are not given; f16: fp16 dots on int8 codes (the kernel's F16).
     Tests: ``out`` is a preallocated (B, Hq, D) output; ``poison`` fills output and workspace
     with NaN first, so an element the kernels fail to write (or a stale partial the merge
     wrongly reads) shows up as NaN."""
@@ -502,7 +580,6 @@ def _launch(
         q = q.float()  # the int8 path converts K/V to q's dtype
     ieee = q.dtype == torch.float32 or upcast
 
-    cfg = _launch_config(D, G, q.element_size() if quant else k_cache.element_size(), quant)
     override = _LAUNCH_OVERRIDE
     if override:
         block_n = override.get("block_n") if block_n is None else block_n
@@ -511,34 +588,24 @@ def _launch(
         f16 = override.get("f16") if f16 is None else f16
     # fp16 dots on int8 codes: a benchmark option until measured (RESULTS.md section 28e)
     f16 = bool(f16) and quant
-    if block_n is not None:
-        cfg["BLOCK_N"] = int(block_n)
-    if num_warps is not None:
-        cfg["num_warps"] = int(num_warps)
-    if num_stages is not None:
-        cfg["num_stages"] = int(num_stages)
+    if sm_count is None:
+        sm_count = _sm_count(q.device.index or 0) if q.device.type == "cuda" else _DEFAULT_SM_COUNT
+    cfg, split_size, num_splits = launch_settings(
+        B,
+        Hkv,
+        C,
+        D,
+        G,
+        q.element_size() if quant else k_cache.element_size(),
+        quant,
+        sm_count,
+        block_n=block_n,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        split_size=split_size,
+        num_splits=override.get("num_splits"),
+    )
     BLOCK_N = cfg["BLOCK_N"]
-
-    if (split_size is None or split_size <= 0) and override.get("num_splits"):
-        split_size = _cdiv(_cdiv(C, int(override["num_splits"])), BLOCK_N) * BLOCK_N
-    if split_size is None or split_size <= 0:
-        if sm_count is None:
-            sm_count = _sm_count(q.device.index or 0) if q.device.type == "cuda" else _DEFAULT_SM_COUNT
-        splits, long = _num_splits(B, Hkv, C, sm_count, quant)
-        if long:  # deeper pipelines for long streams (explicit block settings win)
-            long_cfg = _long_stream_config(cfg, splits, quant)
-            if block_n is None:
-                cfg["BLOCK_N"] = long_cfg["BLOCK_N"]
-            if num_stages is None:
-                cfg["num_stages"] = long_cfg["num_stages"]
-            BLOCK_N = cfg["BLOCK_N"]
-        split_size, num_splits = choose_split(B, Hkv, C, BLOCK_N, sm_count, quant)
-    else:
-        split_size = int(split_size)
-        num_splits = _cdiv(C, split_size)
-    if num_splits > 65535:  # CUDA grid y limit
-        split_size = _cdiv(_cdiv(C, 65535), BLOCK_N) * BLOCK_N
-        num_splits = _cdiv(C, split_size)
     single = num_splits == 1
 
     dummy = torch.empty((1,), dtype=torch.float32, device=q.device)
