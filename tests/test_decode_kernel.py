@@ -473,9 +473,7 @@ def _interp_worker():
 
 @functools.lru_cache(maxsize=None)
 def _interp_results():
-    proc = _interp.start_worker(__file__, threads="2")
-    out, err = proc.communicate(timeout=600)
-    return _interp.results_of(proc.returncode, out, err)
+    return _interp.results(__file__, threads="2")
 
 
 @needs_triton

@@ -449,9 +449,7 @@ def _run_case(p):
 
 @functools.lru_cache(maxsize=None)
 def _results():
-    proc = _interp.start_worker(__file__, threads="1")
-    out, err = proc.communicate(timeout=900)
-    return _interp.results_of(proc.returncode, out, err)
+    return _interp.results(__file__)
 
 
 @needs_triton

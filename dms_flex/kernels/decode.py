@@ -301,7 +301,7 @@ def _decode_split_kernel_fn(
     F16: tl.constexpr = False,
     F16_ASM: tl.constexpr = False,
 ):
-    """F16 (int8 only): fp16 dots on the int8 codes (exact in fp16), with q / max|q| and p * v_scale / (the
+    """F16 (int8 only): fp16 dots on the int8 codes (exact in fp16), with q / max|q| (per query head) and p * v_scale / (the
     split's largest v_scale) rounded to fp16, the two maxima multiplied back in float32; F16_ASM converts the
     codes with `_i8_to_f16`'s PTX (not in the interpreter)."""
     pid_bh = tl.program_id(0)
@@ -326,13 +326,13 @@ def _decode_split_kernel_fn(
     q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    if F16:  # q / max|q| in fp16 (no overflow, no subnormals at the top of the range); max|q| * scale comes back
-        # on the scores with the keys' scales
+    if F16:  # each query head over its max |q| in fp16 (no overflow, no subnormals at the top of its range);
+        # max|q| * scale comes back on its scores with the keys' scales
         q = q.to(tl.float32)
-        q_max = tl.max(tl.max(tl.abs(q), 1), 0)
+        q_max = tl.max(tl.abs(q), 1)
         q_max = tl.where(q_max > 0.0, q_max, 1.0)
-        q = (q / q_max).to(tl.float16)
-        s_scale = (q_max * qk_scale).to(tl.float32)
+        q = (q / q_max[:, None]).to(tl.float16)
+        s_scale = (q_max * qk_scale).to(tl.float32)[:, None]
         if UPCAST:  # the interpreter: fp16 values, float32 products and sums (as the tensor cores accumulate)
             q = q.to(tl.float32)
 
