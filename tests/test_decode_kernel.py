@@ -355,10 +355,8 @@ def _interp_cases():
         p.setdefault("scale", None)
         p.setdefault("noncontig_q", False)
         p.setdefault("len_dtype", "int64")
-        p.setdefault("f16", False)
-        p.setdefault(
-            "small", ""
-        )  # "v": V's scales times 1e-4; "q": q times 1e-6, K's scales times 1e6  # int8: fp16 dots on the codes (the benchmarks' option)
+        p.setdefault("f16", False)  # int8: fp16 dots on the codes (the benchmarks' option)
+        p.setdefault("small", "")  # "v": V's scales times 1e-4; "q": q times 1e-6 and K's scales times 1e6
         p.setdefault("sm_count", None)  # a small count makes these shapes "fill the GPU": the long-stream rule
         p.setdefault("override", "")  # "SPLITS/BLOCK_N": the benchmarks' launch override (decode._LAUNCH_OVERRIDE)
         cid = "-".join(f"{k}={v}" for k, v in sorted(p.items()))

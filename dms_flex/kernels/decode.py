@@ -301,9 +301,9 @@ def _decode_split_kernel_fn(
     F16: tl.constexpr = False,
     F16_ASM: tl.constexpr = False,
 ):
-    """F16 (int8 only): fp16 dots on the int8 codes (exact in fp16), with q / max|q| (per query head) and p * v_scale / (the
-    split's largest v_scale) rounded to fp16, the two maxima multiplied back in float32; F16_ASM converts the
-    codes with `_i8_to_f16`'s PTX (not in the interpreter)."""
+    """F16 (int8 only): fp16 dots on the int8 codes (exact in fp16), with q / max|q| (per query head) and
+    p * v_scale / (the split's largest v_scale) rounded to fp16, the two maxima multiplied back in float32;
+    F16_ASM converts the codes with `_i8_to_f16`'s PTX (not in the interpreter)."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bh // Hkv
@@ -523,7 +523,8 @@ def _launch(
     f16: Optional[bool] = None,
 ) -> Tensor:
     """Run the two Triton kernels. Under TRITON_INTERPRET=1 (set before triton is imported) they
-    run in Triton's CPU interpreter on CPU tensors (tests); ``wrap`` is ``torch.library.wrap_triton`` inside the triton_op.
+    run in Triton's CPU interpreter on CPU tensors (tests); ``wrap`` is ``torch.library.wrap_triton`` inside
+    the triton_op.
     block_n / num_warps / num_stages / sm_count override the defaults (benchmark sweeps), as does
     `_LAUNCH_OVERRIDE` where they are not given; f16: fp16 dots on int8 codes (the kernel's F16).
     Tests: ``out`` is a preallocated (B, Hq, D) output; ``poison`` fills output and workspace
