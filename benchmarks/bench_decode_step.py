@@ -189,7 +189,7 @@ def make_case(model, kind, B, ctx, margin, mode):
     if kind == "gptfast":
         cache = GptFastCache(model, B, ctx + margin, ctx)
         return graphed(gptfast_step, model, tok, cache), cache.bytes(), cache
-    kind, _, config = kind.partition("@")
+    kind, config = split_kind(kind)
     _set_decode_config(DECODE_CONFIGS[config] if config else {})
     cr, kv_dtype = parse_kind(kind)
     live = int(ctx / cr)
@@ -208,6 +208,12 @@ def make_case(model, kind, B, ctx, margin, mode):
 
 STEP_OPTIONS = None  # --step-options: torch.compile options of the compiled step (compile-graph, --profile)
 DECODE_CONFIGS: dict = {}  # --decode-config NAME=...: decode-attention launch settings, used by cache kinds KIND@NAME
+
+
+def split_kind(kind: str) -> tuple[str, str]:
+    """'8-int8@f' -> ('8-int8', 'f'): a cache kind and the name of its --decode-config ('' for none)."""
+    base, _, config = kind.partition("@")
+    return base, config
 
 
 def _set_decode_config(cfg: dict) -> None:
@@ -352,7 +358,7 @@ def main():
         decisions.DMSAdapter.compiled_one_token = False
     for kind in a.cache:
         if kind != "gptfast":
-            kind, _, config = kind.partition("@")
+            kind, config = split_kind(kind)
             if config and config not in DECODE_CONFIGS:
                 p.error(f"--cache {kind}@{config}: no --decode-config {config}=...")
             try:
@@ -374,7 +380,7 @@ def main():
             "cache": kind,
             "mode": a.mode,
             "step_options": a.step_options,
-            "decode_config": DECODE_CONFIGS.get(kind.partition("@")[2]),
+            "decode_config": DECODE_CONFIGS.get(split_kind(kind)[1]),
             "decision": a.decision + (" (two-module)" if a.adapter_two_module else ""),
             "step_ms": ms,
             "tokens_per_s": B * 1000 / ms,

@@ -149,8 +149,8 @@ def brute_counts(T, window, doc_ids, BM, BN, rows_per_program=1):
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module", autouse=True)
 def _start_subprocesses_early(request):
-    """The interpreter worker and the sm_90 compile run in subprocesses; start them before the
-    in-process tests when any test selected needs them, so they overlap."""
+    """The sm_90 compile runs in a subprocess; start it before the in-process tests when any test selected
+    needs it or the interpreter results (whose worker tests/conftest.py prefetches), so they overlap."""
     wanted = ("test_triton_kernels_interpreter", "test_interpreter_cases_cover", "test_aot_compile")
     if HAS_TRITON_PKG and any(item.name.startswith(wanted) for item in request.session.items):
         _subprocesses()

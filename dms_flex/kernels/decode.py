@@ -186,7 +186,8 @@ def launch_settings(
     of `choose_split` (or `num_splits` / `split_size` given) and, for its long streams, `_long_stream_config`
     unless block settings are given (explicit settings win, and replace only what they name)."""
     cfg = _launch_config(D, G, elem_bytes, quant)
-    if split_size is None or split_size <= 0:
+    given = split_size is not None and split_size > 0
+    if not given:
         if num_splits:
             n, long = int(num_splits), False
         else:
@@ -196,9 +197,7 @@ def launch_settings(
     for key, value in (("BLOCK_N", block_n), ("num_warps", num_warps), ("num_stages", num_stages)):
         if value is not None:
             cfg[key] = int(value)
-    if split_size is None or split_size <= 0:
-        split_size = _split_size(C, n, cfg["BLOCK_N"])
-    split_size = int(split_size)
+    split_size = int(split_size) if given else _split_size(C, n, cfg["BLOCK_N"])
     splits = _cdiv(C, split_size)
     if splits > 65535:  # CUDA grid y limit
         split_size = _split_size(C, 65535, cfg["BLOCK_N"])
