@@ -23,6 +23,31 @@ def test_decode_step_cache_kinds():
             bs.parse_kind(bad)
 
 
+def test_decode_step_decode_configs(tmp_path):
+    """--decode-config NAME=JSON or NAME=best:SWEEP.json (the first case's best trial), keys checked."""
+    import argparse
+    import json
+
+    assert bs.parse_decode_config('one={"num_splits": 1, "f16": true}') == ("one", {"num_splits": 1, "f16": 1})
+    assert bs.split_kind("8-int8@f") == ("8-int8", "f") and bs.split_kind("8") == ("8", "")
+    sweep = tmp_path / "sw.json"
+    best = {"block_n": 128, "num_warps": 4, "num_stages": 3, "split_size": 2176, "num_splits": 2, "time_us": 55.5}
+    sweep.write_text(json.dumps({"cases": [{"best": best}]}))
+    assert bs.parse_decode_config(f"b=best:{sweep}") == (
+        "b",
+        {"block_n": 128, "num_warps": 4, "num_stages": 3, "num_splits": 2},
+    )
+    sweep.write_text(json.dumps({"cases": [{"best": None}]}))
+    for bad, message in (
+        ("noequals", "expected NAME=JSON"),
+        ('x={"split": 2}', "keys among"),
+        ("x=[1]", "keys among"),
+        (f"x=best:{sweep}", "no successful trial"),
+    ):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            bs.parse_decode_config(bad)
+
+
 def test_decode_kernel_shapes_and_crs():
     assert bk.parse_shapes("8x32768,1x131072") == [(8, 32768), (1, 131072)]
     assert bk.parse_crs("2,4") == [2, 4]
@@ -38,6 +63,8 @@ def test_decode_kernel_shapes_and_crs():
     "script, args, message",
     [
         ("bench_decode_step.py", ["--device", "cpu", "--cache", "8-fp8"], "expected gptfast"),
+        ("bench_decode_step.py", ["--device", "cpu", "--cache", "8@one"], "no --decode-config one=..."),
+        ("bench_decode_step.py", ["--device", "cpu", "--decode-config", "one"], "expected NAME=JSON"),
         ("bench_decode_kernel.py", ["--cpu-smoke", "--shapes", "8by4"], "expected BxCTX"),
         (
             "bench_train_attention_kernel.py",
