@@ -761,10 +761,20 @@ def _sweep_grid(trial, D, esz, B, Hkv, cap, sm, results):
                 )
 
 
-def _sweep_grid_full(trial, D, esz, B, Hkv, cap, sm, results):
+def _parse_f16_cvts(text: str) -> str:
+    from dms_flex.kernels.decode import F16_CVTS
+
+    bad = [c for c in text.split(",") if c and c not in F16_CVTS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown conversion(s) {bad}: choose from {sorted(F16_CVTS)}")
+    return text
+
+
+def _sweep_grid_full(trial, D, esz, B, Hkv, cap, sm, results, f16_cvts=("asm",)):
     """--sweep-full: every block config at 1, 2 and 4 splits per (row, KV head) and at the auto split (a
     compact cache's splits are short, so fewer, longer programs may stream better; no merge at one split);
-    int8 also with fp16 dots on the codes (`f16`, converted where loaded: one more fp16 tile per stage)."""
+    int8 also with fp16 dots on the codes (`f16`, with each conversion of `f16_cvts`: one more fp16 tile per
+    stage where converted as loaded)."""
     from dms_flex.kernels import decode as dk
 
     int8 = esz == 1
@@ -774,12 +784,12 @@ def _sweep_grid_full(trial, D, esz, B, Hkv, cap, sm, results):
             split = dk._split_size(cap, n, block_n)
             for nw in (4, 8):
                 for ns in (2, 3, 4):
-                    for f16 in (False, True) if int8 else (False,):
+                    for f16 in (False, *f16_cvts) if int8 else (False,):
                         smem = block_n * D * (2 * esz * ns + (2 if f16 else 0))  # the f16 tile: offline compiles
                         if smem > 200_000:
                             continue  # shared memory
                         kw = dict(block_n=block_n, num_warps=nw, num_stages=ns, split_size=split)
-                        trial(**kw, num_splits=-(-cap // split), **({"f16": True} if f16 else {}))
+                        trial(**kw, num_splits=-(-cap // split), **({"f16": f16} if f16 else {}))
 
 
 def _sweep_case(mname, B, ctx, cr, dtype, device, sm, bw, args):
@@ -834,8 +844,11 @@ def _sweep_case(mname, B, ctx, cr, dtype, device, sm, bw, args):
         split_size=default_split[0],
         num_splits=default_split[1],
     )
-    grid = _sweep_grid_full if getattr(args, "sweep_full", False) else _sweep_grid
-    grid(trial, D, 1 if int8 else esz, B, Hkv, cap, sm, results)
+    if getattr(args, "sweep_full", False):
+        cvts = tuple(c for c in str(getattr(args, "f16_cvts", "asm") or "").split(",") if c)
+        _sweep_grid_full(trial, D, 1 if int8 else esz, B, Hkv, cap, sm, results, f16_cvts=cvts)
+    else:
+        _sweep_grid(trial, D, 1 if int8 else esz, B, Hkv, cap, sm, results)
     case = dict(
         int8=int8,
         model=mname,
@@ -863,7 +876,7 @@ def _print_sweep(out, bw):
             f"{c['model']:12s} B={c['B']:3d} ctx={c['ctx']:6d} CR={c['CR']}: default {_fmt(dt)} us, best "
             f"{_fmt(b.get('time_us'))} us ({_fmt(b.get('frac_copy_bw'), '{:.2f}')}x copy) with "
             f"block_n={b.get('block_n')} warps={b.get('num_warps')} stages={b.get('num_stages')} "
-            f"splits={b.get('num_splits', 'auto')}" + (" f16" if b.get("f16") else "")
+            f"splits={b.get('num_splits', 'auto')}" + (f" f16={b['f16']}" if b.get("f16") else "")
         )
 
 
@@ -936,6 +949,13 @@ def main(argv=None):
         "--sweep-cases",
         default="",
         help="comma list of MODEL:B:CTX:CR for --sweep (default: the built-in list); with --int8 the sweep runs on int8 K/V",
+    )
+    ap.add_argument(
+        "--f16-cvts",
+        type=_parse_f16_cvts,
+        default="asm",
+        help="with --sweep-full --int8: comma list of the fp16-dot conversions to time beside the default "
+        "(names of dms_flex.kernels.decode.F16_CVTS)",
     )
     ap.add_argument("--aot", action="store_true", help="offline sm_90 compile report (no GPU needed)")
     ap.add_argument("--aot-quick", action="store_true")

@@ -247,7 +247,15 @@ def parse_decode_config(text: str) -> tuple[str, dict]:
         raise argparse.ArgumentTypeError(
             f"--decode-config {text!r}: a JSON object with keys among {DECODE_CONFIG_KEYS}"
         )
-    return name, {k: int(v) for k, v in cfg.items()}
+    # f16: true/false or a conversion's name (dms_flex.kernels.decode.F16_CVTS); the rest are counts
+    from dms_flex.kernels.decode import F16_CVTS
+
+    f16 = cfg.get("f16")
+    if isinstance(f16, str) and f16 not in F16_CVTS:
+        raise argparse.ArgumentTypeError(
+            f"--decode-config {text!r}: f16 must be true, false or one of {sorted(F16_CVTS)}"
+        )
+    return name, {k: (v if k == "f16" and isinstance(v, (bool, str)) else int(v)) for k, v in cfg.items()}
 
 
 def profile_step(state, model, B):

@@ -29,6 +29,7 @@ def test_decode_step_decode_configs(tmp_path):
     import json
 
     assert bs.parse_decode_config('one={"num_splits": 1, "f16": true}') == ("one", {"num_splits": 1, "f16": 1})
+    assert bs.parse_decode_config('f={"f16": "arith_fold"}') == ("f", {"f16": "arith_fold"})
     assert bs.split_kind("8-int8@f") == ("8-int8", "f") and bs.split_kind("8") == ("8", "")
     sweep = tmp_path / "sw.json"
     best = {"block_n": 128, "num_warps": 4, "num_stages": 3, "split_size": 2176, "num_splits": 2, "time_us": 55.5}
@@ -42,6 +43,7 @@ def test_decode_step_decode_configs(tmp_path):
         ("noequals", "expected NAME=JSON"),
         ('x={"split": 2}', "keys among"),
         ("x=[1]", "keys among"),
+        ('x={"f16": "fast"}', "f16 must be"),
         (f"x=best:{sweep}", "no successful trial"),
     ):
         with pytest.raises(argparse.ArgumentTypeError, match=message):

@@ -293,7 +293,8 @@ def test_inductor_reemits_the_kernel_with_its_helper(tmp_path):
 
 
 def test_int8_to_fp16_ptx_arithmetic():
-    """The PTX of `_i8_to_f16` (xor, two byte permutes, an fp16x2 subtraction), emulated with its own constants
+    """The PTX of `_i8_to_f16` (xor, two byte permutes, an fp16x2 subtraction; the same in its impure and pure
+    forms), emulated with its own constants
     on every int8 code and every position in the packed word: each code comes back exactly, in order."""
     import inspect
     import re
@@ -304,7 +305,7 @@ def test_int8_to_fp16_ptx_arithmetic():
 
     src = inspect.getsource(dk._i8_to_f16_fn)
     xor = int(re.search(r"xor\.b32 t, \$2, (0x[0-9a-f]+)", src).group(1), 16)
-    prmts = re.findall(r"prmt\.b32 \$(\d), t, (0x[0-9a-f]+), (0x[0-9a-f]+)", src)
+    prmts = list(dict.fromkeys(re.findall(r"prmt\.b32 \$(\d), t, (0x[0-9a-f]+), (0x[0-9a-f]+)", src)))  # impure, pure
     sub = int(re.search(r"mov\.b32 m, (0x[0-9a-f]+)", src).group(1), 16)
     assert len(prmts) == 2 and "sub.f16x2 $0, $0, m" in src and "sub.f16x2 $1, $1, m" in src
 
@@ -398,6 +399,9 @@ def _interp_cases():
     add(G=2, dtype="bfloat16", quant=True, C=50, f16=True, sm_count=4, lengths="full")
     add(G=4, dtype="float16", quant=True, C=50, split_size=16, f16=True, small="v")  # V scales ~1e-6
     add(G=4, dtype="float32", quant=True, C=50, split_size=16, f16=True, small="q")  # q ~1e-6
+    # the conversions the interpreter runs as written: integer ops on the bits, and the offset folded into the sums
+    add(G=4, dtype="bfloat16", quant=True, C=50, split_size=16, f16="arith")
+    add(G=3, D=48, dtype="float16", quant=True, C=50, f16="arith_fold", sm_count=4, small="v")
     # the benchmarks' launch override: a number of splits (one: no merge) and a block size
     add(G=4, dtype="float16", C=50, override="1/16")
     add(G=4, dtype="bfloat16", C=50, override="4/16", lengths="full")
@@ -622,10 +626,12 @@ def test_gpu_int8_cache(dtype, B, C):
     out = decode_attention(q, k, v, L, k_scale=ks, v_scale=vs)
     torch.cuda.synchronize()
     _check_vs_reference(out, q, k, v, L, ks, vs)
-    # fp16 dots on the codes (the PTX conversion): every element written, within fp16 rounding of q and p
-    out16 = dk._launch(q, k, v, L, None, None, ks, vs, poison=True, f16=True)
-    torch.cuda.synchronize()
-    _check_vs_reference(out16, q, k, v, L, ks, vs)
+    # fp16 dots on the codes, each conversion (PTX, plain integer ops, the folded offset): every element
+    # written, within fp16 rounding of q and p
+    for cvt in (True, *dk.F16_CVTS):
+        out16 = dk._launch(q, k, v, L, None, None, ks, vs, poison=True, f16=cvt)
+        torch.cuda.synchronize()
+        _check_vs_reference(out16, q, k, v, L, ks, vs)
 
 
 @pytest.mark.gpu

@@ -231,14 +231,17 @@ def _launch_config(D: int, G: int, elem_bytes: int, quant: bool):
 # ----------------------------------------------------------------------------------------------
 # Triton kernels (plain functions; decorated below, or run by the interpreter on request)
 # ----------------------------------------------------------------------------------------------
-# int8 codes -> fp16, four at a time, exactly: the byte plus 128 becomes the low mantissa byte of 1024.0
-# (0x64xx), and 1152.0 (0x6480) is subtracted. 5 instructions per 4 codes, where a cvt per code is a
-# low-throughput conversion and Triton's bf16 path takes 8 (test_decode_kernel.py checks the arithmetic).
-# is_pure=False keeps Triton from moving the conversion past the tile's move into the dot's operand layout,
-# which for V gathers the codes a byte at a time (benchmarks/RESULTS.md, section 28e). The function is
-# defined under the name the kernel calls: inductor re-emits a user kernel's helpers from their source.
-def _i8_to_f16(x, ASM: tl.constexpr):
-    if ASM:
+# int8 codes -> fp16 exactly, by the mantissa: the byte plus 128 (its top bit flipped) becomes the low mantissa
+# byte of 1024.0 (fp16 bits 0x64xx, the value 1152 + code), and 1152.0 (0x6480) is subtracted, unless FOLD
+# leaves it on the tile (the kernel subtracts 1152 times the other operand's sum after the dot). A cvt per code
+# is a low-throughput conversion. CVT (the `F16_CVTS` names): 1 "asm" does it in inline PTX, 5 instructions
+# per 4 codes, impure (Triton does not move it past the tile's move into the dot's operand layout); 2
+# "asm_pure" the same PTX, pure; 3 "arith" / 4 "arith_fold" the same bits in plain Triton integer ops; 0 a
+# plain conversion (test_decode_kernel.py checks the arithmetic; RESULTS.md sections 28e and 29 measure
+# them). The function is defined under the name the kernel calls: inductor re-emits a user kernel's helpers
+# from their source.
+def _i8_to_f16(x, CVT: tl.constexpr):
+    if CVT == 1:
         return tl.inline_asm_elementwise(
             "{.reg .b32 t, m; xor.b32 t, $2, 0x80808080; prmt.b32 $0, t, 0x64646464, 0x4140; "
             "prmt.b32 $1, t, 0x64646464, 0x4342; mov.b32 m, 0x64806480; sub.f16x2 $0, $0, m; sub.f16x2 $1, $1, m;}",
@@ -248,8 +251,41 @@ def _i8_to_f16(x, ASM: tl.constexpr):
             is_pure=False,
             pack=4,
         )
+    elif CVT == 2:
+        return tl.inline_asm_elementwise(
+            "{.reg .b32 t, m; xor.b32 t, $2, 0x80808080; prmt.b32 $0, t, 0x64646464, 0x4140; "
+            "prmt.b32 $1, t, 0x64646464, 0x4342; mov.b32 m, 0x64806480; sub.f16x2 $0, $0, m; sub.f16x2 $1, $1, m;}",
+            "=r,=r,r",
+            [x],
+            dtype=tl.float16,
+            is_pure=True,
+            pack=4,
+        )
+    elif CVT >= 3:
+        u = (x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint8)
+        f = (u.to(tl.uint16) | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
+        if CVT == 3:
+            f = f - 1152.0
+        return f
     else:
         return x.to(tl.float16)
+
+
+# the `f16` launch option's conversions (`_i8_to_f16`'s CVT); f16=True takes F16_DEFAULT_CVT
+F16_CVTS = {"cvt": 0, "asm": 1, "asm_pure": 2, "arith": 3, "arith_fold": 4}
+F16_DEFAULT_CVT = "asm"
+
+
+def _f16_cvt(f16, interpret: bool) -> int:
+    """The kernel's F16_CVT for a launch's ``f16`` (False/None: no fp16 dots, 0 unused; True: the default
+    conversion; or a name of F16_CVTS). The interpreter cannot run PTX: the asm ones convert plainly there."""
+    if f16 is None or f16 is False:
+        return 0
+    name = F16_DEFAULT_CVT if f16 is True else f16
+    if name not in F16_CVTS:
+        raise ValueError(f"f16 must be a bool or one of {sorted(F16_CVTS)}, got {f16!r}")
+    cvt = F16_CVTS[name]
+    return 0 if interpret and cvt in (1, 2) else cvt
 
 
 _i8_to_f16_fn = _i8_to_f16  # the plain function (decorated below, or run by the interpreter)
@@ -298,11 +334,12 @@ def _decode_split_kernel_fn(
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
     F16: tl.constexpr = False,
-    F16_ASM: tl.constexpr = False,
+    F16_CVT: tl.constexpr = 0,
 ):
     """F16 (int8 only): fp16 dots on the int8 codes (exact in fp16), with q / max|q| (per query head) and
     p * v_scale / (the split's largest v_scale) rounded to fp16, the two maxima multiplied back in float32;
-    F16_ASM converts the codes with `_i8_to_f16`'s PTX (not in the interpreter)."""
+    F16_CVT: how `_i8_to_f16` converts the codes (the PTX ones not in the interpreter); 4 leaves 1152 on them
+    and subtracts 1152 times q's (p's) row sum from each score (output) tile instead."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bh // Hkv
@@ -332,6 +369,8 @@ def _decode_split_kernel_fn(
         q_max = tl.where(q_max > 0.0, q_max, 1.0)
         q = (q / q_max[:, None]).to(tl.float16)
         s_scale = (q_max * qk_scale).to(tl.float32)[:, None]
+        if F16_CVT == 4:  # the codes keep +1152: their scores carry 1152 * sum(q)
+            q_off = 1152.0 * tl.sum(q.to(tl.float32), 1)[:, None]
         if UPCAST:  # the interpreter: fp16 values, float32 products and sums (as the tensor cores accumulate)
             q = q.to(tl.float32)
 
@@ -360,8 +399,8 @@ def _decode_split_kernel_fn(
         k = tl.load(k_base + offs[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         if F16:
-            k = _i8_to_f16(k, F16_ASM)
-            v = _i8_to_f16(v, F16_ASM)
+            k = _i8_to_f16(k, F16_CVT)
+            v = _i8_to_f16(v, F16_CVT)
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
@@ -375,6 +414,8 @@ def _decode_split_kernel_fn(
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
+        if F16_CVT == 4:
+            s = s - q_off
         if QUANT:
             k_sc = tl.load(ks_base + offs * stride_ksn, mask=n_mask, other=0.0).to(tl.float32)
             s = s * k_sc[None, :]
@@ -398,6 +439,8 @@ def _decode_split_kernel_fn(
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
             pv = tl.dot(p.to(v.dtype), v)
+        if F16_CVT == 4:  # the codes' +1152 times the (fp16) weights' sum
+            pv = pv - 1152.0 * tl.sum(p.to(tl.float32), 1)[:, None]
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
@@ -519,13 +562,14 @@ def _launch(
     sm_count: Optional[int] = None,
     out: Optional[Tensor] = None,
     poison: bool = False,
-    f16: Optional[bool] = None,
+    f16=None,
 ) -> Tensor:
     """Run the two Triton kernels. Under TRITON_INTERPRET=1 (set before triton is imported) they
     run in Triton's CPU interpreter on CPU tensors (tests); ``wrap`` is ``torch.library.wrap_triton`` inside
     the triton_op.
     block_n / num_warps / num_stages / sm_count override the defaults (benchmark sweeps), as does
-    `_LAUNCH_OVERRIDE` where they are not given; f16: fp16 dots on int8 codes (the kernel's F16).
+    `_LAUNCH_OVERRIDE` where they are not given; f16: fp16 dots on int8 codes (the kernel's F16): True or a
+    conversion's name in `F16_CVTS`.
     Tests: ``out`` is a preallocated (B, Hq, D) output; ``poison`` fills output and workspace
     with NaN first, so an element the kernels fail to write (or a stale partial the merge
     wrongly reads) shows up as NaN."""
@@ -587,7 +631,8 @@ def _launch(
         num_stages = override.get("num_stages") if num_stages is None else num_stages
         f16 = override.get("f16") if f16 is None else f16
     # fp16 dots on int8 codes: a benchmark option until measured (RESULTS.md section 28e)
-    f16 = bool(f16) and quant
+    f16_cvt = _f16_cvt(f16, bool(interpret))
+    f16 = f16 not in (None, False) and quant
     if sm_count is None:
         sm_count = _sm_count(q.device.index or 0) if q.device.type == "cuda" else _DEFAULT_SM_COUNT
     cfg, split_size, num_splits = launch_settings(
@@ -668,7 +713,7 @@ def _launch(
         UPCAST=upcast,
         IEEE=ieee and not (f16 and not interpret),
         F16=f16,
-        F16_ASM=f16 and not interpret,
+        F16_CVT=f16_cvt,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
