@@ -806,6 +806,13 @@ def _sweep_case(mname, B, ctx, cr, dtype, device, sm, bw, args):
         from dms_flex.quant import quantize_kv
 
         sets = [(q_, *quantize_kv(k_), *quantize_kv(v_), L_) for q_, k_, v_, L_ in sets]
+        if getattr(
+            args, "v_slot_major", False
+        ):  # V's codes with the slots contiguous (a (D, C) layout, seen as (C, D))
+            sets = [
+                (q_, kq, ks, vq.transpose(-1, -2).contiguous().transpose(-1, -2), vs, L_)
+                for q_, kq, ks, vq, vs, L_ in sets
+            ]
         sets = [(q_, (kq, ks), (vq, vs), L_) for q_, kq, ks, vq, vs, L_ in sets]
         q0, (k0, ks0), (v0, vs0), L0 = sets[0]
         ref = dk.decode_attention_reference(q0, k0, v0, L0, k_scale=ks0, v_scale=vs0)
@@ -851,6 +858,7 @@ def _sweep_case(mname, B, ctx, cr, dtype, device, sm, bw, args):
         _sweep_grid(trial, D, 1 if int8 else esz, B, Hkv, cap, sm, results)
     case = dict(
         int8=int8,
+        v_slot_major=bool(getattr(args, "v_slot_major", False)),
         model=mname,
         B=B,
         ctx=ctx,
@@ -956,6 +964,11 @@ def main(argv=None):
         default="asm",
         help="with --sweep-full --int8: comma list of the fp16-dot conversions to time beside the default "
         "(names of dms_flex.kernels.decode.F16_CVTS)",
+    )
+    ap.add_argument(
+        "--v-slot-major",
+        action="store_true",
+        help="with --sweep --int8: V's codes stored with the slots contiguous (a layout experiment)",
     )
     ap.add_argument("--aot", action="store_true", help="offline sm_90 compile report (no GPU needed)")
     ap.add_argument("--aot-quick", action="store_true")

@@ -309,6 +309,7 @@ def _decode_split_kernel_fn(
     stride_vb,
     stride_vh,
     stride_vn,
+    stride_vd,
     stride_ksb,
     stride_ksh,
     stride_ksn,
@@ -397,7 +398,7 @@ def _decode_split_kernel_fn(
         n_mask = offs < end
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + offs[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         if F16:
             k = _i8_to_f16(k, F16_CVT)
             v = _i8_to_f16(v, F16_CVT)
@@ -606,8 +607,8 @@ def _launch(
         q = q.contiguous()
     if k_cache.stride(-1) != 1:
         k_cache = k_cache.contiguous()
-    if v_cache.stride(-1) != 1:
-        v_cache = v_cache.contiguous()
+    if v_cache.stride(-1) != 1 and not (k_scale is not None and v_cache.stride(-2) == 1):
+        v_cache = v_cache.contiguous()  # int8 V may be slot-major: (.., C, D) with the slots contiguous
     quant = k_scale is not None
     if quant:
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -688,6 +689,7 @@ def _launch(
         v_cache.stride(0),
         v_cache.stride(1),
         v_cache.stride(2),
+        v_cache.stride(3),
         ks_strides[0],
         ks_strides[1],
         ks_strides[2],
