@@ -108,7 +108,7 @@ def _aot_configs(quick: bool):
         ("bfloat16", 128, 4, 64, 256, False, "single split (no merge)"),
         ("float32", 128, 4, 2, 2048, False, "fp32 (ieee dot)"),
         ("bfloat16", 128, 4, 8, 4096, True, "int8 cache, bf16 q"),
-        ("bfloat16", 128, 4, 16, 4224, True, "int8, long streams, fp16 dots", dict(f16=True)),
+        ("bfloat16", 128, 4, 16, 4224, True, "int8, long streams, fp16 dots (impure PTX)", dict(f16="asm")),
     ]
     if not quick:
         configs += [
@@ -770,7 +770,7 @@ def _parse_f16_cvts(text: str) -> str:
     return text
 
 
-def _sweep_grid_full(trial, D, esz, B, Hkv, cap, sm, results, f16_cvts=("asm",)):
+def _sweep_grid_full(trial, D, esz, B, Hkv, cap, sm, results, f16_cvts=("asm_pure",)):
     """--sweep-full: every block config at 1, 2 and 4 splits per (row, KV head) and at the auto split (a
     compact cache's splits are short, so fewer, longer programs may stream better; no merge at one split);
     int8 also with fp16 dots on the codes (`f16`, with each conversion of `f16_cvts`: one more fp16 tile per
@@ -852,7 +852,7 @@ def _sweep_case(mname, B, ctx, cr, dtype, device, sm, bw, args):
         num_splits=default_split[1],
     )
     if getattr(args, "sweep_full", False):
-        cvts = tuple(c for c in str(getattr(args, "f16_cvts", "asm") or "").split(",") if c)
+        cvts = tuple(c for c in str(getattr(args, "f16_cvts", "asm_pure") or "").split(",") if c)
         _sweep_grid_full(trial, D, 1 if int8 else esz, B, Hkv, cap, sm, results, f16_cvts=cvts)
     else:
         _sweep_grid(trial, D, 1 if int8 else esz, B, Hkv, cap, sm, results)
@@ -961,7 +961,7 @@ def main(argv=None):
     ap.add_argument(
         "--f16-cvts",
         type=_parse_f16_cvts,
-        default="asm",
+        default="asm_pure",
         help="with --sweep-full --int8: comma list of the fp16-dot conversions to time beside the default "
         "(names of dms_flex.kernels.decode.F16_CVTS)",
     )

@@ -525,9 +525,9 @@ def test_aot_compile_sm90_and_triton_op_trace():
                 assert row["mma"] > 0, row  # tensor-core dot
             assert row["cp_async"] > 0 or row["vec_loads"] > 0, row  # pipelined / 16-byte loads
             assert row["scalar_b16_loads"] == 0, row
-            if row["launch"].get("f16"):
-                # fp16 dots on int8 codes: the codes are converted where they are loaded (16-byte shared loads),
-                # not gathered a byte at a time into the dot's layout as the bf16 conversion is (128 loads a tile)
+            if row["launch"].get("f16") == "asm":
+                # fp16 dots on int8 codes, the impure PTX: the codes are converted where they are loaded (16-byte
+                # shared loads), not gathered a byte at a time into the dot's layout as the bf16 conversion is
                 assert row["byte_shared_loads"] == 0, row
     assert any(r["launch"].get("f16") for r in rep["kernels"])
     assert rep["trace"]["ok"], rep["trace"]

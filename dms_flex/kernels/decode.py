@@ -52,8 +52,10 @@ int8 at two programs per SM takes 3 stages. Measured at Llama-3-8B heads, B=16, 
 for 9 splits of 64 and the merge; int8, 2 splits with 3 stages 55.5 us against 58.1 us for 9 splits
 with 2.
 
-int8 K/V are converted to q's dtype for the tensor-core dots; the ``f16`` launch option (off by default
-until measured on a GPU) instead converts the codes to fp16 where they are loaded (RESULTS.md 28e).
+int8 K/V are converted to q's dtype for the tensor-core dots; the ``f16`` launch option (off by default)
+instead runs fp16 dots on the codes, converted by one of `F16_CVTS`. None is faster: the int8 kernel reads at
+~0.59x the copy rate whichever way the codes are converted, bound by the byte-wise move of V's codes into the
+dot's operand layout (benchmarks/RESULTS.md, sections 28e and 29).
 
 num_splits is a function of shapes only (B, Hkv, C and the SM count): no host syncs, no
 data-dependent Python control flow, so the op can be captured in CUDA graphs and traced by
@@ -273,7 +275,7 @@ def _i8_to_f16(x, CVT: tl.constexpr):
 
 # the `f16` launch option's conversions (`_i8_to_f16`'s CVT); f16=True takes F16_DEFAULT_CVT
 F16_CVTS = {"cvt": 0, "asm": 1, "asm_pure": 2, "arith": 3, "arith_fold": 4}
-F16_DEFAULT_CVT = "asm"
+F16_DEFAULT_CVT = "asm_pure"  # the fastest of the five at 8B and SmolLM2 heads (RESULTS.md section 29)
 
 
 def _f16_cvt(f16, interpret: bool) -> int:
