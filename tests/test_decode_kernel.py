@@ -240,6 +240,19 @@ def test_choose_split_shapes_only():
 
 
 @needs_triton
+def test_f16_option_names_its_conversion():
+    """f16: False/None (no fp16 dots), True (the default conversion) or a name of F16_CVTS; the PTX ones
+    convert plainly in the interpreter; an unknown name is an error that lists the choices."""
+    from dms_flex.kernels import decode as dk
+
+    assert dk._f16_cvt(None, False) == dk._f16_cvt(False, False) == 0
+    assert dk._f16_cvt(True, False) == dk.F16_CVTS[dk.F16_DEFAULT_CVT]
+    assert dk._f16_cvt("asm", False) == 1 and dk._f16_cvt("asm", True) == 0
+    assert dk._f16_cvt("asm_pure", True) == 0 and dk._f16_cvt("arith_fold", True) == 4
+    with pytest.raises(ValueError, match="one of .*arith"):
+        dk._f16_cvt("fast", False)
+
+
 def test_launch_settings_long_streams_and_explicit_settings():
     """The block settings a launch takes (Llama-3-8B heads: D=128, G=4, bf16 2-byte elements, 132 SMs)."""
     from dms_flex.kernels.decode import launch_settings

@@ -234,7 +234,7 @@ def _launch_config(D: int, G: int, elem_bytes: int, quant: bool):
 # Triton kernels (plain functions; decorated below, or run by the interpreter on request)
 # ----------------------------------------------------------------------------------------------
 # int8 codes -> fp16 exactly, by the mantissa: the byte plus 128 (its top bit flipped) becomes the low mantissa
-# byte of 1024.0 (fp16 bits 0x64xx, the value 1152 + code), and 1152.0 (0x6480) is subtracted, unless FOLD
+# byte of 1024.0 (fp16 bits 0x64xx, the value 1152 + code), and 1152.0 (0x6480) is subtracted, unless CVT 4
 # leaves it on the tile (the kernel subtracts 1152 times the other operand's sum after the dot). A cvt per code
 # is a low-throughput conversion. CVT (the `F16_CVTS` names): 1 "asm" does it in inline PTX, 5 instructions
 # per 4 codes, impure (Triton does not move it past the tile's move into the dot's operand layout); 2
