@@ -109,6 +109,7 @@ def _aot_configs(quick: bool):
         ("float32", 128, 4, 2, 2048, False, "fp32 (ieee dot)"),
         ("bfloat16", 128, 4, 8, 4096, True, "int8 cache, bf16 q"),
         ("bfloat16", 128, 4, 16, 4224, True, "int8, long streams, fp16 dots (impure PTX)", dict(f16="asm")),
+        ("bfloat16", 128, 4, 16, 4224, True, "int8, long streams, fp16 dots (pure PTX)", dict(f16="asm_pure")),
     ]
     if not quick:
         configs += [

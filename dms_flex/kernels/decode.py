@@ -243,24 +243,14 @@ def _launch_config(D: int, G: int, elem_bytes: int, quant: bool):
 # them). The function is defined under the name the kernel calls: inductor re-emits a user kernel's helpers
 # from their source.
 def _i8_to_f16(x, CVT: tl.constexpr):
-    if CVT == 1:
+    if CVT == 1 or CVT == 2:
         return tl.inline_asm_elementwise(
             "{.reg .b32 t, m; xor.b32 t, $2, 0x80808080; prmt.b32 $0, t, 0x64646464, 0x4140; "
             "prmt.b32 $1, t, 0x64646464, 0x4342; mov.b32 m, 0x64806480; sub.f16x2 $0, $0, m; sub.f16x2 $1, $1, m;}",
             "=r,=r,r",
             [x],
             dtype=tl.float16,
-            is_pure=False,
-            pack=4,
-        )
-    elif CVT == 2:
-        return tl.inline_asm_elementwise(
-            "{.reg .b32 t, m; xor.b32 t, $2, 0x80808080; prmt.b32 $0, t, 0x64646464, 0x4140; "
-            "prmt.b32 $1, t, 0x64646464, 0x4342; mov.b32 m, 0x64806480; sub.f16x2 $0, $0, m; sub.f16x2 $1, $1, m;}",
-            "=r,=r,r",
-            [x],
-            dtype=tl.float16,
-            is_pure=True,
+            is_pure=CVT == 2,
             pack=4,
         )
     elif CVT >= 3:
