@@ -63,13 +63,6 @@ class DMSAdapter(nn.Module):
             and torch.compiler.is_compiling()
         ):
             h = self.one_token(x)
-        elif (
-            x.shape[1] == 1
-            and x.device.type == "cpu"
-            and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-        ):
-            return self._eager_one_token(x, cfg)
         else:
             # conversions only where the dtypes differ: a decode step runs this once per layer, and on the
             # CPU each call's dispatch costs microseconds (no-op .float() / .to() calls included)
@@ -86,38 +79,6 @@ class DMSAdapter(nn.Module):
         w = self.linear.weight if self.norm.weight is None else self.linear.weight * self.norm.weight
         dot = (xf.unsqueeze(-2) * w.float()).sum(-1)  # (B, T, Hkv)
         return dot * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.one_token_eps)
-
-    def _eager_one_token(self, x: torch.Tensor, cfg: DMSConfig) -> torch.Tensor:
-        """An eager CPU decode step's form (one token, no autograd): the norm without its scale, then one GEMV whose
-        rows hold the norm's scale and alpha_scale, alpha_offset as its bias: two dispatched ops where the
-        two-module form takes seven and three module calls, which a CPU step pays per layer (~40 us of ~85 in
-        context; benchmarks/RESULTS.md, section 29c). The same math up to rounding (the scales meet the rows
-        once, here, rather than each product)."""
-        w, b = self._folded(cfg)
-        h = F.rms_norm(_as(x, torch.float32), (x.shape[-1],), None, self.one_token_eps)
-        return F.linear(_as(h, w.dtype), w, b).float().transpose(1, 2)
-
-    def _folded(self, cfg: DMSConfig):
-        """(rows * norm scale * alpha_scale, -alpha_offset), made again when a weight or the scales change."""
-        lw, nw = self.linear.weight, self.norm.weight
-        key = (
-            lw.data_ptr(),
-            lw._version,
-            lw.dtype,
-            lw.device,
-            None if nw is None else (nw.data_ptr(), nw._version),
-            float(cfg.alpha_scale),
-            float(cfg.alpha_offset),
-        )
-        cached = self.__dict__.get("_folded_cache")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                w = lw.float() if nw is None else lw.float() * nw.float()
-                w = (w * float(cfg.alpha_scale)).to(lw.dtype)
-                b = torch.full((lw.shape[0],), -float(cfg.alpha_offset), dtype=lw.dtype, device=lw.device)
-            cached = (key, w, b)
-            self.__dict__["_folded_cache"] = cached  # not a buffer: never saved, moved or loaded
-        return cached[1], cached[2]
 
     @property
     def one_token_eps(self) -> float:
