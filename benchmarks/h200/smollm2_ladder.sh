@@ -10,11 +10,13 @@
 #   lora_all_cr10 lora_all trained on to CR 10 (100 steps per unit), used at CR 8
 #   lora_all_cr10_r  the same with the reasoning conversations four times over (dataset_repeat=[4,1,1])
 #   lora_all_cr10_cos  lora_all_cr10 with the lr decaying over the run (torchtune's cosine schedule)
+#   lora_all_cr12_cos  the same trained on to CR 12 (CR 1 -> 12 at 100 steps per unit, then 200 steps at CR 12)
 #   lora_all_r16  lora_all with LoRA rank 16 (alpha 32)
 # (lora_all_cr10: CR 1 -> 10 at 100 steps per unit, then 2 x (STEPS - RAMP) steps at CR 10.)
 # GPU0 / GPU1 name the runs of each GPU (default: adapter borrowed / lora_attn lora_all; each name once); the runs
 # of one GPU train side by side (TRAIN_LIMIT s each, default 900: two long runs side by side need it), each then
-# evaluated on that GPU. WAIT0=FILE: GPU 0's runs start once FILE exists (GPU 0 busy with other work until then;
+# evaluated on that GPU. LANE0_GPU / LANE1_GPU: the device index of each lane (default 0 / 1; on a one-GPU machine
+# LANE1_GPU=0 GPU0="" runs GPU1's list on the one GPU). WAIT0=FILE: GPU 0's runs start once FILE exists (GPU 0 busy with other work until then;
 # WAIT0_LIMIT s at most, default 3600). Each run is evaluated twice: the table's settings (table_eval.sh:
 # perplexity/KL on 4 x 1,024-token windows, reasoning, needle, variable tracking at CR 2/4/8; TABLE=0 skips it),
 # and the issue's perplexity target (8 held-out windows of 2,048 tokens per prose/code source at CR 4 and 8). The
@@ -73,9 +75,11 @@ recipe() {  # name -> config and overrides (no spaces inside an override)
       dms.final_step=$((RAMP + 2 * (STEPS - RAMP))) ;;
     lora_all_cr10_r) echo $(recipe lora_all_cr10) 'dataset_repeat=[4,1,1]' ;;
     lora_all_cr10_cos) echo $(recipe lora_all_cr10) $cosine ;;
+    lora_all_cr12_cos) echo smollm2_135m_lora $all dms.final_cr=12 max_steps=$((STEPS + 5 * (STEPS - RAMP))) \
+      dms.final_step=$((RAMP + 4 * (STEPS - RAMP))) $cosine ;;
     lora_all_r16) echo smollm2_135m_lora $all lora.rank=16 lora.alpha=32 ;;
     *) echo "unknown run '$1' (adapter borrowed lora_attn lora_all lora_all_long lora_all_cr10 lora_all_cr10_r lora_all_cr10_cos
-      lora_all_r16)" >&2
+      lora_all_cr12_cos lora_all_r16)" >&2
       return 1 ;;
   esac
 }
@@ -98,7 +102,7 @@ dup=$(printf '%s\n' $GPU0 $GPU1 | sort | uniq -d)
 t0=$(date +%s)
 [ "${PACKAGED:-1}" != 0 ] && evaluate packaged ${PACKAGED_GPU:-0} &
 # the teacher-answered reasoning set of the config (a no-op when it is cached): 125 conversations in one batch
-CUDA_VISIBLE_DEVICES=1 python3 -m dms_flex.data reasoning --num-problems 1000 --problems-per-conversation 8 \
+CUDA_VISIBLE_DEVICES=${LANE1_GPU:-1} python3 -m dms_flex.data reasoning --num-problems 1000 --problems-per-conversation 8 \
   --max-new-tokens 384 --batch-size 128 > "$O/reasoning_set.log" 2>&1
 echo "reasoning set rc=$? $(( $(date +%s) - t0 )) s" >> "$O/status.txt"
 (
@@ -110,9 +114,9 @@ echo "reasoning set rc=$? $(( $(date +%s) - t0 )) s" >> "$O/status.txt"
     fi
     sleep 5
   done
-  lane 0 $GPU0
+  lane ${LANE0_GPU:-0} $GPU0
 ) &
-lane 1 $GPU1 &
+lane ${LANE1_GPU:-1} $GPU1 &
 wait
 echo "training and evaluation wall $(( $(date +%s) - t0 )) s" >> "$O/status.txt"
 BASE=$(python3 -m dms_flex.checkpoints embedded 2>/dev/null)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# First call of a SmolLM2 session (carry ".whl", ".rg", ".run", ".gguf/a"): install the pinned wheels (.whl) and
+# reasoning-gym's (.rg: reasoning-gym 0.1.25 and its pure-Python dependencies, built with `pip wheel --no-deps`)
+# into /tmp/site, and stage the texts (.run/texts: `python -m dms_flex.eval.data --export`) and the first part of
+# the GGUF under /tmp/stage, outside the tree. The second call (carry ".gguf/b") runs `stage.sh b`, then start.sh.
+set -u
+mkdir -p /tmp/stage /tmp/site
+for part in .gguf/*/*; do [ -f "$part" ] && cp "$part" /tmp/stage/ && echo "staged $part"; done
+[ -d .run/texts ] && cp -r .run/texts /tmp/stage/ && echo "staged texts"
+if [ ! -f /tmp/site/.ok ] && [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl .rg/*.whl > /tmp/stage/pip.log 2>&1
+  echo "pip rc=$?"
+  rm -f /tmp/site/torchao/_C*.so /tmp/site/torchao/prototype/mxfp8_cuda*.so  # built for another torch/CUDA
+  touch /tmp/site/.ok
+fi
+if [ "${1:-}" = b ]; then
+  cat /tmp/stage/smol.gguf.part* > /tmp/stage/smol.gguf && ls -la /tmp/stage/smol.gguf
+  # reasoning-gym imports cellpylib, which imports matplotlib: a stand-in where the image has none
+  python3 -c "import matplotlib" 2>/dev/null || {
+    mkdir -p /tmp/site/matplotlib
+    printf '' > /tmp/site/matplotlib/__init__.py
+    for m in pyplot animation collections; do printf '' > /tmp/site/matplotlib/$m.py; done
+    echo "matplotlib stand-in"; }
+  PYTHONPATH=.:/tmp/site bash benchmarks/h200/setup_smollm2.sh /tmp/stage/smol.gguf /tmp/site
+  PYTHONPATH=.:/tmp/site python3 -c "import reasoning_gym; print('reasoning-gym', reasoning_gym.__version__)"
+fi
+ls /tmp/stage
