@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# First call of a SmolLM2 session (carry ".whl", ".rg", ".run", ".gguf/a"): install the pinned wheels (.whl) and
+# First call of a SmolLM2 session (carry ".whl", ".rg", ".run", ".gguf/a"; a call carries at most 64 MiB with the
+# tree, so the GGUF goes in three parts, `split -b 33000000 -d`, one per folder a, b, c): install the pinned wheels (.whl) and
 # reasoning-gym's (.rg: reasoning-gym 0.1.25 and its pure-Python dependencies, built with `pip wheel --no-deps`)
 # into /tmp/site, and stage the texts (.run/texts: `python -m dms_flex.eval.data --export`) and the first part of
-# the GGUF under /tmp/stage, outside the tree. The second call (carry ".gguf/b") runs `stage.sh b`, then start.sh.
+# the GGUF under /tmp/stage, outside the tree. The next calls, each at once (carry ".gguf/b", then ".gguf/c"): `stage.sh`,
+# then `stage.sh final` (joins the parts, installs the model), then start.sh.
 set -u
 mkdir -p /tmp/stage /tmp/site
 for part in .gguf/*/*; do [ -f "$part" ] && cp "$part" /tmp/stage/ && echo "staged $part"; done
-[ -d .run/texts ] && cp -r .run/texts /tmp/stage/ && echo "staged texts"
+if [ -d .run/texts ]; then  # kjv.txt.gz, austen.txt.gz
+  mkdir -p /tmp/stage/texts && cp .run/texts/* /tmp/stage/texts/ && gunzip -f /tmp/stage/texts/*.gz && echo "staged texts"
+fi
 if [ ! -f /tmp/site/.ok ] && [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl .rg/*.whl > /tmp/stage/pip.log 2>&1
   echo "pip rc=$?"
   rm -f /tmp/site/torchao/_C*.so /tmp/site/torchao/prototype/mxfp8_cuda*.so  # built for another torch/CUDA
   touch /tmp/site/.ok
 fi
-if [ "${1:-}" = b ]; then
+if [ "${1:-}" = final ]; then
   cat /tmp/stage/smol.gguf.part* > /tmp/stage/smol.gguf && ls -la /tmp/stage/smol.gguf
   # reasoning-gym imports cellpylib, which imports matplotlib: a stand-in where the image has none
   python3 -c "import matplotlib" 2>/dev/null || {
