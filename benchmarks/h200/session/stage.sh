@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# First call of a SmolLM2 session (carry ".whl", ".rg", ".run", ".gguf/a"; a call carries at most 64 MiB with the
-# tree, so the GGUF goes in three parts, `split -b 33000000 -d`, one per folder a, b, c): install the pinned wheels (.whl) and
+# First call of a SmolLM2 session (carry ".whl", ".rg", ".gguf/a"; a call carries at most 64 MiB with the tree,
+# so the GGUF goes in three parts, `split -b 33000000 -d`, one per folder a, b, c, and the texts come with the
+# last part): install the pinned wheels (.whl) and
 # reasoning-gym's (.rg: reasoning-gym 0.1.25 and its pure-Python dependencies, built with `pip wheel --no-deps`)
 # into /tmp/site, and stage the texts (.run/texts: `python -m dms_flex.eval.data --export`) and the first part of
-# the GGUF under /tmp/stage, outside the tree. The next calls, each at once (carry ".gguf/b", then ".gguf/c"): `stage.sh`,
+# the GGUF under /tmp/stage, outside the tree. The next calls, each at once (carry ".gguf/b", then ".gguf/c" and
+# ".run"): `stage.sh`,
 # then `stage.sh final` (joins the parts, installs the model), then start.sh.
 set -u
 mkdir -p /tmp/stage /tmp/site
