@@ -328,9 +328,7 @@ def main(argv=None):
         if args.out:
             write_json(args.out, out)
     if group is not None and not parallel.shutdown():  # dms_flex/parallel.py `shutdown`: results are written
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        parallel.leave(0)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -272,9 +271,7 @@ def main(argv=None) -> int:
     if group is not None and not parallel.shutdown():
         # the process group did not come down (CUDA graphs holding NCCL work, dms_flex/parallel.py `shutdown`):
         # everything is printed, so leave without the interpreter's own teardown of the communicators
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
+        parallel.leave(rc)
     return rc
 
 

@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import threading
 from datetime import timedelta
-from typing import List, Optional, Tuple
+from typing import List, NoReturn, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -80,8 +81,8 @@ def shutdown(timeout_s: float = 60.0) -> bool:
     the graphs: on 2 H200s (torch 2.11) `dist.destroy_process_group()` then never returned, although
     every result had been written (benchmarks/RESULTS.md, section 25). So: wait for the GPU, drop
     torch.compile's CUDA graphs, then destroy the group on a helper thread and give up after `timeout_s`.
-    On False the group is left to process exit; a script should then leave with `os._exit(code)` (after
-    flushing its output) rather than wait for the interpreter's own teardown of the communicators."""
+    On False the group is left to process exit; a script should then `leave(code)` rather than wait for the
+    interpreter's own teardown of the communicators."""
     if not (dist.is_available() and dist.is_initialized()):
         return True
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -107,6 +108,19 @@ def shutdown(timeout_s: float = 60.0) -> bool:
 
 
 # ============================================================================ sharding
+
+
+def leave(code: int = 0) -> NoReturn:
+    """End this process now with `code`: flush stdout and stderr, then `os._exit` (no interpreter teardown).
+
+    For a rank whose results are all written but whose exit could still hang or abort in the teardown of
+    its communicators or their threads (`shutdown` returned False; a gloo rank that once aborted there,
+    benchmarks/RESULTS.md, section 29d)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def check_divisible(model: nn.Module, world_size: int) -> None:
     """ValueError (naming the numbers) unless every layer's query heads, KV heads and MLP width divide
     by world_size: a KV head is never split or replicated, so N ranks need a multiple of N heads."""

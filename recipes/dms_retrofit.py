@@ -502,22 +502,13 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    _leave_worker()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # a finished rank of `tune run --nproc_per_node N`: every result is written and the group destroyed
+        # (`cleanup`); a 2-rank gloo run once aborted in the interpreter's teardown after that, which torchrun
+        # reports as a failed run (benchmarks/RESULTS.md, section 29d)
+        from dms_flex import parallel
 
-
-def _leave_worker() -> None:
-    """End a finished rank of a multi-process run (`tune run --nproc_per_node N`) without the interpreter's teardown.
-
-    Every result is written and the process group destroyed by then (`cleanup`). A 2-rank gloo run on the CPU
-    once aborted in that teardown (SIGABRT, "terminate called without an active exception", from a C++ thread
-    still held by a destructor) after writing everything, which torchrun reports as a failed run
-    (benchmarks/RESULTS.md, section 29d). So a worker flushes its output and leaves with `os._exit(0)`, as
-    `dms_flex.parallel.shutdown` recommends; a one-process run leaves normally."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        parallel.leave(0)
 
 
 if __name__ == "__main__":
