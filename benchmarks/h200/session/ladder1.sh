@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 16's ladder runs on a one-GPU machine (run by start.sh after stage.sh a and b): RUNS1 side by side on GPU 0,
+# Issue 16's ladder runs on a one-GPU machine (run by start.sh after stage.sh a, b and final): RUNS1 side by side on GPU 0,
 # each evaluated as in smollm2_ladder.sh; the whole GPU suite beside them first (SUITE=0 skips it).
 export PATH=/tmp/site/bin:$PATH PYTHONPATH=$PYTHONPATH:/tmp/R/recipes DMS_FLEX_TEXT_DIR=/tmp/stage/texts
 if [ "${SUITE:-1}" != 0 ]; then
@@ -10,4 +10,4 @@ GPU0="" GPU1="${RUNS1:-lora_all_cr10_r lora_all_cr10_cos lora_all_cr12_cos}" LAN
   TUNE="python3 -m torchtune._cli.tune" bash benchmarks/h200/smollm2_ladder.sh $OUT_DIR/ladder
 echo "ladder rc=$?"
 wait
-for f in $OUT_DIR/ladder/train_*.log; do gzip -k "$f"; done
+for f in $OUT_DIR/ladder/train_*.log; do gzip -kf "$f"; done

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# First call of a SmolLM2 session (carry ".whl", ".rg", ".gguf/a"; a call carries at most 64 MiB with the tree,
-# so the GGUF goes in three parts, `split -b 33000000 -d`, one per folder a, b, c, and the texts come with the
-# last part): install the pinned wheels (.whl) and
-# reasoning-gym's (.rg: reasoning-gym 0.1.25 and its pure-Python dependencies, built with `pip wheel --no-deps`)
-# into /tmp/site, and stage the texts (.run/texts: `python -m dms_flex.eval.data --export`) and the first part of
-# the GGUF under /tmp/stage, outside the tree. The next calls, each at once (carry ".gguf/b", then ".gguf/c" and
-# ".run"): `stage.sh`,
-# then `stage.sh final` (joins the parts, installs the model), then start.sh.
+# Stage a SmolLM2 session over three calls in a row (a call carries at most 64 MiB with the tree, so the GGUF goes
+# in three parts, `split -b 33000000 -d`, one per folder .gguf/a, b, c):
+#   1. carry .whl, .rg, .gguf/a:   stage.sh         (installs .whl and .rg, the reasoning-gym 0.1.25 wheels built
+#                                                     with `pip wheel --no-deps`, into /tmp/site)
+#   2. carry .gguf/b:              stage.sh
+#   3. carry .gguf/c, .run:        stage.sh final   (the texts of `python -m dms_flex.eval.data --export`, gzipped
+#                                                     in .run/texts; joins the parts, installs the model), then start.sh
+# Everything lands under /tmp/stage and /tmp/site, outside the tree.
 set -u
 mkdir -p /tmp/stage /tmp/site
 for part in .gguf/*/*; do [ -f "$part" ] && cp "$part" /tmp/stage/ && echo "staged $part"; done
