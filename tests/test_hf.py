@@ -23,6 +23,7 @@ from transformers import (
 import dms_flex.hf as H
 from dms_flex import DMSConfig, DMSConfigError
 from dms_flex import torchtune_model as tm
+from dms_flex.cache import CacheOverflowError
 from dms_flex.checkpoints import dms_state_dict, load_dms_model, load_hf_checkpoint, save_hf_checkpoint
 
 V = 128
@@ -351,6 +352,105 @@ def test_cache_grows_from_a_tiny_capacity_and_reports_memory():
     assert all(layer.capacity >= int(layer.live_lengths().max()) for layer in small.layers)
     mem = small.kv_bytes()
     assert mem["live"] < mem["dense"]
+
+
+def _compile_everywhere(backend="eager"):
+    """transformers' CompileConfig for its auto-compile of the decode step, on any device (the CPU
+    included); backend "eager" traces the whole graph (fullgraph) without code generation."""
+    from transformers import CompileConfig
+
+    cc = CompileConfig(fullgraph=True, backend=backend, mode=None)
+    cc._compile_all_devices = True
+    return cc
+
+
+@pytest.mark.parametrize("arch,decision", [("llama", "adapter"), ("qwen3", "borrowed")])
+def test_fixed_capacity_cache_is_compiled_by_generate_in_one_graph(arch, decision):
+    """A fixed-capacity DMSCache is compileable: generate() compiles its decode forward (fullgraph) once,
+    every later step and a second generate() reuse that graph, and tokens and logits equal the growable
+    cache's eager decoding."""
+    from torch._dynamo.utils import counters
+
+    _, model = make(arch, EVICTING[decision])
+    ids = prompts(2, 12, 50)
+    grow = H.DMSCache(model, initial_capacity=4)
+    assert not grow.is_compileable
+    ref = gen(model, ids, n=12, cache=grow)
+    torch._dynamo.reset()
+    counters.clear()
+    fixed = H.DMSCache(model, capacity=40)
+    out = gen(model, ids, n=12, cache=fixed, compile_config=_compile_everywhere())
+    assert fixed.is_compileable
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # one graph for 11 decode steps
+    assert torch.equal(out.sequences, ref.sequences)
+    assert_close(stacked_logits(out), stacked_logits(ref))
+    for a, b in zip(fixed.live_lengths(), grow.live_lengths()):
+        assert torch.equal(a, b)
+    assert int(fixed.get_seq_length()) == ids.shape[1] + 11  # the last token is sampled, never cached
+    assert fixed.compression().ratio == pytest.approx(grow.compression().ratio)
+    assert fixed.kv_bytes()["live"] == grow.kv_bytes()["live"] < fixed.kv_bytes()["dense"]
+    # the same cache again after reset(), and a new one of the same size: no recompilation
+    fixed.reset()
+    again = gen(model, ids, n=12, cache=fixed, compile_config=_compile_everywhere())
+    other = gen(model, ids, n=12, cache=H.DMSCache(model, capacity=40), compile_config=_compile_everywhere())
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert torch.equal(again.sequences, ref.sequences) and torch.equal(other.sequences, ref.sequences)
+
+
+def test_fixed_capacity_cache_raises_when_it_runs_out():
+    _, model = make("llama", EVICTING["adapter"])
+    ids = prompts(2, 12, 50)
+
+    def slots_needed(n):  # the most live slots of any (layer, row, KV head) after generating n tokens
+        cache = H.DMSCache(model)
+        gen(model, ids, n=n, cache=cache)
+        return max(int(x.max()) for x in cache.live_lengths())
+
+    need = [slots_needed(n) for n in range(1, 13)]
+    assert need[0] <= 12 < need[-1]  # a prefill of 12 tokens needs 12 slots (survivors are packed after), decoding more
+    with pytest.raises(CacheOverflowError, match="ran out of slots during decoding.*capacity 12"):
+        gen(model, ids, n=12, cache=H.DMSCache(model, capacity=12), compile_config=_compile_everywhere())
+    # an overflow at the last step, which no later step's check sees: generate() checks once more at the end
+    n = max(i + 1 for i in range(1, 12) if need[i] > need[i - 1] >= 12)
+    with pytest.raises(CacheOverflowError, match="during decoding"):
+        gen(model, ids, n=n, cache=H.DMSCache(model, capacity=need[n - 2]))
+    gen(model, ids, n=n, cache=H.DMSCache(model, capacity=need[n - 1]))  # exactly enough: no error
+    with pytest.raises(CacheOverflowError, match="fixed capacity of 8 slots.*12 new tokens"):
+        gen(model, ids, n=4, cache=H.DMSCache(model, capacity=8))
+    with pytest.raises(ValueError, match="initial_capacity .* or capacity .* not both"):
+        H.DMSCache(model, initial_capacity=8, capacity=8)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="positive number of slots"):
+            H.DMSCache(model, capacity=bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fixed_capacity_cache_is_auto_compiled_on_cuda(dtype):
+    """On CUDA generate() compiles a fixed-capacity DMSCache's decode steps by itself (its default
+    CompileConfig: inductor, CUDA graphs), and decodes as the growable cache does eagerly."""
+    from torch._dynamo.utils import counters
+
+    _, model = make("llama", EVICTING["adapter"])
+    model = model.to("cuda", dtype)
+    ids = prompts(4, 40, 51).cuda()
+    ref = gen(model, ids, n=24, cache=H.DMSCache(model))
+    torch._dynamo.reset()
+    counters.clear()
+    cache = H.DMSCache(model, capacity=64)
+    out = gen(model, ids, n=24, cache=cache)
+    assert getattr(model, "_compiled_call", None) is not None  # transformers' auto-compile ran
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    cache.reset()
+    again = gen(model, ids, n=24, cache=cache)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    if dtype == torch.float32:
+        assert torch.equal(out.sequences, ref.sequences)
+        assert_close(stacked_logits(out), stacked_logits(ref), atol=1e-3)
+    else:  # bf16: a near-tie may flip a late token; the first ones and the logits before it agree
+        assert torch.equal(out.sequences[:, : 40 + 8], ref.sequences[:, : 40 + 8])
+        assert_close(stacked_logits(out)[:, :8], stacked_logits(ref)[:, :8], atol=0.1)
+    assert torch.equal(again.sequences, out.sequences)
 
 
 def test_plain_forward_cache_and_gradients():

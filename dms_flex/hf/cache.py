@@ -1,10 +1,22 @@
 """The DMS KV cache for transformers' `generate()` and forward.
 
 `DMSCache` is a `transformers.Cache` whose layers (`DMSCacheLayer`) each own one
-`dms_flex.cache.DMSKVCache` (allocated at the first forward, grown by doubling) and each row's next
-RoPE position. New tokens go through `DMSKVCache.append` (each row's real tokens packed to the front
-first, as append expects right padding, and the outputs unpacked); single tokens through
-`DMSKVCache.decode_update` and the decode attention of `dms_flex.cache`.
+`dms_flex.cache.DMSKVCache` (allocated at the first forward) and each row's next RoPE position. New
+tokens go through `DMSKVCache.append` (each row's real tokens packed to the front first, as append
+expects right padding, and the outputs unpacked); single tokens through `DMSKVCache.decode_update`
+and the decode attention of `dms_flex.cache`.
+
+Two ways to size it:
+- growable (the default): slots are grown by doubling when the live tokens need more; a host-side
+  bound of the longest live length decides when, so the decode step cannot be compiled;
+- fixed (`DMSCache(model, capacity=N)`): N slots per (row, KV head), never grown. Every decode-step
+  input then keeps its shape and address (the buffers are marked static, the token counter is a
+  device tensor, as transformers' StaticCache does), so the cache is `is_compileable` and
+  `generate()` compiles its decode forward by itself on CUDA (transformers' auto-compile, CUDA
+  graphs included). A prefill that does not fit raises; a decode step that would not fit writes to
+  the scratch slot and raises the sticky overflow flag, which the cache checks at every step
+  outside the compiled forward (`get_mask_sizes`, called by generate's input preparation) and
+  `generate()` checks once more when it returns (`dms_flex.hf.model`).
 """
 
 from __future__ import annotations
@@ -16,7 +28,7 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .. import decisions, stats
-from ..cache import DMSKVCache, default_decode_attention
+from ..cache import CacheOverflowError, DMSKVCache, default_decode_attention
 
 __all__ = ["DMSCache", "DMSCacheLayer", "pack_order"]
 
@@ -27,21 +39,26 @@ def pack_order(live: torch.Tensor) -> torch.Tensor:
 
 
 class DMSCacheLayer(CacheLayerMixin):
-    """One layer of a DMSCache: a `dms_flex.cache.DMSKVCache` (created at the first forward, grown by
-    doubling when the live tokens need more slots) plus each row's next position."""
+    """One layer of a DMSCache: a `dms_flex.cache.DMSKVCache` (created at the first forward; grown by
+    doubling when the live tokens need more slots, or fixed at `capacity` slots) plus each row's next
+    position."""
 
-    is_compileable = False
     is_croppable = False
     is_sliding = False
 
-    def __init__(self, window: int, initial_capacity: Optional[int] = None):
+    def __init__(self, window: int, initial_capacity: Optional[int] = None, capacity: Optional[int] = None):
         super().__init__()
         self.window = window
         self.initial_capacity = initial_capacity
+        self.fixed_capacity = capacity
+        # a fixed capacity keeps every decode-step input's shape and address: transformers may compile
+        self.is_compileable = capacity is not None
         self.kv: Optional[DMSKVCache] = None
         self.next_pos: Optional[torch.Tensor] = None  # (B,) live tokens seen per row
-        self.seen = 0  # columns (tokens, padding included) processed: what generate() slices inputs by
-        self._bound = 0  # host-side upper bound of the longest live length (no sync per decode step)
+        # columns (tokens, padding included) processed: what generate() slices inputs by. An int, or with a
+        # fixed capacity a 0-d device tensor (a Python int changing every step would recompile the step)
+        self.seen = 0
+        self._bound = 0  # host-side upper bound of the longest live length (growable: no sync per decode step)
 
     # --- transformers' CacheLayerMixin protocol
     @property
@@ -64,11 +81,23 @@ class DMSCacheLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
-        capacity = max(1, self.initial_capacity or 64)
+        capacity = self.fixed_capacity or max(1, self.initial_capacity or 64)
         self.kv = DMSKVCache(B, H, D, capacity, self.window, dtype=key_states.dtype, device=key_states.device)
         self.next_pos = torch.zeros(B, dtype=torch.long, device=key_states.device)
+        if self.is_compileable:
+            self.seen = torch.zeros((), dtype=torch.long, device=key_states.device)
+            self._mark_static()
         self.device = key_states.device
         self.is_initialized = True
+
+    def _mark_static(self) -> None:
+        """Tell torch.compile that the buffers the decode step updates in place keep their addresses
+        (CUDA graphs then read and write them where they are, as for transformers' StaticCache)."""
+        for _, buf in self.kv.named_buffers(recurse=False):
+            if buf is not None:
+                torch._dynamo.mark_static_address(buf)
+        torch._dynamo.mark_static_address(self.next_pos)
+        torch._dynamo.mark_static_address(self.seen)
 
     def update(self, key_states, value_states, *args, **kwargs):
         raise RuntimeError(
@@ -77,6 +106,8 @@ class DMSCacheLayer(CacheLayerMixin):
         )
 
     def get_mask_sizes(self, query_length: int):
+        if self.is_compileable:  # DMS attention reads no mask of these sizes: a constant keeps the step's graph
+            return self.fixed_capacity + query_length, 0
         return self.seen + query_length, 0
 
     def get_seq_length(self) -> int:
@@ -89,7 +120,10 @@ class DMSCacheLayer(CacheLayerMixin):
         if self.kv is not None:
             self.kv.reset()
             self.next_pos.zero_()
-        self.seen = 0
+        if isinstance(self.seen, torch.Tensor):
+            self.seen.zero_()
+        else:
+            self.seen = 0
         self._bound = 0
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -123,6 +157,8 @@ class DMSCacheLayer(CacheLayerMixin):
             if buf.dim() > 0:  # every DMSKVCache buffer but the scalar overflow flag is batch-first
                 setattr(self.kv, name, fn(buf).contiguous())
         self.next_pos = fn(self.next_pos).contiguous()
+        if self.is_compileable:
+            self._mark_static()
 
     # --- DMS
     @property
@@ -180,20 +216,33 @@ class DMSCacheLayer(CacheLayerMixin):
             n_valid = live.sum(1)
         needed = int(self.kv.length.max()) + n
         if needed > self.kv.capacity:
+            if self.is_compileable:
+                raise CacheOverflowError(
+                    f"this DMSCache has a fixed capacity of {self.kv.capacity} slots per batch row and KV head; "
+                    f"{n} new tokens on top of up to {needed - n} live ones may need {needed}. Make the cache with "
+                    f"a larger capacity (DMSCache(model, capacity=prompt length + max_new_tokens) never "
+                    f"overflows), or without one (it then grows, and decoding is not compiled)"
+                )
             self._grow(needed)
         out = self.kv.append(q, k, v, logits, self.next_pos, n_valid, scale=scale)
         if order is not None:
             inv = torch.argsort(order, dim=1)
             out = out.gather(2, inv[:, None, :, None].expand_as(out))
         self.next_pos += n_valid
-        self.seen += n
+        if self.is_compileable:
+            self.seen.add_(n)
+        else:
+            self.seen += n
         self._bound = int(self.kv.length.max())
         return out
 
     def decode(self, q, k, v, logits, scale) -> torch.Tensor:
         """One real token per row: `DMSKVCache.decode_update` (slot reuse, no compaction) and attention
-        over the live slots. No host sync unless the slots may run out."""
-        if self._bound + 1 > self.kv.capacity:
+        over the live slots. No host sync unless a growable cache's slots may run out; a fixed one raises
+        its overflow flag instead (checked by `DMSCache.check_overflow`)."""
+        if self.is_compileable:
+            self.seen.add_(1)  # in place: nothing on the host changes from step to step
+        elif self._bound + 1 > self.kv.capacity:
             self._bound = int(self.kv.length.max())
             if self._bound + 1 > self.kv.capacity:
                 self._grow(self._bound + 1)
@@ -204,8 +253,9 @@ class DMSCacheLayer(CacheLayerMixin):
         self.kv.decode_update(k, v, evict_prev, self.next_pos)
         out = default_decode_attention(q.device)(q, self.kv, scale)
         self.next_pos += 1
-        self.seen += 1
-        self._bound += 1
+        if not self.is_compileable:
+            self.seen += 1
+            self._bound += 1
         return out
 
 
@@ -215,17 +265,52 @@ class DMSCache(Cache):
     `DMSCache(model)`; pass it to generate() as `cache=` (transformers 5.24; `past_key_values=` there
     is the deprecated name, and the only one in earlier 5.x releases such as 5.17) and pass it again
     with the extended sequence to continue a conversation.
-    generate() creates one by itself when none is passed. initial_capacity: slots per (row, KV head)
-    allocated at the first forward (default: enough for the prompt); the cache grows by doubling.
+    generate() creates one by itself when none is passed.
+
+    initial_capacity: slots per (row, KV head) allocated at the first forward of a growable cache
+    (default: enough for the prompt); it grows by doubling.
+    capacity: a fixed number of slots per (row, KV head) instead, never grown: the cache is then
+    compileable, and generate() compiles its decode steps on CUDA as it does for a StaticCache
+    (`generation_config.disable_compile=True` turns that off). `capacity = prompt length +
+    max_new_tokens` can never run out; DMS needs far fewer live slots (about that over the achieved
+    compression ratio, plus the window and the heads that keep more), and a cache too small for the
+    input raises `dms_flex.cache.CacheOverflowError` rather than drop a live token.
     """
 
-    def __init__(self, model: nn.Module, initial_capacity: Optional[int] = None):
+    def __init__(self, model: nn.Module, initial_capacity: Optional[int] = None, *, capacity: Optional[int] = None):
         runtime = getattr(model, "_dms_runtime", None)
         if runtime is None:
             raise ValueError("DMSCache(model) needs a DMS model (dms_flex.hf.enable_dms / from_pretrained)")
+        if capacity is not None and initial_capacity is not None:
+            raise ValueError(
+                "DMSCache takes initial_capacity (a growable cache) or capacity (a fixed, compileable one), not both"
+            )
+        for name, value in (("initial_capacity", initial_capacity), ("capacity", capacity)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"DMSCache {name} must be a positive number of slots, got {value!r}")
         n_layers = model.config.num_hidden_layers
         window = runtime.config.effective_window
-        super().__init__(layers=[DMSCacheLayer(window, initial_capacity) for _ in range(n_layers)])
+        super().__init__(layers=[DMSCacheLayer(window, initial_capacity, capacity) for _ in range(n_layers)])
+
+    def check_overflow(self) -> None:
+        """Raise `dms_flex.cache.CacheOverflowError` if a decode step of a fixed-capacity cache ran out of
+        slots (one host sync; a growable cache never overflows)."""
+        flags = [layer.kv.overflow for layer in self.layers if layer.kv is not None and layer.is_compileable]
+        if flags and bool(torch.stack(flags).any()):
+            cap = self.layers[0].fixed_capacity
+            raise CacheOverflowError(
+                f"this DMSCache ran out of slots during decoding (fixed capacity {cap} per batch row and KV "
+                f"head); no live token was overwritten, but the tokens from that step on are not exact. Make "
+                f"the cache with a larger capacity (prompt length + max_new_tokens never overflows), or "
+                f"without one (it then grows, and decoding is not compiled)"
+            )
+
+    def get_mask_sizes(self, query_length: int, *args, **kwargs):
+        # generate() calls this before every step, outside the compiled forward: the place to check that
+        # the previous step had a slot (an eager call only: a compiled graph cannot sync with the host)
+        if not torch.compiler.is_compiling() and self.layers[0].is_compileable:
+            self.check_overflow()
+        return super().get_mask_sizes(query_length, *args, **kwargs)
 
     @property
     def window(self) -> int:

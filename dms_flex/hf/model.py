@@ -89,6 +89,7 @@ def enable_dms(model: nn.Module, config: Optional[DMSConfig] = None, *, eviction
             layer.self_attn._dms_runtime = runtime
             # bound to this instance only: deepcopy rebinds it to the copy
             layer.self_attn.forward = _dms_self_attention_forward.__get__(layer.self_attn)
+        model.generate = _dms_generate.__get__(model)
     runtime.config, runtime.eviction = config, eviction
     hidden = model.config.hidden_size
     for layer in inner.layers:
@@ -186,6 +187,17 @@ def dms_config_from_hf(hf_config: Dict[str, Any], source: str = "config.json") -
         raise DMSConfigError(
             f"{e} To enable DMS on a model without DMS settings, pass dms_config=DMSConfig(...) explicitly."
         ) from None
+
+
+def _dms_generate(self, *args, **kwargs):
+    """The model's own generate(), then the overflow check of a fixed-capacity DMSCache passed in: the
+    per-step check (`DMSCache.get_mask_sizes`) runs before each step, so the last step's is made here."""
+    out = type(self).generate(self, *args, **kwargs)
+    for name in ("cache", "past_key_values"):
+        cache = kwargs.get(name)
+        if isinstance(cache, DMSCache):
+            cache.check_overflow()
+    return out
 
 
 # ==================================================================================== hooks
