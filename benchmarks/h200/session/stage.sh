@@ -14,7 +14,8 @@ if [ -d .run/texts ]; then  # kjv.txt.gz, austen.txt.gz
   mkdir -p /tmp/stage/texts && cp .run/texts/* /tmp/stage/texts/ && gunzip -f /tmp/stage/texts/*.gz && echo "staged texts"
 fi
 if [ ! -f /tmp/site/.ok ] && [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl .rg/*.whl > /tmp/stage/pip.log 2>&1
+  rg=$(ls .rg/*.whl 2>/dev/null)  # the reasoning-gym wheels: only the reasoning runs need them
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl $rg > /tmp/stage/pip.log 2>&1
   echo "pip rc=$?"
   rm -f /tmp/site/torchao/_C*.so /tmp/site/torchao/prototype/mxfp8_cuda*.so  # built for another torch/CUDA
   touch /tmp/site/.ok
