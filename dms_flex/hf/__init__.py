@@ -27,9 +27,9 @@ first, and the module that holds each part:
    builds its own visibility);
 4. `cache`: `DMSCache`, a `transformers.Cache` whose layers (`DMSCacheLayer`) each own one
    `DMSKVCache`;
-5. `model`: hooks (`register_forward_pre_hook(with_kwargs=True)`): one on each decoder layer stashes
-   the layer's input residual x on its attention module (the adapter variant reads it:
-   l = Linear(RMSNorm(x))), and one on the inner model (`model.model`) swaps the empty
+5. `model`: hooks (`register_forward_pre_hook(with_kwargs=True)`): one on each decoder layer passes
+   the layer's input residual x to its attention module as the keyword `dms_residual` (the adapter
+   variant reads it: l = Linear(RMSNorm(x))), and one on the inner model (`model.model`) swaps the empty
    `DynamicCache` that `generate()` creates for a `DMSCache` and sets `position_ids` from the cache
    (live tokens per row), so RoPE positions and the cache's positions agree by construction, left
    padding and multi-turn included.

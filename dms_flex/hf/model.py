@@ -9,8 +9,9 @@ module's own projections, q/k norms and the modeling file's own `apply_rotary_po
 decision logits from `dms_flex.decisions` in between, and calls the "dms" attention function
 (`dms_flex.hf.attention`).
 
-Hooks (`register_forward_pre_hook(with_kwargs=True)`): one on each decoder layer stashes the layer's
-input residual x on its attention module (the adapter variant reads it: l = Linear(RMSNorm(x))), and
+Hooks (`register_forward_pre_hook(with_kwargs=True)`): one on each decoder layer passes the layer's
+input residual x to its attention module as the keyword `dms_residual` (the adapter variant reads it:
+l = Linear(RMSNorm(x))), and
 one on the inner model (`model.model`) swaps the empty `DynamicCache` that `generate()` creates for a
 `DMSCache` and sets `position_ids` from the cache (live tokens per row), so RoPE positions and the
 cache's positions agree by construction, left padding and multi-turn included.
@@ -202,10 +203,12 @@ def _dms_generate(self, *args, **kwargs):
 
 # ==================================================================================== hooks
 def _stash_layer_input(layer: nn.Module, args, kwargs):
-    """Decoder-layer pre-hook: the layer's input residual x, for the adapter's decision logits."""
+    """Decoder-layer pre-hook: hand the layer's input residual x to its attention module, for the
+    adapter's decision logits. The decoder layers of Llama / Qwen2 / Qwen3 pass their extra keyword
+    arguments on to self_attn, so x travels as the keyword `dms_residual`: no state is stored on a
+    module (torch.compile would break its graph there, per layer)."""
     x = args[0] if args else kwargs.get("hidden_states")
-    layer.self_attn.__dict__["_dms_residual"] = x
-    return None
+    return args, {**kwargs, "dms_residual": x}
 
 
 def _model_pre_hook(module: nn.Module, args, kwargs):
@@ -294,16 +297,18 @@ def _dms_self_attention_forward(
     position_embeddings=None,
     attention_mask: Optional[torch.Tensor] = None,
     cache=None,
+    dms_residual: Optional[torch.Tensor] = None,
     **kwargs,
 ):
-    """Replaces the forward of a Llama / Qwen2 / Qwen3 attention module (same inputs and outputs)."""
+    """Replaces the forward of a Llama / Qwen2 / Qwen3 attention module (same inputs and outputs).
+    dms_residual: the decoder layer's input x (passed by the layer's pre-hook)."""
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
     else:
         kwargs.pop("past_key_values", None)
     runtime: _Runtime = self._dms_runtime
     cfg = runtime.config if runtime.eviction else None
-    x = self.__dict__.pop("_dms_residual", None)
+    x = dms_residual
     B, n, _ = hidden_states.shape
     shape = (B, n, -1, self.head_dim)
     q = self.q_proj(hidden_states).view(shape)
@@ -314,7 +319,7 @@ def _dms_self_attention_forward(
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     if cfg is not None and cfg.decision == "adapter" and x is None:
         raise RuntimeError(
-            "the DMS adapter needs the decoder layer's input, which its pre-hook stashes; "
+            "the DMS adapter needs the decoder layer's input, which its pre-hook passes on; "
             "call the decoder layer, not its self_attn module, or use decision='borrowed'"
         )
     cos, sin = position_embeddings
