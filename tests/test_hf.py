@@ -397,6 +397,37 @@ def test_fixed_capacity_cache_is_compiled_by_generate_in_one_graph(arch, decisio
     assert torch.equal(again.sequences, ref.sequences) and torch.equal(other.sequences, ref.sequences)
 
 
+def test_fixed_capacity_cache_compiled_with_padding_turns_and_beams():
+    """The compiled fixed-capacity cache on what generate() does around it: left padding, a second turn
+    over the kept cache, beam search (rows reordered in place): all as the growable cache decodes."""
+    _, model = make("qwen3", EVICTING["adapter"])
+    ids, mask = left_pad([prompts(1, 12, 20)[0].tolist(), prompts(1, 7, 21)[0].tolist()])
+    grow, fixed = H.DMSCache(model), H.DMSCache(model, capacity=48)
+    torch._dynamo.reset()
+    a = gen(model, ids, mask, n=6, cache=grow)
+    b = gen(model, ids, mask, n=6, cache=fixed, compile_config=_compile_everywhere())
+    assert torch.equal(a.sequences, b.sequences)
+    assert_close(stacked_logits(a), stacked_logits(b))
+    new = prompts(2, 5, 22)
+    new_mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
+    ids2 = torch.cat([a.sequences, new * new_mask], 1)
+    mask2 = torch.cat([mask, torch.ones(2, 6, dtype=mask.dtype), new_mask], 1)
+    a2 = gen(model, ids2, mask2, n=7, cache=grow)
+    b2 = gen(model, ids2, mask2, n=7, cache=fixed, compile_config=_compile_everywhere())
+    assert torch.equal(a2.sequences, b2.sequences)
+    assert_close(stacked_logits(a2), stacked_logits(b2))
+    assert torch.equal(grow.tokens_seen(), fixed.tokens_seen())
+    for la, lb in zip(grow.live_lengths(), fixed.live_lengths()):
+        assert torch.equal(la, lb)
+    beams = dict(num_beams=3, output_logits=False, return_dict_in_generate=False)
+    ids3 = prompts(2, 10, 23)
+    c = model.generate(ids3, attention_mask=torch.ones_like(ids3), max_new_tokens=6, **beams)
+    fixed3 = H.DMSCache(model, capacity=24)
+    kw = {CACHE_KW: fixed3, "compile_config": _compile_everywhere()}
+    d = model.generate(ids3, attention_mask=torch.ones_like(ids3), max_new_tokens=6, **beams, **kw)
+    assert torch.equal(c, d)
+
+
 def test_fixed_capacity_cache_raises_when_it_runs_out():
     _, model = make("llama", EVICTING["adapter"])
     ids = prompts(2, 12, 50)

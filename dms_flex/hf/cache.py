@@ -153,10 +153,18 @@ class DMSCacheLayer(CacheLayerMixin):
             self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def _map_rows(self, fn) -> None:
-        for name, buf in list(self.kv.named_buffers(recurse=False)):
-            if buf.dim() > 0:  # every DMSKVCache buffer but the scalar overflow flag is batch-first
-                setattr(self.kv, name, fn(buf).contiguous())
-        self.next_pos = fn(self.next_pos).contiguous()
+        """Apply a row map (beam reordering, repetition) to every batch-first buffer: in place where the
+        batch size stays (a compiled step's static buffers keep their addresses), else new buffers."""
+        bufs = [(self.kv, name, buf) for name, buf in self.kv.named_buffers(recurse=False)]
+        bufs.append((self, "next_pos", self.next_pos))
+        for owner, name, buf in bufs:
+            if buf is None or buf.dim() == 0:  # the scalar overflow flag, absent int8 scales
+                continue
+            new = fn(buf)
+            if new.shape == buf.shape:
+                buf.copy_(new)
+            else:
+                setattr(owner, name, new.contiguous())
         if self.is_compileable:
             self._mark_static()
 

@@ -281,8 +281,13 @@ def _cache_arg_name(module: nn.Module) -> str:
     return name
 
 
-def _new_token_mask(attention_mask: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
-    """(B, n) bool: which of the n new tokens are real (the 2-D mask's last n columns)."""
+def _new_token_mask(attention_mask, n: int) -> Optional[torch.Tensor]:
+    """(B, n) bool: which of the n new tokens are real (the 2-D mask's last n columns). For a compileable
+    cache generate() prepares the masks before the forward, per layer type for models that name their
+    layer types (Qwen3: {"full_attention": ...}): each is then what `dms_padding_mask` returned (the new
+    tokens' (B, n) mask, or None when all are real)."""
+    if isinstance(attention_mask, dict):
+        attention_mask = attention_mask.get("full_attention")
     if attention_mask is None or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         return None
     if attention_mask.shape[1] < n:
