@@ -428,6 +428,30 @@ def test_fixed_capacity_cache_compiled_with_padding_turns_and_beams():
     assert torch.equal(c, d)
 
 
+def test_static_cache_implementation_means_a_fixed_dms_cache():
+    """generate(cache_implementation="static"), as a keyword or in the generation config, gives a DMS
+    model a fixed-capacity DMSCache of prompt + new tokens slots (what transformers compiles), with the
+    growable cache's tokens."""
+    _, model = make("llama", EVICTING["adapter"])
+    ids = prompts(2, 12, 50)
+    ref = gen(model, ids, n=9)
+    out = gen(model, ids, n=9, cache_implementation="static", compile_config=_compile_everywhere())
+    cache = cache_of(out)
+    assert isinstance(cache, H.DMSCache) and cache.is_compileable and cache.layers[0].capacity == 12 + 9
+    assert torch.equal(out.sequences, ref.sequences)
+    assert_close(stacked_logits(out), stacked_logits(ref))
+    model.generation_config.cache_implementation = "static"
+    try:
+        again = gen(model, ids, n=9)
+        assert cache_of(again).is_compileable and torch.equal(again.sequences, ref.sequences)
+        assert model.generation_config.cache_implementation == "static"  # the user's config is left as it was
+    finally:
+        model.generation_config.cache_implementation = None
+    # max_length instead of max_new_tokens
+    plain = model.generate(ids, attention_mask=torch.ones_like(ids), max_length=17, cache_implementation="static")
+    assert torch.equal(plain, ref.sequences[:, :17])
+
+
 def test_fixed_capacity_cache_raises_when_it_runs_out():
     _, model = make("llama", EVICTING["adapter"])
     ids = prompts(2, 12, 50)
@@ -619,8 +643,10 @@ def test_errors(tmp_path):
         gen(model, prompts(3, 5), cache=cache)
     with pytest.raises(NotImplementedError, match="cropped"):
         cache.crop(-1)
-    with pytest.raises(TypeError, match="cache_implementation"):
-        gen(model, prompts(2, 5), cache_implementation="static")
+    from transformers import StaticCache
+
+    with pytest.raises(TypeError, match="not a StaticCache.*cache=dms_flex.hf.DMSCache"):
+        gen(model, prompts(2, 5), cache=StaticCache(config=model.config, max_cache_len=16))
 
 
 # ------------------------------------------------------------------------------------------------

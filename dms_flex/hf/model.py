@@ -191,14 +191,49 @@ def dms_config_from_hf(hf_config: Dict[str, Any], source: str = "config.json") -
 
 
 def _dms_generate(self, *args, **kwargs):
-    """The model's own generate(), then the overflow check of a fixed-capacity DMSCache passed in: the
-    per-step check (`DMSCache.get_mask_sizes`) runs before each step, so the last step's is made here."""
-    out = type(self).generate(self, *args, **kwargs)
-    for name in ("cache", "past_key_values"):
-        cache = kwargs.get(name)
-        if isinstance(cache, DMSCache):
-            cache.check_overflow()
+    """The model's own generate(), around two DMS rules:
+    - `cache_implementation="static"` (as a keyword or in the generation config) asks for a compiled
+      static cache: a DMS model gets a fixed-capacity `DMSCache` of prompt + new tokens slots instead
+      (transformers then compiles its decode step), unless a cache is passed;
+    - a fixed-capacity DMSCache's overflow check after the last step (the per-step check,
+      `DMSCache.get_mask_sizes`, runs before each step)."""
+    passed = next((kwargs[n] for n in ("cache", "past_key_values") if kwargs.get(n) is not None), None)
+    config = kwargs.get("generation_config") or self.generation_config
+    implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+    # generation configs that name the static cache: set aside for the call (transformers would build a
+    # StaticCache from them, or refuse a cache passed with them), restored after it
+    configs = [c for c in (kwargs.get("generation_config"), self.generation_config) if c is not None]
+    named = [c for i, c in enumerate(configs) if c.cache_implementation == "static" and c not in configs[:i]]
+    if implementation == "static" and passed is None:
+        kwargs.pop("cache_implementation", None)
+        passed = DMSCache(self, capacity=_static_capacity(config, args, kwargs))
+        kwargs[_cache_arg_name(self.model)] = passed
+    else:
+        named = []
+    for c in named:
+        c.cache_implementation = None
+    try:
+        out = type(self).generate(self, *args, **kwargs)
+    finally:
+        for c in named:
+            c.cache_implementation = "static"
+    if isinstance(passed, DMSCache):
+        passed.check_overflow()
     return out
+
+
+def _static_capacity(config, args, kwargs) -> int:
+    """Slots per row of the cache that `cache_implementation="static"` asks for: prompt + max_new_tokens
+    (or max_length), as transformers sizes its own static cache (every token, so it never overflows)."""
+    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    if ids is None:
+        raise ValueError('cache_implementation="static" on a DMS model needs the input_ids (or inputs_embeds)')
+    new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    if new is not None:
+        return int(ids.shape[1]) + int(new)
+    return max(int(kwargs.get("max_length", getattr(config, "max_length", None) or 0)), int(ids.shape[1]) + 1)
 
 
 # ==================================================================================== hooks
