@@ -475,11 +475,22 @@ def layer_capacities(model: nn.Module, tokens: torch.Tensor, max_seq_len: int, h
 
 def capacities_from_state(state: "InferenceState", max_seq_len: int, headroom: float = 1.5) -> List[int]:
     """`layer_capacities`' rule applied to a state whose every row has seen the same number of tokens."""
-    T = int(state.next_pos.max())
-    w = min(state.window, T)
+    fullest = torch.stack([c.length.max() for c in state.caches]).tolist()
+    return capacities_from_fullest(fullest, int(state.next_pos.max()), state.window, max_seq_len, headroom)
+
+
+def capacities_from_fullest(
+    fullest: Sequence[int], seen: int, window: int, max_seq_len: int, headroom: float = 1.5
+) -> List[int]:
+    """`layer_capacities`' rule: per layer, the most tokens any (row, KV head) keeps (`fullest`) after `seen`
+    tokens, scaled to `max_seq_len` positions: the window w always, plus headroom x the kept fraction of the
+    older tokens. Shared by the torchtune path and `dms_flex.hf.DMSCache.calibrated_capacities`."""
+    if not headroom >= 1.0:
+        raise ValueError(f"headroom={headroom} must be >= 1 (a multiple of the sample's largest need)")
+    w = min(window, seen)
     caps = []
-    for c in state.caches:
-        f = (int(c.length.max()) - w) / (T - w) if T > w else 1.0
+    for kept in fullest:
+        f = (int(kept) - w) / (seen - w) if seen > w else 1.0
         need = w + math.ceil(headroom * f * max(max_seq_len - w, 0))
         caps.append(int(min(max_seq_len, max(need, 1))))
     return caps

@@ -4,6 +4,7 @@ unmodified model, the torchtune path, the teacher-forced full-sequence path, per
 import copy
 import inspect
 import json
+import math
 import warnings
 
 import pytest
@@ -452,6 +453,43 @@ def test_static_cache_implementation_means_a_fixed_dms_cache():
     assert torch.equal(plain, ref.sequences[:, :17])
 
 
+def test_per_layer_capacities_calibrated_from_sample_text():
+    """calibrated_capacities() applies the torchtune path's rule (layer_capacities) to what a DMSCache kept;
+    a cache with those per-layer capacities decodes as the growable one, under compile."""
+    _, model = make("llama", EVICTING["adapter"])
+    sample = prompts(2, 40, 60)
+    probe = H.DMSCache(model)
+    with torch.no_grad():
+        model(input_ids=sample, attention_mask=torch.ones_like(sample), **{CACHE_KW: probe})
+    caps = probe.calibrated_capacities(56, headroom=1.5)
+    # the rule by hand: window w always, plus 1.5 x the fullest head's kept fraction of the older tokens
+    w = probe.window
+    for layer, cap in zip(probe.layers, caps):
+        kept = int(layer.kv.length.max())
+        assert cap == min(56, w + math.ceil(1.5 * (kept - w) / (40 - w) * (56 - w)))
+    assert len(set(caps)) > 1 or caps[0] < 56  # the sample's layers differ, or keep less than everything
+    ids = prompts(2, 40, 61)
+    ref = gen(model, ids, n=16)
+    fixed = H.DMSCache(model, capacity=caps)
+    assert [layer.capacity for layer in fixed.layers] == [0] * len(caps)  # allocated at the first forward
+    out = gen(model, ids, n=16, cache=fixed, compile_config=_compile_everywhere())
+    assert [layer.capacity for layer in fixed.layers] == caps
+    assert torch.equal(out.sequences, ref.sequences)
+    B, Hkv, D = 2, TINY["num_key_value_heads"], TINY["hidden_size"] // TINY["num_attention_heads"]
+    assert fixed.kv_bytes()["allocated"] == sum(2 * B * Hkv * (c + 1) * D * 4 for c in caps)  # + scratch slot
+    with pytest.raises(ValueError, match="3 entries; the model has 2 layers"):
+        H.DMSCache(model, capacity=[8, 8, 8])
+    with pytest.raises(ValueError, match="positive number of slots, got 0"):
+        H.DMSCache(model, capacity=[8, 0])
+    with pytest.raises(ValueError, match="run the model over sample text first"):
+        H.DMSCache(model).calibrated_capacities(56)
+    ragged, mask = left_pad([prompts(1, 9, 62)[0].tolist(), prompts(1, 6, 63)[0].tolist()])
+    uneven = H.DMSCache(model)
+    gen(model, ragged, mask, n=2, cache=uneven)
+    with pytest.raises(ValueError, match="same number of tokens"):
+        uneven.calibrated_capacities(56)
+
+
 def test_fixed_capacity_cache_raises_when_it_runs_out():
     _, model = make("llama", EVICTING["adapter"])
     ids = prompts(2, 12, 50)
@@ -463,7 +501,7 @@ def test_fixed_capacity_cache_raises_when_it_runs_out():
 
     need = [slots_needed(n) for n in range(1, 13)]
     assert need[0] <= 12 < need[-1]  # a prefill of 12 tokens needs 12 slots (survivors are packed after), decoding more
-    with pytest.raises(CacheOverflowError, match="ran out of slots during decoding.*capacity 12"):
+    with pytest.raises(CacheOverflowError, match="ran out of slots during decoding.*fixed capacity 12"):
         gen(model, ids, n=12, cache=H.DMSCache(model, capacity=12), compile_config=_compile_everywhere())
     # an overflow at the last step, which no later step's check sees: generate() checks once more at the end
     n = max(i + 1 for i in range(1, 12) if need[i] > need[i - 1] >= 12)

@@ -277,15 +277,16 @@ class DMSCache(Cache):
 
     initial_capacity: slots per (row, KV head) allocated at the first forward of a growable cache
     (default: enough for the prompt); it grows by doubling.
-    capacity: a fixed number of slots per (row, KV head) instead, never grown: the cache is then
-    compileable, and generate() compiles its decode steps on CUDA as it does for a StaticCache
-    (`generation_config.disable_compile=True` turns that off). `capacity = prompt length +
-    max_new_tokens` can never run out; DMS needs far fewer live slots (about that over the achieved
-    compression ratio, plus the window and the heads that keep more), and a cache too small for the
+    capacity: a fixed number of slots per (row, KV head) instead, one for every layer or one per
+    layer, never grown: the cache is then compileable, and generate() compiles its decode steps on
+    CUDA as it does for a StaticCache (`generation_config.disable_compile=True` turns that off).
+    `capacity = prompt length + max_new_tokens` can never run out. DMS keeps fewer tokens, but not
+    evenly: in some layers a head keeps nearly everything, so one number for all layers saves little;
+    per-layer capacities from sample text (`calibrated_capacities`) do. A cache too small for its
     input raises `dms_flex.cache.CacheOverflowError` rather than drop a live token.
     """
 
-    def __init__(self, model: nn.Module, initial_capacity: Optional[int] = None, *, capacity: Optional[int] = None):
+    def __init__(self, model: nn.Module, initial_capacity: Optional[int] = None, *, capacity=None):
         runtime = getattr(model, "_dms_runtime", None)
         if runtime is None:
             raise ValueError("DMSCache(model) needs a DMS model (dms_flex.hf.enable_dms / from_pretrained)")
@@ -293,24 +294,50 @@ class DMSCache(Cache):
             raise ValueError(
                 "DMSCache takes initial_capacity (a growable cache) or capacity (a fixed, compileable one), not both"
             )
-        for name, value in (("initial_capacity", initial_capacity), ("capacity", capacity)):
+        n_layers = model.config.num_hidden_layers
+        listed = isinstance(capacity, (list, tuple))
+        caps = list(capacity) if listed else [capacity] * n_layers  # a bad single value is named below
+        if len(caps) != n_layers:
+            raise ValueError(f"DMSCache capacity has {len(caps)} entries; the model has {n_layers} layers (one each)")
+        for name, value in [("initial_capacity", initial_capacity)] + [("capacity", c) for c in caps]:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"DMSCache {name} must be a positive number of slots, got {value!r}")
-        n_layers = model.config.num_hidden_layers
         window = runtime.config.effective_window
-        super().__init__(layers=[DMSCacheLayer(window, initial_capacity, capacity) for _ in range(n_layers)])
+        super().__init__(layers=[DMSCacheLayer(window, initial_capacity, c) for c in caps])
+
+    def calibrated_capacities(self, max_len: int, headroom: float = 1.5) -> List[int]:
+        """Per-layer capacities for prompts + new tokens of up to `max_len` tokens, from what this cache
+        kept of sample text (run generate() or a forward over samples like the workload first, every row
+        unpadded and of one length): per layer, the window plus `headroom` x the largest kept fraction of
+        the older tokens, scaled to max_len (the rule of `dms_flex.torchtune_model.layer_capacities`;
+        benchmarks/RESULTS.md section 24f: headroom 1.5 over 8 calibration windows held 8 others).
+        Pass the result as `DMSCache(model, capacity=...)`."""
+        from ..torchtune_model import capacities_from_fullest
+
+        if self.layers[0].kv is None:
+            raise ValueError("calibrated_capacities() reads what the cache kept: run the model over sample text first")
+        seen = self.tokens_seen()
+        if bool((seen != seen[0]).any()):
+            raise ValueError("calibrated_capacities() needs rows that have all seen the same number of tokens")
+        fullest = torch.stack([layer.kv.length.max() for layer in self.layers]).tolist()
+        return capacities_from_fullest(fullest, int(seen[0]), self.window, max_len, headroom)
 
     def check_overflow(self) -> None:
         """Raise `dms_flex.cache.CacheOverflowError` if a decode step of a fixed-capacity cache ran out of
         slots (one host sync; a growable cache never overflows)."""
-        flags = [layer.kv.overflow for layer in self.layers if layer.kv is not None and layer.is_compileable]
-        if flags and bool(torch.stack(flags).any()):
-            cap = self.layers[0].fixed_capacity
+        fixed = [(i, layer) for i, layer in enumerate(self.layers) if layer.kv is not None and layer.is_compileable]
+        if not fixed:
+            return
+        flags = torch.stack([layer.kv.overflow for _, layer in fixed]).tolist()  # one host sync
+        full = [(i, layer.fixed_capacity) for (i, layer), flag in zip(fixed, flags) if flag]
+        if full:
+            i, cap = full[0]
             raise CacheOverflowError(
-                f"this DMSCache ran out of slots during decoding (fixed capacity {cap} per batch row and KV "
-                f"head); no live token was overwritten, but the tokens from that step on are not exact. Make "
-                f"the cache with a larger capacity (prompt length + max_new_tokens never overflows), or "
-                f"without one (it then grows, and decoding is not compiled)"
+                f"this DMSCache ran out of slots during decoding (layer {i}: fixed capacity {cap} per batch row "
+                f"and KV head; {len(full)} layer(s) in all); no live token was overwritten, but the tokens from "
+                f"that step on are not exact. Make the cache with a larger capacity (prompt length + "
+                f"max_new_tokens never overflows; calibrated_capacities() with more headroom), or without one "
+                f"(it then grows, and decoding is not compiled)"
             )
 
     def get_mask_sizes(self, query_length: int, *args, **kwargs):
