@@ -179,7 +179,8 @@ def parse_args(argv=None):
         default="full",
         help="KV slots per row and KV head of dms / dms-int8 / dms-hf: 'full' (T+N), a fraction of T+N, or "
         "'layers[:H]': per layer, sized from the case's first 8 prompts with headroom H (default 1.5), or 'auto': "
-        "grown during prefill to what the prompts keep, plus N (dms and dms-int8; dms-hf keeps full)",
+        "grown during prefill to what the prompts keep, plus N (dms and dms-int8; dms-hf keeps full; 'layers' on "
+        "dms-hf: DMSCache.calibrated_capacities)",
     )
     p.add_argument("--max-batch-limit", type=_positive_int, default=4096, help="upper bound of the 'max' search")
     p.add_argument(
@@ -544,15 +545,16 @@ class HFSystem:
             cache = H.DMSCache(self.model, capacity=capacity)
             kw[_cache_kw()] = cache
         elif self.fixed:
-            if self._cache_key != (ids.shape[0], capacity):  # one per case, reset between calls (stable addresses)
+            key = (ids.shape[0], tuple(capacity) if isinstance(capacity, list) else capacity)
+            if self._cache_key != key:  # one per case, reset between calls (stable addresses)
                 self._cache, self._cache_key = None, None
                 self._cache = H.DMSCache(self.model, capacity=capacity)
-                self._cache_key = (ids.shape[0], capacity)
+                self._cache_key = key
             cache = self._cache
             cache.reset()
             kw[_cache_kw()] = cache
         elif self.dms:
-            cache = H.DMSCache(self.model, initial_capacity=capacity)
+            cache = H.DMSCache(self.model, initial_capacity=capacity if isinstance(capacity, int) else None)
             kw[_cache_kw()] = cache
         elif self.static and search_len is not None:
             kw[_cache_kw()] = StaticCache(config=self.model.config, max_cache_len=search_len)
@@ -569,14 +571,36 @@ class HFSystem:
     def _ids(self, prompts):
         return torch.tensor(prompts, dtype=torch.long, device=self.models.device)
 
+    def capacity(self, T, N, frac, sample):
+        """Slots per row and KV head of the DMSCache: 'layers[:H]' on dms-hf gives one per layer, calibrated
+        once per (T, N) on `sample` (the case's first prompts) with `DMSCache.calibrated_capacities`; every
+        other setting as `_dms_capacity`."""
+        if not (self.fixed and isinstance(frac, tuple)):
+            return _dms_capacity(T, N, frac)
+        import dms_flex.hf as H
+
+        key = (T, N, frac)
+        caps = getattr(self, "_layer_caps", {})
+        self._layer_caps = caps
+        if key not in caps:
+            probe = H.DMSCache(self.model)
+            ids = self._ids(sample)
+            with torch.no_grad():
+                self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **{_cache_kw(): probe})
+            caps[key] = probe.calibrated_capacities(T + N, headroom=frac[1])
+            del probe
+            log(f"  {self.name}: per-layer capacities for T={T}: {caps[key]}")
+        return caps[key]
+
     def probe(self, B, prompts, T, N, frac):
-        self.generate(self._ids(prompts), min(N, 3), capacity=_dms_capacity(T, N, frac), search_len=T + N)
+        cap = self.capacity(T, N, frac, prompts[:8])
+        self.generate(self._ids(prompts), min(N, 3), capacity=cap, search_len=T + N)
 
     def run_case(self, B, prompts, T, N, frac):
         dev = self.models.device
         resident = _allocated(dev)
         ids = self._ids(prompts)
-        cap = _dms_capacity(T, N, frac)
+        cap = self.capacity(T, N, frac, prompts[:8])
         t0 = time.perf_counter()
         self.generate(ids, N, capacity=cap)  # warm-up: transformers' static-cache compile, autotuning
         warmup = time.perf_counter() - t0
@@ -594,7 +618,7 @@ class HFSystem:
                 kv_dense_bytes=mem["dense"],
                 cr=cache.compression().ratio,
                 max_live_slots=max(int(layer.kv.length.max()) for layer in cache.layers),
-                capacity=cache.layers[0].capacity,
+                capacity=_one_or_each([layer.capacity for layer in cache.layers]),
             )
         _, ttft, _ = self.generate(ids, 1, capacity=cap)  # time to first token: its own call
         row = dict(
@@ -665,8 +689,13 @@ def profile_decode(system: "TTSystem", state, B: int) -> dict:
     return out
 
 
+def _one_or_each(values):
+    return values[0] if len(set(values)) == 1 else values
+
+
 def _dms_capacity(T, N, frac):
-    """dms-hf's capacity: 'layers' and 'auto' are not offered there (DMSCache has one capacity): it keeps T+N."""
+    """A DMSCache's slots per row and KV head: 'full' and 'auto' keep T+N, a fraction that much of T+N; 'layers'
+    is per layer on dms-hf (`HFSystem.capacity`) and T+N on dms-hf-growable (it grows anyway)."""
     return T + N if frac in ("full", "auto") or isinstance(frac, tuple) else max(1, math.ceil(frac * (T + N)))
 
 

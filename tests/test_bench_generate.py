@@ -237,19 +237,21 @@ def test_capacity_setting_parses():
 
 
 def test_generate_per_layer_capacities_cpu(tmp_path):
-    """--dms-capacity layers:1.0: each layer sized on the first prompt (dms_flex.torchtune_model.layer_capacities);
-    the row records the capacities, allocates their sum, and generates the same tokens as the full cache
-    where nothing overflows."""
+    """--dms-capacity layers:1.0: each layer sized on the first prompt (dms_flex.torchtune_model.layer_capacities;
+    on dms-hf DMSCache.calibrated_capacities, the same rule); the row records the capacities, allocates their sum,
+    and generates the same tokens as the full cache where nothing overflows; both paths size alike."""
     rows = {}
     for cap in ("full", "layers:1.0"):
         out = tmp_path / f"{cap}.json"
         args = ["--device", "cpu", "--tiny", "--threads", "1", "--batch", "1", "--prompt-len", "64"]
-        p = run_script("bench_generate.py", *args, "--new-tokens", "4", "--systems", "dms", "--dms-capacity", cap,
-                       "--out", str(out))  # fmt: skip
+        p = run_script("bench_generate.py", *args, "--new-tokens", "4", "--systems", "dms", "dms-hf",
+                       "--dms-capacity", cap, "--out", str(out))  # fmt: skip
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-        rows[cap] = json.loads(out.read_text())["rows"][0]
-    full, layers = rows["full"], rows["layers:1.0"]
-    caps = layers["capacity"] if isinstance(layers["capacity"], list) else [layers["capacity"]] * 2
-    assert all(layers["max_live_slots"] <= 68 and 1 <= c <= 68 for c in caps) and "error" not in layers
-    assert layers["kv_allocated_bytes"] == full["kv_allocated_bytes"] * sum(c + 1 for c in caps) // (2 * 69)
-    assert layers["first_tokens"] == full["first_tokens"] and layers["kv_live_bytes"] == full["kv_live_bytes"]
+        rows[cap] = {r["system"]: r for r in json.loads(out.read_text())["rows"]}
+    for system in ("dms", "dms-hf"):
+        full, layers = rows["full"][system], rows["layers:1.0"][system]
+        caps = layers["capacity"] if isinstance(layers["capacity"], list) else [layers["capacity"]] * 2
+        assert all(layers["max_live_slots"] <= 68 and 1 <= c <= 68 for c in caps) and "error" not in layers
+        assert layers["kv_allocated_bytes"] == full["kv_allocated_bytes"] * sum(c + 1 for c in caps) // (2 * 69)
+        assert layers["first_tokens"] == full["first_tokens"] and layers["kv_live_bytes"] == full["kv_live_bytes"]
+    assert rows["layers:1.0"]["dms"]["capacity"] == rows["layers:1.0"]["dms-hf"]["capacity"]

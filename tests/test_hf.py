@@ -500,16 +500,17 @@ def test_fixed_capacity_cache_raises_when_it_runs_out():
         return max(int(x.max()) for x in cache.live_lengths())
 
     need = [slots_needed(n) for n in range(1, 13)]
-    assert need[0] <= 12 < need[-1]  # a prefill of 12 tokens needs 12 slots (survivors are packed after), decoding more
+    assert need[0] < 12 < need[-1]  # the prompt's survivors fit in fewer slots than its 12 tokens; decoding needs more
+    gen(model, ids, n=1, cache=H.DMSCache(model, capacity=need[0]))  # the prefill needs room for survivors only
+    with pytest.raises(CacheOverflowError, match=f"fixed capacity of {need[0] - 1} slots .* too small for this input"):
+        gen(model, ids, n=1, cache=H.DMSCache(model, capacity=need[0] - 1))
     with pytest.raises(CacheOverflowError, match="ran out of slots during decoding.*fixed capacity 12"):
         gen(model, ids, n=12, cache=H.DMSCache(model, capacity=12), compile_config=_compile_everywhere())
     # an overflow at the last step, which no later step's check sees: generate() checks once more at the end
-    n = max(i + 1 for i in range(1, 12) if need[i] > need[i - 1] >= 12)
+    n = max(i + 1 for i in range(1, 12) if need[i] > need[i - 1])
     with pytest.raises(CacheOverflowError, match="during decoding"):
         gen(model, ids, n=n, cache=H.DMSCache(model, capacity=need[n - 2]))
     gen(model, ids, n=n, cache=H.DMSCache(model, capacity=need[n - 1]))  # exactly enough: no error
-    with pytest.raises(CacheOverflowError, match="fixed capacity of 8 slots.*12 new tokens"):
-        gen(model, ids, n=4, cache=H.DMSCache(model, capacity=8))
     with pytest.raises(ValueError, match="initial_capacity .* or capacity .* not both"):
         H.DMSCache(model, initial_capacity=8, capacity=8)
     for bad in (0, -3, 2.5, True):

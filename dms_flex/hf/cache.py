@@ -223,16 +223,20 @@ class DMSCacheLayer(CacheLayerMixin):
                 logits = logits.gather(2, order[:, None, :].expand_as(logits))
             n_valid = live.sum(1)
         needed = int(self.kv.length.max()) + n
-        if needed > self.kv.capacity:
-            if self.is_compileable:
-                raise CacheOverflowError(
-                    f"this DMSCache has a fixed capacity of {self.kv.capacity} slots per batch row and KV head; "
-                    f"{n} new tokens on top of up to {needed - n} live ones may need {needed}. Make the cache with "
-                    f"a larger capacity (DMSCache(model, capacity=prompt length + max_new_tokens) never "
-                    f"overflows), or without one (it then grows, and decoding is not compiled)"
-                )
+        if needed > self.kv.capacity and not self.is_compileable:
             self._grow(needed)
-        out = self.kv.append(q, k, v, logits, self.next_pos, n_valid, scale=scale)
+        try:  # a fixed cache takes more new tokens than slots when what DMS keeps of them fits
+            out = self.kv.append(q, k, v, logits, self.next_pos, n_valid, scale=scale)
+        except CacheOverflowError:
+            if not self.is_compileable:
+                raise
+            raise CacheOverflowError(
+                f"this DMSCache's fixed capacity of {self.kv.capacity} slots per batch row and KV head is too small "
+                f"for this input: what DMS keeps of the {n} new tokens and the live ones does not fit (nothing was "
+                f"written). Make the cache with a larger capacity (prompt length + max_new_tokens never overflows; "
+                f"calibrated_capacities() with more headroom), or without one (it then grows, and decoding is not "
+                f"compiled)"
+            ) from None
         if order is not None:
             inv = torch.argsort(order, dim=1)
             out = out.gather(2, inv[:, None, :, None].expand_as(out))
