@@ -524,6 +524,7 @@ class HFSystem:
         self.static = name == "hf-static"
         self.fixed = name == "dms-hf"  # a fixed-capacity (compileable) DMSCache
         self._cache, self._cache_key = None, None
+        self._layer_caps = {}  # --dms-capacity layers on dms-hf: (T, N, setting) -> per-layer capacities
         cfg = self.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
@@ -547,7 +548,7 @@ class HFSystem:
         elif self.fixed:
             key = (ids.shape[0], tuple(capacity) if isinstance(capacity, list) else capacity)
             if self._cache_key != key:  # one per case, reset between calls (stable addresses)
-                self._cache, self._cache_key = None, None
+                self._cache, self._cache_key = None, None  # the old one freed before the new one is allocated
                 self._cache = H.DMSCache(self.model, capacity=capacity)
                 self._cache_key = key
             cache = self._cache
@@ -580,8 +581,7 @@ class HFSystem:
         import dms_flex.hf as H
 
         key = (T, N, frac)
-        caps = getattr(self, "_layer_caps", {})
-        self._layer_caps = caps
+        caps = self._layer_caps
         if key not in caps:
             probe = H.DMSCache(self.model)
             ids = self._ids(sample)
@@ -618,7 +618,7 @@ class HFSystem:
                 kv_dense_bytes=mem["dense"],
                 cr=cache.compression().ratio,
                 max_live_slots=max(int(layer.kv.length.max()) for layer in cache.layers),
-                capacity=_one_or_each([layer.capacity for layer in cache.layers]),
+                capacity=_capacity_of(cache.layers),
             )
         _, ttft, _ = self.generate(ids, 1, capacity=cap)  # time to first token: its own call
         row = dict(
@@ -687,10 +687,6 @@ def profile_decode(system: "TTSystem", state, B: int) -> dict:
     short = {**out, "profile": {k: v for k, v in out["profile"].items() if k not in ("all", "sequence")}}
     log(f"  {system.name} decode on the real caches: {json.dumps(short)[:2000]}")
     return out
-
-
-def _one_or_each(values):
-    return values[0] if len(set(values)) == 1 else values
 
 
 def _dms_capacity(T, N, frac):

@@ -51,8 +51,6 @@ class DMSCacheLayer(CacheLayerMixin):
         self.window = window
         self.initial_capacity = initial_capacity
         self.fixed_capacity = capacity
-        # a fixed capacity keeps every decode-step input's shape and address: transformers may compile
-        self.is_compileable = capacity is not None
         self.kv: Optional[DMSKVCache] = None
         self.next_pos: Optional[torch.Tensor] = None  # (B,) live tokens seen per row
         # columns (tokens, padding included) processed: what generate() slices inputs by. An int, or with a
@@ -61,6 +59,11 @@ class DMSCacheLayer(CacheLayerMixin):
         self._bound = 0  # host-side upper bound of the longest live length (growable: no sync per decode step)
 
     # --- transformers' CacheLayerMixin protocol
+    @property
+    def is_compileable(self) -> bool:
+        """A fixed capacity keeps every decode-step input's shape and address: transformers may compile."""
+        return self.fixed_capacity is not None
+
     @property
     def keys(self):
         return None if self.kv is None else self.kv.keys
@@ -222,9 +225,10 @@ class DMSCacheLayer(CacheLayerMixin):
             if logits is not None:  # None: eviction off, nothing is ever marked
                 logits = logits.gather(2, order[:, None, :].expand_as(logits))
             n_valid = live.sum(1)
-        needed = int(self.kv.length.max()) + n
-        if needed > self.kv.capacity and not self.is_compileable:
-            self._grow(needed)
+        if not self.is_compileable:
+            needed = int(self.kv.length.max()) + n
+            if needed > self.kv.capacity:
+                self._grow(needed)
         try:  # a fixed cache takes more new tokens than slots when what DMS keeps of them fits
             out = self.kv.append(q, k, v, logits, self.next_pos, n_valid, scale=scale)
         except CacheOverflowError:
@@ -241,20 +245,16 @@ class DMSCacheLayer(CacheLayerMixin):
             inv = torch.argsort(order, dim=1)
             out = out.gather(2, inv[:, None, :, None].expand_as(out))
         self.next_pos += n_valid
-        if self.is_compileable:
-            self.seen.add_(n)
-        else:
-            self.seen += n
-        self._bound = int(self.kv.length.max())
+        self.seen += n  # in place where it is a tensor (fixed capacity)
+        if not self.is_compileable:
+            self._bound = int(self.kv.length.max())
         return out
 
     def decode(self, q, k, v, logits, scale) -> torch.Tensor:
         """One real token per row: `DMSKVCache.decode_update` (slot reuse, no compaction) and attention
         over the live slots. No host sync unless a growable cache's slots may run out; a fixed one raises
         its overflow flag instead (checked by `DMSCache.check_overflow`)."""
-        if self.is_compileable:
-            self.seen.add_(1)  # in place: nothing on the host changes from step to step
-        elif self._bound + 1 > self.kv.capacity:
+        if not self.is_compileable and self._bound + 1 > self.kv.capacity:
             self._bound = int(self.kv.length.max())
             if self._bound + 1 > self.kv.capacity:
                 self._grow(self._bound + 1)
@@ -265,8 +265,8 @@ class DMSCacheLayer(CacheLayerMixin):
         self.kv.decode_update(k, v, evict_prev, self.next_pos)
         out = default_decode_attention(q.device)(q, self.kv, scale)
         self.next_pos += 1
+        self.seen += 1  # a tensor in place with a fixed capacity: nothing on the host changes from step to step
         if not self.is_compileable:
-            self.seen += 1
             self._bound += 1
         return out
 

@@ -200,16 +200,14 @@ def _dms_generate(self, *args, **kwargs):
     passed = next((kwargs[n] for n in ("cache", "past_key_values") if kwargs.get(n) is not None), None)
     config = kwargs.get("generation_config") or self.generation_config
     implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
-    # generation configs that name the static cache: set aside for the call (transformers would build a
-    # StaticCache from them, or refuse a cache passed with them), restored after it
-    configs = [c for c in (kwargs.get("generation_config"), self.generation_config) if c is not None]
-    named = [c for i, c in enumerate(configs) if c.cache_implementation == "static" and c not in configs[:i]]
+    named = []  # generation configs that name the static cache: set aside for the call, restored after it
     if implementation == "static" and passed is None:
         kwargs.pop("cache_implementation", None)
         passed = DMSCache(self, capacity=_static_capacity(config, args, kwargs))
         kwargs[_cache_arg_name(self.model)] = passed
-    else:
-        named = []
+        # (transformers would refuse a cache passed together with them)
+        configs = (kwargs.get("generation_config"), self.generation_config)
+        named = list({id(c): c for c in configs if c is not None and c.cache_implementation == "static"}.values())
     for c in named:
         c.cache_implementation = None
     try:
