@@ -451,6 +451,8 @@ def test_static_cache_implementation_means_a_fixed_dms_cache():
     # max_length instead of max_new_tokens
     plain = model.generate(ids, attention_mask=torch.ones_like(ids), max_length=17, cache_implementation="static")
     assert torch.equal(plain, ref.sequences[:, :17])
+    with pytest.raises(ValueError, match='cache_implementation="static" on a DMS model needs the input_ids'):
+        model.generate(max_new_tokens=3, cache_implementation="static")
 
 
 def test_per_layer_capacities_calibrated_from_sample_text():
