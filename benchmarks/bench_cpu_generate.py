@@ -16,6 +16,11 @@ a busy machine (with more threads it leaves out the other threads' share of each
     python3 benchmarks/bench_cpu_generate.py --repeats 5 --out results/cpu_generate.json
     python3 benchmarks/bench_cpu_generate.py --modes dms --compile   # our decode step torch.compile'd
     python3 benchmarks/bench_cpu_generate.py --threads 1 --repeats 5  # CPU-time ratios on a busy machine
+    python3 benchmarks/bench_cpu_generate.py --modes dms,dense,hf-colmajor  # + transformers on column-major weights
+
+Our loop stores its float32 projection weights column-major (`dms_flex.fusion.fuse_projections`, as the CLI
+does); `hf-colmajor` is transformers' `generate` with its Linear and Embedding weights laid out the same way
+(`fusion.column_major`), an ablation that separates the layout's share of the ratio from the rest.
 """
 
 from __future__ import annotations
@@ -35,12 +40,19 @@ def parse_args(argv=None):
     p.add_argument("--chat", default=None, help="user message (default: the CLI's default chat)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--modes", default="dms,dense", help="comma list of dms, dense (ours) to compare")
+    p.add_argument(
+        "--modes",
+        default="dms,dense",
+        help="comma list of dms, dense (ours) and hf-colmajor (transformers on column-major weights) to compare",
+    )
     p.add_argument("--compile", action="store_true", help="our decode step through torch.compile (as --compile)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument(
-        "--no-fuse", dest="fuse", action="store_false", help="keep q/k/v and gate/up as separate GEMMs (ablation)"
+        "--no-fuse",
+        dest="fuse",
+        action="store_false",
+        help="keep q/k/v and gate/up as separate GEMMs and torch's row-major weights (ablation)",
     )
     p.add_argument(
         "--check-tokens",
@@ -54,6 +66,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.new_tokens < 2 or args.repeats < 1:
         p.error("--new-tokens must be >= 2 and --repeats >= 1")
+    unknown = [m for m in args.modes.split(",") if m.strip() and m.strip() not in ("dms", "dense", "hf-colmajor")]
+    if unknown:
+        p.error(f"--modes: unknown {unknown}; choose from dms, dense, hf-colmajor")
     return args
 
 
@@ -169,6 +184,16 @@ def main(argv=None) -> int:
     hf.generation_config.eos_token_id = None  # exactly n tokens, like ours with stop_tokens=()
     n = args.new_tokens
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    hf_cm = None
+    if "hf-colmajor" in modes:  # the ablation: transformers' model with our CPU weight layout
+        hf_cm = LlamaForCausalLM.from_pretrained(str(default_model_dir()), dtype=torch.float32).eval()
+        hf_cm.generation_config.eos_token_id = None
+        tied = hf_cm.lm_head.weight is hf_cm.model.embed_tokens.weight
+        for mod in list(hf_cm.modules()):
+            fusion.column_major(mod)
+        if tied:
+            hf_cm.lm_head.weight = hf_cm.model.embed_tokens.weight
+    hf_models = {"transformers": hf, "hf-colmajor": hf_cm}
     step_fn = None
     compile_s = None
     if args.compile:
@@ -182,6 +207,9 @@ def main(argv=None) -> int:
     # warm-up (first-call allocations; the compile of --compile, timed)
     for m in modes:
         t0 = time.perf_counter()
+        if m in hf_models:
+            run_hf(hf_models[m], ids, min(n, 8), args.hf_inference_mode)
+            continue
         run_ours(dm, ids, min(n, 8), m == "dms", args.max_seq_len, step_fn)
         if args.compile and compile_s is None:
             compile_s = time.perf_counter() - t0
@@ -193,8 +221,8 @@ def main(argv=None) -> int:
     for r in range(args.repeats):
         order = modes + ["transformers"] if r % 2 == 0 else ["transformers"] + modes  # drift hits both alike
         for m in order:
-            if m == "transformers":
-                res, toks = run_hf(hf, ids, n, args.hf_inference_mode)
+            if m in hf_models:
+                res, toks = run_hf(hf_models[m], ids, n, args.hf_inference_mode)
             else:
                 res, toks = run_ours(dm, ids, n, m == "dms", args.max_seq_len, step_fn)
             rows[m].append(res)

@@ -16,6 +16,12 @@ moving or copying the model (`.to()`, deepcopy), quantizing its weights or wrapp
 (LoRA) afterwards replaces the parameters. `fused_is_current` detects that; every new InferenceState
 and every `forward_train` call `refresh`, which fuses such layers again (or leaves them unfused when
 they can no longer be, e.g. quantized or LoRA-wrapped weights).
+
+On the CPU in float32, `fuse_projections` also stores every plain projection weight column-major: the fused
+buffers, each layer's attention output and MLP down projections, and the vocabulary projection (for a tied one,
+the embedding table it shares). Same shapes and values, strides (1, out_features): a GEMV with one token reads such
+a weight about 1.4x faster on the 2-core CPU machine than torch's default row-major layout, and a decode step is
+mostly GEMVs (benchmarks/RESULTS.md, section 33). Elsewhere (CUDA, other dtypes) the layout stays row-major.
 """
 
 from __future__ import annotations
@@ -29,12 +35,40 @@ from torch import nn
 
 def fuse_projections(model: nn.Module) -> int:
     """Fuse q/k/v and gate/up of every layer whose projections are plain nn.Linear modules with
-    plain weights of one dtype and device. Returns how many layers were fused (0 = nothing to do,
+    plain weights of one dtype and device, and on the CPU in float32 store the other plain projection
+    weights column-major (module docstring). Returns how many layers were fused (0 = nothing to do,
     e.g. quantized or LoRA-wrapped weights, which keep their own kernels)."""
     fused = 0
     for layer in model.layers:
         fused += int(all([_fuse(*group) for group in _groups(layer)]))  # a list: every group is tried
+        for lin in (layer.attn.output_proj, getattr(layer.mlp, "w2", None)):
+            column_major(lin)
+    output = getattr(model, "output", None)
+    output = getattr(output, "tied_module", output)  # torchtune's TiedLinear reads its module's weight
+    embedding = getattr(model, "tok_embeddings", None)
+    shared = isinstance(output, nn.Linear) and embedding is not None and output.weight is embedding.weight
+    column_major(output)
+    if shared:  # one Parameter for both, as before
+        embedding.weight = output.weight
     return fused
+
+
+def _column_major(w: torch.Tensor) -> bool:
+    """Whether inference stores this weight column-major: float32 on the CPU (see the module docstring)."""
+    return w.device.type == "cpu" and w.dtype == torch.float32
+
+
+def column_major(module: Optional[nn.Module]) -> None:
+    """Store a plain nn.Linear's (or nn.Embedding's) weight column-major where `_column_major` says so (float32
+    on the CPU): the same values and shape, a new Parameter (a Parameter shared with another module is no longer
+    shared: re-tie it); a weight already laid out so, or not plain, is left alone. Any model's layers can take it
+    (`benchmarks/bench_cpu_generate.py` applies it to transformers' model as an ablation)."""
+    if type(module) not in (nn.Linear, nn.Embedding):
+        return
+    w = module.weight
+    if type(w.data) is not torch.Tensor or w.dim() != 2 or not _column_major(w) or w.stride(0) == 1:
+        return
+    module.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
 
 
 def _groups(layer: nn.Module):
@@ -62,6 +96,8 @@ def _fuse(owner: nn.Module, name: str, linears) -> bool:
     with torch.no_grad():
         weight = torch.cat([lin.weight.detach() for lin in linears])
         bias = torch.cat([lin.bias.detach() for lin in linears]) if all(with_bias) else None
+    if _column_major(weight):  # the rows below stay views of it, with its strides
+        weight = weight.t().contiguous().t()
     sizes, row = [], 0
     for lin in linears:
         n = lin.weight.shape[0]

@@ -119,3 +119,48 @@ def test_forward_train_stops_using_a_fused_buffer_whose_projection_was_replaced(
     torch.testing.assert_close(
         tm.forward_train(m, tokens, training=False).hidden, tm.forward_train(ref, tokens, training=False).hidden
     )
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("output", ["untied", "tied", "shared"])
+def test_cpu_float32_weights_are_column_major_and_compute_the_same(family, output):
+    """On the CPU in float32 every plain projection weight is stored column-major (same values, shape and
+    state dict; torchtune's TiedLinear and a Parameter shared with the embedding stay tied), and the model
+    computes what the float64 reference computes; float64 keeps the row-major layout."""
+    from torchtune.modules import TiedLinear
+
+    m = tiny_model(family=family, decision="adapter")
+    if output == "tied":  # as torchtune's tied builders set it up (not a module)
+        del m.output
+        m.output = TiedLinear(m.tok_embeddings)
+    elif output == "shared":
+        m.output = torch.nn.Linear(32, 64, bias=False)
+        m.output.weight = m.tok_embeddings.weight
+    ref = copy.deepcopy(m).double()
+    sd_before = {k: v.clone() for k, v in m.state_dict().items()}
+    fusion.fuse_projections(m)
+    sd = m.state_dict()
+    assert sd.keys() == sd_before.keys() and all(torch.equal(sd[k], sd_before[k]) for k in sd)
+    vocab = m.tok_embeddings if output == "tied" else m.output
+    weights = [vocab.weight, m.tok_embeddings.weight]
+    for layer in m.layers:
+        weights += [layer.attn.dms_qkv_weight, layer.attn.q_proj.weight, layer.attn.output_proj.weight]
+        weights += [layer.mlp.dms_w13_weight, layer.mlp.w3.weight, layer.mlp.w2.weight]
+    for w in weights if output != "untied" else weights[:1] + weights[2:]:
+        assert w.stride(0) == 1 and w.stride(1) >= w.shape[0], w.stride()  # a view keeps its buffer's strides
+    if output == "tied":
+        assert m.output.tied_module is m.tok_embeddings
+    if output == "shared":
+        assert m.output.weight is m.tok_embeddings.weight
+    tokens = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(0))
+    out = tm.forward_train(m, tokens, training=False)
+    want = tm.forward_train(ref, tokens, training=False)
+    torch.testing.assert_close(out.hidden.double(), want.hidden, rtol=1e-5, atol=1e-5)
+    toks, logits, _ = greedy_cached(m, tokens[:1, :9], 8)
+    toks_ref, logits_ref, _ = greedy_cached(ref, tokens[:1, :9], 8)
+    assert torch.equal(toks, toks_ref)
+    torch.testing.assert_close(logits.double(), logits_ref, rtol=1e-4, atol=1e-4)
+    # float64 (like every dtype but float32, and every CUDA tensor) keeps torch's row-major layout
+    fusion.fuse_projections(ref)
+    assert ref.layers[0].attn.dms_qkv_weight.stride() == (32, 1)
+    assert ref.layers[0].mlp.w2.weight.stride() == (ref.layers[0].mlp.w2.weight.shape[1], 1)
