@@ -20,7 +20,7 @@ a busy machine (with more threads it leaves out the other threads' share of each
 
 Our loop stores its float32 projection weights column-major (`dms_flex.fusion.fuse_projections`, as the CLI
 does); `hf-colmajor` is transformers' `generate` with its Linear and Embedding weights laid out the same way
-(`fusion.column_major`), an ablation that separates the layout's share of the ratio from the rest.
+(`fusion.inference_layout`), an ablation that separates the layout's share of the ratio from the rest.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
         hf_cm.generation_config.eos_token_id = None
         tied = hf_cm.lm_head.weight is hf_cm.model.embed_tokens.weight
         for mod in list(hf_cm.modules()):
-            fusion.column_major(mod)
+            fusion.inference_layout(mod)
         if tied:
             hf_cm.lm_head.weight = hf_cm.model.embed_tokens.weight
     hf_models = {"transformers": hf, "hf-colmajor": hf_cm}

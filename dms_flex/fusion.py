@@ -35,19 +35,20 @@ from torch import nn
 
 def fuse_projections(model: nn.Module) -> int:
     """Fuse q/k/v and gate/up of every layer whose projections are plain nn.Linear modules with
-    plain weights of one dtype and device, and on the CPU in float32 store the other plain projection
-    weights column-major (module docstring). Returns how many layers were fused (0 = nothing to do,
-    e.g. quantized or LoRA-wrapped weights, which keep their own kernels)."""
+    plain weights of one dtype and device, and lay out the other plain projection weights as
+    `inference_layout` says (column-major on the CPU in float32: module docstring). Returns how many
+    layers were fused (0 = nothing to do, e.g. quantized or LoRA-wrapped weights, which keep their own
+    kernels)."""
     fused = 0
     for layer in model.layers:
         fused += int(all([_fuse(*group) for group in _groups(layer)]))  # a list: every group is tried
         for lin in (layer.attn.output_proj, getattr(layer.mlp, "w2", None)):
-            column_major(lin)
+            inference_layout(lin)
     output = getattr(model, "output", None)
     output = getattr(output, "tied_module", output)  # torchtune's TiedLinear reads its module's weight
     embedding = getattr(model, "tok_embeddings", None)
     shared = isinstance(output, nn.Linear) and embedding is not None and output.weight is embedding.weight
-    column_major(output)
+    inference_layout(output)
     if shared:  # one Parameter for both, as before
         embedding.weight = output.weight
     return fused
@@ -58,17 +59,23 @@ def _column_major(w: torch.Tensor) -> bool:
     return w.device.type == "cpu" and w.dtype == torch.float32
 
 
-def column_major(module: Optional[nn.Module]) -> None:
-    """Store a plain nn.Linear's (or nn.Embedding's) weight column-major where `_column_major` says so (float32
-    on the CPU): the same values and shape, a new Parameter (a Parameter shared with another module is no longer
-    shared: re-tie it); a weight already laid out so, or not plain, is left alone. Any model's layers can take it
+def inference_layout(module: Optional[nn.Module]) -> None:
+    """Lay a plain nn.Linear's (or nn.Embedding's) weight out as inference reads it fastest: column-major where
+    `_column_major` says so (float32 on the CPU), torch's row-major elsewhere (so a model fused on the CPU and
+    moved to CUDA or to another dtype gets its row-major weights back when it is fused again). Same values and
+    shape; a weight changes only by a new Parameter (one shared with another module is then no longer shared:
+    re-tie it). A weight already laid out so, or not plain, is left alone. Any model's layers can take it
     (`benchmarks/bench_cpu_generate.py` applies it to transformers' model as an ablation)."""
     if type(module) not in (nn.Linear, nn.Embedding):
         return
     w = module.weight
-    if type(w.data) is not torch.Tensor or w.dim() != 2 or not _column_major(w) or w.stride(0) == 1:
+    if type(w.data) is not torch.Tensor or w.dim() != 2 or min(w.shape) < 2:
         return
-    module.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
+    want_columns = _column_major(w)
+    if want_columns == (w.stride(0) == 1):
+        return
+    data = w.detach().t().contiguous().t() if want_columns else w.detach().contiguous()
+    module.weight = nn.Parameter(data, requires_grad=w.requires_grad)
 
 
 def _groups(layer: nn.Module):

@@ -164,3 +164,12 @@ def test_cpu_float32_weights_are_column_major_and_compute_the_same(family, outpu
     fusion.fuse_projections(ref)
     assert ref.layers[0].attn.dms_qkv_weight.stride() == (32, 1)
     assert ref.layers[0].mlp.w2.weight.stride() == (ref.layers[0].mlp.w2.weight.shape[1], 1)
+    # and a fused float32 model moved to float64 (a move keeps strides) gets it back when fused again
+    m.double()
+    fusion.fuse_projections(m)
+    for w in (m.layers[1].attn.dms_qkv_weight, m.layers[1].mlp.w2.weight, vocab.weight, m.tok_embeddings.weight):
+        assert w.is_contiguous(), w.stride()
+    if output == "shared":
+        assert m.output.weight is m.tok_embeddings.weight
+    toks64, _, _ = greedy_cached(m, tokens[:1, :9], 8)
+    assert torch.equal(toks64, toks_ref)
