@@ -98,3 +98,25 @@ def test_missing_or_unknown_sources_are_messages(texts, tmp_path):
         prose_dataset(TOK, sources=("wiki",))
     with pytest.raises(ValueError, match="doc_chars"):
         prose_dataset(TOK, sources=("kjv",), doc_chars=10)
+
+
+def test_code_source_never_holds_the_evaluations_held_out_files():
+    """The code perplexity windows come from `HELD_OUT_PY_FILES`; packages a config names for training (the
+    SmolLM2 configs name `logging` and `collections`) contain two of them as their __init__.py. Checked by
+    decoding each training document and comparing it with each held-out file's text."""
+    import sysconfig
+    from pathlib import Path
+
+    from dms_flex.data import python_sources_dataset
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    held = {rel: (root / rel).read_text(encoding="utf-8", errors="replace") for rel in ("logging/__init__.py",)}
+    assert "logging/__init__.py" in eval_data.HELD_OUT_PY_FILES
+    n_files = len(list((root / "logging").rglob("*.py")))
+    docs = python_sources_dataset(TOK, ["logging", "json"])
+    texts = [TOK.decode(d["tokens"]) for d in docs]
+    assert len(docs) == n_files - 1 + len(list((root / "json").rglob("*.py")))
+    assert not any(held["logging/__init__.py"].strip() in t for t in texts)
+    assert any("class RotatingFileHandler" in t for t in texts)  # logging/handlers.py stays
+    with pytest.raises(ValueError, match="held-out"):
+        python_sources_dataset(TOK, ["inspect"])

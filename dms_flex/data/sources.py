@@ -6,6 +6,7 @@ of already-tokenized documents."""
 from __future__ import annotations
 
 import importlib.util
+import sysconfig
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -58,7 +59,14 @@ def python_sources_dataset(
     tokenizer: HFTokenizer, modules: Sequence[str] = DEFAULT_PY_MODULES, max_docs: Optional[int] = None
 ) -> DocumentList:
     """The source files of Python standard-library modules (a package contributes all its .py files),
-    one document each: long, real text that every machine has."""
+    one document each: long, real text that every machine has. The evaluation's held-out files
+    (`dms_flex.eval.data.HELD_OUT_PY_FILES`, e.g. ``logging/__init__.py`` of the ``logging`` package) are
+    never among them, whatever the modules, so the code perplexity windows stay unseen (docs/design.md,
+    "Retrofit data")."""
+    from ..eval.data import HELD_OUT_PY_FILES
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    held_out = {(stdlib / rel).resolve() for rel in HELD_OUT_PY_FILES}
     files: List[Path] = []
     for name in modules:
         spec = importlib.util.find_spec(name)
@@ -69,6 +77,15 @@ def python_sources_dataset(
                 files += sorted(Path(loc).rglob("*.py"))
         else:
             files.append(Path(spec.origin))
+    skipped = [f for f in files if f.resolve() in held_out]
+    if skipped:
+        print(
+            f"dms_flex: code: {len(skipped)} file(s) the evaluation holds out left out: "
+            + ", ".join(str(f.resolve().relative_to(stdlib)) for f in skipped)
+        )
+        files = [f for f in files if f.resolve() not in held_out]
+    if not files:
+        raise ValueError(f"python_sources_dataset: modules {list(modules)} hold only the evaluation's held-out files")
     docs = []
     for f in files[:max_docs]:
         text = f.read_text(encoding="utf-8", errors="replace")
