@@ -120,3 +120,24 @@ def test_code_source_never_holds_the_evaluations_held_out_files():
     assert any("class RotatingFileHandler" in t for t in texts)  # logging/handlers.py stays
     with pytest.raises(ValueError, match="held-out"):
         python_sources_dataset(TOK, ["inspect"])
+
+
+def test_code_source_all_modules():
+    """modules="all": the whole standard library but tests, GUIs and private modules, and never a held-out file."""
+    import sysconfig
+    from pathlib import Path
+
+    from dms_flex.data import python_sources_dataset
+    from dms_flex.data.sources import _all_stdlib_files
+
+    root = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    rel = {str(f.relative_to(root)) for f in _all_stdlib_files(root)}
+    assert {"json/decoder.py", "argparse.py", "email/message.py"} <= rel
+    assert not any(r.startswith(("test/", "tkinter/", "idlelib/", "_")) or "/tests/" in r for r in rel)
+    docs = python_sources_dataset(TOK, "all", max_docs=3)
+    first_three = sorted(r for r in rel if r not in eval_data.HELD_OUT_PY_FILES)[:3]
+    assert [TOK.decode(d["tokens"]).strip()[:200] for d in docs] == [
+        (root / r).read_text(encoding="utf-8", errors="replace").strip()[:200] for r in first_three
+    ]
+    with pytest.raises(ValueError, match="'all'"):
+        python_sources_dataset(TOK, "json")

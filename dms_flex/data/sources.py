@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 import sysconfig
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import Dataset
@@ -55,20 +55,43 @@ DEFAULT_PY_MODULES = (
 )
 
 
+# top-level standard-library packages that `modules="all"` leaves out: tests, GUIs, demos, vendored installers
+_NOT_ALL = frozenset(
+    {"test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "site-packages", "__phello__"}
+)
+
+
+def _all_stdlib_files(stdlib: Path) -> List[Path]:
+    """Every .py file of the standard library but tests (any ``test``/``tests`` folder), `_NOT_ALL` and
+    private top-level modules, in a fixed order."""
+    files = []
+    for f in sorted(stdlib.rglob("*.py")):
+        parts = f.relative_to(stdlib).parts
+        if parts[0] in _NOT_ALL or parts[0].startswith("_") or any(p in ("test", "tests") for p in parts[:-1]):
+            continue
+        if len(parts) > 1 and not (stdlib / parts[0] / "__init__.py").is_file():
+            continue  # a folder that is not a package (e.g. config-3.x)
+        files.append(f)
+    return files
+
+
 def python_sources_dataset(
-    tokenizer: HFTokenizer, modules: Sequence[str] = DEFAULT_PY_MODULES, max_docs: Optional[int] = None
+    tokenizer: HFTokenizer, modules: Union[Sequence[str], str] = DEFAULT_PY_MODULES, max_docs: Optional[int] = None
 ) -> DocumentList:
     """The source files of Python standard-library modules (a package contributes all its .py files),
-    one document each: long, real text that every machine has. The evaluation's held-out files
-    (`dms_flex.eval.data.HELD_OUT_PY_FILES`, e.g. ``logging/__init__.py`` of the ``logging`` package) are
-    never among them, whatever the modules, so the code perplexity windows stay unseen (docs/design.md,
-    "Retrofit data")."""
+    one document each: long, real text that every machine has. ``modules="all"``: every module and package
+    but tests, GUIs and demos (`_all_stdlib_files`; about 11 MB of source on Python 3.11). The evaluation's
+    held-out files (`dms_flex.eval.data.HELD_OUT_PY_FILES`, e.g. ``logging/__init__.py`` of the ``logging``
+    package) are never among them, whatever the modules, so the code perplexity windows stay unseen
+    (docs/design.md, "Retrofit data")."""
     from ..eval.data import HELD_OUT_PY_FILES
 
     stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
     held_out = {(stdlib / rel).resolve() for rel in HELD_OUT_PY_FILES}
-    files: List[Path] = []
-    for name in modules:
+    if isinstance(modules, str) and modules != "all":
+        raise ValueError(f"python_sources_dataset: modules must be a list of module names or 'all', got {modules!r}")
+    files: List[Path] = _all_stdlib_files(stdlib) if modules == "all" else []
+    for name in [] if modules == "all" else modules:
         spec = importlib.util.find_spec(name)
         if spec is None or spec.origin in (None, "built-in", "frozen"):
             raise ValueError(f"python_sources_dataset: no source file for module {name!r}")
