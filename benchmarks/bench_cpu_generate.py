@@ -190,7 +190,8 @@ def main(argv=None) -> int:
         hf_cm.generation_config.eos_token_id = None
         tied = hf_cm.lm_head.weight is hf_cm.model.embed_tokens.weight
         for mod in list(hf_cm.modules()):
-            fusion.inference_layout(mod)
+            if not (tied and mod is hf_cm.lm_head):  # a tied head is re-tied to the laid-out table below
+                fusion.inference_layout(mod)
         if tied:
             hf_cm.lm_head.weight = hf_cm.model.embed_tokens.weight
     hf_models = {"transformers": hf, "hf-colmajor": hf_cm}

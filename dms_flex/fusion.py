@@ -42,6 +42,15 @@ def fuse_projections(model: nn.Module) -> int:
     fused = 0
     for layer in model.layers:
         fused += int(all([_fuse(*group) for group in _groups(layer)]))  # a list: every group is tried
+    _layout_unfused(model)
+    return fused
+
+
+def _layout_unfused(model: nn.Module) -> None:
+    """`inference_layout` for the projections fusion does not concatenate: each layer's attention output and
+    MLP down projections, and the vocabulary projection (for torchtune's TiedLinear, the module it reads; a
+    Parameter shared with the embedding stays shared)."""
+    for layer in model.layers:
         for lin in (layer.attn.output_proj, getattr(layer.mlp, "w2", None)):
             inference_layout(lin)
     output = getattr(model, "output", None)
@@ -51,7 +60,6 @@ def fuse_projections(model: nn.Module) -> int:
     inference_layout(output)
     if shared:  # one Parameter for both, as before
         embedding.weight = output.weight
-    return fused
 
 
 def _column_major(w: torch.Tensor) -> bool:
@@ -64,8 +72,9 @@ def inference_layout(module: Optional[nn.Module]) -> None:
     `_column_major` says so (float32 on the CPU), torch's row-major elsewhere (so a model fused on the CPU and
     moved to CUDA or to another dtype gets its row-major weights back when it is fused again). Same values and
     shape; a weight changes only by a new Parameter (one shared with another module is then no longer shared:
-    re-tie it). A weight already laid out so, or not plain, is left alone. Any model's layers can take it
-    (`benchmarks/bench_cpu_generate.py` applies it to transformers' model as an ablation)."""
+    re-tie it). A weight already laid out so, or not plain, is left alone. A plain model's projections can
+    take it (`benchmarks/bench_cpu_generate.py` applies it to transformers' model as an ablation); not a DMS
+    adapter's Linear, which the fused decode kernel reads as a contiguous matrix (kernels/decode_update.py)."""
     if type(module) not in (nn.Linear, nn.Embedding):
         return
     w = module.weight
@@ -145,12 +154,19 @@ def unfuse_stale(model: nn.Module) -> None:
 def refresh(model: nn.Module) -> None:
     """Fuse again the layers whose fused buffers went stale (a deepcopy or `.to()` after fusing copies
     the parameters apart from the buffer; quantizing or wrapping replaces them); layers never fused stay
-    as they are. Host-side, once per InferenceState and per forward_train call."""
+    as they are. A model that was fused (an inference model) also gets its other projection weights laid
+    out again for where they are now (`inference_layout`: a `.to()` keeps a CPU float32 model's column-major
+    strides on CUDA, and the reverse). Host-side, once per InferenceState and per forward_train call."""
+    fused_before = False
     for layer in model.layers:
         for owner, name, linears in _groups(layer):
-            if f"{name}_weight" in owner._buffers and not fused_is_current(owner, name, linears):
-                _drop(owner, name)
-                _fuse(owner, name, linears)
+            if f"{name}_weight" in owner._buffers:
+                fused_before = True
+                if not fused_is_current(owner, name, linears):
+                    _drop(owner, name)
+                    _fuse(owner, name, linears)
+    if fused_before:  # never a model that was not fused: a training model's Parameters stay the optimizer's
+        _layout_unfused(model)
 
 
 def _drop(owner: nn.Module, name: str) -> None:

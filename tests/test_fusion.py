@@ -148,6 +148,8 @@ def test_cpu_float32_weights_are_column_major_and_compute_the_same(family, outpu
         weights += [layer.mlp.dms_w13_weight, layer.mlp.w3.weight, layer.mlp.w2.weight]
     for w in weights if output != "untied" else weights[:1] + weights[2:]:
         assert w.stride(0) == 1 and w.stride(1) >= w.shape[0], w.stride()  # a view keeps its buffer's strides
+    if output == "untied":  # read by index only: left as it is
+        assert m.tok_embeddings.weight.is_contiguous()
     if output == "tied":
         assert m.output.tied_module is m.tok_embeddings
     if output == "shared":
@@ -164,12 +166,25 @@ def test_cpu_float32_weights_are_column_major_and_compute_the_same(family, outpu
     fusion.fuse_projections(ref)
     assert ref.layers[0].attn.dms_qkv_weight.stride() == (32, 1)
     assert ref.layers[0].mlp.w2.weight.stride() == (ref.layers[0].mlp.w2.weight.shape[1], 1)
-    # and a fused float32 model moved to float64 (a move keeps strides) gets it back when fused again
+    # and a fused float32 model moved to float64 (a move keeps strides) gets it back with its next
+    # InferenceState (fusion.refresh), as when it is fused again
     m.double()
-    fusion.fuse_projections(m)
+    tm.InferenceState(m, 1)
     for w in (m.layers[1].attn.dms_qkv_weight, m.layers[1].mlp.w2.weight, vocab.weight, m.tok_embeddings.weight):
         assert w.is_contiguous(), w.stride()
     if output == "shared":
         assert m.output.weight is m.tok_embeddings.weight
     toks64, _, _ = greedy_cached(m, tokens[:1, :9], 8)
     assert torch.equal(toks64, toks_ref)
+
+
+def test_a_model_never_fused_keeps_its_parameters():
+    """refresh (every InferenceState and forward_train) lays out weights only of a model that was fused: a model
+    being trained keeps the very Parameters its optimizer holds, row-major."""
+    m = tiny_model(decision="adapter")
+    before = {name: p for name, p in m.named_parameters()}
+    tm.InferenceState(m, 1)
+    tm.forward_train(m, torch.randint(0, 64, (1, 8)), training=False)
+    after = dict(m.named_parameters())
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert all(p.is_contiguous() for p in after.values())
