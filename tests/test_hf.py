@@ -728,3 +728,31 @@ def test_smollm2_hf_and_torchtune_paths_agree():
     for layer, tt_cache in zip(cache.layers, state.caches):
         assert torch.equal(layer.live_lengths(), tt_cache.length)
     assert cache.compression().ratio > 1.2  # evictions happened
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: a tied output projection
+def test_from_pretrained_lays_out_cpu_float32_weights_column_major(arch, tmp_path):
+    """On the CPU in float32 the loaded model's Linear and Embedding weights are column-major (dms_flex.fusion,
+    benchmarks/RESULTS.md section 33), a tied head stays tied, the DMS adapters stay contiguous, and it
+    generates what the row-major model generates; after a dtype change `inference_layout` gives row-major back."""
+    _, model = make(arch, EVICTING["adapter"])
+    H.save_pretrained(model, tmp_path)
+    loaded = H.from_pretrained(tmp_path)
+    attn = loaded.model.layers[0].self_attn
+    for w in (attn.q_proj.weight, attn.o_proj.weight, loaded.model.layers[1].mlp.down_proj.weight):
+        assert w.stride(0) == 1, w.stride()
+    assert loaded.lm_head.weight.stride(0) == 1
+    assert attn.dms_adapter.linear.weight.is_contiguous()
+    if arch == "qwen2":
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    sd, sd2 = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    ids = prompts(2, 14, 71)
+    want, got = gen(model, ids, n=10), gen(loaded, ids, n=10)
+    assert torch.equal(want.sequences, got.sequences)
+    assert_close(stacked_logits(got), stacked_logits(want), atol=1e-4)
+    loaded.double()
+    H.inference_layout(loaded)
+    assert all(p.is_contiguous() for p in loaded.parameters())
+    if arch == "qwen2":
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight

@@ -58,7 +58,7 @@ Imports go one way: `cache` <- `attention` <- `model` <- `loading`.
 
 from .attention import ATTN_IMPLEMENTATION, decided_logits, dms_attention_forward, dms_padding_mask
 from .cache import DMSCache, DMSCacheLayer
-from .loading import from_pretrained, save_pretrained
+from .loading import from_pretrained, inference_layout, save_pretrained
 from .model import (
     SUPPORTED_ARCHITECTURES,
     capture_decisions,
@@ -73,6 +73,7 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "ATTN_IMPLEMENTATION",
     "from_pretrained",
+    "inference_layout",
     "save_pretrained",
     "enable_dms",
     "dms_config_of",

@@ -23,7 +23,7 @@ from ..checkpoints.lora import LoRADelta, LoRASettings, check_lora, is_lora_key,
 from ..config import DMSConfig
 from .model import SUPPORTED_ARCHITECTURES, dms_config_from_hf, dms_config_of, enable_dms
 
-__all__ = ["from_pretrained", "save_pretrained"]
+__all__ = ["from_pretrained", "inference_layout", "save_pretrained"]
 
 
 def from_pretrained(folder, dms_config: Optional[DMSConfig] = None, *, adapter=None, **kwargs) -> nn.Module:
@@ -34,7 +34,8 @@ def from_pretrained(folder, dms_config: Optional[DMSConfig] = None, *, adapter=N
     from the folder's safetensors, LoRA factors merged into the base weights. `adapter`: an adapter
     folder (`python -m dms_flex.checkpoints export-adapter`) whose settings, adapter weights and LoRA
     replace the folder's own. Other keyword arguments go to transformers' `from_pretrained`
-    (dtype, device_map, ...). Returns the model in eval mode.
+    (dtype, device_map, ...). Returns the model in eval mode, its weights laid out by `inference_layout`
+    (column-major for float32 on the CPU).
     """
     import transformers
 
@@ -79,7 +80,26 @@ def from_pretrained(folder, dms_config: Optional[DMSConfig] = None, *, adapter=N
         _merge_lora_into(model, lora, str(adapter or folder))
     enable_dms(model, cfg)
     checkpoint.load_extra_state(model, extra, str(adapter or folder), dms_config_of(model).decision)
-    return model.eval()
+    return inference_layout(model).eval()
+
+
+def inference_layout(model: nn.Module) -> nn.Module:
+    """Lay the model's Linear and Embedding weights out as `dms_flex.fusion.inference_layout` says for where they
+    are: column-major for float32 on the CPU (a one-token GEMV reads them faster there: benchmarks/RESULTS.md,
+    section 33), row-major elsewhere. A tied output projection stays tied; the DMS adapters keep their layout.
+    `from_pretrained` calls it; call it again after moving a model between the CPU and a GPU or changing its
+    dtype. Values and the state dict are unchanged. Returns the model."""
+    from ..fusion import inference_layout as lay_out
+
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = out is not None and inp is not None and out.weight is inp.weight
+    for name, module in model.named_modules():
+        if "dms_adapter" in name.split(".") or (tied and module is out):
+            continue
+        lay_out(module)
+    if tied:  # the table was laid out above: the head reads the same Parameter again
+        out.weight = inp.weight
+    return model
 
 
 @torch.no_grad()
