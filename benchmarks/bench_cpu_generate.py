@@ -17,6 +17,7 @@ a busy machine (with more threads it leaves out the other threads' share of each
     python3 benchmarks/bench_cpu_generate.py --modes dms --compile   # our decode step torch.compile'd
     python3 benchmarks/bench_cpu_generate.py --threads 1 --repeats 5  # CPU-time ratios on a busy machine
     python3 benchmarks/bench_cpu_generate.py --modes dms,dense,hf-colmajor  # + transformers on column-major weights
+    python3 benchmarks/bench_cpu_generate.py --modes dms,dms-hf  # + DMS inside transformers' generate (dms_flex.hf)
 
 Our loop stores its float32 projection weights column-major (`dms_flex.fusion.fuse_projections`, as the CLI
 does); `hf-colmajor` is transformers' `generate` with its Linear and Embedding weights laid out the same way
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import statistics
 import sys
@@ -43,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--modes",
         default="dms,dense",
-        help="comma list of dms, dense (ours) and hf-colmajor (transformers on column-major weights) to compare",
+        help="comma list of dms, dense (ours), hf-colmajor (transformers on column-major weights) and dms-hf "
+        "(dms_flex.hf: DMS in transformers' generate, growable DMSCache) to compare",
     )
     p.add_argument("--compile", action="store_true", help="our decode step through torch.compile (as --compile)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -66,9 +69,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.new_tokens < 2 or args.repeats < 1:
         p.error("--new-tokens must be >= 2 and --repeats >= 1")
-    unknown = [m for m in args.modes.split(",") if m.strip() and m.strip() not in ("dms", "dense", "hf-colmajor")]
+    known = ("dms", "dense", "hf-colmajor", "dms-hf")
+    unknown = [m for m in args.modes.split(",") if m.strip() and m.strip() not in known]
     if unknown:
-        p.error(f"--modes: unknown {unknown}; choose from dms, dense, hf-colmajor")
+        p.error(f"--modes: unknown {unknown}; choose from {', '.join(known)}")
     return args
 
 
@@ -126,7 +130,15 @@ def run_ours(dm, ids, n, eviction, max_seq_len, step_fn=None):
 
 
 def run_hf(model, ids, n, inference_mode=False):
+    """transformers' generate; a DMS model (dms_flex.hf) gets a fresh growable DMSCache, as its README shows."""
     from transformers.generation.streamers import BaseStreamer
+
+    import dms_flex.hf as dms_hf
+
+    extra = {}
+    if getattr(model, "_dms_flex_bench_dms", False):
+        cache = dms_hf.DMSCache(model)
+        extra["cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"] = cache
 
     clock = _Clock()
 
@@ -147,7 +159,13 @@ def run_hf(model, ids, n, inference_mode=False):
     # transformers' generate as a user calls it (it runs under torch.no_grad); --hf-inference-mode wraps it
     with torch.inference_mode() if inference_mode else contextlib.nullcontext():
         out = model.generate(
-            x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, streamer=Streamer(), pad_token_id=0
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=n,
+            do_sample=False,
+            streamer=Streamer(),
+            pad_token_id=0,
+            **extra,
         )
     wall = time.perf_counter() - t0
     new = out[0, len(ids) :].tolist()
@@ -194,7 +212,15 @@ def main(argv=None) -> int:
                 fusion.inference_layout(mod)
         if tied:
             hf_cm.lm_head.weight = hf_cm.model.embed_tokens.weight
-    hf_models = {"transformers": hf, "hf-colmajor": hf_cm}
+    hf_dms = None
+    if "dms-hf" in modes:  # DMS inside transformers' generate: dms_flex.hf, loaded as its README shows
+        import dms_flex.hf as dms_hf
+        from dms_flex.checkpoints.embedded import packaged_adapter
+
+        hf_dms = dms_hf.from_pretrained(default_model_dir(), adapter=packaged_adapter(), dtype=torch.float32)
+        hf_dms.generation_config.eos_token_id = None
+        hf_dms._dms_flex_bench_dms = True
+    hf_models = {"transformers": hf, "hf-colmajor": hf_cm, "dms-hf": hf_dms}
     step_fn = None
     compile_s = None
     if args.compile:
