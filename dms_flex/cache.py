@@ -393,6 +393,22 @@ class DMSKVCache(SlotStore):
         klive, kpos, kmark, qpos = keys
         n = q.shape[2]
         k_old, v_old = self._read(L, k.dtype)
+        if attend is None and q.device.type == "cpu" and n >= 64 and not torch.compiler.is_compiling():
+            from .kernels.prefill_cpu import blocked_prefill_attention  # by query blocks over the visible keys
+
+            return blocked_prefill_attention(
+                q,
+                torch.cat([k_old, k], dim=2),
+                torch.cat([v_old, v], dim=2),
+                klive,
+                kpos,
+                kmark,
+                qpos,
+                self.length,
+                L,
+                self.window,
+                scale,
+            )
         vis = klive[:, :, None, :] & masks.visible(
             qpos[:, None, :, None], kpos[:, :, None, :], kmark[:, :, None, :], self.window
         )

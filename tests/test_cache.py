@@ -460,3 +460,47 @@ def test_int8_storage_holds_quantize_kv_codes_and_scales():
     assert (k_read[0, 1, live(cache, 0, 1)[2]] - keys[0, 1, 2]).abs().max() <= 0.51 * ks[0, 1, 2]
     assert ks[0, 1, 2] > 50 * ks[0, 1, :2].max()
     assert cache.bytes_per_slot() == 2 * (D + 4)
+
+
+# ----------------------------------------------------------------------------- (b2) the CPU prefill by blocks
+@pytest.mark.parametrize(
+    "window, p_mark, int8, seed", [(0, 0.85, False, 0), (5, 0.85, False, 1), (40, 0.5, True, 2), (300, 0.9, False, 3)]
+)
+def test_cpu_blocked_prefill_equals_the_masked_reference(window, p_mark, int8, seed, monkeypatch):
+    """Long appends on the CPU (n >= 64) attend by query blocks over only the keys a block can see
+    (kernels/prefill_cpu.py); the reference is the full visibility mask (`masked_attention`, passed as
+    `attend`). Two turns (a first prefill, decode steps, a second chunk over the live cache), ragged right
+    padding, blocks of 32 queries so that each chunk spans several; float64; the caches end identical."""
+    from dms_flex.kernels import prefill_cpu
+    from dms_flex.kernels.reference import masked_attention
+
+    monkeypatch.setattr(prefill_cpu, "BLOCK", 32)
+    g = torch.Generator().manual_seed(seed)
+    B, H, G, Dh = 2, 2, 3, 8
+    n1, n2, C = 150, 100, 400
+    dt = torch.float32 if int8 else torch.float64
+    fast = DMSKVCache(B, H, Dh, C, window, dtype=dt, kv_dtype=torch.int8 if int8 else None)
+    ref = copy.deepcopy(fast)
+
+    def turn(n, pos, n_valid):
+        q = torch.randn(B, H * G, n, Dh, generator=g, dtype=dt)
+        k = torch.randn(B, H, n, Dh, generator=g, dtype=dt)
+        v = torch.randn(B, H, n, Dh, generator=g, dtype=dt)
+        lg = torch.where(torch.rand(B, H, n, generator=g) < p_mark, 1.0, -1.0).to(dt)
+        args = (q, k, v, lg, pos, n_valid)
+        out = fast.append(*args)
+        want = ref.append(*args, attend=masked_attention)
+        tol = 1e-5 if int8 else 1e-12  # int8 storage needs float32 (its quantizer's input dtype)
+        torch.testing.assert_close(out, want, rtol=tol, atol=tol)
+        for name, buf in ref.named_buffers():
+            assert torch.equal(getattr(fast, name), buf), name
+
+    turn(n1, torch.zeros(B, dtype=torch.long), torch.tensor([n1, 117]))
+    pos = torch.tensor([n1, 117])
+    for s in range(3):  # decode steps between the turns
+        for c in (fast, ref):
+            gk = torch.Generator().manual_seed(100 + s)
+            kk = torch.randn(B, H, 1, Dh, generator=gk, dtype=dt)
+            vv = torch.randn(B, H, 1, Dh, generator=gk, dtype=dt)
+            c.decode_update(kk, vv, torch.rand(B, H, generator=gk) < p_mark, pos + s)
+    turn(n2, pos + 3, torch.tensor([n2, 70]))
