@@ -18,6 +18,7 @@ a busy machine (with more threads it leaves out the other threads' share of each
     python3 benchmarks/bench_cpu_generate.py --threads 1 --repeats 5  # CPU-time ratios on a busy machine
     python3 benchmarks/bench_cpu_generate.py --modes dms,dense,hf-colmajor  # + transformers on column-major weights
     python3 benchmarks/bench_cpu_generate.py --modes dms,dms-hf  # + DMS inside transformers' generate (dms_flex.hf)
+    python3 benchmarks/bench_cpu_generate.py --prompt-tokens 2048 --new-tokens 16  # a long prefill (prose)
 
 Our loop stores its float32 projection weights column-major (`dms_flex.fusion.fuse_projections`, as the CLI
 does); `hf-colmajor` is transformers' `generate` with its Linear and Embedding weights laid out the same way
@@ -41,6 +42,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--chat", default=None, help="user message (default: the CLI's default chat)")
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=None,
+        help="instead of the chat: the first N tokens of English prose (dms_flex.eval.data's KJV, else the "
+        "held-out Python sources), to time a long prefill (time to first token, both systems)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
         "--modes",
@@ -69,6 +77,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.new_tokens < 2 or args.repeats < 1:
         p.error("--new-tokens must be >= 2 and --repeats >= 1")
+    if args.prompt_tokens is not None and not 1 <= args.prompt_tokens <= args.max_seq_len - args.new_tokens:
+        p.error(
+            f"--prompt-tokens must be in [1, --max-seq-len - --new-tokens] = [1, {args.max_seq_len - args.new_tokens}]"
+            f", got {args.prompt_tokens}"
+        )
     known = ("dms", "dense", "hf-colmajor", "dms-hf")
     unknown = [m for m in args.modes.split(",") if m.strip() and m.strip() not in known]
     if unknown:
@@ -125,6 +138,7 @@ def run_ours(dm, ids, n, eviction, max_seq_len, step_fn=None):
         "cpu_tok_s": clock.cpu_tps(),
         "wall_s": wall,
         "prefill_s": res.prefill_seconds,
+        "ttft_s": clock.times[0] - t0,
         "loop_decode_tok_s": res.decode_tokens_per_s,
     }, res.tokens[0]
 
@@ -175,6 +189,7 @@ def run_hf(model, ids, n, inference_mode=False):
         "median_step_tok_s": clock.median_step_tps(),
         "cpu_tok_s": clock.cpu_tps(),
         "wall_s": wall,
+        "ttft_s": clock.times[0] - t0,
     }, new
 
 
@@ -198,6 +213,15 @@ def main(argv=None) -> int:
     if args.fuse:  # as the CLI does: one GEMM for q/k/v and one for gate/up
         fusion.fuse_projections(dm.model)
     ids = cli._prompt_ids(cli_args, dm.tokenizer)
+    if args.prompt_tokens:
+        from dms_flex.eval import data as eval_data
+
+        texts = eval_data.load_texts(["kjv", "code"], log=lambda _: None)
+        src = texts.get("kjv") or texts["code"]
+        ids = dm.tokenizer.encode(src.text[: 8 * args.prompt_tokens], add_bos=True, add_eos=False)[: args.prompt_tokens]
+        if len(ids) < args.prompt_tokens:
+            raise SystemExit(f"--prompt-tokens {args.prompt_tokens}: the text gives only {len(ids)} tokens")
+        print(f"prompt: the first {len(ids)} tokens of {src.name} ({src.origin})", file=sys.stderr)
     hf = LlamaForCausalLM.from_pretrained(str(default_model_dir()), dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None  # exactly n tokens, like ours with stop_tokens=()
     n = args.new_tokens
@@ -270,6 +294,7 @@ def main(argv=None) -> int:
             "median_step_tok_s_median": statistics.median(x["median_step_tok_s"] for x in v),
             "cpu_tok_s_median": statistics.median(x["cpu_tok_s"] for x in v),
             "wall_s_median": statistics.median(x["wall_s"] for x in v),
+            "ttft_s_median": statistics.median(x["ttft_s"] for x in v),
         }
     for m in modes:
         for key, name in (
@@ -280,7 +305,17 @@ def main(argv=None) -> int:
             per = [a[key] / b[key] for a, b in zip(rows[m], rows["transformers"])]
             summary[m][f"{name}_per_repeat"] = per
             summary[m][f"{name}_median"] = statistics.median(per)
+    for m in modes:  # time to first token (the prefill): transformers' over ours, per repeat
+        per = [b["ttft_s"] / a["ttft_s"] for a, b in zip(rows[m], rows["transformers"])]
+        summary[m]["prefill_ratio_vs_transformers_per_repeat"] = per
+        summary[m]["prefill_ratio_vs_transformers_median"] = statistics.median(per)
     print("median decode tok/s: " + "  ".join(f"{k} {v['decode_tok_s_median']:.1f}" for k, v in summary.items()))
+    print(
+        f"time to first token ({len(ids)}-token prompt), median s: "
+        + "  ".join(f"{k} {v['ttft_s_median']:.2f}" for k, v in summary.items())
+        + "   prefill speed vs transformers: "
+        + "  ".join(f"{m} {summary[m]['prefill_ratio_vs_transformers_median']:.2f}x" for m in modes)
+    )
     print(
         "median ratio vs transformers (decode tok/s; in brackets: from the median time per token, from the "
         "generating thread's CPU time): "
