@@ -1,6 +1,7 @@
 """The benchmark scripts' own argument parsing: bad values are one clear usage error."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,26 @@ def test_bad_values_are_usage_errors(script, args, message):
         timeout=120,
     )
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+def test_cpu_generate_arguments():
+    """bench_cpu_generate.py: unknown modes and a prompt that cannot fit are usage errors naming the bound."""
+    import bench_cpu_generate as bc
+
+    args = bc.parse_args(["--modes", "dms,dms-hf", "--prompt-tokens", "2048", "--new-tokens", "16"])
+    assert args.prompt_tokens == 2048 and args.modes == "dms,dms-hf"
+    for bad, msg in (
+        (["--modes", "dms,fast"], "unknown"),
+        (["--prompt-tokens", "4090", "--new-tokens", "16"], r"\[1, 4080\]"),
+        (["--prompt-tokens", "0"], "must be in"),
+    ):
+        with pytest.raises(SystemExit):
+            bc.parse_args(bad)
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / "bench_cpu_generate.py"), *bad],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert re.search(msg, proc.stderr), proc.stderr
