@@ -17,7 +17,8 @@ document's id does not reappear later in the row).
 
 Why a kernel: FlexAttention with a score_mod reading a grad-requiring per-key bias gathers the
 bias per element and accumulates its gradient with per-element atomics from every query block
-(2x flex causal at 8K, 16x SDPA at 32K, ENVIRONMENT.md). Here the bias is one BLOCK_N vector per
+(measured on the H200 before this kernel: 2x flex causal at 8K, 16x SDPA at 32K; benchmarks/RESULTS.md
+sections 2 and 8 compare the two paths). Here the bias is one BLOCK_N vector per
 key block, and its gradient is a register reduction in the dK/dV program that owns the key
 block, stored once: no atomics, deterministic.
 
