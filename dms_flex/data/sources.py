@@ -100,15 +100,15 @@ def python_sources_dataset(
                 files += sorted(Path(loc).rglob("*.py"))
         else:
             files.append(Path(spec.origin))
-    skipped = [f for f in files if f.resolve() in held_out]
+    skipped = [f for f in map(Path.resolve, files) if f in held_out]
     if skipped:
         print(
             f"dms_flex: code: {len(skipped)} file(s) the evaluation holds out left out: "
-            + ", ".join(str(f.resolve().relative_to(stdlib)) for f in skipped)
+            + ", ".join(str(f.relative_to(stdlib)) for f in skipped)
         )
         files = [f for f in files if f.resolve() not in held_out]
     if not files:
-        raise ValueError(f"python_sources_dataset: modules {list(modules)} hold only the evaluation's held-out files")
+        raise ValueError(f"python_sources_dataset: modules {modules!r} hold only the evaluation's held-out files")
     docs = []
     for f in files[:max_docs]:
         text = f.read_text(encoding="utf-8", errors="replace")

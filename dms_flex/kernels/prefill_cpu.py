@@ -42,8 +42,8 @@ def blocked_prefill_attention(
 ) -> torch.Tensor:
     """q (B, Hq, n, D) of the new tokens; k_all / v_all (B, H, L + n, D): the first L cache slots then the new
     tokens; klive / kpos / kmark (B, H, L + n): live, position, marked of each key; qpos (B, n) the new tokens'
-    positions; lengths (B, H) the live slots of each (row, KV head) (slots [0, length) are live, in position
-    order). A new token that is not live is padding: it also sees itself. Returns (B, Hq, n, D), what
+    positions; lengths (B, H) the live slots of each (row, KV head) (slots [0, length) are live, in any
+    position order: decoding reuses freed slots). A new token that is not live is padding: it also sees itself. Returns (B, Hq, n, D), what
     `masked_attention` returns for the visibility `klive & masks.visible(...)` plus the padding's self.
     block: queries per block (default `BLOCK`, read at call time)."""
     block = block or BLOCK
@@ -64,6 +64,7 @@ def blocked_prefill_attention(
             qh = q[b, h * G : (h + 1) * G]  # (G, n, D)
             for i0 in range(0, n, block):
                 i1 = min(n, i0 + block)
+                C = i1 - i0
                 lo_pos = int(qp_row[i0]) - window  # keys at positions < lo_pos are far from every query here
                 old_far = old_pos < lo_pos
                 j0 = max(0, i0 - window)  # the first new token that may be near
@@ -83,8 +84,7 @@ def blocked_prefill_attention(
                 # a padded query also sees itself (as the reference: so that no row is empty)
                 self_col = near_idx[None] == (L + torch.arange(i0, i1, device=q.device))[:, None]
                 near_vis = near_vis | (self_col & ~vq)
-                mask = torch.cat([near_vis.new_ones(i1 - i0, far_idx.numel()), near_vis], dim=1)  # (C, S_blk)
-                C = i1 - i0
+                mask = torch.cat([near_vis.new_ones(C, far_idx.numel()), near_vis], dim=1)  # (C, S_blk)
                 o = F.scaled_dot_product_attention(
                     qh[:, i0:i1].reshape(1, G * C, D),
                     k_all[b, h, idx][None],
