@@ -392,6 +392,59 @@ def test_a_reasoning_set_built_elsewhere_is_adopted_without_generating(tiny_run,
         dms_data.build_reasoning_set(out / "final", path=tmp_path / "z.jsonl", adopt=str(tmp_path / "none"), **kw)
 
 
+@pytest.mark.skipif(not HAVE_REASONING_GYM, reason=f"reasoning-gym is not installed ({dms_data.REASONING_GYM_HINT})")
+def test_solved_reasoning_set_is_the_evaluations_format_without_its_problems(capsys):
+    """Many-shot conversations of solved problems: every problem of the seed range, in order, but those whose
+    question the evaluation asks or shows (dropped), as the evaluation renders its solved examples; within
+    max_shots and max_tokens."""
+    import reasoning_gym
+
+    from dms_flex.eval import metrics as eval_metrics
+    from dms_flex.eval import reasoning as eval_reasoning
+
+    tok = dms_data.byte_tokenizer()
+    tasks, seed, per_task, held = ["chain_sum", "basic_arithmetic"], 5000, 200, 300
+    ds = dms_data.solved_reasoning_dataset(
+        tok, tasks=tasks, problems_per_task=per_task, max_shots=8, max_tokens=1200, seed=seed, held_out=held
+    )
+    want, dropped = [], 0  # independent reference: the pool minus the evaluation's questions, in order
+    for task in tasks:
+        ev = {
+            e["question"]
+            for s in (eval_reasoning.REASONING_SEED, eval_reasoning.REASONING_SEED + 1)
+            for e in reasoning_gym.create_dataset(task, size=held, seed=s)
+        }
+        pool = list(reasoning_gym.create_dataset(task, size=per_task, seed=seed))
+        want += [(e["question"], str(e["answer"])) for e in pool if e["question"] not in ev]
+    dropped = len(tasks) * per_task - len(want)
+    assert dropped >= 1  # the text check bites on these settings (chain_sum repeats a question)
+    assert f"left out {dropped} problem(s) whose question the evaluation holds out" in capsys.readouterr().out
+    instr = re.escape(eval_reasoning.REASONING_INSTRUCTION)
+    turn = re.compile(
+        rf"<\|im_start\|>user\n(.*?)\n{instr}<\|im_end\|>\n<\|im_start\|>assistant\n(.*?)<\|im_end\|>", re.S
+    )
+    got = []
+    for doc in ds.docs:
+        assert doc["labels"] == doc["tokens"] and len(doc["tokens"]) <= 1200
+        pairs = turn.findall(tok.decode(doc["tokens"], skip_special_tokens=False))
+        assert 1 <= len(pairs) <= 8
+        got += pairs
+    assert got == want
+    # the evaluation's prompt of an item begins with exactly this rendering of its solved examples
+    item = eval_reasoning.reasoning_items(["basic_arithmetic"], per_task=1, shots=3)[0]
+    prompt = eval_metrics.render_reasoning(tok.hf, item)
+    shots = eval_reasoning.render_solved(tok.hf, item.shots)
+    assert prompt[: len(shots)] == shots and len(prompt) > len(shots)
+    with pytest.raises(ValueError, match="meet the evaluation's held-out seeds"):
+        dms_data.solved_reasoning_dataset(tok, tasks=tasks, seed=eval_reasoning.REASONING_SEED - 10)
+    with pytest.raises(ValueError, match="problems_per_task=0 is invalid"):
+        dms_data.solved_reasoning_dataset(tok, problems_per_task=0)
+    with pytest.raises(ValueError, match="unknown reasoning-gym task"):
+        dms_data.solved_reasoning_dataset(tok, tasks=["no_such_task"], problems_per_task=2)
+    with pytest.raises(ValueError, match="no conversation within max_tokens=8"):
+        dms_data.solved_reasoning_dataset(tok, tasks=["chain_sum"], problems_per_task=2, max_tokens=8, held_out=2)
+
+
 def test_torchtune_datasets_over_local_files_pack(tmp_path):
     """The dataset components a config names (torchtune's, over local files) feed the packer."""
     from torchtune.datasets import instruct_dataset, text_completion_dataset

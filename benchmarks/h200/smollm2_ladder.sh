@@ -15,6 +15,9 @@
 #   lora_all_cr10_long  lora_all_cr10 at 200 steps per unit of CR (CR 1 -> 10 over 1,800 steps, then 400 at CR 10)
 #   lora_all_cr10_long_code  the same with the whole standard library as its code source (code.modules=all: ~10 MB
 #                 of source against the config's 20 modules; the evaluation's held-out files are always left out)
+#   lora_all_cr10_long_solved  the same plus many-shot conversations of solved reasoning-gym problems in the
+#                 evaluation's prompt format (dms_flex.data.solved_reasoning_dataset: six tasks at their default
+#                 difficulty, questions disjoint from the evaluation's; ~1.2M tokens)
 # (lora_all_cr10: CR 1 -> 10 at 100 steps per unit, then 2 x (STEPS - RAMP) steps at CR 10.)
 # GPU0 / GPU1 name the runs of each GPU (default: adapter borrowed / lora_attn lora_all; each name once); the runs
 # of one GPU train side by side (TRAIN_LIMIT s each, default 900: two long runs side by side need it), each then
@@ -79,6 +82,7 @@ recipe() {  # name -> config and overrides (no spaces inside an override)
     lora_all_cr10_long) echo smollm2_135m_lora $all dms.final_cr=10 max_steps=$((2 * (STEPS + 3 * (STEPS - RAMP)))) \
       dms.final_step=$((2 * (RAMP + 2 * (STEPS - RAMP)))) ;;
     lora_all_cr10_long_code) echo $(recipe lora_all_cr10_long) code.modules=all ;;
+    lora_all_cr10_long_solved) echo $(recipe lora_all_cr10_long_code) 'dataset=["${reasoning}","${code}","${prose}","${solved}"]' ;;
     lora_all_cr10_r) echo $(recipe lora_all_cr10) 'dataset_repeat=[4,1,1]' ;;
     lora_all_cr10_cos) echo $(recipe lora_all_cr10) $cosine ;;
     lora_all_cr12_cos) echo smollm2_135m_lora $all dms.final_cr=12 max_steps=$((STEPS + 5 * (STEPS - RAMP))) \
@@ -86,7 +90,7 @@ recipe() {  # name -> config and overrides (no spaces inside an override)
     lora_all_r16) echo smollm2_135m_lora $all lora.rank=16 lora.alpha=32 ;;
     *) echo "unknown run '$1' (adapter borrowed lora_attn lora_all lora_all_long lora_all_cr10 lora_all_cr10_r lora_all_cr10_cos
       lora_all_cr12_cos lora_all_r16 lora_all_cr10_long
-      lora_all_cr10_long_code)" >&2
+      lora_all_cr10_long_code lora_all_cr10_long_solved)" >&2
       return 1 ;;
   esac
 }

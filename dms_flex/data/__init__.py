@@ -15,13 +15,21 @@ Modules: `tokenizers`, `packing`, `sources`, `reasoning`; the public names are e
   present), `prose_dataset` (KJV and Austen without the evaluation's perplexity windows),
   `synthetic_dataset` (random tokens, no tokenizer), and `reasoning_dataset`: conversations
   of reasoning-gym problems answered greedily by the teacher itself (eviction off), cached as a chat
-  jsonl that torchtune's ``chat_dataset`` reads, so a retrofit needs no network.
+  jsonl that torchtune's ``chat_dataset`` reads, so a retrofit needs no network; `solved_reasoning_dataset`:
+  many-shot conversations of solved reasoning-gym problems (reference answers) in the evaluation's prompt format.
 
 ``python -m dms_flex.data reasoning --checkpoint DIR`` builds the reasoning set ahead of a run.
 """
 
 from .packing import IGNORE_INDEX, PackedDocuments
-from .reasoning import DEFAULT_INSTRUCTION, DEFAULT_TASKS, REASONING_GYM_HINT, build_reasoning_set, reasoning_dataset
+from .reasoning import (
+    DEFAULT_INSTRUCTION,
+    DEFAULT_TASKS,
+    REASONING_GYM_HINT,
+    build_reasoning_set,
+    reasoning_dataset,
+    solved_reasoning_dataset,
+)
 from .sources import DEFAULT_PY_MODULES, DocumentList, prose_dataset, python_sources_dataset, synthetic_dataset
 from .tokenizers import SMOLLM2, HFTokenizer, byte_tokenizer, hf_tokenizer, resolve_model_dir
 
@@ -33,6 +41,7 @@ __all__ = [
     "REASONING_GYM_HINT",
     "build_reasoning_set",
     "reasoning_dataset",
+    "solved_reasoning_dataset",
     "DEFAULT_PY_MODULES",
     "DocumentList",
     "python_sources_dataset",

@@ -22,7 +22,14 @@ import torch
 from ..checkpoints.paths import dms_flex_home, file_lock
 from .tokenizers import HFTokenizer, resolve_model_dir
 
-__all__ = ["REASONING_GYM_HINT", "DEFAULT_TASKS", "DEFAULT_INSTRUCTION", "reasoning_dataset", "build_reasoning_set"]
+__all__ = [
+    "REASONING_GYM_HINT",
+    "DEFAULT_TASKS",
+    "DEFAULT_INSTRUCTION",
+    "reasoning_dataset",
+    "build_reasoning_set",
+    "solved_reasoning_dataset",
+]
 
 REASONING_GYM_HINT = "pip install reasoning-gym==0.1.25"
 DEFAULT_TASKS = (
@@ -77,6 +84,93 @@ def reasoning_dataset(
         train_on_input=train_on_input,
         split="train",
     )
+
+
+def solved_reasoning_dataset(
+    tokenizer: HFTokenizer,
+    *,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    problems_per_task: int = 2000,
+    max_shots: int = 48,
+    max_tokens: int = 4096,
+    seed: int = 100_000,
+    held_out: int = 2000,
+):
+    """Many-shot conversations of solved reasoning-gym problems, one task per conversation, in the format of the
+    evaluation's reasoning prompts (`dms_flex.eval.reasoning.render_solved`: user = question + "Give only the final
+    answer", assistant = reasoning-gym's reference answer), as a `DocumentList`. No teacher generation: the
+    distillation's target is the teacher's distribution at every token, and the answers only make the context,
+    so the student learns what to keep in a long run of short worked examples (docs/design.md, "Retrofit data").
+
+    Each task's `problems_per_task` problems (reasoning-gym seeds `seed` + index) are grouped in order into
+    conversations of at most `max_shots` problems and `max_tokens` tokens. reasoning-gym draws item i of a
+    dataset with seed s from seed s + i, so the evaluation's items (seed `REASONING_SEED`) and solved examples
+    (`REASONING_SEED` + 1) are kept out twice over: the seed range must not meet theirs (up to `held_out` items
+    each), and any problem whose question text equals one of theirs is dropped."""
+    if importlib.util.find_spec("reasoning_gym") is None:
+        raise ModuleNotFoundError(
+            f"the solved reasoning set needs the package reasoning-gym: run `{REASONING_GYM_HINT}`",
+            name="reasoning_gym",
+        )
+    import reasoning_gym
+
+    from ..eval.reasoning import REASONING_SEED, render_solved
+    from .sources import DocumentList
+
+    for name, v in (
+        ("problems_per_task", problems_per_task),
+        ("max_shots", max_shots),
+        ("max_tokens", max_tokens),
+        ("held_out", held_out),
+    ):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"solved reasoning set: {name}={v!r} is invalid: it must be an integer >= 1")
+    eval_lo, eval_hi = REASONING_SEED, REASONING_SEED + 1 + held_out  # the evaluation's item seeds, [lo, hi)
+    if seed < eval_hi and seed + problems_per_task > eval_lo:
+        raise ValueError(
+            f"solved reasoning set: seeds {seed}..{seed + problems_per_task - 1} meet the evaluation's held-out "
+            f"seeds {eval_lo}..{eval_hi - 1} (reasoning-gym draws item i of seed s from seed s + i): choose "
+            f"seed >= {eval_hi} or seed + problems_per_task <= {eval_lo}"
+        )
+    unknown = sorted(set(tasks) - set(reasoning_gym.factory.DATASETS))
+    if unknown:
+        raise ValueError(f"solved reasoning set: unknown reasoning-gym task(s) {unknown}; e.g. {list(DEFAULT_TASKS)}")
+    hf = getattr(tokenizer, "hf", None)
+    if hf is None:
+        raise ValueError(
+            "solved reasoning set: it needs a Hugging Face tokenizer (dms_flex.data.hf_tokenizer), not "
+            f"{type(tokenizer).__name__}"
+        )
+    docs, dropped, too_long = [], 0, 0
+    for task in tasks:
+        seen = {
+            e["question"]
+            for s in (REASONING_SEED, REASONING_SEED + 1)
+            for e in reasoning_gym.create_dataset(task, size=held_out, seed=s)
+        }
+        pool = [e for e in reasoning_gym.create_dataset(task, size=problems_per_task, seed=seed)]
+        kept = [(e["question"], str(e["answer"])) for e in pool if e["question"] not in seen]
+        dropped += len(pool) - len(kept)
+        start = 0
+        while start < len(kept):
+            n = min(max_shots, len(kept) - start)
+            ids = render_solved(hf, kept[start : start + n])
+            while len(ids) > max_tokens and n > 1:  # too long: fewer problems, in proportion, then one by one
+                n = max(1, min(n - 1, n * max_tokens // len(ids)))
+                ids = render_solved(hf, kept[start : start + n])
+            if len(ids) <= max_tokens:
+                docs.append({"tokens": ids, "labels": list(ids)})
+            else:  # one problem alone is longer than max_tokens
+                too_long += 1
+            start += n
+    if dropped or too_long:
+        print(
+            f"dms_flex: solved reasoning set: left out {dropped} problem(s) whose question the evaluation holds out"
+            f" and {too_long} longer than max_tokens={max_tokens} alone"
+        )
+    if not docs:
+        raise ValueError(f"solved reasoning set: no conversation within max_tokens={max_tokens}: raise it")
+    return DocumentList(docs)
 
 
 def _reasoning_settings(

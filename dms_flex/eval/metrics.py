@@ -18,6 +18,7 @@ from ..generate import SamplingConfig
 from . import data
 from .intervals import mean_interval
 from .methods import Method, _device_of
+from .reasoning import render_solved
 
 
 @torch.no_grad()
@@ -239,20 +240,8 @@ def reasoning_accuracy(
 
 def render_reasoning(tok, item: data.ReasoningItem) -> List[int]:
     """The item's solved examples as earlier chat turns, then its question (plain Q/A text without a
-    chat template)."""
-
-    def ask(q):
-        return f"{q}\n{data.REASONING_INSTRUCTION}"
-
-    if getattr(tok, "chat_template", None):
-        msgs = []
-        for q, a in item.shots:
-            msgs += [{"role": "user", "content": ask(q)}, {"role": "assistant", "content": a}]
-        msgs.append({"role": "user", "content": ask(item.question)})
-        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    text = "".join(f"Question: {ask(q)}\nAnswer: {a}\n\n" for q, a in item.shots)
-    return list(tok(text + f"Question: {ask(item.question)}\nAnswer:", add_special_tokens=False)["input_ids"])
+    chat template): `dms_flex.eval.reasoning.render_solved`."""
+    return render_solved(tok, item.shots, item.question)
 
 
 def majority_vote(answers: Sequence[str]) -> str:

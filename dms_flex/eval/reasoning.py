@@ -69,6 +69,30 @@ def reasoning_items(
     return items
 
 
+def render_solved(tok, shots: Sequence[tuple], question: Optional[str] = None) -> List[int]:
+    """Token ids of solved examples, each a user turn (its question and `REASONING_INSTRUCTION`) and an assistant
+    turn (its answer), then `question` as the open last turn when given (with the template's generation prompt).
+    A tokenizer without a chat template gets plain "Question: ...\nAnswer: ..." text. `tok` is a Hugging Face
+    tokenizer. The evaluation's prompts (`dms_flex.eval.metrics.render_reasoning`) and the retrofit's solved
+    conversations (`dms_flex.data.solved_reasoning_dataset`) are both rendered here, so they share one format."""
+
+    def ask(q):
+        return f"{q}\n{REASONING_INSTRUCTION}"
+
+    if getattr(tok, "chat_template", None):
+        msgs = []
+        for q, a in shots:
+            msgs += [{"role": "user", "content": ask(q)}, {"role": "assistant", "content": str(a)}]
+        if question is not None:
+            msgs.append({"role": "user", "content": ask(question)})
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=question is not None, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    text = "".join(f"Question: {ask(q)}\nAnswer: {a}\n\n" for q, a in shots)
+    if question is not None:
+        text += f"Question: {ask(question)}\nAnswer:"
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
 def extract_answer(text: str) -> str:
     """The answer in <answer> tags if any (reasoning-gym's convention), else the first non-empty line
     without a leading 'Answer:' and a trailing period."""
