@@ -17,6 +17,7 @@ GPU0="" GPU1="$RUNS" LANE1_GPU=0 PACKAGED=0 TABLE=1 TRAIN_LIMIT=${TRAIN_LIMIT:-1
   TUNE="python3 -m torchtune._cli.tune" bash benchmarks/h200/smollm2_ladder.sh $OUT_DIR/ladder
 echo "ladder rc=$? at $(( $(date +%s) - t0 )) s"
 for f in $OUT_DIR/ladder/train_*.log; do gzip -kf "$f"; done
+mkdir -p /tmp/artifacts && mv $OUT_DIR/ladder/artifact_* /tmp/artifacts/ 2>/dev/null  # keep the tarball small
 wait
 if [ $(( $(date +%s) - t0 )) -lt ${GEN_BEFORE:-1150} ]; then
   for cap in full layers; do
